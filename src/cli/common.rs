@@ -1,0 +1,107 @@
+//! Flags shared by every subcommand that plans, and the steps they share.
+#![allow(dead_code)] // Used by the planning subcommands as they land.
+
+use std::path::PathBuf;
+
+use safeshard::checkpoint::Checkpoint;
+use safeshard::spec::{self, Config, Resolution, Spec};
+use safeshard::topology::Topology;
+use safeshard::Result;
+
+/// Topology and spec flags (`--tp --pp --dp --ep --pp-layers --spec --set`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlanFlags {
+    /// Tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Pipeline-parallel size (stages).
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Data-parallel size (replicas).
+    #[arg(long, default_value_t = 1)]
+    pub dp: usize,
+    /// Expert-parallel size: 1, or tp × dp for whole experts per rank (vLLM).
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
+    /// Explicit layers per stage, e.g. `15,15,16,15` (like VLLM_PP_LAYER_PARTITION).
+    #[arg(long, value_delimiter = ',')]
+    pub pp_layers: Option<Vec<usize>>,
+    /// Sharding spec: a shipped name (`safeshard spec list`) or a `.shard` file; default:
+    /// detected from config.json `architectures`.
+    #[arg(long)]
+    pub spec: Option<String>,
+    /// Override a config.json value, e.g. `--set num_key_value_heads=8` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// Everything a planning subcommand needs, prepared from the flags.
+pub struct Prepared {
+    /// The checkpoint catalog.
+    pub ckpt: Checkpoint,
+    /// The spec.
+    pub spec: Spec,
+    /// Config values.
+    pub config: Config,
+    /// Topology.
+    pub topology: Topology,
+    /// Resolved placements.
+    pub resolution: Resolution,
+}
+
+impl PlanFlags {
+    /// The topology the flags describe, validated.
+    pub fn topology(&self) -> Result<Topology> {
+        let topo = Topology {
+            tp: self.tp,
+            pp: self.pp,
+            dp: self.dp,
+            ep: self.ep,
+            pp_layers: self.pp_layers.clone(),
+        };
+        topo.validate()?;
+        Ok(topo)
+    }
+
+    /// The spec named by `--spec`, or the one detected from the config.
+    pub fn spec(&self, config: &Config) -> Result<Spec> {
+        match &self.spec {
+            Some(s) => Spec::load(s),
+            None => Spec::detect(config),
+        }
+    }
+
+    /// Opens the checkpoint, picks the spec and resolves every tensor's placement.
+    pub fn prepare(&self, checkpoint: &PathBuf) -> Result<Prepared> {
+        let topology = self.topology()?;
+        let ckpt = Checkpoint::open(checkpoint)?;
+        let config = Config::from_checkpoint(&ckpt, &self.set)?;
+        let spec = self.spec(&config)?;
+        let resolution = spec::resolve(&spec, &ckpt, &config, &topology)?;
+        for w in &resolution.warnings {
+            eprintln!("warning: {w}");
+        }
+        Ok(Prepared {
+            ckpt,
+            spec,
+            config,
+            topology,
+            resolution,
+        })
+    }
+}
+
+/// Human-readable byte size (binary units): `512 B`, `1.50 KiB`, `3.25 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
+}
