@@ -261,12 +261,14 @@ impl Checkpoint {
                             ),
                         })
                     }
-                    None => return Err(Error::InvalidIndex {
-                        file: index_name,
-                        reason: format!(
+                    None => {
+                        return Err(Error::InvalidIndex {
+                            file: index_name,
+                            reason: format!(
                             "tensor {tensor:?} is mapped to {file} but that file does not hold it"
                         ),
-                    }),
+                        })
+                    }
                 }
             }
             if indexed.iter().any(|&x| !x) {

@@ -222,14 +222,18 @@ pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Header> 
     let expected = (8 + n).checked_add(pos);
     match expected {
         Some(x) if x == file_len => {}
-        Some(x) if x < file_len => return Err(invalid(format!(
+        Some(x) if x < file_len => {
+            return Err(invalid(format!(
             "{} trailing bytes after the last tensor (data ends at byte {x}, file has {file_len})",
             file_len - x
-        ))),
-        _ => return Err(invalid(format!(
+        )))
+        }
+        _ => {
+            return Err(invalid(format!(
             "file is truncated: the header says data ends at byte {}, file has {file_len} bytes",
             expected.map_or_else(|| "past 2^64".to_string(), |x| x.to_string())
-        ))),
+        )))
+        }
     }
 
     Ok(Header {
