@@ -450,3 +450,138 @@ fn rank_bytes_by_hand() {
     let b = rank_bytes(o.arch, &o.config, &topo(2, 1, 1, 1), &list).unwrap();
     assert_eq!(b, vec![per_rank as u64; 2]);
 }
+
+/// Self-consistency on whole tiny checkpoints: within one (dp, pp) group the TP ranks' pieces
+/// cover every index of the split dimension, each exactly once unless kv heads are replicated
+/// (tp > nkv); replicated tensors are held whole by every TP rank of their stage.
+#[test]
+fn tp_pieces_cover_every_tensor() {
+    let cases: &[(&str, &[usize])] = &[
+        ("llama-tiny", &[1, 2, 4, 8]),
+        ("mistral-tiny", &[2, 4, 8]),
+        ("qwen2-tiny", &[2, 8]),
+        ("phi3-tiny", &[2, 4, 8]),
+        ("mixtral-tiny", &[2, 8]),
+        ("qwen2-moe-tiny", &[2, 4]),
+        ("deepseek-v3-tiny", &[2, 4]),
+        ("gpt2-tiny", &[2, 4]),
+    ];
+    for (preset, tps) in cases {
+        let o = SynthOptions::preset(preset).unwrap();
+        for &tp in *tps {
+            let t = topo(tp, 1, 1, 1);
+            for (name, d, shape) in synth::tensors(&o).unwrap() {
+                let e = expected(o.arch, &o.config, &t, &name, d, &shape)
+                    .unwrap_or_else(|err| panic!("{preset} tp {tp}: {err}"));
+                if e.is_empty() {
+                    continue;
+                }
+                assert_eq!(e.len(), tp, "{preset} tp {tp} {name}: holders");
+                if e.iter().all(|x| x.1 == RefSlice::Full) {
+                    continue;
+                }
+                let dim = match &e[0].1 {
+                    RefSlice::Cat { dim, .. } => *dim,
+                    RefSlice::Full => panic!("{name}: mixed full and split"),
+                };
+                let mut count = vec![0u32; shape[dim] as usize];
+                let mut local = None;
+                for (_, s) in &e {
+                    let RefSlice::Cat { dim: d2, parts } = s else {
+                        panic!()
+                    };
+                    assert_eq!(*d2, dim);
+                    let ls = local_shape(&shape, s);
+                    assert!(
+                        local.is_none_or(|l| l == ls),
+                        "{name}: unequal local shapes"
+                    );
+                    local = Some(ls);
+                    for p in parts {
+                        if let Part::Take { start, len } = p {
+                            for i in *start..start + len {
+                                count[i as usize] += 1;
+                            }
+                        }
+                    }
+                }
+                let kv =
+                    name.contains("k_proj") || name.contains("v_proj") || name.contains("qkv_proj");
+                for (i, c) in count.iter().enumerate() {
+                    assert!(
+                        *c >= 1,
+                        "{preset} tp {tp} {name}: index {i} of dim {dim} not held"
+                    );
+                    assert!(
+                        kv || *c == 1,
+                        "{preset} tp {tp} {name}: index {i} held {c} times"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Values: rank-local bytes built by `expected_with_values` match hand-made slices of the
+/// generator's contents for a column split, a row split and a padded vocab.
+#[test]
+fn expected_values_match_hand_slices() {
+    let o = SynthOptions::preset("llama-tiny").unwrap().with_seed(11);
+    let t = topo(2, 1, 1, 1);
+    let all = common::vllm_ref::expected_with_values(&o, &t).unwrap();
+    let get = |rank: usize, name: &str| {
+        all.iter()
+            .find(|x| x.rank == rank && x.name == name)
+            .unwrap_or_else(|| panic!("{rank} {name}"))
+    };
+    // q_proj [128, 128] BF16, rank 1: rows 64..128 = bytes 64*256.. of the tensor.
+    let q = "model.layers.2.self_attn.q_proj.weight";
+    let full = synth::tensor_data(11, q, 128 * 128 * 2);
+    assert_eq!(get(1, q).bytes, full[64 * 256..]);
+    assert_eq!(get(1, q).shape, vec![64, 128]);
+    // o_proj [128, 128] row split: rank 0 holds columns 0..64 of each row (128 bytes of 256).
+    let on = "model.layers.2.self_attn.o_proj.weight";
+    let full = synth::tensor_data(11, on, 128 * 128 * 2);
+    let want: Vec<u8> = full.chunks(256).flat_map(|r| r[..128].to_vec()).collect();
+    assert_eq!(get(0, on).bytes, want);
+    // lm_head [1000, 128]: padded 1024, rank 1 rows 512..1000 then 24 zero rows.
+    let full = synth::tensor_data(11, "lm_head.weight", 1000 * 256);
+    let mut want = full[512 * 256..].to_vec();
+    want.extend(vec![0u8; 24 * 256]);
+    assert_eq!(get(1, "lm_head.weight").bytes, want);
+    // Tensors on every rank = all minus the 4 rotary buffers, times 2 ranks.
+    assert_eq!(all.len(), (43 - 4) * 2);
+}
+
+/// DeepSeek-V3 at full scale, tp 8 × pp 8: every rank holds something, the stages follow
+/// [7, 7, 8, 8, 8, 8, 8, 7] and the total equals the hand count of replicated and split bytes.
+#[test]
+fn deepseek_v3_rank_bytes_at_scale() {
+    let o = SynthOptions::preset("deepseek-v3").unwrap();
+    let list = synth::tensors(&o).unwrap();
+    let t = topo(8, 8, 1, 1);
+    let b = rank_bytes(o.arch, &o.config, &t, &list).unwrap();
+    assert_eq!(b.len(), 64);
+    // Within a stage all TP ranks hold the same amount (every split divides evenly).
+    for s in 0..8 {
+        let st = &b[s * 8..s * 8 + 8];
+        assert!(st.iter().all(|&x| x == st[0]), "stage {s}: {st:?}");
+    }
+    // Sum over ranks: tensors outside layer 61, split ones counted once, replicated ones 8×.
+    let mut want = 0u64;
+    for (name, d, s) in &list {
+        if name.starts_with("model.layers.61.") {
+            continue;
+        }
+        let bytes = d.byte_size(s.iter().product()).unwrap();
+        let replicated = name.contains("layernorm")
+            || name.contains("q_a_proj")
+            || name.contains("kv_a_proj_with_mqa")
+            || name.ends_with("mlp.gate.weight")
+            || name.ends_with("e_score_correction_bias")
+            || name == "model.norm.weight";
+        want += if replicated { 8 * bytes } else { bytes };
+    }
+    // Vocab 129280 is a multiple of 64 and of 8: no padding.
+    assert_eq!(b.iter().sum::<u64>(), want);
+}

@@ -611,3 +611,50 @@ pub fn rank_bytes(
     }
     Ok(out)
 }
+
+/// What one rank holds of one tensor, with values: the rank-local shape and bytes (zero
+/// padding included), computed from the generator's deterministic contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RankTensor {
+    /// Global rank.
+    pub rank: usize,
+    /// Tensor name.
+    pub name: String,
+    /// Dtype.
+    pub dtype: Dtype,
+    /// Rank-local shape.
+    pub shape: Vec<u64>,
+    /// Rank-local bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Every (rank, tensor) a synthetic checkpoint written with `opts` yields under `topo`, with
+/// the expected values, in tensor order then rank order. Only for small checkpoints (it
+/// builds every full tensor in memory).
+pub fn expected_with_values(
+    opts: &safeshard::synth::SynthOptions,
+    topo: &Topology,
+) -> Result<Vec<RankTensor>, String> {
+    let list = safeshard::synth::tensors(opts).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (name, dtype, shape) in list {
+        let holders = expected(opts.arch, &opts.config, topo, &name, dtype, &shape)?;
+        if holders.is_empty() {
+            continue;
+        }
+        let n = dtype
+            .byte_size(shape.iter().product())
+            .ok_or_else(|| format!("{name}: not whole bytes"))?;
+        let full = safeshard::synth::tensor_data(opts.seed, &name, n as usize);
+        for (rank, s) in holders {
+            out.push(RankTensor {
+                rank,
+                name: name.clone(),
+                dtype,
+                shape: local_shape(&shape, &s),
+                bytes: materialize(&full, dtype, &shape, &s),
+            });
+        }
+    }
+    Ok(out)
+}
