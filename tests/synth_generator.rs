@@ -113,6 +113,15 @@ fn real_size_tensor_counts() {
     let moe = attn + 2 + 2 + 256 * 3 * 2 + 3 * 2;
     assert_eq!(count("deepseek-v3"), 3 * dense + 58 * moe + (moe + 6) + 3);
     assert_eq!(count("deepseek-v3"), 91_991);
+    let ds = SynthOptions::preset("deepseek-v3").unwrap();
+    assert_eq!(synth::plan_files(&ds).unwrap().len(), 163);
+    // The preset's shard size is the smallest that gives 163 files.
+    assert_eq!(
+        synth::shard_size_for_files(&ds, 163).unwrap(),
+        ds.max_file_bytes
+    );
+    let one_less = ds.clone().with_max_file_bytes(ds.max_file_bytes - 1);
+    assert!(synth::plan_files(&one_less).unwrap().len() > 163);
 }
 
 /// Shapes of a few DeepSeek-V3 tensors from the published checkpoint.

@@ -29,6 +29,8 @@ const GB: u64 = 1_000_000_000;
 const REAL_SHARD: u64 = 5 * GB;
 /// Tiny presets split into a few files so that multi-file checkpoints are exercised.
 const TINY_SHARD: u64 = 1 << 20;
+/// Shard size that splits the `deepseek-v3` preset into exactly 163 files, as published.
+pub(crate) const DEEPSEEK_V3_SHARD: u64 = 4_243_538_144;
 
 fn llama_cfg(arch: &str, model_type: &str, fields: Value) -> Value {
     let mut cfg = json!({
@@ -228,8 +230,9 @@ pub(crate) fn preset(name: &str) -> Result<SynthOptions> {
                 bf,
                 REAL_SHARD,
             );
-            // The published checkpoint has 163 files: pick the shard size that gives as many.
-            o.max_file_bytes = super::shard_size_for_files(&o, 163)?;
+            // The published checkpoint has 163 files; this is the smallest shard size that
+            // gives as many (`shard_size_for_files(.., 163)`, checked by a test).
+            o.max_file_bytes = DEEPSEEK_V3_SHARD;
             o
         }
         "gpt2" => opts(
