@@ -585,3 +585,41 @@ fn deepseek_v3_rank_bytes_at_scale() {
     // Vocab 129280 is a multiple of 64 and of 8: no padding.
     assert_eq!(b.iter().sum::<u64>(), want);
 }
+
+/// Expert ownership: linear blocks (remainder first) and round robin, checked against an
+/// enumeration of the blocks.
+#[test]
+fn expert_placements() {
+    use common::vllm_ref::{expert_owner, Placement};
+    for (n, ep) in [(8u64, 6u64), (12, 8), (256, 8), (256, 48), (3, 8), (16, 16)] {
+        let (base, rem) = (n / ep, n % ep);
+        let mut want = Vec::new();
+        for r in 0..ep {
+            let k = base + u64::from(r < rem);
+            want.extend(std::iter::repeat_n(r, k as usize));
+        }
+        let got: Vec<u64> = (0..n)
+            .map(|e| expert_owner(e, n, ep, Placement::Linear))
+            .collect();
+        assert_eq!(got, want, "n {n} ep {ep}");
+        let rr: Vec<u64> = (0..n)
+            .map(|e| expert_owner(e, n, ep, Placement::RoundRobin))
+            .collect();
+        assert_eq!(rr, (0..n).map(|e| e % ep).collect::<Vec<_>>());
+    }
+    // Through `expected_placed`: mixtral-tiny, 8 experts over tp 4 × dp 1 round robin.
+    let o = SynthOptions::preset("mixtral-tiny").unwrap();
+    let t = topo(4, 1, 1, 4);
+    let n = "model.layers.0.block_sparse_moe.experts.6.w1.weight";
+    let e = common::vllm_ref::expected_placed(
+        o.arch,
+        &o.config,
+        &t,
+        n,
+        Dtype::BF16,
+        &[256, 128],
+        Placement::RoundRobin,
+    )
+    .unwrap();
+    assert_eq!(e, vec![(2, RefSlice::Full)]);
+}

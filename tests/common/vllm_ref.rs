@@ -290,8 +290,35 @@ fn expert_of(name: &str) -> Option<u64> {
     name[i + 9..].split('.').next()?.parse().ok()
 }
 
+/// How whole experts are placed over EP ranks (vLLM `--expert-placement-strategy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Contiguous blocks, the remainder to the first ranks (vLLM's default).
+    Linear,
+    /// Rank r holds experts r, r + ep, r + 2 ep, ...
+    RoundRobin,
+}
+
+/// The EP rank holding expert `e` of `n` over `ep` ranks.
+pub fn expert_owner(e: u64, n: u64, ep: u64, placement: Placement) -> u64 {
+    match placement {
+        Placement::RoundRobin => e % ep,
+        Placement::Linear => {
+            let (base, rem) = (n / ep, n % ep);
+            // The first `rem` ranks hold base + 1 experts.
+            let big = rem * (base + 1);
+            if e < big {
+                e / (base + 1)
+            } else {
+                rem + (e - big) / base.max(1)
+            }
+        }
+    }
+}
+
 /// What each global rank holds of tensor `name` (full `shape`) under vLLM: (rank, slice)
 /// for every rank that holds some of it, in rank order. An empty list means no rank loads it.
+/// Experts under expert parallelism use the `linear` placement.
 pub fn expected(
     arch: Arch,
     cfg: &Value,
@@ -299,6 +326,19 @@ pub fn expected(
     name: &str,
     dtype: Dtype,
     shape: &[u64],
+) -> Result<Vec<(usize, RefSlice)>, String> {
+    expected_placed(arch, cfg, topo, name, dtype, shape, Placement::Linear)
+}
+
+/// [`expected`] with a choice of expert placement.
+pub fn expected_placed(
+    arch: Arch,
+    cfg: &Value,
+    topo: &Topology,
+    name: &str,
+    dtype: Dtype,
+    shape: &[u64],
+    placement: Placement,
 ) -> Result<Vec<(usize, RefSlice)>, String> {
     let _ = dtype;
     let gpt2 = arch == Arch::Gpt2;
@@ -369,10 +409,10 @@ pub fn expected(
                         let ep = tp * dp;
                         let n = num_experts(arch, cfg)?;
                         let ep_rank = d * tp + t;
-                        let (base, rem) = (n / ep, n % ep);
-                        let first = ep_rank * base + ep_rank.min(rem);
-                        let count = base + u64::from(ep_rank < rem);
-                        if e >= first && e < first + count {
+                        if e >= n {
+                            return Err(format!("{name}: expert {e} of {n}"));
+                        }
+                        if expert_owner(e, n, ep, placement) == ep_rank {
                             Some(RefSlice::Full)
                         } else {
                             None
