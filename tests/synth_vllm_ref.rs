@@ -202,9 +202,11 @@ fn pipeline_placement_and_dp() {
         ranks(exp("qwen2-tiny", &t, "model.embed_tokens.weight")),
         vec![0, 1]
     );
+    // GPT-2 in vLLM builds wte, wpe and ln_f on every stage.
     assert_eq!(ranks(exp("gpt2-tiny", &t, "wte.weight")), vec![0, 1]);
-    assert_eq!(ranks(exp("gpt2-tiny", &t, "wpe.weight")), vec![0]);
-    assert_eq!(ranks(exp("gpt2-tiny", &t, "ln_f.bias")), vec![1]);
+    assert_eq!(ranks(exp("gpt2-tiny", &t, "wpe.weight")), vec![0, 1]);
+    assert_eq!(ranks(exp("gpt2-tiny", &t, "ln_f.bias")), vec![0, 1]);
+    assert_eq!(ranks(exp("gpt2-tiny", &t, "h.1.ln_1.bias")), vec![1]);
     // mistral-tiny: 3 layers over 2 stages → [2, 1].
     assert_eq!(
         ranks(exp("mistral-tiny", &t, "model.layers.1.mlp.up_proj.weight")),

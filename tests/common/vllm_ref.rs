@@ -13,8 +13,9 @@
 //!   tp_rank, `linear` placement: contiguous blocks, remainder to the first ranks).
 //! - Pipeline: vLLM's `get_pp_indices`; the first stage holds the input embeddings, the last
 //!   the final norm and lm_head, plus the input embedding when `tie_word_embeddings` is true
-//!   (tied checkpoints have no lm_head). GPT-2 follows the same rules (wte, wpe first; ln_f
-//!   last; wte also last since GPT-2 is always tied).
+//!   (tied checkpoints have no lm_head). GPT-2 differs: vLLM's `GPT2Model` builds `wte`,
+//!   `wpe` and `ln_f` unconditionally (no `PPMissingLayer`) and `load_weights` only skips
+//!   layers outside the stage, so every stage holds them (`models/gpt2.py`).
 
 use safeshard::checkpoint::Dtype;
 use safeshard::synth::Arch;
@@ -281,6 +282,7 @@ enum Stage {
     First,
     Last,
     FirstAndLast,
+    All,
     Skip,
 }
 
@@ -363,15 +365,15 @@ pub fn expected_placed(
         }
         Some(l) => Stage::Layer(l),
         None => match local {
-            "model.embed_tokens.weight" | "wte.weight" => {
+            "wte.weight" | "wpe.weight" | "ln_f.weight" | "ln_f.bias" if gpt2 => Stage::All,
+            "model.embed_tokens.weight" => {
                 if tied {
                     Stage::FirstAndLast
                 } else {
                     Stage::First
                 }
             }
-            "wpe.weight" => Stage::First,
-            "model.norm.weight" | "lm_head.weight" | "ln_f.weight" | "ln_f.bias" => Stage::Last,
+            "model.norm.weight" | "lm_head.weight" => Stage::Last,
             _ => return Err(format!("{name}: no reference rule")),
         },
     };
@@ -392,6 +394,7 @@ pub fn expected_placed(
             Stage::First => p == 0,
             Stage::Last => p == pp - 1,
             Stage::FirstAndLast => p == 0 || p == pp - 1,
+            Stage::All => true,
             Stage::Skip => false,
         }
     };
