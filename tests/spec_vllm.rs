@@ -494,7 +494,7 @@ fn read_full(dir: &Path, ckpt: &Checkpoint, t: &safeshard::checkpoint::TensorInf
     let bytes = std::fs::read(&file.path).unwrap();
     let data = bytes[t.offset as usize..(t.offset + t.bytes) as usize].to_vec();
     let n: u64 = t.shape.iter().product();
-    let esize = if n == 0 { 1 } else { (t.bytes / n) as usize };
+    let esize = t.bytes.checked_div(n).unwrap_or(1) as usize;
     assert_eq!(
         esize as u64 * n,
         t.bytes,
