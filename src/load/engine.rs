@@ -2,7 +2,7 @@
 //! engines (memory-mapped windows and positioned reads).
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -40,16 +40,6 @@ pub(crate) fn page_size() -> u64 {
     }
 }
 
-/// Identity of an open file, computed the way [`FileIdentity`] defines it.
-pub(crate) fn identity_of(meta: &std::fs::Metadata) -> FileIdentity {
-    FileIdentity {
-        len: meta.len(),
-        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        dev: meta.dev(),
-        ino: meta.ino(),
-    }
-}
-
 /// Opens the plan's files that `copies` read and checks each against its planned identity
 /// (length, modification time, device, inode; fields recorded as 0 are unknown and skipped).
 /// The check runs on the open handle, which is the one later mapped or read, so a file
@@ -71,8 +61,7 @@ pub(crate) fn open_checked(files: &[PlanFile], copies: &[CopyRun]) -> Result<Vec
             continue;
         }
         let f = File::open(&pf.path).map_err(|e| Error::io(&pf.path, e))?;
-        let meta = f.metadata().map_err(|e| Error::io(&pf.path, e))?;
-        check_identity(pf, &identity_of(&meta))?;
+        check_identity(pf, &FileIdentity::of(&f, &pf.path)?)?;
         *slot = Some(f);
     }
     Ok(open)

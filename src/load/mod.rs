@@ -105,7 +105,7 @@ pub struct LoadStats {
     pub rank: usize,
     /// Tensors held.
     pub tensors: usize,
-    /// Bytes held (the arena size, zero padding included).
+    /// Bytes held (the tensors' sizes, vocab zero padding included).
     pub bytes: u64,
     /// Bytes read from storage (page-rounded for mmap; bytes requested for pread).
     pub read_bytes: u64,
@@ -362,11 +362,11 @@ pub fn load_rank_into(
             plan.ranks.len()
         ))
     })?;
-    engine::validate(&plan.files, &rp.copies, &rp.zeros, rp.bytes)?;
+    engine::validate(&plan.files, &rp.copies, &rp.zeros, rp.arena_bytes)?;
     let open = engine::open_checked(&plan.files, &rp.copies)?;
     let mut arena = match arena {
-        Some(a) => a.reuse(rp.bytes, opts.arena)?,
-        None => Arena::new(rp.bytes, opts.arena)?,
+        Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
+        None => Arena::new(rp.arena_bytes, opts.arena)?,
     };
     let mut views = HashMap::new();
     let mut view_bytes = 0;

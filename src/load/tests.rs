@@ -28,11 +28,11 @@ fn write_file(dir: &Path, name: &str, data: &[u8]) -> PlanFile {
     f.write_all(data).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    let meta = std::fs::metadata(&path).unwrap();
+    let identity = FileIdentity::of(&std::fs::File::open(&path).unwrap(), &path).unwrap();
     PlanFile {
         name: name.into(),
         path,
-        identity: engine::identity_of(&meta),
+        identity,
     }
 }
 
@@ -155,6 +155,8 @@ fn sample(dir: &Path) -> (Plan, Vec<Vec<u8>>) {
             zeros,
             bytes: dst,
             read_bytes: 0,
+            arena_bytes: dst,
+            staging_bytes: 0,
         }],
     };
     (plan, vec![a, b])
@@ -340,7 +342,7 @@ fn runs_outside_file_or_arena_or_overlapping_are_rejected() {
         "{e}"
     );
     let mut p = plan.clone();
-    p.ranks[0].copies[0].dst = p.ranks[0].bytes;
+    p.ranks[0].copies[0].dst = p.ranks[0].arena_bytes;
     assert!(load_err(&p, IoMode::Mmap).contains("arena"));
     let mut p = plan.clone();
     p.ranks[0].copies[4].dst -= 1; // interleaved parts now overlap by one byte
