@@ -34,6 +34,12 @@ mod mpi;
 #[cfg(feature = "mpi")]
 pub use self::mpi::{MpiComm, MpiUniverse};
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
+
+#[cfg(feature = "cuda")]
+pub mod device;
+
 pub use launch::{LaunchInfo, Launcher};
 pub use share::{load_rank, RankLoad, ShareMode, ShareOptions};
 pub use threads::{run_threads, ThreadComm};
