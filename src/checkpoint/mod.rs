@@ -13,6 +13,6 @@ mod catalog;
 mod dtype;
 mod header;
 
-pub use catalog::{Checkpoint, FileIdentity, FileInfo, TensorInfo};
+pub use catalog::{Checkpoint, FileIdentity, FileInfo, TensorInfo, INDEX_NAME};
 pub use dtype::Dtype;
-pub use header::{parse_header, Header, HeaderTensor, MAX_HEADER_LEN};
+pub use header::{header_len, parse_header, Header, HeaderTensor, MAX_HEADER_LEN};

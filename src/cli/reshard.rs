@@ -1,15 +1,161 @@
-//! `safeshard reshard`.
+//! `safeshard reshard`: write each rank's tensors as safetensors files, named as vLLM's
+//! `sharded_state` loader expects (`model-rank-{rank}-part-{part}.safetensors`), plus a JSON
+//! manifest of the plan. Every file is written under a temporary name and renamed when
+//! complete, so a file with a final name is always whole.
 
-use safeshard::Result;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use safeshard::load::{self, LoadOptions, TensorRef};
+use safeshard::{Error, Result};
+
+use super::common::{human_bytes, PlanFlags};
+use super::load::{parse_size, prepare_plan};
 
 /// Arguments of `safeshard reshard`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// A `.safetensors` file, a `model.safetensors.index.json`, or a directory holding either.
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub plan: PlanFlags,
+    /// Output directory (created if needed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Largest part file (tensor data), e.g. `5GB`, `500MiB`; a larger tensor gets a part of
+    /// its own.
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub max_shard_size: u64,
+}
+
+/// Name of the manifest written beside the parts.
+pub const MANIFEST: &str = "safeshard-plan.json";
+
+/// Splits tensors (by byte size) into parts of at most `max` bytes each, in order.
+fn parts(sizes: &[u64], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut acc = 0u64;
+    for (i, &b) in sizes.iter().enumerate() {
+        if i > start && acc.saturating_add(b) > max {
+            out.push(start..i);
+            start = i;
+            acc = 0;
+        }
+        acc = acc.saturating_add(b);
+    }
+    if start < sizes.len() || out.is_empty() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+/// The safetensors header of `tensors`, padded with spaces to a multiple of 8 bytes.
+fn header(tensors: &[TensorRef<'_>]) -> Result<Vec<u8>> {
+    let mut map = serde_json::Map::new();
+    map.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": "pt", "writer": "safeshard"}),
+    );
+    let mut off = 0u64;
+    for t in tensors {
+        let end = off + t.data.len() as u64;
+        map.insert(
+            t.name.to_string(),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [off, end]}),
+        );
+        off = end;
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(map))
+        .map_err(|e| Error::Load(format!("cannot serialize a header: {e}")))?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    Ok(h)
+}
+
+/// Writes `path` through a temporary file in the same directory, renamed when complete.
+pub fn write_atomic(
+    path: &Path,
+    f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".safeshard-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    {
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+        f(&mut w)
+            .and_then(|()| w.flush())
+            .map_err(|e| Error::io(path, e))?;
+    }
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Writes one safetensors file holding `tensors`.
+fn write_part(path: &Path, tensors: &[TensorRef<'_>]) -> Result<u64> {
+    let h = header(tensors)?;
+    let mut total = 8 + h.len() as u64;
+    write_atomic(path, |w| {
+        w.write_all(&(h.len() as u64).to_le_bytes())?;
+        w.write_all(&h)?;
+        for t in tensors {
+            w.write_all(t.data)?;
+        }
+        Ok(())
+    })?;
+    total += tensors.iter().map(|t| t.data.len() as u64).sum::<u64>();
+    Ok(total)
+}
 
 /// Runs `safeshard reshard`.
 pub fn run(args: Args) -> Result<()> {
-    let _ = args;
-    Err(safeshard::Error::Usage(
-        "`safeshard reshard` is not built yet".into(),
-    ))
+    let (_prep, plan) = prepare_plan(&args.checkpoint, &args.plan)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let opts = LoadOptions {
+        views: true,
+        ..LoadOptions::default()
+    };
+    let mut files = 0;
+    let mut written = 0u64;
+    for rank in 0..plan.ranks.len() {
+        let loaded = load::load_rank(&plan, rank, &opts)?;
+        let tensors: Vec<TensorRef<'_>> = loaded.iter().collect();
+        let sizes: Vec<u64> = tensors.iter().map(|t| t.data.len() as u64).collect();
+        for (part, range) in parts(&sizes, args.max_shard_size).into_iter().enumerate() {
+            let name = format!("model-rank-{rank}-part-{part}.safetensors");
+            let slice = tensors.get(range).unwrap_or(&[]);
+            written += write_part(&args.out.join(&name), slice)?;
+            files += 1;
+        }
+    }
+    let manifest = args.out.join(MANIFEST);
+    write_atomic(&manifest, |w| {
+        serde_json::to_writer_pretty(&mut *w, &plan).map_err(std::io::Error::other)?;
+        w.write_all(b"\n")
+    })?;
+    println!(
+        "wrote {files} files ({}) for {} ranks and {MANIFEST} to {}",
+        human_bytes(written),
+        plan.ranks.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parts;
+
+    #[test]
+    fn parts_respect_the_limit_and_keep_order() {
+        assert_eq!(parts(&[], 10), vec![0..0]);
+        assert_eq!(parts(&[4, 4, 4], 10), vec![0..2, 2..3]);
+        assert_eq!(parts(&[20, 1, 1], 10), vec![0..1, 1..3]);
+        assert_eq!(parts(&[5, 5], 10), vec![0..2]);
+    }
 }

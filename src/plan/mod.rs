@@ -7,15 +7,52 @@
 //! on the outermost dimension are single contiguous runs, splits on inner dimensions strided
 //! ones. Zero runs fill vocab padding. Adjacent runs are coalesced across tensors.
 //!
-//! Every rank computes the same plan from the same inputs (it is deterministic); a rank can
-//! compare [`Plan::hash`] with rank 0's to check it.
+//! ## Who computes the plan
+//!
+//! Every rank computes the whole plan itself from the same inputs (headers, spec, config,
+//! topology): [`build`] is deterministic (no hash-map iteration order, no clocks, no thread
+//! scheduling leaks into the result), so no communication is needed to distribute it. A rank
+//! checks that it got the same plan as rank 0 by comparing [`Plan::hash`] (the comm layer does
+//! the comparison). The hash leaves out where the files live on this machine (path, device,
+//! inode, mtime) so that ranks on different nodes mounting the same checkpoint agree; it keeps
+//! file names and lengths.
+//!
+//! ## The arena
+//!
+//! A rank's tensors are placed in one contiguous arena in catalog order, which is
+//! `(file, offset)` order, so reads walk every file forwards. Each tensor starts at a multiple
+//! of [`ALIGN`] (64 bytes: cache-line and SIMD friendly, a multiple of every dtype's size);
+//! the gaps are filled by zero runs, so copy and zero runs together cover
+//! `[0, arena_bytes)` exactly once. [`RankPlan::bytes`] is the sum of the tensors' sizes
+//! (what the rank holds, vocab zero padding included, alignment gaps not), which is what vLLM
+//! holds; [`RankPlan::arena_bytes`] is the buffer size a loader allocates.
+//!
+//! ## Reads and staging
+//!
+//! [`RankPlan::read_bytes`] is the number of bytes read from storage: the union of the 4096-byte
+//! pages that the copy runs touch, so a column split of a row-major tensor shows its read
+//! amplification. [`RankPlan::staging_bytes`] is the peak staging memory: the largest
+//! page-rounded file window that one tensor's copies span, i.e. what a loader maps or buffers
+//! at once when it gathers tensor by tensor.
 
 use serde::{Deserialize, Serialize};
 
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
 use crate::checkpoint::{Checkpoint, Dtype, FileIdentity};
-use crate::spec::{Resolution, TensorKind};
+use crate::spec::{Resolution, Resolved, Shards, TensorKind};
 use crate::topology::{Coords, Topology};
-use crate::Result;
+use crate::{Error, Result};
+
+mod runs;
+
+pub use runs::{
+    coalesce_copies, coalesce_zeros, read_bytes, span_bytes, src_end, tensor_runs, TensorRuns, PAGE,
+};
+
+/// Alignment of every tensor's offset in a rank's arena, in bytes.
+pub const ALIGN: u64 = 64;
 
 /// A file the plan reads.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,10 +130,15 @@ pub struct RankPlan {
     pub copies: Vec<CopyRun>,
     /// Zero runs.
     pub zeros: Vec<ZeroRun>,
-    /// Arena size: bytes held after loading (zero padding included).
+    /// Bytes held after loading: the sum of the tensors' sizes (vocab zero padding included,
+    /// arena alignment gaps not).
     pub bytes: u64,
-    /// Bytes read from storage, rounded out to whole pages per run (read amplification).
+    /// Bytes read from storage: the union of the 4096-byte pages the copy runs touch.
     pub read_bytes: u64,
+    /// Size of the arena buffer: `bytes` plus the alignment gaps between tensors.
+    pub arena_bytes: u64,
+    /// Peak staging memory: the largest page-rounded file window one tensor's copies span.
+    pub staging_bytes: u64,
 }
 
 /// The plan of a whole job.
@@ -112,21 +154,321 @@ pub struct Plan {
     pub ranks: Vec<RankPlan>,
 }
 
-impl Plan {
-    /// A stable hash of the plan's contents (SHA-256 of its canonical JSON), to check that
-    /// every rank computed the same plan.
-    pub fn hash(&self) -> [u8; 32] {
-        todo!("issue 4")
+/// What the ranks of one pipeline stage hold, for summaries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageSummary {
+    /// Pipeline stage.
+    pub stage: usize,
+    /// Number of ranks in the stage (tp × dp).
+    pub ranks: usize,
+    /// Distinct checkpoint tensors held by some rank of the stage.
+    pub tensors: usize,
+    /// Bytes held, summed over the stage's ranks.
+    pub bytes: u64,
+    /// Largest `bytes` of one rank of the stage.
+    pub max_rank_bytes: u64,
+    /// Bytes read from storage, summed over the stage's ranks.
+    pub read_bytes: u64,
+}
+
+impl RankPlan {
+    /// Bytes held per tensor kind, in [`TensorKind`] order, kinds with no bytes left out.
+    pub fn bytes_by_kind(&self) -> Vec<(TensorKind, u64)> {
+        let mut map = std::collections::BTreeMap::new();
+        for t in &self.tensors {
+            *map.entry(t.kind).or_insert(0u64) += t.bytes;
+        }
+        map.into_iter().filter(|&(_, b)| b > 0).collect()
+    }
+
+    /// Read amplification: bytes read from storage per byte held (0 when nothing is held).
+    pub fn read_amplification(&self) -> f64 {
+        if self.bytes == 0 {
+            0.0
+        } else {
+            self.read_bytes as f64 / self.bytes as f64
+        }
     }
 }
 
+/// Adapter so serde_json can stream into the hasher without building the JSON in memory.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The part of a plan the hash covers: everything but where the files live on this machine.
+#[derive(Serialize)]
+struct HashView<'a> {
+    topology: &'a Topology,
+    spec: &'a str,
+    files: Vec<(&'a str, u64)>,
+    ranks: &'a [RankPlan],
+}
+
+impl Plan {
+    /// A stable hash of the plan's contents (SHA-256 of its canonical JSON), to check that
+    /// every rank computed the same plan.
+    ///
+    /// The canonical JSON is the plan serialized with serde_json in field declaration order,
+    /// with each file reduced to `[name, length]` (paths, devices, inodes and mtimes differ
+    /// between nodes that mount the same checkpoint).
+    pub fn hash(&self) -> [u8; 32] {
+        let view = HashView {
+            topology: &self.topology,
+            spec: &self.spec,
+            files: self
+                .files
+                .iter()
+                .map(|f| (f.name.as_str(), f.identity.len))
+                .collect(),
+            ranks: &self.ranks,
+        };
+        let mut hasher = Sha256::new();
+        // Serializing plain structs of numbers and strings cannot fail; a failure would only
+        // leave the hash of a prefix, which still differs from a correct plan's.
+        let _ = serde_json::to_writer(HashWriter(&mut hasher), &view);
+        hasher.finalize().into()
+    }
+
+    /// [`Plan::hash`] as lowercase hex.
+    pub fn hash_hex(&self) -> String {
+        self.hash().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The plan of global rank `rank`, if it exists.
+    pub fn rank(&self, rank: usize) -> Option<&RankPlan> {
+        self.ranks.get(rank)
+    }
+
+    /// Per-stage summary, one entry per pipeline stage in order.
+    pub fn stages(&self) -> Vec<StageSummary> {
+        let pp = self.topology.pp.max(1);
+        let mut out: Vec<StageSummary> = (0..pp)
+            .map(|stage| StageSummary {
+                stage,
+                ranks: 0,
+                tensors: 0,
+                bytes: 0,
+                max_rank_bytes: 0,
+                read_bytes: 0,
+            })
+            .collect();
+        let mut seen: Vec<std::collections::HashSet<usize>> = vec![Default::default(); pp];
+        for r in &self.ranks {
+            let Some(s) = out.get_mut(r.coords.pp_rank) else {
+                continue;
+            };
+            s.ranks += 1;
+            s.bytes += r.bytes;
+            s.read_bytes += r.read_bytes;
+            s.max_rank_bytes = s.max_rank_bytes.max(r.bytes);
+            if let Some(set) = seen.get_mut(r.coords.pp_rank) {
+                set.extend(r.tensors.iter().map(|t| t.source));
+            }
+        }
+        for (s, set) in out.iter_mut().zip(seen) {
+            s.tensors = set.len();
+        }
+        out
+    }
+
+    /// Sum of every rank's `bytes`.
+    pub fn total_bytes(&self) -> u64 {
+        self.ranks.iter().map(|r| r.bytes).sum()
+    }
+
+    /// Sum of every rank's `read_bytes`.
+    pub fn total_read_bytes(&self) -> u64 {
+        self.ranks.iter().map(|r| r.read_bytes).sum()
+    }
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
 /// Builds the plan. Deterministic: the same inputs give the same plan on every rank.
+///
+/// Ranks are built in parallel (rayon); the work is linear in held tensors × ranks. Errors
+/// (`Error::Plan`) name the tensor whose placement is inconsistent: a layout that does not fit
+/// the tensor, a sub-byte split off byte boundaries, a stage or owner outside the topology,
+/// or a resolution that does not match the catalog.
 pub fn build(
     ckpt: &Checkpoint,
     resolution: &Resolution,
     topo: &Topology,
     spec_name: &str,
 ) -> Result<Plan> {
-    let _ = (ckpt, resolution, topo, spec_name);
-    todo!("issue 4")
+    topo.validate()?;
+    if resolution.tensors.len() != ckpt.tensors.len() {
+        return Err(Error::Plan(format!(
+            "the resolution has {} entries but the checkpoint has {} tensors",
+            resolution.tensors.len(),
+            ckpt.tensors.len()
+        )));
+    }
+    let world = topo.world();
+    // Tensors held by each stage, in catalog order ((file, offset) order).
+    let mut by_stage: Vec<Vec<usize>> = vec![Vec::new(); topo.pp];
+    for (i, (t, r)) in ckpt.tensors.iter().zip(&resolution.tensors).enumerate() {
+        let Resolved::Held { stages, shards, .. } = r else {
+            continue;
+        };
+        if t.file >= ckpt.files.len() || t.file > u32::MAX as usize {
+            return Err(Error::Plan(format!(
+                "tensor {:?}: file index {} is out of range",
+                t.name, t.file
+            )));
+        }
+        match shards {
+            Shards::PerTp(layouts) if layouts.len() != topo.tp => {
+                return Err(Error::Plan(format!(
+                    "tensor {:?}: {} per-rank layouts for tp = {}",
+                    t.name,
+                    layouts.len(),
+                    topo.tp
+                )))
+            }
+            Shards::Expert { owner, .. } if *owner >= topo.tp * topo.dp => {
+                return Err(Error::Plan(format!(
+                    "tensor {:?}: expert owner {owner} is not an EP rank (ep ranks are 0..{})",
+                    t.name,
+                    topo.tp * topo.dp
+                )))
+            }
+            _ => {}
+        }
+        let mut last = None;
+        for &s in stages {
+            if s >= topo.pp {
+                return Err(Error::Plan(format!(
+                    "tensor {:?}: stage {s} is outside pp = {}",
+                    t.name, topo.pp
+                )));
+            }
+            if last != Some(s) {
+                by_stage[s].push(i);
+            }
+            last = Some(s);
+        }
+    }
+    let ranks = (0..world)
+        .into_par_iter()
+        .map(|r| build_rank(ckpt, resolution, topo.coords(r), &by_stage))
+        .collect::<Result<Vec<_>>>()?;
+    let files = ckpt
+        .files
+        .iter()
+        .map(|f| PlanFile {
+            name: f.name.clone(),
+            path: f.path.clone(),
+            identity: f.identity.clone(),
+        })
+        .collect();
+    Ok(Plan {
+        topology: topo.clone(),
+        spec: spec_name.to_string(),
+        files,
+        ranks,
+    })
+}
+
+fn build_rank(
+    ckpt: &Checkpoint,
+    resolution: &Resolution,
+    coords: Coords,
+    by_stage: &[Vec<usize>],
+) -> Result<RankPlan> {
+    let held = by_stage
+        .get(coords.pp_rank)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let mut tensors = Vec::new();
+    let mut copies = Vec::new();
+    let mut zeros = Vec::new();
+    let mut cursor = 0u64;
+    let mut bytes = 0u64;
+    let mut staging = 0u64;
+    for &i in held {
+        let (
+            Some(t),
+            Some(Resolved::Held {
+                shards,
+                kind,
+                replicated,
+                ..
+            }),
+        ) = (ckpt.tensors.get(i), resolution.tensors.get(i))
+        else {
+            continue;
+        };
+        let layout = match shards {
+            Shards::PerTp(layouts) => match layouts.get(coords.tp_rank) {
+                Some(l) => l,
+                None => continue,
+            },
+            Shards::Expert { owner, layout, .. } => {
+                if *owner != coords.ep_rank {
+                    continue;
+                }
+                layout
+            }
+        };
+        // `build` checked that the file index fits u32.
+        let runs = tensor_runs(&t.name, t.dtype, &t.shape, t.file as u32, t.offset, layout)?;
+        let offset = align_up(cursor, ALIGN);
+        if offset > cursor {
+            zeros.push(ZeroRun {
+                dst: cursor,
+                len: offset - cursor,
+                count: 1,
+                dst_stride: offset - cursor,
+            });
+        }
+        staging = staging.max(span_bytes(&runs.copies));
+        copies.extend(runs.copies.into_iter().map(|mut c| {
+            c.dst += offset;
+            c
+        }));
+        zeros.extend(runs.zeros.into_iter().map(|mut z| {
+            z.dst += offset;
+            z
+        }));
+        tensors.push(TensorPlan {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: layout.shape.clone(),
+            offset,
+            bytes: runs.bytes,
+            source: i,
+            kind: *kind,
+            replicated: *replicated,
+        });
+        bytes += runs.bytes;
+        cursor = offset + runs.bytes;
+    }
+    // Stable: runs of one tensor keep their order; catalog order is already (file, src) order.
+    copies.sort_by_key(|c| (c.file, c.src));
+    coalesce_copies(&mut copies);
+    zeros.sort_by_key(|z| z.dst);
+    coalesce_zeros(&mut zeros);
+    let read_bytes = read_bytes(&copies);
+    Ok(RankPlan {
+        coords,
+        tensors,
+        copies,
+        zeros,
+        bytes,
+        read_bytes,
+        arena_bytes: cursor,
+        staging_bytes: staging,
+    })
 }

@@ -1,0 +1,449 @@
+//! Engine tests on hand-built plans; the expected arena is computed by a naive loop over the
+//! runs' definition, independent of the engine's task splitting, windows and staging.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::*;
+use crate::checkpoint::{Dtype, FileIdentity};
+use crate::plan::{CopyRun, PlanFile, RankPlan, TensorPlan, ZeroRun};
+use crate::spec::{Layout, Piece, TensorKind};
+use crate::topology::Topology;
+
+fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn write_file(dir: &Path, name: &str, data: &[u8]) -> PlanFile {
+    let path = dir.join(name);
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let identity = FileIdentity::of(&std::fs::File::open(&path).unwrap(), &path).unwrap();
+    PlanFile {
+        name: name.into(),
+        path,
+        identity,
+    }
+}
+
+fn naive(files: &[Vec<u8>], copies: &[CopyRun], zeros: &[ZeroRun], len: usize) -> Vec<u8> {
+    let mut out = vec![0xAAu8; len];
+    for r in copies {
+        for i in 0..r.count {
+            let s = (r.src + i * r.src_stride) as usize;
+            let d = (r.dst + i * r.dst_stride) as usize;
+            let l = r.len as usize;
+            out[d..d + l].copy_from_slice(&files[r.file as usize][s..s + l]);
+        }
+    }
+    for z in zeros {
+        for i in 0..z.count {
+            let d = (z.dst + i * z.dst_stride) as usize;
+            out[d..d + z.len as usize].fill(0);
+        }
+    }
+    out
+}
+
+fn tensor(name: &str, offset: u64, bytes: u64) -> TensorPlan {
+    TensorPlan {
+        name: name.into(),
+        dtype: Dtype::U8,
+        shape: vec![bytes],
+        offset,
+        bytes,
+        source: 0,
+        kind: TensorKind::Other,
+        replicated: false,
+    }
+}
+
+/// A plan over two files: a long contiguous run (split into several tasks), a strided
+/// "column" slice with small gaps, one with wide gaps, two interleaved strided runs (fused
+/// parts split on an inner dim) and zero padding rows.
+fn sample(dir: &Path) -> (Plan, Vec<Vec<u8>>) {
+    let a = pattern(20 << 20, 1);
+    let b = pattern(5 << 20, 2);
+    let files = vec![
+        write_file(dir, "a.safetensors", &a),
+        write_file(dir, "b.safetensors", &b),
+    ];
+    let big = (17 << 20) + 12345;
+    let mut copies = vec![CopyRun {
+        file: 0,
+        src: 1001,
+        dst: 0,
+        len: big,
+        count: 1,
+        src_stride: big,
+        dst_stride: big,
+    }];
+    let mut dst = big;
+    // 300 rows of 1000 bytes out of rows of 4000 (tp=4 column split).
+    copies.push(CopyRun {
+        file: 1,
+        src: 7,
+        dst,
+        len: 1000,
+        count: 300,
+        src_stride: 4000,
+        dst_stride: 1000,
+    });
+    dst += 300 * 1000;
+    // Wide gaps: 10 rows of 100 bytes, 200 KiB apart.
+    copies.push(CopyRun {
+        file: 1,
+        src: 2 << 20,
+        dst,
+        len: 100,
+        count: 10,
+        src_stride: 200 << 10,
+        dst_stride: 100,
+    });
+    dst += 1000;
+    // Interleaved: rows of 96 bytes made of 64 bytes from one place and 32 from another.
+    copies.push(CopyRun {
+        file: 0,
+        src: 18 << 20,
+        dst,
+        len: 64,
+        count: 50,
+        src_stride: 256,
+        dst_stride: 96,
+    });
+    copies.push(CopyRun {
+        file: 0,
+        src: (19 << 20) + 3,
+        dst: dst + 64,
+        len: 32,
+        count: 50,
+        src_stride: 128,
+        dst_stride: 96,
+    });
+    dst += 50 * 96;
+    let zeros = vec![ZeroRun {
+        dst,
+        len: 4096,
+        count: 3,
+        dst_stride: 4096,
+    }];
+    dst += 3 * 4096;
+    let tensors = vec![
+        tensor("big", 0, big),
+        tensor("cols", big, 300_000),
+        tensor("rest", big + 300_000, dst - big - 300_000),
+    ];
+    let topo = Topology::default();
+    let plan = Plan {
+        topology: topo.clone(),
+        spec: "test".into(),
+        files,
+        ranks: vec![RankPlan {
+            coords: topo.coords(0),
+            tensors,
+            copies,
+            zeros,
+            bytes: dst,
+            read_bytes: 0,
+            arena_bytes: dst,
+            staging_bytes: 0,
+        }],
+    };
+    (plan, vec![a, b])
+}
+
+fn arena_of(rt: &RankTensors) -> Vec<u8> {
+    let mut out = vec![0u8; rt.stats().bytes as usize];
+    for t in rt.iter() {
+        let p = rt.plans().iter().find(|p| p.name == t.name).unwrap();
+        out[p.offset as usize..(p.offset + p.bytes) as usize].copy_from_slice(t.data);
+    }
+    out
+}
+
+#[test]
+fn both_engines_match_the_naive_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
+    for io in [IoMode::Mmap, IoMode::Pread] {
+        for arena in [ArenaInit::Lazy, ArenaInit::Populate, ArenaInit::HugePages] {
+            let opts = LoadOptions {
+                io,
+                arena,
+                ..LoadOptions::default()
+            };
+            let rt = load_rank(&plan, 0, &opts).unwrap();
+            assert_eq!(rt.len(), 3);
+            assert!(arena_of(&rt) == want, "{io:?} {arena:?}");
+            assert!(rt.stats().read_bytes >= rp.copies.iter().map(|r| r.len * r.count).sum());
+        }
+    }
+}
+
+#[test]
+fn execute_on_a_sub_list_of_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let sub = &rp.copies[1..3];
+    let want = naive(&data, sub, &[], rp.bytes as usize);
+    for io in [IoMode::Mmap, IoMode::Pread] {
+        let mut arena = vec![0xAAu8; rp.bytes as usize];
+        let opts = LoadOptions {
+            io,
+            ..LoadOptions::default()
+        };
+        execute(&plan.files, sub, &[], &mut arena, &opts).unwrap();
+        assert!(arena == want, "{io:?}");
+    }
+}
+
+#[test]
+fn staging_budget_is_never_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
+    for budget in [0u64, 5000, 64 << 10, 1 << 20] {
+        for threads in [1, 2, 4] {
+            let opts = LoadOptions {
+                io: IoMode::Pread,
+                staging_budget: budget,
+                threads: Some(threads),
+                ..LoadOptions::default()
+            };
+            let rt = load_rank(&plan, 0, &opts).unwrap();
+            assert!(arena_of(&rt) == want);
+            assert!(
+                rt.stats().peak_staging <= budget,
+                "peak {} > budget {budget}",
+                rt.stats().peak_staging
+            );
+        }
+    }
+    // A budget large enough is actually used for the close-together strided rows.
+    let opts = LoadOptions {
+        io: IoMode::Pread,
+        staging_budget: 4 << 20,
+        threads: Some(1),
+        ..LoadOptions::default()
+    };
+    assert!(load_rank(&plan, 0, &opts).unwrap().stats().peak_staging > 0);
+}
+
+#[test]
+fn views_borrow_contiguous_tensors_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
+    let opts = LoadOptions {
+        views: true,
+        ..LoadOptions::default()
+    };
+    let mut rt = load_rank(&plan, 0, &opts).unwrap();
+    let big = rt.get("big").unwrap();
+    assert!(big.is_view);
+    assert_eq!(big.data, &data[0][1001..1001 + big.data.len()]);
+    assert!(!rt.get("cols").unwrap().is_view);
+    assert!(!rt.get("rest").unwrap().is_view);
+    assert!(arena_of(&rt) == want);
+    assert_eq!(rt.stats().view_bytes, rp.tensors[0].bytes);
+    let taken = rt.take("cols").unwrap();
+    assert_eq!(taken.data, want[rp.tensors[1].offset as usize..][..300_000]);
+    assert!(rt.get("cols").is_none());
+    let (arena, tensors) = rt.into_parts();
+    let t = &tensors[0];
+    assert!(arena[t.offset as usize..(t.offset + t.bytes) as usize] == want[..t.bytes as usize]);
+}
+
+#[test]
+fn arena_is_reused_when_large_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
+    let rt = load_rank(&plan, 0, &LoadOptions::default()).unwrap();
+    let (mut arena, _) = rt.into_parts();
+    arena.fill(0x55);
+    let ptr = arena.as_ptr();
+    let rt = load_rank_into(&plan, 0, &LoadOptions::default(), Some(arena)).unwrap();
+    assert!(arena_of(&rt) == want);
+    let (arena, _) = rt.into_parts();
+    assert_eq!(arena.as_ptr(), ptr);
+}
+
+fn load_err(plan: &Plan, io: IoMode) -> String {
+    let opts = LoadOptions {
+        io,
+        ..LoadOptions::default()
+    };
+    match load_rank(plan, 0, &opts) {
+        Ok(_) => panic!("load should fail"),
+        Err(e) => {
+            assert_eq!(e.exit_code(), 1);
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn truncated_or_replaced_files_are_clean_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let path = &plan.files[1].path;
+    // Truncated after planning.
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(1 << 20).unwrap();
+    drop(f);
+    for io in [IoMode::Mmap, IoMode::Pread] {
+        let e = load_err(&plan, io);
+        assert!(
+            e.contains("b.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
+    }
+    // Replaced by a file of the same length (new inode, new mtime).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let tmp = dir.path().join("new");
+    std::fs::write(&tmp, &data[1]).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    for io in [IoMode::Mmap, IoMode::Pread] {
+        let e = load_err(&plan, io);
+        assert!(e.contains("b.safetensors") && e.contains("replaced"), "{e}");
+    }
+    // Missing.
+    std::fs::remove_file(path).unwrap();
+    let e = load_err(&plan, IoMode::Mmap);
+    assert!(e.contains("b.safetensors"), "{e}");
+}
+
+#[test]
+fn runs_outside_file_or_arena_or_overlapping_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, _) = sample(dir.path());
+    let mut p = plan.clone();
+    p.ranks[0].copies[1].src = p.files[1].identity.len - 10;
+    let e = load_err(&p, IoMode::Mmap);
+    assert!(
+        e.contains("b.safetensors") && e.contains("reads up to byte"),
+        "{e}"
+    );
+    let mut p = plan.clone();
+    p.ranks[0].copies[0].dst = p.ranks[0].arena_bytes;
+    assert!(load_err(&p, IoMode::Mmap).contains("arena"));
+    let mut p = plan.clone();
+    p.ranks[0].copies[4].dst -= 1; // interleaved parts now overlap by one byte
+    assert!(load_err(&p, IoMode::Pread).contains("overlap"));
+    let mut p = plan.clone();
+    p.ranks[0].copies[1].file = 9;
+    assert!(load_err(&p, IoMode::Mmap).contains("file #9"));
+    let mut p = plan.clone();
+    p.ranks[0].copies[1].count = u64::MAX;
+    assert!(load_err(&p, IoMode::Mmap).contains("overflow"));
+    assert!(load_rank(&plan, 5, &LoadOptions::default()).is_err());
+}
+
+/// Naive N-d slicing by element coordinates, independent of `slice_layout`'s strides.
+fn elem_at(src: &[u8], shape: &[u64], idx: &[u64], esz: usize) -> Vec<u8> {
+    let mut flat = 0u64;
+    for (d, &i) in idx.iter().enumerate() {
+        flat = flat * shape[d] + i;
+    }
+    src[flat as usize * esz..][..esz].to_vec()
+}
+
+#[test]
+fn slice_layout_concatenates_pieces_and_zeros() {
+    // Source [6, 8] of 2-byte elements. Local tensor [6, 5] along dim 1: columns 2..4,
+    // one zero column, columns 6..8.
+    let shape = [6u64, 8];
+    let src = pattern(6 * 8 * 2, 9);
+    let layout = Layout {
+        shape: vec![6, 5],
+        concat_dim: 1,
+        pieces: vec![
+            Piece::Slice {
+                ranges: vec![(0, 6), (2, 4)],
+            },
+            Piece::Zeros { extent: 1 },
+            Piece::Slice {
+                ranges: vec![(0, 6), (6, 8)],
+            },
+        ],
+    };
+    let got = slice_layout(&src, &shape, 16, &layout).unwrap();
+    let mut want = Vec::new();
+    for r in 0..6 {
+        for c in [2u64, 3, 99, 6, 7] {
+            if c == 99 {
+                want.extend([0, 0]);
+            } else {
+                want.extend(elem_at(&src, &shape, &[r, c], 2));
+            }
+        }
+    }
+    assert_eq!(got, want);
+
+    // 3-d, concat on dim 0 with a zero block (vocab padding style).
+    let shape = [4u64, 3, 2];
+    let src = pattern(4 * 3 * 2 * 4, 3);
+    let layout = Layout {
+        shape: vec![3, 3, 1],
+        concat_dim: 0,
+        pieces: vec![
+            Piece::Slice {
+                ranges: vec![(1, 3), (0, 3), (1, 2)],
+            },
+            Piece::Zeros { extent: 1 },
+        ],
+    };
+    let got = slice_layout(&src, &shape, 32, &layout).unwrap();
+    let mut want = Vec::new();
+    for a in 1..3 {
+        for b in 0..3 {
+            want.extend(elem_at(&src, &shape, &[a, b, 1], 4));
+        }
+    }
+    want.extend([0u8; 12]);
+    assert_eq!(got, want);
+
+    // Out-of-range pieces are errors, not panics.
+    let bad = Layout {
+        shape: vec![6, 2],
+        concat_dim: 1,
+        pieces: vec![Piece::Slice {
+            ranges: vec![(0, 6), (7, 9)],
+        }],
+    };
+    assert!(slice_layout(&pattern(96, 1), &[6, 8], 16, &bad).is_err());
+}
+
+#[test]
+fn identity_fields_recorded_as_unknown_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut plan, data) = sample(dir.path());
+    for f in &mut plan.files {
+        f.identity = FileIdentity {
+            len: f.identity.len,
+            mtime_ns: 0,
+            dev: 0,
+            ino: 0,
+        };
+    }
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
+    assert!(arena_of(&load_rank(&plan, 0, &LoadOptions::default()).unwrap()) == want);
+}

@@ -1,0 +1,142 @@
+//! The independent slow path: read a whole source tensor with plain `read_at` and cut the
+//! rank's local tensor out of it in memory, following the spec's [`Layout`] (never the plan's
+//! runs), so that a bug in the planner or the engine shows up as a mismatch.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::spec::{Layout, Piece, Resolution, Resolved, Shards};
+use crate::topology::Coords;
+use crate::{Error, Result};
+
+/// The layout a rank at `coords` holds of catalog tensor `source`, from the resolution.
+pub fn layout_for<'a>(
+    resolution: &'a Resolution,
+    source: usize,
+    coords: &Coords,
+) -> Option<&'a Layout> {
+    match resolution.tensors.get(source)? {
+        Resolved::Skip { .. } => None,
+        Resolved::Held { shards, .. } => match shards {
+            Shards::PerTp(layouts) => layouts.get(coords.tp_rank),
+            Shards::Expert { layout, .. } => Some(layout),
+        },
+    }
+}
+
+/// Reads all of `info`'s bytes from its file with `read_at`.
+pub fn read_tensor(ckpt: &Checkpoint, info: &TensorInfo) -> Result<Vec<u8>> {
+    let fi = ckpt
+        .files
+        .get(info.file)
+        .ok_or_else(|| Error::Load(format!("tensor {:?}: unknown file", info.name)))?;
+    let file = File::open(&fi.path).map_err(|e| Error::io(&fi.path, e))?;
+    let len = usize::try_from(info.bytes)
+        .map_err(|_| Error::Load(format!("tensor {:?} too large", info.name)))?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, info.offset).map_err(|e| {
+        Error::Load(format!(
+            "{}: tensor {:?}: cannot read {} bytes at offset {}: {e}",
+            fi.path.display(),
+            info.name,
+            info.bytes,
+            info.offset
+        ))
+    })?;
+    Ok(buf)
+}
+
+/// Cuts the local tensor described by `layout` out of the whole source tensor `src` (shape
+/// `shape`, `bits` per element): each piece's hyper-rectangle is copied to its place along
+/// `concat_dim`; zero pieces stay zero.
+pub fn slice_layout(src: &[u8], shape: &[u64], bits: u64, layout: &Layout) -> Result<Vec<u8>> {
+    let err = |m: &str| Error::Load(format!("layout: {m}"));
+    let nd = shape.len();
+    if layout.shape.len() != nd {
+        return Err(err("local shape and source shape differ in rank"));
+    }
+    if nd > 0 && layout.concat_dim >= nd {
+        return Err(err("concat_dim outside the tensor's dimensions"));
+    }
+    // Work in bytes on the innermost dimension: `row_bits` per innermost element.
+    let local_elems: u64 = layout.shape.iter().product();
+    let out_len = local_elems
+        .checked_mul(bits)
+        .map(|b| b.div_ceil(8))
+        .ok_or_else(|| err("size overflows"))?;
+    let mut out = vec![0u8; out_len as usize];
+    if nd == 0 {
+        let n = out.len().min(src.len());
+        out[..n].copy_from_slice(&src[..n]);
+        return Ok(out);
+    }
+    let to_bytes = |elems: u64| -> Result<usize> {
+        let b = elems * bits;
+        if b % 8 != 0 {
+            return Err(err("slice not on a byte boundary"));
+        }
+        Ok((b / 8) as usize)
+    };
+    // Row-major strides in elements.
+    let strides = |s: &[u64]| -> Vec<u64> {
+        let mut st = vec![1u64; s.len()];
+        for d in (0..s.len().saturating_sub(1)).rev() {
+            st[d] = st[d + 1] * s[d + 1];
+        }
+        st
+    };
+    let src_st = strides(shape);
+    let dst_st = strides(&layout.shape);
+    let c = layout.concat_dim;
+    let mut at = 0u64; // position of the current piece along concat_dim
+    for piece in &layout.pieces {
+        match piece {
+            Piece::Zeros { extent } => at += extent,
+            Piece::Slice { ranges } => {
+                if ranges.len() != nd {
+                    return Err(err("piece has the wrong number of ranges"));
+                }
+                for (d, &(b, e)) in ranges.iter().enumerate() {
+                    if b > e || e > shape[d] {
+                        return Err(err("piece range outside the source tensor"));
+                    }
+                }
+                let ext: Vec<u64> = ranges.iter().map(|&(b, e)| e - b).collect();
+                if ext.contains(&0) {
+                    at += ext.get(c).copied().unwrap_or(0);
+                    continue;
+                }
+                let inner = to_bytes(ext[nd - 1])?;
+                // Every index of the piece's outer dimensions, innermost rows copied whole.
+                let outer: u64 = ext[..nd - 1].iter().product();
+                let mut idx = vec![0u64; nd];
+                for flat in 0..outer {
+                    let mut rem = flat;
+                    for d in (0..nd - 1).rev() {
+                        idx[d] = rem % ext[d];
+                        rem /= ext[d];
+                    }
+                    let mut s_el = 0u64;
+                    let mut d_el = 0u64;
+                    for d in 0..nd {
+                        s_el += (ranges[d].0 + idx[d]) * src_st[d];
+                        let dpos = idx[d] + if d == c { at } else { 0 };
+                        d_el += dpos * dst_st[d];
+                    }
+                    let s = to_bytes(s_el)?;
+                    let o = to_bytes(d_el)?;
+                    let from = src
+                        .get(s..s + inner)
+                        .ok_or_else(|| err("source tensor shorter than its shape"))?;
+                    let to = out
+                        .get_mut(o..o + inner)
+                        .ok_or_else(|| err("piece outside the local shape"))?;
+                    to.copy_from_slice(from);
+                }
+                at += ext[c];
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,700 @@
+//! Turning one tensor's [`Layout`] into byte-range copy and zero runs.
+//!
+//! A piece of a layout is a hyper-rectangle (a "box") of the row-major source tensor that lands
+//! in a box of the row-major local tensor. The innermost dimensions that the box takes whole in
+//! *both* tensors, plus the first one it does not, form one contiguous chunk; the next outer
+//! dimension with more than one index becomes the run's `count` with its strides; any further
+//! outer dimensions are enumerated into several runs. Adjacent outer dimensions whose strides
+//! chain (`stride[j] == n[j+1] * stride[j+1]` on both sides) are merged first, so a
+//! column slice of a 3-D tensor still gives one run per contiguous stretch.
+//!
+//! Everything is computed in bits and converted to bytes at the end, so sub-byte dtypes (F4,
+//! F6) work whenever every chunk starts and ends on a byte boundary, and fail with a clear
+//! error otherwise.
+
+use crate::checkpoint::Dtype;
+use crate::spec::{Layout, Piece};
+use crate::{Error, Result};
+
+use super::{CopyRun, ZeroRun};
+
+/// The runs that build one rank-local tensor, with destination offsets relative to the start
+/// of the local tensor (the caller shifts them to the tensor's arena offset).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TensorRuns {
+    /// Byte size of the local tensor.
+    pub bytes: u64,
+    /// Copies from the source file, in piece order.
+    pub copies: Vec<CopyRun>,
+    /// Zero fills (vocab padding), in piece order.
+    pub zeros: Vec<ZeroRun>,
+}
+
+/// A run in element units, before conversion to bytes.
+#[derive(Clone, Copy, Debug)]
+struct ElemRun {
+    src: u64,
+    dst: u64,
+    len: u64,
+    count: u64,
+    src_stride: u64,
+    dst_stride: u64,
+}
+
+fn plan_err(name: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Plan(format!("tensor {name:?}: {msg}"))
+}
+
+/// Row-major strides in elements; `None` on overflow.
+fn strides(shape: &[u64]) -> Option<Vec<u64>> {
+    let mut out = vec![1u64; shape.len()];
+    let mut acc = 1u64;
+    for d in (0..shape.len()).rev() {
+        out[d] = acc;
+        acc = acc.checked_mul(shape[d])?;
+    }
+    Some(out)
+}
+
+/// Decomposes the copy of a box of sizes `n` from `src_origin` in a tensor of `src_shape` to
+/// `dst_origin` in a tensor of `dst_shape` into element runs. Returns also the dimension whose
+/// partial extent bounds the contiguous chunk (for error messages).
+fn box_runs(
+    n: &[u64],
+    src_shape: &[u64],
+    src_origin: &[u64],
+    dst_shape: &[u64],
+    dst_origin: &[u64],
+) -> Option<(Vec<ElemRun>, usize)> {
+    let nd = n.len();
+    if nd == 0 || n.contains(&0) {
+        return Some((Vec::new(), 0));
+    }
+    let ss = strides(src_shape)?;
+    let ds = strides(dst_shape)?;
+    // Absorb trailing dims taken whole in both tensors, then the first partial one.
+    let mut chunk = 1u64;
+    let mut k = nd;
+    loop {
+        k -= 1;
+        chunk = chunk.checked_mul(n[k])?;
+        let whole = n[k] == src_shape[k] && n[k] == dst_shape[k];
+        if k == 0 || !whole {
+            break;
+        }
+    }
+    // Outer dims with more than one index, merged where their strides chain.
+    let mut outer: Vec<(u64, u64, u64)> = Vec::new();
+    for d in 0..k {
+        if n[d] <= 1 {
+            continue;
+        }
+        outer.push((n[d], ss[d], ds[d]));
+    }
+    let mut merged: Vec<(u64, u64, u64)> = Vec::with_capacity(outer.len());
+    for dim in outer.into_iter().rev() {
+        // `merged` is built from the inside out; try to fold `dim` into the last (innermost so far).
+        if let Some(last) = merged.last_mut() {
+            let (ni, si, di) = *last;
+            if Some(dim.1) == ni.checked_mul(si) && Some(dim.2) == ni.checked_mul(di) {
+                *last = (ni.checked_mul(dim.0)?, si, di);
+                continue;
+            }
+        }
+        merged.push(dim);
+    }
+    merged.reverse(); // outermost first
+    let src0 = src_origin
+        .iter()
+        .zip(&ss)
+        .try_fold(0u64, |acc, (&o, &s)| acc.checked_add(o.checked_mul(s)?))?;
+    let dst0 = dst_origin
+        .iter()
+        .zip(&ds)
+        .try_fold(0u64, |acc, (&o, &s)| acc.checked_add(o.checked_mul(s)?))?;
+    let (count, src_stride, dst_stride, enumerated) = match merged.split_last() {
+        Some((&(c, s, d), rest)) => (c, s, d, rest.to_vec()),
+        None => (1, chunk, chunk, Vec::new()),
+    };
+    let mut runs = Vec::new();
+    let mut idx = vec![0u64; enumerated.len()];
+    loop {
+        let mut src = src0;
+        let mut dst = dst0;
+        for (i, &(_, s, d)) in idx.iter().zip(&enumerated) {
+            src = src.checked_add(i.checked_mul(s)?)?;
+            dst = dst.checked_add(i.checked_mul(d)?)?;
+        }
+        runs.push(normalize(ElemRun {
+            src,
+            dst,
+            len: chunk,
+            count,
+            src_stride,
+            dst_stride,
+        }));
+        // Odometer over the enumerated dims, innermost fastest.
+        let mut carry = true;
+        for j in (0..enumerated.len()).rev() {
+            idx[j] += 1;
+            if idx[j] < enumerated[j].0 {
+                carry = false;
+                break;
+            }
+            idx[j] = 0;
+        }
+        if carry {
+            break;
+        }
+    }
+    Some((runs, k))
+}
+
+/// A strided run whose chunks abut on both sides is one contiguous run; a one-chunk run has
+/// strides equal to its length (canonical form, so equal runs compare equal).
+fn normalize(mut r: ElemRun) -> ElemRun {
+    if r.count > 1 && r.src_stride == r.len && r.dst_stride == r.len {
+        r.len *= r.count;
+        r.count = 1;
+    }
+    if r.count == 1 {
+        r.src_stride = r.len;
+        r.dst_stride = r.len;
+    }
+    r
+}
+
+/// Converts element units to bytes, or `None` when not a whole number of bytes.
+fn to_bytes(elems: u64, bits: u64) -> Option<u64> {
+    let b = elems.checked_mul(bits)?;
+    (b % 8 == 0).then_some(b / 8)
+}
+
+/// Computes the runs that build one rank-local tensor.
+///
+/// `name` and `dtype` name the tensor in errors; `src_shape` is the source tensor's shape,
+/// `file`/`src_offset` where its first byte lies. Destination offsets are relative to the
+/// local tensor's start. Checks that the layout is consistent with the source (ranges inside
+/// the tensor, pieces matching the local shape) and that sub-byte chunks are whole bytes.
+pub fn tensor_runs(
+    name: &str,
+    dtype: Dtype,
+    src_shape: &[u64],
+    file: u32,
+    src_offset: u64,
+    layout: &Layout,
+) -> Result<TensorRuns> {
+    // A scalar is treated as a one-element vector.
+    let scalar = src_shape.is_empty();
+    let one = [1u64];
+    let src_shape: &[u64] = if scalar { &one } else { src_shape };
+    let local: Vec<u64> = if scalar && layout.shape.is_empty() {
+        vec![1]
+    } else {
+        layout.shape.clone()
+    };
+    let nd = src_shape.len();
+    if local.len() != nd {
+        return Err(plan_err(
+            name,
+            format_args!(
+                "layout shape {:?} has {} dims but the tensor has {}",
+                layout.shape,
+                layout.shape.len(),
+                nd
+            ),
+        ));
+    }
+    let c = layout.concat_dim;
+    if c >= nd {
+        return Err(plan_err(
+            name,
+            format_args!("layout concat dim {c} is out of range for {nd} dims"),
+        ));
+    }
+    let bits = dtype.bits();
+    let elements = local
+        .iter()
+        .try_fold(1u64, |acc, &n| acc.checked_mul(n))
+        .ok_or_else(|| plan_err(name, "local shape overflows"))?;
+    let bytes = to_bytes(elements, bits).ok_or_else(|| {
+        plan_err(
+            name,
+            format_args!(
+                "local shape {:?} of {dtype} is not a whole number of bytes",
+                layout.shape
+            ),
+        )
+    })?;
+    let mut out = TensorRuns {
+        bytes,
+        ..TensorRuns::default()
+    };
+    let mut at = 0u64; // position along concat dim in the local tensor
+    for (p, piece) in layout.pieces.iter().enumerate() {
+        match piece {
+            Piece::Slice { ranges } => {
+                let ranges: Vec<(u64, u64)> = if scalar && ranges.is_empty() {
+                    vec![(0, 1)]
+                } else {
+                    ranges.clone()
+                };
+                if ranges.len() != nd {
+                    return Err(plan_err(
+                        name,
+                        format_args!(
+                            "piece {p} has {} ranges but the tensor has {nd} dims",
+                            ranges.len()
+                        ),
+                    ));
+                }
+                let mut n = Vec::with_capacity(nd);
+                for (d, &(b, e)) in ranges.iter().enumerate() {
+                    if b > e || e > src_shape[d] {
+                        return Err(plan_err(
+                            name,
+                            format_args!(
+                                "piece {p}: range [{b}, {e}) of dim {d} is outside its size {}",
+                                src_shape[d]
+                            ),
+                        ));
+                    }
+                    if d != c && e - b != local[d] {
+                        return Err(plan_err(
+                            name,
+                            format_args!(
+                                "piece {p}: range [{b}, {e}) of dim {d} does not match the local size {}",
+                                local[d]
+                            ),
+                        ));
+                    }
+                    n.push(e - b);
+                }
+                let extent = n[c];
+                let end = at
+                    .checked_add(extent)
+                    .filter(|&end| end <= local[c])
+                    .ok_or_else(|| {
+                        plan_err(
+                            name,
+                            format_args!("pieces overflow the local size {} of dim {c}", local[c]),
+                        )
+                    })?;
+                let src_origin: Vec<u64> = ranges.iter().map(|r| r.0).collect();
+                let mut dst_origin = vec![0u64; nd];
+                dst_origin[c] = at;
+                let (runs, k) = box_runs(&n, src_shape, &src_origin, &local, &dst_origin)
+                    .ok_or_else(|| plan_err(name, "offsets overflow"))?;
+                for r in runs {
+                    let conv = (|| {
+                        Some(CopyRun {
+                            file,
+                            src: src_offset.checked_add(to_bytes(r.src, bits)?)?,
+                            dst: to_bytes(r.dst, bits)?,
+                            len: to_bytes(r.len, bits)?,
+                            count: r.count,
+                            src_stride: to_bytes(r.src_stride, bits)?,
+                            dst_stride: to_bytes(r.dst_stride, bits)?,
+                        })
+                    })();
+                    let run = conv.ok_or_else(|| {
+                        let (b, e) = ranges.get(k).copied().unwrap_or((0, 0));
+                        plan_err(
+                            name,
+                            format_args!(
+                                "{dtype} slice [{b}, {e}) of dim {k} (size {}) does not start and end on byte boundaries; sub-byte tensors can only be split where every chunk is whole bytes",
+                                src_shape.get(k).copied().unwrap_or(0)
+                            ),
+                        )
+                    })?;
+                    out.copies.push(run);
+                }
+                at = end;
+            }
+            Piece::Zeros { extent } => {
+                let end = at
+                    .checked_add(*extent)
+                    .filter(|&end| end <= local[c])
+                    .ok_or_else(|| {
+                        plan_err(
+                            name,
+                            format_args!("pieces overflow the local size {} of dim {c}", local[c]),
+                        )
+                    })?;
+                let mut n = local.clone();
+                n[c] = *extent;
+                let mut dst_origin = vec![0u64; nd];
+                dst_origin[c] = at;
+                let (runs, _) = box_runs(&n, &local, &dst_origin, &local, &dst_origin)
+                    .ok_or_else(|| plan_err(name, "offsets overflow"))?;
+                for r in runs {
+                    let conv = (|| {
+                        Some(ZeroRun {
+                            dst: to_bytes(r.dst, bits)?,
+                            len: to_bytes(r.len, bits)?,
+                            count: r.count,
+                            dst_stride: to_bytes(r.dst_stride, bits)?,
+                        })
+                    })();
+                    let run = conv.ok_or_else(|| {
+                        plan_err(
+                            name,
+                            format_args!(
+                                "{dtype} zero padding of {extent} along dim {c} does not fall on byte boundaries"
+                            ),
+                        )
+                    })?;
+                    out.zeros.push(run);
+                }
+                at = end;
+            }
+        }
+    }
+    if at != local[c] {
+        return Err(plan_err(
+            name,
+            format_args!(
+                "pieces cover {at} of the local size {} along dim {c}",
+                local[c]
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Page size used to round reads (bytes).
+pub const PAGE: u64 = 4096;
+
+/// Extent of a copy run in the file: `[src, src + (count-1)*src_stride + len)`.
+pub fn src_end(r: &CopyRun) -> u64 {
+    r.src
+        .saturating_add(r.count.saturating_sub(1).saturating_mul(r.src_stride))
+        .saturating_add(r.len)
+}
+
+fn page_floor(x: u64) -> u64 {
+    x / PAGE
+}
+
+fn page_ceil(x: u64) -> u64 {
+    x.div_ceil(PAGE)
+}
+
+/// Pages touched by one run (the union of its chunks' pages), in O(min(count, period)).
+///
+/// Chunk `i` starts at `s_i = src + i * stride`. Chunks are sorted, so the pages that chunk
+/// `i+1` adds beyond chunk `i` depend only on `s_i mod PAGE`, which repeats with period
+/// `PAGE / gcd(stride mod PAGE, PAGE)`; one period is summed and multiplied out.
+fn run_pages(src: u64, len: u64, count: u64, stride: u64) -> u64 {
+    if len == 0 || count == 0 {
+        return 0;
+    }
+    if count == 1 || stride <= len {
+        return page_ceil(src_end(&CopyRun {
+            file: 0,
+            src,
+            dst: 0,
+            len,
+            count,
+            src_stride: stride,
+            dst_stride: 0,
+        })) - page_floor(src);
+    }
+    let first = page_ceil(src + len) - page_floor(src);
+    // Pages added by chunk i+1 given s_i mod PAGE.
+    let added = |m: u64| -> u64 {
+        let end_i = page_ceil(m + len);
+        let start_n = page_floor(m + stride);
+        let end_n = page_ceil(m + stride + len);
+        end_n - start_n.max(end_i)
+    };
+    let step = stride % PAGE;
+    let period = PAGE / gcd(step, PAGE);
+    let transitions = count - 1;
+    let sum_over = |n: u64| -> u64 {
+        let mut m = src % PAGE;
+        let mut total = 0u64;
+        for _ in 0..n {
+            total += added(m);
+            m = (m + step) % PAGE;
+        }
+        total
+    };
+    if transitions <= period {
+        first + sum_over(transitions)
+    } else {
+        let per = sum_over(period);
+        first + (transitions / period) * per + sum_over(transitions % period)
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Bytes read from storage by a set of copy runs sorted by `(file, src)`: the union of the
+/// pages (4096 bytes) their chunks touch, so a page shared by two runs counts once and the
+/// read amplification of strided splits is visible.
+///
+/// Runs whose extents do not interleave are counted in closed form; groups of interleaving
+/// runs (fused parts cut on an inner dimension) are enumerated chunk by chunk.
+pub fn read_bytes(copies: &[CopyRun]) -> u64 {
+    let mut pages = 0u64;
+    let mut i = 0;
+    // Last page end counted so far in the current file.
+    let mut covered: Option<(u32, u64)> = None;
+    while i < copies.len() {
+        let first = copies[i];
+        let mut end = src_end(&first);
+        let mut j = i + 1;
+        while j < copies.len() && copies[j].file == first.file && copies[j].src < end {
+            end = end.max(src_end(&copies[j]));
+            j += 1;
+        }
+        let group = &copies[i..j];
+        let start_page = page_floor(first.src);
+        let (mut n, end_page) = if group.len() == 1 {
+            (
+                run_pages(first.src, first.len, first.count, first.src_stride),
+                page_ceil(end),
+            )
+        } else {
+            let mut spans: Vec<(u64, u64)> = Vec::new();
+            for r in group {
+                for c in 0..r.count {
+                    let s = r.src + c * r.src_stride;
+                    if r.len > 0 {
+                        spans.push((page_floor(s), page_ceil(s + r.len)));
+                    }
+                }
+            }
+            spans.sort_unstable();
+            let mut total = 0u64;
+            let mut cur: Option<(u64, u64)> = None;
+            for (s, e) in spans {
+                match cur {
+                    Some((cs, ce)) if s <= ce => cur = Some((cs, ce.max(e))),
+                    Some((cs, ce)) => {
+                        total += ce - cs;
+                        cur = Some((s, e));
+                    }
+                    None => cur = Some((s, e)),
+                }
+            }
+            if let Some((cs, ce)) = cur {
+                total += ce - cs;
+            }
+            (total, page_ceil(end))
+        };
+        // A page shared with the previous group (same file) was already counted.
+        if let Some((f, prev_end)) = covered {
+            if f == first.file && start_page < prev_end && n > 0 {
+                n -= 1;
+            }
+        }
+        pages += n;
+        let prev = match covered {
+            Some((f, e)) if f == first.file => e,
+            _ => 0,
+        };
+        covered = Some((first.file, end_page.max(prev)));
+        i = j;
+    }
+    pages * PAGE
+}
+
+/// The page-rounded window `[start, end)` of the file that a tensor's copies span, in bytes:
+/// what a loader maps or buffers to gather that tensor at once.
+pub fn span_bytes(copies: &[CopyRun]) -> u64 {
+    let start = copies.iter().map(|r| r.src).min();
+    let end = copies.iter().map(src_end).max();
+    match (start, end) {
+        (Some(s), Some(e)) if e > s => (page_ceil(e) - page_floor(s)) * PAGE,
+        _ => 0,
+    }
+}
+
+/// Merges adjacent runs that continue each other on both sides: contiguous runs that abut,
+/// or strided runs with equal chunk and strides where the second starts where the first's
+/// next chunk would. Runs must be sorted by `(file, src)`.
+pub fn coalesce_copies(runs: &mut Vec<CopyRun>) {
+    let mut out: Vec<CopyRun> = Vec::with_capacity(runs.len());
+    for r in runs.drain(..) {
+        if let Some(last) = out.last_mut() {
+            if last.file == r.file {
+                if last.count == 1
+                    && r.count == 1
+                    && last.src + last.len == r.src
+                    && last.dst + last.len == r.dst
+                {
+                    last.len += r.len;
+                    last.src_stride = last.len;
+                    last.dst_stride = last.len;
+                    continue;
+                }
+                if last.count > 1
+                    && r.count > 1
+                    && last.len == r.len
+                    && last.src_stride == r.src_stride
+                    && last.dst_stride == r.dst_stride
+                    && last.src + last.count * last.src_stride == r.src
+                    && last.dst + last.count * last.dst_stride == r.dst
+                {
+                    last.count += r.count;
+                    continue;
+                }
+            }
+        }
+        out.push(r);
+    }
+    *runs = out;
+}
+
+/// Merges zero runs that abut (contiguous, or strided continuations). Runs must be sorted by `dst`.
+pub fn coalesce_zeros(runs: &mut Vec<ZeroRun>) {
+    let mut out: Vec<ZeroRun> = Vec::with_capacity(runs.len());
+    for r in runs.drain(..) {
+        if let Some(last) = out.last_mut() {
+            if last.count == 1 && r.count == 1 && last.dst + last.len == r.dst {
+                last.len += r.len;
+                last.dst_stride = last.len;
+                continue;
+            }
+            if last.count > 1
+                && r.count > 1
+                && last.len == r.len
+                && last.dst_stride == r.dst_stride
+                && last.dst + last.count * last.dst_stride == r.dst
+            {
+                last.count += r.count;
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    *runs = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(ranges: &[(u64, u64)]) -> Piece {
+        Piece::Slice {
+            ranges: ranges.to_vec(),
+        }
+    }
+
+    #[test]
+    fn row_split_is_one_contiguous_run() {
+        // [8, 4] BF16, rows 2..6: 4 rows of 8 bytes starting at byte 2*8.
+        let l = Layout {
+            shape: vec![4, 4],
+            concat_dim: 0,
+            pieces: vec![slice(&[(2, 6), (0, 4)])],
+        };
+        let r = tensor_runs("w", Dtype::BF16, &[8, 4], 0, 100, &l).unwrap();
+        assert_eq!(r.bytes, 32);
+        assert_eq!(
+            r.copies,
+            vec![CopyRun {
+                file: 0,
+                src: 116,
+                dst: 0,
+                len: 32,
+                count: 1,
+                src_stride: 32,
+                dst_stride: 32
+            }]
+        );
+    }
+
+    #[test]
+    fn column_split_is_strided() {
+        // [3, 8] F32, cols 4..6: 3 chunks of 2 floats, source stride 32 bytes, dest stride 8.
+        let l = Layout {
+            shape: vec![3, 2],
+            concat_dim: 1,
+            pieces: vec![slice(&[(0, 3), (4, 6)])],
+        };
+        let r = tensor_runs("w", Dtype::F32, &[3, 8], 0, 0, &l).unwrap();
+        assert_eq!(
+            r.copies,
+            vec![CopyRun {
+                file: 0,
+                src: 16,
+                dst: 0,
+                len: 8,
+                count: 3,
+                src_stride: 32,
+                dst_stride: 8
+            }]
+        );
+    }
+
+    #[test]
+    fn sub_byte_misaligned_split_is_an_error() {
+        // F4 [2, 3] split on dim 1 at 1: chunk of 1 element = 4 bits.
+        let l = Layout {
+            shape: vec![2, 1],
+            concat_dim: 1,
+            pieces: vec![slice(&[(0, 2), (1, 2)])],
+        };
+        let e = tensor_runs("q", Dtype::F4, &[2, 3], 0, 0, &l).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("\"q\"") && msg.contains("dim 1"), "{msg}");
+    }
+
+    #[test]
+    fn inconsistent_layout_is_an_error() {
+        let l = Layout {
+            shape: vec![4, 4],
+            concat_dim: 0,
+            pieces: vec![slice(&[(0, 3), (0, 4)])],
+        };
+        assert!(tensor_runs("w", Dtype::F32, &[8, 4], 0, 0, &l).is_err());
+        let l = Layout {
+            shape: vec![4, 4],
+            concat_dim: 0,
+            pieces: vec![slice(&[(6, 10), (0, 4)])],
+        };
+        assert!(tensor_runs("w", Dtype::F32, &[8, 4], 0, 0, &l).is_err());
+    }
+
+    #[test]
+    fn pages_of_strided_runs() {
+        // 3 chunks of 100 bytes every 8192 bytes: 3 pages.
+        assert_eq!(run_pages(0, 100, 3, 8192), 3);
+        // Chunks of 100 bytes every 1000 bytes, 10 chunks: bytes 0..9100 → pages 0..3 (3 pages).
+        assert_eq!(run_pages(0, 100, 10, 1000), 3);
+        // A chunk straddling a page boundary touches two pages.
+        assert_eq!(run_pages(4090, 10, 1, 10), 2);
+        // Brute force against the closed form for a long run with an odd stride.
+        let brute = |src: u64, len: u64, count: u64, stride: u64| {
+            let mut pages = std::collections::BTreeSet::new();
+            for i in 0..count {
+                let s = src + i * stride;
+                for p in s / PAGE..(s + len).div_ceil(PAGE) {
+                    pages.insert(p);
+                }
+            }
+            pages.len() as u64
+        };
+        for &(src, len, count, stride) in &[
+            (17, 300, 5000, 6000),
+            (4000, 200, 9000, 4500),
+            (0, 4096, 100, 8192),
+            (123, 5000, 77, 9001),
+            (5, 1, 20000, 2048),
+        ] {
+            assert_eq!(
+                run_pages(src, len, count, stride),
+                brute(src, len, count, stride),
+                "{src} {len} {count} {stride}"
+            );
+        }
+    }
+}
