@@ -46,10 +46,12 @@ use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
 mod runs;
+mod svg;
 
 pub use runs::{
     coalesce_copies, coalesce_zeros, read_bytes, span_bytes, src_end, tensor_runs, TensorRuns, PAGE,
 };
+pub use svg::memory_svg;
 
 /// Alignment of every tensor's offset in a rank's arena, in bytes.
 pub const ALIGN: u64 = 64;
