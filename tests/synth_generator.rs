@@ -403,3 +403,27 @@ print(json.dumps(out))
         }
     }
 }
+
+/// The crate's own strict reader opens every preset (dense tiny ones, sparse real-size ones)
+/// with the listed tensors, dtypes, shapes and config.
+#[test]
+fn checkpoint_open_reads_every_preset() {
+    use safeshard::checkpoint::Checkpoint;
+    for name in synth::PRESETS {
+        let opts = SynthOptions::preset(name).unwrap();
+        let sparse = !name.contains("tiny");
+        let opts = opts.with_sparse(sparse);
+        let dir = write_preset(&opts);
+        let ck = Checkpoint::open(dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let list = synth::tensors(&opts).unwrap();
+        assert_eq!(ck.tensors.len(), list.len(), "{name}");
+        for (t, d, s) in &list {
+            let info = ck
+                .tensor(t)
+                .unwrap_or_else(|| panic!("{name}: {t} missing"));
+            assert_eq!((info.dtype, &info.shape), (*d, s), "{name}: {t}");
+        }
+        assert_eq!(ck.config.as_ref(), Some(&opts.config), "{name}");
+        assert!(ck.unindexed.is_empty(), "{name}");
+    }
+}
