@@ -5,7 +5,7 @@
 //! ```text
 //! share_toy write PATH
 //! share_toy threads PATH TP PP DP MODE
-//! mpirun -n N share_toy mpi PATH TP PP DP MODE [--per-node]
+//! mpirun -n N share_toy mpi PATH TP PP DP MODE [--per-node] [--io mmap]
 //! ```
 //! `PATH` may contain `{rank}` (each rank reads its own copy, as on separate nodes).
 
@@ -65,6 +65,15 @@ fn job(args: &[String]) -> Result<Job> {
             per_node: args.iter().any(|a| a == "--per-node"),
             node: None,
             round_bytes: 64 << 10,
+            // pread counts exactly the bytes asked for; `--io mmap` counts whole pages.
+            load: safeshard::load::LoadOptions {
+                io: if args.iter().any(|a| a == "mmap") {
+                    safeshard::load::IoMode::Mmap
+                } else {
+                    safeshard::load::IoMode::Pread
+                },
+                ..Default::default()
+            },
         },
     })
 }

@@ -1,12 +1,9 @@
 //! Byte segments of a plan and a small `pread` executor for them.
 //!
 //! The share modes work on [`Segment`]s: one contiguous file range copied to one arena range
-//! (a plan [`CopyRun`] of `count` chunks is `count` segments). [`FileSet`] opens plan files
-//! lazily, checks their length against the plan, and reads with `pread`, counting every byte
-//! read from storage.
-
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+//! (a plan [`CopyRun`] of `count` chunks is `count` segments).
+//! The reading itself is the loader's engine ([`crate::load::execute`]), fed with the runs a
+//! rank reads itself.
 
 use crate::plan::{CopyRun, Plan, RankPlan};
 use crate::{Error, Result};
@@ -49,7 +46,7 @@ pub fn check_rank(plan: &Plan, rank: &RankPlan) -> Result<()> {
     let bad = |what: &str| {
         Error::Plan(format!(
             "rank {}: {what} outside its {}-byte arena",
-            rank.coords.rank, rank.bytes
+            rank.coords.rank, rank.arena_bytes
         ))
     };
     let end = |dst: u64, len: u64, count: u64, stride: u64| -> Option<u64> {
@@ -71,7 +68,7 @@ pub fn check_rank(plan: &Plan, rank: &RankPlan) -> Result<()> {
             )));
         }
         match end(r.dst, r.len, r.count, r.dst_stride) {
-            Some(e) if e <= rank.bytes => {}
+            Some(e) if e <= rank.arena_bytes => {}
             _ => return Err(bad("a copy run ends")),
         }
         if end(r.src, r.len, r.count, r.src_stride).is_none() {
@@ -80,17 +77,16 @@ pub fn check_rank(plan: &Plan, rank: &RankPlan) -> Result<()> {
     }
     for z in &rank.zeros {
         match end(z.dst, z.len, z.count, z.dst_stride) {
-            Some(e) if e <= rank.bytes => {}
+            Some(e) if e <= rank.arena_bytes => {}
             _ => return Err(bad("a zero run ends")),
         }
     }
     Ok(())
 }
 
-/// A fresh zeroed arena for `rank` with its zero runs applied (they are zero already; kept
-/// explicit so a reused arena would be correct too).
+/// A fresh zeroed arena of `rank.arena_bytes` (zero runs are then already satisfied).
 pub fn new_arena(rank: &RankPlan) -> Result<Vec<u8>> {
-    let len = usize::try_from(rank.bytes)
+    let len = usize::try_from(rank.arena_bytes)
         .map_err(|_| Error::Load(format!("rank {}: arena too large", rank.coords.rank)))?;
     let mut arena = Vec::new();
     arena.try_reserve_exact(len).map_err(|_| {
@@ -103,79 +99,19 @@ pub fn new_arena(rank: &RankPlan) -> Result<Vec<u8>> {
     Ok(arena)
 }
 
-/// Plan files opened on demand, with their lengths checked against the plan.
-pub struct FileSet<'p> {
-    plan: &'p Plan,
-    open: Vec<Option<File>>,
-    /// Bytes read from storage so far.
-    pub read_bytes: u64,
-}
-
-impl<'p> FileSet<'p> {
-    /// No file opened yet.
-    pub fn new(plan: &'p Plan) -> Self {
-        FileSet {
-            plan,
-            open: (0..plan.files.len()).map(|_| None).collect(),
-            read_bytes: 0,
-        }
-    }
-
-    fn file(&mut self, index: u32) -> Result<&File> {
-        let pf = self
-            .plan
-            .files
-            .get(index as usize)
-            .ok_or_else(|| Error::Plan(format!("file #{index} is not in the plan")))?;
-        let slot = self
-            .open
-            .get_mut(index as usize)
-            .ok_or_else(|| Error::Plan(format!("file #{index} is not in the plan")))?;
-        if slot.is_none() {
-            let f = File::open(&pf.path).map_err(|e| Error::io(&pf.path, e))?;
-            let len = f.metadata().map_err(|e| Error::io(&pf.path, e))?.len();
-            if len != pf.identity.len {
-                return Err(Error::Load(format!(
-                    "{}: file is {len} bytes but was {} bytes when planned (changed or \
-                     truncated since, or a different file on this node)",
-                    pf.path.display(),
-                    pf.identity.len
-                )));
-            }
-            *slot = Some(f);
-        }
-        slot.as_ref()
-            .ok_or_else(|| Error::Plan(format!("file #{index} could not be opened")))
-    }
-
-    /// Reads `dst.len()` bytes of file `file` at `offset` into `dst`.
-    pub fn read(&mut self, file: u32, offset: u64, dst: &mut [u8]) -> Result<()> {
-        let f = self.file(file)?;
-        let res = f.read_exact_at(dst, offset);
-        if let Err(e) = res {
-            let path = self
-                .plan
-                .files
-                .get(file as usize)
-                .map(|p| p.path.display().to_string())
-                .unwrap_or_default();
-            return Err(Error::Load(format!(
-                "{path}: cannot read {} bytes at offset {offset}: {e}",
-                dst.len()
-            )));
-        }
-        self.read_bytes += dst.len() as u64;
-        Ok(())
-    }
-
-    /// Reads one segment into the arena.
-    pub fn read_segment(&mut self, seg: &Segment, arena: &mut [u8]) -> Result<()> {
-        let range = slice_range(seg.dst, seg.len, arena.len())?;
-        let dst = arena
-            .get_mut(range)
-            .ok_or_else(|| Error::Plan("segment outside the arena".into()))?;
-        self.read(seg.file, seg.src, dst)
-    }
+/// Contiguous copy runs (count 1) for segments, to hand to [`crate::load::execute`].
+pub fn segment_runs(segs: &[Segment]) -> Vec<CopyRun> {
+    segs.iter()
+        .map(|s| CopyRun {
+            file: s.file,
+            src: s.src,
+            dst: s.dst,
+            len: s.len,
+            count: 1,
+            src_stride: 0,
+            dst_stride: 0,
+        })
+        .collect()
 }
 
 /// `start..start + len` as a usize range checked against `limit`.

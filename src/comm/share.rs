@@ -24,9 +24,10 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use super::exec::{check_rank, new_arena, rank_segments, slice_range, FileSet, Segment};
+use super::exec::{check_rank, new_arena, rank_segments, segment_runs, slice_range, Segment};
 use super::{agree, check_same_plan, node_comm, Communicator};
-use crate::plan::{Plan, RankPlan};
+use crate::load::{execute, LoadOptions};
+use crate::plan::{CopyRun, Plan, RankPlan};
 use crate::{Error, Result};
 
 /// How ranks share the reading of the checkpoint.
@@ -77,6 +78,8 @@ pub struct ShareOptions {
     /// Read-once: bytes of the job's union read per round (bounds staging memory to about
     /// this divided by the group size, plus the bytes sent).
     pub round_bytes: u64,
+    /// How the bytes a rank reads itself are read (the loader's engine and its options).
+    pub load: LoadOptions,
 }
 
 impl Default for ShareOptions {
@@ -86,6 +89,7 @@ impl Default for ShareOptions {
             per_node: false,
             node: None,
             round_bytes: 1 << 30,
+            load: LoadOptions::default(),
         }
     }
 }
@@ -160,14 +164,10 @@ pub fn load_rank(plan: &Plan, world: &dyn Communicator, opts: &ShareOptions) -> 
     };
     match opts.mode {
         ShareMode::None => {
-            let mut files = FileSet::new(plan);
-            let r = rank_segments(rp)
-                .iter()
-                .try_for_each(|s| files.read_segment(s, &mut load.arena));
-            load.read_bytes = files.read_bytes;
-            agree(world, r)?;
+            let r = execute(&plan.files, &rp.copies, &[], &mut load.arena, &opts.load);
+            load.read_bytes = agree(world, r)?.read_bytes;
         }
-        ShareMode::Broadcast => broadcast_mode(plan, world, &mut load)?,
+        ShareMode::Broadcast => broadcast_mode(plan, world, opts, &mut load)?,
         ShareMode::ReadOnce => read_once_mode(plan, world, opts, &mut load)?,
     }
     load.seconds = start.elapsed().as_secs_f64();
@@ -333,7 +333,12 @@ fn plan_broadcast(plan: &Plan, splits: &[Split]) -> (Vec<SharedTensor>, Vec<Vec<
     (shared, reads)
 }
 
-fn broadcast_mode(plan: &Plan, world: &dyn Communicator, load: &mut RankLoad) -> Result<()> {
+fn broadcast_mode(
+    plan: &Plan,
+    world: &dyn Communicator,
+    opts: &ShareOptions,
+    load: &mut RankLoad,
+) -> Result<()> {
     let me = load.rank;
     let splits: Vec<Split> = plan.ranks.iter().map(split_by_tensor).collect();
     let (shared, reads) = plan_broadcast(plan, &splits);
@@ -343,14 +348,9 @@ fn broadcast_mode(plan: &Plan, world: &dyn Communicator, load: &mut RankLoad) ->
         .ok_or_else(|| Error::Comm(format!("rank {me} is not in the plan")))?;
 
     // Read what this rank reads itself.
-    let mut files = FileSet::new(plan);
-    let r = (|| {
-        let my = splits
-            .get(me)
-            .ok_or_else(|| Error::Comm("no split".into()))?;
-        for s in &my.orphans {
-            files.read_segment(s, &mut load.arena)?;
-        }
+    let mut segs: Vec<Segment> = Vec::new();
+    if let Some(my) = splits.get(me) {
+        segs.extend_from_slice(&my.orphans);
         for (ti, t) in rp.tensors.iter().enumerate() {
             if !reads
                 .get(me)
@@ -360,18 +360,26 @@ fn broadcast_mode(plan: &Plan, world: &dyn Communicator, load: &mut RankLoad) ->
             {
                 continue;
             }
-            for s in my.per_tensor.get(ti).into_iter().flatten() {
-                let abs = Segment {
-                    dst: s.dst + t.offset,
-                    ..*s
-                };
-                files.read_segment(&abs, &mut load.arena)?;
-            }
+            segs.extend(
+                my.per_tensor
+                    .get(ti)
+                    .into_iter()
+                    .flatten()
+                    .map(|s| Segment {
+                        dst: s.dst + t.offset,
+                        ..*s
+                    }),
+            );
         }
-        Ok(())
-    })();
-    load.read_bytes = files.read_bytes;
-    agree(world, r)?;
+    }
+    let r = execute(
+        &plan.files,
+        &segment_runs(&segs),
+        &[],
+        &mut load.arena,
+        &opts.load,
+    );
+    load.read_bytes = agree(world, r)?.read_bytes;
 
     // One sub-communicator per distinct holder set; disjoint sets share a split.
     let mut sets: Vec<Vec<usize>> = Vec::new();
@@ -599,30 +607,32 @@ fn read_once_mode(
         }
     }
 
-    let mut files = FileSet::new(plan);
     for round in 0..rounds {
         // Read this rank's pieces of the round.
         let r = (|| {
-            let mine: Vec<&Piece> = pieces
+            let runs: Vec<CopyRun> = pieces
                 .iter()
                 .filter(|p| p.round == round && p.owner == my_idx)
+                .map(|p| CopyRun {
+                    file: p.file,
+                    src: p.start,
+                    dst: p.buf_off,
+                    len: p.end - p.start,
+                    count: 1,
+                    src_stride: 0,
+                    dst_stride: 0,
+                })
                 .collect();
-            let len: u64 = mine.iter().map(|p| p.end - p.start).sum();
+            let len: u64 = runs.iter().map(|r| r.len).sum();
             let mut buf = Vec::new();
             buf.try_reserve_exact(len as usize)
                 .map_err(|_| Error::Load(format!("cannot allocate {len} bytes of staging")))?;
             buf.resize(len as usize, 0);
-            for p in mine {
-                let range = slice_range(p.buf_off, p.end - p.start, buf.len())?;
-                let dst = buf
-                    .get_mut(range)
-                    .ok_or_else(|| Error::Comm("piece outside buffer".into()))?;
-                files.read(p.file, p.start, dst)?;
-            }
-            Ok(buf)
+            let stats = execute(&plan.files, &runs, &[], &mut buf, &opts.load)?;
+            Ok((buf, stats.read_bytes))
         })();
-        load.read_bytes = files.read_bytes;
-        let buf = agree(world, r)?;
+        let (buf, read) = agree(world, r)?;
+        load.read_bytes += read;
         let outgoing: Vec<Vec<u8>> = (0..n)
             .map(|d| {
                 let xs = send.get(round).and_then(|r| r.get(d));

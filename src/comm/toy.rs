@@ -204,6 +204,8 @@ impl ToyModel {
                 zeros: Vec::new(),
                 bytes: 0,
                 read_bytes: 0,
+                arena_bytes: 0,
+                staging_bytes: 0,
             };
             for (source, t) in tensors.iter().enumerate() {
                 let here = match t.layer {
@@ -217,7 +219,7 @@ impl ToyModel {
                 let rows = t.shape.first().copied().unwrap_or(1);
                 let cols = t.shape.get(1).copied().unwrap_or(1);
                 let src = data_start + t.file_offset;
-                let dst = rp.bytes.div_ceil(64) * 64;
+                let dst = rp.arena_bytes.div_ceil(64) * 64;
                 let tr = c.tp_rank as u64;
                 let (shape, bytes) = match t.split {
                     ToySplit::Replicated => {
@@ -287,8 +289,10 @@ impl ToyModel {
                     },
                     replicated: t.split == ToySplit::Replicated || tp == 1 || topo.dp > 1,
                 });
-                rp.bytes = dst + bytes;
+                rp.arena_bytes = dst + bytes;
+                rp.bytes += bytes;
             }
+            // Exact bytes (the real planner counts whole pages).
             rp.read_bytes = rp.copies.iter().map(|r| r.len * r.count).sum();
             ranks.push(rp);
         }
