@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
 
-cargo build -q --features mpi --example share_toy
+cargo build -q --features mpi --example share_toy --example synth --bin safeshard
 bin=$PWD/target/debug/examples/share_toy
+safeshard=$PWD/target/debug/safeshard
+synth=$PWD/target/debug/examples/synth
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -64,5 +66,31 @@ elif ! grep -q "the job has 3 ranks" err.txt; then
   echo "FAIL: wrong-size job: unclear message"; cat err.txt; fail=1
 else
   echo "ok: 3 ranks for tp=2 × pp=2 refused"
+fi
+
+# The real CLI on a synthetic Llama checkpoint (real spec and planner): every rank verified
+# against the slow path, arenas equal to the in-process (threads) load.
+"$synth" llama-tiny llama > /dev/null
+for topo in "--tp 2 --pp 2" "--tp 4"; do
+  "$safeshard" dist-load llama $topo --json | digests > ref.txt
+  for mode in none broadcast read-once; do
+    timeout 120 mpirun -n 4 "$safeshard" dist-load llama $topo --share $mode --verify --json > out.jsonl
+    if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
+      echo "FAIL: dist-load $topo --share $mode differs from the threads load"; fail=1
+    elif [[ $(grep -c '"verified":[1-9]' out.jsonl) -ne 4 ]]; then
+      echo "FAIL: dist-load $topo --share $mode: not every rank verified"; fail=1
+    else
+      echo "ok: mpirun -n 4 safeshard dist-load $topo --share $mode --verify, read_bytes total $(read_total < out.jsonl)"
+    fi
+  done
+done
+truncate -s -100 llama/model-00002-of-00002.safetensors
+start=$SECONDS
+if timeout 60 mpirun -n 4 "$safeshard" dist-load llama --tp 2 --pp 2 --share read-once > /dev/null 2> err.txt; then
+  echo "FAIL: truncated checkpoint: job succeeded"; fail=1
+elif ! grep -q "model-00002-of-00002.safetensors" err.txt; then
+  echo "FAIL: truncated checkpoint: message does not name the file"; cat err.txt; fail=1
+else
+  echo "ok: truncated checkpoint under mpirun: failed in $((SECONDS - start)) s naming the file"
 fi
 exit $fail
