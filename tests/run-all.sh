@@ -23,3 +23,12 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
 cargo test --doc
+
+# MPI and GPU features (issue 6): lint and test with rsmpi, compile the NCCL/CUDA paths
+# (no GPU in CI), then real `mpirun -n 4` jobs on a tiny checkpoint.
+cargo clippy --all-targets --features mpi -- -D warnings
+cargo test --features mpi --lib comm
+cargo test --features mpi --test comm_share
+cargo check --features nccl,cuda
+cargo clippy --features nccl,cuda -- -D warnings
+bash tests/mpi_jobs.sh

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod common;
 mod demo;
+mod dist;
 mod inspect;
 mod load;
 mod plan;
@@ -34,6 +35,8 @@ enum Command {
     Load(load::Args),
     /// Write each rank's tensors as safetensors files (vLLM sharded_state naming).
     Reshard(reshard::Args),
+    /// Load every rank of a job with a share mode, under mpirun/srun or on threads.
+    DistLoad(dist::Args),
     /// Write a small Llama-shaped checkpoint, plan it, load all ranks with verification.
     Demo(demo::Args),
 }
@@ -56,6 +59,7 @@ pub fn main() -> i32 {
         Command::Load(args) => load::run(args),
         Command::Reshard(args) => reshard::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::DistLoad(args) => dist::run(args),
     };
     match result {
         Ok(()) => 0,

@@ -1,0 +1,288 @@
+//! Launcher detection: rank, world size and local rank from the environment a launcher sets.
+//!
+//! Checked in this order (the first launcher whose rank variable is present wins, because
+//! `srun --mpi=pmix` under Slurm also sets PMI variables and torchrun's names are generic):
+//!
+//! | launcher | rank | size | local rank |
+//! |---|---|---|---|
+//! | Open MPI | `OMPI_COMM_WORLD_RANK` | `OMPI_COMM_WORLD_SIZE` | `OMPI_COMM_WORLD_LOCAL_RANK` |
+//! | MPICH / Hydra | `PMI_RANK` | `PMI_SIZE` | `MPI_LOCALRANKID` |
+//! | Slurm | `SLURM_PROCID` | `SLURM_NTASKS` | `SLURM_LOCALID` |
+//! | torchrun | `RANK` | `WORLD_SIZE` | `LOCAL_RANK` |
+//!
+//! An Open MPI binary started by MPICH's `mpirun` (or the reverse) does not fail: every
+//! process silently becomes rank 0 of a world of size 1. [`check_mpi_world`] compares the
+//! launcher's size with the size MPI reports and refuses such a job.
+
+use crate::topology::Topology;
+use crate::{Error, Result};
+
+/// Which launcher started the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    /// Open MPI's `mpirun`/`mpiexec` (or `srun` with Open MPI's PMIx).
+    OpenMpi,
+    /// MPICH's Hydra (`mpiexec.hydra`) or another PMI-1/2 launcher.
+    Mpich,
+    /// Slurm's `srun`.
+    Slurm,
+    /// PyTorch's `torchrun` (or anything that sets `RANK`/`WORLD_SIZE`).
+    Torchrun,
+}
+
+impl Launcher {
+    /// Names of the (rank, size, local rank) variables of this launcher.
+    pub fn variables(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Launcher::OpenMpi => (
+                "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+            ),
+            Launcher::Mpich => ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+            Launcher::Slurm => ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+            Launcher::Torchrun => ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        }
+    }
+
+    /// Human-readable name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Launcher::OpenMpi => "Open MPI",
+            Launcher::Mpich => "MPICH/Hydra",
+            Launcher::Slurm => "Slurm",
+            Launcher::Torchrun => "torchrun",
+        }
+    }
+}
+
+/// What the launcher says about this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchInfo {
+    /// The launcher.
+    pub launcher: Launcher,
+    /// Global rank.
+    pub rank: usize,
+    /// World size.
+    pub size: usize,
+    /// Rank on this node (0 when the launcher does not say).
+    pub local_rank: usize,
+}
+
+const ORDER: [Launcher; 4] = [
+    Launcher::OpenMpi,
+    Launcher::Mpich,
+    Launcher::Slurm,
+    Launcher::Torchrun,
+];
+
+fn parse(var: &str, value: &str) -> Result<usize> {
+    value.trim().parse::<usize>().map_err(|_| {
+        Error::Comm(format!(
+            "environment variable {var}={value:?} is not a non-negative integer"
+        ))
+    })
+}
+
+/// Detects the launcher from an environment lookup (`get(name)`), e.g.
+/// `detect(|k| std::env::var(k).ok())`. `Ok(None)` when no launcher variables are set.
+pub fn detect(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchInfo>> {
+    for launcher in ORDER {
+        let (rv, sv, lv) = launcher.variables();
+        let Some(rank) = get(rv) else { continue };
+        let rank = parse(rv, &rank)?;
+        let size = get(sv).ok_or_else(|| {
+            Error::Comm(format!(
+                "{rv} is set ({} launcher) but {sv} is not",
+                launcher.name()
+            ))
+        })?;
+        let size = parse(sv, &size)?;
+        if size == 0 {
+            return Err(Error::Comm(format!("{sv}=0: the world has no ranks")));
+        }
+        if rank >= size {
+            return Err(Error::Comm(format!("{rv}={rank} is not below {sv}={size}")));
+        }
+        let local_rank = match get(lv) {
+            Some(v) => parse(lv, &v)?,
+            None => 0,
+        };
+        return Ok(Some(LaunchInfo {
+            launcher,
+            rank,
+            size,
+            local_rank,
+        }));
+    }
+    Ok(None)
+}
+
+/// Detects the launcher from this process's environment.
+pub fn detect_env() -> Result<Option<LaunchInfo>> {
+    detect(|k| std::env::var(k).ok())
+}
+
+/// Checks that the job has exactly `tp × pp × dp` ranks.
+pub fn check_world(size: usize, topo: &Topology) -> Result<()> {
+    let want = topo
+        .world_size()
+        .ok_or_else(|| Error::Usage("tp × pp × dp overflows".into()))?;
+    if size != want {
+        return Err(Error::Usage(format!(
+            "the job has {size} ranks but --tp {} × --pp {} × --dp {} = {want}; start it with \
+             `mpirun -n {want}` or change the flags",
+            topo.tp, topo.pp, topo.dp
+        )));
+    }
+    Ok(())
+}
+
+/// Compares the launcher's view of the world with MPI's (`MPI_COMM_WORLD` rank and size).
+///
+/// A mismatch means the binary's MPI library is not the one of the launcher (an Open MPI build
+/// started by MPICH's `mpirun` runs N separate worlds of size 1): refuse rather than have every
+/// process load rank 0.
+pub fn check_mpi_world(
+    launch: Option<&LaunchInfo>,
+    mpi_rank: usize,
+    mpi_size: usize,
+) -> Result<()> {
+    let Some(l) = launch else { return Ok(()) };
+    if l.size != mpi_size || l.rank != mpi_rank {
+        let (rv, sv, _) = l.launcher.variables();
+        return Err(Error::Comm(format!(
+            "{} says rank {} of {} ({rv}, {sv}) but MPI_COMM_WORLD says rank {mpi_rank} of \
+             {mpi_size}: safeshard was built against a different MPI library than the mpirun \
+             that started it (e.g. an Open MPI binary under MPICH's mpirun); use the matching \
+             mpirun",
+            l.launcher.name(),
+            l.rank,
+            l.size
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn detects_each_launcher() {
+        let cases = [
+            (
+                Launcher::OpenMpi,
+                vec![
+                    ("OMPI_COMM_WORLD_RANK", "3"),
+                    ("OMPI_COMM_WORLD_SIZE", "8"),
+                    ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+                ],
+            ),
+            (
+                Launcher::Mpich,
+                vec![
+                    ("PMI_RANK", "3"),
+                    ("PMI_SIZE", "8"),
+                    ("MPI_LOCALRANKID", "1"),
+                ],
+            ),
+            (
+                Launcher::Slurm,
+                vec![
+                    ("SLURM_PROCID", "3"),
+                    ("SLURM_NTASKS", "8"),
+                    ("SLURM_LOCALID", "1"),
+                ],
+            ),
+            (
+                Launcher::Torchrun,
+                vec![("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")],
+            ),
+        ];
+        for (launcher, vars) in cases {
+            let got = detect(env(&vars)).unwrap().unwrap();
+            assert_eq!(
+                got,
+                LaunchInfo {
+                    launcher,
+                    rank: 3,
+                    size: 8,
+                    local_rank: 1
+                }
+            );
+        }
+        assert_eq!(detect(env(&[("HOME", "/root")])).unwrap(), None);
+    }
+
+    #[test]
+    fn open_mpi_wins_over_slurm_and_local_rank_defaults_to_zero() {
+        let got = detect(env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+            ("OMPI_COMM_WORLD_RANK", "2"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(got.launcher, Launcher::OpenMpi);
+        assert_eq!((got.rank, got.size, got.local_rank), (2, 4, 0));
+    }
+
+    #[test]
+    fn malformed_values_are_clear_errors() {
+        let e = detect(env(&[("RANK", "x1"), ("WORLD_SIZE", "4")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RANK=\"x1\""), "{e}");
+        let e = detect(env(&[("PMI_RANK", "4"), ("PMI_SIZE", "4")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PMI_RANK=4 is not below PMI_SIZE=4"), "{e}");
+        let e = detect(env(&[("SLURM_PROCID", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SLURM_NTASKS is not"), "{e}");
+        let e = detect(env(&[("RANK", "0"), ("WORLD_SIZE", "-2")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WORLD_SIZE"), "{e}");
+        let e = detect(env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", ""),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("LOCAL_RANK"), "{e}");
+    }
+
+    #[test]
+    fn world_must_match_topology() {
+        let t = Topology::new(2, 2, 1, 1).unwrap();
+        assert!(check_world(4, &t).is_ok());
+        let e = check_world(8, &t).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("8 ranks"), "{e}");
+    }
+
+    #[test]
+    fn mismatched_mpi_library_is_refused() {
+        let l = detect(env(&[("PMI_RANK", "2"), ("PMI_SIZE", "4")]))
+            .unwrap()
+            .unwrap();
+        assert!(check_mpi_world(Some(&l), 2, 4).is_ok());
+        let e = check_mpi_world(Some(&l), 0, 1).unwrap_err().to_string();
+        assert!(e.contains("MPI_COMM_WORLD says rank 0 of 1"), "{e}");
+        assert!(check_mpi_world(None, 0, 1).is_ok());
+    }
+}
