@@ -64,7 +64,7 @@ fn index_paths_must_stay_inside_the_directory() {
     assert_index_err(r#"{"weight_map":{"a":""}}"#, "empty file name");
     assert_index_err(
         r#"{"weight_map":{"a":"missing.safetensors"}}"#,
-        "file \"missing.safetensors\" does not exist",
+        "tensor \"a\": file \"missing.safetensors\" does not exist",
     );
 }
 

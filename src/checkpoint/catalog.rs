@@ -193,6 +193,7 @@ impl Checkpoint {
                     n,
                     index.is_some().then_some(&index_name),
                 )
+                .map_err(|e| name_first_tensor(e, weight_map.as_deref(), n))
             })
             .collect::<Result<_>>()?;
 
@@ -400,6 +401,20 @@ fn read_index(path: &Path) -> Result<Source> {
         map.push((tensor.clone(), file.to_string()));
     }
     Ok(Source::Index(path.to_path_buf(), map))
+}
+
+/// Prefixes an index error about file `file` with the first tensor the index maps to it.
+fn name_first_tensor(e: Error, map: Option<&[(String, String)]>, file: &str) -> Error {
+    match (e, map) {
+        (Error::InvalidIndex { file: ix, reason }, Some(map)) => {
+            let reason = match map.iter().find(|(_, f)| f == file) {
+                Some((t, _)) => format!("tensor {t:?}: {reason}"),
+                None => reason,
+            };
+            Error::InvalidIndex { file: ix, reason }
+        }
+        (e, _) => e,
+    }
 }
 
 /// Resolves a file name of the checkpoint inside the root: no absolute paths, no `..`, and no
