@@ -207,6 +207,18 @@ fn pipeline_placement_and_dp() {
     assert_eq!(ranks(exp("gpt2-tiny", &t, "wpe.weight")), vec![0, 1]);
     assert_eq!(ranks(exp("gpt2-tiny", &t, "ln_f.bias")), vec![0, 1]);
     assert_eq!(ranks(exp("gpt2-tiny", &t, "h.1.ln_1.bias")), vec![1]);
+    // A tied config with an lm_head tensor on disk: vLLM skips it.
+    let o = SynthOptions::preset("qwen2-tiny").unwrap();
+    let e = expected(
+        o.arch,
+        &o.config,
+        &t,
+        "lm_head.weight",
+        Dtype::BF16,
+        &[1500, 128],
+    )
+    .unwrap();
+    assert!(e.is_empty());
     // mistral-tiny: 3 layers over 2 stages → [2, 1].
     assert_eq!(
         ranks(exp("mistral-tiny", &t, "model.layers.1.mlp.up_proj.weight")),

@@ -373,6 +373,8 @@ pub fn expected_placed(
                     Stage::First
                 }
             }
+            // A tied checkpoint that still stores lm_head: vLLM skips it and reuses the embedding.
+            "lm_head.weight" if tied => Stage::Skip,
             "model.norm.weight" | "lm_head.weight" => Stage::Last,
             _ => return Err(format!("{name}: no reference rule")),
         },
