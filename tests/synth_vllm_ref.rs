@@ -202,10 +202,10 @@ fn pipeline_placement_and_dp() {
         ranks(exp("qwen2-tiny", &t, "model.embed_tokens.weight")),
         vec![0, 1]
     );
-    // GPT-2 in vLLM builds wte, wpe and ln_f on every stage.
+    // GPT-2: wte first and last (tied), wpe first, ln_f last.
     assert_eq!(ranks(exp("gpt2-tiny", &t, "wte.weight")), vec![0, 1]);
-    assert_eq!(ranks(exp("gpt2-tiny", &t, "wpe.weight")), vec![0, 1]);
-    assert_eq!(ranks(exp("gpt2-tiny", &t, "ln_f.bias")), vec![0, 1]);
+    assert_eq!(ranks(exp("gpt2-tiny", &t, "wpe.weight")), vec![0]);
+    assert_eq!(ranks(exp("gpt2-tiny", &t, "ln_f.bias")), vec![1]);
     assert_eq!(ranks(exp("gpt2-tiny", &t, "h.1.ln_1.bias")), vec![1]);
     // A tied config with an lm_head tensor on disk: vLLM skips it.
     let o = SynthOptions::preset("qwen2-tiny").unwrap();

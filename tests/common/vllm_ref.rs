@@ -13,9 +13,13 @@
 //!   tp_rank, `linear` placement: contiguous blocks, remainder to the first ranks).
 //! - Pipeline: vLLM's `get_pp_indices`; the first stage holds the input embeddings, the last
 //!   the final norm and lm_head, plus the input embedding when `tie_word_embeddings` is true
-//!   (tied checkpoints have no lm_head). GPT-2 differs: vLLM's `GPT2Model` builds `wte`,
-//!   `wpe` and `ln_f` unconditionally (no `PPMissingLayer`) and `load_weights` only skips
-//!   layers outside the stage, so every stage holds them (`models/gpt2.py`).
+//!   (tied checkpoints have no lm_head; a stored lm_head of a tied model is skipped). This is
+//!   the rule of `partition-rules.md` and of vLLM's `LlamaModel` (Llama, Mistral, Phi-3),
+//!   `Qwen2Model` and `DeepseekV2Model`. GPT-2 follows it too: `wte` and `wpe` on the first
+//!   stage, `ln_f` on the last, `wte` also on the last (always tied).
+//!   Known deviation: some vLLM model files (`gpt2.py`, `qwen2_moe.py`) build the embeddings,
+//!   final norm and lm_head on every stage instead of using `PPMissingLayer`; the reference
+//!   does not copy that waste.
 
 use safeshard::checkpoint::Dtype;
 use safeshard::synth::Arch;
@@ -282,7 +286,6 @@ enum Stage {
     First,
     Last,
     FirstAndLast,
-    All,
     Skip,
 }
 
@@ -365,8 +368,7 @@ pub fn expected_placed(
         }
         Some(l) => Stage::Layer(l),
         None => match local {
-            "wte.weight" | "wpe.weight" | "ln_f.weight" | "ln_f.bias" if gpt2 => Stage::All,
-            "model.embed_tokens.weight" => {
+            "model.embed_tokens.weight" | "wte.weight" => {
                 if tied {
                     Stage::FirstAndLast
                 } else {
@@ -375,7 +377,8 @@ pub fn expected_placed(
             }
             // A tied checkpoint that still stores lm_head: vLLM skips it and reuses the embedding.
             "lm_head.weight" if tied => Stage::Skip,
-            "model.norm.weight" | "lm_head.weight" => Stage::Last,
+            "wpe.weight" => Stage::First,
+            "model.norm.weight" | "lm_head.weight" | "ln_f.weight" | "ln_f.bias" => Stage::Last,
             _ => return Err(format!("{name}: no reference rule")),
         },
     };
@@ -396,7 +399,6 @@ pub fn expected_placed(
             Stage::First => p == 0,
             Stage::Last => p == pp - 1,
             Stage::FirstAndLast => p == 0 || p == pp - 1,
-            Stage::All => true,
             Stage::Skip => false,
         }
     };
