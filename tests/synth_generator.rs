@@ -274,6 +274,12 @@ fn fill_is_positional_and_deterministic() {
         }
     }
     assert_eq!(whole, synth::tensor_data(3, "a.weight", 1000));
+    // Positions near the end of the u64 range do not overflow.
+    let mut w = [0u8; 16];
+    synth::fill(3, "a.weight", u64::MAX - 20, &mut w);
+    let mut w2 = [0u8; 5];
+    synth::fill(3, "a.weight", u64::MAX - 15, &mut w2);
+    assert_eq!(w2, w[5..10]);
     assert_ne!(whole, synth::tensor_data(4, "a.weight", 1000));
     assert_ne!(whole, synth::tensor_data(3, "b.weight", 1000));
     // Not constant: every byte value appears in 64 KiB of output.
