@@ -9,7 +9,7 @@ use common::{read_file, safetensors_files, write_preset};
 use safeshard::checkpoint::Dtype;
 use safeshard::synth::{self, Arch, SynthOptions};
 
-const TINY: [&str; 8] = [
+const TINY: [&str; 10] = [
     "llama-tiny",
     "mistral-tiny",
     "qwen2-tiny",
@@ -18,6 +18,8 @@ const TINY: [&str; 8] = [
     "qwen2-moe-tiny",
     "deepseek-v3-tiny",
     "gpt2-tiny",
+    "llama-tiny-gptq",
+    "llama-tiny-awq",
 ];
 
 fn elems(shape: &[u64]) -> u64 {
@@ -251,6 +253,14 @@ fn family_names() {
     ] {
         assert!(has(&q, n), "{n}");
     }
+    let q = names("llama-tiny-gptq");
+    for n in ["qweight", "qzeros", "scales", "g_idx"] {
+        assert!(has(&q, &format!("model.layers.1.mlp.down_proj.{n}")), "{n}");
+    }
+    assert!(!has(&q, "model.layers.1.mlp.down_proj.weight"));
+    let a = names("llama-tiny-awq");
+    assert!(has(&a, "model.layers.0.self_attn.k_proj.qweight"));
+    assert!(!has(&a, "model.layers.0.self_attn.k_proj.g_idx"));
     let g = names("gpt2");
     assert!(
         has(&g, "h.11.attn.c_attn.weight") && has(&g, "h.0.attn.bias") && has(&g, "wte.weight")
