@@ -4,11 +4,32 @@
 //! `model.safetensors.index.json` with the tensor names and shapes of a chosen architecture,
 //! filled with deterministic values ([`fill`]), or, in sparse mode, with file holes so that
 //! 70B–671B-parameter layouts can be planned without using disk.
+//!
+//! Shapes come from the `config.json` of the options ([`SynthOptions::preset`] gives named
+//! ones); [`tensors`] lists what would be written without writing anything. Values are a
+//! counter-based hash of (seed, tensor name, byte position), so any byte of any tensor can be
+//! recomputed by tests without reading the file and independently of how files are split.
+//!
+//! Files are split like Hugging Face's `max_shard_size` (greedy, in tensor order, a tensor
+//! larger than the limit alone in its file), named `model-0000k-of-0000N.safetensors`, with
+//! headers padded with spaces to a multiple of 8 like the reference writer. One file is
+//! `model.safetensors` with no index. Every file is written under a temporary name and
+//! renamed when complete.
+
+mod names;
+mod presets;
+mod writer;
 
 use std::path::Path;
 
 use crate::checkpoint::Dtype;
-use crate::Result;
+use crate::{Error, Result};
+
+pub use presets::PRESETS;
+pub use writer::{plan_files, SynthFile};
+
+/// One tensor of a synthetic checkpoint: name, dtype, shape.
+pub type TensorSpec = (String, Dtype, Vec<u64>);
 
 /// Architectures the generator knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,6 +52,39 @@ pub enum Arch {
     Gpt2,
 }
 
+impl Arch {
+    /// Every architecture.
+    pub const ALL: [Arch; 8] = [
+        Arch::Llama,
+        Arch::Mistral,
+        Arch::Qwen2,
+        Arch::Phi3,
+        Arch::Mixtral,
+        Arch::Qwen2Moe,
+        Arch::DeepseekV3,
+        Arch::Gpt2,
+    ];
+
+    /// The Hugging Face class name in `config.json` `architectures`.
+    pub fn hf_architecture(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Arch::DeepseekV3 => "DeepseekV3ForCausalLM",
+            Arch::Gpt2 => "GPT2LMHeadModel",
+        }
+    }
+
+    /// The architecture of a Hugging Face class name, if known.
+    pub fn from_hf_architecture(name: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.hf_architecture() == name)
+    }
+}
+
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct SynthOptions {
@@ -48,16 +102,175 @@ pub struct SynthOptions {
     pub seed: u64,
 }
 
+impl SynthOptions {
+    /// Options of a named shape; see [`PRESETS`]. Tiny presets (`llama-tiny`, `qwen2-tiny`,
+    /// ...) have a few layers, hidden sizes of 64–256, vocab sizes that are not multiples of
+    /// 64 and fewer kv heads than heads; real-size ones (`llama3-8b`, `llama3.1-405b`,
+    /// `mixtral-8x7b`, `deepseek-v3`, `gpt2`, `distilgpt2`) have the published shapes and are
+    /// meant to be written sparse. A `-tied` or `-untied` suffix sets `tie_word_embeddings`.
+    /// `llama-tiny` also carries `rotary_emb.inv_freq` buffers, as some real checkpoints do.
+    pub fn preset(name: &str) -> Result<SynthOptions> {
+        presets::preset(name)
+    }
+
+    /// Sets the number of decoder layers (`num_hidden_layers`, or `n_layer` for GPT-2).
+    pub fn with_layers(mut self, layers: u64) -> Self {
+        let key = self.layers_key();
+        if let Some(c) = self.config.as_object_mut() {
+            c.insert(key.into(), layers.into());
+        }
+        self
+    }
+
+    /// Sets `tie_word_embeddings` (a tied checkpoint has no `lm_head.weight`).
+    pub fn with_tied(mut self, tied: bool) -> Self {
+        if let Some(c) = self.config.as_object_mut() {
+            c.insert("tie_word_embeddings".into(), tied.into());
+        }
+        self
+    }
+
+    /// Sets sparse mode.
+    pub fn with_sparse(mut self, sparse: bool) -> Self {
+        self.sparse = sparse;
+        self
+    }
+
+    /// Sets the seed.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Sets the maximum file size.
+    pub fn with_max_file_bytes(mut self, bytes: u64) -> Self {
+        self.max_file_bytes = bytes;
+        self
+    }
+
+    /// Number of main-model decoder layers from the config.
+    pub fn layers(&self) -> Result<u64> {
+        names::cfg_u64(&self.config, self.layers_key())
+    }
+
+    fn layers_key(&self) -> &'static str {
+        if self.arch == Arch::Gpt2 {
+            "n_layer"
+        } else {
+            "num_hidden_layers"
+        }
+    }
+}
+
+/// Lists the tensors `write_checkpoint` would write for `opts`, in Hugging Face order,
+/// without writing anything. Errors name a missing or malformed config field.
+pub fn tensors(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
+    names::list(opts)
+}
+
+/// Byte size of a tensor of `dtype` and `shape`, or an error if it overflows or is not whole bytes.
+pub fn tensor_bytes(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64> {
+    let bad = || {
+        Error::Config(format!(
+            "synth: tensor {name:?}: {dtype} {shape:?} has no whole byte size"
+        ))
+    };
+    let mut n: u64 = 1;
+    for &d in shape {
+        n = n.checked_mul(d).ok_or_else(bad)?;
+    }
+    dtype.byte_size(n).ok_or_else(bad)
+}
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The per-tensor key of [`fill`]: FNV-1a of the name mixed with the seed.
+fn tensor_key(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h ^ mix(seed.wrapping_add(GOLDEN)))
+}
+
+/// The 8-byte word `i` of a tensor's contents (splitmix64 of key + i × golden ratio).
+#[inline]
+fn word(key: u64, i: u64) -> [u8; 8] {
+    mix(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN))).to_le_bytes()
+}
+
 /// Deterministic contents: writes into `out` the bytes `start..start + out.len()` of the
 /// tensor `name` for `seed`. Independent of dtype and file layout, so tests can recompute
 /// any byte of any tensor.
+///
+/// Byte `b` of a tensor is byte `b % 8` (little-endian) of splitmix64 word `b / 8`, whose
+/// stream is keyed by a hash of (seed, name).
 pub fn fill(seed: u64, name: &str, start: u64, out: &mut [u8]) {
-    let _ = (seed, name, start, out);
-    todo!("issue 2: synth")
+    let key = tensor_key(seed, name);
+    let mut done = 0usize;
+    let head = (start % 8) as usize;
+    if head != 0 {
+        let w = word(key, start / 8);
+        for (o, b) in out.iter_mut().zip(w.iter().skip(head)) {
+            *o = *b;
+            done += 1;
+        }
+    }
+    // After a partial head the next byte starts a word (no overflow near u64::MAX).
+    let mut i = (start / 8).wrapping_add(u64::from(head != 0));
+    let rest = out.get_mut(done..).unwrap_or_default();
+    let mut chunks = rest.chunks_exact_mut(8);
+    for c in &mut chunks {
+        c.copy_from_slice(&word(key, i));
+        i = i.wrapping_add(1);
+    }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let w = word(key, i);
+        for (o, b) in tail.iter_mut().zip(w.iter()) {
+            *o = *b;
+        }
+    }
+}
+
+/// The whole contents of a tensor of `len` bytes (see [`fill`]).
+pub fn tensor_data(seed: u64, name: &str, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    fill(seed, name, 0, &mut v);
+    v
 }
 
 /// Writes a checkpoint into `dir` (created if needed) and returns the number of tensors written.
 pub fn write_checkpoint(dir: &Path, opts: &SynthOptions) -> Result<usize> {
-    let _ = (dir, opts);
-    todo!("issue 2: synth")
+    writer::write(dir, opts)
+}
+
+/// The smallest `max_file_bytes` for which `opts` is split into at most `files` files
+/// (binary search over the greedy split; exactly `files` when tensors are small enough).
+pub fn shard_size_for_files(opts: &SynthOptions, files: usize) -> Result<u64> {
+    let list = tensors(opts)?;
+    let sizes = list
+        .iter()
+        .map(|(n, d, s)| tensor_bytes(n, *d, s))
+        .collect::<Result<Vec<u64>>>()?;
+    let total: u64 = sizes.iter().sum();
+    let count = |max: u64| writer::split_sizes(&sizes, max).len();
+    let (mut lo, mut hi) = (1u64, total.max(1));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if count(mid) <= files {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(lo)
 }
