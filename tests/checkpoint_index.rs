@@ -237,3 +237,14 @@ fn hugging_face_cache_layout_is_followed() {
         "{msg}"
     );
 }
+
+#[test]
+fn fifo_config_is_refused_not_waited_on() {
+    let d = tempfile::tempdir().unwrap();
+    two_files(d.path());
+    let fifo = std::ffi::CString::new(d.path().join("config.json").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let msg = Checkpoint::open(d.path()).unwrap_err().to_string();
+    assert!(msg.starts_with("config.json: not a regular file"), "{msg}");
+}
