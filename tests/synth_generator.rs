@@ -452,3 +452,33 @@ fn checkpoint_open_reads_every_preset() {
         assert!(ck.unindexed.is_empty(), "{name}");
     }
 }
+
+/// Options from an existing config.json reproduce the preset's tensors; unknown
+/// architectures and dtypes are errors naming them.
+#[test]
+fn from_config() {
+    for p in [
+        "qwen2-tiny",
+        "deepseek-v3-tiny",
+        "gpt2-tiny",
+        "mixtral-8x7b",
+    ] {
+        let o = SynthOptions::preset(p).unwrap();
+        let f = SynthOptions::from_config(o.config.clone()).unwrap();
+        assert_eq!(f.arch, o.arch, "{p}");
+        assert_eq!(f.dtype, o.dtype, "{p}");
+        assert_eq!(
+            synth::tensors(&f).unwrap(),
+            synth::tensors(&o).unwrap(),
+            "{p}"
+        );
+    }
+    let e =
+        SynthOptions::from_config(serde_json::json!({"architectures": ["BertModel"]})).unwrap_err();
+    assert!(e.to_string().contains("BertModel"), "{e}");
+    let e = SynthOptions::from_config(
+        serde_json::json!({"architectures": ["LlamaForCausalLM"], "torch_dtype": "int8"}),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("int8"), "{e}");
+}
