@@ -14,7 +14,10 @@ use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 
 fn main() -> safeshard::Result<()> {
-    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(7);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(7);
     for preset in ["deepseek-v3", "llama3.1-405b"] {
         let opts = SynthOptions::preset(preset)?;
         let tensors: Vec<TensorInfo> = synth::tensors(&opts)?

@@ -172,7 +172,11 @@ fn config_overrides() {
 
 #[test]
 fn documentation_examples_parse() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/spec-language.md")).unwrap();
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/spec-language.md"
+    ))
+    .unwrap();
     let mut blocks = 0;
     for (i, block) in doc.split("```").enumerate() {
         // Odd pieces are inside fences; skip the error-message examples.
