@@ -224,12 +224,13 @@ pub fn fill(seed: u64, name: &str, start: u64, out: &mut [u8]) {
             done += 1;
         }
     }
-    let mut i = (start + done as u64) / 8;
+    // After a partial head the next byte starts a word (no overflow near u64::MAX).
+    let mut i = (start / 8).wrapping_add(u64::from(head != 0));
     let rest = out.get_mut(done..).unwrap_or_default();
     let mut chunks = rest.chunks_exact_mut(8);
     for c in &mut chunks {
         c.copy_from_slice(&word(key, i));
-        i += 1;
+        i = i.wrapping_add(1);
     }
     let tail = chunks.into_remainder();
     if !tail.is_empty() {
