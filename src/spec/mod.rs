@@ -9,11 +9,18 @@
 //!
 //! The language reference is docs/spec-language.md.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::topology::Topology;
-use crate::Result;
+use crate::{Error, Result};
+
+mod expr;
+mod parse;
+mod pattern;
+mod resolve;
 
 /// One piece of a rank-local tensor.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -137,8 +144,64 @@ impl Config {
     /// strings applied on top (values parsed as JSON, else taken as strings; dotted keys reach
     /// into nested objects such as `quantization_config.group_size`).
     pub fn from_checkpoint(ckpt: &Checkpoint, overrides: &[String]) -> Result<Self> {
-        let _ = (ckpt, overrides);
-        todo!("issue 3")
+        Config::from_json(ckpt.config.as_ref(), overrides)
+    }
+
+    /// Like [`Config::from_checkpoint`], from a parsed `config.json` (or none).
+    pub fn from_json(config: Option<&serde_json::Value>, overrides: &[String]) -> Result<Self> {
+        let mut values = match config {
+            None => serde_json::Map::new(),
+            Some(serde_json::Value::Object(m)) => m.clone(),
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "config.json must hold a JSON object, not {}",
+                    match other {
+                        serde_json::Value::Array(_) => "an array",
+                        serde_json::Value::String(_) => "a string",
+                        serde_json::Value::Number(_) => "a number",
+                        serde_json::Value::Bool(_) => "a boolean",
+                        _ => "null",
+                    }
+                )))
+            }
+        };
+        for o in overrides {
+            let Some((key, raw)) = o.split_once('=') else {
+                return Err(Error::Usage(format!(
+                    "--set {o}: expected KEY=VALUE, e.g. --set num_key_value_heads=8"
+                )));
+            };
+            let key = key.trim();
+            if key.is_empty() || key.split('.').any(str::is_empty) {
+                return Err(Error::Usage(format!(
+                    "--set {o}: the key is empty or has an empty part"
+                )));
+            }
+            // JSON if it parses (numbers, true, null, "..."), else the raw text as a string.
+            let value = serde_json::from_str(raw.trim())
+                .unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
+            let parts: Vec<&str> = key.split('.').collect();
+            let mut cur = &mut values;
+            for (i, part) in parts.iter().enumerate() {
+                if i + 1 == parts.len() {
+                    cur.insert(part.to_string(), value);
+                    break;
+                }
+                let entry = cur
+                    .entry(part.to_string())
+                    .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+                match entry {
+                    serde_json::Value::Object(m) => cur = m,
+                    _ => {
+                        return Err(Error::Usage(format!(
+                            "--set {o}: `{}` is not an object in config.json",
+                            parts[..=i].join(".")
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(Config { values })
     }
 }
 
@@ -149,37 +212,114 @@ pub struct Spec {
     pub name: String,
     /// Architectures (`config.json` `architectures` values) the spec declares.
     pub architectures: Vec<String>,
+    /// Where the spec came from, for messages (`llama.shard`, a path).
+    pub origin: String,
+    def: Arc<parse::SpecDef>,
+    source: Arc<str>,
 }
+
+/// Shipped specs: (name, file name, source).
+const SHIPPED: [(&str, &str); 7] = [
+    ("llama", include_str!("../../shard-specs/llama.shard")),
+    ("qwen2", include_str!("../../shard-specs/qwen2.shard")),
+    ("phi3", include_str!("../../shard-specs/phi3.shard")),
+    ("mixtral", include_str!("../../shard-specs/mixtral.shard")),
+    (
+        "qwen2_moe",
+        include_str!("../../shard-specs/qwen2_moe.shard"),
+    ),
+    (
+        "deepseek_v3",
+        include_str!("../../shard-specs/deepseek_v3.shard"),
+    ),
+    ("gpt2", include_str!("../../shard-specs/gpt2.shard")),
+];
 
 impl Spec {
     /// Parses a spec. `origin` names it in error messages (`file:line:col: ...`).
     pub fn parse(source: &str, origin: &str) -> Result<Spec> {
-        let _ = (source, origin);
-        todo!("issue 3")
+        let def = parse::parse(source, origin)?;
+        let name = std::path::Path::new(origin)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(origin)
+            .to_string();
+        Ok(Spec {
+            name,
+            architectures: def.architectures.clone(),
+            origin: origin.to_string(),
+            def: Arc::new(def),
+            source: Arc::from(source),
+        })
     }
 
     /// Names of the shipped specs.
     pub fn shipped_names() -> Vec<&'static str> {
-        todo!("issue 3")
+        SHIPPED.iter().map(|(n, _)| *n).collect()
     }
 
     /// A shipped spec by name (`llama`, `qwen2`, ...).
     pub fn shipped(name: &str) -> Result<Spec> {
-        let _ = name;
-        todo!("issue 3")
+        let Some((n, src)) = SHIPPED.iter().find(|(n, _)| *n == name) else {
+            return Err(Error::Usage(format!(
+                "no shipped spec named `{name}`{} (shipped: {}); pass a path to a .shard file instead",
+                parse::did_you_mean(name, Spec::shipped_names()),
+                Spec::shipped_names().join(", ")
+            )));
+        };
+        let mut spec = Spec::parse(src, &format!("{n}.shard"))?;
+        spec.name = n.to_string();
+        Ok(spec)
     }
 
     /// `--spec` argument: a shipped name or a path to a `.shard` file.
     pub fn load(name_or_path: &str) -> Result<Spec> {
-        let _ = name_or_path;
-        todo!("issue 3")
+        let looks_like_path = name_or_path.contains('/')
+            || name_or_path.contains(std::path::MAIN_SEPARATOR)
+            || name_or_path.ends_with(".shard");
+        if !looks_like_path {
+            return Spec::shipped(name_or_path);
+        }
+        let bytes = std::fs::read(name_or_path).map_err(|e| Error::io(name_or_path, e))?;
+        let source = String::from_utf8(bytes).map_err(|e| {
+            Error::Spec(format!(
+                "{name_or_path}: not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ))
+        })?;
+        Spec::parse(&source, name_or_path)
     }
 
     /// The shipped spec for a config's `architectures`; an unknown architecture is an error
     /// that points to `--spec`.
     pub fn detect(config: &Config) -> Result<Spec> {
-        let _ = config;
-        todo!("issue 3")
+        let archs: Vec<&str> = match config.values.get("architectures") {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
+            Some(serde_json::Value::String(s)) => vec![s.as_str()],
+            _ => Vec::new(),
+        };
+        if archs.is_empty() {
+            return Err(Error::Config(
+                "config.json has no `architectures`, so no spec can be picked; pass --spec NAME or --spec FILE.shard (see `safeshard spec list`)".into(),
+            ));
+        }
+        for arch in &archs {
+            for name in Spec::shipped_names() {
+                let spec = Spec::shipped(name)?;
+                if spec.architectures.iter().any(|a| a == arch) {
+                    return Ok(spec);
+                }
+            }
+        }
+        Err(Error::Config(format!(
+            "no shipped spec for architecture {}; pass --spec NAME or --spec FILE.shard (see `safeshard spec list`)",
+            archs.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+        )))
+    }
+
+    /// Number of rules.
+    pub fn rule_count(&self) -> usize {
+        self.def.rules.len()
     }
 }
 
@@ -193,6 +333,16 @@ pub fn resolve(
     config: &Config,
     topo: &Topology,
 ) -> Result<Resolution> {
-    let _ = (spec, ckpt, config, topo);
-    todo!("issue 3")
+    resolve::resolve_tensors(spec, &ckpt.tensors, config, topo)
+}
+
+/// [`resolve`] for a list of tensors (names, dtypes and shapes; offsets are not used), for
+/// callers and tests that have no opened checkpoint. The result is parallel to `tensors`.
+pub fn resolve_tensors(
+    spec: &Spec,
+    tensors: &[TensorInfo],
+    config: &Config,
+    topo: &Topology,
+) -> Result<Resolution> {
+    resolve::resolve_tensors(spec, tensors, config, topo)
 }

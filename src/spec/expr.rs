@@ -1,0 +1,583 @@
+//! Tokens and expressions of the spec language.
+//!
+//! Expressions are integers, booleans and strings with `+ - * / %` (integer, floor division),
+//! comparisons, `&& || !`, `a ?? b` (b when a names a missing config value), calls
+//! (`cdiv`, `min`, `max`, `has`) and lists (only inside action arguments).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// A token with its 1-based column.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Tok {
+    Ident(String),
+    Int(i64),
+    Str(String),
+    Sym(&'static str),
+}
+
+const SYMS: [&str; 22] = [
+    "==", "!=", "<=", ">=", "&&", "||", "??", "(", ")", "[", "]", ",", "=", "<", ">", "+", "-",
+    "*", "/", "%", "!", ":",
+];
+
+/// Splits a line fragment into tokens; `base_col` is the 1-based column of `text`'s first char.
+pub(crate) fn lex(text: &str, base_col: usize) -> Result<Vec<(Tok, usize)>, (usize, String)> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let col = base_col + i;
+        if c.is_whitespace() {
+            i += 1;
+        } else if c.is_ascii_alphabetic() || c == '_' {
+            let start = i;
+            // Dots join identifier parts: `quantization_config.group_size`.
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric()
+                    || chars[i] == '_'
+                    || (chars[i] == '.'
+                        && chars
+                            .get(i + 1)
+                            .is_some_and(|n| n.is_ascii_alphabetic() || *n == '_')))
+            {
+                i += 1;
+            }
+            out.push((Tok::Ident(chars[start..i].iter().collect()), col));
+        } else if c.is_ascii_digit() {
+            let start = i;
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                i += 1;
+            }
+            let s: String = chars[start..i].iter().collect();
+            let v = s
+                .parse::<i64>()
+                .map_err(|_| (col, format!("integer `{s}` is too large")))?;
+            out.push((Tok::Int(v), col));
+        } else if c == '"' {
+            let mut s = String::new();
+            i += 1;
+            loop {
+                match chars.get(i) {
+                    None => return Err((col, "unterminated string (missing `\"`)".into())),
+                    Some('"') => break,
+                    Some('\\') => {
+                        match chars.get(i + 1) {
+                            Some(&e) if e == '"' || e == '\\' => s.push(e),
+                            _ => {
+                                return Err((
+                                    base_col + i,
+                                    "unknown escape in string (only \\\" and \\\\ are allowed)"
+                                        .into(),
+                                ))
+                            }
+                        }
+                        i += 2;
+                        continue;
+                    }
+                    Some(&ch) => s.push(ch),
+                }
+                i += 1;
+            }
+            i += 1;
+            out.push((Tok::Str(s), col));
+        } else {
+            let rest: String = chars[i..chars.len().min(i + 2)].iter().collect();
+            let sym = SYMS.iter().find(|s| rest.starts_with(**s));
+            match sym {
+                Some(s) => {
+                    out.push((Tok::Sym(s), col));
+                    i += s.len();
+                }
+                None => return Err((col, format!("unexpected character `{c}`"))),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Binary operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+    Default,
+}
+
+/// An expression node; `col` is where it starts on its line.
+#[derive(Clone, Debug)]
+pub(crate) enum Expr {
+    Int(i64),
+    Str(String),
+    Ident(String, usize),
+    Neg(Box<Expr>, usize),
+    Not(Box<Expr>, usize),
+    Bin(BinOp, Box<Expr>, Box<Expr>, usize),
+    Call(String, Vec<Arg>, usize),
+    List(Vec<Expr>, usize),
+}
+
+/// A call argument: `value`, `key = value`, or `value if cond` (stage lists).
+#[derive(Clone, Debug)]
+pub(crate) struct Arg {
+    pub key: Option<(String, usize)>,
+    pub value: Expr,
+    pub cond: Option<Expr>,
+    pub col: usize,
+}
+
+impl Expr {
+    pub fn col(&self) -> usize {
+        match self {
+            Expr::Int(_) | Expr::Str(_) => 0,
+            Expr::Ident(_, c)
+            | Expr::Neg(_, c)
+            | Expr::Not(_, c)
+            | Expr::Bin(_, _, _, c)
+            | Expr::Call(_, _, c)
+            | Expr::List(_, c) => *c,
+        }
+    }
+
+    /// Whether the expression mentions any of `names` as an identifier.
+    pub fn mentions(&self, names: &[String]) -> bool {
+        match self {
+            Expr::Int(_) | Expr::Str(_) => false,
+            Expr::Ident(n, _) => names.contains(n),
+            Expr::Neg(e, _) | Expr::Not(e, _) => e.mentions(names),
+            Expr::Bin(_, a, b, _) => a.mentions(names) || b.mentions(names),
+            Expr::Call(_, args, _) => args.iter().any(|a| {
+                a.value.mentions(names) || a.cond.as_ref().is_some_and(|c| c.mentions(names))
+            }),
+            Expr::List(items, _) => items.iter().any(|e| e.mentions(names)),
+        }
+    }
+}
+
+/// Recursive-descent expression parser over one line's tokens.
+pub(crate) struct Parser<'a> {
+    pub toks: &'a [(Tok, usize)],
+    pub pos: usize,
+    /// Column just past the end of the line, for "expected ... at end of line".
+    pub end_col: usize,
+}
+
+pub(crate) type PResult<T> = Result<T, (usize, String)>;
+
+impl<'a> Parser<'a> {
+    pub fn peek(&self) -> Option<&'a Tok> {
+        self.toks.get(self.pos).map(|(t, _)| t)
+    }
+
+    pub fn col(&self) -> usize {
+        self.toks.get(self.pos).map_or(self.end_col, |(_, c)| *c)
+    }
+
+    pub fn at_sym(&self, s: &str) -> bool {
+        matches!(self.peek(), Some(Tok::Sym(x)) if *x == s)
+    }
+
+    pub fn at_ident(&self, s: &str) -> bool {
+        matches!(self.peek(), Some(Tok::Ident(x)) if x == s)
+    }
+
+    pub fn eat_sym(&mut self, s: &str) -> bool {
+        if self.at_sym(s) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn expect_sym(&mut self, s: &str, what: &str) -> PResult<()> {
+        if self.eat_sym(s) {
+            Ok(())
+        } else {
+            Err((
+                self.col(),
+                format!("expected `{s}` {what}, found {}", self.describe()),
+            ))
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self.peek() {
+            None => "end of line".into(),
+            Some(Tok::Ident(s)) => format!("`{s}`"),
+            Some(Tok::Int(v)) => format!("`{v}`"),
+            Some(Tok::Str(s)) => format!("\"{s}\""),
+            Some(Tok::Sym(s)) => format!("`{s}`"),
+        }
+    }
+
+    pub fn expr(&mut self) -> PResult<Expr> {
+        self.binary(0)
+    }
+
+    fn binary(&mut self, level: usize) -> PResult<Expr> {
+        // Lowest to highest precedence.
+        const LEVELS: [&[(&str, BinOp)]; 6] = [
+            &[("||", BinOp::Or)],
+            &[("&&", BinOp::And)],
+            &[
+                ("==", BinOp::Eq),
+                ("!=", BinOp::Ne),
+                ("<=", BinOp::Le),
+                (">=", BinOp::Ge),
+                ("<", BinOp::Lt),
+                (">", BinOp::Gt),
+            ],
+            &[("??", BinOp::Default)],
+            &[("+", BinOp::Add), ("-", BinOp::Sub)],
+            &[("*", BinOp::Mul), ("/", BinOp::Div), ("%", BinOp::Rem)],
+        ];
+        let Some(ops) = LEVELS.get(level) else {
+            return self.unary();
+        };
+        let mut lhs = self.binary(level + 1)?;
+        loop {
+            let found = ops.iter().find(|(s, _)| self.at_sym(s));
+            let Some(&(_, op)) = found else { break };
+            let col = self.col();
+            self.pos += 1;
+            let rhs = self.binary(level + 1)?;
+            lhs = Expr::Bin(op, Box::new(lhs), Box::new(rhs), col);
+        }
+        Ok(lhs)
+    }
+
+    fn unary(&mut self) -> PResult<Expr> {
+        let col = self.col();
+        if self.eat_sym("-") {
+            return Ok(Expr::Neg(Box::new(self.unary()?), col));
+        }
+        if self.eat_sym("!") {
+            return Ok(Expr::Not(Box::new(self.unary()?), col));
+        }
+        self.primary()
+    }
+
+    fn primary(&mut self) -> PResult<Expr> {
+        let col = self.col();
+        match self.peek().cloned() {
+            Some(Tok::Int(v)) => {
+                self.pos += 1;
+                Ok(Expr::Int(v))
+            }
+            Some(Tok::Str(s)) => {
+                self.pos += 1;
+                Ok(Expr::Str(s))
+            }
+            Some(Tok::Ident(name)) => {
+                self.pos += 1;
+                if self.at_sym("(") {
+                    let args = self.args()?;
+                    Ok(Expr::Call(name, args, col))
+                } else {
+                    Ok(Expr::Ident(name, col))
+                }
+            }
+            Some(Tok::Sym("(")) => {
+                self.pos += 1;
+                let e = self.expr()?;
+                self.expect_sym(")", "to close `(`")?;
+                Ok(e)
+            }
+            Some(Tok::Sym("[")) => {
+                self.pos += 1;
+                let mut items = Vec::new();
+                if !self.eat_sym("]") {
+                    loop {
+                        items.push(self.expr()?);
+                        if self.eat_sym("]") {
+                            break;
+                        }
+                        self.expect_sym(",", "or `]` in list")?;
+                    }
+                }
+                Ok(Expr::List(items, col))
+            }
+            _ => Err((col, format!("expected a value, found {}", self.describe()))),
+        }
+    }
+
+    /// `( arg, arg, ... )` where arg is `expr`, `key = expr` or `expr if expr`.
+    pub fn args(&mut self) -> PResult<Vec<Arg>> {
+        self.expect_sym("(", "")?;
+        let mut args = Vec::new();
+        if self.eat_sym(")") {
+            return Ok(args);
+        }
+        loop {
+            let col = self.col();
+            let mut key = None;
+            if let (Some((Tok::Ident(k), kc)), Some((Tok::Sym("="), _))) =
+                (self.toks.get(self.pos), self.toks.get(self.pos + 1))
+            {
+                key = Some((k.clone(), *kc));
+                self.pos += 2;
+            }
+            let value = self.expr()?;
+            let cond = if self.at_ident("if") {
+                self.pos += 1;
+                Some(self.expr()?)
+            } else {
+                None
+            };
+            args.push(Arg {
+                key,
+                value,
+                cond,
+                col,
+            });
+            if self.eat_sym(")") {
+                break;
+            }
+            self.expect_sym(",", "or `)` after an argument")?;
+        }
+        Ok(args)
+    }
+}
+
+/// A value of an evaluated expression.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Value {
+    Int(i64),
+    Bool(bool),
+    Str(String),
+    Float(f64),
+}
+
+impl Value {
+    pub fn from_json(v: &serde_json::Value) -> Option<Value> {
+        match v {
+            serde_json::Value::Bool(b) => Some(Value::Bool(*b)),
+            serde_json::Value::Number(n) => Some(match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            }),
+            serde_json::Value::String(s) => Some(Value::Str(s.clone())),
+            _ => None,
+        }
+    }
+
+    fn type_name(&self) -> &'static str {
+        match self {
+            Value::Int(_) => "an integer",
+            Value::Bool(_) => "a boolean",
+            Value::Str(_) => "a string",
+            Value::Float(_) => "a non-integer number",
+        }
+    }
+}
+
+/// An evaluation failure: a missing name (which `??` catches) or anything else.
+#[derive(Debug)]
+pub(crate) enum EvalError {
+    Missing { name: String, col: usize },
+    Other { col: usize, msg: String },
+}
+
+/// Where names come from while evaluating: `let`s, the topology, captures, config.json.
+pub(crate) struct Env<'a> {
+    pub lets: &'a HashMap<String, (Expr, usize)>,
+    pub builtins: &'a [(&'static str, i64)],
+    pub captures: &'a [(String, u64)],
+    pub config: &'a serde_json::Map<String, serde_json::Value>,
+    pub has: &'a dyn Fn(&str) -> bool,
+    pub memo: &'a RefCell<HashMap<String, Option<Value>>>,
+}
+
+impl Env<'_> {
+    pub fn config_lookup(&self, name: &str) -> Option<Value> {
+        let mut parts = name.split('.');
+        let first = parts.next()?;
+        let mut cur = self.config.get(first)?;
+        for p in parts {
+            cur = cur.get(p)?;
+        }
+        Value::from_json(cur)
+    }
+
+    fn lookup(&self, name: &str, col: usize) -> Result<Value, EvalError> {
+        if let Some((_, v)) = self.captures.iter().find(|(n, _)| n == name) {
+            return Ok(Value::Int(*v as i64));
+        }
+        if let Some((_, v)) = self.builtins.iter().find(|(n, _)| *n == name) {
+            return Ok(Value::Int(*v));
+        }
+        if let Some((e, _line)) = self.lets.get(name) {
+            let cached = self.memo.borrow().get(name).cloned();
+            match cached {
+                Some(Some(v)) => return Ok(v),
+                // Inside its own definition a name means the config value:
+                // `let head_dim = head_dim ?? hidden_size / num_attention_heads`.
+                Some(None) => {
+                    return self.config_lookup(name).ok_or(EvalError::Missing {
+                        name: name.to_string(),
+                        col,
+                    })
+                }
+                None => {}
+            }
+            // None marks "being evaluated" to catch cycles.
+            self.memo.borrow_mut().insert(name.to_string(), None);
+            let r = self.eval(e);
+            match &r {
+                Ok(v) => {
+                    self.memo
+                        .borrow_mut()
+                        .insert(name.to_string(), Some(v.clone()));
+                }
+                Err(_) => {
+                    self.memo.borrow_mut().remove(name);
+                }
+            }
+            return r;
+        }
+        self.config_lookup(name).ok_or(EvalError::Missing {
+            name: name.to_string(),
+            col,
+        })
+    }
+
+    pub fn eval(&self, e: &Expr) -> Result<Value, EvalError> {
+        match e {
+            Expr::Int(v) => Ok(Value::Int(*v)),
+            Expr::Str(s) => Ok(Value::Str(s.clone())),
+            Expr::Ident(n, col) => match n.as_str() {
+                "true" => Ok(Value::Bool(true)),
+                "false" => Ok(Value::Bool(false)),
+                _ => self.lookup(n, *col),
+            },
+            Expr::Neg(x, col) => {
+                let v = self.int(x)?;
+                v.checked_neg().map(Value::Int).ok_or(EvalError::Other {
+                    col: *col,
+                    msg: "integer overflow".into(),
+                })
+            }
+            Expr::Not(x, _) => Ok(Value::Bool(!self.bool(x)?)),
+            Expr::Bin(op, a, b, col) => self.binop(*op, a, b, *col),
+            Expr::Call(name, args, col) => self.call(name, args, *col),
+            Expr::List(_, col) => Err(EvalError::Other {
+                col: *col,
+                msg: "a list is not allowed here".into(),
+            }),
+        }
+    }
+
+    pub fn int(&self, e: &Expr) -> Result<i64, EvalError> {
+        match self.eval(e)? {
+            Value::Int(v) => Ok(v),
+            other => Err(EvalError::Other {
+                col: e.col(),
+                msg: format!("expected an integer, got {} ({other:?})", other.type_name()),
+            }),
+        }
+    }
+
+    pub fn bool(&self, e: &Expr) -> Result<bool, EvalError> {
+        match self.eval(e)? {
+            Value::Bool(v) => Ok(v),
+            other => Err(EvalError::Other {
+                col: e.col(),
+                msg: format!("expected a boolean, got {} ({other:?})", other.type_name()),
+            }),
+        }
+    }
+
+    fn binop(&self, op: BinOp, a: &Expr, b: &Expr, col: usize) -> Result<Value, EvalError> {
+        let overflow = || EvalError::Other {
+            col,
+            msg: "integer overflow".into(),
+        };
+        match op {
+            BinOp::Default => match self.eval(a) {
+                Err(EvalError::Missing { .. }) => self.eval(b),
+                r => r,
+            },
+            BinOp::And => Ok(Value::Bool(self.bool(a)? && self.bool(b)?)),
+            BinOp::Or => Ok(Value::Bool(self.bool(a)? || self.bool(b)?)),
+            BinOp::Eq | BinOp::Ne => {
+                let (x, y) = (self.eval(a)?, self.eval(b)?);
+                let eq = x == y;
+                Ok(Value::Bool(if op == BinOp::Eq { eq } else { !eq }))
+            }
+            _ => {
+                let (x, y) = (self.int(a)?, self.int(b)?);
+                let v = match op {
+                    BinOp::Add => Value::Int(x.checked_add(y).ok_or_else(overflow)?),
+                    BinOp::Sub => Value::Int(x.checked_sub(y).ok_or_else(overflow)?),
+                    BinOp::Mul => Value::Int(x.checked_mul(y).ok_or_else(overflow)?),
+                    BinOp::Div | BinOp::Rem => {
+                        if y == 0 {
+                            return Err(EvalError::Other {
+                                col,
+                                msg: "division by zero".into(),
+                            });
+                        }
+                        if op == BinOp::Div {
+                            Value::Int(x.checked_div_euclid(y).ok_or_else(overflow)?)
+                        } else {
+                            Value::Int(x.checked_rem_euclid(y).ok_or_else(overflow)?)
+                        }
+                    }
+                    BinOp::Lt => Value::Bool(x < y),
+                    BinOp::Le => Value::Bool(x <= y),
+                    BinOp::Gt => Value::Bool(x > y),
+                    BinOp::Ge => Value::Bool(x >= y),
+                    _ => unreachable!("handled above"),
+                };
+                Ok(v)
+            }
+        }
+    }
+
+    fn call(&self, name: &str, args: &[Arg], col: usize) -> Result<Value, EvalError> {
+        let bad = |msg: String| EvalError::Other { col, msg };
+        if let Some(a) = args.iter().find(|a| a.key.is_some() || a.cond.is_some()) {
+            return Err(EvalError::Other {
+                col: a.col,
+                msg: format!("`{name}` takes plain arguments"),
+            });
+        }
+        match (name, args) {
+            ("has", [a]) => match self.eval(&a.value)? {
+                Value::Str(s) => Ok(Value::Bool((self.has)(&s))),
+                _ => Err(bad("`has` takes a tensor name string".into())),
+            },
+            ("cdiv", [a, b]) => {
+                let (x, y) = (self.int(&a.value)?, self.int(&b.value)?);
+                if y <= 0 || x < 0 {
+                    return Err(bad(format!("cdiv({x}, {y}) needs x >= 0 and y > 0")));
+                }
+                Ok(Value::Int(x / y + i64::from(x % y != 0)))
+            }
+            ("min", [a, b]) => Ok(Value::Int(self.int(&a.value)?.min(self.int(&b.value)?))),
+            ("max", [a, b]) => Ok(Value::Int(self.int(&a.value)?.max(self.int(&b.value)?))),
+            ("has" | "cdiv" | "min" | "max", _) => Err(bad(format!(
+                "`{name}` takes {} argument(s), got {}",
+                if name == "has" { 1 } else { 2 },
+                args.len()
+            ))),
+            _ => Err(bad(format!(
+                "unknown function `{name}`{} (functions: cdiv, min, max, has)",
+                super::parse::did_you_mean(name, ["cdiv", "min", "max", "has"])
+            ))),
+        }
+    }
+}

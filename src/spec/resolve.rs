@@ -1,0 +1,609 @@
+//! Applying a parsed spec to a catalog: first matching rule wins, then stages and layouts.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+
+use super::expr::{Env, EvalError, Expr, Value};
+use super::parse::{did_you_mean, located, Op, PartMode, Placement, Rule, StageWhich};
+use super::{Config, Layout, Piece, Resolution, Resolved, Shards, Spec, TensorKind};
+use crate::checkpoint::TensorInfo;
+use crate::topology::Topology;
+use crate::{Error, Result};
+
+/// Resolves tensors given as a slice (what [`super::resolve`] does for a whole checkpoint).
+pub(crate) fn resolve_tensors(
+    spec: &Spec,
+    tensors: &[TensorInfo],
+    config: &Config,
+    topo: &Topology,
+) -> Result<Resolution> {
+    topo.validate()?;
+    let def = &spec.def;
+    let normalized: Vec<Cow<str>> = tensors.iter().map(|t| normalize(spec, &t.name)).collect();
+    let name_set: OnceLock<HashSet<&str>> = OnceLock::new();
+    let has = |q: &str| {
+        name_set
+            .get_or_init(|| normalized.iter().map(|n| n.as_ref()).collect())
+            .contains(q)
+    };
+    let memo = RefCell::new(HashMap::new());
+    let builtins = [
+        ("tp", topo.tp as i64),
+        ("pp", topo.pp as i64),
+        ("dp", topo.dp as i64),
+        ("ep", topo.ep as i64),
+    ];
+    let r = Resolver {
+        spec,
+        config,
+        topo,
+        builtins,
+        has: &has,
+        memo: &memo,
+    };
+
+    let mut conds: Vec<Option<bool>> = vec![None; def.rules.len()];
+    let mut hits = vec![0usize; def.rules.len()];
+    let mut layer_stages: Option<(usize, Vec<usize>)> = None;
+    let mut cache: HashMap<(usize, Vec<u64>), Vec<Layout>> = HashMap::new();
+    let mut unmatched = Vec::new();
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut caps: Vec<u64> = Vec::new();
+    let mut segs: Vec<&str> = Vec::new();
+
+    for (t, norm) in tensors.iter().zip(&normalized) {
+        segs.clear();
+        segs.extend(norm.split('.'));
+        let mut found = None;
+        for (ri, rule) in def.rules.iter().enumerate() {
+            caps.clear();
+            caps.resize(rule.pattern.captures.len(), 0);
+            if !rule.pattern.matches(&segs, &mut caps) {
+                continue;
+            }
+            let active = match (&rule.cond, rule.cond_uses_captures) {
+                (None, _) => true,
+                (Some(c), true) => r.eval_bool(rule, c, &caps)?,
+                (Some(c), false) => match conds[ri] {
+                    Some(v) => v,
+                    None => {
+                        let v = r.eval_bool(rule, c, &[])?;
+                        conds[ri] = Some(v);
+                        v
+                    }
+                },
+            };
+            if active {
+                found = Some(ri);
+                break;
+            }
+        }
+        let Some(ri) = found else {
+            unmatched.push(t.name.clone());
+            out.push(Resolved::Skip {
+                reason: "matches no rule".into(),
+            });
+            continue;
+        };
+        hits[ri] += 1;
+        let rule = &def.rules[ri];
+        let layer = rule.layer_slot.and_then(|s| caps.get(s).copied());
+        if let Some(layer) = layer {
+            if layer_stages.is_none() {
+                let (expr, line) = match &def.layers {
+                    Some((e, l)) => (e.clone(), *l),
+                    None => (Expr::Ident("num_hidden_layers".into(), 1), 0),
+                };
+                let n = r.int_at(line, &expr, &[])?;
+                let n = usize::try_from(n).map_err(|_| {
+                    Error::Config(format!(
+                        "the number of layers must not be negative (got {n})"
+                    ))
+                })?;
+                // Cumulative layer ends per stage (not a per-layer table: `n` comes from input).
+                let mut ends = topo.stage_layer_counts(n)?;
+                let mut acc = 0usize;
+                for e in ends.iter_mut() {
+                    acc = acc.saturating_add(*e);
+                    *e = acc;
+                }
+                layer_stages = Some((n, ends));
+            }
+            if let Some((n, _)) = &layer_stages {
+                if layer >= *n as u64 {
+                    out.push(Resolved::Skip {
+                        reason: format!(
+                            "layer {layer} is outside the main model ({n} layers; e.g. a multi-token-prediction layer)"
+                        ),
+                    });
+                    continue;
+                }
+            }
+        }
+        if let Op::Skip(reason) = &rule.op {
+            out.push(Resolved::Skip {
+                reason: format!("{reason} ({}:{})", spec.origin, rule.line),
+            });
+            continue;
+        }
+        // Stages.
+        let stages = match &rule.stages {
+            Some(items) => {
+                let mut s = Vec::new();
+                for it in items {
+                    if let Some(c) = &it.cond {
+                        if !r.eval_bool(rule, c, &caps)? {
+                            continue;
+                        }
+                    }
+                    match &it.which {
+                        StageWhich::First => s.push(0),
+                        StageWhich::Last => s.push(topo.pp - 1),
+                        StageWhich::All => s.extend(0..topo.pp),
+                        StageWhich::Index(e) => {
+                            let v = r.int_at(rule.line, e, &caps_named(rule, &caps))?;
+                            match usize::try_from(v) {
+                                Ok(v) if v < topo.pp => s.push(v),
+                                _ => {
+                                    return Err(Error::Placement(format!(
+                                        "{}:{}: tensor {}: stage {v} does not exist (pp = {})",
+                                        spec.origin, rule.line, t.name, topo.pp
+                                    )))
+                                }
+                            }
+                        }
+                    }
+                }
+                s.sort_unstable();
+                s.dedup();
+                s
+            }
+            None => match (layer, &layer_stages) {
+                (Some(l), Some((_, ends))) => {
+                    vec![ends.partition_point(|&end| end as u64 <= l)]
+                }
+                _ => (0..topo.pp).collect(),
+            },
+        };
+        if stages.is_empty() {
+            out.push(Resolved::Skip {
+                reason: format!("no stage selected by {}:{}", spec.origin, rule.line),
+            });
+            continue;
+        }
+        // Expert parallelism: whole experts per EP rank.
+        if let (Some(ex), Some(slot), true) =
+            (&rule.experts, rule.expert_slot, topo.expert_parallel())
+        {
+            let e = caps.get(slot).copied().unwrap_or(0);
+            let count = r.int_at(rule.line, &ex.count, &[])?;
+            let owner =
+                expert_owner(e, count, topo.ep, r.placement(ex.placement)?).map_err(|m| {
+                    Error::Placement(format!(
+                        "{}:{}: tensor {}: {m}",
+                        spec.origin, rule.line, t.name
+                    ))
+                })?;
+            out.push(Resolved::Held {
+                stages,
+                shards: Shards::Expert {
+                    expert: e,
+                    owner,
+                    layout: Layout::full(&t.shape),
+                },
+                kind: rule.kind,
+                replicated: false,
+            });
+            continue;
+        }
+        let key = (ri, t.shape.clone());
+        let layouts = match cache.get(&key) {
+            Some(l) => l.clone(),
+            None => {
+                let l = r.layouts(rule, &t.shape).map_err(|e| match e {
+                    LayoutError::Msg(m) => Error::Placement(format!(
+                        "{}:{}: tensor {} {:?}: {m}",
+                        spec.origin, rule.line, t.name, t.shape
+                    )),
+                    LayoutError::Err(e) => e,
+                })?;
+                cache.insert(key, l.clone());
+                l
+            }
+        };
+        let replicated = layouts.windows(2).all(|w| w[0] == w[1]);
+        let kind = match (&rule.op, rule.kind) {
+            (Op::Vocab { .. }, TensorKind::Other) => TensorKind::Embedding,
+            (_, TensorKind::Other) if rule.experts.is_some() => TensorKind::Experts,
+            (_, k) => k,
+        };
+        out.push(Resolved::Held {
+            stages,
+            shards: Shards::PerTp(layouts),
+            kind,
+            replicated,
+        });
+    }
+
+    if !unmatched.is_empty() {
+        return Err(Error::Placement(format!(
+            "{} tensor(s) match no rule of spec `{}` ({}): {}; add rules for them (or a catch-all rule such as `** replicate`)",
+            unmatched.len(),
+            spec.name,
+            spec.origin,
+            unmatched.join(", ")
+        )));
+    }
+
+    let mut warnings = Vec::new();
+    for (ri, rule) in def.rules.iter().enumerate() {
+        if hits[ri] > 0 || rule.optional {
+            continue;
+        }
+        // A rule switched off by its condition is not a mistake.
+        let off = match (&rule.cond, rule.cond_uses_captures) {
+            (Some(c), false) => conds[ri].or_else(|| r.eval_bool(rule, c, &[]).ok()) == Some(false),
+            _ => false,
+        };
+        if !off {
+            warnings.push(format!(
+                "{}:{}: rule `{}` matches no tensor",
+                spec.origin, rule.line, rule.pattern_text
+            ));
+        }
+    }
+    Ok(Resolution {
+        tensors: out,
+        warnings,
+    })
+}
+
+fn normalize<'a>(spec: &Spec, name: &'a str) -> Cow<'a, str> {
+    for (from, to) in &spec.def.aliases {
+        if let Some(rest) = name.strip_prefix(from.as_str()) {
+            return Cow::Owned(format!("{to}{rest}"));
+        }
+    }
+    Cow::Borrowed(name)
+}
+
+fn caps_named(rule: &Rule, caps: &[u64]) -> Vec<(String, u64)> {
+    rule.pattern
+        .captures
+        .iter()
+        .cloned()
+        .zip(caps.iter().copied())
+        .collect()
+}
+
+/// The EP rank owning expert `e` of `count` over `ep` ranks (vLLM `determine_expert_map`).
+pub(crate) fn expert_owner(
+    e: u64,
+    count: i64,
+    ep: usize,
+    placement: Placement,
+) -> std::result::Result<usize, String> {
+    let count = u64::try_from(count).map_err(|_| format!("expert count {count} is negative"))?;
+    if e >= count {
+        return Err(format!("expert {e} is not below the expert count {count}"));
+    }
+    let ep = ep as u64;
+    let owner = match placement {
+        Placement::RoundRobin => e % ep,
+        Placement::Linear => {
+            // Contiguous blocks; the first `rem` ranks get one extra expert.
+            let base = count / ep;
+            let rem = count % ep;
+            if e < rem * (base + 1) {
+                e / (base + 1)
+            } else {
+                rem + (e - rem * (base + 1)) / base.max(1)
+            }
+        }
+    };
+    Ok(owner as usize)
+}
+
+enum LayoutError {
+    Msg(String),
+    Err(Error),
+}
+
+impl From<Error> for LayoutError {
+    fn from(e: Error) -> Self {
+        LayoutError::Err(e)
+    }
+}
+
+struct Resolver<'a> {
+    spec: &'a Spec,
+    config: &'a Config,
+    topo: &'a Topology,
+    builtins: [(&'static str, i64); 4],
+    has: &'a dyn Fn(&str) -> bool,
+    memo: &'a RefCell<HashMap<String, Option<Value>>>,
+}
+
+fn cdiv(a: u64, b: u64) -> u64 {
+    a / b + u64::from(a % b != 0)
+}
+
+impl Resolver<'_> {
+    fn env<'b>(&'b self, caps: &'b [(String, u64)]) -> Env<'b> {
+        Env {
+            lets: &self.spec.def.lets,
+            builtins: &self.builtins,
+            captures: caps,
+            config: &self.config.values,
+            has: self.has,
+            memo: self.memo,
+        }
+    }
+
+    /// Turns an evaluation error at `line` into a user-facing error.
+    fn error(&self, line: usize, e: EvalError) -> Error {
+        let src = self
+            .spec
+            .source
+            .lines()
+            .nth(line.saturating_sub(1))
+            .unwrap_or("");
+        match e {
+            EvalError::Missing { name, col } => {
+                let mut known: Vec<&str> = self.config.values.keys().map(String::as_str).collect();
+                known.extend(self.spec.def.lets.keys().map(String::as_str));
+                let hint = did_you_mean(&name, known);
+                let loc = if line == 0 {
+                    format!("{}: ", self.spec.origin)
+                } else {
+                    format!("{}:{line}:{col}: ", self.spec.origin)
+                };
+                Error::Config(format!(
+                    "{loc}spec `{}` needs `{name}`, which config.json does not have{hint}; add it or pass --set {name}=VALUE{}",
+                    self.spec.name,
+                    if line == 0 { String::new() } else { format!("\n    {src}") }
+                ))
+            }
+            EvalError::Other { col, msg } => {
+                if line == 0 {
+                    Error::Spec(format!("{}: {msg}", self.spec.origin))
+                } else {
+                    Error::Spec(located(&self.spec.origin, line, col, &msg, src))
+                }
+            }
+        }
+    }
+
+    fn eval_bool(&self, rule: &Rule, e: &Expr, caps: &[u64]) -> Result<bool> {
+        let named = caps_named(rule, caps);
+        self.env(&named)
+            .bool(e)
+            .map_err(|err| self.error(rule.line, err))
+    }
+
+    fn int_at(&self, line: usize, e: &Expr, caps: &[(String, u64)]) -> Result<i64> {
+        self.env(caps).int(e).map_err(|err| self.error(line, err))
+    }
+
+    fn positive(&self, line: usize, e: &Expr, what: &str) -> Result<u64> {
+        let v = self.int_at(line, e, &[])?;
+        match u64::try_from(v) {
+            Ok(v) if v > 0 => Ok(v),
+            _ => Err(Error::Spec(format!(
+                "{}:{line}: {what} must be a positive integer, got {v}",
+                self.spec.origin
+            ))),
+        }
+    }
+
+    fn placement(&self, default: Placement) -> Result<Placement> {
+        // vLLM's `--expert-placement-strategy`, settable with `--set`.
+        match self.config.values.get("expert_placement_strategy") {
+            None => Ok(default),
+            Some(serde_json::Value::String(s)) if s == "linear" => Ok(Placement::Linear),
+            Some(serde_json::Value::String(s)) if s == "round_robin" => Ok(Placement::RoundRobin),
+            Some(v) => Err(Error::Config(format!(
+                "expert_placement_strategy must be \"linear\" or \"round_robin\", got {v}"
+            ))),
+        }
+    }
+
+    fn layouts(&self, rule: &Rule, shape: &[u64]) -> std::result::Result<Vec<Layout>, LayoutError> {
+        let tp = self.topo.tp as u64;
+        let line = rule.line;
+        let dim_of = |dim: i64| -> std::result::Result<usize, LayoutError> {
+            let n = shape.len() as i64;
+            let d = if dim < 0 { dim + n } else { dim };
+            if d < 0 || d >= n {
+                return Err(LayoutError::Msg(format!(
+                    "dim {dim} does not exist in a {n}-dimensional tensor"
+                )));
+            }
+            Ok(d as usize)
+        };
+        match &rule.op {
+            Op::Skip(_) | Op::Replicate => Ok(vec![Layout::full(shape); self.topo.tp]),
+            Op::Vocab { dim, pad } => {
+                let d = dim_of(*dim)?;
+                let v = shape[d];
+                let pad = self.positive(line, pad, "vocab `pad`")?;
+                let vp = cdiv(v, pad).checked_mul(pad).ok_or_else(|| {
+                    LayoutError::Msg(format!(
+                        "padded vocab of {v} to a multiple of {pad} overflows"
+                    ))
+                })?;
+                if vp % tp != 0 {
+                    return Err(LayoutError::Msg(format!(
+                        "padded vocab {vp} (= {v} rounded up to a multiple of {pad}) does not divide by tp = {tp}"
+                    )));
+                }
+                let per = vp / tp;
+                Ok((0..tp)
+                    .map(|r| {
+                        let a = (r * per).min(v);
+                        let b = ((r + 1) * per).min(v);
+                        let mut pieces = Vec::new();
+                        if b > a {
+                            pieces.push(slice(shape, d, a, b));
+                        }
+                        if per > b - a {
+                            pieces.push(Piece::Zeros {
+                                extent: per - (b - a),
+                            });
+                        }
+                        let mut s = shape.to_vec();
+                        s[d] = per;
+                        Layout {
+                            shape: s,
+                            concat_dim: d,
+                            pieces,
+                        }
+                    })
+                    .collect())
+            }
+            Op::Parts { dim, unit, parts } => {
+                let d = dim_of(*dim)?;
+                let n = shape[d];
+                let u = match unit {
+                    Some(e) => self.positive(line, e, "`unit`")?,
+                    None => 1,
+                };
+                // Logical part sizes.
+                let mut sizes = Vec::with_capacity(parts.len());
+                let mut u_eff = u;
+                for p in parts {
+                    match &p.size {
+                        Some(e) => {
+                            let v = self.int_at(line, e, &[])?;
+                            let v = u64::try_from(v).map_err(|_| {
+                                LayoutError::Msg(format!("part size {v} is negative"))
+                            })?;
+                            sizes.push(v);
+                        }
+                        None => {
+                            // A single unsized part is the whole dim, in source units.
+                            sizes.push(n);
+                            u_eff = 1;
+                        }
+                    }
+                }
+                let total = sizes
+                    .iter()
+                    .try_fold(0u64, |a, &b| a.checked_add(b))
+                    .ok_or_else(|| LayoutError::Msg("fused part sizes overflow".into()))?;
+                if cdiv(total, u_eff) != n {
+                    return Err(LayoutError::Msg(format!(
+                        "fused parts [{}] sum to {total}{} but dim {d} has size {n}",
+                        sizes
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if u_eff > 1 {
+                            format!(" ({} in units of {u_eff})", cdiv(total, u_eff))
+                        } else {
+                            String::new()
+                        }
+                    )));
+                }
+                let mut per_rank: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.topo.tp];
+                let mut off = 0u64;
+                for (pi, (p, &size)) in parts.iter().zip(&sizes).enumerate() {
+                    let src_off = cdiv(off, u_eff);
+                    let part_units = cdiv(size, u_eff);
+                    let what = if parts.len() > 1 {
+                        format!("part {pi} (size {size}) of dim {d}")
+                    } else {
+                        format!("dim {d} (size {size})")
+                    };
+                    for (r, ranges) in per_rank.iter_mut().enumerate() {
+                        let r = r as u64;
+                        // (chunk index, logical local size), or explicit uneven range.
+                        let (idx, loc) = match &p.mode {
+                            PartMode::Full => (0, size),
+                            PartMode::Split { uneven: false } => {
+                                if size % tp != 0 {
+                                    return Err(LayoutError::Msg(format!(
+                                        "{what} does not divide by tp = {tp} (the rule does not allow uneven splits)"
+                                    )));
+                                }
+                                (r, size / tp)
+                            }
+                            PartMode::Split { uneven: true } => (r, cdiv(size, tp)),
+                            PartMode::Heads { count } => {
+                                let c = self.positive(line, count, "head `count`")?;
+                                if size % c != 0 {
+                                    return Err(LayoutError::Msg(format!(
+                                        "{what} is not a whole number of {c} heads"
+                                    )));
+                                }
+                                let hs = size / c;
+                                if tp >= c {
+                                    if tp % c != 0 {
+                                        return Err(LayoutError::Msg(format!(
+                                            "tp = {tp} is larger than the {c} heads of {what} but not a multiple of them"
+                                        )));
+                                    }
+                                    (r / (tp / c), hs)
+                                } else {
+                                    if c % tp != 0 {
+                                        return Err(LayoutError::Msg(format!(
+                                            "the {c} heads of {what} do not divide by tp = {tp}"
+                                        )));
+                                    }
+                                    (r, size / tp)
+                                }
+                            }
+                        };
+                        let lu = cdiv(loc, u_eff);
+                        let (mut start, mut end) = idx
+                            .checked_mul(lu)
+                            .and_then(|s| Some((s, s.checked_add(lu)?)))
+                            .ok_or_else(|| LayoutError::Msg(format!("{what}: offsets overflow")))?;
+                        if end > part_units {
+                            if matches!(p.mode, PartMode::Split { uneven: true }) {
+                                start = start.min(part_units);
+                                end = end.min(part_units);
+                            } else {
+                                return Err(LayoutError::Msg(format!(
+                                    "rank {r}'s range [{start}, {end}) of {what} exceeds its {part_units} units of {u_eff}"
+                                )));
+                            }
+                        }
+                        if end > start {
+                            ranges.push((src_off + start, src_off + end));
+                        }
+                    }
+                    off += size;
+                }
+                Ok(per_rank
+                    .into_iter()
+                    .map(|ranges| {
+                        let mut s = shape.to_vec();
+                        s[d] = ranges.iter().map(|(a, b)| b - a).sum();
+                        Layout {
+                            shape: s,
+                            concat_dim: d,
+                            pieces: ranges
+                                .into_iter()
+                                .map(|(a, b)| slice(shape, d, a, b))
+                                .collect(),
+                        }
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+fn slice(shape: &[u64], d: usize, a: u64, b: u64) -> Piece {
+    Piece::Slice {
+        ranges: shape
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| if i == d { (a, b) } else { (0, n) })
+            .collect(),
+    }
+}
