@@ -64,7 +64,7 @@ fn index_paths_must_stay_inside_the_directory() {
     assert_index_err(r#"{"weight_map":{"a":""}}"#, "empty file name");
     assert_index_err(
         r#"{"weight_map":{"a":"missing.safetensors"}}"#,
-        "file \"missing.safetensors\" does not exist",
+        "tensor \"a\": file \"missing.safetensors\" does not exist",
     );
 }
 
@@ -236,4 +236,15 @@ fn hugging_face_cache_layout_is_followed() {
         msg.contains("resolves outside the checkpoint directory"),
         "{msg}"
     );
+}
+
+#[test]
+fn fifo_config_is_refused_not_waited_on() {
+    let d = tempfile::tempdir().unwrap();
+    two_files(d.path());
+    let fifo = std::ffi::CString::new(d.path().join("config.json").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let msg = Checkpoint::open(d.path()).unwrap_err().to_string();
+    assert!(msg.starts_with("config.json: not a regular file"), "{msg}");
 }

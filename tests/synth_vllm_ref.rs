@@ -202,11 +202,23 @@ fn pipeline_placement_and_dp() {
         ranks(exp("qwen2-tiny", &t, "model.embed_tokens.weight")),
         vec![0, 1]
     );
-    // GPT-2 in vLLM builds wte, wpe and ln_f on every stage.
+    // GPT-2: wte first and last (tied), wpe first, ln_f last.
     assert_eq!(ranks(exp("gpt2-tiny", &t, "wte.weight")), vec![0, 1]);
-    assert_eq!(ranks(exp("gpt2-tiny", &t, "wpe.weight")), vec![0, 1]);
-    assert_eq!(ranks(exp("gpt2-tiny", &t, "ln_f.bias")), vec![0, 1]);
+    assert_eq!(ranks(exp("gpt2-tiny", &t, "wpe.weight")), vec![0]);
+    assert_eq!(ranks(exp("gpt2-tiny", &t, "ln_f.bias")), vec![1]);
     assert_eq!(ranks(exp("gpt2-tiny", &t, "h.1.ln_1.bias")), vec![1]);
+    // A tied config with an lm_head tensor on disk: vLLM skips it.
+    let o = SynthOptions::preset("qwen2-tiny").unwrap();
+    let e = expected(
+        o.arch,
+        &o.config,
+        &t,
+        "lm_head.weight",
+        Dtype::BF16,
+        &[1500, 128],
+    )
+    .unwrap();
+    assert!(e.is_empty());
     // mistral-tiny: 3 layers over 2 stages → [2, 1].
     assert_eq!(
         ranks(exp("mistral-tiny", &t, "model.layers.1.mlp.up_proj.weight")),
@@ -467,6 +479,8 @@ fn tp_pieces_cover_every_tensor() {
         ("qwen2-moe-tiny", &[2, 4]),
         ("deepseek-v3-tiny", &[2, 4]),
         ("gpt2-tiny", &[2, 4]),
+        ("llama-tiny-gptq", &[2, 4]),
+        ("llama-tiny-awq", &[2, 4]),
     ];
     for (preset, tps) in cases {
         let o = SynthOptions::preset(preset).unwrap();
@@ -624,4 +638,107 @@ fn expert_placements() {
     )
     .unwrap();
     assert_eq!(e, vec![(2, RefSlice::Full)]);
+}
+
+/// GPTQ and AWQ (llama-tiny-gptq/-awq: hidden 128, 8 heads × 16, 2 kv heads, intermediate
+/// 256, 4 bits → pack factor 8, group 32), tp 2, by hand.
+#[test]
+fn gptq_awq_splits() {
+    let t = topo(2, 1, 1, 1);
+    let d1 = |parts: Vec<Part>| RefSlice::Cat { dim: 1, parts };
+    // GPTQ column q_proj: qweight [16, 128] dim 1 → 64 columns; qzeros [4, 16] → 8 packed
+    // columns; scales [4, 128] → 64 columns; g_idx [128] whole.
+    let p = "model.layers.0.self_attn.q_proj";
+    let g = "llama-tiny-gptq";
+    assert_eq!(
+        exp(g, &t, &format!("{p}.qweight"))[1].1,
+        d1(vec![take(64, 64)])
+    );
+    assert_eq!(
+        exp(g, &t, &format!("{p}.qzeros"))[1].1,
+        d1(vec![take(8, 8)])
+    );
+    assert_eq!(
+        exp(g, &t, &format!("{p}.scales"))[1].1,
+        d1(vec![take(64, 64)])
+    );
+    assert_eq!(exp(g, &t, &format!("{p}.g_idx"))[1].1, RefSlice::Full);
+    // GQA k_proj at tp 2 = nkv: head 1 = columns 16..32, qzeros packed columns 2..4.
+    let k = "model.layers.1.self_attn.k_proj";
+    assert_eq!(
+        exp(g, &t, &format!("{k}.qweight"))[1].1,
+        d1(vec![take(16, 16)])
+    );
+    assert_eq!(
+        exp(g, &t, &format!("{k}.qzeros"))[1].1,
+        d1(vec![take(2, 2)])
+    );
+    // GPTQ row down_proj: in 256 → 128 per rank; qweight [32, 128] rows 16..32 (packed),
+    // qzeros/scales [8, ..] rows 4..8 (groups), g_idx [256] 128..256.
+    let dp = "model.layers.0.mlp.down_proj";
+    assert_eq!(
+        exp(g, &t, &format!("{dp}.qweight"))[1].1,
+        cat0(vec![take(16, 16)])
+    );
+    assert_eq!(
+        exp(g, &t, &format!("{dp}.qzeros"))[1].1,
+        cat0(vec![take(4, 4)])
+    );
+    assert_eq!(
+        exp(g, &t, &format!("{dp}.scales"))[1].1,
+        cat0(vec![take(4, 4)])
+    );
+    assert_eq!(
+        exp(g, &t, &format!("{dp}.g_idx"))[1].1,
+        cat0(vec![take(128, 128)])
+    );
+    // AWQ column up_proj: qweight [128, 32] dim 1 packed → 16 packed columns; scales [4, 256]
+    // → 128 columns. AWQ row o_proj: qweight [128, 16] rows 64..128; scales [4, 128] rows 2..4.
+    let a = "llama-tiny-awq";
+    let up = "model.layers.0.mlp.up_proj";
+    assert_eq!(
+        exp(a, &t, &format!("{up}.qweight"))[1].1,
+        d1(vec![take(16, 16)])
+    );
+    assert_eq!(
+        exp(a, &t, &format!("{up}.qzeros"))[1].1,
+        d1(vec![take(16, 16)])
+    );
+    assert_eq!(
+        exp(a, &t, &format!("{up}.scales"))[1].1,
+        d1(vec![take(128, 128)])
+    );
+    let o = "model.layers.0.self_attn.o_proj";
+    assert_eq!(
+        exp(a, &t, &format!("{o}.qweight"))[1].1,
+        cat0(vec![take(64, 64)])
+    );
+    assert_eq!(
+        exp(a, &t, &format!("{o}.scales"))[1].1,
+        cat0(vec![take(2, 2)])
+    );
+    // desc_act GPTQ: row-layer scales and qzeros are copied whole.
+    let mut og = SynthOptions::preset(g).unwrap();
+    og.config["quantization_config"]["desc_act"] = serde_json::json!(true);
+    let e = expected(
+        og.arch,
+        &og.config,
+        &t,
+        &format!("{dp}.scales"),
+        Dtype::F16,
+        &[8, 128],
+    )
+    .unwrap();
+    assert!(e.iter().all(|x| x.1 == RefSlice::Full));
+    // tp 8: o_proj input 128 / 8 = 16 is not a whole group of 32: refused, as vLLM does.
+    let og = SynthOptions::preset(g).unwrap();
+    let e = expected(
+        og.arch,
+        &og.config,
+        &topo(8, 1, 1, 1),
+        &format!("{o}.qzeros"),
+        Dtype::I32,
+        &[4, 16],
+    );
+    assert!(e.is_err());
 }

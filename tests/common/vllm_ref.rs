@@ -13,9 +13,13 @@
 //!   tp_rank, `linear` placement: contiguous blocks, remainder to the first ranks).
 //! - Pipeline: vLLM's `get_pp_indices`; the first stage holds the input embeddings, the last
 //!   the final norm and lm_head, plus the input embedding when `tie_word_embeddings` is true
-//!   (tied checkpoints have no lm_head). GPT-2 differs: vLLM's `GPT2Model` builds `wte`,
-//!   `wpe` and `ln_f` unconditionally (no `PPMissingLayer`) and `load_weights` only skips
-//!   layers outside the stage, so every stage holds them (`models/gpt2.py`).
+//!   (tied checkpoints have no lm_head; a stored lm_head of a tied model is skipped). This is
+//!   the rule of `partition-rules.md` and of vLLM's `LlamaModel` (Llama, Mistral, Phi-3),
+//!   `Qwen2Model` and `DeepseekV2Model`. GPT-2 follows it too: `wte` and `wpe` on the first
+//!   stage, `ln_f` on the last, `wte` also on the last (always tied).
+//!   Known deviation: some vLLM model files (`gpt2.py`, `qwen2_moe.py`) build the embeddings,
+//!   final norm and lm_head on every stage instead of using `PPMissingLayer`; the reference
+//!   does not copy that waste.
 
 use safeshard::checkpoint::Dtype;
 use safeshard::synth::Arch;
@@ -282,7 +286,6 @@ enum Stage {
     First,
     Last,
     FirstAndLast,
-    All,
     Skip,
 }
 
@@ -365,15 +368,17 @@ pub fn expected_placed(
         }
         Some(l) => Stage::Layer(l),
         None => match local {
-            "wte.weight" | "wpe.weight" | "ln_f.weight" | "ln_f.bias" if gpt2 => Stage::All,
-            "model.embed_tokens.weight" => {
+            "model.embed_tokens.weight" | "wte.weight" => {
                 if tied {
                     Stage::FirstAndLast
                 } else {
                     Stage::First
                 }
             }
-            "model.norm.weight" | "lm_head.weight" => Stage::Last,
+            // A tied checkpoint that still stores lm_head: vLLM skips it and reuses the embedding.
+            "lm_head.weight" if tied => Stage::Skip,
+            "wpe.weight" => Stage::First,
+            "model.norm.weight" | "lm_head.weight" | "ln_f.weight" | "ln_f.bias" => Stage::Last,
             _ => return Err(format!("{name}: no reference rule")),
         },
     };
@@ -394,7 +399,6 @@ pub fn expected_placed(
             Stage::First => p == 0,
             Stage::Last => p == pp - 1,
             Stage::FirstAndLast => p == 0 || p == pp - 1,
-            Stage::All => true,
             Stage::Skip => false,
         }
     };
@@ -457,6 +461,9 @@ fn llama_family_rule(arch: Arch, cfg: &Value, name: &str, shape: &[u64]) -> Resu
     if name == "model.norm.weight" {
         return Ok(replicate());
     }
+    if let Some(r) = quantized_rule(cfg, tail, name, shape, nh, nkv, hd)? {
+        return Ok(r);
+    }
     let rule: Rule = match tail {
         "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => column(shape, name),
         "self_attn.k_proj.weight"
@@ -517,6 +524,110 @@ fn llama_family_rule(arch: Arch, cfg: &Value, name: &str, shape: &[u64]) -> Resu
         _ => return Err(format!("{name}: no reference rule")),
     };
     Ok(rule)
+}
+
+/// Divides every piece by `unit` (packed or group units), refusing pieces that are not whole.
+fn in_units(parts: Vec<Part>, unit: u64, what: &str) -> Result<Vec<Part>, String> {
+    parts
+        .into_iter()
+        .map(|p| match p {
+            Part::Take { start, len } if start % unit == 0 && len % unit == 0 => {
+                Ok(take(start / unit, len / unit))
+            }
+            Part::Take { start, len } => Err(format!(
+                "{what}: piece {start}+{len} is not a whole number of {unit}-units (vLLM refuses)"
+            )),
+            z => Ok(z),
+        })
+        .collect()
+}
+
+/// GPTQ / AWQ tensors of Llama-like linears (vLLM `gptq.py`, `awq.py`):
+/// column layers split the output dim (dim 1; packed units for GPTQ qzeros and all AWQ
+/// packed tensors), `g_idx` is copied whole; row layers split the input dim (dim 0; packed
+/// units for the GPTQ qweight, group units for qzeros/scales, copied whole with desc_act),
+/// and GPTQ `g_idx` is split.
+#[allow(clippy::too_many_arguments)]
+fn quantized_rule(
+    cfg: &Value,
+    tail: &str,
+    name: &str,
+    shape: &[u64],
+    nh: u64,
+    nkv: u64,
+    hd: u64,
+) -> Result<Option<Rule>, String> {
+    let Some((module, kind)) = tail.rsplit_once('.') else {
+        return Ok(None);
+    };
+    if !matches!(kind, "qweight" | "qzeros" | "scales" | "g_idx") {
+        return Ok(None);
+    }
+    let q = cfg
+        .get("quantization_config")
+        .ok_or_else(|| format!("{name}: quantized tensor without quantization_config"))?;
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    let gptq = match method {
+        "gptq" => true,
+        "awq" => false,
+        m => return Err(format!("{name}: unsupported quant_method {m:?}")),
+    };
+    let bits = cfg_u(q, "bits")?;
+    let pf = 32 / bits;
+    let g = cfg_u(q, "group_size")?;
+    let desc_act = q.get("desc_act").and_then(Value::as_bool).unwrap_or(false);
+    // Logical [out, in] of the layer, from the stored tensor.
+    let (out, inp) = match (gptq, kind) {
+        (true, "qweight") => (shape[1], shape[0] * pf),
+        (false, "qweight") => (shape[1] * pf, shape[0]),
+        (_, "qzeros") => (shape[1] * pf, shape[0] * g),
+        (_, "scales") => (shape[1], shape[0] * g),
+        (_, _) => (0, shape[0]), // g_idx: only the input size matters
+    };
+    let n = name.to_string();
+    let kind = kind.to_string();
+    enum Cut {
+        Q,
+        Kv,
+        Even,
+        Row,
+    }
+    let cut = match module {
+        "self_attn.q_proj" => Cut::Q,
+        "self_attn.k_proj" | "self_attn.v_proj" => Cut::Kv,
+        "mlp.gate_proj" | "mlp.up_proj" => Cut::Even,
+        "self_attn.o_proj" | "mlp.down_proj" => Cut::Row,
+        _ => return Err(format!("{name}: no reference rule")),
+    };
+    let _ = nh;
+    Ok(Some(match cut {
+        Cut::Row => Box::new(move |tp, r| {
+            // The input dim is split: pieces in input features first.
+            let p = even(inp, tp, r, &n)?;
+            let s = match (gptq, kind.as_str()) {
+                (true, "qweight") => cat(0, in_units(vec![p], pf, &n)?),
+                (false, "qweight") | (true, "g_idx") => cat(0, vec![p]),
+                (_, "qzeros") | (_, "scales") if gptq && desc_act => RefSlice::Full,
+                (_, "qzeros") | (_, "scales") => cat(0, in_units(vec![p], g, &n)?),
+                _ => return Err(format!("{n}: no reference rule")),
+            };
+            Ok(Some(s))
+        }),
+        cut => Box::new(move |tp, r| {
+            // The output dim is split: pieces in output features first.
+            let p = match cut {
+                Cut::Kv => kv_part(nkv, hd, tp, r, 0)?,
+                _ => even(out, tp, r, &n)?,
+            };
+            let s = match (gptq, kind.as_str()) {
+                (_, "g_idx") => RefSlice::Full,
+                (_, "scales") | (true, "qweight") => cat(1, vec![p]),
+                (_, "qzeros") | (false, "qweight") => cat(1, in_units(vec![p], pf, &n)?),
+                _ => return Err(format!("{n}: no reference rule")),
+            };
+            Ok(Some(s))
+        }),
+    }))
 }
 
 /// DeepSeek-V3 (main model layers; the MTP layer is skipped before this).
