@@ -162,6 +162,38 @@ fn run() -> Result<(), String> {
     }
 
     println!();
+    println!("## phases of one in-process run (median of {runs}), ms");
+    println!("| checkpoint | tp × pp | open | config + spec | resolve | build | hash |");
+    println!("|---|---|---|---|---|---|---|");
+    for (ckpt, name, tp, pp) in [
+        (&dsv3, "deepseek-v3", 8, 8),
+        (&l405, "llama3.1-405b", 8, 16),
+    ] {
+        let mut ph: [Vec<f64>; 5] = Default::default();
+        for _ in 0..runs {
+            let t = Instant::now();
+            let c = Checkpoint::open(ckpt).map_err(|e| e.to_string())?;
+            ph[0].push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let config = Config::from_checkpoint(&c, &[]).map_err(|e| e.to_string())?;
+            let s = Spec::detect(&config).map_err(|e| e.to_string())?;
+            ph[1].push(t.elapsed().as_secs_f64());
+            let topo = Topology::new(tp, pp, 1, 1).map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            let res = spec::resolve(&s, &c, &config, &topo).map_err(|e| e.to_string())?;
+            ph[2].push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let p = plan::build(&c, &res, &topo, &s.name).map_err(|e| e.to_string())?;
+            ph[3].push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            std::hint::black_box(p.hash());
+            ph[4].push(t.elapsed().as_secs_f64());
+        }
+        let [a, b, c, d, e] = ph.map(|v| median(v) * 1e3);
+        println!("| {name} | {tp} × {pp} | {a:.0} | {b:.0} | {c:.0} | {d:.0} | {e:.0} |");
+    }
+
+    println!();
     println!("## in-process `plan::build` (after open + resolve), {runs} runs, medians");
     println!("| checkpoint | tp × pp | ranks | placements (held tensors × ranks) | build ms | ns per placement |");
     println!("|---|---|---|---|---|---|");
