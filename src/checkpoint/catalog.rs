@@ -193,6 +193,7 @@ impl Checkpoint {
                     n,
                     index.is_some().then_some(&index_name),
                 )
+                .map_err(|e| name_first_tensor(e, weight_map.as_deref(), n))
             })
             .collect::<Result<_>>()?;
 
@@ -402,6 +403,20 @@ fn read_index(path: &Path) -> Result<Source> {
     Ok(Source::Index(path.to_path_buf(), map))
 }
 
+/// Prefixes an index error about file `file` with the first tensor the index maps to it.
+fn name_first_tensor(e: Error, map: Option<&[(String, String)]>, file: &str) -> Error {
+    match (e, map) {
+        (Error::InvalidIndex { file: ix, reason }, Some(map)) => {
+            let reason = match map.iter().find(|(_, f)| f == file) {
+                Some((t, _)) => format!("tensor {t:?}: {reason}"),
+                None => reason,
+            };
+            Error::InvalidIndex { file: ix, reason }
+        }
+        (e, _) => e,
+    }
+}
+
 /// Resolves a file name of the checkpoint inside the root: no absolute paths, no `..`, and no
 /// symlink that leads outside the (canonical) root.
 fn resolve(canon_root: &Path, root: &Path, name: &str, index: Option<&String>) -> Result<PathBuf> {
@@ -436,8 +451,8 @@ fn resolve(canon_root: &Path, root: &Path, name: &str, index: Option<&String>) -
         }
     })?;
     // Only names from an index are untrusted data; a file named on the command line or found
-    // in the directory may be a symlink elsewhere (e.g. the Hugging Face cache's blobs).
-    if index.is_some() && !canon.starts_with(canon_root) {
+    // in the directory may be a symlink elsewhere.
+    if index.is_some() && !canon.starts_with(canon_root) && !in_hf_cache_blobs(canon_root, &canon) {
         return Err(bad(format!(
             "file {name:?} resolves outside the checkpoint directory"
         )));
@@ -446,6 +461,19 @@ fn resolve(canon_root: &Path, root: &Path, name: &str, index: Option<&String>) -
         return Err(bad(format!("file {name:?} is not a regular file")));
     }
     Ok(canon)
+}
+
+/// The Hugging Face hub cache keeps a revision's files in `<repo>/snapshots/<rev>/` as symlinks
+/// to `<repo>/blobs/<hash>`: those targets belong to the checkpoint too.
+fn in_hf_cache_blobs(canon_root: &Path, canon: &Path) -> bool {
+    let Some(snapshots) = canon_root.parent() else {
+        return false;
+    };
+    let Some(repo) = snapshots.parent() else {
+        return false;
+    };
+    snapshots.file_name() == Some(std::ffi::OsStr::new("snapshots"))
+        && canon.parent() == Some(repo.join("blobs").as_path())
 }
 
 /// Reads one file's header: 8 bytes, then exactly `n` bytes once `n` has been checked.

@@ -1,18 +1,294 @@
 //! `safeshard spec list` and `safeshard spec check`.
 
-use safeshard::Result;
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use safeshard::checkpoint::Checkpoint;
+use safeshard::spec::{self, Config, Layout, Piece, Resolved, Shards, Spec};
+use safeshard::topology::Topology;
+use safeshard::{Error, Result};
+use serde_json::json;
 
 /// `safeshard spec` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum SpecCommand {
     /// List the shipped specs and the architectures they cover.
     List,
+    /// Check a spec; with --against, resolve it on a checkpoint and report unmatched tensors,
+    /// warnings and (with --tp/--pp/--dp/--ep) every tensor's placement.
+    Check(CheckArgs),
+}
+
+/// Arguments of `safeshard spec check`.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// A shipped spec name (`safeshard spec list`) or a path to a `.shard` file.
+    pub spec: String,
+    /// A checkpoint (file, index or directory) to resolve the spec on.
+    #[arg(long, value_name = "CHECKPOINT")]
+    pub against: Option<PathBuf>,
+    /// Tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Pipeline-parallel size (stages).
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Data-parallel size (replicas).
+    #[arg(long, default_value_t = 1)]
+    pub dp: usize,
+    /// Expert-parallel size: 1, or tp × dp for whole experts per rank.
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
+    /// Explicit layers per stage, e.g. `15,15,16,15`.
+    #[arg(long, value_delimiter = ',')]
+    pub pp_layers: Option<Vec<usize>>,
+    /// Override a config.json value, e.g. `--set num_key_value_heads=8` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs a `safeshard spec` subcommand.
 pub fn run(cmd: SpecCommand) -> Result<()> {
-    let _ = cmd;
-    Err(safeshard::Error::Usage(
-        "`safeshard spec` is not built yet".into(),
-    ))
+    let mut buf = Vec::new();
+    match cmd {
+        SpecCommand::List => list(&mut buf)?,
+        SpecCommand::Check(args) => check(&args, &mut buf)?,
+    }
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    match out.write_all(&buf).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::io("<stdout>", e)),
+    }
+}
+
+fn list(out: &mut Vec<u8>) -> Result<()> {
+    for name in Spec::shipped_names() {
+        let s = Spec::shipped(name)?;
+        let _ = writeln!(out, "{name:<12} {}", s.architectures.join(" "));
+    }
+    Ok(())
+}
+
+fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
+    let topo = Topology {
+        tp: args.tp,
+        pp: args.pp,
+        dp: args.dp,
+        ep: args.ep,
+        pp_layers: args.pp_layers.clone(),
+    };
+    topo.validate()?;
+    let spec = Spec::load(&args.spec)?;
+    let show_placement =
+        args.tp > 1 || args.pp > 1 || args.dp > 1 || args.ep > 1 || args.pp_layers.is_some();
+    let Some(path) = &args.against else {
+        if !args.set.is_empty() {
+            // Still validate the flags' syntax.
+            Config::from_json(None, &args.set)?;
+        }
+        if args.json {
+            let v = json!({
+                "spec": spec.name,
+                "origin": spec.origin,
+                "architectures": spec.architectures,
+                "rules": spec.rule_count(),
+                "ok": true,
+            });
+            let _ = writeln!(out, "{v:#}");
+        } else {
+            let _ = writeln!(
+                out,
+                "{}: ok ({} rules; architectures: {})",
+                spec.origin,
+                spec.rule_count(),
+                if spec.architectures.is_empty() {
+                    "none declared".to_string()
+                } else {
+                    spec.architectures.join(", ")
+                }
+            );
+        }
+        return Ok(());
+    };
+    let ckpt = Checkpoint::open(path)?;
+    let config = Config::from_checkpoint(&ckpt, &args.set)?;
+    let res = spec::resolve(&spec, &ckpt, &config, &topo)?;
+    for w in &res.warnings {
+        eprintln!("warning: {w}");
+    }
+    let held = res
+        .tensors
+        .iter()
+        .filter(|r| matches!(r, Resolved::Held { .. }))
+        .count();
+    if args.json {
+        let tensors: Vec<serde_json::Value> = ckpt
+            .tensors
+            .iter()
+            .zip(&res.tensors)
+            .map(|(t, r)| {
+                let mut v = json!({"name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape});
+                match r {
+                    Resolved::Skip { reason } => v["skip"] = json!(reason),
+                    Resolved::Held { stages, shards, kind, replicated } => {
+                        v["stages"] = json!(stages);
+                        v["kind"] = json!(format!("{kind:?}").to_lowercase());
+                        v["replicated"] = json!(replicated);
+                        match shards {
+                            Shards::PerTp(ls) => {
+                                v["tp"] = ls
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(r, l)| json!({"tp_rank": r, "shape": l.shape, "concat_dim": l.concat_dim, "pieces": pieces_json(l)}))
+                                    .collect();
+                            }
+                            Shards::Expert { expert, owner, layout } => {
+                                v["expert"] = json!({"id": expert, "ep_rank": owner, "shape": layout.shape, "pieces": pieces_json(layout)});
+                            }
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        let v = json!({
+            "spec": spec.name,
+            "origin": spec.origin,
+            "checkpoint": path.display().to_string(),
+            "tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "ep": topo.ep,
+            "tensors_total": ckpt.tensors.len(),
+            "held": held,
+            "skipped": ckpt.tensors.len() - held,
+            "warnings": res.warnings,
+            "tensors": tensors,
+        });
+        let _ = writeln!(out, "{v:#}");
+        return Ok(());
+    }
+    let _ = writeln!(
+        out,
+        "{}: ok on {} ({} tensors: {held} held, {} skipped; {} warning(s))",
+        spec.origin,
+        path.display(),
+        ckpt.tensors.len(),
+        ckpt.tensors.len() - held,
+        res.warnings.len()
+    );
+    if !show_placement {
+        return Ok(());
+    }
+    let _ = writeln!(
+        out,
+        "placement for tp={} pp={} dp={} ep={}:",
+        topo.tp, topo.pp, topo.dp, topo.ep
+    );
+    for (t, r) in ckpt.tensors.iter().zip(&res.tensors) {
+        let shape = dims(&t.shape);
+        match r {
+            Resolved::Skip { reason } => {
+                let _ = writeln!(out, "{}  {} {shape}  skip: {reason}", t.name, t.dtype);
+            }
+            Resolved::Held {
+                stages,
+                shards,
+                kind,
+                replicated,
+            } => {
+                let st = stages
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let kind = format!("{kind:?}").to_lowercase();
+                match shards {
+                    Shards::PerTp(ls) if *replicated => {
+                        let l = ls.first().map(describe).unwrap_or_default();
+                        let _ = writeln!(
+                            out,
+                            "{}  {} {shape}  stage {st}  {kind}  every tp rank: {l}",
+                            t.name, t.dtype
+                        );
+                    }
+                    Shards::PerTp(ls) => {
+                        let _ =
+                            writeln!(out, "{}  {} {shape}  stage {st}  {kind}", t.name, t.dtype);
+                        for (i, l) in ls.iter().enumerate() {
+                            let _ = writeln!(out, "    tp {i}: {}", describe(l));
+                        }
+                    }
+                    Shards::Expert {
+                        expert,
+                        owner,
+                        layout,
+                    } => {
+                        let _ = writeln!(
+                            out,
+                            "{}  {} {shape}  stage {st}  {kind}  expert {expert} on ep rank {owner}: {}",
+                            t.name,
+                            t.dtype,
+                            describe(layout)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dims(shape: &[u64]) -> String {
+    format!(
+        "[{}]",
+        shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// `[64, 128] = [0:64, :] ++ zeros(24)`.
+fn describe(l: &Layout) -> String {
+    let pieces: Vec<String> = l
+        .pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Slice { ranges } => format!(
+                "[{}]",
+                ranges
+                    .iter()
+                    .map(|(a, b)| format!("{a}:{b}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Piece::Zeros { extent } => format!("zeros({extent})"),
+        })
+        .collect();
+    let body = if pieces.is_empty() {
+        "nothing".to_string()
+    } else {
+        pieces.join(" ++ ")
+    };
+    if l.pieces.len() > 1 {
+        format!("{} = {body} along dim {}", dims(&l.shape), l.concat_dim)
+    } else {
+        format!("{} = {body}", dims(&l.shape))
+    }
+}
+
+fn pieces_json(l: &Layout) -> serde_json::Value {
+    l.pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Slice { ranges } => {
+                json!({"slice": ranges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>()})
+            }
+            Piece::Zeros { extent } => json!({"zeros": extent}),
+        })
+        .collect()
 }

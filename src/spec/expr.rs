@@ -420,11 +420,18 @@ impl Env<'_> {
             return Ok(Value::Int(*v));
         }
         if let Some((e, _line)) = self.lets.get(name) {
-            if let Some(cached) = self.memo.borrow().get(name) {
-                return cached.clone().ok_or_else(|| EvalError::Other {
-                    col,
-                    msg: format!("`{name}` is defined in terms of itself"),
-                });
+            let cached = self.memo.borrow().get(name).cloned();
+            match cached {
+                Some(Some(v)) => return Ok(v),
+                // Inside its own definition a name means the config value:
+                // `let head_dim = head_dim ?? hidden_size / num_attention_heads`.
+                Some(None) => {
+                    return self.config_lookup(name).ok_or(EvalError::Missing {
+                        name: name.to_string(),
+                        col,
+                    })
+                }
+                None => {}
             }
             // None marks "being evaluated" to catch cycles.
             self.memo.borrow_mut().insert(name.to_string(), None);

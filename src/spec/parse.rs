@@ -123,19 +123,32 @@ const CLAUSES: [&str; 5] = ["stage", "experts", "kind", "optional", "if"];
 const KINDS: [&str; 6] = ["attention", "mlp", "experts", "embedding", "norm", "other"];
 const BUILTINS: [&str; 4] = ["tp", "pp", "dp", "ep"];
 
-/// Edit distance (Levenshtein) for "did you mean".
+/// Edit distance for "did you mean": Levenshtein plus adjacent transpositions (`spilt`).
 pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    if let Some(first) = d.first_mut() {
+        for (j, v) in first.iter_mut().enumerate() {
+            *v = j;
+        }
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// ` (did you mean `x`?)` for the closest candidate within a small distance, else "".
@@ -143,7 +156,11 @@ pub(crate) fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> String {
-    let limit = (word.chars().count() / 3).clamp(1, 3);
+    let limit = match word.chars().count() {
+        0..=3 => 1,
+        4..=6 => 2,
+        _ => 3,
+    };
     candidates
         .into_iter()
         .map(|c| (edit_distance(word, c), c))
@@ -258,6 +275,13 @@ fn directive(
     def: &mut SpecDef,
     kind: &mut TensorKind,
 ) -> Result<()> {
+    if word == "alias" && !rest.trim_start().starts_with('"') {
+        let ws = rest.chars().count() - rest.trim_start().chars().count();
+        return Err(ctx.err(
+            rest_col + ws,
+            "expected a quoted prefix: alias \"transformer.\" = \"\"",
+        ));
+    }
     let toks = tokens(ctx, rest, rest_col)?;
     let end_col = ctx.line.trim_end().chars().count() + 1;
     let mut p = Parser {

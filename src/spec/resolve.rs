@@ -102,7 +102,14 @@ pub(crate) fn resolve_tensors(
                         "the number of layers must not be negative (got {n})"
                     ))
                 })?;
-                layer_stages = Some((n, topo.layer_stages(n)?));
+                // Cumulative layer ends per stage (not a per-layer table: `n` comes from input).
+                let mut ends = topo.stage_layer_counts(n)?;
+                let mut acc = 0usize;
+                for e in ends.iter_mut() {
+                    acc = acc.saturating_add(*e);
+                    *e = acc;
+                }
+                layer_stages = Some((n, ends));
             }
             if let Some((n, _)) = &layer_stages {
                 if layer >= *n as u64 {
@@ -154,8 +161,8 @@ pub(crate) fn resolve_tensors(
                 s
             }
             None => match (layer, &layer_stages) {
-                (Some(l), Some((_, st))) => {
-                    st.get(l as usize).map(|&s| vec![s]).unwrap_or_default()
+                (Some(l), Some((_, ends))) => {
+                    vec![ends.partition_point(|&end| end as u64 <= l)]
                 }
                 _ => (0..topo.pp).collect(),
             },
@@ -422,7 +429,11 @@ impl Resolver<'_> {
                 let d = dim_of(*dim)?;
                 let v = shape[d];
                 let pad = self.positive(line, pad, "vocab `pad`")?;
-                let vp = cdiv(v, pad) * pad;
+                let vp = cdiv(v, pad).checked_mul(pad).ok_or_else(|| {
+                    LayoutError::Msg(format!(
+                        "padded vocab of {v} to a multiple of {pad} overflows"
+                    ))
+                })?;
                 if vp % tp != 0 {
                     return Err(LayoutError::Msg(format!(
                         "padded vocab {vp} (= {v} rounded up to a multiple of {pad}) does not divide by tp = {tp}"
@@ -478,7 +489,10 @@ impl Resolver<'_> {
                         }
                     }
                 }
-                let total: u64 = sizes.iter().sum();
+                let total = sizes
+                    .iter()
+                    .try_fold(0u64, |a, &b| a.checked_add(b))
+                    .ok_or_else(|| LayoutError::Msg("fused part sizes overflow".into()))?;
                 if cdiv(total, u_eff) != n {
                     return Err(LayoutError::Msg(format!(
                         "fused parts [{}] sum to {total}{} but dim {d} has size {n}",
@@ -544,8 +558,10 @@ impl Resolver<'_> {
                             }
                         };
                         let lu = cdiv(loc, u_eff);
-                        let mut start = idx * lu;
-                        let mut end = start + lu;
+                        let (mut start, mut end) = idx
+                            .checked_mul(lu)
+                            .and_then(|s| Some((s, s.checked_add(lu)?)))
+                            .ok_or_else(|| LayoutError::Msg(format!("{what}: offsets overflow")))?;
                         if end > part_units {
                             if matches!(p.mode, PartMode::Split { uneven: true }) {
                                 start = start.min(part_units);

@@ -1,0 +1,528 @@
+//! Resolution semantics on hand-built catalogs: overlap (first match), unmatched tensors,
+//! warnings, conditions, config values, uneven splits, GQA, packed/blocked fused parts,
+//! pipeline stages and expert placement. Expected layouts are written out by hand.
+
+use safeshard::checkpoint::{Dtype, TensorInfo};
+use safeshard::spec::{resolve_tensors, Config, Layout, Piece, Resolution, Resolved, Shards, Spec};
+use safeshard::topology::Topology;
+use serde_json::json;
+
+fn cat(tensors: &[(&str, &[u64])]) -> Vec<TensorInfo> {
+    tensors
+        .iter()
+        .map(|(n, s)| TensorInfo {
+            name: n.to_string(),
+            dtype: Dtype::BF16,
+            shape: s.to_vec(),
+            file: 0,
+            offset: 0,
+            bytes: 2 * s.iter().product::<u64>(),
+        })
+        .collect()
+}
+
+fn run(
+    src: &str,
+    tensors: &[(&str, &[u64])],
+    cfg: serde_json::Value,
+    topo: Topology,
+) -> safeshard::Result<Resolution> {
+    let spec = Spec::parse(src, "t.shard").unwrap();
+    let config = Config::from_json(Some(&cfg), &[]).unwrap();
+    resolve_tensors(&spec, &cat(tensors), &config, &topo)
+}
+
+fn topo(tp: usize, pp: usize) -> Topology {
+    Topology::new(tp, pp, 1, 1).unwrap()
+}
+
+fn per_tp(r: &Resolved) -> &[Layout] {
+    match r {
+        Resolved::Held {
+            shards: Shards::PerTp(l),
+            ..
+        } => l,
+        other => panic!("not PerTp: {other:?}"),
+    }
+}
+
+fn rows(shape: &[u64], dim: usize, ranges: &[(u64, u64)]) -> Layout {
+    let mut s = shape.to_vec();
+    s[dim] = ranges.iter().map(|(a, b)| b - a).sum();
+    Layout {
+        shape: s,
+        concat_dim: dim,
+        pieces: ranges
+            .iter()
+            .map(|&(a, b)| Piece::Slice {
+                ranges: shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| if i == dim { (a, b) } else { (0, n) })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn first_matching_rule_wins() {
+    let src = "a.special.w  replicate\na.*.w  split(dim=0)\n";
+    let r = run(
+        src,
+        &[("a.special.w", &[4, 2]), ("a.other.w", &[4, 2])],
+        json!({}),
+        topo(2, 1),
+    )
+    .unwrap();
+    assert_eq!(
+        per_tp(&r.tensors[0]),
+        &[Layout::full(&[4, 2]), Layout::full(&[4, 2])]
+    );
+    assert_eq!(per_tp(&r.tensors[1])[1], rows(&[4, 2], 0, &[(2, 4)]));
+    // Reversed order: the general rule shadows the special one, which then matches nothing.
+    let src = "a.*.w  split(dim=0)\na.special.w  replicate\n";
+    let r = run(src, &[("a.special.w", &[4, 2])], json!({}), topo(2, 1)).unwrap();
+    assert_eq!(per_tp(&r.tensors[0])[0], rows(&[4, 2], 0, &[(0, 2)]));
+    assert_eq!(
+        r.warnings,
+        ["t.shard:2: rule `a.special.w` matches no tensor"]
+    );
+}
+
+#[test]
+fn unmatched_tensors_are_listed_unless_a_default_rule_exists() {
+    let src = "a.w  replicate\n";
+    let e = run(
+        src,
+        &[("a.w", &[2]), ("b.x", &[2]), ("c.y.z", &[2])],
+        json!({}),
+        topo(1, 1),
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("2 tensor(s) match no rule"), "{msg}");
+    assert!(msg.contains("b.x, c.y.z"), "{msg}");
+    assert_eq!(e.exit_code(), 1);
+    let src = "a.w  replicate\n**  skip(\"not needed\")\n";
+    let r = run(src, &[("a.w", &[2]), ("b.x", &[2])], json!({}), topo(1, 1)).unwrap();
+    assert!(matches!(&r.tensors[1], Resolved::Skip { reason } if reason.starts_with("not needed")));
+}
+
+#[test]
+fn optional_and_switched_off_rules_do_not_warn() {
+    let src = "a.w  replicate\nb.w  replicate optional\nc.w  replicate if (quantization_config.quant_method ?? \"\") == \"gptq\"\nd.w  replicate\n";
+    let r = run(src, &[("a.w", &[2])], json!({}), topo(1, 1)).unwrap();
+    assert_eq!(r.warnings, ["t.shard:4: rule `d.w` matches no tensor"]);
+    // Switched on, the conditional rule wins over a later one.
+    let src = "a.w  split(dim=0) if quant_method == \"gptq\"\na.w  replicate\n";
+    let r = run(
+        src,
+        &[("a.w", &[4])],
+        json!({"quant_method": "gptq"}),
+        topo(2, 1),
+    )
+    .unwrap();
+    assert_eq!(per_tp(&r.tensors[0])[1], rows(&[4], 0, &[(2, 4)]));
+    let r = run(
+        src,
+        &[("a.w", &[4])],
+        json!({"quant_method": "awq"}),
+        topo(2, 1),
+    )
+    .unwrap();
+    assert!(per_tp(&r.tensors[0])
+        .iter()
+        .all(|l| *l == Layout::full(&[4])));
+}
+
+#[test]
+fn missing_config_values_are_named_with_a_suggestion() {
+    let src = "let nkv = num_key_value_heads\nk.w  heads(dim=0, count=nkv)\n";
+    let e = run(
+        src,
+        &[("k.w", &[8, 4])],
+        json!({"num_key_value_head": 2}),
+        topo(2, 1),
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("needs `num_key_value_heads`"), "{msg}");
+    assert!(msg.contains("did you mean `num_key_value_head`?"), "{msg}");
+    assert!(msg.contains("--set num_key_value_heads="), "{msg}");
+    // Defaults: `??` falls back; a let may default the config value of the same name.
+    let src = "let head_dim = head_dim ?? hidden_size / num_attention_heads\nq.w  fused(dim=0, parts=[head_dim, head_dim])\n";
+    let r = run(
+        src,
+        &[("q.w", &[8, 4])],
+        json!({"hidden_size": 16, "num_attention_heads": 4}),
+        topo(2, 1),
+    )
+    .unwrap();
+    assert_eq!(
+        per_tp(&r.tensors[0])[1],
+        rows(&[8, 4], 0, &[(2, 4), (6, 8)])
+    );
+    let r = run(
+        src,
+        &[("q.w", &[6, 4])],
+        json!({"head_dim": 3, "hidden_size": 16, "num_attention_heads": 4}),
+        topo(1, 1),
+    );
+    assert!(r.is_ok());
+}
+
+#[test]
+fn splits_must_divide_unless_uneven() {
+    let e = run(
+        "w  split(dim=1)\n",
+        &[("w", &[2, 10])],
+        json!({}),
+        topo(4, 1),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("tensor w [2, 10]") && e.contains("dim 1 (size 10) does not divide by tp = 4"),
+        "{e}"
+    );
+    // torch.chunk-like: 3, 3, 3, 1.
+    let r = run(
+        "w  split(dim=1, uneven)\n",
+        &[("w", &[2, 10])],
+        json!({}),
+        topo(4, 1),
+    )
+    .unwrap();
+    let got: Vec<u64> = per_tp(&r.tensors[0]).iter().map(|l| l.shape[1]).collect();
+    assert_eq!(got, [3, 3, 3, 1]);
+    assert_eq!(per_tp(&r.tensors[0])[3], rows(&[2, 10], 1, &[(9, 10)]));
+    let e = run(
+        "w  split(dim=2)\n",
+        &[("w", &[2, 10])],
+        json!({}),
+        topo(2, 1),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("dim 2 does not exist"), "{e}");
+    // Negative dims count from the end.
+    let r = run(
+        "w  split(dim=-1)\n",
+        &[("w", &[2, 10])],
+        json!({}),
+        topo(2, 1),
+    )
+    .unwrap();
+    assert_eq!(per_tp(&r.tensors[0])[1], rows(&[2, 10], 1, &[(5, 10)]));
+}
+
+#[test]
+fn gqa_heads() {
+    // 2 kv heads of size 3, tp 4: ranks 0,1 hold head 0; ranks 2,3 head 1.
+    let src = "k  heads(dim=0, count=2)\n";
+    let r = run(src, &[("k", &[6, 5])], json!({}), topo(4, 1)).unwrap();
+    let l = per_tp(&r.tensors[0]);
+    assert_eq!(l[1], rows(&[6, 5], 0, &[(0, 3)]));
+    assert_eq!(l[2], rows(&[6, 5], 0, &[(3, 6)]));
+    // tp 3 neither divides nor is a multiple of 2 heads.
+    let e = run(src, &[("k", &[6, 5])], json!({}), topo(3, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a multiple"), "{e}");
+}
+
+#[test]
+fn vocab_padding() {
+    // 100 rows padded to 128, tp 2: rank 1 holds rows 64..100 then 28 zero rows.
+    let r = run(
+        "e  vocab(dim=0, pad=64)\n",
+        &[("e", &[100, 8])],
+        json!({}),
+        topo(2, 1),
+    )
+    .unwrap();
+    let l = &per_tp(&r.tensors[0])[1];
+    assert_eq!(l.shape, [64, 8]);
+    assert_eq!(
+        l.pieces[0],
+        Piece::Slice {
+            ranges: vec![(64, 100), (0, 8)]
+        }
+    );
+    assert_eq!(l.pieces[1], Piece::Zeros { extent: 28 });
+    // tp 4: rank 3 (rows 96..128) holds 4 real rows and 28 zeros; with tp 8 the last rank only zeros.
+    let r = run(
+        "e  vocab(pad=64)\n",
+        &[("e", &[100, 8])],
+        json!({}),
+        topo(8, 1),
+    )
+    .unwrap();
+    assert_eq!(
+        per_tp(&r.tensors[0])[7].pieces,
+        [Piece::Zeros { extent: 16 }]
+    );
+}
+
+#[test]
+fn packed_and_blocked_fused_parts() {
+    // GPTQ qzeros of a merged gate_up layer, packed 8 per int32 on dim 1: logical parts of
+    // 64 outputs each = 8 packed columns each; tp 2 -> 4 columns of each part.
+    let src = "qz  fused(dim=1, unit=8, parts=[64, 64])\n";
+    let r = run(src, &[("qz", &[2, 16])], json!({}), topo(2, 1)).unwrap();
+    assert_eq!(
+        per_tp(&r.tensors[0])[1],
+        rows(&[2, 16], 1, &[(4, 8), (12, 16)])
+    );
+    // FP8 block scales of a fused [q(192) | k(256, 2 heads)] column layer, block 128: part
+    // offsets and sizes in blocks use ceil: q = blocks 0..2, k starts at ceil(192/128) = 2.
+    // tp 2: q holds ceil(96/128) = 1 block per rank, k one head (1 block) per rank.
+    let src = "s  fused(dim=0, unit=128, parts=[split(192), heads(256, count=2)])\n";
+    let r = run(src, &[("s", &[4, 4])], json!({}), topo(2, 1)).unwrap();
+    let l = per_tp(&r.tensors[0]);
+    assert_eq!(l[0], rows(&[4, 4], 0, &[(0, 1), (2, 3)]));
+    assert_eq!(l[1], rows(&[4, 4], 0, &[(1, 2), (3, 4)]));
+    let e = run(
+        "s  fused(dim=0, parts=[3, 4])\n",
+        &[("s", &[8])],
+        json!({}),
+        topo(1, 1),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("sum to 7 but dim 0 has size 8"), "{e}");
+}
+
+#[test]
+fn stages_layers_pinning_tied_and_outside_layers() {
+    let src = "let tie = tie_word_embeddings ?? false\n\
+               emb  vocab(pad=4) stage(first, last if tie && !has(\"head\"))\n\
+               head  vocab(pad=4) stage(last) optional\n\
+               norm  replicate stage(last)\n\
+               l.{layer}.w  split(dim=0)\n\
+               l.{layer}.**  skip(\"extra\") if layer >= num_hidden_layers\n";
+    let t: &[(&str, &[u64])] = &[
+        ("emb", &[8, 2]),
+        ("l.0.w", &[2]),
+        ("l.1.w", &[2]),
+        ("l.2.w", &[2]),
+        ("l.3.w", &[2]),
+        ("l.4.w", &[2]),
+        ("l.4.mtp", &[2]),
+        ("norm", &[2]),
+    ];
+    let stages = |r: &Resolution| -> Vec<Option<Vec<usize>>> {
+        r.tensors
+            .iter()
+            .map(|x| match x {
+                Resolved::Held { stages, .. } => Some(stages.clone()),
+                Resolved::Skip { .. } => None,
+            })
+            .collect()
+    };
+    // 4 layers over 3 stages: vLLM gives [1, 2, 1]; layer 4 is outside the model.
+    let cfg = json!({"num_hidden_layers": 4, "tie_word_embeddings": true});
+    let r = run(src, t, cfg.clone(), topo(1, 3)).unwrap();
+    let want = vec![
+        Some(vec![0, 2]),
+        Some(vec![0]),
+        Some(vec![1]),
+        Some(vec![1]),
+        Some(vec![2]),
+        None,
+        None,
+        Some(vec![2]),
+    ];
+    assert_eq!(stages(&r), want);
+    // Untied, or with a head present: embeddings only on the first stage.
+    let r = run(src, t, json!({"num_hidden_layers": 4}), topo(1, 3)).unwrap();
+    assert_eq!(stages(&r)[0], Some(vec![0]));
+    let mut with_head = t.to_vec();
+    with_head.push(("head", &[8, 2]));
+    let r = run(src, &with_head, cfg.clone(), topo(1, 3)).unwrap();
+    assert_eq!(stages(&r)[0], Some(vec![0]));
+    assert_eq!(stages(&r)[8], Some(vec![2]));
+    // Explicit stage split.
+    let mut tp = topo(1, 2);
+    tp.pp_layers = Some(vec![3, 1]);
+    let r = run(src, t, cfg.clone(), tp).unwrap();
+    assert_eq!(stages(&r)[3], Some(vec![0]));
+    assert_eq!(stages(&r)[4], Some(vec![1]));
+    // More stages than layers is bad usage.
+    let e = run(src, t, cfg, topo(1, 5)).unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+}
+
+#[test]
+fn expert_parallel_placement() {
+    let src = "e.{expert}.w  split(dim=0) experts(count=n)\n";
+    let names: Vec<String> = (0..10).map(|e| format!("e.{e}.w")).collect();
+    let t: Vec<(&str, &[u64])> = names.iter().map(|n| (n.as_str(), &[4u64, 2][..])).collect();
+    let owners = |cfg: serde_json::Value, ep_topo: Topology| -> Vec<usize> {
+        run(src, &t, cfg, ep_topo)
+            .unwrap()
+            .tensors
+            .iter()
+            .map(|r| match r {
+                Resolved::Held {
+                    shards: Shards::Expert { owner, layout, .. },
+                    ..
+                } => {
+                    assert_eq!(*layout, Layout::full(&[4, 2]));
+                    *owner
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    // 10 experts over 4 EP ranks, linear: 3, 3, 2, 2.
+    let ep4 = Topology::new(2, 1, 2, 4).unwrap();
+    assert_eq!(
+        owners(json!({"n": 10}), ep4.clone()),
+        [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    );
+    assert_eq!(
+        owners(
+            json!({"n": 10, "expert_placement_strategy": "round_robin"}),
+            ep4
+        ),
+        [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    );
+    // Without EP the TP rule applies.
+    let r = run(src, &t, json!({"n": 10}), topo(2, 1)).unwrap();
+    assert_eq!(per_tp(&r.tensors[0])[1], rows(&[4, 2], 0, &[(2, 4)]));
+    // An expert id beyond the count is an error naming the tensor.
+    let e = run(src, &t, json!({"n": 8}), Topology::new(2, 1, 1, 2).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("e.8.w") && e.contains("expert 8 is not below the expert count 8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn aliases_rewrite_prefixes() {
+    let src = "alias \"transformer.\" = \"\"\nh.{layer}.w  split(dim=0)\nwte  replicate\n";
+    let r = run(
+        src,
+        &[("transformer.h.0.w", &[4]), ("wte", &[2]), ("h.1.w", &[4])],
+        json!({"num_hidden_layers": 2}),
+        topo(2, 2),
+    )
+    .unwrap();
+    assert!(matches!(&r.tensors[0], Resolved::Held { stages, .. } if *stages == [0]));
+    assert!(matches!(&r.tensors[2], Resolved::Held { stages, .. } if *stages == [1]));
+}
+
+/// GPTQ / AWQ tensors of one Llama layer (hidden 128, 8 heads, 2 kv heads of 16, intermediate
+/// 256, 4-bit: pack factor 8, group size 32) resolved with the shipped llama spec.
+#[test]
+fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
+    let spec = Spec::shipped("llama").unwrap();
+    let l = "model.layers.0.";
+    let gptq: Vec<(String, Vec<u64>)> = vec![
+        ("self_attn.q_proj.qweight", vec![16, 128]),
+        ("self_attn.q_proj.g_idx", vec![128]),
+        ("self_attn.k_proj.qzeros", vec![4, 4]),
+        ("self_attn.k_proj.scales", vec![4, 32]),
+        ("self_attn.o_proj.qweight", vec![16, 128]),
+        ("self_attn.o_proj.qzeros", vec![4, 16]),
+        ("self_attn.o_proj.g_idx", vec![128]),
+        ("mlp.down_proj.scales", vec![8, 128]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (format!("{l}{n}"), s))
+    .collect();
+    let tensors: Vec<(&str, &[u64])> = gptq
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let base = |desc_act: bool| {
+        json!({"num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 1,
+               "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": desc_act}})
+    };
+    let resolve = |cfg: serde_json::Value, tp: usize| {
+        let config = Config::from_json(Some(&cfg), &[]).unwrap();
+        resolve_tensors(&spec, &cat(&tensors), &config, &topo(tp, 1)).unwrap()
+    };
+    let r = resolve(base(false), 2);
+    let at = |r: &Resolution, i: usize, rank: usize| per_tp(&r.tensors[i])[rank].clone();
+    assert_eq!(at(&r, 0, 1), rows(&[16, 128], 1, &[(64, 128)]));
+    assert_eq!(
+        at(&r, 1, 1),
+        Layout::full(&[128]),
+        "column g_idx is a full copy"
+    );
+    assert_eq!(
+        at(&r, 2, 1),
+        rows(&[4, 4], 1, &[(2, 4)]),
+        "kv qzeros by head, packed"
+    );
+    assert_eq!(at(&r, 3, 1), rows(&[4, 32], 1, &[(16, 32)]));
+    assert_eq!(
+        at(&r, 4, 1),
+        rows(&[16, 128], 0, &[(8, 16)]),
+        "row qweight in packed rows"
+    );
+    assert_eq!(
+        at(&r, 5, 1),
+        rows(&[4, 16], 0, &[(2, 4)]),
+        "row qzeros by group"
+    );
+    assert_eq!(
+        at(&r, 6, 1),
+        rows(&[128], 0, &[(64, 128)]),
+        "row g_idx split"
+    );
+    assert_eq!(at(&r, 7, 1), rows(&[8, 128], 0, &[(4, 8)]));
+    // tp 4 > 2 kv heads: ranks 2 and 3 hold kv head 1.
+    let r4 = resolve(base(false), 4);
+    assert_eq!(at(&r4, 2, 1), rows(&[4, 4], 1, &[(0, 2)]));
+    assert_eq!(at(&r4, 2, 3), rows(&[4, 4], 1, &[(2, 4)]));
+    // Act-order with groups: row scales/qzeros become full copies; g_idx still split.
+    let r = resolve(base(true), 2);
+    assert_eq!(at(&r, 5, 1), Layout::full(&[4, 16]));
+    assert_eq!(at(&r, 7, 1), Layout::full(&[8, 128]));
+    assert_eq!(at(&r, 6, 1), rows(&[128], 0, &[(64, 128)]));
+
+    // AWQ: packed on the output dim.
+    let awq: Vec<(String, Vec<u64>)> = vec![
+        ("self_attn.k_proj.qweight", vec![128, 4]),
+        ("self_attn.o_proj.qweight", vec![128, 16]),
+        ("self_attn.o_proj.scales", vec![4, 128]),
+        ("mlp.down_proj.qzeros", vec![8, 16]),
+        ("mlp.up_proj.qzeros", vec![4, 32]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (format!("{l}{n}"), s))
+    .collect();
+    let tensors: Vec<(&str, &[u64])> = awq
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let cfg = json!({"num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 1,
+                     "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32}});
+    let config = Config::from_json(Some(&cfg), &[]).unwrap();
+    let r = resolve_tensors(&spec, &cat(&tensors), &config, &topo(2, 1)).unwrap();
+    assert_eq!(at(&r, 0, 1), rows(&[128, 4], 1, &[(2, 4)]));
+    assert_eq!(at(&r, 1, 1), rows(&[128, 16], 0, &[(64, 128)]));
+    assert_eq!(at(&r, 2, 1), rows(&[4, 128], 0, &[(2, 4)]));
+    assert_eq!(at(&r, 3, 1), rows(&[8, 16], 0, &[(4, 8)]));
+    assert_eq!(at(&r, 4, 1), rows(&[4, 32], 1, &[(16, 32)]));
+    // FP8 per-tensor scales are scalars copied whole.
+    let t: &[(&str, &[u64])] = &[
+        ("model.layers.0.self_attn.q_proj.weight_scale", &[]),
+        ("model.layers.0.mlp.down_proj.input_scale", &[]),
+    ];
+    let config = Config::from_json(
+        Some(&json!({"num_attention_heads": 8, "num_hidden_layers": 1})),
+        &[],
+    )
+    .unwrap();
+    let r = resolve_tensors(&spec, &cat(t), &config, &topo(4, 1)).unwrap();
+    assert!(per_tp(&r.tensors[0])
+        .iter()
+        .all(|l| *l == Layout::full(&[])));
+}
