@@ -448,3 +448,14 @@ fn inconsistent_resolutions_are_errors() {
     let e = plan::build(&ckpt, &res, &topo, "t").unwrap_err();
     assert!(e.to_string().contains("l0.w"), "{e}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Random topologies (tp, pp, dp, with or without expert parallelism).
+    #[test]
+    fn random_topologies(tp in 1usize..=2, pp in 1usize..=3, dp in 1usize..=3, ep in proptest::bool::ANY) {
+        let ep = if ep && tp * dp > 1 { tp * dp } else { 1 };
+        check(Topology::new(tp, pp, dp, ep).unwrap());
+    }
+}
