@@ -459,3 +459,40 @@ proptest::proptest! {
         check(Topology::new(tp, pp, dp, ep).unwrap());
     }
 }
+
+#[test]
+fn hash_ignores_where_files_live_but_not_contents() {
+    let topo = Topology::new(2, 2, 1, 1).unwrap();
+    let a = tempfile::tempdir().unwrap();
+    write(a.path());
+    let b = tempfile::tempdir().unwrap();
+    for f in [
+        "a.safetensors",
+        "b.safetensors",
+        "model.safetensors.index.json",
+    ] {
+        std::fs::copy(a.path().join(f), b.path().join(f)).unwrap();
+    }
+    let plan_of = |dir: &Path| {
+        let ckpt = Checkpoint::open(dir).unwrap();
+        plan::build(&ckpt, &resolve(&ckpt, &topo), &topo, "test").unwrap()
+    };
+    let (pa, pb) = (plan_of(a.path()), plan_of(b.path()));
+    assert_ne!(pa.files[0].path, pb.files[0].path);
+    assert_eq!(pa.hash(), pb.hash(), "same checkpoint at another path");
+    assert_eq!(pa.hash_hex().len(), 64);
+    let mut changed = pa.clone();
+    changed.ranks[3].copies[0].len += 1;
+    assert_ne!(pa.hash(), changed.hash());
+    let mut changed = pa.clone();
+    changed.ranks[1].tensors[0].name.push('x');
+    assert_ne!(pa.hash(), changed.hash());
+    let mut changed = pa.clone();
+    changed.files[1].identity.len += 1;
+    assert_ne!(pa.hash(), changed.hash());
+    // Serializable: a plan survives a JSON round trip unchanged.
+    let json = serde_json::to_string(&pa).unwrap();
+    let back: plan::Plan = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, pa);
+    assert_eq!(back.hash(), pa.hash());
+}
