@@ -177,6 +177,14 @@ fn errors_have_exit_codes() {
         2,
         &["--ep 3"],
     );
+    // A spec whose rules match none of the tensors names them (bad data: exit 1).
+    expect_error(
+        &plan(dir.path(), &["--spec", "gpt2"]),
+        1,
+        &["match no rule", "model.embed_tokens.weight"],
+    );
+    // The tp = 3 error names the tensor and the tp.
+    expect_error(&plan(dir.path(), &["--tp", "3"]), 1, &["model.", "tp = 3"]);
     // Not a checkpoint.
     let empty = tempfile::tempdir().unwrap();
     let out = plan(empty.path(), &["--tp", "2"]);
