@@ -132,7 +132,7 @@ fn run() -> Result<(), String> {
     let dsv3 = ensure(&dir, "deepseek-v3", Some(163))?;
     let l405 = ensure(&dir, "llama3.1-405b", None)?;
 
-    println!("## whole command: `safeshard plan CKPT ARGS > /dev/null`, {runs} runs, medians");
+    println!("#### Whole command: `safeshard plan CKPT ARGS > /dev/null`, {runs} runs, medians");
     println!("| checkpoint | tensors | files | args | wall s (median) | min..max | CPU s user+sys (median) | peak RSS MiB (median) |");
     println!("|---|---|---|---|---|---|---|---|");
     let cases: [(&Path, &str, &[&str]); 4] = [
@@ -170,7 +170,7 @@ fn run() -> Result<(), String> {
     }
 
     println!();
-    println!("## phases of one in-process run (median of {runs}), ms");
+    println!("#### Phases of one in-process run (median of {runs}), ms");
     println!("| checkpoint | tp × pp | open | config + spec | resolve | build | hash |");
     println!("|---|---|---|---|---|---|---|");
     for (ckpt, name, tp, pp) in [
@@ -202,7 +202,7 @@ fn run() -> Result<(), String> {
     }
 
     println!();
-    println!("## in-process `plan::build` (after open + resolve), {runs} runs, medians");
+    println!("#### In-process `plan::build` (after open + resolve), {runs} runs, medians");
     println!("| checkpoint | tp × pp | ranks | placements (held tensors × ranks) | build ms | ns per placement |");
     println!("|---|---|---|---|---|---|");
     for (ckpt, name, topos) in [
