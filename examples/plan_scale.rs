@@ -57,8 +57,8 @@ fn ensure(dir: &Path, preset: &str, files: Option<usize>) -> Result<PathBuf, Str
     Ok(out)
 }
 
-/// Runs the binary once; returns (wall seconds, peak RSS bytes).
-fn run_cli(bin: &Path, ckpt: &Path, args: &[&str]) -> Result<(f64, u64), String> {
+/// Runs the binary once; returns (wall seconds, CPU seconds (user + sys), peak RSS bytes).
+fn run_cli(bin: &Path, ckpt: &Path, args: &[&str]) -> Result<(f64, f64, u64), String> {
     let t = Instant::now();
     let child = Command::new(bin)
         .arg("plan")
@@ -77,7 +77,9 @@ fn run_cli(bin: &Path, ckpt: &Path, args: &[&str]) -> Result<(f64, u64), String>
     if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         return Err(format!("safeshard plan {} {args:?} failed", ckpt.display()));
     }
-    Ok((secs, ru.ru_maxrss as u64 * 1024))
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    let cpu = tv(ru.ru_utime) + tv(ru.ru_stime);
+    Ok((secs, cpu, ru.ru_maxrss as u64 * 1024))
 }
 
 fn main() -> ExitCode {
@@ -91,6 +93,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        println!("load average at start: {}", l.trim());
+    }
     let mut dir = PathBuf::from("target/plan-bench");
     let mut runs = 5usize;
     let mut args = std::env::args().skip(1);
@@ -127,9 +132,9 @@ fn run() -> Result<(), String> {
     let dsv3 = ensure(&dir, "deepseek-v3", Some(163))?;
     let l405 = ensure(&dir, "llama3.1-405b", None)?;
 
-    println!("## whole command: `safeshard plan CKPT ARGS > /dev/null`, {runs} runs, medians");
-    println!("| checkpoint | tensors | files | args | wall s (median) | min..max | peak RSS MiB (median) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("#### Whole command: `safeshard plan CKPT ARGS > /dev/null`, {runs} runs, medians");
+    println!("| checkpoint | tensors | files | args | wall s (median) | min..max | CPU s user+sys (median) | peak RSS MiB (median) |");
+    println!("|---|---|---|---|---|---|---|---|");
     let cases: [(&Path, &str, &[&str]); 4] = [
         (&dsv3, "deepseek-v3", &["--tp", "8", "--pp", "8"]),
         (&dsv3, "deepseek-v3", &["--tp", "8", "--pp", "8", "--json"]),
@@ -143,26 +148,61 @@ fn run() -> Result<(), String> {
     for (ckpt, name, a) in cases {
         let c = Checkpoint::open(ckpt).map_err(|e| e.to_string())?;
         let mut walls = Vec::new();
+        let mut cpus = Vec::new();
         let mut rss = Vec::new();
         for _ in 0..runs {
-            let (w, r) = run_cli(&bin, ckpt, a)?;
+            let (w, c, r) = run_cli(&bin, ckpt, a)?;
             walls.push(w);
+            cpus.push(c);
             rss.push(r as f64);
         }
         let lo = walls.iter().cloned().fold(f64::INFINITY, f64::min);
         let hi = walls.iter().cloned().fold(0.0, f64::max);
         println!(
-            "| {name} | {} | {} | `{}` | {:.3} | {lo:.3}..{hi:.3} | {:.0} |",
+            "| {name} | {} | {} | `{}` | {:.3} | {lo:.3}..{hi:.3} | {:.3} | {:.0} |",
             c.tensors.len(),
             c.files.len(),
             a.join(" "),
             median(walls),
+            median(cpus),
             median(rss) / (1024.0 * 1024.0)
         );
     }
 
     println!();
-    println!("## in-process `plan::build` (after open + resolve), {runs} runs, medians");
+    println!("#### Phases of one in-process run (median of {runs}), ms");
+    println!("| checkpoint | tp × pp | open | config + spec | resolve | build | hash |");
+    println!("|---|---|---|---|---|---|---|");
+    for (ckpt, name, tp, pp) in [
+        (&dsv3, "deepseek-v3", 8, 8),
+        (&l405, "llama3.1-405b", 8, 16),
+    ] {
+        let mut ph: [Vec<f64>; 5] = Default::default();
+        for _ in 0..runs {
+            let t = Instant::now();
+            let c = Checkpoint::open(ckpt).map_err(|e| e.to_string())?;
+            ph[0].push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let config = Config::from_checkpoint(&c, &[]).map_err(|e| e.to_string())?;
+            let s = Spec::detect(&config).map_err(|e| e.to_string())?;
+            ph[1].push(t.elapsed().as_secs_f64());
+            let topo = Topology::new(tp, pp, 1, 1).map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            let res = spec::resolve(&s, &c, &config, &topo).map_err(|e| e.to_string())?;
+            ph[2].push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let p = plan::build(&c, &res, &topo, &s.name).map_err(|e| e.to_string())?;
+            ph[3].push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            std::hint::black_box(p.hash());
+            ph[4].push(t.elapsed().as_secs_f64());
+        }
+        let [a, b, c, d, e] = ph.map(|v| median(v) * 1e3);
+        println!("| {name} | {tp} × {pp} | {a:.0} | {b:.0} | {c:.0} | {d:.0} | {e:.0} |");
+    }
+
+    println!();
+    println!("#### In-process `plan::build` (after open + resolve), {runs} runs, medians");
     println!("| checkpoint | tp × pp | ranks | placements (held tensors × ranks) | build ms | ns per placement |");
     println!("|---|---|---|---|---|---|");
     for (ckpt, name, topos) in [

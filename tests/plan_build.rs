@@ -448,3 +448,51 @@ fn inconsistent_resolutions_are_errors() {
     let e = plan::build(&ckpt, &res, &topo, "t").unwrap_err();
     assert!(e.to_string().contains("l0.w"), "{e}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Random topologies (tp, pp, dp, with or without expert parallelism).
+    #[test]
+    fn random_topologies(tp in 1usize..=2, pp in 1usize..=3, dp in 1usize..=3, ep in proptest::bool::ANY) {
+        let ep = if ep && tp * dp > 1 { tp * dp } else { 1 };
+        check(Topology::new(tp, pp, dp, ep).unwrap());
+    }
+}
+
+#[test]
+fn hash_ignores_where_files_live_but_not_contents() {
+    let topo = Topology::new(2, 2, 1, 1).unwrap();
+    let a = tempfile::tempdir().unwrap();
+    write(a.path());
+    let b = tempfile::tempdir().unwrap();
+    for f in [
+        "a.safetensors",
+        "b.safetensors",
+        "model.safetensors.index.json",
+    ] {
+        std::fs::copy(a.path().join(f), b.path().join(f)).unwrap();
+    }
+    let plan_of = |dir: &Path| {
+        let ckpt = Checkpoint::open(dir).unwrap();
+        plan::build(&ckpt, &resolve(&ckpt, &topo), &topo, "test").unwrap()
+    };
+    let (pa, pb) = (plan_of(a.path()), plan_of(b.path()));
+    assert_ne!(pa.files[0].path, pb.files[0].path);
+    assert_eq!(pa.hash(), pb.hash(), "same checkpoint at another path");
+    assert_eq!(pa.hash_hex().len(), 64);
+    let mut changed = pa.clone();
+    changed.ranks[3].copies[0].len += 1;
+    assert_ne!(pa.hash(), changed.hash());
+    let mut changed = pa.clone();
+    changed.ranks[1].tensors[0].name.push('x');
+    assert_ne!(pa.hash(), changed.hash());
+    let mut changed = pa.clone();
+    changed.files[1].identity.len += 1;
+    assert_ne!(pa.hash(), changed.hash());
+    // Serializable: a plan survives a JSON round trip unchanged.
+    let json = serde_json::to_string(&pa).unwrap();
+    let back: plan::Plan = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, pa);
+    assert_eq!(back.hash(), pa.hash());
+}

@@ -39,8 +39,7 @@ fn table_snapshots() {
         ("llama-tiny", &["--tp", "2", "--pp", "2"]),
         ("mistral-tiny", &["--tp", "4"]),
         ("qwen2-tiny", &["--tp", "2", "--pp", "2"]),
-        // phi3-tiny: the shipped phi3.shard currently fails to parse (`head_dim` defined in
-        // terms of itself, spec branch); add it back when that is fixed.
+        ("phi3-tiny", &["--tp", "2", "--pp", "2"]),
         ("mixtral-tiny", &["--tp", "2", "--pp", "2"]),
         ("mixtral-tiny", &["--tp", "2", "--dp", "2", "--ep", "4"]),
         ("qwen2-moe-tiny", &["--tp", "2", "--pp", "2"]),
@@ -178,6 +177,14 @@ fn errors_have_exit_codes() {
         2,
         &["--ep 3"],
     );
+    // A spec whose rules match none of the tensors names them (bad data: exit 1).
+    expect_error(
+        &plan(dir.path(), &["--spec", "gpt2"]),
+        1,
+        &["match no rule", "model.embed_tokens.weight"],
+    );
+    // The tp = 3 error names the tensor and the tp.
+    expect_error(&plan(dir.path(), &["--tp", "3"]), 1, &["model.", "tp = 3"]);
     // Not a checkpoint.
     let empty = tempfile::tempdir().unwrap();
     let out = plan(empty.path(), &["--tp", "2"]);

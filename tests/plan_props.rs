@@ -381,3 +381,38 @@ fn read_bytes_of_strided_runs_matches_brute_force() {
     }
     assert_eq!(read_bytes(&runs), pages.len() as u64 * PAGE);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Page-union read bytes of arbitrary sorted runs (overlapping, interleaving, sharing
+    /// boundary pages, several files) equal a brute-force page set.
+    #[test]
+    fn read_bytes_is_the_page_union(
+        raw in prop::collection::vec((0u32..2, 0u64..40_000, 1u64..6000, 1u64..40, 0u64..9000), 0..12)
+    ) {
+        let mut runs: Vec<CopyRun> = raw
+            .into_iter()
+            .map(|(file, src, len, count, gap)| CopyRun {
+                file,
+                src,
+                dst: 0,
+                len,
+                count,
+                src_stride: if count == 1 { len } else { len + gap },
+                dst_stride: len,
+            })
+            .collect();
+        runs.sort_by_key(|r| (r.file, r.src));
+        let mut pages = std::collections::BTreeSet::new();
+        for r in &runs {
+            for i in 0..r.count {
+                let s = r.src + i * r.src_stride;
+                for p in s / PAGE..(s + r.len).div_ceil(PAGE) {
+                    pages.insert((r.file, p));
+                }
+            }
+        }
+        prop_assert_eq!(read_bytes(&runs), pages.len() as u64 * PAGE);
+    }
+}

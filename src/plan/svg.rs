@@ -115,7 +115,7 @@ pub fn memory_svg(plan: &Plan) -> String {
     );
     let _ = writeln!(
         s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">global rank (tp fastest; pipeline stage boundaries marked)</text>"#,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">global rank (tp fastest; dashed lines separate TP groups)</text>"#,
         left + plot_w / 2.0,
         top + plot_h + 42.0
     );
