@@ -148,6 +148,8 @@ fn missing_config_values_are_named_with_a_suggestion() {
     .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("needs `num_key_value_heads`"), "{msg}");
+    // The location is the `let` that reads it (line 1, column of the name).
+    assert!(msg.starts_with("config: t.shard:1:11: "), "{msg}");
     assert!(msg.contains("did you mean `num_key_value_head`?"), "{msg}");
     assert!(msg.contains("--set num_key_value_heads="), "{msg}");
     // Defaults: `??` falls back; a let may default the config value of the same name.

@@ -47,7 +47,10 @@ pub(crate) fn resolve_tensors(
     let mut conds: Vec<Option<bool>> = vec![None; def.rules.len()];
     let mut hits = vec![0usize; def.rules.len()];
     let mut layer_stages: Option<(usize, Vec<usize>)> = None;
-    let mut cache: HashMap<(usize, Vec<u64>), Vec<Layout>> = HashMap::new();
+    // Layouts (and whether they are all equal) per rule, per shape: computed once, cloned
+    // per tensor.
+    let mut cache: Vec<HashMap<Vec<u64>, (Vec<Layout>, bool)>> =
+        vec![HashMap::new(); def.rules.len()];
     let mut unmatched = Vec::new();
     let mut out = Vec::with_capacity(tensors.len());
     let mut caps: Vec<u64> = Vec::new();
@@ -198,9 +201,8 @@ pub(crate) fn resolve_tensors(
             });
             continue;
         }
-        let key = (ri, t.shape.clone());
-        let layouts = match cache.get(&key) {
-            Some(l) => l.clone(),
+        let (layouts, replicated) = match cache[ri].get(t.shape.as_slice()) {
+            Some((l, rep)) => (l.clone(), *rep),
             None => {
                 let l = r.layouts(rule, &t.shape).map_err(|e| match e {
                     LayoutError::Msg(m) => Error::Placement(format!(
@@ -209,11 +211,11 @@ pub(crate) fn resolve_tensors(
                     )),
                     LayoutError::Err(e) => e,
                 })?;
-                cache.insert(key, l.clone());
-                l
+                let rep = l.windows(2).all(|w| w[0] == w[1]);
+                cache[ri].insert(t.shape.clone(), (l.clone(), rep));
+                (l, rep)
             }
         };
-        let replicated = layouts.windows(2).all(|w| w[0] == w[1]);
         let kind = match (&rule.op, rule.kind) {
             (Op::Vocab { .. }, TensorKind::Other) => TensorKind::Embedding,
             (_, TensorKind::Other) if rule.experts.is_some() => TensorKind::Experts,
@@ -344,6 +346,11 @@ impl Resolver<'_> {
 
     /// Turns an evaluation error at `line` into a user-facing error.
     fn error(&self, line: usize, e: EvalError) -> Error {
+        // Errors inside a `let` point at the `let` line.
+        let (line, e) = match e {
+            EvalError::InLet { line, inner } => (line, *inner),
+            e => (line, e),
+        };
         let src = self
             .spec
             .source
@@ -366,6 +373,7 @@ impl Resolver<'_> {
                     if line == 0 { String::new() } else { format!("\n    {src}") }
                 ))
             }
+            EvalError::InLet { .. } => Error::Spec(format!("{}:{line}: {e:?}", self.spec.origin)),
             EvalError::Other { col, msg } => {
                 if line == 0 {
                     Error::Spec(format!("{}: {msg}", self.spec.origin))
