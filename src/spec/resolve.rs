@@ -49,8 +49,7 @@ pub(crate) fn resolve_tensors(
     let mut layer_stages: Option<(usize, Vec<usize>)> = None;
     // Layouts (and whether they are all equal) per rule, per shape: computed once, cloned
     // per tensor.
-    let mut cache: Vec<HashMap<Vec<u64>, (Vec<Layout>, bool)>> =
-        vec![HashMap::new(); def.rules.len()];
+    let mut cache: Vec<LayoutCache> = vec![HashMap::new(); def.rules.len()];
     let mut unmatched = Vec::new();
     let mut out = Vec::with_capacity(tensors.len());
     let mut caps: Vec<u64> = Vec::new();
@@ -261,6 +260,9 @@ pub(crate) fn resolve_tensors(
         warnings,
     })
 }
+
+/// Per rule: shape -> (layout per TP rank, whether they are all equal).
+type LayoutCache = HashMap<Vec<u64>, (Vec<Layout>, bool)>;
 
 fn normalize<'a>(spec: &Spec, name: &'a str) -> Cow<'a, str> {
     for (from, to) in &spec.def.aliases {
