@@ -452,3 +452,53 @@ fn checkpoint_open_reads_every_preset() {
         assert!(ck.unindexed.is_empty(), "{name}");
     }
 }
+
+/// Options from an existing config.json reproduce the preset's tensors; unknown
+/// architectures and dtypes are errors naming them.
+#[test]
+fn from_config() {
+    for p in [
+        "qwen2-tiny",
+        "deepseek-v3-tiny",
+        "gpt2-tiny",
+        "mixtral-8x7b",
+    ] {
+        let o = SynthOptions::preset(p).unwrap();
+        let f = SynthOptions::from_config(o.config.clone()).unwrap();
+        assert_eq!(f.arch, o.arch, "{p}");
+        assert_eq!(f.dtype, o.dtype, "{p}");
+        assert_eq!(
+            synth::tensors(&f).unwrap(),
+            synth::tensors(&o).unwrap(),
+            "{p}"
+        );
+    }
+    let e =
+        SynthOptions::from_config(serde_json::json!({"architectures": ["BertModel"]})).unwrap_err();
+    assert!(e.to_string().contains("BertModel"), "{e}");
+    let e = SynthOptions::from_config(
+        serde_json::json!({"architectures": ["LlamaForCausalLM"], "torch_dtype": "int8"}),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("int8"), "{e}");
+}
+
+/// Bytes read through the catalog's offsets equal the generator's values, for every tensor of
+/// a multi-file checkpoint, whatever the split (one file or many).
+#[test]
+fn catalog_offsets_give_fill_values() {
+    use safeshard::checkpoint::Checkpoint;
+    for max in [u64::MAX, 300_000] {
+        let opts = SynthOptions::preset("qwen2-moe-tiny")
+            .unwrap()
+            .with_seed(5)
+            .with_max_file_bytes(max);
+        let dir = write_preset(&opts);
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ck.files.len() > 1, max != u64::MAX);
+        for (name, _, _) in synth::tensors(&opts).unwrap() {
+            let got = common::stored_tensor_bytes(&ck, &name);
+            assert!(got == synth::tensor_data(5, &name, got.len()), "{name}");
+        }
+    }
+}
