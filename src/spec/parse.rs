@@ -440,7 +440,7 @@ fn rule(
     } else {
         Vec::new()
     };
-    let op = action(ctx, &name, col, args, &toks[..p.pos])?;
+    let op = action(ctx, &name, col, args)?;
     let layer_slot = pattern.captures.iter().position(|c| c == "layer");
     let expert_slot = pattern.captures.iter().position(|c| c == "expert");
     let mut rule = Rule {
@@ -658,7 +658,7 @@ impl<'c, 'a> Args<'c, 'a> {
     }
 }
 
-fn action(ctx: &Ctx, name: &str, col: usize, args: Vec<Arg>, _toks: &[(Tok, usize)]) -> Result<Op> {
+fn action(ctx: &Ctx, name: &str, col: usize, args: Vec<Arg>) -> Result<Op> {
     match name {
         "replicate" => {
             Args::new(ctx, name, col, args, &[], &[])?.no_positional(0)?;
