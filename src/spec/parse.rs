@@ -106,10 +106,12 @@ pub(crate) struct SpecDef {
     pub lets: HashMap<String, (Expr, usize)>,
     pub aliases: Vec<(String, String)>,
     pub layers: Option<(Expr, usize)>,
+    /// `require COND "why"`: checked before any tensor is placed.
+    pub requires: Vec<(Expr, Option<String>, usize)>,
     pub rules: Vec<Rule>,
 }
 
-const DIRECTIVES: [&str; 5] = ["arch", "let", "alias", "layers", "kind"];
+const DIRECTIVES: [&str; 6] = ["arch", "let", "alias", "layers", "kind", "require"];
 const ACTIONS: [&str; 7] = [
     "replicate",
     "skip",
@@ -350,6 +352,18 @@ fn directive(
                 return Err(ctx.err(rest_col, "the prefix to rewrite must not be empty"));
             }
             def.aliases.push((from, to));
+        }
+        "require" => {
+            let cond = p.expr().map_err(e)?;
+            let why = match p.peek() {
+                Some(Tok::Str(w)) => {
+                    p.pos += 1;
+                    Some(w.clone())
+                }
+                _ => None,
+            };
+            end_of_line(ctx, &p)?;
+            def.requires.push((cond, why, ctx.line_no));
         }
         "layers" => {
             if def.layers.is_some() {

@@ -238,6 +238,32 @@ pub(crate) fn resolve_tensors(
         )));
     }
 
+    // Requirements last: a split that does not divide is reported with its tensor first;
+    // these catch topologies whose splits work out but that vLLM refuses.
+    for (cond, why, line) in &def.requires {
+        let ok = r.env(&[]).bool(cond).map_err(|err| r.error(*line, err))?;
+        if !ok {
+            let src = spec
+                .source
+                .lines()
+                .nth(line.saturating_sub(1))
+                .unwrap_or("")
+                .trim();
+            return Err(Error::Placement(format!(
+                "{}:{line}: spec `{}` cannot place this checkpoint at tp = {}, pp = {}, dp = {}, ep = {}: {}",
+                spec.origin,
+                spec.name,
+                topo.tp,
+                topo.pp,
+                topo.dp,
+                topo.ep,
+                match why {
+                    Some(w) => format!("{w} (`{src}` does not hold)"),
+                    None => format!("`{src}` does not hold"),
+                }
+            )));
+        }
+    }
     let mut warnings = Vec::new();
     for (ri, rule) in def.rules.iter().enumerate() {
         if hits[ri] > 0 || rule.optional {
