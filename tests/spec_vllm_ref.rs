@@ -80,12 +80,6 @@ fn check(preset: &str, topos: &[(usize, usize, usize, usize)]) {
         .iter()
         .map(|t| synth::tensor_data(opts.seed, &t.name, t.bytes as usize))
         .collect();
-    let heads = opts
-        .config
-        .get("num_attention_heads")
-        .or(opts.config.get("n_head"))
-        .and_then(|v| v.as_u64())
-        .unwrap();
     let mut checked = 0;
     for &(tp, pp, dp, ep) in topos {
         let topo = Topology::new(tp, pp, dp, ep).unwrap();
@@ -99,15 +93,6 @@ fn check(preset: &str, topos: &[(usize, usize, usize, usize)]) {
             (Ok(w), Ok(g)) => (w, g),
             (Err(_), Err(_)) => continue,
             (Err(w), Ok(_)) => panic!("{label}: the reference refuses ({w}) but the spec resolves"),
-            // vLLM refuses tp that does not divide the attention heads (QKVParallelLinear
-            // divides num_heads by tp); the shipped specs `require` it, the reference does
-            // not check it.
-            (Ok(_), Err(g))
-                if g.to_string().contains("attention heads must divide by tp")
-                    && heads % tp as u64 != 0 =>
-            {
-                continue
-            }
             (Ok(_), Err(g)) => panic!("{label}: the spec fails: {g}"),
         };
         assert!(got.warnings.is_empty(), "{label}: {:?}", got.warnings);
