@@ -103,7 +103,7 @@ fn llama_column_row_and_gqa() {
 /// Vocab 100 padded to 128 over tp = 2: rank 1 holds rows 64..100 and 28 zero rows.
 #[test]
 fn vocab_padding_values() {
-    let cfg = serde_json::json!({"hidden_size": 2, "num_attention_heads": 1,
+    let cfg = serde_json::json!({"hidden_size": 2, "num_attention_heads": 2,
         "num_hidden_layers": 1, "vocab_size": 100, "tie_word_embeddings": false});
     let t = topo(2, 1, 1, 1);
     let shape = [100u64, 2];

@@ -358,6 +358,21 @@ pub fn expected_placed(
         name
     };
     let tied = cfg_tied(cfg, gpt2);
+    // vLLM: "Total number of attention heads must be divisible by tensor parallel size".
+    let heads = cfg_u(
+        cfg,
+        if gpt2 {
+            "n_head"
+        } else {
+            "num_attention_heads"
+        },
+    )?;
+    if heads % topo.tp as u64 != 0 {
+        return Err(format!(
+            "{heads} attention heads do not divide by tp {}",
+            topo.tp
+        ));
+    }
     let stage = match layer_of(local) {
         Some(l) if l >= layers => {
             if arch == Arch::DeepseekV3 {
