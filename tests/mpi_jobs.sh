@@ -43,6 +43,17 @@ for topo in "2 2 1" "4 1 1"; do
   done
 done
 
+# Tiny MPI transfers (1000 bytes): chunked broadcasts and multi-round all-to-all-v.
+"$bin" threads toy.safetensors 2 1 2 none | digests > ref.txt
+for mode in broadcast read-once; do
+  SHARE_TOY_MPI_CHUNK=1000 timeout 120 mpirun -x SHARE_TOY_MPI_CHUNK -n 4 "$bin" mpi toy.safetensors 2 1 2 $mode > out.jsonl
+  if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
+    echo "FAIL: 1000-byte MPI chunks, tp=2 dp=2 --share $mode: bytes differ"; fail=1
+  else
+    echo "ok: 1000-byte MPI chunks, tp=2 × dp=2, --share $mode"
+  fi
+done
+
 # One rank's file broken (as on a node with a bad copy): non-zero exit, fast, naming the file.
 for r in 0 1 2 3; do mkdir -p node$r; cp toy.safetensors node$r/; done
 truncate -s 1000 node2/toy.safetensors

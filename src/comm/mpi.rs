@@ -31,10 +31,16 @@ impl MpiUniverse {
         Ok(MpiUniverse { universe })
     }
 
+    /// The rsmpi universe, for callers that also use MPI directly.
+    pub fn universe(&self) -> &Universe {
+        &self.universe
+    }
+
     /// The world communicator.
     pub fn world(&self) -> MpiComm {
         MpiComm {
             comm: self.universe.world(),
+            chunk: CHUNK,
         }
     }
 }
@@ -42,6 +48,21 @@ impl MpiUniverse {
 /// A communicator over MPI.
 pub struct MpiComm {
     comm: SimpleCommunicator,
+    chunk: usize,
+}
+
+impl MpiComm {
+    /// Wraps an rsmpi communicator.
+    pub fn from_communicator(comm: SimpleCommunicator) -> Self {
+        MpiComm { comm, chunk: CHUNK }
+    }
+
+    /// Uses transfers of at most `bytes` (clamped to `1..=CHUNK`), inherited by `split`;
+    /// small values exercise the chunked paths in tests.
+    pub fn with_chunk(mut self, bytes: usize) -> Self {
+        self.chunk = bytes.clamp(1, CHUNK);
+        self
+    }
 }
 
 fn count(n: usize) -> Result<Count> {
@@ -73,10 +94,12 @@ impl Communicator for MpiComm {
             None => Color::undefined(),
         };
         let key = i32::try_from(key).map_err(|_| Error::Comm(format!("key {key} too large")))?;
-        Ok(self
-            .comm
-            .split_by_color_with_key(c, key)
-            .map(|comm| Box::new(MpiComm { comm }) as Box<dyn Communicator>))
+        Ok(self.comm.split_by_color_with_key(c, key).map(|comm| {
+            Box::new(MpiComm {
+                comm,
+                chunk: self.chunk,
+            }) as Box<dyn Communicator>
+        }))
     }
 
     fn barrier(&self) -> Result<()> {
@@ -90,7 +113,7 @@ impl Communicator for MpiComm {
             .filter(|&r| r < self.comm.size())
             .ok_or_else(|| Error::Comm(format!("broadcast root {root} out of range")))?;
         let p = self.comm.process_at_rank(root);
-        for chunk in buf.chunks_mut(CHUNK) {
+        for chunk in buf.chunks_mut(self.chunk) {
             p.broadcast_into(chunk);
         }
         Ok(())
@@ -139,7 +162,7 @@ impl Communicator for MpiComm {
         let mut recv_lens = vec![0u64; n];
         self.comm
             .all_to_all_into(&send_lens[..], &mut recv_lens[..]);
-        let per_pair = (CHUNK / n.max(1)).max(1) as u64;
+        let per_pair = (self.chunk / n.max(1)).max(1) as u64;
         let my_max = send_lens
             .iter()
             .chain(&recv_lens)
