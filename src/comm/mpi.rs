@@ -213,6 +213,78 @@ impl Communicator for MpiComm {
         Ok(recv)
     }
 
+    fn all_to_all_packed(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let n = self.size();
+        let fits = |counts: &[usize], len: usize| {
+            counts.len() == n
+                && counts.iter().sum::<usize>() == len
+                && len <= i32::MAX as usize
+                && counts.iter().all(|&c| c <= self.chunk)
+        };
+        // Every rank must take the same path: agree on whether all fit in one call.
+        let mine = u8::from(fits(send_counts, send.len()) && fits(recv_counts, recv.len()));
+        let mut all = vec![0u8; n];
+        self.comm.all_gather_into(&mine, &mut all[..]);
+        if all.contains(&0) {
+            // Too large for one call somewhere: the chunked rounds of all_to_all_v.
+            let mut fallback = || -> Result<()> {
+                let mut bufs = Vec::with_capacity(n);
+                let mut off = 0usize;
+                for &c in send_counts {
+                    bufs.push(send.get(off..off + c).unwrap_or(&[]).to_vec());
+                    off += c;
+                }
+                let got = self.all_to_all_v(bufs)?;
+                let mut off = 0usize;
+                for (g, &c) in got.iter().zip(recv_counts) {
+                    if let Some(t) = recv.get_mut(off..off + c) {
+                        if g.len() == c {
+                            t.copy_from_slice(g);
+                        }
+                    }
+                    off += c;
+                }
+                Ok(())
+            };
+            return fallback();
+        }
+        let to_counts = |v: &[usize]| -> Result<(Vec<Count>, Vec<Count>)> {
+            let mut c = Vec::with_capacity(n);
+            let mut d = Vec::with_capacity(n);
+            let mut off = 0usize;
+            for &x in v {
+                c.push(count(x)?);
+                d.push(count(off)?);
+                off += x;
+            }
+            Ok((c, d))
+        };
+        let (sc, sd) = to_counts(send_counts)?;
+        let (rc, rd) = to_counts(recv_counts)?;
+        // Empty slices have the dangling pointer 0x1, Open MPI's MPI_IN_PLACE: use a dummy.
+        let mut dummy_s = nonempty(0);
+        let mut dummy_r = nonempty(0);
+        let sbuf: &[u8] = if send.is_empty() { &dummy_s[..] } else { send };
+        let rbuf: &mut [u8] = if recv.is_empty() {
+            &mut dummy_r[..]
+        } else {
+            recv
+        };
+        {
+            let spart = Partition::new(sbuf, &sc[..], &sd[..]);
+            let mut rpart = PartitionMut::new(rbuf, &rc[..], &rd[..]);
+            self.comm.all_to_all_varcount_into(&spart, &mut rpart);
+        }
+        dummy_s.clear();
+        Ok(())
+    }
+
     fn abort(&self, code: i32, msg: &str) {
         eprintln!("error: rank {}: {msg}", self.rank());
         self.comm.abort(code)
