@@ -166,6 +166,16 @@ impl Communicator for NcclComm {
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         self.host.all_to_all_v(send)
     }
+    fn all_to_all_packed(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        self.host
+            .all_to_all_packed(send, send_counts, recv, recv_counts)
+    }
     fn abort(&self, code: i32, msg: &str) {
         self.host.abort(code, msg)
     }
