@@ -180,3 +180,30 @@ impl Communicator for NcclComm {
         self.host.abort(code, msg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::ThreadComm;
+
+    #[test]
+    fn missing_libraries_are_errors_on_every_rank_not_panics() {
+        // SAFETY: only probes with dlopen.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // A GPU machine: this test is about machines without one.
+        }
+        let e = nccl_available().unwrap_err().to_string();
+        assert!(e.contains("libcuda.so"), "{e}");
+        let out: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ThreadComm::world(2)
+                .into_iter()
+                .map(|c| s.spawn(move || NcclComm::new(Box::new(c), 0).map(|_| ())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in out {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("libcuda.so"), "{e}");
+        }
+    }
+}
