@@ -489,7 +489,7 @@ pub fn execute(
     match opts.io {
         IoMode::Mmap => {
             let mapped = Mapped::map(files, &open, copies)?;
-            run_mmap(files, &mapped, copies, zeros, arena, opts)
+            run_mmap(files, &open, &mapped, copies, zeros, arena, opts)
         }
         IoMode::Pread => run_pread(files, &open, copies, zeros, arena, opts),
     }
@@ -498,6 +498,7 @@ pub fn execute(
 /// Runs validated runs from already mapped windows.
 pub(crate) fn run_mmap(
     files: &[PlanFile],
+    open: &[Option<File>],
     mapped: &Mapped,
     copies: &[CopyRun],
     zeros: &[ZeroRun],
@@ -515,6 +516,16 @@ pub(crate) fn run_mmap(
             let dst = unsafe { ptr.chunk(t.dst + k * t.dst_stride, t.len) };
             match t.file {
                 None => dst.fill(0),
+                Some(f) if t.count == 1 && opts.pread_contiguous => {
+                    // Contiguous pieces: one positioned read straight into the arena (a
+                    // kernel copy, with no page-table faults on the file mapping).
+                    let (Some(pf), Some(Some(file))) =
+                        (files.get(f as usize), open.get(f as usize))
+                    else {
+                        return Err(bad_plan(format!("file #{f} was not opened")));
+                    };
+                    read_full(file, pf, dst, t.src)?;
+                }
                 Some(f) => {
                     let src = mapped
                         .slice(f, t.src + k * t.src_stride, t.len)

@@ -84,6 +84,9 @@ pub struct LoadOptions {
     pub arena: ArenaInit,
     /// Copy threads (`None`: rayon's global pool).
     pub threads: Option<usize>,
+    /// Mmap engine: read contiguous runs with `pread` straight into the arena and use the
+    /// mapping only for strided gathers (and views).
+    pub pread_contiguous: bool,
 }
 
 impl Default for LoadOptions {
@@ -94,6 +97,7 @@ impl Default for LoadOptions {
             staging_budget: DEFAULT_STAGING_BUDGET,
             arena: ArenaInit::default(),
             threads: None,
+            pread_contiguous: false,
         }
     }
 }
@@ -388,8 +392,15 @@ pub fn load_rank_into(
             } else {
                 rp.copies.clone()
             };
-            let mut exec =
-                engine::run_mmap(&plan.files, &mapped, &copies, &rp.zeros, &mut arena, opts)?;
+            let mut exec = engine::run_mmap(
+                &plan.files,
+                &open,
+                &mapped,
+                &copies,
+                &rp.zeros,
+                &mut arena,
+                opts,
+            )?;
             if opts.views {
                 exec.read_bytes = engine::touched_pages(&rp.copies);
             }

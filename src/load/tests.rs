@@ -177,11 +177,16 @@ fn both_engines_match_the_naive_copy() {
     let (plan, data) = sample(dir.path());
     let rp = &plan.ranks[0];
     let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
-    for io in [IoMode::Mmap, IoMode::Pread] {
+    for (io, pread_contiguous) in [
+        (IoMode::Mmap, false),
+        (IoMode::Mmap, true),
+        (IoMode::Pread, false),
+    ] {
         for arena in [ArenaInit::Lazy, ArenaInit::Populate, ArenaInit::HugePages] {
             let opts = LoadOptions {
                 io,
                 arena,
+                pread_contiguous,
                 ..LoadOptions::default()
             };
             let rt = load_rank(&plan, 0, &opts).unwrap();
