@@ -164,7 +164,12 @@ fn gbps(bytes: u64, s: f64) -> f64 {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing else is accepted.
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs bench binaries
+    // without it, and this benchmark writes gigabytes, so it only runs under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("load_rank: run with `cargo bench --bench load_rank`");
+        return;
+    }
     let dir = PathBuf::from(env_or(
         "SAFESHARD_BENCH_DIR",
         "target/bench-data/llama3-8b-f16",
