@@ -1,6 +1,6 @@
 //! Writes a synthetic checkpoint.
 //!
-//! `cargo run --release --example synth -- PRESET OUTDIR [--sparse] [--layers N] [--seed S] [--tied|--untied] [--max-file-bytes B]`
+//! `cargo run --release --example synth -- PRESET|CONFIG.json OUTDIR [--sparse] [--layers N] [--seed S] [--tied|--untied] [--max-file-bytes B]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use safeshard::synth::{self, SynthOptions, PRESETS};
 
-const USAGE: &str = "usage: synth PRESET OUTDIR [--sparse] [--layers N] [--seed S] [--tied|--untied] [--max-file-bytes B]";
+const USAGE: &str = "usage: synth PRESET|CONFIG.json OUTDIR [--sparse] [--layers N] [--seed S] [--tied|--untied] [--max-file-bytes B]";
 
 fn parse_u64(flag: &str, v: Option<String>) -> Result<u64, String> {
     let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
@@ -52,8 +52,15 @@ fn run() -> Result<(), (String, u8)> {
     let [preset, out] = pos.as_slice() else {
         return Err((USAGE.to_string(), 2));
     };
-    let mut opts =
-        SynthOptions::preset(preset).map_err(|e| (e.to_string(), e.exit_code() as u8))?;
+    // PRESET may also be a config.json of a real model.
+    let mut opts = if preset.ends_with(".json") {
+        let text = std::fs::read(preset).map_err(|e| (format!("{preset}: {e}"), 1))?;
+        let cfg = serde_json::from_slice(&text).map_err(|e| (format!("{preset}: {e}"), 1))?;
+        SynthOptions::from_config(cfg)
+    } else {
+        SynthOptions::preset(preset)
+    }
+    .map_err(|e| (e.to_string(), e.exit_code() as u8))?;
     opts = opts.with_sparse(sparse).with_seed(seed);
     if let Some(l) = layers {
         opts = opts.with_layers(l);

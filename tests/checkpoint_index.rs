@@ -64,7 +64,7 @@ fn index_paths_must_stay_inside_the_directory() {
     assert_index_err(r#"{"weight_map":{"a":""}}"#, "empty file name");
     assert_index_err(
         r#"{"weight_map":{"a":"missing.safetensors"}}"#,
-        "file \"missing.safetensors\" does not exist",
+        "tensor \"a\": file \"missing.safetensors\" does not exist",
     );
 }
 
@@ -194,4 +194,57 @@ fn bad_config_json_is_refused() {
         msg.starts_with("config.json: invalid JSON: duplicate key \"hidden_size\""),
         "{msg}"
     );
+}
+
+#[test]
+fn hugging_face_cache_layout_is_followed() {
+    // <repo>/snapshots/<rev>/x -> ../../blobs/<hash>, as huggingface_hub writes it.
+    let repo = tempfile::tempdir().unwrap();
+    let snap = repo.path().join("snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    let (j, n) = layout(&[("a", "F32", &[2], 4)]);
+    write_st(repo.path(), "blobs/1111", &j, n);
+    std::os::unix::fs::symlink(
+        "../../blobs/1111",
+        snap.join("model-00001-of-00001.safetensors"),
+    )
+    .unwrap();
+    write(
+        repo.path(),
+        "blobs/2222",
+        br#"{"weight_map":{"a":"model-00001-of-00001.safetensors"}}"#,
+    );
+    std::os::unix::fs::symlink("../../blobs/2222", snap.join(INDEX)).unwrap();
+    let ck = Checkpoint::open(&snap).unwrap();
+    assert_eq!(ck.tensor("a").unwrap().bytes, 8);
+
+    // Anything else outside the snapshot is still refused.
+    write_st(repo.path(), "elsewhere/x.safetensors", &j, n);
+    std::os::unix::fs::symlink(
+        "../../elsewhere/x.safetensors",
+        snap.join("model-00001-of-00001.safetensors.tmp"),
+    )
+    .unwrap();
+    std::fs::remove_file(snap.join(INDEX)).unwrap();
+    write(
+        &snap,
+        INDEX,
+        br#"{"weight_map":{"a":"model-00001-of-00001.safetensors.tmp"}}"#,
+    );
+    let msg = Checkpoint::open(&snap).unwrap_err().to_string();
+    assert!(
+        msg.contains("resolves outside the checkpoint directory"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn fifo_config_is_refused_not_waited_on() {
+    let d = tempfile::tempdir().unwrap();
+    two_files(d.path());
+    let fifo = std::ffi::CString::new(d.path().join("config.json").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let msg = Checkpoint::open(d.path()).unwrap_err().to_string();
+    assert!(msg.starts_with("config.json: not a regular file"), "{msg}");
 }

@@ -169,3 +169,25 @@ fn config_overrides() {
     assert!(e.to_string().contains("`a` is not an object"), "{e}");
     assert!(Config::from_json(Some(&serde_json::json!([1])), &[]).is_err());
 }
+
+#[test]
+fn documentation_examples_parse() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/spec-language.md"
+    ))
+    .unwrap();
+    let mut blocks = 0;
+    for (i, block) in doc.split("```").enumerate() {
+        // Odd pieces are inside fences; skip the error-message examples.
+        if i % 2 == 0 || block.starts_with("text") || block.starts_with("sh") {
+            continue;
+        }
+        let src = block.trim_start_matches(|c| c != '\n');
+        if let Err(e) = Spec::parse(src, "doc.shard") {
+            panic!("docs example does not parse: {e}\n{src}");
+        }
+        blocks += 1;
+    }
+    assert!(blocks >= 10, "found only {blocks} examples");
+}

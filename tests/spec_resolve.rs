@@ -148,6 +148,8 @@ fn missing_config_values_are_named_with_a_suggestion() {
     .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("needs `num_key_value_heads`"), "{msg}");
+    // The location is the `let` that reads it (line 1, column of the name).
+    assert!(msg.starts_with("config: t.shard:1:11: "), "{msg}");
     assert!(msg.contains("did you mean `num_key_value_head`?"), "{msg}");
     assert!(msg.contains("--set num_key_value_heads="), "{msg}");
     // Defaults: `??` falls back; a let may default the config value of the same name.
@@ -414,4 +416,139 @@ fn aliases_rewrite_prefixes() {
     .unwrap();
     assert!(matches!(&r.tensors[0], Resolved::Held { stages, .. } if *stages == [0]));
     assert!(matches!(&r.tensors[2], Resolved::Held { stages, .. } if *stages == [1]));
+}
+
+/// GPTQ / AWQ tensors of one Llama layer (hidden 128, 8 heads, 2 kv heads of 16, intermediate
+/// 256, 4-bit: pack factor 8, group size 32) resolved with the shipped llama spec.
+#[test]
+fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
+    let spec = Spec::shipped("llama").unwrap();
+    let l = "model.layers.0.";
+    let gptq: Vec<(String, Vec<u64>)> = vec![
+        ("self_attn.q_proj.qweight", vec![16, 128]),
+        ("self_attn.q_proj.g_idx", vec![128]),
+        ("self_attn.k_proj.qzeros", vec![4, 4]),
+        ("self_attn.k_proj.scales", vec![4, 32]),
+        ("self_attn.o_proj.qweight", vec![16, 128]),
+        ("self_attn.o_proj.qzeros", vec![4, 16]),
+        ("self_attn.o_proj.g_idx", vec![128]),
+        ("mlp.down_proj.scales", vec![8, 128]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (format!("{l}{n}"), s))
+    .collect();
+    let tensors: Vec<(&str, &[u64])> = gptq
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let base = |desc_act: bool| {
+        json!({"num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 1,
+               "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": desc_act}})
+    };
+    let resolve = |cfg: serde_json::Value, tp: usize| {
+        let config = Config::from_json(Some(&cfg), &[]).unwrap();
+        resolve_tensors(&spec, &cat(&tensors), &config, &topo(tp, 1)).unwrap()
+    };
+    let r = resolve(base(false), 2);
+    let at = |r: &Resolution, i: usize, rank: usize| per_tp(&r.tensors[i])[rank].clone();
+    assert_eq!(at(&r, 0, 1), rows(&[16, 128], 1, &[(64, 128)]));
+    assert_eq!(
+        at(&r, 1, 1),
+        Layout::full(&[128]),
+        "column g_idx is a full copy"
+    );
+    assert_eq!(
+        at(&r, 2, 1),
+        rows(&[4, 4], 1, &[(2, 4)]),
+        "kv qzeros by head, packed"
+    );
+    assert_eq!(at(&r, 3, 1), rows(&[4, 32], 1, &[(16, 32)]));
+    assert_eq!(
+        at(&r, 4, 1),
+        rows(&[16, 128], 0, &[(8, 16)]),
+        "row qweight in packed rows"
+    );
+    assert_eq!(
+        at(&r, 5, 1),
+        rows(&[4, 16], 0, &[(2, 4)]),
+        "row qzeros by group"
+    );
+    assert_eq!(
+        at(&r, 6, 1),
+        rows(&[128], 0, &[(64, 128)]),
+        "row g_idx split"
+    );
+    assert_eq!(at(&r, 7, 1), rows(&[8, 128], 0, &[(4, 8)]));
+    // tp 4 > 2 kv heads: ranks 2 and 3 hold kv head 1.
+    let r4 = resolve(base(false), 4);
+    assert_eq!(at(&r4, 2, 1), rows(&[4, 4], 1, &[(0, 2)]));
+    assert_eq!(at(&r4, 2, 3), rows(&[4, 4], 1, &[(2, 4)]));
+    // Act-order with groups: row scales/qzeros become full copies; g_idx still split.
+    let r = resolve(base(true), 2);
+    assert_eq!(at(&r, 5, 1), Layout::full(&[4, 16]));
+    assert_eq!(at(&r, 7, 1), Layout::full(&[8, 128]));
+    assert_eq!(at(&r, 6, 1), rows(&[128], 0, &[(64, 128)]));
+
+    // AWQ: packed on the output dim.
+    let awq: Vec<(String, Vec<u64>)> = vec![
+        ("self_attn.k_proj.qweight", vec![128, 4]),
+        ("self_attn.o_proj.qweight", vec![128, 16]),
+        ("self_attn.o_proj.scales", vec![4, 128]),
+        ("mlp.down_proj.qzeros", vec![8, 16]),
+        ("mlp.up_proj.qzeros", vec![4, 32]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (format!("{l}{n}"), s))
+    .collect();
+    let tensors: Vec<(&str, &[u64])> = awq
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let cfg = json!({"num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 1,
+                     "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32}});
+    let config = Config::from_json(Some(&cfg), &[]).unwrap();
+    let r = resolve_tensors(&spec, &cat(&tensors), &config, &topo(2, 1)).unwrap();
+    assert_eq!(at(&r, 0, 1), rows(&[128, 4], 1, &[(2, 4)]));
+    assert_eq!(at(&r, 1, 1), rows(&[128, 16], 0, &[(64, 128)]));
+    assert_eq!(at(&r, 2, 1), rows(&[4, 128], 0, &[(2, 4)]));
+    assert_eq!(at(&r, 3, 1), rows(&[8, 16], 0, &[(4, 8)]));
+    assert_eq!(at(&r, 4, 1), rows(&[4, 32], 1, &[(16, 32)]));
+    // FP8 per-tensor scales are scalars copied whole.
+    let t: &[(&str, &[u64])] = &[
+        ("model.layers.0.self_attn.q_proj.weight_scale", &[]),
+        ("model.layers.0.mlp.down_proj.input_scale", &[]),
+    ];
+    let config = Config::from_json(
+        Some(&json!({"num_attention_heads": 8, "num_hidden_layers": 1})),
+        &[],
+    )
+    .unwrap();
+    let r = resolve_tensors(&spec, &cat(t), &config, &topo(4, 1)).unwrap();
+    assert!(per_tp(&r.tensors[0])
+        .iter()
+        .all(|l| *l == Layout::full(&[])));
+}
+
+#[test]
+fn requirements_are_checked_after_placement() {
+    let src = "require heads % tp == 0 \"heads must divide\"\nw  split(dim=0)\n";
+    let t: &[(&str, &[u64])] = &[("w", &[16])];
+    assert!(run(src, t, json!({"heads": 4}), topo(4, 1)).is_ok());
+    // 16 rows split over 8 ranks, but 4 heads do not: the requirement refuses.
+    let e = run(src, t, json!({"heads": 4}), topo(8, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("t.shard:1: spec `t` cannot place this checkpoint at tp = 8"),
+        "{e}"
+    );
+    assert!(e.contains("heads must divide"), "{e}");
+    // A split that does not divide is reported first, with its tensor.
+    let e = run(src, t, json!({"heads": 4}), topo(3, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tensor w [16]") && e.contains("tp = 3"), "{e}");
+    // A missing value in a requirement is named.
+    let e = run(src, t, json!({}), topo(2, 1)).unwrap_err().to_string();
+    assert!(e.contains("needs `heads`"), "{e}");
 }

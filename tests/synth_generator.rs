@@ -9,7 +9,7 @@ use common::{read_file, safetensors_files, write_preset};
 use safeshard::checkpoint::Dtype;
 use safeshard::synth::{self, Arch, SynthOptions};
 
-const TINY: [&str; 8] = [
+const TINY: [&str; 10] = [
     "llama-tiny",
     "mistral-tiny",
     "qwen2-tiny",
@@ -18,6 +18,8 @@ const TINY: [&str; 8] = [
     "qwen2-moe-tiny",
     "deepseek-v3-tiny",
     "gpt2-tiny",
+    "llama-tiny-gptq",
+    "llama-tiny-awq",
 ];
 
 fn elems(shape: &[u64]) -> u64 {
@@ -113,6 +115,15 @@ fn real_size_tensor_counts() {
     let moe = attn + 2 + 2 + 256 * 3 * 2 + 3 * 2;
     assert_eq!(count("deepseek-v3"), 3 * dense + 58 * moe + (moe + 6) + 3);
     assert_eq!(count("deepseek-v3"), 91_991);
+    let ds = SynthOptions::preset("deepseek-v3").unwrap();
+    assert_eq!(synth::plan_files(&ds).unwrap().len(), 163);
+    // The preset's shard size is the smallest that gives 163 files.
+    assert_eq!(
+        synth::shard_size_for_files(&ds, 163).unwrap(),
+        ds.max_file_bytes
+    );
+    let one_less = ds.clone().with_max_file_bytes(ds.max_file_bytes - 1);
+    assert!(synth::plan_files(&one_less).unwrap().len() > 163);
 }
 
 /// Shapes of a few DeepSeek-V3 tensors from the published checkpoint.
@@ -242,6 +253,14 @@ fn family_names() {
     ] {
         assert!(has(&q, n), "{n}");
     }
+    let q = names("llama-tiny-gptq");
+    for n in ["qweight", "qzeros", "scales", "g_idx"] {
+        assert!(has(&q, &format!("model.layers.1.mlp.down_proj.{n}")), "{n}");
+    }
+    assert!(!has(&q, "model.layers.1.mlp.down_proj.weight"));
+    let a = names("llama-tiny-awq");
+    assert!(has(&a, "model.layers.0.self_attn.k_proj.qweight"));
+    assert!(!has(&a, "model.layers.0.self_attn.k_proj.g_idx"));
     let g = names("gpt2");
     assert!(
         has(&g, "h.11.attn.c_attn.weight") && has(&g, "h.0.attn.bias") && has(&g, "wte.weight")
@@ -265,6 +284,12 @@ fn fill_is_positional_and_deterministic() {
         }
     }
     assert_eq!(whole, synth::tensor_data(3, "a.weight", 1000));
+    // Positions near the end of the u64 range do not overflow.
+    let mut w = [0u8; 16];
+    synth::fill(3, "a.weight", u64::MAX - 20, &mut w);
+    let mut w2 = [0u8; 5];
+    synth::fill(3, "a.weight", u64::MAX - 15, &mut w2);
+    assert_eq!(w2, w[5..10]);
     assert_ne!(whole, synth::tensor_data(4, "a.weight", 1000));
     assert_ne!(whole, synth::tensor_data(3, "b.weight", 1000));
     // Not constant: every byte value appears in 64 KiB of output.
@@ -400,6 +425,80 @@ print(json.dumps(out))
                     .collect();
                 assert_eq!(e["sha"].as_str(), Some(sha.as_str()), "{name}: {t}");
             }
+        }
+    }
+}
+
+/// The crate's own strict reader opens every preset (dense tiny ones, sparse real-size ones)
+/// with the listed tensors, dtypes, shapes and config.
+#[test]
+fn checkpoint_open_reads_every_preset() {
+    use safeshard::checkpoint::Checkpoint;
+    for name in synth::PRESETS {
+        let opts = SynthOptions::preset(name).unwrap();
+        let sparse = !name.contains("tiny");
+        let opts = opts.with_sparse(sparse);
+        let dir = write_preset(&opts);
+        let ck = Checkpoint::open(dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let list = synth::tensors(&opts).unwrap();
+        assert_eq!(ck.tensors.len(), list.len(), "{name}");
+        for (t, d, s) in &list {
+            let info = ck
+                .tensor(t)
+                .unwrap_or_else(|| panic!("{name}: {t} missing"));
+            assert_eq!((info.dtype, &info.shape), (*d, s), "{name}: {t}");
+        }
+        assert_eq!(ck.config.as_ref(), Some(&opts.config), "{name}");
+        assert!(ck.unindexed.is_empty(), "{name}");
+    }
+}
+
+/// Options from an existing config.json reproduce the preset's tensors; unknown
+/// architectures and dtypes are errors naming them.
+#[test]
+fn from_config() {
+    for p in [
+        "qwen2-tiny",
+        "deepseek-v3-tiny",
+        "gpt2-tiny",
+        "mixtral-8x7b",
+    ] {
+        let o = SynthOptions::preset(p).unwrap();
+        let f = SynthOptions::from_config(o.config.clone()).unwrap();
+        assert_eq!(f.arch, o.arch, "{p}");
+        assert_eq!(f.dtype, o.dtype, "{p}");
+        assert_eq!(
+            synth::tensors(&f).unwrap(),
+            synth::tensors(&o).unwrap(),
+            "{p}"
+        );
+    }
+    let e =
+        SynthOptions::from_config(serde_json::json!({"architectures": ["BertModel"]})).unwrap_err();
+    assert!(e.to_string().contains("BertModel"), "{e}");
+    let e = SynthOptions::from_config(
+        serde_json::json!({"architectures": ["LlamaForCausalLM"], "torch_dtype": "int8"}),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("int8"), "{e}");
+}
+
+/// Bytes read through the catalog's offsets equal the generator's values, for every tensor of
+/// a multi-file checkpoint, whatever the split (one file or many).
+#[test]
+fn catalog_offsets_give_fill_values() {
+    use safeshard::checkpoint::Checkpoint;
+    for max in [u64::MAX, 300_000] {
+        let opts = SynthOptions::preset("qwen2-moe-tiny")
+            .unwrap()
+            .with_seed(5)
+            .with_max_file_bytes(max);
+        let dir = write_preset(&opts);
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ck.files.len() > 1, max != u64::MAX);
+        for (name, _, _) in synth::tensors(&opts).unwrap() {
+            let got = common::stored_tensor_bytes(&ck, &name);
+            assert!(got == synth::tensor_data(5, &name, got.len()), "{name}");
         }
     }
 }

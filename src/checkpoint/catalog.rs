@@ -193,6 +193,7 @@ impl Checkpoint {
                     n,
                     index.is_some().then_some(&index_name),
                 )
+                .map_err(|e| name_first_tensor(e, weight_map.as_deref(), n))
             })
             .collect::<Result<_>>()?;
 
@@ -376,7 +377,10 @@ fn read_index(path: &Path) -> Result<Source> {
         file: name.clone(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = match read_small_file(path)? {
+        Some(b) => b,
+        None => return Err(bad(too_big_or_special())),
+    };
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("not valid UTF-8".into()))?;
     let value = parse_json_strict(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let obj = value
@@ -400,6 +404,20 @@ fn read_index(path: &Path) -> Result<Source> {
         map.push((tensor.clone(), file.to_string()));
     }
     Ok(Source::Index(path.to_path_buf(), map))
+}
+
+/// Prefixes an index error about file `file` with the first tensor the index maps to it.
+fn name_first_tensor(e: Error, map: Option<&[(String, String)]>, file: &str) -> Error {
+    match (e, map) {
+        (Error::InvalidIndex { file: ix, reason }, Some(map)) => {
+            let reason = match map.iter().find(|(_, f)| f == file) {
+                Some((t, _)) => format!("tensor {t:?}: {reason}"),
+                None => reason,
+            };
+            Error::InvalidIndex { file: ix, reason }
+        }
+        (e, _) => e,
+    }
 }
 
 /// Resolves a file name of the checkpoint inside the root: no absolute paths, no `..`, and no
@@ -436,8 +454,8 @@ fn resolve(canon_root: &Path, root: &Path, name: &str, index: Option<&String>) -
         }
     })?;
     // Only names from an index are untrusted data; a file named on the command line or found
-    // in the directory may be a symlink elsewhere (e.g. the Hugging Face cache's blobs).
-    if index.is_some() && !canon.starts_with(canon_root) {
+    // in the directory may be a symlink elsewhere.
+    if index.is_some() && !canon.starts_with(canon_root) && !in_hf_cache_blobs(canon_root, &canon) {
         return Err(bad(format!(
             "file {name:?} resolves outside the checkpoint directory"
         )));
@@ -446,6 +464,19 @@ fn resolve(canon_root: &Path, root: &Path, name: &str, index: Option<&String>) -
         return Err(bad(format!("file {name:?} is not a regular file")));
     }
     Ok(canon)
+}
+
+/// The Hugging Face hub cache keeps a revision's files in `<repo>/snapshots/<rev>/` as symlinks
+/// to `<repo>/blobs/<hash>`: those targets belong to the checkpoint too.
+fn in_hf_cache_blobs(canon_root: &Path, canon: &Path) -> bool {
+    let Some(snapshots) = canon_root.parent() else {
+        return false;
+    };
+    let Some(repo) = snapshots.parent() else {
+        return false;
+    };
+    snapshots.file_name() == Some(std::ffi::OsStr::new("snapshots"))
+        && canon.parent() == Some(repo.join("blobs").as_path())
 }
 
 /// Reads one file's header: 8 bytes, then exactly `n` bytes once `n` has been checked.
@@ -486,17 +517,48 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(done)
 }
 
+/// Largest index or `config.json` read (real ones are a few MB even for 92k tensors).
+const MAX_JSON_FILE: u64 = super::MAX_HEADER_LEN;
+
+fn too_big_or_special() -> String {
+    format!("not a regular file of at most {MAX_JSON_FILE} bytes")
+}
+
+/// Reads a whole JSON side file, or `None` when it is not a regular file (a FIFO would block)
+/// or is larger than [`MAX_JSON_FILE`].
+fn read_small_file(path: &Path) -> Result<Option<Vec<u8>>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() > MAX_JSON_FILE {
+        return Ok(None);
+    }
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // `take` guards against a file that grew since `metadata`.
+    (&mut file)
+        .take(MAX_JSON_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > MAX_JSON_FILE {
+        return Ok(None);
+    }
+    Ok(Some(bytes))
+}
+
 /// Reads `config.json` beside the checkpoint, if there is one.
 fn read_config(root: &Path) -> Result<Option<serde_json::Value>> {
     let path = root.join("config.json");
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&path, e)),
-    };
     let bad = |reason: String| Error::InvalidFile {
         file: "config.json".into(),
         reason,
+    };
+    match std::fs::metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    }
+    let bytes = match read_small_file(&path)? {
+        Some(b) => b,
+        None => return Err(bad(too_big_or_special())),
     };
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("not valid UTF-8".into()))?;
     let value = parse_json_strict(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;

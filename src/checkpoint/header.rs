@@ -384,26 +384,26 @@ impl<'de> Visitor<'de> for EntryVisitor {
         let mut shape = None;
         let mut offsets = None;
         while let Some(key) = map.next_key::<KeyName>()? {
-            match key.0.as_deref() {
-                Some("dtype") => {
+            match key {
+                KeyName::Dtype => {
                     if dtype.is_some() {
                         return Err(de::Error::duplicate_field("dtype"));
                     }
                     dtype = Some(map.next_value_seed(DtypeSeed)?);
                 }
-                Some("shape") => {
+                KeyName::Shape => {
                     if shape.is_some() {
                         return Err(de::Error::duplicate_field("shape"));
                     }
                     shape = Some(map.next_value::<Vec<u64>>()?);
                 }
-                Some("data_offsets") => {
+                KeyName::DataOffsets => {
                     if offsets.is_some() {
                         return Err(de::Error::duplicate_field("data_offsets"));
                     }
                     offsets = Some(map.next_value::<(u64, u64)>()?);
                 }
-                _ => {
+                KeyName::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
@@ -416,9 +416,13 @@ impl<'de> Visitor<'de> for EntryVisitor {
     }
 }
 
-/// A field name of an entry: `Some` for the three known ones, `None` for anything else
-/// (avoids allocating a `String` per field).
-struct KeyName(Option<String>);
+/// A field name of an entry, recognised without allocating.
+enum KeyName {
+    Dtype,
+    Shape,
+    DataOffsets,
+    Other,
+}
 
 impl<'de> serde::Deserialize<'de> for KeyName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -429,10 +433,12 @@ impl<'de> serde::Deserialize<'de> for KeyName {
                 f.write_str("a field name")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<KeyName, E> {
-                Ok(KeyName(match v {
-                    "dtype" | "shape" | "data_offsets" => Some(v.to_string()),
-                    _ => None,
-                }))
+                Ok(match v {
+                    "dtype" => KeyName::Dtype,
+                    "shape" => KeyName::Shape,
+                    "data_offsets" => KeyName::DataOffsets,
+                    _ => KeyName::Other,
+                })
             }
         }
         d.deserialize_str(V)

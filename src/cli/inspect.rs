@@ -149,10 +149,11 @@ fn write_table(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
         writeln!(out, "dtypes: {}", dtypes.join(", "))?;
     }
     if !ckpt.unindexed.is_empty() {
+        let n = ckpt.unindexed.len();
         writeln!(
             out,
-            "unindexed: {} tensors in files but not in the index (not loaded)",
-            ckpt.unindexed.len()
+            "unindexed: {n} {} in files but not in the index (not loaded)",
+            if n == 1 { "tensor" } else { "tensors" }
         )?;
     }
     Ok(())

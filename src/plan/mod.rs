@@ -46,10 +46,13 @@ use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
 mod runs;
+mod svg;
 
 pub use runs::{
-    coalesce_copies, coalesce_zeros, read_bytes, span_bytes, src_end, tensor_runs, TensorRuns, PAGE,
+    coalesce_copies, coalesce_zeros, read_bytes, span_bytes, src_end, tensor_runs, TensorRuns,
+    MAX_DIMS, PAGE,
 };
+pub use svg::memory_svg;
 
 /// Alignment of every tensor's offset in a rank's arena, in bytes.
 pub const ALIGN: u64 = 64;
@@ -191,51 +194,149 @@ impl RankPlan {
     }
 }
 
-/// Adapter so serde_json can stream into the hasher without building the JSON in memory.
-struct HashWriter<'a>(&'a mut Sha256);
+/// Feeds a canonical binary encoding into SHA-256 through a buffer (hashing millions of tiny
+/// fields one call at a time would cost more than the hashing).
+struct Feed {
+    hasher: Sha256,
+    buf: Vec<u8>,
+}
 
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
+impl Feed {
+    fn new() -> Self {
+        Feed {
+            hasher: Sha256::new(),
+            buf: Vec::with_capacity(1 << 16),
+        }
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    fn bytes(&mut self, b: &[u8]) {
+        if self.buf.len() + b.len() > (1 << 16) {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+        }
+        if b.len() > (1 << 16) {
+            self.hasher.update(b);
+        } else {
+            self.buf.extend_from_slice(b);
+        }
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn usize(&mut self, v: usize) {
+        self.u64(v as u64);
+    }
+    /// Length-prefixed, so field boundaries are unambiguous.
+    fn str(&mut self, s: &str) {
+        self.usize(s.len());
+        self.bytes(s.as_bytes());
+    }
+    fn finish(mut self) -> [u8; 32] {
+        self.hasher.update(&self.buf);
+        self.hasher.finalize().into()
     }
 }
 
-/// The part of a plan the hash covers: everything but where the files live on this machine.
-#[derive(Serialize)]
-struct HashView<'a> {
-    topology: &'a Topology,
-    spec: &'a str,
-    files: Vec<(&'a str, u64)>,
-    ranks: &'a [RankPlan],
+fn kind_code(k: TensorKind) -> u64 {
+    match k {
+        TensorKind::Attention => 0,
+        TensorKind::Mlp => 1,
+        TensorKind::Experts => 2,
+        TensorKind::Embedding => 3,
+        TensorKind::Norm => 4,
+        TensorKind::Other => 5,
+    }
+}
+
+impl RankPlan {
+    /// SHA-256 of the rank's canonical encoding (see [`Plan::hash`]).
+    pub fn hash(&self) -> [u8; 32] {
+        let mut f = Feed::new();
+        let c = &self.coords;
+        for v in [c.rank, c.tp_rank, c.pp_rank, c.dp_rank, c.ep_rank] {
+            f.usize(v);
+        }
+        for v in [
+            self.bytes,
+            self.read_bytes,
+            self.arena_bytes,
+            self.staging_bytes,
+        ] {
+            f.u64(v);
+        }
+        f.usize(self.tensors.len());
+        for t in &self.tensors {
+            f.str(&t.name);
+            f.str(t.dtype.name());
+            f.usize(t.shape.len());
+            for &d in &t.shape {
+                f.u64(d);
+            }
+            for v in [t.offset, t.bytes, t.source as u64, kind_code(t.kind)] {
+                f.u64(v);
+            }
+            f.u64(t.replicated as u64);
+        }
+        f.usize(self.copies.len());
+        for r in &self.copies {
+            for v in [
+                r.file as u64,
+                r.src,
+                r.dst,
+                r.len,
+                r.count,
+                r.src_stride,
+                r.dst_stride,
+            ] {
+                f.u64(v);
+            }
+        }
+        f.usize(self.zeros.len());
+        for z in &self.zeros {
+            for v in [z.dst, z.len, z.count, z.dst_stride] {
+                f.u64(v);
+            }
+        }
+        f.finish()
+    }
 }
 
 impl Plan {
-    /// A stable hash of the plan's contents (SHA-256 of its canonical JSON), to check that
-    /// every rank computed the same plan.
+    /// A stable hash of the plan's contents, to check that every rank computed the same plan.
     ///
-    /// The canonical JSON is the plan serialized with serde_json in field declaration order,
-    /// with each file reduced to `[name, length]` (paths, devices, inodes and mtimes differ
-    /// between nodes that mount the same checkpoint).
+    /// SHA-256 of a canonical binary encoding: a version tag, the topology, the spec name,
+    /// every file's name and length (not its path, device, inode or mtime, which differ
+    /// between nodes mounting the same checkpoint), then the SHA-256 of every rank's own
+    /// encoding ([`RankPlan::hash`]: every field of the rank, integers as little-endian u64,
+    /// strings and lists length-prefixed). Ranks are hashed in parallel.
     pub fn hash(&self) -> [u8; 32] {
-        let view = HashView {
-            topology: &self.topology,
-            spec: &self.spec,
-            files: self
-                .files
-                .iter()
-                .map(|f| (f.name.as_str(), f.identity.len))
-                .collect(),
-            ranks: &self.ranks,
-        };
-        let mut hasher = Sha256::new();
-        // Serializing plain structs of numbers and strings cannot fail; a failure would only
-        // leave the hash of a prefix, which still differs from a correct plan's.
-        let _ = serde_json::to_writer(HashWriter(&mut hasher), &view);
-        hasher.finalize().into()
+        let rank_hashes: Vec<[u8; 32]> = self.ranks.par_iter().map(RankPlan::hash).collect();
+        let mut f = Feed::new();
+        f.str("safeshard-plan-v1");
+        let t = &self.topology;
+        for v in [t.tp, t.pp, t.dp, t.ep] {
+            f.usize(v);
+        }
+        match &t.pp_layers {
+            Some(l) => {
+                f.u64(1);
+                f.usize(l.len());
+                for &n in l {
+                    f.usize(n);
+                }
+            }
+            None => f.u64(0),
+        }
+        f.str(&self.spec);
+        f.usize(self.files.len());
+        for file in &self.files {
+            f.str(&file.name);
+            f.u64(file.identity.len);
+        }
+        f.usize(rank_hashes.len());
+        for h in &rank_hashes {
+            f.bytes(h);
+        }
+        f.finish()
     }
 
     /// [`Plan::hash`] as lowercase hex.
@@ -391,8 +492,8 @@ fn build_rank(
         .get(coords.pp_rank)
         .map(Vec::as_slice)
         .unwrap_or(&[]);
-    let mut tensors = Vec::new();
-    let mut copies = Vec::new();
+    let mut tensors = Vec::with_capacity(held.len());
+    let mut copies = Vec::with_capacity(held.len());
     let mut zeros = Vec::new();
     let mut cursor = 0u64;
     let mut bytes = 0u64;

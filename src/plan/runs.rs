@@ -45,9 +45,14 @@ fn plan_err(name: &str, msg: impl std::fmt::Display) -> Error {
     Error::Plan(format!("tensor {name:?}: {msg}"))
 }
 
+/// Most dimensions a tensor may have (fixed-size scratch keeps planning allocation-free).
+pub const MAX_DIMS: usize = 16;
+
+type Dims = [u64; MAX_DIMS];
+
 /// Row-major strides in elements; `None` on overflow.
-fn strides(shape: &[u64]) -> Option<Vec<u64>> {
-    let mut out = vec![1u64; shape.len()];
+fn strides(shape: &[u64]) -> Option<Dims> {
+    let mut out = [1u64; MAX_DIMS];
     let mut acc = 1u64;
     for d in (0..shape.len()).rev() {
         out[d] = acc;
@@ -57,18 +62,20 @@ fn strides(shape: &[u64]) -> Option<Vec<u64>> {
 }
 
 /// Decomposes the copy of a box of sizes `n` from `src_origin` in a tensor of `src_shape` to
-/// `dst_origin` in a tensor of `dst_shape` into element runs. Returns also the dimension whose
-/// partial extent bounds the contiguous chunk (for error messages).
+/// `dst_origin` in a tensor of `dst_shape` into element runs, appended to `out`. Returns the
+/// dimension whose partial extent bounds the contiguous chunk (for error messages), or `None`
+/// on arithmetic overflow. All slices have the same length, at most [`MAX_DIMS`].
 fn box_runs(
     n: &[u64],
     src_shape: &[u64],
     src_origin: &[u64],
     dst_shape: &[u64],
     dst_origin: &[u64],
-) -> Option<(Vec<ElemRun>, usize)> {
+    out: &mut Vec<ElemRun>,
+) -> Option<usize> {
     let nd = n.len();
     if nd == 0 || n.contains(&0) {
-        return Some((Vec::new(), 0));
+        return Some(0);
     }
     let ss = strides(src_shape)?;
     let ds = strides(dst_shape)?;
@@ -83,49 +90,43 @@ fn box_runs(
             break;
         }
     }
-    // Outer dims with more than one index, merged where their strides chain.
-    let mut outer: Vec<(u64, u64, u64)> = Vec::new();
-    for d in 0..k {
+    // Outer dims with more than one index, from the inside out, merged where their strides
+    // chain (the outer stride is the inner extent times the inner stride, on both sides).
+    let mut merged = [(0u64, 0u64, 0u64); MAX_DIMS];
+    let mut m = 0;
+    for d in (0..k).rev() {
         if n[d] <= 1 {
             continue;
         }
-        outer.push((n[d], ss[d], ds[d]));
-    }
-    let mut merged: Vec<(u64, u64, u64)> = Vec::with_capacity(outer.len());
-    for dim in outer.into_iter().rev() {
-        // `merged` is built from the inside out; try to fold `dim` into the last (innermost so far).
-        if let Some(last) = merged.last_mut() {
-            let (ni, si, di) = *last;
+        let dim = (n[d], ss[d], ds[d]);
+        if m > 0 {
+            let (ni, si, di) = merged[m - 1];
             if Some(dim.1) == ni.checked_mul(si) && Some(dim.2) == ni.checked_mul(di) {
-                *last = (ni.checked_mul(dim.0)?, si, di);
+                merged[m - 1] = (ni.checked_mul(dim.0)?, si, di);
                 continue;
             }
         }
-        merged.push(dim);
+        merged[m] = dim;
+        m += 1;
     }
-    merged.reverse(); // outermost first
-    let src0 = src_origin
-        .iter()
-        .zip(&ss)
-        .try_fold(0u64, |acc, (&o, &s)| acc.checked_add(o.checked_mul(s)?))?;
-    let dst0 = dst_origin
-        .iter()
-        .zip(&ds)
-        .try_fold(0u64, |acc, (&o, &s)| acc.checked_add(o.checked_mul(s)?))?;
-    let (count, src_stride, dst_stride, enumerated) = match merged.split_last() {
-        Some((&(c, s, d), rest)) => (c, s, d, rest.to_vec()),
-        None => (1, chunk, chunk, Vec::new()),
-    };
-    let mut runs = Vec::new();
-    let mut idx = vec![0u64; enumerated.len()];
+    let mut src0 = 0u64;
+    let mut dst0 = 0u64;
+    for d in 0..nd {
+        src0 = src0.checked_add(src_origin[d].checked_mul(ss[d])?)?;
+        dst0 = dst0.checked_add(dst_origin[d].checked_mul(ds[d])?)?;
+    }
+    // merged[0] is the innermost: it becomes the run's count; the rest are enumerated.
+    let (count, src_stride, dst_stride) = if m > 0 { merged[0] } else { (1, chunk, chunk) };
+    let enumerated = if m > 1 { &merged[1..m] } else { &[][..] };
+    let mut idx = [0u64; MAX_DIMS];
     loop {
         let mut src = src0;
         let mut dst = dst0;
-        for (i, &(_, s, d)) in idx.iter().zip(&enumerated) {
+        for (i, &(_, s, d)) in idx.iter().zip(enumerated) {
             src = src.checked_add(i.checked_mul(s)?)?;
             dst = dst.checked_add(i.checked_mul(d)?)?;
         }
-        runs.push(normalize(ElemRun {
+        out.push(normalize(ElemRun {
             src,
             dst,
             len: chunk,
@@ -133,11 +134,11 @@ fn box_runs(
             src_stride,
             dst_stride,
         }));
-        // Odometer over the enumerated dims, innermost fastest.
+        // Odometer over the enumerated dims (innermost first in `enumerated`, fastest).
         let mut carry = true;
-        for j in (0..enumerated.len()).rev() {
+        for (j, &(nj, _, _)) in enumerated.iter().enumerate() {
             idx[j] += 1;
-            if idx[j] < enumerated[j].0 {
+            if idx[j] < nj {
                 carry = false;
                 break;
             }
@@ -147,7 +148,7 @@ fn box_runs(
             break;
         }
     }
-    Some((runs, k))
+    Some(k)
 }
 
 /// A strided run whose chunks abut on both sides is one contiguous run; a one-chunk run has
@@ -188,12 +189,18 @@ pub fn tensor_runs(
     let scalar = src_shape.is_empty();
     let one = [1u64];
     let src_shape: &[u64] = if scalar { &one } else { src_shape };
-    let local: Vec<u64> = if scalar && layout.shape.is_empty() {
-        vec![1]
+    let local: &[u64] = if scalar && layout.shape.is_empty() {
+        &one
     } else {
-        layout.shape.clone()
+        &layout.shape
     };
     let nd = src_shape.len();
+    if nd > MAX_DIMS {
+        return Err(plan_err(
+            name,
+            format_args!("{nd} dimensions are more than the {MAX_DIMS} supported"),
+        ));
+    }
     if local.len() != nd {
         return Err(plan_err(
             name,
@@ -228,16 +235,19 @@ pub fn tensor_runs(
     })?;
     let mut out = TensorRuns {
         bytes,
-        ..TensorRuns::default()
+        copies: Vec::with_capacity(layout.pieces.len()),
+        zeros: Vec::new(),
     };
+    let mut scratch: Vec<ElemRun> = Vec::with_capacity(layout.pieces.len());
     let mut at = 0u64; // position along concat dim in the local tensor
     for (p, piece) in layout.pieces.iter().enumerate() {
         match piece {
             Piece::Slice { ranges } => {
-                let ranges: Vec<(u64, u64)> = if scalar && ranges.is_empty() {
-                    vec![(0, 1)]
+                let whole_scalar = [(0u64, 1u64)];
+                let ranges: &[(u64, u64)] = if scalar && ranges.is_empty() {
+                    &whole_scalar
                 } else {
-                    ranges.clone()
+                    ranges
                 };
                 if ranges.len() != nd {
                     return Err(plan_err(
@@ -248,7 +258,8 @@ pub fn tensor_runs(
                         ),
                     ));
                 }
-                let mut n = Vec::with_capacity(nd);
+                let mut n = [0u64; MAX_DIMS];
+                let mut src_origin = [0u64; MAX_DIMS];
                 for (d, &(b, e)) in ranges.iter().enumerate() {
                     if b > e || e > src_shape[d] {
                         return Err(plan_err(
@@ -268,7 +279,8 @@ pub fn tensor_runs(
                             ),
                         ));
                     }
-                    n.push(e - b);
+                    n[d] = e - b;
+                    src_origin[d] = b;
                 }
                 let extent = n[c];
                 let end = at
@@ -280,12 +292,19 @@ pub fn tensor_runs(
                             format_args!("pieces overflow the local size {} of dim {c}", local[c]),
                         )
                     })?;
-                let src_origin: Vec<u64> = ranges.iter().map(|r| r.0).collect();
-                let mut dst_origin = vec![0u64; nd];
+                let mut dst_origin = [0u64; MAX_DIMS];
                 dst_origin[c] = at;
-                let (runs, k) = box_runs(&n, src_shape, &src_origin, &local, &dst_origin)
-                    .ok_or_else(|| plan_err(name, "offsets overflow"))?;
-                for r in runs {
+                scratch.clear();
+                let k = box_runs(
+                    &n[..nd],
+                    src_shape,
+                    &src_origin[..nd],
+                    local,
+                    &dst_origin[..nd],
+                    &mut scratch,
+                )
+                .ok_or_else(|| plan_err(name, "offsets overflow"))?;
+                for &r in &scratch {
                     let conv = (|| {
                         Some(CopyRun {
                             file,
@@ -321,13 +340,22 @@ pub fn tensor_runs(
                             format_args!("pieces overflow the local size {} of dim {c}", local[c]),
                         )
                     })?;
-                let mut n = local.clone();
+                let mut n = [0u64; MAX_DIMS];
+                n[..nd].copy_from_slice(local);
                 n[c] = *extent;
-                let mut dst_origin = vec![0u64; nd];
+                let mut dst_origin = [0u64; MAX_DIMS];
                 dst_origin[c] = at;
-                let (runs, _) = box_runs(&n, &local, &dst_origin, &local, &dst_origin)
-                    .ok_or_else(|| plan_err(name, "offsets overflow"))?;
-                for r in runs {
+                scratch.clear();
+                box_runs(
+                    &n[..nd],
+                    local,
+                    &dst_origin[..nd],
+                    local,
+                    &dst_origin[..nd],
+                    &mut scratch,
+                )
+                .ok_or_else(|| plan_err(name, "offsets overflow"))?;
+                for &r in &scratch {
                     let conv = (|| {
                         Some(ZeroRun {
                             dst: to_bytes(r.dst, bits)?,

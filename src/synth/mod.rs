@@ -108,9 +108,47 @@ impl SynthOptions {
     /// 64 and fewer kv heads than heads; real-size ones (`llama3-8b`, `llama3.1-405b`,
     /// `mixtral-8x7b`, `deepseek-v3`, `gpt2`, `distilgpt2`) have the published shapes and are
     /// meant to be written sparse. A `-tied` or `-untied` suffix sets `tie_word_embeddings`.
-    /// `llama-tiny` also carries `rotary_emb.inv_freq` buffers, as some real checkpoints do.
+    /// `llama-tiny` also carries `rotary_emb.inv_freq` buffers, as some real checkpoints do;
+    /// `llama-tiny-gptq` and `llama-tiny-awq` are int4 weight-only quantized (group 32).
     pub fn preset(name: &str) -> Result<SynthOptions> {
         presets::preset(name)
+    }
+
+    /// Options for an existing `config.json`: the architecture from `architectures`, the
+    /// weight dtype from `torch_dtype` (BF16 when absent), 5 GB files, dense, seed 0.
+    pub fn from_config(config: serde_json::Value) -> Result<SynthOptions> {
+        let names: Vec<&str> = config
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let arch = names
+            .iter()
+            .find_map(|n| Arch::from_hf_architecture(n))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "synth: `architectures` {names:?} names no known architecture (known: {})",
+                    Arch::ALL.map(Arch::hf_architecture).join(", ")
+                ))
+            })?;
+        let dtype = match config.get("torch_dtype").and_then(|d| d.as_str()) {
+            None | Some("bfloat16") => Dtype::BF16,
+            Some("float16") => Dtype::F16,
+            Some("float32") => Dtype::F32,
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "synth: unsupported torch_dtype {other:?} (bfloat16, float16 or float32)"
+                )))
+            }
+        };
+        Ok(SynthOptions {
+            arch,
+            config,
+            dtype,
+            max_file_bytes: 5_000_000_000,
+            sparse: false,
+            seed: 0,
+        })
     }
 
     /// Sets the number of decoder layers (`num_hidden_layers`, or `n_layer` for GPT-2).
@@ -224,12 +262,13 @@ pub fn fill(seed: u64, name: &str, start: u64, out: &mut [u8]) {
             done += 1;
         }
     }
-    let mut i = (start + done as u64) / 8;
+    // After a partial head the next byte starts a word (no overflow near u64::MAX).
+    let mut i = (start / 8).wrapping_add(u64::from(head != 0));
     let rest = out.get_mut(done..).unwrap_or_default();
     let mut chunks = rest.chunks_exact_mut(8);
     for c in &mut chunks {
         c.copy_from_slice(&word(key, i));
-        i += 1;
+        i = i.wrapping_add(1);
     }
     let tail = chunks.into_remainder();
     if !tail.is_empty() {

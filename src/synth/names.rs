@@ -92,8 +92,89 @@ pub(crate) fn list(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
     Ok(o.v)
 }
 
+/// Weight-only int4 quantization of the linear layers (`quantization_config.quant_method`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Quant {
+    None,
+    /// GPTQ: `qweight` I32 [in/pf, out], `qzeros` I32 [in/g, out/pf], `scales` [in/g, out],
+    /// `g_idx` I32 [in].
+    Gptq {
+        pf: u64,
+        g: u64,
+    },
+    /// AWQ: `qweight` I32 [in, out/pf], `qzeros` I32 [in/g, out/pf], `scales` [in/g, out].
+    Awq {
+        pf: u64,
+        g: u64,
+    },
+}
+
+fn quant_of(cfg: &Value) -> Result<Quant> {
+    let Some(q) = cfg.get("quantization_config") else {
+        return Ok(Quant::None);
+    };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    if method != "gptq" && method != "awq" {
+        return Ok(Quant::None);
+    }
+    let bits = cfg_u64(q, "bits").or_else(|_| cfg_u64(q, "w_bit"))?;
+    let g = cfg_u64(q, "group_size").or_else(|_| cfg_u64(q, "q_group_size"))?;
+    if bits == 0 || 32 % bits != 0 || g == 0 {
+        return Err(Error::Config(format!(
+            "synth: quantization_config: bits {bits} must divide 32 and group_size {g} be positive"
+        )));
+    }
+    let pf = 32 / bits;
+    Ok(if method == "gptq" {
+        Quant::Gptq { pf, g }
+    } else {
+        Quant::Awq { pf, g }
+    })
+}
+
+impl Out {
+    /// A linear layer `name` (without `.weight`) of shape [out, inp]: a plain weight, or the
+    /// quantized tensors of GPTQ/AWQ (scales in the weight dtype).
+    fn linear(&mut self, q: Quant, name: &str, dt: Dtype, out: u64, inp: u64) -> Result<()> {
+        let need = |ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "synth: {name}: [{out}, {inp}] does not divide into the quantization packing/groups"
+                )))
+            }
+        };
+        match q {
+            Quant::None => self.push(format!("{name}.weight"), dt, &[out, inp]),
+            Quant::Gptq { pf, g } => {
+                need(inp % pf == 0 && out % pf == 0 && inp % g == 0)?;
+                self.push(format!("{name}.qweight"), Dtype::I32, &[inp / pf, out]);
+                self.push(format!("{name}.qzeros"), Dtype::I32, &[inp / g, out / pf]);
+                self.push(format!("{name}.scales"), dt, &[inp / g, out]);
+                self.push(format!("{name}.g_idx"), Dtype::I32, &[inp]);
+            }
+            Quant::Awq { pf, g } => {
+                need(out % pf == 0 && inp % g == 0)?;
+                self.push(format!("{name}.qweight"), Dtype::I32, &[inp, out / pf]);
+                self.push(format!("{name}.qzeros"), Dtype::I32, &[inp / g, out / pf]);
+                self.push(format!("{name}.scales"), dt, &[inp / g, out]);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Llama, Mistral, Qwen2, Phi-3, Mixtral and Qwen2-MoE: `model.layers.N.*` decoder layers.
+/// Llama, Mistral and Qwen2 may be GPTQ/AWQ-quantized (`quantization_config`).
 fn dense_family(arch: Arch, cfg: &Value, dt: Dtype, o: &mut Out) -> Result<()> {
+    let quant = quant_of(cfg)?;
+    if quant != Quant::None && !matches!(arch, Arch::Llama | Arch::Mistral | Arch::Qwen2) {
+        return Err(Error::Config(format!(
+            "synth: GPTQ/AWQ checkpoints are generated for Llama, Mistral and Qwen2 only, not {}",
+            arch.hf_architecture()
+        )));
+    }
     let (h, nh, nkv, hd) = attn_dims(cfg)?;
     let v = cfg_u64(cfg, "vocab_size")?;
     let layers = cfg_u64(cfg, "num_hidden_layers")?;
@@ -110,13 +191,13 @@ fn dense_family(arch: Arch, cfg: &Value, dt: Dtype, o: &mut Out) -> Result<()> {
             o.push(format!("{p}.self_attn.qkv_proj.weight"), dt, &[rows, h]);
         } else {
             for (n, rows) in [("q", q_rows), ("k", kv_rows), ("v", kv_rows)] {
-                o.push(format!("{p}.self_attn.{n}_proj.weight"), dt, &[rows, h]);
+                o.linear(quant, &format!("{p}.self_attn.{n}_proj"), dt, rows, h)?;
                 if matches!(arch, Arch::Qwen2 | Arch::Qwen2Moe) {
                     o.push(format!("{p}.self_attn.{n}_proj.bias"), dt, &[rows]);
                 }
             }
         }
-        o.push(format!("{p}.self_attn.o_proj.weight"), dt, &[h, q_rows]);
+        o.linear(quant, &format!("{p}.self_attn.o_proj"), dt, h, q_rows)?;
         if inv_freq {
             o.push(
                 format!("{p}.self_attn.rotary_emb.inv_freq"),
@@ -171,9 +252,9 @@ fn dense_family(arch: Arch, cfg: &Value, dt: Dtype, o: &mut Out) -> Result<()> {
             }
             _ => {
                 let i = cfg_u64(cfg, "intermediate_size")?;
-                o.push(format!("{p}.mlp.gate_proj.weight"), dt, &[i, h]);
-                o.push(format!("{p}.mlp.up_proj.weight"), dt, &[i, h]);
-                o.push(format!("{p}.mlp.down_proj.weight"), dt, &[h, i]);
+                o.linear(quant, &format!("{p}.mlp.gate_proj"), dt, i, h)?;
+                o.linear(quant, &format!("{p}.mlp.up_proj"), dt, i, h)?;
+                o.linear(quant, &format!("{p}.mlp.down_proj"), dt, h, i)?;
             }
         }
         o.push(format!("{p}.input_layernorm.weight"), dt, &[h]);

@@ -16,6 +16,8 @@ pub const PRESETS: &[&str] = &[
     "qwen2-moe-tiny",
     "deepseek-v3-tiny",
     "gpt2-tiny",
+    "llama-tiny-gptq",
+    "llama-tiny-awq",
     "llama3-8b",
     "llama3.1-405b",
     "mixtral-8x7b",
@@ -29,6 +31,8 @@ const GB: u64 = 1_000_000_000;
 const REAL_SHARD: u64 = 5 * GB;
 /// Tiny presets split into a few files so that multi-file checkpoints are exercised.
 const TINY_SHARD: u64 = 1 << 20;
+/// Shard size that splits the `deepseek-v3` preset into exactly 163 files, as published.
+pub(crate) const DEEPSEEK_V3_SHARD: u64 = 4_243_538_144;
 
 fn llama_cfg(arch: &str, model_type: &str, fields: Value) -> Value {
     let mut cfg = json!({
@@ -82,6 +86,30 @@ pub(crate) fn preset(name: &str) -> Result<SynthOptions> {
             bf,
             TINY_SHARD,
         ),
+        // Weight-only int4 (pack factor 8, group 32); intermediate 256 so that row-parallel
+        // partitions stay whole groups up to tp = 4.
+        "llama-tiny-gptq" | "llama-tiny-awq" => {
+            let gptq = base.ends_with("gptq");
+            let q = if gptq {
+                json!({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": false,
+                    "sym": true, "checkpoint_format": "gptq"})
+            } else {
+                json!({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": true,
+                    "version": "gemm"})
+            };
+            let mut cfg = llama_cfg(
+                "LlamaForCausalLM",
+                "llama",
+                json!({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1000,
+                    "max_position_embeddings": 256, "rope_theta": 500000.0,
+                    "tie_word_embeddings": false, "torch_dtype": "float16"}),
+            );
+            if let Some(c) = cfg.as_object_mut() {
+                c.insert("quantization_config".into(), q);
+            }
+            opts(Arch::Llama, cfg, Dtype::F16, TINY_SHARD)
+        }
         "mistral-tiny" => opts(
             Arch::Mistral,
             llama_cfg(
@@ -228,8 +256,9 @@ pub(crate) fn preset(name: &str) -> Result<SynthOptions> {
                 bf,
                 REAL_SHARD,
             );
-            // The published checkpoint has 163 files: pick the shard size that gives as many.
-            o.max_file_bytes = super::shard_size_for_files(&o, 163)?;
+            // The published checkpoint has 163 files; this is the smallest shard size that
+            // gives as many (`shard_size_for_files(.., 163)`, checked by a test).
+            o.max_file_bytes = DEEPSEEK_V3_SHARD;
             o
         }
         "gpt2" => opts(

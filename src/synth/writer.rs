@@ -128,10 +128,13 @@ pub(crate) fn write(dir: &Path, opts: &SynthOptions) -> Result<usize> {
         .map_err(|e| Error::Config(format!("synth: config.json: {e}")))?;
     write_atomic(&dir.join("config.json"), &cfg)?;
 
+    // Chunk buffer: no larger than the largest file's data (tiny checkpoints stay small).
+    let largest = files.iter().map(|f| f.data_bytes).max().unwrap_or(0);
+    let cap = usize::try_from(largest).unwrap_or(CHUNK).clamp(1, CHUNK);
     let mut buf = if opts.sparse {
         Vec::new()
     } else {
-        vec![0u8; CHUNK]
+        vec![0u8; cap]
     };
     for f in &files {
         let path = dir.join(&f.name);
@@ -258,4 +261,20 @@ fn flush(
         .into_par_iter()
         .for_each(|(p, name, start)| fill(seed, name, start, p));
     file.write_all(&buf[..filled])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_sizes;
+
+    #[test]
+    fn greedy_split_like_max_shard_size() {
+        assert_eq!(split_sizes(&[4, 4, 4], 8), vec![vec![0, 1], vec![2]]);
+        // A tensor larger than the limit gets a file of its own.
+        assert_eq!(split_sizes(&[1, 20, 1], 8), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(split_sizes(&[3, 3, 3], 100), vec![vec![0, 1, 2]]);
+        assert_eq!(split_sizes(&[], 8), vec![Vec::<usize>::new()]);
+        // Zero-size tensors never start a new file.
+        assert_eq!(split_sizes(&[8, 0, 0, 1], 8), vec![vec![0, 1, 2], vec![3]]);
+    }
 }

@@ -108,3 +108,17 @@ pub fn python(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The bytes of one tensor as stored in a checkpoint, read through the catalog of
+/// `safeshard::checkpoint::Checkpoint` (absolute offset and length in its file).
+pub fn stored_tensor_bytes(ck: &safeshard::checkpoint::Checkpoint, name: &str) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let t = ck
+        .tensor(name)
+        .unwrap_or_else(|| panic!("no tensor {name}"));
+    let mut f = std::fs::File::open(&ck.files[t.file].path).unwrap();
+    f.seek(SeekFrom::Start(t.offset)).unwrap();
+    let mut v = vec![0u8; t.bytes as usize];
+    f.read_exact(&mut v).unwrap();
+    v
+}

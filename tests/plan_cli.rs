@@ -1,0 +1,195 @@
+//! `safeshard plan` end to end on tiny synthetic checkpoints: table snapshots for every shipped
+//! spec, the JSON schema and its consistency, the SVG picture, and the errors' exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use safeshard::synth::{self, SynthOptions};
+
+fn write(preset: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SynthOptions::preset(preset).unwrap();
+    synth::write_checkpoint(dir.path(), &opts).unwrap();
+    dir
+}
+
+fn plan(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_safeshard"))
+        .arg("plan")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout_ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// The table for each shipped architecture on its tiny preset.
+#[test]
+fn table_snapshots() {
+    let cases: &[(&str, &[&str])] = &[
+        ("llama-tiny", &["--tp", "2", "--pp", "2"]),
+        ("mistral-tiny", &["--tp", "4"]),
+        ("qwen2-tiny", &["--tp", "2", "--pp", "2"]),
+        ("phi3-tiny", &["--tp", "2", "--pp", "2"]),
+        ("mixtral-tiny", &["--tp", "2", "--pp", "2"]),
+        ("mixtral-tiny", &["--tp", "2", "--dp", "2", "--ep", "4"]),
+        ("qwen2-moe-tiny", &["--tp", "2", "--pp", "2"]),
+        ("deepseek-v3-tiny", &["--tp", "2", "--pp", "2"]),
+        ("deepseek-v3-tiny", &["--tp", "4", "--ep", "4"]),
+        ("gpt2-tiny", &["--tp", "2", "--pp", "2"]),
+    ];
+    for (preset, args) in cases {
+        let dir = write(preset);
+        let out = stdout_ok(&plan(dir.path(), args));
+        let name = format!("{preset}{}", args.join("").replace("--", "_"));
+        insta::assert_snapshot!(name, out);
+    }
+}
+
+#[test]
+fn json_schema_and_consistency() {
+    let dir = write("llama-tiny");
+    let out = stdout_ok(&plan(dir.path(), &["--tp", "2", "--pp", "2", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for k in ["world_size", "tp", "pp", "dp", "ep", "ranks"] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    assert_eq!(v["world_size"], 4);
+    assert_eq!(
+        (
+            v["tp"].as_u64(),
+            v["pp"].as_u64(),
+            v["dp"].as_u64(),
+            v["ep"].as_u64()
+        ),
+        (Some(2), Some(2), Some(1), Some(1))
+    );
+    let ranks = v["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    let mut all_names = std::collections::BTreeSet::new();
+    for (i, r) in ranks.iter().enumerate() {
+        assert_eq!(r["rank"], i);
+        assert_eq!(r["tp_rank"], i % 2);
+        assert_eq!(r["pp_rank"], i / 2);
+        assert_eq!(r["dp_rank"], 0);
+        let tensors = r["tensors"].as_array().unwrap();
+        let mut sum = 0;
+        for t in tensors {
+            let shape: Vec<u64> = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            let bytes = t["bytes"].as_u64().unwrap();
+            assert_eq!(t["dtype"], "BF16");
+            // BF16: two bytes per element of the rank-local shape.
+            assert_eq!(bytes, 2 * shape.iter().product::<u64>(), "{t}");
+            sum += bytes;
+            all_names.insert(t["name"].as_str().unwrap().to_string());
+        }
+        assert_eq!(r["bytes"].as_u64().unwrap(), sum);
+        let read = r["read_bytes"].as_u64().unwrap();
+        assert_eq!(read % 4096, 0);
+        assert!(read >= sum / 2, "rank {i} reads {read} for {sum} held");
+    }
+    // Stage 0 holds layers 0-1 and the embedding; stage 1 layers 2-3, the final norm, lm_head.
+    assert!(all_names.contains("model.embed_tokens.weight"));
+    assert!(all_names.contains("lm_head.weight"));
+    assert!(
+        !all_names.iter().any(|n| n.contains("rotary_emb")),
+        "buffers are skipped"
+    );
+    let stage_of = |name: &str| -> Vec<u64> {
+        ranks
+            .iter()
+            .filter(|r| {
+                r["tensors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|t| t["name"] == name)
+            })
+            .map(|r| r["pp_rank"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(stage_of("model.layers.1.mlp.down_proj.weight"), vec![0, 0]);
+    assert_eq!(stage_of("model.layers.2.mlp.down_proj.weight"), vec![1, 1]);
+    assert_eq!(stage_of("model.norm.weight"), vec![1, 1]);
+}
+
+#[test]
+fn svg_is_written_whole() {
+    let dir = write("mixtral-tiny");
+    let out_dir = tempfile::tempdir().unwrap();
+    let svg = out_dir.path().join("mem.svg");
+    let out = plan(
+        dir.path(),
+        &["--tp", "2", "--pp", "2", "--svg", svg.to_str().unwrap()],
+    );
+    stdout_ok(&out);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    for label in [
+        "attention",
+        "experts",
+        "embeddings",
+        "norms",
+        "bytes held",
+        "global rank",
+    ] {
+        assert!(text.contains(label), "legend/axis label {label}");
+    }
+    // One tooltip per rank.
+    assert_eq!(text.matches("<title>rank ").count(), 4);
+    // Nothing but the SVG is left in the directory (no temp files).
+    assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 1);
+}
+
+fn expect_error(out: &Output, code: i32, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(out.stdout.is_empty(), "no partial output");
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in {err}");
+    }
+}
+
+#[test]
+fn errors_have_exit_codes() {
+    let dir = write("llama-tiny");
+    // 8 heads and 2 kv heads do not split over tp = 3 (bad data for this topology: exit 1).
+    expect_error(&plan(dir.path(), &["--tp", "3"]), 1, &["3"]);
+    // More stages than the 4 layers (usage: exit 2).
+    expect_error(&plan(dir.path(), &["--pp", "5"]), 2, &["--pp 5"]);
+    // ep must be 1 or tp × dp.
+    expect_error(
+        &plan(dir.path(), &["--tp", "2", "--ep", "3"]),
+        2,
+        &["--ep 3"],
+    );
+    // A spec whose rules match none of the tensors names them (bad data: exit 1).
+    expect_error(
+        &plan(dir.path(), &["--spec", "gpt2"]),
+        1,
+        &["match no rule", "model.embed_tokens.weight"],
+    );
+    // The tp = 3 error names the tensor and the tp.
+    expect_error(&plan(dir.path(), &["--tp", "3"]), 1, &["model.", "tp = 3"]);
+    // Not a checkpoint.
+    let empty = tempfile::tempdir().unwrap();
+    let out = plan(empty.path(), &["--tp", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    // An svg into a missing directory is an error, and no plan is printed first.
+    let out = plan(dir.path(), &["--svg", "/nonexistent-dir/x.svg"]);
+    expect_error(&out, 1, &["nonexistent-dir"]);
+}
