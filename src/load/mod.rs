@@ -135,6 +135,7 @@ pub struct RankTensors {
     arena: Arena,
     views: HashMap<usize, ViewRef>,
     mapped: Option<Arc<engine::Mapped>>,
+    taken: Vec<bool>,
     stats: LoadStats,
 }
 
@@ -226,9 +227,11 @@ impl RankTensors {
         self.tensor_at(*self.by_name.get(name)?)
     }
 
-    /// All tensors, in arena order.
+    /// All tensors not taken out with [`RankTensors::take`], in arena order.
     pub fn iter(&self) -> impl Iterator<Item = TensorRef<'_>> + '_ {
-        (0..self.tensors.len()).filter_map(move |i| self.tensor_at(i))
+        (0..self.tensors.len())
+            .filter(move |&i| !self.taken.get(i).copied().unwrap_or(false))
+            .filter_map(move |i| self.tensor_at(i))
     }
 
     /// Copies the view tensors into the arena and drops the file mappings, so that every
@@ -253,7 +256,8 @@ impl RankTensors {
         }
     }
 
-    /// Takes one tensor out, copying its bytes into an owned buffer.
+    /// Takes one tensor out, copying its bytes into an owned buffer. It is no longer returned
+    /// by [`RankTensors::get`] or [`RankTensors::iter`]; its arena bytes are unspecified.
     pub fn take(&mut self, name: &str) -> Option<OwnedTensor> {
         let t = self.get(name)?;
         let owned = OwnedTensor {
@@ -264,6 +268,9 @@ impl RankTensors {
         };
         if let Some(i) = self.by_name.remove(name) {
             self.views.remove(&i);
+            if let Some(t) = self.taken.get_mut(i) {
+                *t = true;
+            }
         }
         Some(owned)
     }
@@ -424,6 +431,7 @@ pub fn load_rank_into(
         arena,
         views,
         mapped,
+        taken: vec![false; rp.tensors.len()],
         stats: LoadStats {
             rank,
             tensors: rp.tensors.len(),

@@ -269,9 +269,18 @@ fn views_borrow_contiguous_tensors_only() {
     let taken = rt.take("cols").unwrap();
     assert_eq!(taken.data, want[rp.tensors[1].offset as usize..][..300_000]);
     assert!(rt.get("cols").is_none());
+    let big_taken = rt.take("big").unwrap();
+    assert_eq!(big_taken.data, want[..rp.tensors[0].bytes as usize]);
+    assert_eq!(rt.iter().map(|t| t.name).collect::<Vec<_>>(), ["rest"]);
     let (arena, tensors) = rt.into_parts();
+    let t = &tensors[2];
+    let r = t.offset as usize..(t.offset + t.bytes) as usize;
+    assert!(arena[r.clone()] == want[r]);
+    // into_parts copies views into the arena first.
+    let (arena, tensors) = load_rank(&plan, 0, &opts).unwrap().into_parts();
     let t = &tensors[0];
-    assert!(arena[t.offset as usize..(t.offset + t.bytes) as usize] == want[..t.bytes as usize]);
+    let r = t.offset as usize..(t.offset + t.bytes) as usize;
+    assert!(arena[r.clone()] == want[r]);
 }
 
 #[test]
