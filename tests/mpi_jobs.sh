@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
 
-cargo build -q --features mpi --example share_toy --example synth --bin safeshard
+cargo build -q --features "${SAFESHARD_FEATURES:-mpi}" --example share_toy --example synth --bin safeshard
 bin=$PWD/target/debug/examples/share_toy
 safeshard=$PWD/target/debug/safeshard
 synth=$PWD/target/debug/examples/synth
