@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs `safeshard dist-load` as one MPI process per rank.
+# Runs `safeshard load` as one MPI process per rank.
 #
 #   launch/mpirun.sh CHECKPOINT --tp 2 --pp 2 [--dp 1] [--share read-once] [--json] ...
 #
@@ -44,4 +44,4 @@ if [[ -n $nccl && -e $nccl/libnccl.so.2 && ! -e $nccl/libnccl.so ]]; then
 fi
 
 # shellcheck disable=SC2086 # MPIRUN_ARGS is a list of flags
-exec mpirun "${flags[@]}" ${MPIRUN_ARGS:-} "$bin" dist-load "$@"
+exec mpirun "${flags[@]}" ${MPIRUN_ARGS:-} "$bin" load "$@"

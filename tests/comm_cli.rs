@@ -1,5 +1,6 @@
-//! `safeshard dist-load` without a launcher (all ranks on threads): every share mode loads
-//! the same bytes, verified against the slow path; read-once reads the checkpoint once.
+//! `safeshard load --share` without a launcher (all ranks on threads): every share mode loads
+//! the same bytes as `load --all-ranks`, verified against the slow path; read-once reads the
+//! checkpoint once; launcher environments are checked.
 
 use std::path::Path;
 use std::process::Command;
@@ -40,9 +41,9 @@ fn data_bytes(dir: &Path) -> u64 {
 
 fn run(dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
     let out = bin()
-        .arg("dist-load")
+        .arg("load")
         .arg(dir)
-        .args(["--tp", "2", "--pp", "2", "--json", "--verify"])
+        .args(["--tp", "2", "--pp", "2", "--json", "--verify", "--digest"])
         .args(extra)
         .output()
         .unwrap();
@@ -106,7 +107,7 @@ fn a_truncated_file_is_a_clear_error() {
         .unwrap();
     for mode in ["none", "read-once"] {
         let out = bin()
-            .arg("dist-load")
+            .arg("load")
             .arg(dir.path())
             .args(["--tp", "2", "--pp", "2", "--share", mode])
             .output()
@@ -123,7 +124,7 @@ fn launcher_environment_errors() {
     let dir = tempfile::tempdir().unwrap();
     checkpoint(dir.path());
     let out = bin()
-        .arg("dist-load")
+        .arg("load")
         .arg(dir.path())
         .args(["--tp", "2"])
         .env("SLURM_PROCID", "one")
@@ -133,15 +134,121 @@ fn launcher_environment_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SLURM_PROCID=\"one\""));
     if !cfg!(feature = "mpi") {
-        let out = bin()
-            .arg("dist-load")
-            .arg(dir.path())
-            .args(["--tp", "2"])
-            .env("RANK", "1")
-            .env("WORLD_SIZE", "2")
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2));
-        assert!(String::from_utf8_lossy(&out.stderr).contains("built without MPI"));
+        // `load --json` started by a launcher (no --rank): needs MPI, says so in one line.
+        for extra in [&[][..], &["--share", "broadcast"][..]] {
+            let out = bin()
+                .arg("load")
+                .arg(dir.path())
+                .args(["--tp", "2", "--json"])
+                .args(extra)
+                .env("RANK", "1")
+                .env("WORLD_SIZE", "2")
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{extra:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("built without MPI"), "{err}");
+            assert!(err.contains("rank 1 of 2"), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(out.stdout.is_empty());
+        }
     }
+    // --rank that contradicts the launcher's rank is a usage error; the matching one loads.
+    let with_rank = |r: &str| {
+        bin()
+            .arg("load")
+            .arg(dir.path())
+            .args(["--tp", "2", "--json", "--rank", r])
+            .env("OMPI_COMM_WORLD_RANK", "1")
+            .env("OMPI_COMM_WORLD_SIZE", "2")
+            .output()
+            .unwrap()
+    };
+    let out = with_rank("0");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--rank 0") && err.contains("rank 1 of 2"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = with_rank("1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["rank"], 1);
+}
+
+/// `load --share MODE` (threads) and `load --all-ranks` (each rank reads its own slices) hold
+/// the same bytes per rank, and print the same keys for the same things.
+#[test]
+fn share_modes_equal_all_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint(dir.path());
+    let all = bin()
+        .arg("load")
+        .arg(dir.path())
+        .args([
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--all-ranks",
+            "--json",
+            "--digest",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        all.status.success(),
+        "{}",
+        String::from_utf8_lossy(&all.stderr)
+    );
+    let all: Vec<serde_json::Value> = String::from_utf8(all.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(all.len(), 4);
+    for mode in ["broadcast", "read-once", "none"] {
+        let shared = run(dir.path(), &["--share", mode]);
+        assert_eq!(shared.len(), 4);
+        for (a, s) in all.iter().zip(&shared) {
+            for k in ["rank", "tp_rank", "pp_rank", "tensors", "bytes", "sha256"] {
+                assert_eq!(a[k], s[k], "{mode}: {k}");
+            }
+            let (ak, sk): (Vec<_>, Vec<_>) = (
+                a.as_object().unwrap().keys().collect(),
+                s.as_object().unwrap().keys().collect(),
+            );
+            assert_eq!(ak, sk, "{mode}: the two paths print different keys");
+            assert_eq!(s["share"], mode);
+            assert_eq!(a["share"], "none");
+        }
+    }
+    // The hidden old name still works (and always prints the digest).
+    let old = bin()
+        .arg("dist-load")
+        .arg(dir.path())
+        .args(["--tp", "2", "--pp", "2", "--share", "broadcast", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        old.status.success(),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
+    let old: Vec<serde_json::Value> = String::from_utf8(old.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let d = |v: &[serde_json::Value]| v.iter().map(|l| l["sha256"].clone()).collect::<Vec<_>>();
+    assert_eq!(d(&old), d(&all));
+    let help = bin().arg("--help").output().unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("dist-load"));
 }

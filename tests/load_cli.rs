@@ -10,12 +10,12 @@ use safeshard::synth::SynthOptions;
 use safeshard::topology::Topology;
 
 fn load(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_safeshard"))
-        .arg("load")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap()
+    let mut c = Command::new(env!("CARGO_BIN_EXE_safeshard"));
+    // Without --rank/--all-ranks a launcher's variables would select the distributed path.
+    for v in ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "RANK"] {
+        c.env_remove(v);
+    }
+    c.arg("load").arg(dir).args(args).output().unwrap()
 }
 
 fn json_lines(o: &std::process::Output) -> Vec<serde_json::Value> {
@@ -120,6 +120,10 @@ fn usage_errors_exit_2() {
         vec!["--tp", "2", "--rank", "2"],
         vec!["--rank", "0", "--all-ranks"],
         vec!["--rank", "0", "--io", "nfs"],
+        vec!["--rank", "0", "--share", "broadcast"],
+        vec!["--all-ranks", "--share", "none"],
+        vec!["--tp", "2", "--share", "everything"],
+        vec!["--tp", "2", "--share", "none", "--views"],
     ] {
         let o = load(dir.path(), &args);
         assert_eq!(

@@ -80,23 +80,44 @@ else
 fi
 
 # The real CLI on a synthetic Llama checkpoint (real spec and planner): every rank verified
-# against the slow path, arenas equal to the in-process (threads) load.
+# against the slow path, arenas equal to the in-process load (`--all-ranks`, each rank reading
+# its own slices); `mpirun ... safeshard load` without --share loads each process's rank.
 "$synth" llama-tiny llama > /dev/null
 for topo in "--tp 2 --pp 2" "--tp 4"; do
-  "$safeshard" dist-load llama $topo --json | digests > ref.txt
-  for mode in none broadcast read-once; do
-    timeout 120 mpirun -n 4 "$safeshard" dist-load llama $topo --share $mode --verify --json > out.jsonl
+  "$safeshard" load llama $topo --all-ranks --digest --json | digests > ref.txt
+  for share in "--share none" "--share broadcast" "--share read-once" ""; do
+    timeout 120 mpirun -n 4 "$safeshard" load llama $topo $share --verify --digest --json > out.jsonl
     if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
-      echo "FAIL: dist-load $topo --share $mode differs from the threads load"; fail=1
+      echo "FAIL: load $topo $share differs from the in-process load"; fail=1
     elif [[ $(grep -c '"verified":[1-9]' out.jsonl) -ne 4 ]]; then
-      echo "FAIL: dist-load $topo --share $mode: not every rank verified"; fail=1
+      echo "FAIL: load $topo $share: not every rank verified"; fail=1
     else
-      echo "ok: mpirun -n 4 safeshard dist-load $topo --share $mode --verify, read_bytes total $(read_total < out.jsonl)"
+      echo "ok: mpirun -n 4 safeshard load $topo ${share:-(no --share)} --verify, read_bytes total $(read_total < out.jsonl)"
     fi
   done
 done
+# The command users type (no --digest, no --verify): one line per rank with the promised keys.
+timeout 120 mpirun -n 4 "$safeshard" load llama --tp 2 --pp 2 --share broadcast --json > out.jsonl
+if ! python3 -c "
+import json, sys
+ls = [json.loads(l) for l in open('out.jsonl')]
+assert sorted(l['rank'] for l in ls) == [0, 1, 2, 3], ls
+assert all(all(k in l for k in ('rank', 'tensors', 'bytes', 'read_bytes', 'seconds')) for l in ls)
+"; then
+  echo "FAIL: mpirun -n 4 safeshard load --share broadcast --json: bad output"; cat out.jsonl; fail=1
+else
+  echo "ok: mpirun -n 4 safeshard load --tp 2 --pp 2 --share broadcast --json"
+fi
+# --rank that contradicts the launcher's rank: refused (exit 2 from the ranks it contradicts).
+if timeout 60 mpirun -n 4 "$safeshard" load llama --tp 2 --pp 2 --rank 0 > /dev/null 2> err.txt; then
+  echo "FAIL: --rank 0 under mpirun -n 4 accepted"; fail=1
+elif ! grep -q "started this process as rank" err.txt; then
+  echo "FAIL: --rank 0 under mpirun -n 4: unclear message"; cat err.txt; fail=1
+else
+  echo "ok: --rank 0 under mpirun -n 4 refused"
+fi
 # Two simulated nodes (SAFESHARD_NODE, MPMD): read-once --per-node reads the data once per node.
-"$safeshard" dist-load llama --tp 2 --dp 2 --json | digests > ref.txt
+"$safeshard" load llama --tp 2 --dp 2 --all-ranks --digest --json | digests > ref.txt
 llama_data=$(python3 -c "
 import glob, os, struct
 t = 0
@@ -104,8 +125,8 @@ for p in glob.glob('llama/*.safetensors'):
     with open(p, 'rb') as f: n = struct.unpack('<Q', f.read(8))[0]
     t += os.path.getsize(p) - 8 - n
 print(t)")
-timeout 120 mpirun -n 2 -x SAFESHARD_NODE=a "$safeshard" dist-load llama --tp 2 --dp 2 --share read-once --per-node --io pread --json \
-  : -n 2 -x SAFESHARD_NODE=b "$safeshard" dist-load llama --tp 2 --dp 2 --share read-once --per-node --io pread --json > out.jsonl
+timeout 120 mpirun -n 2 -x SAFESHARD_NODE=a "$safeshard" load llama --tp 2 --dp 2 --share read-once --per-node --io pread --digest --json \
+  : -n 2 -x SAFESHARD_NODE=b "$safeshard" load llama --tp 2 --dp 2 --share read-once --per-node --io pread --digest --json > out.jsonl
 total=$(read_total < out.jsonl)
 if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
   echo "FAIL: read-once --per-node: bytes differ"; fail=1
@@ -117,7 +138,7 @@ fi
 
 truncate -s -100 llama/model-00002-of-00002.safetensors
 start=$SECONDS
-if timeout 60 mpirun -n 4 "$safeshard" dist-load llama --tp 2 --pp 2 --share read-once > /dev/null 2> err.txt; then
+if timeout 60 mpirun -n 4 "$safeshard" load llama --tp 2 --pp 2 --share read-once > /dev/null 2> err.txt; then
   echo "FAIL: truncated checkpoint: job succeeded"; fail=1
 elif ! grep -q "model-00002-of-00002.safetensors" err.txt; then
   echo "FAIL: truncated checkpoint: message does not name the file"; cat err.txt; fail=1

@@ -1,6 +1,8 @@
-//! `safeshard dist-load`: load every rank of a job with a share mode, either as one process
-//! per rank under a launcher (`mpirun`, `srun`; needs the `mpi` feature) or, without one,
-//! all ranks in this process on threads.
+//! The distributed path of `safeshard load` (`--share`, or a launcher with more than one
+//! process): every rank of the job loads with a share mode, as one process per rank under a
+//! launcher (`mpirun`, `srun`; needs the `mpi` feature) or, without one, all ranks in this
+//! process on threads. Also the hidden `dist-load` alias (its old name), kept so scripts that
+//! use it keep working.
 
 use std::path::PathBuf;
 
@@ -8,21 +10,18 @@ use safeshard::comm::{self, agree, launch, Communicator, RankLoad, ShareMode, Sh
 use safeshard::load::{self, IoMode, LoadOptions};
 use safeshard::plan::Plan;
 use safeshard::{Error, Result};
-use sha2::{Digest, Sha256};
 
-use super::common::{human_bytes, PlanFlags, Prepared};
-use super::load::prepare_plan;
+use super::common::{PlanFlags, Prepared};
+use super::load::{prepare_plan, print_lines, sha256_hex, RankLine};
 
-/// Arguments of `safeshard dist-load`.
+/// Arguments of the hidden `safeshard dist-load` (= `safeshard load --share MODE --digest`).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A `.safetensors` file, a `model.safetensors.index.json`, or a directory holding either.
     pub checkpoint: PathBuf,
     #[command(flatten)]
     pub plan: PlanFlags,
-    /// How ranks share reading: `none` (each reads its own slices), `broadcast` (bytes held
-    /// by several ranks are read by one and broadcast in the group holding them) or
-    /// `read-once` (every byte read once per job, then scattered with all-to-all).
+    /// `none`, `broadcast` or `read-once` (see `safeshard load --help`).
     #[arg(long, default_value = "none")]
     pub share: ShareMode,
     /// With `read-once`: read the checkpoint once per node instead of once per job.
@@ -42,11 +41,27 @@ pub struct Args {
     pub json: bool,
 }
 
-struct RankOut {
-    load: RankLoad,
-    tensors: usize,
-    bytes: u64,
-    verified: Option<usize>,
+impl From<Args> for super::load::Args {
+    fn from(a: Args) -> Self {
+        let d = LoadOptions::default();
+        super::load::Args {
+            checkpoint: a.checkpoint,
+            plan: a.plan,
+            rank: None,
+            all_ranks: false,
+            share: Some(a.share),
+            per_node: a.per_node,
+            round: a.round,
+            verify: a.verify,
+            views: false,
+            io: a.io,
+            staging_budget: d.staging_budget,
+            arena: d.arena,
+            json: a.json,
+            // dist-load always printed the digest.
+            digest: true,
+        }
+    }
 }
 
 fn verify(prep: &Prepared, plan: &Plan, l: &RankLoad) -> Result<usize> {
@@ -78,19 +93,22 @@ fn verify(prep: &Prepared, plan: &Plan, l: &RankLoad) -> Result<usize> {
 }
 
 /// One rank's whole job: plan, agree, load, verify. Collective on `world`.
-fn rank_job(args: &Args, world: &dyn Communicator) -> Result<(Plan, RankOut)> {
+fn rank_job(args: &super::load::Args, world: &dyn Communicator) -> Result<RankLine> {
     let prepared = prepare_plan(&args.checkpoint, &args.plan).and_then(|(prep, plan)| {
         launch::check_world(world.size(), &plan.topology)?;
         Ok((prep, plan))
     });
     let (prep, plan) = agree(world, prepared)?;
+    let share = args.share.unwrap_or_default();
     let opts = ShareOptions {
-        mode: args.share,
+        mode: share,
         per_node: args.per_node,
         node: std::env::var("SAFESHARD_NODE").ok(),
         round_bytes: args.round,
         load: LoadOptions {
             io: args.io,
+            staging_budget: args.staging_budget,
+            arena: args.arena,
             ..Default::default()
         },
     };
@@ -100,85 +118,55 @@ fn rank_job(args: &Args, world: &dyn Communicator) -> Result<(Plan, RankOut)> {
     } else {
         None
     };
-    let (tensors, bytes) = plan
-        .ranks
-        .get(load.rank)
-        .map(|r| (r.tensors.len(), r.bytes))
-        .unwrap_or_default();
-    Ok((
-        plan,
-        RankOut {
-            load,
-            tensors,
-            bytes,
-            verified,
-        },
-    ))
+    let rp = plan.ranks.get(load.rank);
+    Ok(RankLine {
+        rank: load.rank,
+        coords: rp.map(|r| r.coords),
+        share,
+        io: args.io,
+        tensors: rp.map_or(0, |r| r.tensors.len()),
+        bytes: rp.map_or(0, |r| r.bytes),
+        read_bytes: load.read_bytes,
+        sent_bytes: load.sent_bytes,
+        received_bytes: load.received_bytes,
+        view_bytes: 0,
+        peak_staging: None,
+        seconds: load.seconds,
+        verified,
+        sha256: args.digest.then(|| sha256_hex(&load.arena)),
+    })
 }
 
-fn line(args: &Args, r: &RankOut) -> String {
-    let l = &r.load;
-    if args.json {
-        let digest: String = Sha256::digest(&l.arena)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        serde_json::json!({
-            "rank": l.rank,
-            "share": args.share.to_string(),
-            "tensors": r.tensors,
-            "bytes": r.bytes,
-            "read_bytes": l.read_bytes,
-            "sent_bytes": l.sent_bytes,
-            "received_bytes": l.received_bytes,
-            "seconds": l.seconds,
-            "verified": r.verified,
-            "sha256": digest,
-        })
-        .to_string()
-    } else {
-        format!(
-            "rank {}: {} tensors, {} held, {} read from storage, {} received, {:.3} s{}",
-            l.rank,
-            r.tensors,
-            human_bytes(r.bytes),
-            human_bytes(l.read_bytes),
-            human_bytes(l.received_bytes),
-            l.seconds,
-            r.verified
-                .map_or(String::new(), |n| format!(", verified {n} tensors"))
-        )
+/// Runs the distributed path; `launched` is what [`launch::detect_env`] found.
+pub fn run(args: &super::load::Args, launched: Option<launch::LaunchInfo>) -> Result<()> {
+    if args.views {
+        return Err(Error::Usage(
+            "--views needs --rank R or --all-ranks (shared loads fill owned arenas)".into(),
+        ));
     }
-}
-
-/// Runs `safeshard dist-load`.
-pub fn run(args: Args) -> Result<()> {
-    let launched = launch::detect_env()?;
     match launched {
-        Some(l) if l.size > 1 => run_launched(&args, l),
+        Some(l) if l.size > 1 => run_launched(args, l),
         _ => {
             let world = args
                 .plan
                 .topology()?
                 .world_size()
                 .ok_or_else(|| Error::Usage("tp × pp × dp overflows".into()))?;
-            let results = comm::run_threads(world, |c| rank_job(&args, c).map(|(_, r)| r));
-            for r in results {
-                println!("{}", line(&args, &r?));
-            }
-            Ok(())
+            let results = comm::run_threads(world, |c| rank_job(args, c));
+            let lines = results.into_iter().collect::<Result<Vec<_>>>()?;
+            print_lines(lines.iter().map(|l| l.render(args.json)))
         }
     }
 }
 
 #[cfg(feature = "mpi")]
-fn run_launched(args: &Args, l: launch::LaunchInfo) -> Result<()> {
+fn run_launched(args: &super::load::Args, l: launch::LaunchInfo) -> Result<()> {
     let universe = comm::MpiUniverse::init()?;
     let world = universe.world();
     let result = launch::check_mpi_world(Some(&l), world.rank(), world.size())
         .and_then(|_| rank_job(args, &world));
     match result {
-        Ok((_, r)) => println!("{}", line(args, &r)),
+        Ok(line) => print_lines([line.render(args.json)])?,
         // End the whole job: no rank may wait for this one.
         Err(e) => world.abort(e.exit_code(), &e.to_string()),
     }
@@ -188,13 +176,15 @@ fn run_launched(args: &Args, l: launch::LaunchInfo) -> Result<()> {
 }
 
 #[cfg(not(feature = "mpi"))]
-fn run_launched(_args: &Args, l: launch::LaunchInfo) -> Result<()> {
+fn run_launched(_args: &super::load::Args, l: launch::LaunchInfo) -> Result<()> {
     Err(Error::Usage(format!(
         "started by {} as rank {} of {}, but this safeshard was built without MPI: rebuild \
-         with `cargo build --release --features mpi`, or run without a launcher to load every \
-         rank on threads",
+         with `cargo build --release --features mpi`, pass `--rank {}` to load only this \
+         process's rank without sharing, or run without a launcher to load every rank on \
+         threads",
         l.launcher.name(),
         l.rank,
-        l.size
+        l.size,
+        l.rank
     )))
 }

@@ -31,11 +31,13 @@ enum Command {
     Spec(spec::SpecCommand),
     /// Dry run: per-rank memory and reads for a topology, without reading tensor data.
     Plan(plan::Args),
-    /// Load one rank (or all ranks in-process) into host memory.
+    /// Load one rank, every rank on threads, or (with --share, or under mpirun/srun) every
+    /// rank of a job with reads shared between ranks.
     Load(load::Args),
     /// Write each rank's tensors as safetensors files (vLLM sharded_state naming).
     Reshard(reshard::Args),
-    /// Load every rank of a job with a share mode, under mpirun/srun or on threads.
+    /// Old name of `load --share MODE --digest` (hidden; kept so scripts keep working).
+    #[command(hide = true)]
     DistLoad(dist::Args),
     /// Write a small Llama-shaped checkpoint, plan it, load all ranks with verification.
     Demo(demo::Args),
@@ -59,7 +61,7 @@ pub fn main() -> i32 {
         Command::Load(args) => load::run(args),
         Command::Reshard(args) => reshard::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::DistLoad(args) => dist::run(args),
+        Command::DistLoad(args) => load::run(args.into()),
     };
     match result {
         Ok(()) => 0,
