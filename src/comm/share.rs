@@ -22,8 +22,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
-
 use super::exec::{check_rank, new_arena, rank_segments, segment_runs, slice_range, Segment};
 use super::{agree, check_same_plan, node_comm, Communicator};
 use crate::load::{execute, LoadOptions};
@@ -111,21 +109,6 @@ pub struct RankLoad {
     pub seconds: f64,
 }
 
-/// A hash of the plan that is equal on every node of a correct job: the plan with file
-/// identities reduced to their lengths and paths reduced to names (inode numbers, mtimes and
-/// mount points legitimately differ between nodes holding copies of the same checkpoint).
-pub fn plan_fingerprint(plan: &Plan) -> Vec<u8> {
-    let mut p = plan.clone();
-    for f in &mut p.files {
-        f.path = std::path::PathBuf::new();
-        f.identity.mtime_ns = 0;
-        f.identity.dev = 0;
-        f.identity.ino = 0;
-    }
-    let json = serde_json::to_vec(&p).unwrap_or_default();
-    Sha256::digest(&json).to_vec()
-}
-
 /// Loads this rank's plan under `opts.mode`, cooperating with the other ranks of `world`.
 ///
 /// Collective on `world`: every rank of the job must call it with an equal plan. Fails on
@@ -148,7 +131,9 @@ pub fn load_rank(plan: &Plan, world: &dyn Communicator, opts: &ShareOptions) -> 
         Ok(())
     })();
     agree(world, setup)?;
-    check_same_plan(world, &plan_fingerprint(plan))?;
+    // Plan::hash leaves out paths, inodes and mtimes, which differ between nodes holding
+    // copies of the same checkpoint.
+    check_same_plan(world, &plan.hash())?;
     let rp = plan
         .ranks
         .get(me)

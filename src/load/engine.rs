@@ -126,6 +126,41 @@ struct DstPattern {
     span: Span,
 }
 
+impl DstPattern {
+    /// The destination of `{what} run {i}` (copy or zero), checked against the arena:
+    /// no offset overflow, within `arena_len`, chunks not overlapping each other.
+    fn checked(
+        what: &str,
+        i: usize,
+        dst: u64,
+        len: u64,
+        count: u64,
+        stride: u64,
+        arena_len: u64,
+    ) -> Result<Self> {
+        let span = strided_span(dst, len, count, stride)
+            .ok_or_else(|| bad_plan(format!("{what} run {i}: arena offsets overflow")))?;
+        if span.end > arena_len {
+            return Err(bad_plan(format!(
+                "{what} run {i} writes up to arena byte {}, arena has {arena_len}",
+                span.end
+            )));
+        }
+        if count > 1 && stride < len {
+            return Err(bad_plan(format!(
+                "{what} run {i}: chunks overlap in the arena"
+            )));
+        }
+        Ok(DstPattern {
+            dst,
+            len,
+            count,
+            stride,
+            span,
+        })
+    }
+}
+
 /// Checks every run against the files and the arena: within bounds, no arithmetic overflow,
 /// and no two destination chunks overlapping (the parallel copy relies on that).
 pub(crate) fn validate(
@@ -156,51 +191,29 @@ pub(crate) fn validate(
                 pf.identity.len
             )));
         }
-        let dst = strided_span(r.dst, r.len, r.count, r.dst_stride)
-            .ok_or_else(|| bad_plan(format!("copy run {i}: arena offsets overflow")))?;
-        if dst.end > arena_len {
-            return Err(bad_plan(format!(
-                "copy run {i} writes up to arena byte {}, arena has {arena_len}",
-                dst.end
-            )));
-        }
-        if r.count > 1 && r.dst_stride < r.len {
-            return Err(bad_plan(format!(
-                "copy run {i}: chunks overlap in the arena"
-            )));
-        }
-        pats.push(DstPattern {
-            dst: r.dst,
-            len: r.len,
-            count: r.count,
-            stride: r.dst_stride,
-            span: dst,
-        });
+        pats.push(DstPattern::checked(
+            "copy",
+            i,
+            r.dst,
+            r.len,
+            r.count,
+            r.dst_stride,
+            arena_len,
+        )?);
     }
     for (i, z) in zeros.iter().enumerate() {
         if z.count == 0 || z.len == 0 {
             continue;
         }
-        let dst = strided_span(z.dst, z.len, z.count, z.dst_stride)
-            .ok_or_else(|| bad_plan(format!("zero run {i}: arena offsets overflow")))?;
-        if dst.end > arena_len {
-            return Err(bad_plan(format!(
-                "zero run {i} writes up to arena byte {}, arena has {arena_len}",
-                dst.end
-            )));
-        }
-        if z.count > 1 && z.dst_stride < z.len {
-            return Err(bad_plan(format!(
-                "zero run {i}: chunks overlap in the arena"
-            )));
-        }
-        pats.push(DstPattern {
-            dst: z.dst,
-            len: z.len,
-            count: z.count,
-            stride: z.dst_stride,
-            span: dst,
-        });
+        pats.push(DstPattern::checked(
+            "zero",
+            i,
+            z.dst,
+            z.len,
+            z.count,
+            z.dst_stride,
+            arena_len,
+        )?);
     }
     check_disjoint(&mut pats)
 }
