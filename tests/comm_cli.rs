@@ -134,24 +134,62 @@ fn launcher_environment_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SLURM_PROCID=\"one\""));
     if !cfg!(feature = "mpi") {
-        // `load --json` started by a launcher (no --rank): needs MPI, says so in one line.
-        for extra in [&[][..], &["--share", "broadcast"][..]] {
-            let out = bin()
+        // Started by a launcher without MPI: --share broadcast/read-once need MPI and say so
+        // in one line; plain `load` (share none) loads the launcher's rank in this process,
+        // the same bytes as --rank.
+        let launched = |extra: &[&str]| {
+            bin()
                 .arg("load")
                 .arg(dir.path())
-                .args(["--tp", "2", "--json"])
+                .args(["--tp", "2", "--json", "--digest"])
                 .args(extra)
                 .env("RANK", "1")
                 .env("WORLD_SIZE", "2")
                 .output()
-                .unwrap();
-            assert_eq!(out.status.code(), Some(2), "{extra:?}");
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(err.contains("built without MPI"), "{err}");
-            assert!(err.contains("rank 1 of 2"), "{err}");
-            assert_eq!(err.lines().count(), 1, "{err}");
-            assert!(out.stdout.is_empty());
-        }
+                .unwrap()
+        };
+        let out = launched(&["--share", "broadcast"]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("built"), "{err}");
+        assert!(
+            err.contains("without it") && err.contains("rank 1 of 2"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(out.stdout.is_empty());
+        let out = launched(&[]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value =
+            serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(line["rank"], 1);
+        let alone = bin()
+            .arg("load")
+            .arg(dir.path())
+            .args(["--tp", "2", "--json", "--digest", "--rank", "1"])
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .output()
+            .unwrap();
+        let alone: serde_json::Value =
+            serde_json::from_slice(alone.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(line["sha256"], alone["sha256"]);
+        assert!(line["sha256"].is_string());
+        // A launcher world that does not match the topology is refused.
+        let out = bin()
+            .arg("load")
+            .arg(dir.path())
+            .args(["--tp", "4", "--json"])
+            .env("RANK", "1")
+            .env("WORLD_SIZE", "2")
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0));
     }
     // --rank that contradicts the launcher's rank is a usage error; the matching one loads.
     let with_rank = |r: &str| {

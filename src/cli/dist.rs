@@ -176,15 +176,21 @@ fn run_launched(args: &super::load::Args, l: launch::LaunchInfo) -> Result<()> {
 }
 
 #[cfg(not(feature = "mpi"))]
-fn run_launched(_args: &super::load::Args, l: launch::LaunchInfo) -> Result<()> {
-    Err(Error::Usage(format!(
-        "started by {} as rank {} of {}, but this safeshard was built without MPI: rebuild \
-         with `cargo build --release --features mpi`, pass `--rank {}` to load only this \
-         process's rank without sharing, or run without a launcher to load every rank on \
-         threads",
-        l.launcher.name(),
-        l.rank,
-        l.size,
-        l.rank
-    )))
+fn run_launched(args: &super::load::Args, l: launch::LaunchInfo) -> Result<()> {
+    let share = args.share.unwrap_or_default();
+    if share != ShareMode::None {
+        return Err(Error::Usage(format!(
+            "--share {share} under {} (rank {} of {}) needs MPI, but this safeshard was built \
+             without it: rebuild with `cargo build --release --features mpi`, or use --share \
+             none (every process reads its own rank)",
+            l.launcher.name(),
+            l.rank,
+            l.size
+        )));
+    }
+    // Without MPI the processes cannot talk, but `--share none` needs no talking: each
+    // process loads the rank the launcher gave it. A rank that fails exits non-zero and the
+    // launcher ends the job; plans are not compared across processes.
+    launch::check_world(l.size, &args.plan.topology()?)?;
+    super::load::run_single_rank(args, l.rank)
 }

@@ -402,9 +402,19 @@ pub fn run(args: Args) -> Result<()> {
 
 /// `--rank R` or `--all-ranks`: each rank reads its own slices, in this process.
 fn run_single(args: Args) -> Result<()> {
+    run_ranks(&args, args.rank)
+}
+
+/// Loads only `rank` in this process, as `--rank` does (used under a launcher without MPI).
+pub fn run_single_rank(args: &Args, rank: usize) -> Result<()> {
+    run_ranks(args, Some(rank))
+}
+
+/// Loads `rank` (or every rank) in this process, each reading its own slices.
+fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
     let (prep, plan) = prepare_plan(&args.checkpoint, &args.plan)?;
     let world = plan.ranks.len();
-    let ranks: Vec<usize> = match args.rank {
+    let ranks: Vec<usize> = match rank {
         Some(r) if r >= world => {
             return Err(Error::Usage(format!(
                 "--rank {r}: the topology has {world} ranks (0..{})",
