@@ -32,7 +32,7 @@ for topo in "--tp 2 --dp 2" "--tp 4"; do
     for mode in none read-once; do
       drop
       start=$(date +%s.%N)
-      mpirun -n 4 --bind-to none "$bin" dist-load "$ck" $topo --share "$mode" --json > /tmp/comm-bench.jsonl
+      mpirun -n 4 --bind-to none "$bin" load "$ck" $topo --share "$mode" --json > /tmp/comm-bench.jsonl
       end=$(date +%s.%N)
       python3 -c "
 import json
