@@ -3,13 +3,12 @@
 //! manifest of the plan. Every file is written under a temporary name and renamed when
 //! complete, so a file with a final name is always whole.
 
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use safeshard::load::{self, LoadOptions, TensorRef};
 use safeshard::{Error, Result};
 
-use super::common::{human_bytes, PlanFlags};
+use super::common::{human_bytes, write_atomic, PlanFlags};
 use super::load::{parse_size, prepare_plan};
 
 /// Arguments of `safeshard reshard`.
@@ -72,28 +71,6 @@ fn header(tensors: &[TensorRef<'_>]) -> Result<Vec<u8>> {
         h.push(b' ');
     }
     Ok(h)
-}
-
-/// Writes `path` through a temporary file in the same directory, renamed when complete.
-pub fn write_atomic(
-    path: &Path,
-    f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".safeshard-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-        f(&mut w)
-            .and_then(|()| w.flush())
-            .map_err(|e| Error::io(path, e))?;
-    }
-    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }
 
 /// Writes one safetensors file holding `tensors`.
