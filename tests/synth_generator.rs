@@ -497,3 +497,16 @@ fn catalog_offsets_give_fill_values() {
         }
     }
 }
+
+/// Synth sizes tensors by the reader's rule: whole bytes only, and a shape whose non-zero
+/// dimensions overflow is refused even when another dimension is zero.
+#[test]
+fn tensor_bytes_follows_the_reader() {
+    assert_eq!(synth::tensor_bytes("a", Dtype::BF16, &[3, 5]).unwrap(), 30);
+    assert_eq!(synth::tensor_bytes("a", Dtype::F4, &[0, 3]).unwrap(), 0);
+    let e = synth::tensor_bytes("odd", Dtype::F4, &[3]).unwrap_err();
+    assert!(e.to_string().contains("\"odd\""), "{e}");
+    let big = 1u64 << 40;
+    assert!(synth::tensor_bytes("a", Dtype::U8, &[0, big, big]).is_err());
+    assert!(synth::tensor_bytes("a", Dtype::U8, &[big, big, 0]).is_err());
+}
