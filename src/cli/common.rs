@@ -1,13 +1,12 @@
 //! Flags shared by every subcommand that plans, and the steps they share.
 #![allow(dead_code)] // Used by the planning subcommands as they land.
 
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use safeshard::checkpoint::Checkpoint;
 use safeshard::spec::{self, Config, Resolution, Spec};
 use safeshard::topology::Topology;
-use safeshard::{Error, Result};
+use safeshard::Result;
 
 /// Topology flags (`--tp --pp --dp --ep --pp-layers`), shared by the planning subcommands
 /// and `spec check`.
@@ -121,29 +120,4 @@ pub fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     format!("{value:.2} {}", UNITS[unit])
-}
-
-/// Writes `path` through a temporary file in the same directory, renamed when complete.
-pub fn write_atomic(
-    path: &Path,
-    f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".safeshard-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-        f(&mut w)
-            .and_then(|()| w.flush())
-            .map_err(|e| Error::io(path, e))?;
-    }
-    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }

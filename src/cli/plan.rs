@@ -8,7 +8,7 @@ use safeshard::plan::{self, Plan};
 use safeshard::{Error, Result};
 use serde::Serialize;
 
-use super::common::{human_bytes, write_atomic, PlanFlags};
+use super::common::{human_bytes, PlanFlags};
 
 /// Arguments of `safeshard plan`.
 #[derive(clap::Args, Debug)]
@@ -60,9 +60,22 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-/// Writes the SVG under a temporary name beside `path`, renamed into place when complete.
+/// Writes the SVG to a temporary file beside `path` and renames it into place when complete.
 fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
-    write_atomic(path, |w| w.write_all(plan::memory_svg(plan).as_bytes()))
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".safeshard-plan-")
+        .suffix(".svg.tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(plan::memory_svg(plan).as_bytes())
+        .and_then(|()| tmp.flush())
+        .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
 }
 
 #[derive(Serialize)]

@@ -3,13 +3,14 @@
 //! manifest of the plan. Every file is written under a temporary name and renamed when
 //! complete, so a file with a final name is always whole.
 
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use safeshard::checkpoint::header_bytes;
 use safeshard::load::{self, LoadOptions, TensorRef};
 use safeshard::{Error, Result};
 
-use super::common::{human_bytes, write_atomic, PlanFlags};
+use super::common::{human_bytes, PlanFlags};
 use super::load::{parse_size, prepare_plan};
 
 /// Arguments of `safeshard reshard`.
@@ -56,6 +57,28 @@ fn header(tensors: &[TensorRef<'_>]) -> Vec<u8> {
         .iter()
         .map(|t| (t.name, t.dtype, t.shape, t.data.len() as u64));
     header_bytes(&[("format", "pt"), ("writer", "safeshard")], entries)
+}
+
+/// Writes `path` through a temporary file in the same directory, renamed when complete.
+pub fn write_atomic(
+    path: &Path,
+    f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".safeshard-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    {
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+        f(&mut w)
+            .and_then(|()| w.flush())
+            .map_err(|e| Error::io(path, e))?;
+    }
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
 }
 
 /// Writes one safetensors file holding `tensors`.
