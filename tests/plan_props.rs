@@ -329,6 +329,20 @@ proptest! {
     }
 }
 
+/// Brute force: every chunk's pages, per file, collected in a set.
+fn page_union_bytes(runs: &[CopyRun]) -> u64 {
+    let mut pages = std::collections::BTreeSet::new();
+    for r in runs {
+        for i in 0..r.count {
+            let s = r.src + i * r.src_stride;
+            for p in s / PAGE..(s + r.len).div_ceil(PAGE) {
+                pages.insert((r.file, p));
+            }
+        }
+    }
+    pages.len() as u64 * PAGE
+}
+
 #[test]
 fn read_bytes_of_strided_runs_matches_brute_force() {
     // Interleaving runs (fused parts split on an inner dim) and shared boundary pages.
@@ -370,16 +384,7 @@ fn read_bytes_of_strided_runs_matches_brute_force() {
             dst_stride: 10,
         },
     ];
-    let mut pages = std::collections::BTreeSet::new();
-    for r in &runs {
-        for i in 0..r.count {
-            let s = r.src + i * r.src_stride;
-            for p in s / PAGE..(s + r.len).div_ceil(PAGE) {
-                pages.insert((r.file, p));
-            }
-        }
-    }
-    assert_eq!(read_bytes(&runs), pages.len() as u64 * PAGE);
+    assert_eq!(read_bytes(&runs), page_union_bytes(&runs));
 }
 
 proptest! {
@@ -404,15 +409,6 @@ proptest! {
             })
             .collect();
         runs.sort_by_key(|r| (r.file, r.src));
-        let mut pages = std::collections::BTreeSet::new();
-        for r in &runs {
-            for i in 0..r.count {
-                let s = r.src + i * r.src_stride;
-                for p in s / PAGE..(s + r.len).div_ceil(PAGE) {
-                    pages.insert((r.file, p));
-                }
-            }
-        }
-        prop_assert_eq!(read_bytes(&runs), pages.len() as u64 * PAGE);
+        prop_assert_eq!(read_bytes(&runs), page_union_bytes(&runs));
     }
 }

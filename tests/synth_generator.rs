@@ -9,18 +9,13 @@ use common::{read_file, safetensors_files, write_preset};
 use safeshard::checkpoint::Dtype;
 use safeshard::synth::{self, Arch, SynthOptions};
 
-const TINY: [&str; 10] = [
-    "llama-tiny",
-    "mistral-tiny",
-    "qwen2-tiny",
-    "phi3-tiny",
-    "mixtral-tiny",
-    "qwen2-moe-tiny",
-    "deepseek-v3-tiny",
-    "gpt2-tiny",
-    "llama-tiny-gptq",
-    "llama-tiny-awq",
-];
+/// The dense tiny presets (every name of `synth::PRESETS` with `-tiny`, quantized included).
+fn tiny() -> impl Iterator<Item = &'static str> {
+    synth::PRESETS
+        .iter()
+        .copied()
+        .filter(|n| n.contains("-tiny"))
+}
 
 fn elems(shape: &[u64]) -> u64 {
     shape.iter().product()
@@ -30,7 +25,7 @@ fn elems(shape: &[u64]) -> u64 {
 /// index maps each tensor to its file and `total_size` is the sum of tensor bytes.
 #[test]
 fn tiny_presets_are_valid_and_hold_the_fill_values() {
-    for name in TINY {
+    for name in tiny() {
         let opts = SynthOptions::preset(name).unwrap().with_seed(7);
         let list = synth::tensors(&opts).unwrap();
         let dir = write_preset(&opts);
@@ -501,4 +496,17 @@ fn catalog_offsets_give_fill_values() {
             assert!(got == synth::tensor_data(5, &name, got.len()), "{name}");
         }
     }
+}
+
+/// Synth sizes tensors by the reader's rule: whole bytes only, and a shape whose non-zero
+/// dimensions overflow is refused even when another dimension is zero.
+#[test]
+fn tensor_bytes_follows_the_reader() {
+    assert_eq!(synth::tensor_bytes("a", Dtype::BF16, &[3, 5]).unwrap(), 30);
+    assert_eq!(synth::tensor_bytes("a", Dtype::F4, &[0, 3]).unwrap(), 0);
+    let e = synth::tensor_bytes("odd", Dtype::F4, &[3]).unwrap_err();
+    assert!(e.to_string().contains("\"odd\""), "{e}");
+    let big = 1u64 << 40;
+    assert!(synth::tensor_bytes("a", Dtype::U8, &[0, big, big]).is_err());
+    assert!(synth::tensor_bytes("a", Dtype::U8, &[big, big, 0]).is_err());
 }

@@ -243,6 +243,45 @@ pub fn parse_header(file: &str, prefix: &[u8], file_len: u64) -> Result<Header> 
     })
 }
 
+/// The header of a safetensors file whose tensors are stored back to back: compact JSON with
+/// `metadata` (string pairs; no `__metadata__` entry when empty), then every
+/// `(name, dtype, shape, byte length)` in the given order with its `data_offsets`, padded with
+/// spaces to a multiple of 8 bytes (what the Rust and Python writers do).
+pub fn header_bytes<'a>(
+    metadata: &[(&str, &str)],
+    tensors: impl IntoIterator<Item = (&'a str, Dtype, &'a [u64], u64)>,
+) -> Vec<u8> {
+    let json = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let mut h = String::from("{");
+    if !metadata.is_empty() {
+        let pairs: Vec<String> = metadata
+            .iter()
+            .map(|(k, v)| format!("{}:{}", json(k), json(v)))
+            .collect();
+        h.push_str(&format!("\"__metadata__\":{{{}}}", pairs.join(",")));
+    }
+    let mut off = 0u64;
+    for (name, dtype, shape, len) in tensors {
+        if h.len() > 1 {
+            h.push(',');
+        }
+        let end = off.saturating_add(len);
+        let shape: Vec<String> = shape.iter().map(u64::to_string).collect();
+        h.push_str(&format!(
+            "{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{off},{end}]}}",
+            json(name),
+            dtype.name(),
+            shape.join(",")
+        ));
+        off = end;
+    }
+    h.push('}');
+    while h.len() % 8 != 0 {
+        h.push(' ');
+    }
+    h.into_bytes()
+}
+
 /// Byte size of a tensor of `shape` elements of `dtype`, with order-independent overflow
 /// checks: the product of the non-zero dimensions must fit in a `u64`.
 pub(crate) fn tensor_bytes(dtype: Dtype, shape: &[u64]) -> std::result::Result<u64, &'static str> {
@@ -611,6 +650,39 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<Header> {
         parse_header("f.safetensors", bytes, bytes.len() as u64)
+    }
+
+    #[test]
+    fn written_headers_equal_serde_json_and_parse_back() {
+        let shapes: [&[u64]; 3] = [&[2, 3], &[], &[4]];
+        let entries = [
+            ("a.weight", Dtype::BF16, shapes[0], 12u64),
+            ("quote\"back\\slash é", Dtype::F32, shapes[1], 4),
+            ("z", Dtype::U8, shapes[2], 4),
+        ];
+        let h = header_bytes(&[("format", "pt"), ("k\"", "v")], entries);
+        assert_eq!(h.len() % 8, 0);
+        // Independent encoding: serde_json with insertion order (preserve_order).
+        let mut map = serde_json::Map::new();
+        map.insert(
+            "__metadata__".into(),
+            serde_json::json!({"format": "pt", "k\"": "v"}),
+        );
+        let mut off = 0u64;
+        for (n, d, s, l) in entries {
+            map.insert(
+                n.into(),
+                serde_json::json!({"dtype": d.name(), "shape": s, "data_offsets": [off, off + l]}),
+            );
+            off += l;
+        }
+        let want = serde_json::to_string(&serde_json::Value::Object(map)).unwrap();
+        assert_eq!(std::str::from_utf8(&h).unwrap().trim_end(), want);
+        let got = parse(&file(std::str::from_utf8(&h).unwrap(), 20)).unwrap();
+        let names: Vec<&str> = got.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a.weight", "quote\"back\\slash é", "z"]);
+        assert_eq!(got.tensors[2].data_offsets, (16, 20));
+        assert_eq!(header_bytes(&[], []), b"{}      ");
     }
 
     #[test]

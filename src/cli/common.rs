@@ -8,9 +8,10 @@ use safeshard::spec::{self, Config, Resolution, Spec};
 use safeshard::topology::Topology;
 use safeshard::Result;
 
-/// Topology and spec flags (`--tp --pp --dp --ep --pp-layers --spec --set`).
+/// Topology flags (`--tp --pp --dp --ep --pp-layers`), shared by the planning subcommands
+/// and `spec check`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct PlanFlags {
+pub struct TopologyFlags {
     /// Tensor-parallel size.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
@@ -26,6 +27,29 @@ pub struct PlanFlags {
     /// Explicit layers per stage, e.g. `15,15,16,15` (like VLLM_PP_LAYER_PARTITION).
     #[arg(long, value_delimiter = ',')]
     pub pp_layers: Option<Vec<usize>>,
+}
+
+impl TopologyFlags {
+    /// The topology the flags describe, validated.
+    pub fn topology(&self) -> Result<Topology> {
+        let topo = Topology {
+            tp: self.tp,
+            pp: self.pp,
+            dp: self.dp,
+            ep: self.ep,
+            pp_layers: self.pp_layers.clone(),
+        };
+        topo.validate()?;
+        Ok(topo)
+    }
+}
+
+/// Topology and spec flags (`--tp --pp --dp --ep --pp-layers --spec --set`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlanFlags {
+    /// Topology flags.
+    #[command(flatten)]
+    pub topo: TopologyFlags,
     /// Sharding spec: a shipped name (`safeshard spec list`) or a `.shard` file; default:
     /// detected from config.json `architectures`.
     #[arg(long)]
@@ -52,15 +76,7 @@ pub struct Prepared {
 impl PlanFlags {
     /// The topology the flags describe, validated.
     pub fn topology(&self) -> Result<Topology> {
-        let topo = Topology {
-            tp: self.tp,
-            pp: self.pp,
-            dp: self.dp,
-            ep: self.ep,
-            pp_layers: self.pp_layers.clone(),
-        };
-        topo.validate()?;
-        Ok(topo)
+        self.topo.topology()
     }
 
     /// The spec named by `--spec`, or the one detected from the config.

@@ -150,6 +150,36 @@ fn write_json(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
     writeln!(out)
 }
 
+/// Writes `header` and `rows` as right-aligned columns two spaces apart, each as wide as its
+/// widest cell.
+fn write_columns<const N: usize>(
+    out: &mut impl Write,
+    header: [&str; N],
+    rows: &[[String; N]],
+) -> io::Result<()> {
+    let mut w = header.map(str::len);
+    for row in rows {
+        for (wi, cell) in w.iter_mut().zip(row) {
+            *wi = (*wi).max(cell.len());
+        }
+    }
+    let mut line = |cells: [&str; N]| -> io::Result<()> {
+        let mut s = String::new();
+        for (i, (c, wi)) in cells.iter().zip(&w).enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            s.push_str(&format!("{c:>wi$}"));
+        }
+        writeln!(out, "{}", s.trim_end())
+    };
+    line(header)?;
+    for row in rows {
+        line(row.each_ref().map(String::as_str))?;
+    }
+    Ok(())
+}
+
 fn write_table(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
     let t = &plan.topology;
     writeln!(
@@ -163,7 +193,7 @@ fn write_table(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
         plan.ranks.len(),
         plan.files.len()
     )?;
-    let rows: Vec<[String; 9]> = plan
+    let mut rows: Vec<[String; 9]> = plan
         .ranks
         .iter()
         .map(|r| {
@@ -207,27 +237,8 @@ fn write_table(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
     let header = [
         "RANK", "DP", "PP", "TP", "TENSORS", "BYTES", "READ", "AMPL", "STAGING",
     ];
-    let mut w = header.map(str::len);
-    for row in rows.iter().chain(std::iter::once(&total)) {
-        for (wi, cell) in w.iter_mut().zip(row) {
-            *wi = (*wi).max(cell.len());
-        }
-    }
-    let line = |out: &mut dyn Write, cells: &[&str]| -> io::Result<()> {
-        let mut s = String::new();
-        for (i, (c, wi)) in cells.iter().zip(&w).enumerate() {
-            if i > 0 {
-                s.push_str("  ");
-            }
-            s.push_str(&format!("{c:>wi$}"));
-        }
-        writeln!(out, "{}", s.trim_end())
-    };
-    line(out, &header)?;
-    for row in &rows {
-        line(out, &row.each_ref().map(String::as_str))?;
-    }
-    line(out, &total.each_ref().map(String::as_str))?;
+    rows.push(total);
+    write_columns(out, header, &rows)?;
 
     writeln!(out)?;
     let stages = plan.stages();
@@ -245,26 +256,7 @@ fn write_table(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
         })
         .collect();
     let sheader = ["STAGE", "RANKS", "TENSORS", "MAX/RANK", "BYTES", "READ"];
-    let mut sw = sheader.map(str::len);
-    for row in &srows {
-        for (wi, cell) in sw.iter_mut().zip(row) {
-            *wi = (*wi).max(cell.len());
-        }
-    }
-    let sline = |out: &mut dyn Write, cells: &[&str]| -> io::Result<()> {
-        let mut s = String::new();
-        for (i, (c, wi)) in cells.iter().zip(&sw).enumerate() {
-            if i > 0 {
-                s.push_str("  ");
-            }
-            s.push_str(&format!("{c:>wi$}"));
-        }
-        writeln!(out, "{}", s.trim_end())
-    };
-    sline(out, &sheader)?;
-    for row in &srows {
-        sline(out, &row.each_ref().map(String::as_str))?;
-    }
+    write_columns(out, sheader, &srows)?;
     writeln!(out)?;
     writeln!(
         out,

@@ -6,6 +6,7 @@
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use safeshard::checkpoint::header_bytes;
 use safeshard::load::{self, LoadOptions, TensorRef};
 use safeshard::{Error, Result};
 
@@ -50,28 +51,12 @@ fn parts(sizes: &[u64], max: u64) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// The safetensors header of `tensors`, padded with spaces to a multiple of 8 bytes.
-fn header(tensors: &[TensorRef<'_>]) -> Result<Vec<u8>> {
-    let mut map = serde_json::Map::new();
-    map.insert(
-        "__metadata__".into(),
-        serde_json::json!({"format": "pt", "writer": "safeshard"}),
-    );
-    let mut off = 0u64;
-    for t in tensors {
-        let end = off + t.data.len() as u64;
-        map.insert(
-            t.name.to_string(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [off, end]}),
-        );
-        off = end;
-    }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(map))
-        .map_err(|e| Error::Load(format!("cannot serialize a header: {e}")))?;
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    Ok(h)
+/// The safetensors header of `tensors`, stored back to back in this order.
+fn header(tensors: &[TensorRef<'_>]) -> Vec<u8> {
+    let entries = tensors
+        .iter()
+        .map(|t| (t.name, t.dtype, t.shape, t.data.len() as u64));
+    header_bytes(&[("format", "pt"), ("writer", "safeshard")], entries)
 }
 
 /// Writes `path` through a temporary file in the same directory, renamed when complete.
@@ -98,7 +83,7 @@ pub fn write_atomic(
 
 /// Writes one safetensors file holding `tensors`.
 fn write_part(path: &Path, tensors: &[TensorRef<'_>]) -> Result<u64> {
-    let h = header(tensors)?;
+    let h = header(tensors);
     let mut total = 8 + h.len() as u64;
     write_atomic(path, |w| {
         w.write_all(&(h.len() as u64).to_le_bytes())?;

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use safeshard::checkpoint::Checkpoint;
 use safeshard::spec::{self, Config, Layout, Piece, Resolved, Shards, Spec};
-use safeshard::topology::Topology;
 use safeshard::{Error, Result};
 use serde_json::json;
+
+use super::common::TopologyFlags;
 
 /// `safeshard spec` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -27,21 +28,9 @@ pub struct CheckArgs {
     /// A checkpoint (file, index or directory) to resolve the spec on.
     #[arg(long, value_name = "CHECKPOINT")]
     pub against: Option<PathBuf>,
-    /// Tensor-parallel size.
-    #[arg(long, default_value_t = 1)]
-    pub tp: usize,
-    /// Pipeline-parallel size (stages).
-    #[arg(long, default_value_t = 1)]
-    pub pp: usize,
-    /// Data-parallel size (replicas).
-    #[arg(long, default_value_t = 1)]
-    pub dp: usize,
-    /// Expert-parallel size: 1, or tp × dp for whole experts per rank.
-    #[arg(long, default_value_t = 1)]
-    pub ep: usize,
-    /// Explicit layers per stage, e.g. `15,15,16,15`.
-    #[arg(long, value_delimiter = ',')]
-    pub pp_layers: Option<Vec<usize>>,
+    /// Topology flags (placements are reported when any is given).
+    #[command(flatten)]
+    pub topo: TopologyFlags,
     /// Override a config.json value, e.g. `--set num_key_value_heads=8` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -75,17 +64,10 @@ fn list(out: &mut Vec<u8>) -> Result<()> {
 }
 
 fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
-    let topo = Topology {
-        tp: args.tp,
-        pp: args.pp,
-        dp: args.dp,
-        ep: args.ep,
-        pp_layers: args.pp_layers.clone(),
-    };
-    topo.validate()?;
+    let topo = args.topo.topology()?;
     let spec = Spec::load(&args.spec)?;
     let show_placement =
-        args.tp > 1 || args.pp > 1 || args.dp > 1 || args.ep > 1 || args.pp_layers.is_some();
+        topo.tp > 1 || topo.pp > 1 || topo.dp > 1 || topo.ep > 1 || topo.pp_layers.is_some();
     let Some(path) = &args.against else {
         if !args.set.is_empty() {
             // Still validate the flags' syntax.

@@ -69,6 +69,19 @@ fn count(n: usize) -> Result<Count> {
     Count::try_from(n).map_err(|_| Error::Comm(format!("MPI message of {n} bytes is too large")))
 }
 
+/// MPI counts and displacements (running offsets) of packed blocks of lengths `v`.
+fn counts_displs(v: &[usize]) -> Result<(Vec<Count>, Vec<Count>)> {
+    let mut c = Vec::with_capacity(v.len());
+    let mut d = Vec::with_capacity(v.len());
+    let mut off = 0usize;
+    for &x in v {
+        c.push(count(x)?);
+        d.push(count(off)?);
+        off += x;
+    }
+    Ok((c, d))
+}
+
 /// A zeroed buffer of `len` bytes whose pointer is a real allocation even when `len == 0`:
 /// an empty `Vec`'s dangling pointer is `0x1`, which is Open MPI's `MPI_IN_PLACE`.
 fn nonempty(len: usize) -> Vec<u8> {
@@ -187,19 +200,8 @@ impl Communicator for MpiComm {
                 sbuf.extend_from_slice(s.get(start..start + c).unwrap_or(&[]));
             }
             let mut rbuf = nonempty(rcounts.iter().sum());
-            let to_counts = |v: &[usize]| -> Result<(Vec<Count>, Vec<Count>)> {
-                let mut c = Vec::with_capacity(n);
-                let mut d = Vec::with_capacity(n);
-                let mut off = 0usize;
-                for &x in v {
-                    c.push(count(x)?);
-                    d.push(count(off)?);
-                    off += x;
-                }
-                Ok((c, d))
-            };
-            let (sc, sd) = to_counts(&scounts)?;
-            let (rc, rd) = to_counts(&rcounts)?;
+            let (sc, sd) = counts_displs(&scounts)?;
+            let (rc, rd) = counts_displs(&rcounts)?;
             {
                 let spart = Partition::new(&sbuf[..], &sc[..], &sd[..]);
                 let mut rpart = PartitionMut::new(&mut rbuf[..], &rc[..], &rd[..]);
@@ -254,19 +256,8 @@ impl Communicator for MpiComm {
             };
             return fallback();
         }
-        let to_counts = |v: &[usize]| -> Result<(Vec<Count>, Vec<Count>)> {
-            let mut c = Vec::with_capacity(n);
-            let mut d = Vec::with_capacity(n);
-            let mut off = 0usize;
-            for &x in v {
-                c.push(count(x)?);
-                d.push(count(off)?);
-                off += x;
-            }
-            Ok((c, d))
-        };
-        let (sc, sd) = to_counts(send_counts)?;
-        let (rc, rd) = to_counts(recv_counts)?;
+        let (sc, sd) = counts_displs(send_counts)?;
+        let (rc, rd) = counts_displs(recv_counts)?;
         // Empty slices have the dangling pointer 0x1, Open MPI's MPI_IN_PLACE: use a dummy.
         let mut dummy_s = nonempty(0);
         let mut dummy_r = nonempty(0);

@@ -562,6 +562,12 @@ fn read_once_mode(
 
     // Transfers, in (dest segment order, piece order): (piece index, offset in piece, len, dst).
     type Xfer = (usize, u64, u64, u64);
+    /// The transfers of `round` with `peer` (empty when out of range).
+    fn xfers(t: &[Vec<Vec<Xfer>>], round: usize, peer: usize) -> &[Xfer] {
+        t.get(round)
+            .and_then(|r| r.get(peer))
+            .map_or(&[], Vec::as_slice)
+    }
     let mut send: Vec<Vec<Vec<Xfer>>> = vec![vec![Vec::new(); n]; rounds]; // [round][dest]
     let mut recv: Vec<Vec<Vec<Xfer>>> = vec![vec![Vec::new(); n]; rounds]; // [round][owner]
     for (d, segs) in member_segs.iter().enumerate() {
@@ -622,12 +628,7 @@ fn read_once_mode(
         let (buf, read) = agree(world, r)?;
         load.read_bytes += read;
         // This rank's own transfers go straight from the piece buffer to the arena.
-        for &(pi, off, len, dst) in send
-            .get(round)
-            .and_then(|r| r.get(my_idx))
-            .into_iter()
-            .flatten()
-        {
+        for &(pi, off, len, dst) in xfers(&send, round, my_idx) {
             let base = pieces.get(pi).map(|p| p.buf_off).unwrap_or(0);
             let from = slice_range(base + off, len, buf.len())?;
             let to = slice_range(dst, len, load.arena.len())?;
@@ -640,13 +641,7 @@ fn read_once_mode(
         let mut total = 0u64;
         for (d, c) in send_counts.iter_mut().enumerate() {
             if d != my_idx {
-                let b: u64 = send
-                    .get(round)
-                    .and_then(|r| r.get(d))
-                    .into_iter()
-                    .flatten()
-                    .map(|x| x.2)
-                    .sum();
+                let b: u64 = xfers(&send, round, d).iter().map(|x| x.2).sum();
                 *c = b as usize;
                 total += b;
             }
@@ -654,7 +649,7 @@ fn read_once_mode(
         packed.clear();
         packed.reserve(total as usize);
         for d in (0..n).filter(|&d| d != my_idx) {
-            for &(pi, off, len, _) in send.get(round).and_then(|r| r.get(d)).into_iter().flatten() {
+            for &(pi, off, len, _) in xfers(&send, round, d) {
                 let base = pieces.get(pi).map(|p| p.buf_off).unwrap_or(0);
                 let range = slice_range(base + off, len, buf.len())?;
                 packed.extend_from_slice(buf.get(range).unwrap_or(&[]));
@@ -666,13 +661,7 @@ fn read_once_mode(
                 if o == my_idx {
                     return 0;
                 }
-                let b: u64 = recv
-                    .get(round)
-                    .and_then(|r| r.get(o))
-                    .into_iter()
-                    .flatten()
-                    .map(|x| x.2)
-                    .sum();
+                let b: u64 = xfers(&recv, round, o).iter().map(|x| x.2).sum();
                 b as usize
             })
             .collect();
@@ -682,7 +671,7 @@ fn read_once_mode(
         gcomm.all_to_all_packed(&packed, &send_counts, &mut incoming, &recv_counts)?;
         let mut cursor = 0u64;
         for (o, _) in recv_counts.iter().enumerate().filter(|(o, _)| *o != my_idx) {
-            for &(_, _, len, dst) in recv.get(round).and_then(|r| r.get(o)).into_iter().flatten() {
+            for &(_, _, len, dst) in xfers(&recv, round, o) {
                 let src = slice_range(cursor, len, incoming.len())?;
                 let to = slice_range(dst, len, load.arena.len())?;
                 if let (Some(s), Some(t)) = (incoming.get(src), load.arena.get_mut(to)) {

@@ -11,7 +11,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::checkpoint::{Dtype, FileIdentity};
+use crate::checkpoint::{header_bytes, Dtype, FileIdentity};
 use crate::plan::{CopyRun, Plan, PlanFile, RankPlan, TensorPlan, ZeroRun};
 use crate::spec::TensorKind;
 use crate::topology::Topology;
@@ -126,25 +126,20 @@ impl ToyModel {
         v
     }
 
-    /// The safetensors header JSON padded to a multiple of 8 bytes.
+    /// The safetensors header (tensors back to back, F16, no metadata).
     fn header(&self) -> Vec<u8> {
-        let mut map = serde_json::Map::new();
-        for t in self.tensors() {
-            let bytes = 2 * t.shape.iter().product::<u64>();
-            map.insert(
-                t.name.clone(),
-                serde_json::json!({
-                    "dtype": "F16",
-                    "shape": t.shape,
-                    "data_offsets": [t.file_offset, t.file_offset + bytes],
-                }),
-            );
-        }
-        let mut h = serde_json::to_vec(&serde_json::Value::Object(map)).unwrap_or_default();
-        while h.len() % 8 != 0 {
-            h.push(b' ');
-        }
-        h
+        let tensors = self.tensors();
+        header_bytes(
+            &[],
+            tensors.iter().map(|t| {
+                (
+                    t.name.as_str(),
+                    Dtype::F16,
+                    t.shape.as_slice(),
+                    2 * t.shape.iter().product::<u64>(),
+                )
+            }),
+        )
     }
 
     /// Size of the whole file in bytes.

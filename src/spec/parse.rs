@@ -190,6 +190,15 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// A parser over `toks`, tokens of this line; `end_col` is the column just past the
+    /// line's last non-blank character.
+    fn parser<'t>(&self, toks: &'t [(Tok, usize)]) -> Parser<'t> {
+        Parser {
+            toks,
+            pos: 0,
+            end_col: self.line.trim_end().chars().count() + 1,
+        }
+    }
     fn err(&self, col: usize, msg: impl AsRef<str>) -> Error {
         Error::Spec(located(
             self.origin,
@@ -285,18 +294,13 @@ fn directive(
         ));
     }
     let toks = tokens(ctx, rest, rest_col)?;
-    let end_col = ctx.line.trim_end().chars().count() + 1;
-    let mut p = Parser {
-        toks: &toks,
-        pos: 0,
-        end_col,
-    };
+    let mut p = ctx.parser(&toks);
     let e = |r: (usize, String)| ctx.err(r.0, r.1);
     match word {
         "arch" => {
             if toks.is_empty() {
                 return Err(ctx.err(
-                    end_col,
+                    p.end_col,
                     "`arch` needs at least one architecture name (config.json `architectures`)",
                 ));
             }
@@ -427,12 +431,7 @@ fn rule(
     kind: TensorKind,
 ) -> Result<Rule> {
     let toks = tokens(ctx, rest, rest_col)?;
-    let end_col = ctx.line.trim_end().chars().count() + 1;
-    let mut p = Parser {
-        toks: &toks,
-        pos: 0,
-        end_col,
-    };
+    let mut p = ctx.parser(&toks);
     let e = |r: (usize, String)| ctx.err(r.0, r.1);
     // The action.
     let (name, col) = match p.peek() {

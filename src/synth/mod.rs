@@ -207,17 +207,15 @@ pub fn tensors(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
 }
 
 /// Byte size of a tensor of `dtype` and `shape`, or an error if it overflows or is not whole bytes.
+///
+/// The reader's own rule (`checkpoint` header validation), so that synth never writes a shape
+/// the reader would refuse.
 pub fn tensor_bytes(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64> {
-    let bad = || {
+    crate::checkpoint::tensor_bytes(dtype, shape).map_err(|why| {
         Error::Config(format!(
-            "synth: tensor {name:?}: {dtype} {shape:?} has no whole byte size"
+            "synth: tensor {name:?}: {dtype} {shape:?} has no whole byte size ({why})"
         ))
-    };
-    let mut n: u64 = 1;
-    for &d in shape {
-        n = n.checked_mul(d).ok_or_else(bad)?;
-    }
-    dtype.byte_size(n).ok_or_else(bad)
+    })
 }
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::{fill, tensor_bytes, tensors, SynthOptions};
-use crate::checkpoint::Dtype;
+use crate::checkpoint::{header_bytes, Dtype};
 use crate::{Error, Result};
 
 /// One file of a synthetic checkpoint: its name and the indexes of its tensors.
@@ -66,35 +66,13 @@ pub fn plan_files(opts: &SynthOptions) -> Result<Vec<SynthFile>> {
         .collect())
 }
 
-/// The header JSON of one file, padded with spaces to a multiple of 8 bytes.
+/// The header of one file: its tensors back to back, in list order.
 fn header(list: &[(String, Dtype, Vec<u64>)], sizes: &[u64], idx: &[usize]) -> Vec<u8> {
-    let mut h = String::with_capacity(64 + idx.len() * 120);
-    h.push_str("{\"__metadata__\":{\"format\":\"pt\"}");
-    let mut off = 0u64;
-    for &i in idx {
-        let (Some((name, dtype, shape)), Some(&size)) = (list.get(i), sizes.get(i)) else {
-            continue;
-        };
-        let shape = shape
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        h.push_str(&format!(
-            ",{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
-            Value::String(name.clone()),
-            dtype.name(),
-            shape,
-            off,
-            off + size
-        ));
-        off += size;
-    }
-    h.push('}');
-    while h.len() % 8 != 0 {
-        h.push(' ');
-    }
-    h.into_bytes()
+    let entries = idx.iter().filter_map(|&i| {
+        let ((name, dtype, shape), &size) = (list.get(i)?, sizes.get(i)?);
+        Some((name.as_str(), *dtype, shape.as_slice(), size))
+    });
+    header_bytes(&[("format", "pt")], entries)
 }
 
 /// A temporary name beside `path`, renamed over it when complete.
