@@ -168,7 +168,7 @@ pub(crate) fn resolve_tensors(
                                 Ok(v) if v < topo.pp => s.push(v),
                                 _ => {
                                     return Err(Error::Placement(format!(
-                                        "{}:{}: tensor {}: stage {v} does not exist (pp = {})",
+                                        "{}:{}: tensor {:?}: stage {v} does not exist (pp = {})",
                                         spec.origin, rule.line, t.name, topo.pp
                                     )))
                                 }
@@ -202,7 +202,7 @@ pub(crate) fn resolve_tensors(
             let owner =
                 expert_owner(e, count, topo.ep, r.placement(ex.placement)?).map_err(|m| {
                     Error::Placement(format!(
-                        "{}:{}: tensor {}: {m}",
+                        "{}:{}: tensor {:?}: {m}",
                         spec.origin, rule.line, t.name
                     ))
                 })?;
@@ -223,7 +223,7 @@ pub(crate) fn resolve_tensors(
             None => {
                 let l = r.layouts(rule, &t.shape).map_err(|e| match e {
                     LayoutError::Msg(m) => Error::Placement(format!(
-                        "{}:{}: tensor {} {:?}: {m}",
+                        "{}:{}: tensor {:?} {:?}: {m}",
                         spec.origin, rule.line, t.name, t.shape
                     )),
                     LayoutError::Err(e) => e,
