@@ -165,6 +165,23 @@ fn many_double_star_segments_match_fast_and_correctly() {
 }
 
 #[test]
+fn many_optional_alternatives_match_fast() {
+    // `{a,}` thirty times: 2^30 ways to split a run of a's without memoization.
+    let spec = Spec::parse(
+        &format!("x.{}b skip\n** replicate\n", "{a,}".repeat(30)),
+        "t.shard",
+    )
+    .unwrap();
+    let miss = format!("x.{}", "a".repeat(30));
+    let hit = format!("x.{}b", "a".repeat(17));
+    let started = Instant::now();
+    let r = resolve(&spec, &[&miss, &hit], json!({}), topo(1, 1)).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(matches!(r.tensors[0], Resolved::Held { .. }));
+    assert!(matches!(r.tensors[1], Resolved::Skip { .. }));
+}
+
+#[test]
 fn captures_survive_memoized_matching() {
     let spec = Spec::parse(
         "**.layers.{layer}.**.w skip if layer == 3\n** replicate\n",

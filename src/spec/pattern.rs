@@ -25,7 +25,9 @@ enum Tok {
 enum Seg {
     /// Pure literal: compared directly.
     Lit(String),
-    Toks(Vec<Tok>),
+    /// Tokens, and whether matching them needs the failure memo (two or more `*`, or three
+    /// or more branching tokens); without it the plain backtracking is cheap.
+    Toks(Vec<Tok>, bool),
     AnyMany,
 }
 
@@ -36,6 +38,8 @@ pub(crate) struct Pattern {
     /// Capture names, in slot order.
     pub captures: Vec<String>,
     has_many: bool,
+    /// Two or more `**`: only then can matching backtrack more than linearly over segments.
+    many_memo: bool,
 }
 
 impl Pattern {
@@ -151,14 +155,18 @@ impl Pattern {
                 if !lit.is_empty() {
                     toks.push(Tok::Lit(lit));
                 }
-                segs.push(Seg::Toks(toks));
+                let stars = toks.iter().filter(|t| matches!(t, Tok::Star)).count();
+                let branching = toks.iter().filter(|t| !matches!(t, Tok::Lit(_))).count();
+                segs.push(Seg::Toks(toks, stars >= 2 || branching >= 3));
             }
             offset += seg_len + 1;
         }
+        let many_memo = segs.iter().filter(|s| matches!(s, Seg::AnyMany)).count() >= 2;
         Ok(Pattern {
             segs,
             captures,
             has_many,
+            many_memo,
         })
     }
 
@@ -170,8 +178,14 @@ impl Pattern {
         if !self.has_many && name.len() != self.segs.len() {
             return false;
         }
+        if !self.many_memo {
+            // An empty memo: plain backtracking, at most linear with one `**`.
+            return match_segs(&self.segs, 0, name, 0, caps, &mut []);
+        }
         SEG_FAILED.with(|f| {
-            let mut failed = f.borrow_mut();
+            let Ok(mut failed) = f.try_borrow_mut() else {
+                return false;
+            };
             failed.clear();
             failed.resize((self.segs.len() + 1) * (name.len() + 1), false);
             match_segs(&self.segs, 0, name, 0, caps, &mut failed)
@@ -209,6 +223,7 @@ fn split_segments(text: &str) -> Vec<&str> {
 
 /// Whether `segs[si..]` matches `name[ni..]`; `failed[si * (name.len() + 1) + ni]` marks
 /// states known not to match (captures are written only on success, so a failure is final).
+/// An empty `failed` means no memo.
 fn match_segs(
     segs: &[Seg],
     si: usize,
@@ -230,9 +245,10 @@ fn match_segs(
             Some(n) => n == l && match_segs(segs, si + 1, name, ni + 1, caps, failed),
             None => false,
         },
-        Some(Seg::Toks(toks)) => match name.get(ni) {
+        Some(Seg::Toks(toks, memo)) => match name.get(ni) {
             Some(n) => {
-                match_one_seg(toks, n, caps) && match_segs(segs, si + 1, name, ni + 1, caps, failed)
+                match_one_seg(toks, *memo, n, caps)
+                    && match_segs(segs, si + 1, name, ni + 1, caps, failed)
             }
             None => false,
         },
@@ -246,7 +262,10 @@ fn match_segs(
 }
 
 /// Matches one name segment against a segment's tokens.
-fn match_one_seg(toks: &[Tok], s: &str, caps: &mut [u64]) -> bool {
+fn match_one_seg(toks: &[Tok], memo: bool, s: &str, caps: &mut [u64]) -> bool {
+    if !memo {
+        return match_toks(toks, 0, s, 0, caps, &mut []);
+    }
     TOK_FAILED.with(|f| {
         // A nested borrow cannot happen (match_toks does not call back here), but never panic.
         let Ok(mut failed) = f.try_borrow_mut() else {
@@ -284,7 +303,8 @@ fn match_toks(
             rest.starts_with(a.as_str()) && match_toks(toks, ti + 1, s, pos + a.len(), caps, failed)
         }),
         Some(Tok::Capture(slot)) => {
-            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            // A u64 has at most 20 digits: longer runs cannot parse, so never try them.
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).take(20).count();
             // Try the longest digit run first, then shorter ones (`{a}{b}` is ambiguous anyway).
             (1..=digits).rev().any(|k| {
                 let Some(Ok(v)) = rest.get(..k).map(str::parse::<u64>) else {
