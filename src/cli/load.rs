@@ -406,6 +406,7 @@ fn run_single(args: Args) -> Result<()> {
 }
 
 /// Loads only `rank` in this process, as `--rank` does (used under a launcher without MPI).
+#[cfg_attr(feature = "mpi", allow(dead_code))]
 pub fn run_single_rank(args: &Args, rank: usize) -> Result<()> {
     run_ranks(args, Some(rank))
 }

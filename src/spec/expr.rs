@@ -4,7 +4,7 @@
 //! comparisons, `&& || !`, `a ?? b` (b when a names a missing config value), calls
 //! (`cdiv`, `min`, `max`, `has`) and lists (only inside action arguments).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 /// A token with its 1-based column.
@@ -166,12 +166,31 @@ impl Expr {
     }
 }
 
+/// Deepest expression tree (and parser recursion) accepted: real specs nest a handful of
+/// levels; the limit keeps parsing, evaluating and dropping a hostile line off the stack's end,
+/// even on a 2 MiB thread stack in a debug build (tests/spec_robustness.rs checks that).
+pub(crate) const MAX_DEPTH: usize = 64;
+
+/// Most nested evaluation steps (expression levels plus `let`s referring to `let`s) of one
+/// evaluation: bounds the evaluator's recursion on long `let` chains.
+pub(crate) const MAX_EVAL_DEPTH: usize = 256;
+
 /// Recursive-descent expression parser over one line's tokens.
 pub(crate) struct Parser<'a> {
     pub toks: &'a [(Tok, usize)],
     pub pos: usize,
     /// Column just past the end of the line, for "expected ... at end of line".
     pub end_col: usize,
+    /// Current recursion depth (parentheses, unary operators, calls, lists).
+    pub nest: usize,
+}
+
+/// The error for an expression over [`MAX_DEPTH`].
+fn too_deep(col: usize) -> (usize, String) {
+    (
+        col,
+        format!("expression nested too deeply (more than {MAX_DEPTH} levels)"),
+    )
 }
 
 pub(crate) type PResult<T> = Result<T, (usize, String)>;
@@ -224,10 +243,21 @@ impl<'a> Parser<'a> {
     }
 
     pub fn expr(&mut self) -> PResult<Expr> {
-        self.binary(0)
+        Ok(self.expr_d()?.0)
     }
 
-    fn binary(&mut self, level: usize) -> PResult<Expr> {
+    /// An expression and its tree depth.
+    fn expr_d(&mut self) -> PResult<(Expr, usize)> {
+        self.nest += 1;
+        if self.nest > MAX_DEPTH {
+            return Err(too_deep(self.col()));
+        }
+        let r = self.binary(0);
+        self.nest -= 1;
+        r
+    }
+
+    fn binary(&mut self, level: usize) -> PResult<(Expr, usize)> {
         // Lowest to highest precedence.
         const LEVELS: [&[(&str, BinOp)]; 6] = [
             &[("||", BinOp::Or)],
@@ -247,68 +277,90 @@ impl<'a> Parser<'a> {
         let Some(ops) = LEVELS.get(level) else {
             return self.unary();
         };
-        let mut lhs = self.binary(level + 1)?;
+        let (mut lhs, mut depth) = self.binary(level + 1)?;
         loop {
             let found = ops.iter().find(|(s, _)| self.at_sym(s));
             let Some(&(_, op)) = found else { break };
             let col = self.col();
             self.pos += 1;
-            let rhs = self.binary(level + 1)?;
+            let (rhs, rd) = self.binary(level + 1)?;
+            // A long `a + b + c ...` chain builds a deep left-leaning tree without recursing.
+            depth = depth.max(rd) + 1;
+            if depth > MAX_DEPTH {
+                return Err(too_deep(col));
+            }
             lhs = Expr::Bin(op, Box::new(lhs), Box::new(rhs), col);
         }
-        Ok(lhs)
+        Ok((lhs, depth))
     }
 
-    fn unary(&mut self) -> PResult<Expr> {
+    fn unary(&mut self) -> PResult<(Expr, usize)> {
         let col = self.col();
-        if self.eat_sym("-") {
-            return Ok(Expr::Neg(Box::new(self.unary()?), col));
-        }
-        if self.eat_sym("!") {
-            return Ok(Expr::Not(Box::new(self.unary()?), col));
+        let neg = self.at_sym("-");
+        if neg || self.at_sym("!") {
+            self.pos += 1;
+            self.nest += 1;
+            if self.nest > MAX_DEPTH {
+                return Err(too_deep(col));
+            }
+            let (inner, d) = self.unary()?;
+            self.nest -= 1;
+            let inner = Box::new(inner);
+            let e = if neg {
+                Expr::Neg(inner, col)
+            } else {
+                Expr::Not(inner, col)
+            };
+            return Ok((e, d + 1));
         }
         self.primary()
     }
 
-    fn primary(&mut self) -> PResult<Expr> {
+    fn primary(&mut self) -> PResult<(Expr, usize)> {
         let col = self.col();
         match self.peek().cloned() {
             Some(Tok::Int(v)) => {
                 self.pos += 1;
-                Ok(Expr::Int(v))
+                Ok((Expr::Int(v), 1))
             }
             Some(Tok::Str(s)) => {
                 self.pos += 1;
-                Ok(Expr::Str(s))
+                Ok((Expr::Str(s), 1))
             }
             Some(Tok::Ident(name)) => {
                 self.pos += 1;
                 if self.at_sym("(") {
-                    let args = self.args()?;
-                    Ok(Expr::Call(name, args, col))
+                    let (args, d) = self.args_d()?;
+                    Ok((Expr::Call(name, args, col), d + 1))
                 } else {
-                    Ok(Expr::Ident(name, col))
+                    Ok((Expr::Ident(name, col), 1))
                 }
             }
             Some(Tok::Sym("(")) => {
                 self.pos += 1;
-                let e = self.expr()?;
+                let e = self.expr_d()?;
                 self.expect_sym(")", "to close `(`")?;
                 Ok(e)
             }
             Some(Tok::Sym("[")) => {
                 self.pos += 1;
                 let mut items = Vec::new();
+                let mut depth = 0;
                 if !self.eat_sym("]") {
                     loop {
-                        items.push(self.expr()?);
+                        let (e, d) = self.expr_d()?;
+                        depth = depth.max(d);
+                        items.push(e);
                         if self.eat_sym("]") {
                             break;
                         }
                         self.expect_sym(",", "or `]` in list")?;
                     }
                 }
-                Ok(Expr::List(items, col))
+                if depth + 1 > MAX_DEPTH {
+                    return Err(too_deep(col));
+                }
+                Ok((Expr::List(items, col), depth + 1))
             }
             _ => Err((col, format!("expected a value, found {}", self.describe()))),
         }
@@ -316,10 +368,17 @@ impl<'a> Parser<'a> {
 
     /// `( arg, arg, ... )` where arg is `expr`, `key = expr` or `expr if expr`.
     pub fn args(&mut self) -> PResult<Vec<Arg>> {
+        Ok(self.args_d()?.0)
+    }
+
+    /// [`Parser::args`] and the depth of the deepest argument.
+    fn args_d(&mut self) -> PResult<(Vec<Arg>, usize)> {
+        let open = self.col();
         self.expect_sym("(", "")?;
         let mut args = Vec::new();
+        let mut depth = 0;
         if self.eat_sym(")") {
-            return Ok(args);
+            return Ok((args, depth));
         }
         loop {
             let col = self.col();
@@ -330,10 +389,13 @@ impl<'a> Parser<'a> {
                 key = Some((k.clone(), *kc));
                 self.pos += 2;
             }
-            let value = self.expr()?;
+            let (value, d) = self.expr_d()?;
+            depth = depth.max(d);
             let cond = if self.at_ident("if") {
                 self.pos += 1;
-                Some(self.expr()?)
+                let (c, d) = self.expr_d()?;
+                depth = depth.max(d);
+                Some(c)
             } else {
                 None
             };
@@ -348,7 +410,10 @@ impl<'a> Parser<'a> {
             }
             self.expect_sym(",", "or `)` after an argument")?;
         }
-        Ok(args)
+        if depth + 1 > MAX_DEPTH {
+            return Err(too_deep(open));
+        }
+        Ok((args, depth))
     }
 }
 
@@ -374,12 +439,14 @@ impl Value {
         }
     }
 
-    fn type_name(&self) -> &'static str {
+    /// The value in words, for messages: `the string "yes"`, `the number 1e23`.
+    fn describe(&self) -> String {
         match self {
-            Value::Int(_) => "an integer",
-            Value::Bool(_) => "a boolean",
-            Value::Str(_) => "a string",
-            Value::Float(_) => "a non-integer number",
+            Value::Int(v) => format!("the integer {v}"),
+            Value::Bool(b) => format!("the boolean {b}"),
+            // {:?} escapes quotes and control characters from config.json.
+            Value::Str(s) => format!("the string {s:?}"),
+            Value::Float(f) => format!("the non-integer number {f:?}"),
         }
     }
 }
@@ -390,6 +457,14 @@ pub(crate) enum EvalError {
     Missing {
         name: String,
         col: usize,
+    },
+    /// A `let` needed its own value (through `chain`, which starts and ends with `name`) and
+    /// config.json has no such key to fall back on. `??` catches it like [`EvalError::Missing`]
+    /// (`let x = x ?? 1` reads config.json's `x`, else 1).
+    Cyclic {
+        name: String,
+        col: usize,
+        chain: Vec<String>,
     },
     Other {
         col: usize,
@@ -406,7 +481,7 @@ impl EvalError {
     /// Whether a config value is missing (what `??` catches), directly or inside a `let`.
     pub fn is_missing(&self) -> bool {
         match self {
-            EvalError::Missing { .. } => true,
+            EvalError::Missing { .. } | EvalError::Cyclic { .. } => true,
             EvalError::Other { .. } => false,
             EvalError::InLet { inner, .. } => inner.is_missing(),
         }
@@ -421,6 +496,10 @@ pub(crate) struct Env<'a> {
     pub config: &'a serde_json::Map<String, serde_json::Value>,
     pub has: &'a dyn Fn(&str) -> bool,
     pub memo: &'a RefCell<HashMap<String, Option<Value>>>,
+    /// Current evaluation depth (see [`MAX_EVAL_DEPTH`]).
+    pub depth: Cell<usize>,
+    /// The `let`s being evaluated, outermost first (to name a cycle).
+    pub stack: RefCell<Vec<String>>,
 }
 
 impl Env<'_> {
@@ -448,16 +527,26 @@ impl Env<'_> {
                 // Inside its own definition a name means the config value:
                 // `let head_dim = head_dim ?? hidden_size / num_attention_heads`.
                 Some(None) => {
-                    return self.config_lookup(name).ok_or(EvalError::Missing {
-                        name: name.to_string(),
-                        col,
+                    return self.config_lookup(name).ok_or_else(|| {
+                        let stack = self.stack.borrow();
+                        let from = stack.iter().position(|n| n == name).unwrap_or(0);
+                        let mut chain: Vec<String> = stack.get(from..).unwrap_or(&[]).to_vec();
+                        chain.push(name.to_string());
+                        EvalError::Cyclic {
+                            name: name.to_string(),
+                            col,
+                            chain,
+                        }
                     })
                 }
                 None => {}
             }
             // None marks "being evaluated" to catch cycles.
             self.memo.borrow_mut().insert(name.to_string(), None);
-            let r = self.eval(e).map_err(|err| match err {
+            self.stack.borrow_mut().push(name.to_string());
+            let r = self.eval(e);
+            self.stack.borrow_mut().pop();
+            let r = r.map_err(|err| match err {
                 EvalError::InLet { .. } => err,
                 _ => EvalError::InLet {
                     line: *let_line,
@@ -483,6 +572,23 @@ impl Env<'_> {
     }
 
     pub fn eval(&self, e: &Expr) -> Result<Value, EvalError> {
+        // Trees are at most MAX_DEPTH deep, but `let`s referring to `let`s chain them.
+        let depth = self.depth.get() + 1;
+        if depth > MAX_EVAL_DEPTH {
+            return Err(EvalError::Other {
+                col: e.col(),
+                msg: format!(
+                    "expression nested too deeply when evaluated (more than {MAX_EVAL_DEPTH} levels, counting `let`s that use other `let`s)"
+                ),
+            });
+        }
+        self.depth.set(depth);
+        let r = self.eval_inner(e);
+        self.depth.set(depth - 1);
+        r
+    }
+
+    fn eval_inner(&self, e: &Expr) -> Result<Value, EvalError> {
         match e {
             Expr::Int(v) => Ok(Value::Int(*v)),
             Expr::Str(s) => Ok(Value::Str(s.clone())),
@@ -511,20 +617,51 @@ impl Env<'_> {
     pub fn int(&self, e: &Expr) -> Result<i64, EvalError> {
         match self.eval(e)? {
             Value::Int(v) => Ok(v),
-            other => Err(EvalError::Other {
-                col: e.col(),
-                msg: format!("expected an integer, got {} ({other:?})", other.type_name()),
-            }),
+            other => Err(self.wrong_type(e, "an integer", &other)),
         }
     }
 
     pub fn bool(&self, e: &Expr) -> Result<bool, EvalError> {
         match self.eval(e)? {
             Value::Bool(v) => Ok(v),
-            other => Err(EvalError::Other {
-                col: e.col(),
-                msg: format!("expected a boolean, got {} ({other:?})", other.type_name()),
-            }),
+            other => Err(self.wrong_type(e, "a boolean", &other)),
+        }
+    }
+
+    /// The config key `e`'s value comes straight from, if any: `key`, `key ?? default`, or a
+    /// `let` defined so (followed at most `hops` deep).
+    fn config_source(&self, e: &Expr, hops: usize) -> Option<String> {
+        match e {
+            Expr::Ident(n, _) => {
+                if self.captures.iter().any(|(c, _)| c == n)
+                    || self.builtins.iter().any(|(b, _)| b == n)
+                {
+                    return None;
+                }
+                match self.lets.get(n) {
+                    Some((def, _)) if !self.stack.borrow().iter().any(|s| s == n) => {
+                        self.config_source(def, hops.checked_sub(1)?)
+                    }
+                    _ => self.config_lookup(n).map(|_| n.clone()),
+                }
+            }
+            Expr::Bin(BinOp::Default, a, b, _) => self
+                .config_source(a, hops)
+                .or_else(|| self.config_source(b, hops)),
+            _ => None,
+        }
+    }
+
+    /// "expected X, got the string "yes"", naming the config key when the value came
+    /// straight from config.json or `--set`.
+    fn wrong_type(&self, e: &Expr, expected: &str, got: &Value) -> EvalError {
+        let source = match self.config_source(e, 8) {
+            Some(n) => format!(" from config key `{n}` (config.json or --set)"),
+            None => String::new(),
+        };
+        EvalError::Other {
+            col: e.col(),
+            msg: format!("expected {expected}, got {}{source}", got.describe()),
         }
     }
 

@@ -218,6 +218,34 @@ pub struct Spec {
     source: Arc<str>,
 }
 
+/// Largest `.shard` file read (shipped specs are a few KB): a bigger file, or a device such as
+/// /dev/zero, is refused instead of filling memory.
+pub const MAX_SPEC_FILE: u64 = 16 << 20;
+
+/// Reads a spec file: only a regular file of at most [`MAX_SPEC_FILE`] bytes (a FIFO would
+/// block, /dev/zero would never end).
+fn read_spec_file(path: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let refuse = || Error::InvalidFile {
+        file: path.into(),
+        reason: format!("a spec must be a regular file of at most {MAX_SPEC_FILE} bytes"),
+    };
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() > MAX_SPEC_FILE {
+        return Err(refuse());
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    // `take` guards against a file that grew (or was swapped) since `metadata`.
+    file.take(MAX_SPEC_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > MAX_SPEC_FILE {
+        return Err(refuse());
+    }
+    Ok(bytes)
+}
+
 /// Shipped specs: (name, file name, source).
 const SHIPPED: [(&str, &str); 7] = [
     ("llama", include_str!("../../shard-specs/llama.shard")),
@@ -280,7 +308,7 @@ impl Spec {
         if !looks_like_path {
             return Spec::shipped(name_or_path);
         }
-        let bytes = std::fs::read(name_or_path).map_err(|e| Error::io(name_or_path, e))?;
+        let bytes = read_spec_file(name_or_path)?;
         let source = String::from_utf8(bytes).map_err(|e| {
             Error::Spec(format!(
                 "{name_or_path}: not UTF-8 text (invalid byte at offset {})",

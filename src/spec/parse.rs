@@ -174,13 +174,28 @@ pub(crate) fn did_you_mean<'a>(
 
 /// Formats `origin:line:col: msg` plus the source line and a caret.
 pub(crate) fn located(origin: &str, line_no: usize, col: usize, msg: &str, line: &str) -> String {
+    /// Chars of a long line (over 4 windows) shown on each side of the column.
+    const WINDOW: usize = 60;
     let col = col.max(1);
-    let caret_pad: String = line
+    // A hostile line can be megabytes long: show a window around the column.
+    let len = line.chars().count();
+    let (skip, take) = if len <= 4 * WINDOW {
+        (0, len)
+    } else {
+        ((col - 1).saturating_sub(WINDOW), 2 * WINDOW)
+    };
+    let shown: String = line.chars().skip(skip).take(take).collect();
+    let cut_end = len > skip + take;
+    let (lead, tail) = (
+        if skip > 0 { "..." } else { "" },
+        if cut_end { "..." } else { "" },
+    );
+    let caret_pad: String = lead
         .chars()
-        .take(col - 1)
+        .chain(line.chars().skip(skip).take(col - 1 - skip))
         .map(|c| if c == '\t' { '\t' } else { ' ' })
         .collect();
-    format!("{origin}:{line_no}:{col}: {msg}\n    {line}\n    {caret_pad}^")
+    format!("{origin}:{line_no}:{col}: {msg}\n    {lead}{shown}{tail}\n    {caret_pad}^")
 }
 
 struct Ctx<'a> {
@@ -197,6 +212,7 @@ impl Ctx<'_> {
             toks,
             pos: 0,
             end_col: self.line.trim_end().chars().count() + 1,
+            nest: 0,
         }
     }
     fn err(&self, col: usize, msg: impl AsRef<str>) -> Error {

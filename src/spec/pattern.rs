@@ -5,6 +5,13 @@
 //! - `*` inside a segment matches any run of characters except `.`;
 //! - a whole segment `**` matches zero or more segments.
 
+use std::cell::RefCell;
+
+/// Most segments in a pattern, and most elements (`*`, captures, alternatives, literals) in
+/// one segment: real patterns have about ten; the limits bound the matcher's recursion.
+const MAX_SEGMENTS: usize = 256;
+const MAX_TOKS: usize = 64;
+
 /// One element of a segment.
 #[derive(Clone, Debug)]
 enum Tok {
@@ -18,7 +25,9 @@ enum Tok {
 enum Seg {
     /// Pure literal: compared directly.
     Lit(String),
-    Toks(Vec<Tok>),
+    /// Tokens, and whether matching them needs the failure memo (two or more `*`, or three
+    /// or more branching tokens); without it the plain backtracking is cheap.
+    Toks(Vec<Tok>, bool),
     AnyMany,
 }
 
@@ -29,6 +38,8 @@ pub(crate) struct Pattern {
     /// Capture names, in slot order.
     pub captures: Vec<String>,
     has_many: bool,
+    /// Two or more `**`: only then can matching backtrack more than linearly over segments.
+    many_memo: bool,
 }
 
 impl Pattern {
@@ -55,6 +66,12 @@ impl Pattern {
                 has_many = true;
                 offset += seg_len + 1;
                 continue;
+            }
+            if segs.len() >= MAX_SEGMENTS {
+                return Err((
+                    offset,
+                    format!("pattern has more than {MAX_SEGMENTS} segments"),
+                ));
             }
             let mut toks = Vec::new();
             let chars: Vec<char> = seg.chars().collect();
@@ -126,30 +143,61 @@ impl Pattern {
                     }
                 }
             }
+            if toks.len() >= MAX_TOKS {
+                return Err((
+                    offset,
+                    format!("pattern segment has more than {MAX_TOKS} wildcards, captures, alternatives and literal runs"),
+                ));
+            }
             if toks.is_empty() {
                 segs.push(Seg::Lit(lit));
             } else {
                 if !lit.is_empty() {
                     toks.push(Tok::Lit(lit));
                 }
-                segs.push(Seg::Toks(toks));
+                let stars = toks.iter().filter(|t| matches!(t, Tok::Star)).count();
+                let branching = toks.iter().filter(|t| !matches!(t, Tok::Lit(_))).count();
+                segs.push(Seg::Toks(toks, stars >= 2 || branching >= 3));
             }
             offset += seg_len + 1;
         }
+        let many_memo = segs.iter().filter(|s| matches!(s, Seg::AnyMany)).count() >= 2;
         Ok(Pattern {
             segs,
             captures,
             has_many,
+            many_memo,
         })
     }
 
     /// Matches the dot-split name; on success `caps[slot]` holds each capture.
+    ///
+    /// Runs in polynomial time: every (pattern position, name position) state that failed is
+    /// remembered, so `**.**.**...` and `*a*a*a...` do not backtrack exponentially.
     pub fn matches(&self, name: &[&str], caps: &mut [u64]) -> bool {
         if !self.has_many && name.len() != self.segs.len() {
             return false;
         }
-        match_segs(&self.segs, name, caps)
+        if !self.many_memo {
+            // An empty memo: plain backtracking, at most linear with one `**`.
+            return match_segs(&self.segs, 0, name, 0, caps, &mut []);
+        }
+        SEG_FAILED.with(|f| {
+            let Ok(mut failed) = f.try_borrow_mut() else {
+                return false;
+            };
+            failed.clear();
+            failed.resize((self.segs.len() + 1) * (name.len() + 1), false);
+            match_segs(&self.segs, 0, name, 0, caps, &mut failed)
+        })
     }
+}
+
+thread_local! {
+    /// Scratch memo of failed (segment, name segment) states, reused across calls.
+    static SEG_FAILED: RefCell<Vec<bool>> = const { RefCell::new(Vec::new()) };
+    /// Scratch memo of failed (token, byte offset) states within one segment.
+    static TOK_FAILED: RefCell<Vec<bool>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Splits on dots outside braces (alternatives never contain dots, but a stray one inside
@@ -173,43 +221,96 @@ fn split_segments(text: &str) -> Vec<&str> {
     out
 }
 
-fn match_segs(segs: &[Seg], name: &[&str], caps: &mut [u64]) -> bool {
-    let Some((first, rest)) = segs.split_first() else {
-        return name.is_empty();
-    };
-    match first {
-        Seg::AnyMany => (0..=name.len()).any(|k| match_segs(rest, &name[k..], caps)),
-        Seg::Lit(l) => match name.split_first() {
-            Some((n, nrest)) => n == l && match_segs(rest, nrest, caps),
-            None => false,
-        },
-        Seg::Toks(toks) => match name.split_first() {
-            Some((n, nrest)) => match_toks(toks, n, caps) && match_segs(rest, nrest, caps),
-            None => false,
-        },
+/// Whether `segs[si..]` matches `name[ni..]`; `failed[si * (name.len() + 1) + ni]` marks
+/// states known not to match (captures are written only on success, so a failure is final).
+/// An empty `failed` means no memo.
+fn match_segs(
+    segs: &[Seg],
+    si: usize,
+    name: &[&str],
+    ni: usize,
+    caps: &mut [u64],
+    failed: &mut [bool],
+) -> bool {
+    let key = si * (name.len() + 1) + ni;
+    if failed.get(key).copied().unwrap_or(false) {
+        return false;
     }
+    let ok = match segs.get(si) {
+        None => ni == name.len(),
+        Some(Seg::AnyMany) => {
+            (ni..=name.len()).any(|k| match_segs(segs, si + 1, name, k, caps, failed))
+        }
+        Some(Seg::Lit(l)) => match name.get(ni) {
+            Some(n) => n == l && match_segs(segs, si + 1, name, ni + 1, caps, failed),
+            None => false,
+        },
+        Some(Seg::Toks(toks, memo)) => match name.get(ni) {
+            Some(n) => {
+                match_one_seg(toks, *memo, n, caps)
+                    && match_segs(segs, si + 1, name, ni + 1, caps, failed)
+            }
+            None => false,
+        },
+    };
+    if !ok {
+        if let Some(f) = failed.get_mut(key) {
+            *f = true;
+        }
+    }
+    ok
 }
 
-fn match_toks(toks: &[Tok], s: &str, caps: &mut [u64]) -> bool {
-    let Some((first, rest)) = toks.split_first() else {
-        return s.is_empty();
+/// Matches one name segment against a segment's tokens.
+fn match_one_seg(toks: &[Tok], memo: bool, s: &str, caps: &mut [u64]) -> bool {
+    if !memo {
+        return match_toks(toks, 0, s, 0, caps, &mut []);
+    }
+    TOK_FAILED.with(|f| {
+        // A nested borrow cannot happen (match_toks does not call back here), but never panic.
+        let Ok(mut failed) = f.try_borrow_mut() else {
+            return false;
+        };
+        failed.clear();
+        failed.resize((toks.len() + 1) * (s.len() + 1), false);
+        match_toks(toks, 0, s, 0, caps, &mut failed)
+    })
+}
+
+/// Whether `toks[ti..]` matches `s[pos..]` (`pos` a char boundary); `failed` as in
+/// [`match_segs`], indexed `ti * (s.len() + 1) + pos`.
+fn match_toks(
+    toks: &[Tok],
+    ti: usize,
+    s: &str,
+    pos: usize,
+    caps: &mut [u64],
+    failed: &mut [bool],
+) -> bool {
+    let key = ti * (s.len() + 1) + pos;
+    if failed.get(key).copied().unwrap_or(false) {
+        return false;
+    }
+    let Some(rest) = s.get(pos..) else {
+        return false;
     };
-    match first {
-        Tok::Lit(l) => s
-            .strip_prefix(l.as_str())
-            .is_some_and(|r| match_toks(rest, r, caps)),
-        Tok::Alt(alts) => alts.iter().any(|a| {
-            s.strip_prefix(a.as_str())
-                .is_some_and(|r| match_toks(rest, r, caps))
+    let ok = match toks.get(ti) {
+        None => rest.is_empty(),
+        Some(Tok::Lit(l)) => {
+            rest.starts_with(l.as_str()) && match_toks(toks, ti + 1, s, pos + l.len(), caps, failed)
+        }
+        Some(Tok::Alt(alts)) => alts.iter().any(|a| {
+            rest.starts_with(a.as_str()) && match_toks(toks, ti + 1, s, pos + a.len(), caps, failed)
         }),
-        Tok::Capture(slot) => {
-            let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+        Some(Tok::Capture(slot)) => {
+            // A u64 has at most 20 digits: longer runs cannot parse, so never try them.
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).take(20).count();
             // Try the longest digit run first, then shorter ones (`{a}{b}` is ambiguous anyway).
             (1..=digits).rev().any(|k| {
-                let Ok(v) = s[..k].parse::<u64>() else {
+                let Some(Ok(v)) = rest.get(..k).map(str::parse::<u64>) else {
                     return false;
                 };
-                if match_toks(rest, &s[k..], caps) {
+                if match_toks(toks, ti + 1, s, pos + k, caps, failed) {
                     if let Some(c) = caps.get_mut(*slot) {
                         *c = v;
                     }
@@ -219,12 +320,18 @@ fn match_toks(toks: &[Tok], s: &str, caps: &mut [u64]) -> bool {
                 }
             })
         }
-        Tok::Star => s
+        Some(Tok::Star) => rest
             .char_indices()
             .map(|(i, _)| i)
-            .chain(std::iter::once(s.len()))
-            .any(|i| match_toks(rest, &s[i..], caps)),
+            .chain(std::iter::once(rest.len()))
+            .any(|i| match_toks(toks, ti + 1, s, pos + i, caps, failed)),
+    };
+    if !ok {
+        if let Some(f) = failed.get_mut(key) {
+            *f = true;
+        }
     }
+    ok
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Applying a parsed spec to a catalog: first matching rule wins, then stages and layouts.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
@@ -11,6 +11,13 @@ use super::{Config, Layout, Piece, Resolution, Resolved, Shards, Spec, TensorKin
 use crate::checkpoint::TensorInfo;
 use crate::topology::Topology;
 use crate::{Error, Result};
+
+/// Most unmatched tensor names listed in the error.
+const MAX_LISTED: usize = 10;
+
+/// Most layers a spec may declare: far above any real model, low enough that a typo such as
+/// `layers 9223372036854775807` is an error rather than "every layer on stage 0".
+pub(crate) const MAX_LAYERS: usize = 1 << 20;
 
 /// Resolves tensors given as a slice (what [`super::resolve`] does for a whole checkpoint).
 pub(crate) fn resolve_tensors(
@@ -104,6 +111,17 @@ pub(crate) fn resolve_tensors(
                         "the number of layers must not be negative (got {n})"
                     ))
                 })?;
+                if n > MAX_LAYERS {
+                    let msg = format!("{n} layers is more than the {MAX_LAYERS} this tool accepts");
+                    return Err(if line == 0 {
+                        Error::Config(format!(
+                            "{} (config.json `num_hidden_layers`): {msg}",
+                            spec.origin
+                        ))
+                    } else {
+                        Error::Spec(format!("{}:{line}: {msg}", spec.origin))
+                    });
+                }
                 // Cumulative layer ends per stage (not a per-layer table: `n` comes from input).
                 let mut ends = topo.stage_layer_counts(n)?;
                 let mut acc = 0usize;
@@ -150,7 +168,7 @@ pub(crate) fn resolve_tensors(
                                 Ok(v) if v < topo.pp => s.push(v),
                                 _ => {
                                     return Err(Error::Placement(format!(
-                                        "{}:{}: tensor {}: stage {v} does not exist (pp = {})",
+                                        "{}:{}: tensor {:?}: stage {v} does not exist (pp = {})",
                                         spec.origin, rule.line, t.name, topo.pp
                                     )))
                                 }
@@ -184,7 +202,7 @@ pub(crate) fn resolve_tensors(
             let owner =
                 expert_owner(e, count, topo.ep, r.placement(ex.placement)?).map_err(|m| {
                     Error::Placement(format!(
-                        "{}:{}: tensor {}: {m}",
+                        "{}:{}: tensor {:?}: {m}",
                         spec.origin, rule.line, t.name
                     ))
                 })?;
@@ -205,7 +223,7 @@ pub(crate) fn resolve_tensors(
             None => {
                 let l = r.layouts(rule, &t.shape).map_err(|e| match e {
                     LayoutError::Msg(m) => Error::Placement(format!(
-                        "{}:{}: tensor {} {:?}: {m}",
+                        "{}:{}: tensor {:?} {:?}: {m}",
                         spec.origin, rule.line, t.name, t.shape
                     )),
                     LayoutError::Err(e) => e,
@@ -229,12 +247,22 @@ pub(crate) fn resolve_tensors(
     }
 
     if !unmatched.is_empty() {
+        // Names come from the file: quote them (a newline must not forge an `error:` line)
+        // and cap the list (a 92k-tensor checkpoint would print megabytes).
+        let mut list = unmatched
+            .iter()
+            .take(MAX_LISTED)
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if unmatched.len() > MAX_LISTED {
+            list.push_str(&format!(" and {} more", unmatched.len() - MAX_LISTED));
+        }
         return Err(Error::Placement(format!(
-            "{} tensor(s) match no rule of spec `{}` ({}): {}; add rules for them (or a catch-all rule such as `** replicate`)",
+            "{} tensor(s) match no rule of spec `{}` ({}): {list}; add rules for them (or a catch-all rule such as `** replicate`)",
             unmatched.len(),
             spec.name,
             spec.origin,
-            unmatched.join(", ")
         )));
     }
 
@@ -369,6 +397,8 @@ impl Resolver<'_> {
             config: &self.config.values,
             has: self.has,
             memo: self.memo,
+            depth: Cell::new(0),
+            stack: RefCell::new(Vec::new()),
         }
     }
 
@@ -389,6 +419,8 @@ impl Resolver<'_> {
             EvalError::Missing { name, col } => {
                 let mut known: Vec<&str> = self.config.values.keys().map(String::as_str).collect();
                 known.extend(self.spec.def.lets.keys().map(String::as_str));
+                // Never suggest the very name that is missing (a `let` of that name exists).
+                known.retain(|k| *k != name);
                 let hint = did_you_mean(&name, known);
                 let loc = if line == 0 {
                     format!("{}: ", self.spec.origin)
@@ -401,7 +433,25 @@ impl Resolver<'_> {
                     if line == 0 { String::new() } else { format!("\n    {src}") }
                 ))
             }
-            EvalError::InLet { .. } => Error::Spec(format!("{}:{line}: {e:?}", self.spec.origin)),
+            EvalError::Cyclic { name, col, chain } => {
+                let msg = format!(
+                    "cyclic let: `{name}` depends on itself ({}) and config.json has no `{name}` to fall back on",
+                    chain
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(" -> ")
+                );
+                if line == 0 {
+                    Error::Spec(format!("{}: {msg}", self.spec.origin))
+                } else {
+                    Error::Spec(located(&self.spec.origin, line, col, &msg, src))
+                }
+            }
+            // Not produced: `InLet` is unwrapped above and never nests.
+            EvalError::InLet { .. } => {
+                Error::Spec(format!("{}:{line}: error in a `let`", self.spec.origin))
+            }
             EvalError::Other { col, msg } => {
                 if line == 0 {
                     Error::Spec(format!("{}: {msg}", self.spec.origin))
