@@ -328,7 +328,7 @@ impl Spec {
         };
         if archs.is_empty() {
             return Err(Error::Config(
-                "config.json has no `architectures`, so no spec can be picked; pass --spec NAME or --spec FILE.shard (see `safeshard spec list`)".into(),
+                "no `architectures` in config.json (or no config.json beside the checkpoint), so no spec can be picked; pass --spec NAME or --spec FILE.shard (see `safeshard spec list`)".into(),
             ));
         }
         for arch in &archs {
