@@ -328,6 +328,14 @@ fn find_in_dir(dir: &Path) -> Result<Source> {
     if index.is_file() {
         return read_index(&index);
     }
+    // An index that is there but is not a readable regular file (a directory, a FIFO, a
+    // dangling link) must not be silently replaced by whatever .safetensors files lie beside it.
+    if std::fs::symlink_metadata(&index).is_ok() {
+        return Err(Error::InvalidIndex {
+            file: INDEX_NAME.into(),
+            reason: "not a regular file (or a link to one)".into(),
+        });
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut indexes = Vec::new();
     let mut files = Vec::new();

@@ -46,8 +46,13 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
-            let _ = e.print();
+            // clap prints help/version to stdout (exit 0); usage errors (exit 2) get our
+            // one-line form instead of clap's several lines of usage and tips.
+            if e.use_stderr() {
+                eprintln!("{}", one_line_usage_error(&e.render().to_string()));
+            } else {
+                let _ = e.print();
+            }
             return e.exit_code();
         }
     };
@@ -68,6 +73,29 @@ pub fn main() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// Folds clap's rendered error into one line: the message lines up to the first blank line
+/// (dropping clap's `tip:` and `Usage:` paragraphs), joined with spaces, plus a pointer to
+/// `--help`.
+fn one_line_usage_error(rendered: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            if !parts.is_empty() {
+                break;
+            }
+            continue;
+        }
+        parts.push(line);
+    }
+    let mut msg = parts.join(" ");
+    if !msg.starts_with("error:") {
+        msg = format!("error: {msg}");
+    }
+    msg.push_str(" (see --help)");
+    msg
 }
 
 fn init_tracing(filter: &str) {
