@@ -83,6 +83,14 @@ fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
     tmp.write_all(plan::memory_svg(plan).as_bytes())
         .and_then(|()| tmp.flush())
         .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+    // tempfile creates 0600; a picture is for sharing.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+    }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
