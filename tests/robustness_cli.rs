@@ -741,3 +741,27 @@ fn reshard_out_that_cannot_be_a_directory_is_a_clean_error() {
     );
     assert!(o.stdout.is_empty(), "nothing reported as written");
 }
+
+#[test]
+fn inspect_escapes_control_characters_in_tensor_names() {
+    // A name from a file must not break the table's lines or reach the terminal as an
+    // escape sequence.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ctrl.safetensors");
+    let header = br#"{"a\nb\u001b[31m":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    std::fs::write(&path, st_bytes(header, &[0; 4])).expect("write");
+    let o = run(&["inspect", p(&path)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(!o.stdout.contains('\u{1b}'), "raw escape: {:?}", o.stdout);
+    let row = o
+        .stdout
+        .lines()
+        .find(|l| l.contains("ctrl.safetensors"))
+        .expect("tensor row");
+    assert!(row.starts_with(r"a\nb\u{1b}[31m"), "{row:?}");
+    // JSON output keeps the exact name (JSON escapes it itself).
+    let o = run(&["inspect", p(&path), "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(v["tensors"][0]["name"], "a\nb\u{1b}[31m");
+}
