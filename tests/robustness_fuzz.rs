@@ -321,3 +321,70 @@ fn the_base_checkpoint_plans_and_loads() {
     let r = load::load_rank(&plan, 3, &LoadOptions::default()).expect("load");
     assert!(!r.is_empty());
 }
+
+/// A shard cut short or swapped for another file after planning is a clean error on both
+/// engines (never a SIGBUS from a mapping past the end of the file).
+#[test]
+fn files_changed_between_plan_and_load_are_clean_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, bytes) in base() {
+        std::fs::write(dir.path().join(name), bytes).expect("write");
+    }
+    let ckpt = Checkpoint::open(dir.path()).expect("open");
+    let config = Config::from_checkpoint(&ckpt, &[]).expect("config");
+    let spec = Spec::detect(&config).expect("spec");
+    let topo = Topology {
+        tp: 1,
+        pp: 1,
+        dp: 1,
+        ep: 1,
+        pp_layers: None,
+    };
+    let res = spec::resolve(&spec, &ckpt, &config, &topo).expect("resolve");
+    let plan = plan::build(&ckpt, &res, &topo, &spec.name).expect("plan");
+    // The last shard: rank 0 of tp=1 reads every file.
+    let victim = ckpt.files.last().expect("a file").path.clone();
+    let name = victim
+        .file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned();
+    let original = std::fs::read(&victim).expect("read");
+    let engines = [IoMode::Mmap, IoMode::Pread];
+
+    // Truncated in place (same inode).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .expect("open");
+    f.set_len(original.len() as u64 / 2).expect("truncate");
+    drop(f);
+    for io in engines {
+        let opts = LoadOptions {
+            io,
+            ..LoadOptions::default()
+        };
+        let err = load::load_rank(&plan, 0, &opts).expect_err("truncated file must fail");
+        let msg = err.to_string();
+        assert!(msg.contains(&name), "{io:?}: {msg}");
+        assert!(!msg.contains('\n'), "{io:?}: one line: {msg}");
+    }
+
+    // Replaced by another file of the same length (a new inode, different bytes).
+    let tmp = dir.path().join("replacement.tmp");
+    let mut other = original.clone();
+    if let Some(b) = other.last_mut() {
+        *b ^= 0xff;
+    }
+    std::fs::write(&tmp, &other).expect("write");
+    std::fs::rename(&tmp, &victim).expect("rename");
+    for io in engines {
+        let opts = LoadOptions {
+            io,
+            ..LoadOptions::default()
+        };
+        let err = load::load_rank(&plan, 0, &opts).expect_err("replaced file must fail");
+        let msg = err.to_string();
+        assert!(msg.contains(&name), "{io:?}: {msg}");
+    }
+}
