@@ -765,3 +765,17 @@ fn inspect_escapes_control_characters_in_tensor_names() {
     let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
     assert_eq!(v["tensors"][0]["name"], "a\nb\u{1b}[31m");
 }
+
+#[test]
+fn a_non_utf8_file_name_in_a_checkpoint_directory_is_named_as_such() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ok = st_bytes(
+        br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        &[0; 4],
+    );
+    let name = std::ffi::OsStr::from_bytes(b"x\xff.safetensors");
+    std::fs::write(dir.path().join(name), ok).expect("write");
+    // Used to say the file "does not exist" (its lossy name was opened instead).
+    fails(&["inspect", p(dir.path())], 1, &["not valid UTF-8"]);
+}

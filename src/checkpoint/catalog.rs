@@ -341,7 +341,19 @@ fn find_in_dir(dir: &Path) -> Result<Source> {
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let raw = entry.file_name();
+        let Some(name) = raw.to_str().map(str::to_owned) else {
+            // Names are kept as strings (index values, messages); a lossy copy would then
+            // point at a file that does not exist.
+            let lossy = raw.to_string_lossy();
+            if lossy.ends_with(".safetensors") || lossy.ends_with(".safetensors.index.json") {
+                return Err(Error::NotACheckpoint {
+                    path: entry.path(),
+                    reason: "file name is not valid UTF-8".into(),
+                });
+            }
+            continue;
+        };
         let is_file = entry.path().is_file();
         if !is_file {
             continue;
