@@ -779,3 +779,75 @@ fn a_non_utf8_file_name_in_a_checkpoint_directory_is_named_as_such() {
     // Used to say the file "does not exist" (its lossy name was opened instead).
     fails(&["inspect", p(dir.path())], 1, &["not valid UTF-8"]);
 }
+
+/// Runs with stdout closed from the start (`| head` that already exited) or on a full disk.
+fn run_with_stdout(args: &[&str], stdout: Stdio) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_safeshard"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut se = child.stderr.take().expect("stderr");
+    let t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = se.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?}: hang");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stderr = String::from_utf8_lossy(&t.join().expect("join")).into_owned();
+    let code = status
+        .code()
+        .unwrap_or_else(|| panic!("{args:?}: killed by a signal: {stderr}"));
+    (code, stderr)
+}
+
+#[test]
+fn a_closed_or_full_stdout_is_not_a_panic() {
+    let ck = llama();
+    let d = p(ck.path());
+    let out = tempfile::tempdir().expect("tempdir");
+    let rs = out.path().join("rs");
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["inspect", d],
+        vec!["plan", d, "--tp", "2"],
+        vec!["load", d, "--tp", "2", "--all-ranks"],
+        vec!["reshard", d, "--tp", "2", "--out", p(&rs)],
+        vec!["spec", "list"],
+        vec!["demo"],
+    ];
+    for args in &commands {
+        // A reader that went away: like `| head`, quietly successful.
+        let (r, w) = std::io::pipe().expect("pipe");
+        drop(r);
+        let (code, stderr) = run_with_stdout(args, Stdio::from(w));
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        // A full device: exit 1 with one error line.
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let (code, stderr) = run_with_stdout(args, Stdio::from(full));
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        let lines = error_lines(&stderr);
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(
+            lines[0].starts_with("error: <stdout>"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

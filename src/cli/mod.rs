@@ -57,7 +57,9 @@ pub fn main() -> i32 {
         }
     };
     init_tracing(&cli.log);
-    let result = match cli.command {
+    install_stdout_failure_hook();
+    // Unwinding (not exiting) on a stdout failure lets temporary directories clean up.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Spec(cmd) => spec::run(cmd),
         Command::Plan(args) => plan::run(args),
@@ -65,6 +67,17 @@ pub fn main() -> i32 {
         Command::Reshard(args) => reshard::run(args),
         Command::Demo(args) => demo::run(args),
         Command::DistLoad(args) => dist::run(args),
+    }));
+    let result = match result {
+        Ok(r) => r,
+        Err(payload) => match stdout_failure(payload.as_ref()) {
+            Some(cause) if cause.contains("os error 32") => Ok(()),
+            Some(cause) => {
+                eprintln!("error: <stdout>: {cause}");
+                return 1;
+            }
+            None => std::panic::resume_unwind(payload),
+        },
     };
     match result {
         Ok(()) => 0,
@@ -96,6 +109,29 @@ fn one_line_usage_error(rendered: &str) -> String {
     }
     msg.push_str(" (see --help)");
     msg
+}
+
+/// The cause of a `println!` panic (stdout gone, as under `| head`, or full), if `payload` is
+/// one.
+fn stdout_failure(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .and_then(|p| p.strip_prefix("failed printing to stdout: "))
+}
+
+/// `println!` panics when stdout is gone or full; the subcommands that write with `writeln!`
+/// treat a broken pipe as success and other write errors as `error: <stdout>: ...`. This hook
+/// keeps such panics quiet (the caller in [`main`] turns them into that behaviour); any other
+/// panic still goes to the default hook.
+fn install_stdout_failure_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if stdout_failure(info.payload()).is_none() {
+            default(info);
+        }
+    }));
 }
 
 fn init_tracing(filter: &str) {
