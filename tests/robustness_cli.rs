@@ -640,9 +640,21 @@ fn bad_flags_are_usage_errors_on_one_line() {
         (vec!["spec", "list", "extra"], vec!["extra"]),
         (vec!["inspect", d, d], vec!["unexpected argument"]),
         (vec!["bogus"], vec!["bogus"]),
+        // Used to print the whole help text to stderr.
+        (vec![], vec!["needs a subcommand", "inspect", "dist-load"]),
+        (
+            vec!["spec"],
+            vec!["spec needs a subcommand", "list", "check"],
+        ),
     ];
     for (args, words) in cases {
         fails(&args, 2, &words);
+    }
+    // Help and version still go to stdout with status 0.
+    for args in [vec!["--help"], vec!["plan", "--help"], vec!["--version"]] {
+        let o = run(&args);
+        assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+        assert!(!o.stdout.is_empty() && o.stderr.is_empty(), "{args:?}");
     }
 }
 

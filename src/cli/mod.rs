@@ -48,7 +48,9 @@ pub fn main() -> i32 {
         Err(e) => {
             // clap prints help/version to stdout (exit 0); usage errors (exit 2) get our
             // one-line form instead of clap's several lines of usage and tips.
-            if e.use_stderr() {
+            if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                eprintln!("{}", missing_subcommand(&e.render().to_string()));
+            } else if e.use_stderr() {
                 eprintln!("{}", one_line_usage_error(&e.render().to_string()));
             } else {
                 let _ = e.print();
@@ -132,6 +134,28 @@ fn install_stdout_failure_hook() {
             default(info);
         }
     }));
+}
+
+/// One line for a command run without its subcommand, from clap's help text: the usage line
+/// and the subcommands listed under `Commands:`.
+fn missing_subcommand(help: &str) -> String {
+    let usage = help
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Usage: "))
+        .unwrap_or("safeshard <COMMAND>");
+    let command = usage.split(" [").next().unwrap_or(usage);
+    let names: Vec<&str> = help
+        .lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| *n != "help")
+        .collect();
+    format!(
+        "error: {command} needs a subcommand: {} (see --help)",
+        names.join(", ")
+    )
 }
 
 fn init_tracing(filter: &str) {
