@@ -148,6 +148,8 @@ fn missing_config_values_are_named_with_a_suggestion() {
     .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("needs `num_key_value_heads`"), "{msg}");
+    // The location is the `let` that reads it (line 1, column of the name).
+    assert!(msg.starts_with("config: t.shard:1:11: "), "{msg}");
     assert!(msg.contains("did you mean `num_key_value_head`?"), "{msg}");
     assert!(msg.contains("--set num_key_value_heads="), "{msg}");
     // Defaults: `??` falls back; a let may default the config value of the same name.
@@ -525,4 +527,28 @@ fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
     assert!(per_tp(&r.tensors[0])
         .iter()
         .all(|l| *l == Layout::full(&[])));
+}
+
+#[test]
+fn requirements_are_checked_after_placement() {
+    let src = "require heads % tp == 0 \"heads must divide\"\nw  split(dim=0)\n";
+    let t: &[(&str, &[u64])] = &[("w", &[16])];
+    assert!(run(src, t, json!({"heads": 4}), topo(4, 1)).is_ok());
+    // 16 rows split over 8 ranks, but 4 heads do not: the requirement refuses.
+    let e = run(src, t, json!({"heads": 4}), topo(8, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("t.shard:1: spec `t` cannot place this checkpoint at tp = 8"),
+        "{e}"
+    );
+    assert!(e.contains("heads must divide"), "{e}");
+    // A split that does not divide is reported first, with its tensor.
+    let e = run(src, t, json!({"heads": 4}), topo(3, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tensor w [16]") && e.contains("tp = 3"), "{e}");
+    // A missing value in a requirement is named.
+    let e = run(src, t, json!({}), topo(2, 1)).unwrap_err().to_string();
+    assert!(e.contains("needs `heads`"), "{e}");
 }

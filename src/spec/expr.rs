@@ -387,8 +387,30 @@ impl Value {
 /// An evaluation failure: a missing name (which `??` catches) or anything else.
 #[derive(Debug)]
 pub(crate) enum EvalError {
-    Missing { name: String, col: usize },
-    Other { col: usize, msg: String },
+    Missing {
+        name: String,
+        col: usize,
+    },
+    Other {
+        col: usize,
+        msg: String,
+    },
+    /// An error while evaluating the `let` defined on `line` (columns are on that line).
+    InLet {
+        line: usize,
+        inner: Box<EvalError>,
+    },
+}
+
+impl EvalError {
+    /// Whether a config value is missing (what `??` catches), directly or inside a `let`.
+    pub fn is_missing(&self) -> bool {
+        match self {
+            EvalError::Missing { .. } => true,
+            EvalError::Other { .. } => false,
+            EvalError::InLet { inner, .. } => inner.is_missing(),
+        }
+    }
 }
 
 /// Where names come from while evaluating: `let`s, the topology, captures, config.json.
@@ -419,7 +441,7 @@ impl Env<'_> {
         if let Some((_, v)) = self.builtins.iter().find(|(n, _)| *n == name) {
             return Ok(Value::Int(*v));
         }
-        if let Some((e, _line)) = self.lets.get(name) {
+        if let Some((e, let_line)) = self.lets.get(name) {
             let cached = self.memo.borrow().get(name).cloned();
             match cached {
                 Some(Some(v)) => return Ok(v),
@@ -435,7 +457,13 @@ impl Env<'_> {
             }
             // None marks "being evaluated" to catch cycles.
             self.memo.borrow_mut().insert(name.to_string(), None);
-            let r = self.eval(e);
+            let r = self.eval(e).map_err(|err| match err {
+                EvalError::InLet { .. } => err,
+                _ => EvalError::InLet {
+                    line: *let_line,
+                    inner: Box::new(err),
+                },
+            });
             match &r {
                 Ok(v) => {
                     self.memo
@@ -507,7 +535,7 @@ impl Env<'_> {
         };
         match op {
             BinOp::Default => match self.eval(a) {
-                Err(EvalError::Missing { .. }) => self.eval(b),
+                Err(e) if e.is_missing() => self.eval(b),
                 r => r,
             },
             BinOp::And => Ok(Value::Bool(self.bool(a)? && self.bool(b)?)),

@@ -106,10 +106,12 @@ pub(crate) struct SpecDef {
     pub lets: HashMap<String, (Expr, usize)>,
     pub aliases: Vec<(String, String)>,
     pub layers: Option<(Expr, usize)>,
+    /// `require COND "why"`: checked before any tensor is placed.
+    pub requires: Vec<(Expr, Option<String>, usize)>,
     pub rules: Vec<Rule>,
 }
 
-const DIRECTIVES: [&str; 5] = ["arch", "let", "alias", "layers", "kind"];
+const DIRECTIVES: [&str; 6] = ["arch", "let", "alias", "layers", "kind", "require"];
 const ACTIONS: [&str; 7] = [
     "replicate",
     "skip",
@@ -351,6 +353,18 @@ fn directive(
             }
             def.aliases.push((from, to));
         }
+        "require" => {
+            let cond = p.expr().map_err(e)?;
+            let why = match p.peek() {
+                Some(Tok::Str(w)) => {
+                    p.pos += 1;
+                    Some(w.clone())
+                }
+                _ => None,
+            };
+            end_of_line(ctx, &p)?;
+            def.requires.push((cond, why, ctx.line_no));
+        }
         "layers" => {
             if def.layers.is_some() {
                 return Err(ctx.err(word_col, "`layers` is given twice"));
@@ -440,7 +454,7 @@ fn rule(
     } else {
         Vec::new()
     };
-    let op = action(ctx, &name, col, args, &toks[..p.pos])?;
+    let op = action(ctx, &name, col, args)?;
     let layer_slot = pattern.captures.iter().position(|c| c == "layer");
     let expert_slot = pattern.captures.iter().position(|c| c == "expert");
     let mut rule = Rule {
@@ -658,7 +672,7 @@ impl<'c, 'a> Args<'c, 'a> {
     }
 }
 
-fn action(ctx: &Ctx, name: &str, col: usize, args: Vec<Arg>, _toks: &[(Tok, usize)]) -> Result<Op> {
+fn action(ctx: &Ctx, name: &str, col: usize, args: Vec<Arg>) -> Result<Op> {
     match name {
         "replicate" => {
             Args::new(ctx, name, col, args, &[], &[])?.no_positional(0)?;

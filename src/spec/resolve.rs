@@ -47,7 +47,9 @@ pub(crate) fn resolve_tensors(
     let mut conds: Vec<Option<bool>> = vec![None; def.rules.len()];
     let mut hits = vec![0usize; def.rules.len()];
     let mut layer_stages: Option<(usize, Vec<usize>)> = None;
-    let mut cache: HashMap<(usize, Vec<u64>), Vec<Layout>> = HashMap::new();
+    // Layouts (and whether they are all equal) per rule, per shape: computed once, cloned
+    // per tensor.
+    let mut cache: Vec<LayoutCache> = vec![HashMap::new(); def.rules.len()];
     let mut unmatched = Vec::new();
     let mut out = Vec::with_capacity(tensors.len());
     let mut caps: Vec<u64> = Vec::new();
@@ -198,9 +200,8 @@ pub(crate) fn resolve_tensors(
             });
             continue;
         }
-        let key = (ri, t.shape.clone());
-        let layouts = match cache.get(&key) {
-            Some(l) => l.clone(),
+        let (layouts, replicated) = match cache[ri].get(t.shape.as_slice()) {
+            Some((l, rep)) => (l.clone(), *rep),
             None => {
                 let l = r.layouts(rule, &t.shape).map_err(|e| match e {
                     LayoutError::Msg(m) => Error::Placement(format!(
@@ -209,11 +210,11 @@ pub(crate) fn resolve_tensors(
                     )),
                     LayoutError::Err(e) => e,
                 })?;
-                cache.insert(key, l.clone());
-                l
+                let rep = l.windows(2).all(|w| w[0] == w[1]);
+                cache[ri].insert(t.shape.clone(), (l.clone(), rep));
+                (l, rep)
             }
         };
-        let replicated = layouts.windows(2).all(|w| w[0] == w[1]);
         let kind = match (&rule.op, rule.kind) {
             (Op::Vocab { .. }, TensorKind::Other) => TensorKind::Embedding,
             (_, TensorKind::Other) if rule.experts.is_some() => TensorKind::Experts,
@@ -237,6 +238,32 @@ pub(crate) fn resolve_tensors(
         )));
     }
 
+    // Requirements last: a split that does not divide is reported with its tensor first;
+    // these catch topologies whose splits work out but that vLLM refuses.
+    for (cond, why, line) in &def.requires {
+        let ok = r.env(&[]).bool(cond).map_err(|err| r.error(*line, err))?;
+        if !ok {
+            let src = spec
+                .source
+                .lines()
+                .nth(line.saturating_sub(1))
+                .unwrap_or("")
+                .trim();
+            return Err(Error::Placement(format!(
+                "{}:{line}: spec `{}` cannot place this checkpoint at tp = {}, pp = {}, dp = {}, ep = {}: {}",
+                spec.origin,
+                spec.name,
+                topo.tp,
+                topo.pp,
+                topo.dp,
+                topo.ep,
+                match why {
+                    Some(w) => format!("{w} (`{src}` does not hold)"),
+                    None => format!("`{src}` does not hold"),
+                }
+            )));
+        }
+    }
     let mut warnings = Vec::new();
     for (ri, rule) in def.rules.iter().enumerate() {
         if hits[ri] > 0 || rule.optional {
@@ -259,6 +286,9 @@ pub(crate) fn resolve_tensors(
         warnings,
     })
 }
+
+/// Per rule: shape -> (layout per TP rank, whether they are all equal).
+type LayoutCache = HashMap<Vec<u64>, (Vec<Layout>, bool)>;
 
 fn normalize<'a>(spec: &Spec, name: &'a str) -> Cow<'a, str> {
     for (from, to) in &spec.def.aliases {
@@ -344,6 +374,11 @@ impl Resolver<'_> {
 
     /// Turns an evaluation error at `line` into a user-facing error.
     fn error(&self, line: usize, e: EvalError) -> Error {
+        // Errors inside a `let` point at the `let` line.
+        let (line, e) = match e {
+            EvalError::InLet { line, inner } => (line, *inner),
+            e => (line, e),
+        };
         let src = self
             .spec
             .source
@@ -366,6 +401,7 @@ impl Resolver<'_> {
                     if line == 0 { String::new() } else { format!("\n    {src}") }
                 ))
             }
+            EvalError::InLet { .. } => Error::Spec(format!("{}:{line}: {e:?}", self.spec.origin)),
             EvalError::Other { col, msg } => {
                 if line == 0 {
                     Error::Spec(format!("{}: {msg}", self.spec.origin))
