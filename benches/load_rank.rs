@@ -164,7 +164,12 @@ fn gbps(bytes: u64, s: f64) -> f64 {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing else is accepted.
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs bench binaries
+    // without it, and this benchmark writes gigabytes, so it only runs under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("load_rank: run with `cargo bench --bench load_rank`");
+        return;
+    }
     let dir = PathBuf::from(env_or(
         "SAFESHARD_BENCH_DIR",
         "target/bench-data/llama3-8b-f16",
@@ -203,9 +208,13 @@ fn main() {
         arena,
         ..base.clone()
     };
+    let hybrid = |arena: ArenaInit| LoadOptions {
+        pread_contiguous: true,
+        ..mk(IoMode::Mmap, arena)
+    };
     println!("\n## warm page cache, rank 0, medians of {reps} (GB/s = bytes held / s)");
     println!(
-        "{:>3} {:>9} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>6} {:>6}",
+        "{:>3} {:>9} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>6} {:>6}",
         "tp",
         "held MB",
         "memcpy",
@@ -215,6 +224,8 @@ fn main() {
         "mmap-lz",
         "pread-re",
         "pread-hp",
+        "hybr-re",
+        "hybr-hp",
         "best/m",
         "def/m"
     );
@@ -227,7 +238,7 @@ fn main() {
         let rp = &plan.ranks[0];
         warm(&ckpt);
         let (_, mut reuse) = timed(&plan, &mk(IoMode::Mmap, ArenaInit::HugePages), None);
-        let mut t: [Vec<f64>; 7] = Default::default();
+        let mut t: [Vec<f64>; 9] = Default::default();
         for _ in 0..reps {
             t[0].push(memcpy_into(&mut reuse[..rp.bytes as usize], &src));
             let (s, a) = timed(&plan, &mk(IoMode::Mmap, ArenaInit::HugePages), Some(reuse));
@@ -240,12 +251,16 @@ fn main() {
             reuse = a;
             t[5].push(s);
             t[6].push(timed(&plan, &mk(IoMode::Pread, ArenaInit::HugePages), None).0);
+            let (s, a) = timed(&plan, &hybrid(ArenaInit::HugePages), Some(reuse));
+            reuse = a;
+            t[7].push(s);
+            t[8].push(timed(&plan, &hybrid(ArenaInit::HugePages), None).0);
         }
         let m: Vec<f64> = t.iter().map(|v| median(v.clone())).collect();
         let g: Vec<f64> = m.iter().map(|&s| gbps(rp.bytes, s)).collect();
         let best = g[1..].iter().cloned().fold(0.0, f64::max);
         println!(
-            "{:>3} {:>9.0} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>6.2} {:>6.2}",
+            "{:>3} {:>9.0} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>6.2} {:>6.2}",
             tp,
             rp.bytes as f64 / 1e6,
             g[0],
@@ -255,6 +270,8 @@ fn main() {
             g[4],
             g[5],
             g[6],
+            g[7],
+            g[8],
             best / g[0],
             g[2] / g[0]
         );
@@ -285,23 +302,42 @@ fn main() {
                 String::from_utf8_lossy(&out.stderr).to_string(),
             ));
         }
-        // Cold cache.
-        let mut c: [Vec<f64>; 3] = Default::default();
-        let mut io = [0u64; 3];
+        // Cold cache: fresh arenas, and a reused (touched) arena to separate I/O from page
+        // faults on fresh memory; the sequential read goes into a reused 8 MiB buffer.
+        let (_, mut reuse) = timed(&plan, &mk(IoMode::Mmap, ArenaInit::HugePages), None);
+        let mut c: [Vec<f64>; 5] = Default::default();
+        let mut io = [0u64; 5];
         for _ in 0..reps.min(3) {
-            drop_cache(&ckpt);
-            let b = io_read_bytes();
-            c[0].push(timed(&plan, &mk(IoMode::Mmap, ArenaInit::HugePages), None).0);
-            io[0] = io_read_bytes() - b;
-            drop_cache(&ckpt);
-            let b = io_read_bytes();
-            c[1].push(timed(&plan, &mk(IoMode::Pread, ArenaInit::HugePages), None).0);
-            io[1] = io_read_bytes() - b;
-            drop_cache(&ckpt);
-            let b = io_read_bytes();
-            c[2].push(sequential_read(&ckpt, rp.read_bytes));
-            io[2] = io_read_bytes() - b;
+            let mut run = |k: usize, f: &mut dyn FnMut() -> f64| {
+                drop_cache(&ckpt);
+                let b = io_read_bytes();
+                c[k].push(f());
+                io[k] = io_read_bytes() - b;
+            };
+            run(0, &mut || {
+                timed(&plan, &mk(IoMode::Mmap, ArenaInit::HugePages), None).0
+            });
+            run(1, &mut || {
+                timed(&plan, &mk(IoMode::Pread, ArenaInit::HugePages), None).0
+            });
+            let mut r = Some(std::mem::replace(
+                &mut reuse,
+                Arena::new(0, ArenaInit::Lazy).expect("a"),
+            ));
+            run(2, &mut || {
+                let (s, a) = timed(&plan, &mk(IoMode::Mmap, ArenaInit::HugePages), r.take());
+                r = Some(a);
+                s
+            });
+            run(3, &mut || {
+                let (s, a) = timed(&plan, &mk(IoMode::Pread, ArenaInit::HugePages), r.take());
+                r = Some(a);
+                s
+            });
+            reuse = r.take().expect("arena");
+            run(4, &mut || sequential_read(&ckpt, rp.read_bytes));
         }
+        drop(reuse);
         cold_rows.push((tp, rp.bytes, rp.read_bytes, c.map(median), io));
     }
     if python {
@@ -319,30 +355,25 @@ fn main() {
     }
     println!("\n## cold cache (posix_fadvise DONTNEED before each), rank 0, medians");
     println!(
-        "{:>3} {:>9} {:>9} {:>6} | {:>8} {:>8} {:>8} | {:>6} {:>6} | {:>10} {:>10}",
-        "tp",
-        "held MB",
-        "read MB",
-        "rd/hd",
-        "mmap s",
-        "pread s",
-        "seq s",
-        "mm/sq",
-        "pr/sq",
-        "mmap io MB",
-        "pread io MB"
+        "{:>3} {:>7} {:>7} {:>5} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>5} {:>5} {:>5} {:>5} | {:>7} {:>7}",
+        "tp", "held MB", "read MB", "rd/hd", "mmap", "pread", "mmap-re", "prd-re", "seq s",
+        "mm/sq", "pr/sq", "mr/sq", "prr/sq", "mmap io", "pread io"
     );
     for (tp, held, read, m, io) in cold_rows {
         println!(
-            "{tp:>3} {:>9.0} {:>9.0} {:>6.3} | {:>8.3} {:>8.3} {:>8.3} | {:>6.2} {:>6.2} | {:>10.0} {:>10.0}",
+            "{tp:>3} {:>7.0} {:>7.0} {:>5.3} | {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} | {:>5.2} {:>5.2} {:>5.2} {:>5.2} | {:>7.0} {:>7.0}",
             held as f64 / 1e6,
             read as f64 / 1e6,
             read as f64 / held as f64,
             m[0],
             m[1],
             m[2],
-            m[2] / m[0],
-            m[2] / m[1],
+            m[3],
+            m[4],
+            m[4] / m[0],
+            m[4] / m[1],
+            m[4] / m[2],
+            m[4] / m[3],
             io[0] as f64 / 1e6,
             io[1] as f64 / 1e6
         );

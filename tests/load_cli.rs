@@ -188,3 +188,18 @@ fn file_replaced_after_planning_is_a_clean_error() {
     assert!(e.to_string().contains("replaced"), "{e}");
     assert_eq!(e.exit_code(), 1);
 }
+
+#[test]
+fn demo_runs_and_verifies_every_rank() {
+    let o = Command::new(env!("CARGO_BIN_EXE_safeshard"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("verified").count(), 9, "{text}");
+    for r in 0..8 {
+        assert!(text.contains(&format!("rank {r} (dp 0, pp {}, tp {})", r / 4, r % 4)));
+    }
+    assert!(text.contains("memcpy"));
+}

@@ -314,3 +314,78 @@ fn bad_usage_and_bad_data_exit_codes() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing"));
 }
+
+/// Every shipped architecture (tiny presets) under several topologies, against synth's
+/// independent vLLM reference (`tests/common/vllm_ref.rs`), bit for bit.
+#[test]
+fn every_architecture_matches_the_vllm_reference() {
+    let presets = [
+        "llama-tiny",
+        "mistral-tiny",
+        "qwen2-tiny",
+        "phi3-tiny",
+        "mixtral-tiny",
+        "qwen2-moe-tiny",
+        "deepseek-v3-tiny",
+        "gpt2-tiny",
+    ];
+    let topos: [(usize, usize, usize, usize); 5] = [
+        (1, 1, 1, 1),
+        (2, 1, 1, 1),
+        (2, 2, 1, 1),
+        (4, 1, 1, 1),
+        (2, 1, 2, 4),
+    ];
+    let mut checked = 0;
+    for preset in presets {
+        let opts = SynthOptions::preset(preset).unwrap();
+        let src = common::write_preset(&opts);
+        for (tp, pp, dp, ep) in topos {
+            let label = format!("{preset} tp={tp} pp={pp} dp={dp} ep={ep}");
+            let topo = safeshard::topology::Topology::new(tp, pp, dp, ep).unwrap();
+            let out = tempfile::tempdir().unwrap();
+            let o = Command::new(env!("CARGO_BIN_EXE_safeshard"))
+                .arg("reshard")
+                .arg(src.path())
+                .args(["--tp", &tp.to_string(), "--pp", &pp.to_string()])
+                .args(["--dp", &dp.to_string(), "--ep", &ep.to_string(), "--out"])
+                .arg(out.path())
+                .output()
+                .unwrap();
+            let want = match common::vllm_ref::expected_with_values(&opts, &topo) {
+                Ok(w) => w,
+                Err(e) => {
+                    assert!(
+                        !o.status.success(),
+                        "{label}: reference refuses ({e}), we accept"
+                    );
+                    continue;
+                }
+            };
+            assert!(
+                o.status.success(),
+                "{label}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let mut ranks = vec![Expected::new(); topo.world()];
+            for t in want {
+                ranks[t.rank].insert(t.name, (t.dtype.name().to_string(), t.shape, t.bytes));
+            }
+            let got = read_back(out.path(), topo.world() as u64);
+            for (r, (g, w)) in got.iter().zip(&ranks).enumerate() {
+                assert_eq!(
+                    g.keys().collect::<Vec<_>>(),
+                    w.keys().collect::<Vec<_>>(),
+                    "{label} rank {r}: names"
+                );
+                for (name, want) in w {
+                    assert!(&g[name] == want, "{label} rank {r} {name}: differs");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    // Most (preset, topology) pairs are accepted by the reference; none may be skipped
+    // silently en masse.
+    assert!(checked > 1000, "only {checked} tensors checked");
+}

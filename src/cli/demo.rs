@@ -9,7 +9,7 @@ use safeshard::topology::Topology;
 use safeshard::{Error, Result};
 
 use super::common::human_bytes;
-use super::load::{human_line, load_ranks};
+use super::load::{human_line, load_one, load_ranks};
 
 /// Arguments of `safeshard demo`.
 #[derive(clap::Args, Debug)]
@@ -110,36 +110,53 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
-    println!("3. loading all 8 ranks in-process on threads, verifying every tensor:");
+    println!("3. loading each of the 8 ranks (all cores per rank), verifying every tensor:");
     let ranks: Vec<usize> = (0..job.world()).collect();
-    let t = Instant::now();
-    let reports = load_ranks(
-        &job.ckpt,
-        &job.resolution,
-        &job.plan,
-        &ranks,
-        &LoadOptions::default(),
-        true,
-        None,
-    )?;
-    let wall = t.elapsed().as_secs_f64();
+    let mut reports = Vec::with_capacity(ranks.len());
+    for &r in &ranks {
+        reports.push(load_one(
+            &job.ckpt,
+            &job.resolution,
+            &job.plan,
+            r,
+            &LoadOptions::default(),
+            true,
+        )?);
+    }
     for r in &reports {
         println!("   {}", human_line(&job.plan, r));
     }
-    let held: u64 = reports.iter().map(|r| r.stats.bytes).sum();
-    let load_secs: f64 = reports.iter().map(|r| r.stats.seconds).sum();
     let verified: usize = reports.iter().filter_map(|r| r.verified).sum();
+    // Throughput: all 8 ranks in-process on threads, concurrently, timed as a whole.
+    let held: u64 = reports.iter().map(|r| r.stats.bytes).sum();
+    let mut walls = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        load_ranks(
+            &job.ckpt,
+            &job.resolution,
+            &job.plan,
+            &ranks,
+            &LoadOptions::default(),
+            false,
+            None,
+        )?;
+        walls.push(t.elapsed().as_secs_f64());
+    }
+    walls.sort_by(f64::total_cmp);
+    let wall = walls.get(1).copied().unwrap_or(0.0);
     let memcpy = memcpy_gbps(64 << 20);
     println!(
-        "4. {} loaded and {verified} tensors verified in {wall:.2} s; rank loads took \
-         {load_secs:.3} s in total: {:.2} GB/s per rank-second, beside single-thread memcpy \
-         {memcpy:.2} GB/s on this machine",
+        "4. {verified} tensors verified. All 8 ranks ({}) load in {wall:.3} s (median of 3): \
+         {:.2} GB/s, beside single-thread memcpy {memcpy:.2} GB/s on this machine \
+         ({} threads available)",
         human_bytes(held),
-        if load_secs > 0.0 {
-            held as f64 / load_secs / 1e9
+        if wall > 0.0 {
+            held as f64 / wall / 1e9
         } else {
             0.0
-        }
+        },
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     Ok(())
 }

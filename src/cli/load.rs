@@ -223,6 +223,7 @@ pub fn run(args: Args) -> Result<()> {
         staging_budget: args.staging_budget,
         arena: args.arena,
         threads: None,
+        pread_contiguous: false,
     };
     let progress = std::io::stderr().is_terminal().then(|| {
         let p = indicatif::ProgressBar::new(ranks.len() as u64);

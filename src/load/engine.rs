@@ -363,15 +363,25 @@ impl Mapped {
         copies: &[CopyRun],
     ) -> Result<Mapped> {
         let page = page_size();
-        let mut spans: Vec<Vec<(u64, u64, bool)>> = vec![Vec::new(); files.len()];
+        // (start, end, the run when it is sparse)
+        type SpanList = Vec<(u64, u64, Option<CopyRun>)>;
+        let mut spans: Vec<SpanList> = vec![Vec::new(); files.len()];
         for r in copies {
             if r.len == 0 || r.count == 0 {
                 continue;
             }
             let end = r.src + (r.count - 1) * r.src_stride + r.len; // validated
-            let dense = r.count == 1 || r.src_stride <= r.len.max(page).saturating_mul(2);
+                                                                    // Dense when the pages the chunks touch cover at least a quarter of the span:
+                                                                    // then reading the whole span sequentially (gaps included) beats one synchronous
+                                                                    // page-in per chunk on a cold cache.
+            let touched = (r.len.div_ceil(page) + 1).saturating_mul(page);
+            let dense = r.count == 1 || touched.saturating_mul(4) >= r.src_stride;
             if let Some(v) = spans.get_mut(r.file as usize) {
-                v.push((r.src / page * page, end.div_ceil(page) * page, dense));
+                v.push((
+                    r.src / page * page,
+                    end.div_ceil(page) * page,
+                    (!dense).then_some(*r),
+                ));
             }
         }
         let mut windows = Vec::with_capacity(files.len());
@@ -384,7 +394,7 @@ impl Mapped {
             let (Some(pf), Some(Some(file))) = (files.get(fi), open.get(fi)) else {
                 return Err(bad_plan(format!("file #{fi} was not opened")));
             };
-            v.sort_unstable();
+            v.sort_unstable_by_key(|x| (x.0, x.1));
             let mut merged: Vec<(u64, u64)> = Vec::new();
             for &(s, e, _) in &v {
                 match merged.last_mut() {
@@ -403,17 +413,38 @@ impl Mapped {
                     .map_err(|e| Error::io(&pf.path, e))?;
                 ws.push(Window { start: s, map });
             }
-            for &(s, e, dense) in &v {
+            // Hints only; failure changes speed, never results.
+            let will_need = |s: u64, e: u64| {
                 if let Some(w) = find_window(&ws, s, e - s) {
-                    let advice = if dense {
-                        Advice::WillNeed
-                    } else {
-                        Advice::Random
-                    };
                     let off = (s - w.start) as usize;
-                    let len = (e - s) as usize;
-                    // Hints only; failure changes speed, never results.
-                    let _ = w.map.advise_range(advice, off, len.min(w.map.len() - off));
+                    let len = ((e - s) as usize).min(w.map.len() - off);
+                    let _ = w.map.advise_range(Advice::WillNeed, off, len);
+                }
+            };
+            for &(s, e, sparse) in &v {
+                match sparse {
+                    None => will_need(s, e),
+                    // Sparse strided runs: ask for exactly the pages of each chunk (merged
+                    // when adjacent), so a cold load reads them asynchronously and no more.
+                    Some(r) => {
+                        let mut cur: Option<(u64, u64)> = None;
+                        for k in 0..r.count {
+                            let cs = r.src + k * r.src_stride;
+                            let (ps, pe) = (cs / page * page, (cs + r.len).div_ceil(page) * page);
+                            match &mut cur {
+                                Some((_, ce)) if ps <= *ce => *ce = (*ce).max(pe),
+                                _ => {
+                                    if let Some((a, b)) = cur {
+                                        will_need(a, b);
+                                    }
+                                    cur = Some((ps, pe));
+                                }
+                            }
+                        }
+                        if let Some((a, b)) = cur {
+                            will_need(a, b);
+                        }
+                    }
                 }
             }
             windows.push(ws);
@@ -489,7 +520,7 @@ pub fn execute(
     match opts.io {
         IoMode::Mmap => {
             let mapped = Mapped::map(files, &open, copies)?;
-            run_mmap(files, &mapped, copies, zeros, arena, opts)
+            run_mmap(files, &open, &mapped, copies, zeros, arena, opts)
         }
         IoMode::Pread => run_pread(files, &open, copies, zeros, arena, opts),
     }
@@ -498,6 +529,7 @@ pub fn execute(
 /// Runs validated runs from already mapped windows.
 pub(crate) fn run_mmap(
     files: &[PlanFile],
+    open: &[Option<File>],
     mapped: &Mapped,
     copies: &[CopyRun],
     zeros: &[ZeroRun],
@@ -515,6 +547,16 @@ pub(crate) fn run_mmap(
             let dst = unsafe { ptr.chunk(t.dst + k * t.dst_stride, t.len) };
             match t.file {
                 None => dst.fill(0),
+                Some(f) if t.count == 1 && opts.pread_contiguous => {
+                    // Contiguous pieces: one positioned read straight into the arena (a
+                    // kernel copy, with no page-table faults on the file mapping).
+                    let (Some(pf), Some(Some(file))) =
+                        (files.get(f as usize), open.get(f as usize))
+                    else {
+                        return Err(bad_plan(format!("file #{f} was not opened")));
+                    };
+                    read_full(file, pf, dst, t.src)?;
+                }
                 Some(f) => {
                     let src = mapped
                         .slice(f, t.src + k * t.src_stride, t.len)

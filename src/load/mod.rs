@@ -84,6 +84,9 @@ pub struct LoadOptions {
     pub arena: ArenaInit,
     /// Copy threads (`None`: rayon's global pool).
     pub threads: Option<usize>,
+    /// Mmap engine: read contiguous runs with `pread` straight into the arena and use the
+    /// mapping only for strided gathers (and views).
+    pub pread_contiguous: bool,
 }
 
 impl Default for LoadOptions {
@@ -94,6 +97,7 @@ impl Default for LoadOptions {
             staging_budget: DEFAULT_STAGING_BUDGET,
             arena: ArenaInit::default(),
             threads: None,
+            pread_contiguous: false,
         }
     }
 }
@@ -131,6 +135,7 @@ pub struct RankTensors {
     arena: Arena,
     views: HashMap<usize, ViewRef>,
     mapped: Option<Arc<engine::Mapped>>,
+    taken: Vec<bool>,
     stats: LoadStats,
 }
 
@@ -222,9 +227,11 @@ impl RankTensors {
         self.tensor_at(*self.by_name.get(name)?)
     }
 
-    /// All tensors, in arena order.
+    /// All tensors not taken out with [`RankTensors::take`], in arena order.
     pub fn iter(&self) -> impl Iterator<Item = TensorRef<'_>> + '_ {
-        (0..self.tensors.len()).filter_map(move |i| self.tensor_at(i))
+        (0..self.tensors.len())
+            .filter(move |&i| !self.taken.get(i).copied().unwrap_or(false))
+            .filter_map(move |i| self.tensor_at(i))
     }
 
     /// Copies the view tensors into the arena and drops the file mappings, so that every
@@ -249,7 +256,8 @@ impl RankTensors {
         }
     }
 
-    /// Takes one tensor out, copying its bytes into an owned buffer.
+    /// Takes one tensor out, copying its bytes into an owned buffer. It is no longer returned
+    /// by [`RankTensors::get`] or [`RankTensors::iter`]; its arena bytes are unspecified.
     pub fn take(&mut self, name: &str) -> Option<OwnedTensor> {
         let t = self.get(name)?;
         let owned = OwnedTensor {
@@ -260,6 +268,9 @@ impl RankTensors {
         };
         if let Some(i) = self.by_name.remove(name) {
             self.views.remove(&i);
+            if let Some(t) = self.taken.get_mut(i) {
+                *t = true;
+            }
         }
         Some(owned)
     }
@@ -388,8 +399,15 @@ pub fn load_rank_into(
             } else {
                 rp.copies.clone()
             };
-            let mut exec =
-                engine::run_mmap(&plan.files, &mapped, &copies, &rp.zeros, &mut arena, opts)?;
+            let mut exec = engine::run_mmap(
+                &plan.files,
+                &open,
+                &mapped,
+                &copies,
+                &rp.zeros,
+                &mut arena,
+                opts,
+            )?;
             if opts.views {
                 exec.read_bytes = engine::touched_pages(&rp.copies);
             }
@@ -413,6 +431,7 @@ pub fn load_rank_into(
         arena,
         views,
         mapped,
+        taken: vec![false; rp.tensors.len()],
         stats: LoadStats {
             rank,
             tensors: rp.tensors.len(),

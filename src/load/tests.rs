@@ -177,11 +177,16 @@ fn both_engines_match_the_naive_copy() {
     let (plan, data) = sample(dir.path());
     let rp = &plan.ranks[0];
     let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
-    for io in [IoMode::Mmap, IoMode::Pread] {
+    for (io, pread_contiguous) in [
+        (IoMode::Mmap, false),
+        (IoMode::Mmap, true),
+        (IoMode::Pread, false),
+    ] {
         for arena in [ArenaInit::Lazy, ArenaInit::Populate, ArenaInit::HugePages] {
             let opts = LoadOptions {
                 io,
                 arena,
+                pread_contiguous,
                 ..LoadOptions::default()
             };
             let rt = load_rank(&plan, 0, &opts).unwrap();
@@ -264,9 +269,18 @@ fn views_borrow_contiguous_tensors_only() {
     let taken = rt.take("cols").unwrap();
     assert_eq!(taken.data, want[rp.tensors[1].offset as usize..][..300_000]);
     assert!(rt.get("cols").is_none());
+    let big_taken = rt.take("big").unwrap();
+    assert_eq!(big_taken.data, want[..rp.tensors[0].bytes as usize]);
+    assert_eq!(rt.iter().map(|t| t.name).collect::<Vec<_>>(), ["rest"]);
     let (arena, tensors) = rt.into_parts();
+    let t = &tensors[2];
+    let r = t.offset as usize..(t.offset + t.bytes) as usize;
+    assert!(arena[r.clone()] == want[r]);
+    // into_parts copies views into the arena first.
+    let (arena, tensors) = load_rank(&plan, 0, &opts).unwrap().into_parts();
     let t = &tensors[0];
-    assert!(arena[t.offset as usize..(t.offset + t.bytes) as usize] == want[..t.bytes as usize]);
+    let r = t.offset as usize..(t.offset + t.bytes) as usize;
+    assert!(arena[r.clone()] == want[r]);
 }
 
 #[test]
@@ -446,4 +460,50 @@ fn identity_fields_recorded_as_unknown_are_skipped() {
     let rp = &plan.ranks[0];
     let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
     assert!(arena_of(&load_rank(&plan, 0, &LoadOptions::default()).unwrap()) == want);
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// (src, len, count, src_stride gap, dst gap) of one run; placed back to back in the arena.
+    fn runs() -> impl Strategy<Value = Vec<(u64, u64, u64, u64, u64)>> {
+        prop::collection::vec(
+            (0u64..200_000, 1u64..5000, 1u64..40, 0u64..9000, 0u64..300),
+            1..12,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn engines_equal_the_naive_copy(spec in runs(), budget in 0u64..200_000) {
+            let dir = tempfile::tempdir().unwrap();
+            let data = pattern(600_000, 5);
+            let files = vec![write_file(dir.path(), "f.bin", &data)];
+            let mut copies = Vec::new();
+            let mut zeros = Vec::new();
+            let mut cursor = 0u64;
+            for (i, &(src, len, count, sgap, dgap)) in spec.iter().enumerate() {
+                let (src_stride, dst_stride) = (len + sgap, len + dgap);
+                if src + (count - 1) * src_stride + len > data.len() as u64 {
+                    continue;
+                }
+                copies.push(CopyRun { file: 0, src, dst: cursor, len, count, src_stride, dst_stride });
+                cursor += count * dst_stride;
+                if i % 3 == 0 {
+                    zeros.push(ZeroRun { dst: cursor, len: 100, count: 2, dst_stride: 150 });
+                    cursor += 300;
+                }
+            }
+            let want = naive(&[data], &copies, &zeros, cursor as usize);
+            for (io, pread_contiguous) in [(IoMode::Mmap, false), (IoMode::Mmap, true), (IoMode::Pread, false)] {
+                let mut arena = vec![0xAAu8; cursor as usize];
+                let opts = LoadOptions { io, pread_contiguous, staging_budget: budget, ..LoadOptions::default() };
+                let st = execute(&files, &copies, &zeros, &mut arena, &opts).unwrap();
+                prop_assert!(arena == want, "{:?} {}", io, pread_contiguous);
+                prop_assert!(st.peak_staging <= budget);
+            }
+        }
+    }
 }
