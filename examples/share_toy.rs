@@ -104,7 +104,14 @@ fn run(args: &[String]) -> Result<()> {
             let job = job(args)?;
             let launch = launch::detect_env()?;
             let universe = safeshard::comm::MpiUniverse::init()?;
-            let world = universe.world();
+            let mut world = universe.world();
+            // Tests: tiny MPI transfers to exercise the chunked broadcast/all-to-all paths.
+            if let Some(c) = std::env::var("SHARE_TOY_MPI_CHUNK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                world = world.with_chunk(c);
+            }
             let result = launch::check_mpi_world(launch.as_ref(), world.rank(), world.size())
                 .and_then(|_| launch::check_world(world.size(), &job.topo))
                 .and_then(|_| load(&job, &world));

@@ -43,6 +43,17 @@ for topo in "2 2 1" "4 1 1"; do
   done
 done
 
+# Tiny MPI transfers (1000 bytes): chunked broadcasts and multi-round all-to-all-v.
+"$bin" threads toy.safetensors 2 1 2 none | digests > ref.txt
+for mode in broadcast read-once; do
+  SHARE_TOY_MPI_CHUNK=1000 timeout 120 mpirun -x SHARE_TOY_MPI_CHUNK -n 4 "$bin" mpi toy.safetensors 2 1 2 $mode > out.jsonl
+  if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
+    echo "FAIL: 1000-byte MPI chunks, tp=2 dp=2 --share $mode: bytes differ"; fail=1
+  else
+    echo "ok: 1000-byte MPI chunks, tp=2 × dp=2, --share $mode"
+  fi
+done
+
 # One rank's file broken (as on a node with a bad copy): non-zero exit, fast, naming the file.
 for r in 0 1 2 3; do mkdir -p node$r; cp toy.safetensors node$r/; done
 truncate -s 1000 node2/toy.safetensors
@@ -84,6 +95,26 @@ for topo in "--tp 2 --pp 2" "--tp 4"; do
     fi
   done
 done
+# Two simulated nodes (SAFESHARD_NODE, MPMD): read-once --per-node reads the data once per node.
+"$safeshard" dist-load llama --tp 2 --dp 2 --json | digests > ref.txt
+llama_data=$(python3 -c "
+import glob, os, struct
+t = 0
+for p in glob.glob('llama/*.safetensors'):
+    with open(p, 'rb') as f: n = struct.unpack('<Q', f.read(8))[0]
+    t += os.path.getsize(p) - 8 - n
+print(t)")
+timeout 120 mpirun -n 2 -x SAFESHARD_NODE=a "$safeshard" dist-load llama --tp 2 --dp 2 --share read-once --per-node --io pread --json \
+  : -n 2 -x SAFESHARD_NODE=b "$safeshard" dist-load llama --tp 2 --dp 2 --share read-once --per-node --io pread --json > out.jsonl
+total=$(read_total < out.jsonl)
+if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
+  echo "FAIL: read-once --per-node: bytes differ"; fail=1
+elif (( total > 2 * llama_data )); then
+  echo "FAIL: read-once --per-node read $total bytes, more than twice the data ($llama_data)"; fail=1
+else
+  echo "ok: read-once --per-node on 2 simulated nodes: read $total bytes (data $llama_data, once per node)"
+fi
+
 truncate -s -100 llama/model-00002-of-00002.safetensors
 start=$SECONDS
 if timeout 60 mpirun -n 4 "$safeshard" dist-load llama --tp 2 --pp 2 --share read-once > /dev/null 2> err.txt; then

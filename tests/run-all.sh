@@ -28,7 +28,8 @@ cargo test --doc
 # (no GPU in CI), then real `mpirun -n 4` jobs on a tiny checkpoint.
 cargo clippy --all-targets --features mpi -- -D warnings
 cargo test --features mpi --lib comm
-cargo test --features mpi --test comm_share
+cargo test --features mpi --test comm_share --test comm_cli
 cargo check --features nccl,cuda
-cargo clippy --features nccl,cuda -- -D warnings
+cargo clippy --all-targets --features nccl,cuda -- -D warnings
+cargo test --features nccl,cuda --lib comm::  # no GPU: missing libcuda is an error, not a panic
 bash tests/mpi_jobs.sh

@@ -93,3 +93,18 @@ impl DeviceUploader {
         Ok(dst)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        // SAFETY: only probes with dlopen.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // A GPU machine: this test is about machines without one.
+        }
+        let e = super::DeviceUploader::new(0, 1 << 20)
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("libcuda.so")));
+    }
+}

@@ -66,6 +66,43 @@ pub trait Communicator {
     fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
     /// `send[i]` goes to rank `i`; returns what each rank sent to this one, indexed by rank.
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
+    /// All-to-all-v on packed buffers: `send` holds `send_counts[0]` bytes for rank 0, then
+    /// `send_counts[1]` for rank 1, ...; `recv` (sized to the sum of `recv_counts`) receives
+    /// `recv_counts[i]` bytes from rank `i`, in rank order. Every rank must know what it
+    /// receives (the share modes compute it from the plan). The default goes through
+    /// [`Communicator::all_to_all_v`]; backends override it to avoid the copies.
+    fn all_to_all_packed(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let mut bufs = Vec::with_capacity(send_counts.len());
+        let mut off = 0usize;
+        for &c in send_counts {
+            let part = send.get(off..off + c).ok_or_else(|| {
+                Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
+            })?;
+            bufs.push(part.to_vec());
+            off += c;
+        }
+        let got = self.all_to_all_v(bufs)?;
+        let mut off = 0usize;
+        for (i, (g, &c)) in got.iter().zip(recv_counts).enumerate() {
+            if g.len() != c {
+                return Err(Error::Comm(format!(
+                    "all_to_all_packed: rank {i} sent {} bytes, {c} expected",
+                    g.len()
+                )));
+            }
+            recv.get_mut(off..off + c)
+                .ok_or_else(|| Error::Comm("all_to_all_packed: receive buffer too small".into()))?
+                .copy_from_slice(g);
+            off += c;
+        }
+        Ok(())
+    }
     /// Ends the whole job because of an unrecoverable error on this rank. The MPI backend
     /// prints `msg` and calls `MPI_Abort` (it does not return); the thread backend makes every
     /// other rank's pending and future collectives fail with `msg`, then returns.

@@ -31,10 +31,16 @@ impl MpiUniverse {
         Ok(MpiUniverse { universe })
     }
 
+    /// The rsmpi universe, for callers that also use MPI directly.
+    pub fn universe(&self) -> &Universe {
+        &self.universe
+    }
+
     /// The world communicator.
     pub fn world(&self) -> MpiComm {
         MpiComm {
             comm: self.universe.world(),
+            chunk: CHUNK,
         }
     }
 }
@@ -42,6 +48,21 @@ impl MpiUniverse {
 /// A communicator over MPI.
 pub struct MpiComm {
     comm: SimpleCommunicator,
+    chunk: usize,
+}
+
+impl MpiComm {
+    /// Wraps an rsmpi communicator.
+    pub fn from_communicator(comm: SimpleCommunicator) -> Self {
+        MpiComm { comm, chunk: CHUNK }
+    }
+
+    /// Uses transfers of at most `bytes` (clamped to `1..=CHUNK`), inherited by `split`;
+    /// small values exercise the chunked paths in tests.
+    pub fn with_chunk(mut self, bytes: usize) -> Self {
+        self.chunk = bytes.clamp(1, CHUNK);
+        self
+    }
 }
 
 fn count(n: usize) -> Result<Count> {
@@ -73,10 +94,12 @@ impl Communicator for MpiComm {
             None => Color::undefined(),
         };
         let key = i32::try_from(key).map_err(|_| Error::Comm(format!("key {key} too large")))?;
-        Ok(self
-            .comm
-            .split_by_color_with_key(c, key)
-            .map(|comm| Box::new(MpiComm { comm }) as Box<dyn Communicator>))
+        Ok(self.comm.split_by_color_with_key(c, key).map(|comm| {
+            Box::new(MpiComm {
+                comm,
+                chunk: self.chunk,
+            }) as Box<dyn Communicator>
+        }))
     }
 
     fn barrier(&self) -> Result<()> {
@@ -90,7 +113,7 @@ impl Communicator for MpiComm {
             .filter(|&r| r < self.comm.size())
             .ok_or_else(|| Error::Comm(format!("broadcast root {root} out of range")))?;
         let p = self.comm.process_at_rank(root);
-        for chunk in buf.chunks_mut(CHUNK) {
+        for chunk in buf.chunks_mut(self.chunk) {
             p.broadcast_into(chunk);
         }
         Ok(())
@@ -139,7 +162,7 @@ impl Communicator for MpiComm {
         let mut recv_lens = vec![0u64; n];
         self.comm
             .all_to_all_into(&send_lens[..], &mut recv_lens[..]);
-        let per_pair = (CHUNK / n.max(1)).max(1) as u64;
+        let per_pair = (self.chunk / n.max(1)).max(1) as u64;
         let my_max = send_lens
             .iter()
             .chain(&recv_lens)
@@ -188,6 +211,78 @@ impl Communicator for MpiComm {
             }
         }
         Ok(recv)
+    }
+
+    fn all_to_all_packed(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        let n = self.size();
+        let fits = |counts: &[usize], len: usize| {
+            counts.len() == n
+                && counts.iter().sum::<usize>() == len
+                && len <= i32::MAX as usize
+                && counts.iter().all(|&c| c <= self.chunk)
+        };
+        // Every rank must take the same path: agree on whether all fit in one call.
+        let mine = u8::from(fits(send_counts, send.len()) && fits(recv_counts, recv.len()));
+        let mut all = vec![0u8; n];
+        self.comm.all_gather_into(&mine, &mut all[..]);
+        if all.contains(&0) {
+            // Too large for one call somewhere: the chunked rounds of all_to_all_v.
+            let mut fallback = || -> Result<()> {
+                let mut bufs = Vec::with_capacity(n);
+                let mut off = 0usize;
+                for &c in send_counts {
+                    bufs.push(send.get(off..off + c).unwrap_or(&[]).to_vec());
+                    off += c;
+                }
+                let got = self.all_to_all_v(bufs)?;
+                let mut off = 0usize;
+                for (g, &c) in got.iter().zip(recv_counts) {
+                    if let Some(t) = recv.get_mut(off..off + c) {
+                        if g.len() == c {
+                            t.copy_from_slice(g);
+                        }
+                    }
+                    off += c;
+                }
+                Ok(())
+            };
+            return fallback();
+        }
+        let to_counts = |v: &[usize]| -> Result<(Vec<Count>, Vec<Count>)> {
+            let mut c = Vec::with_capacity(n);
+            let mut d = Vec::with_capacity(n);
+            let mut off = 0usize;
+            for &x in v {
+                c.push(count(x)?);
+                d.push(count(off)?);
+                off += x;
+            }
+            Ok((c, d))
+        };
+        let (sc, sd) = to_counts(send_counts)?;
+        let (rc, rd) = to_counts(recv_counts)?;
+        // Empty slices have the dangling pointer 0x1, Open MPI's MPI_IN_PLACE: use a dummy.
+        let mut dummy_s = nonempty(0);
+        let mut dummy_r = nonempty(0);
+        let sbuf: &[u8] = if send.is_empty() { &dummy_s[..] } else { send };
+        let rbuf: &mut [u8] = if recv.is_empty() {
+            &mut dummy_r[..]
+        } else {
+            recv
+        };
+        {
+            let spart = Partition::new(sbuf, &sc[..], &sd[..]);
+            let mut rpart = PartitionMut::new(rbuf, &rc[..], &rd[..]);
+            self.comm.all_to_all_varcount_into(&spart, &mut rpart);
+        }
+        dummy_s.clear();
+        Ok(())
     }
 
     fn abort(&self, code: i32, msg: &str) {

@@ -166,7 +166,44 @@ impl Communicator for NcclComm {
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         self.host.all_to_all_v(send)
     }
+    fn all_to_all_packed(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        self.host
+            .all_to_all_packed(send, send_counts, recv, recv_counts)
+    }
     fn abort(&self, code: i32, msg: &str) {
         self.host.abort(code, msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::ThreadComm;
+
+    #[test]
+    fn missing_libraries_are_errors_on_every_rank_not_panics() {
+        // SAFETY: only probes with dlopen.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // A GPU machine: this test is about machines without one.
+        }
+        let e = nccl_available().unwrap_err().to_string();
+        assert!(e.contains("libcuda.so"), "{e}");
+        let out: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ThreadComm::world(2)
+                .into_iter()
+                .map(|c| s.spawn(move || NcclComm::new(Box::new(c), 0).map(|_| ())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in out {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("libcuda.so"), "{e}");
+        }
     }
 }

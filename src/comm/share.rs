@@ -607,6 +607,7 @@ fn read_once_mode(
         }
     }
 
+    let (mut staging, mut packed, mut incoming) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         // Read this rank's pieces of the round.
         let r = (|| {
@@ -624,7 +625,9 @@ fn read_once_mode(
                 })
                 .collect();
             let len: u64 = runs.iter().map(|r| r.len).sum();
-            let mut buf = Vec::new();
+            // Reused across rounds: fresh pages cost more than the copy (page faults).
+            let mut buf = std::mem::take(&mut staging);
+            buf.clear();
             buf.try_reserve_exact(len as usize)
                 .map_err(|_| Error::Load(format!("cannot allocate {len} bytes of staging")))?;
             buf.resize(len as usize, 0);
@@ -633,42 +636,78 @@ fn read_once_mode(
         })();
         let (buf, read) = agree(world, r)?;
         load.read_bytes += read;
-        let outgoing: Vec<Vec<u8>> = (0..n)
-            .map(|d| {
-                let xs = send.get(round).and_then(|r| r.get(d));
-                let total: u64 = xs.into_iter().flatten().map(|x| x.2).sum();
-                let mut out = Vec::with_capacity(total as usize);
-                for &(pi, off, len, _) in xs.into_iter().flatten() {
-                    let base = pieces.get(pi).map(|p| p.buf_off).unwrap_or(0);
-                    let range = slice_range(base + off, len, buf.len())?;
-                    out.extend_from_slice(buf.get(range).unwrap_or(&[]));
-                }
-                Ok(out)
-            })
-            .collect::<Result<_>>()?;
-        drop(buf);
-        for (d, o) in outgoing.iter().enumerate() {
-            if d != my_idx {
-                load.sent_bytes += o.len() as u64;
+        // This rank's own transfers go straight from the piece buffer to the arena.
+        for &(pi, off, len, dst) in send
+            .get(round)
+            .and_then(|r| r.get(my_idx))
+            .into_iter()
+            .flatten()
+        {
+            let base = pieces.get(pi).map(|p| p.buf_off).unwrap_or(0);
+            let from = slice_range(base + off, len, buf.len())?;
+            let to = slice_range(dst, len, load.arena.len())?;
+            if let (Some(s), Some(t)) = (buf.get(from), load.arena.get_mut(to)) {
+                t.copy_from_slice(s);
             }
         }
-        let incoming = gcomm.all_to_all_v(outgoing)?;
-        for (o, data) in incoming.iter().enumerate() {
-            let xs = recv.get(round).and_then(|r| r.get(o));
-            let mut cursor = 0u64;
-            for &(_, _, len, dst) in xs.into_iter().flatten() {
-                let src = slice_range(cursor, len, data.len())
-                    .map_err(|_| Error::Comm(format!("rank {o} of the group sent too little")))?;
+        // One packed send buffer, in destination order (nothing to self).
+        let mut send_counts = vec![0usize; n];
+        let mut total = 0u64;
+        for (d, c) in send_counts.iter_mut().enumerate() {
+            if d != my_idx {
+                let b: u64 = send
+                    .get(round)
+                    .and_then(|r| r.get(d))
+                    .into_iter()
+                    .flatten()
+                    .map(|x| x.2)
+                    .sum();
+                *c = b as usize;
+                total += b;
+            }
+        }
+        packed.clear();
+        packed.reserve(total as usize);
+        for d in (0..n).filter(|&d| d != my_idx) {
+            for &(pi, off, len, _) in send.get(round).and_then(|r| r.get(d)).into_iter().flatten() {
+                let base = pieces.get(pi).map(|p| p.buf_off).unwrap_or(0);
+                let range = slice_range(base + off, len, buf.len())?;
+                packed.extend_from_slice(buf.get(range).unwrap_or(&[]));
+            }
+        }
+        load.sent_bytes += total;
+        let recv_counts: Vec<usize> = (0..n)
+            .map(|o| {
+                if o == my_idx {
+                    return 0;
+                }
+                let b: u64 = recv
+                    .get(round)
+                    .and_then(|r| r.get(o))
+                    .into_iter()
+                    .flatten()
+                    .map(|x| x.2)
+                    .sum();
+                b as usize
+            })
+            .collect();
+        let recv_total: usize = recv_counts.iter().sum();
+        incoming.clear();
+        incoming.resize(recv_total, 0);
+        gcomm.all_to_all_packed(&packed, &send_counts, &mut incoming, &recv_counts)?;
+        let mut cursor = 0u64;
+        for (o, _) in recv_counts.iter().enumerate().filter(|(o, _)| *o != my_idx) {
+            for &(_, _, len, dst) in recv.get(round).and_then(|r| r.get(o)).into_iter().flatten() {
+                let src = slice_range(cursor, len, incoming.len())?;
                 let to = slice_range(dst, len, load.arena.len())?;
-                if let (Some(s), Some(t)) = (data.get(src), load.arena.get_mut(to)) {
+                if let (Some(s), Some(t)) = (incoming.get(src), load.arena.get_mut(to)) {
                     t.copy_from_slice(s);
                 }
                 cursor += len;
             }
-            if o != my_idx {
-                load.received_bytes += cursor;
-            }
         }
+        load.received_bytes += cursor;
+        staging = buf;
     }
     Ok(())
 }
