@@ -129,6 +129,16 @@ pub(crate) enum Expr {
     List(Vec<Expr>, usize),
 }
 
+impl Expr {
+    /// ` for `NAME`` when the expression is a bare name (a config value or `let`), for messages.
+    fn named(&self) -> String {
+        match self {
+            Expr::Ident(n, _) => format!(" for `{n}`"),
+            _ => String::new(),
+        }
+    }
+}
+
 /// A call argument: `value`, `key = value`, or `value if cond` (stage lists).
 #[derive(Clone, Debug)]
 pub(crate) struct Arg {
@@ -172,6 +182,46 @@ pub(crate) struct Parser<'a> {
     pub pos: usize,
     /// Column just past the end of the line, for "expected ... at end of line".
     pub end_col: usize,
+    /// Operators, groups and calls parsed so far on this line (bounded by [`MAX_NODES`]).
+    pub nodes: usize,
+}
+
+/// Most operators, parentheses, lists and calls in one line's expressions: far beyond any
+/// real spec, and it bounds the recursion of parsing, evaluating and dropping an expression
+/// (a line of 100,000 `(` must be an error, not a stack overflow).
+pub(crate) const MAX_NODES: usize = 256;
+
+/// Most nested evaluations (expressions inside `let`s inside expressions) at once.
+const MAX_EVAL_DEPTH: usize = 512;
+
+thread_local! {
+    static EVAL_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one level of evaluation for as long as it lives.
+struct DepthGuard;
+
+impl DepthGuard {
+    fn enter(col: usize) -> Result<DepthGuard, EvalError> {
+        EVAL_DEPTH.with(|d| {
+            if d.get() >= MAX_EVAL_DEPTH {
+                return Err(EvalError::Other {
+                    col,
+                    msg: format!(
+                        "expressions and `let`s nested more than {MAX_EVAL_DEPTH} deep (a `let` chain too long?)"
+                    ),
+                });
+            }
+            d.set(d.get() + 1);
+            Ok(DepthGuard)
+        })
+    }
+}
+
+impl Drop for DepthGuard {
+    fn drop(&mut self) {
+        EVAL_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
 }
 
 pub(crate) type PResult<T> = Result<T, (usize, String)>;
@@ -227,6 +277,18 @@ impl<'a> Parser<'a> {
         self.binary(0)
     }
 
+    /// Counts one more operator/group node; too many on one line is an error.
+    fn node(&mut self) -> PResult<()> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err((
+                self.col(),
+                format!("expression too complex (more than {MAX_NODES} operators, parentheses and calls on one line)"),
+            ));
+        }
+        Ok(())
+    }
+
     fn binary(&mut self, level: usize) -> PResult<Expr> {
         // Lowest to highest precedence.
         const LEVELS: [&[(&str, BinOp)]; 6] = [
@@ -252,6 +314,7 @@ impl<'a> Parser<'a> {
             let found = ops.iter().find(|(s, _)| self.at_sym(s));
             let Some(&(_, op)) = found else { break };
             let col = self.col();
+            self.node()?;
             self.pos += 1;
             let rhs = self.binary(level + 1)?;
             lhs = Expr::Bin(op, Box::new(lhs), Box::new(rhs), col);
@@ -262,9 +325,11 @@ impl<'a> Parser<'a> {
     fn unary(&mut self) -> PResult<Expr> {
         let col = self.col();
         if self.eat_sym("-") {
+            self.node()?;
             return Ok(Expr::Neg(Box::new(self.unary()?), col));
         }
         if self.eat_sym("!") {
+            self.node()?;
             return Ok(Expr::Not(Box::new(self.unary()?), col));
         }
         self.primary()
@@ -284,6 +349,7 @@ impl<'a> Parser<'a> {
             Some(Tok::Ident(name)) => {
                 self.pos += 1;
                 if self.at_sym("(") {
+                    self.node()?;
                     let args = self.args()?;
                     Ok(Expr::Call(name, args, col))
                 } else {
@@ -291,12 +357,14 @@ impl<'a> Parser<'a> {
                 }
             }
             Some(Tok::Sym("(")) => {
+                self.node()?;
                 self.pos += 1;
                 let e = self.expr()?;
                 self.expect_sym(")", "to close `(`")?;
                 Ok(e)
             }
             Some(Tok::Sym("[")) => {
+                self.node()?;
                 self.pos += 1;
                 let mut items = Vec::new();
                 if !self.eat_sym("]") {
@@ -371,6 +439,16 @@ impl Value {
             }),
             serde_json::Value::String(s) => Some(Value::Str(s.clone())),
             _ => None,
+        }
+    }
+
+    /// The value as a spec or config.json would write it (`"yes"`, `1.5`, `true`).
+    fn show(&self) -> String {
+        match self {
+            Value::Int(v) => v.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Str(s) => format!("{s:?}"),
+            Value::Float(f) => f.to_string(),
         }
     }
 
@@ -483,6 +561,7 @@ impl Env<'_> {
     }
 
     pub fn eval(&self, e: &Expr) -> Result<Value, EvalError> {
+        let _depth = DepthGuard::enter(e.col())?;
         match e {
             Expr::Int(v) => Ok(Value::Int(*v)),
             Expr::Str(s) => Ok(Value::Str(s.clone())),
@@ -513,7 +592,12 @@ impl Env<'_> {
             Value::Int(v) => Ok(v),
             other => Err(EvalError::Other {
                 col: e.col(),
-                msg: format!("expected an integer, got {} ({other:?})", other.type_name()),
+                msg: format!(
+                    "expected an integer{}, got {} {}",
+                    e.named(),
+                    other.type_name(),
+                    other.show()
+                ),
             }),
         }
     }
@@ -523,7 +607,12 @@ impl Env<'_> {
             Value::Bool(v) => Ok(v),
             other => Err(EvalError::Other {
                 col: e.col(),
-                msg: format!("expected a boolean, got {} ({other:?})", other.type_name()),
+                msg: format!(
+                    "expected a boolean{}, got {} {}",
+                    e.named(),
+                    other.type_name(),
+                    other.show()
+                ),
             }),
         }
     }

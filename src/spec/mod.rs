@@ -280,7 +280,7 @@ impl Spec {
         if !looks_like_path {
             return Spec::shipped(name_or_path);
         }
-        let bytes = std::fs::read(name_or_path).map_err(|e| Error::io(name_or_path, e))?;
+        let bytes = read_spec_file(name_or_path)?;
         let source = String::from_utf8(bytes).map_err(|e| {
             Error::Spec(format!(
                 "{name_or_path}: not UTF-8 text (invalid byte at offset {})",
@@ -345,4 +345,26 @@ pub fn resolve_tensors(
     topo: &Topology,
 ) -> Result<Resolution> {
     resolve::resolve_tensors(spec, tensors, config, topo)
+}
+
+/// Largest `.shard` file read (shipped specs are a few KB).
+const MAX_SPEC_BYTES: u64 = 16 << 20;
+
+/// Reads a spec file: only a regular file of at most [`MAX_SPEC_BYTES`] (a FIFO would block,
+/// `/dev/zero` would never end).
+fn read_spec_file(path: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    // Checked before opening: opening a FIFO for reading blocks until a writer comes.
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() > MAX_SPEC_BYTES {
+        return Err(Error::Spec(format!(
+            "{path}: not a regular file of at most {MAX_SPEC_BYTES} bytes"
+        )));
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SPEC_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
 }

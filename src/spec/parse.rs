@@ -290,6 +290,7 @@ fn directive(
         toks: &toks,
         pos: 0,
         end_col,
+        nodes: 0,
     };
     let e = |r: (usize, String)| ctx.err(r.0, r.1);
     match word {
@@ -432,6 +433,7 @@ fn rule(
         toks: &toks,
         pos: 0,
         end_col,
+        nodes: 0,
     };
     let e = |r: (usize, String)| ctx.err(r.0, r.1);
     // The action.

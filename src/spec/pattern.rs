@@ -174,42 +174,99 @@ fn split_segments(text: &str) -> Vec<&str> {
 }
 
 fn match_segs(segs: &[Seg], name: &[&str], caps: &mut [u64]) -> bool {
-    let Some((first, rest)) = segs.split_first() else {
-        return name.is_empty();
-    };
-    match first {
-        Seg::AnyMany => (0..=name.len()).any(|k| match_segs(rest, &name[k..], caps)),
-        Seg::Lit(l) => match name.split_first() {
-            Some((n, nrest)) => n == l && match_segs(rest, nrest, caps),
-            None => false,
-        },
-        Seg::Toks(toks) => match name.split_first() {
-            Some((n, nrest)) => match_toks(toks, n, caps) && match_segs(rest, nrest, caps),
-            None => false,
-        },
+    // With several `**` plain backtracking is exponential (`**.**.**.…​.x` against a long
+    // name); remembering which (segment, name position) pairs failed makes it polynomial.
+    // The outcome of a pair does not depend on `caps` (captures are only outputs).
+    if segs.iter().filter(|s| matches!(s, Seg::AnyMany)).count() < 2 {
+        return match_segs_at(segs, name, 0, 0, caps, &mut None);
     }
+    let mut failed = Some(vec![false; (segs.len() + 1) * (name.len() + 1)]);
+    match_segs_at(segs, name, 0, 0, caps, &mut failed)
+}
+
+fn match_segs_at(
+    segs: &[Seg],
+    name: &[&str],
+    i: usize,
+    j: usize,
+    caps: &mut [u64],
+    failed: &mut Option<Vec<bool>>,
+) -> bool {
+    let key = i * (name.len() + 1) + j;
+    if let Some(f) = failed.as_ref() {
+        if f.get(key).copied().unwrap_or(false) {
+            return false;
+        }
+    }
+    let ok = match segs.get(i) {
+        None => j == name.len(),
+        Some(Seg::AnyMany) => {
+            (j..=name.len()).any(|k| match_segs_at(segs, name, i + 1, k, caps, failed))
+        }
+        Some(Seg::Lit(l)) => match name.get(j) {
+            Some(n) => n == l && match_segs_at(segs, name, i + 1, j + 1, caps, failed),
+            None => false,
+        },
+        Some(Seg::Toks(toks)) => match name.get(j) {
+            Some(n) => {
+                match_toks(toks, n, caps) && match_segs_at(segs, name, i + 1, j + 1, caps, failed)
+            }
+            None => false,
+        },
+    };
+    if !ok {
+        if let Some(f) = failed.as_mut() {
+            if let Some(slot) = f.get_mut(key) {
+                *slot = true;
+            }
+        }
+    }
+    ok
 }
 
 fn match_toks(toks: &[Tok], s: &str, caps: &mut [u64]) -> bool {
-    let Some((first, rest)) = toks.split_first() else {
-        return s.is_empty();
-    };
-    match first {
-        Tok::Lit(l) => s
-            .strip_prefix(l.as_str())
-            .is_some_and(|r| match_toks(rest, r, caps)),
-        Tok::Alt(alts) => alts.iter().any(|a| {
-            s.strip_prefix(a.as_str())
-                .is_some_and(|r| match_toks(rest, r, caps))
+    // Several `*` in one segment backtrack exponentially on long names; memoize failed
+    // (token, byte position) pairs as for `**` (see `match_segs`).
+    if toks.iter().filter(|t| matches!(t, Tok::Star)).count() < 2 {
+        return match_toks_at(toks, s, 0, 0, caps, &mut None);
+    }
+    let mut failed = Some(vec![false; (toks.len() + 1) * (s.len() + 1)]);
+    match_toks_at(toks, s, 0, 0, caps, &mut failed)
+}
+
+fn match_toks_at(
+    toks: &[Tok],
+    s: &str,
+    i: usize,
+    j: usize,
+    caps: &mut [u64],
+    failed: &mut Option<Vec<bool>>,
+) -> bool {
+    let key = i * (s.len() + 1) + j;
+    if let Some(f) = failed.as_ref() {
+        if f.get(key).copied().unwrap_or(false) {
+            return false;
+        }
+    }
+    let rest_s = s.get(j..).unwrap_or("");
+    let ok = match toks.get(i) {
+        None => rest_s.is_empty(),
+        Some(Tok::Lit(l)) => {
+            rest_s.starts_with(l.as_str())
+                && match_toks_at(toks, s, i + 1, j + l.len(), caps, failed)
+        }
+        Some(Tok::Alt(alts)) => alts.iter().any(|a| {
+            rest_s.starts_with(a.as_str())
+                && match_toks_at(toks, s, i + 1, j + a.len(), caps, failed)
         }),
-        Tok::Capture(slot) => {
-            let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+        Some(Tok::Capture(slot)) => {
+            let digits = rest_s.bytes().take_while(u8::is_ascii_digit).count();
             // Try the longest digit run first, then shorter ones (`{a}{b}` is ambiguous anyway).
             (1..=digits).rev().any(|k| {
-                let Ok(v) = s[..k].parse::<u64>() else {
+                let Ok(v) = rest_s[..k].parse::<u64>() else {
                     return false;
                 };
-                if match_toks(rest, &s[k..], caps) {
+                if match_toks_at(toks, s, i + 1, j + k, caps, failed) {
                     if let Some(c) = caps.get_mut(*slot) {
                         *c = v;
                     }
@@ -219,12 +276,20 @@ fn match_toks(toks: &[Tok], s: &str, caps: &mut [u64]) -> bool {
                 }
             })
         }
-        Tok::Star => s
+        Some(Tok::Star) => rest_s
             .char_indices()
-            .map(|(i, _)| i)
-            .chain(std::iter::once(s.len()))
-            .any(|i| match_toks(rest, &s[i..], caps)),
+            .map(|(k, _)| k)
+            .chain(std::iter::once(rest_s.len()))
+            .any(|k| match_toks_at(toks, s, i + 1, j + k, caps, failed)),
+    };
+    if !ok {
+        if let Some(f) = failed.as_mut() {
+            if let Some(slot) = f.get_mut(key) {
+                *slot = true;
+            }
+        }
     }
+    ok
 }
 
 #[cfg(test)]

@@ -151,7 +151,10 @@ pub(crate) fn resolve_tensors(
                                 _ => {
                                     return Err(Error::Placement(format!(
                                         "{}:{}: tensor {}: stage {v} does not exist (pp = {})",
-                                        spec.origin, rule.line, t.name, topo.pp
+                                        spec.origin,
+                                        rule.line,
+                                        shown(&t.name),
+                                        topo.pp
                                     )))
                                 }
                             }
@@ -185,7 +188,9 @@ pub(crate) fn resolve_tensors(
                 expert_owner(e, count, topo.ep, r.placement(ex.placement)?).map_err(|m| {
                     Error::Placement(format!(
                         "{}:{}: tensor {}: {m}",
-                        spec.origin, rule.line, t.name
+                        spec.origin,
+                        rule.line,
+                        shown(&t.name)
                     ))
                 })?;
             out.push(Resolved::Held {
@@ -206,7 +211,10 @@ pub(crate) fn resolve_tensors(
                 let l = r.layouts(rule, &t.shape).map_err(|e| match e {
                     LayoutError::Msg(m) => Error::Placement(format!(
                         "{}:{}: tensor {} {:?}: {m}",
-                        spec.origin, rule.line, t.name, t.shape
+                        spec.origin,
+                        rule.line,
+                        shown(&t.name),
+                        t.shape
                     )),
                     LayoutError::Err(e) => e,
                 })?;
@@ -234,7 +242,7 @@ pub(crate) fn resolve_tensors(
             unmatched.len(),
             spec.name,
             spec.origin,
-            unmatched.join(", ")
+            unmatched_list(&unmatched)
         )));
     }
 
@@ -389,6 +397,9 @@ impl Resolver<'_> {
             EvalError::Missing { name, col } => {
                 let mut known: Vec<&str> = self.config.values.keys().map(String::as_str).collect();
                 known.extend(self.spec.def.lets.keys().map(String::as_str));
+                // A `let` that refers to itself (directly or in a cycle) falls back to the
+                // config value; suggesting the very same name would only confuse.
+                known.retain(|k| *k != name);
                 let hint = did_you_mean(&name, known);
                 let loc = if line == 0 {
                     format!("{}: ", self.spec.origin)
@@ -641,5 +652,32 @@ fn slice(shape: &[u64], d: usize, a: u64, b: u64) -> Piece {
             .enumerate()
             .map(|(i, &n)| if i == d { (a, b) } else { (0, n) })
             .collect(),
+    }
+}
+
+/// At most `MAX_LISTED` unmatched names (quoted and escaped when they hold control
+/// characters: a name from a file may hold a newline or a terminal escape), then how many
+/// more: one readable line even for 92,000 tensors.
+fn unmatched_list<S: AsRef<str>>(names: &[S]) -> String {
+    const MAX_LISTED: usize = 50;
+    let mut out: Vec<String> = names
+        .iter()
+        .take(MAX_LISTED)
+        .map(|n| shown(n.as_ref()).into_owned())
+        .collect();
+    if names.len() > MAX_LISTED {
+        out.push(format!("and {} more", names.len() - MAX_LISTED));
+    }
+    out.join(", ")
+}
+
+/// A tensor name for a message: as is, or quoted and escaped when it holds control
+/// characters (a name from a file must not break the one-line message or reach a terminal
+/// as an escape sequence).
+fn shown(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(format!("{name:?}"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
     }
 }
