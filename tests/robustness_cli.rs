@@ -863,3 +863,375 @@ fn a_closed_or_full_stdout_is_not_a_panic() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Specs: nesting, cycles, backtracking, special files, names from files in messages.
+
+fn write_spec(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write spec");
+    path
+}
+
+#[test]
+fn deeply_nested_spec_expressions_are_errors_not_stack_overflows() {
+    let ck = llama();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = 100_000;
+    let cases = [
+        (
+            "parens",
+            format!(
+                "let a = {}1{}\n** replicate if a == 1\n",
+                "(".repeat(n),
+                ")".repeat(n)
+            ),
+        ),
+        (
+            "nots",
+            format!("let a = {}true\n** replicate if a\n", "!".repeat(n)),
+        ),
+        (
+            "negs",
+            format!("let a = {}1\n** replicate if a == 1\n", "-".repeat(n)),
+        ),
+        (
+            "chain",
+            format!("let a = 1{}\n** replicate if a == 1\n", "+1".repeat(n)),
+        ),
+        (
+            "lists",
+            format!(
+                "** fused(dim=0, parts={}1{})\n",
+                "[".repeat(n),
+                "]".repeat(n)
+            ),
+        ),
+    ];
+    for (name, text) in cases {
+        let spec = write_spec(dir.path(), &format!("{name}.shard"), &text);
+        for args in [
+            vec!["spec", "check", p(&spec)],
+            vec!["plan", p(ck.path()), "--spec", p(&spec)],
+        ] {
+            let o = run(&args);
+            check(
+                &o,
+                &args,
+                1,
+                &[&format!("{name}.shard:"), "too complex"],
+                true,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_very_long_let_chain_is_an_error_not_a_stack_overflow() {
+    let ck = llama();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut text = String::new();
+    for i in 0..20_000 {
+        text.push_str(&format!("let a{i} = a{} + 1\n", i + 1));
+    }
+    text.push_str("let a20000 = 0\n** replicate if a0 == 20000\n");
+    let spec = write_spec(dir.path(), "chain.shard", &text);
+    let args = ["plan", p(ck.path()), "--spec", p(&spec)];
+    let o = run(&args);
+    check(&o, &args, 1, &["chain.shard:", "nested more than"], true);
+    // A chain of ordinary length still evaluates.
+    let mut text = String::new();
+    for i in 0..50 {
+        text.push_str(&format!("let a{i} = a{} + 1\n", i + 1));
+    }
+    text.push_str("let a50 = 0\n** replicate if a0 == 50\n");
+    let spec = write_spec(dir.path(), "short.shard", &text);
+    let o = run(&["plan", p(ck.path()), "--spec", p(&spec)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+}
+
+#[test]
+fn many_double_star_segments_do_not_backtrack_exponentially() {
+    let ck = llama();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Used to run for minutes: 30 `**` before a literal that never matches.
+    let stars = vec!["**"; 30].join(".");
+    let spec = write_spec(
+        dir.path(),
+        "stars.shard",
+        &format!("{stars}.x replicate\n** replicate\n"),
+    );
+    let o = run(&["plan", p(ck.path()), "--spec", p(&spec)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("matches no tensor"), "{}", o.stderr);
+    // Several `*` inside one segment against a long name.
+    let spec = write_spec(
+        dir.path(),
+        "star.shard",
+        &format!("model.{}q replicate\n** replicate\n", "*e".repeat(30)),
+    );
+    let o = run(&["plan", p(ck.path()), "--spec", p(&spec)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // And the matching still captures: a layer rule with `**` around it places layers.
+    let spec = write_spec(
+        dir.path(),
+        "mid.shard",
+        "**.layers.{layer}.**.weight replicate\n** replicate\n",
+    );
+    let o = run(&[
+        "plan",
+        p(ck.path()),
+        "--spec",
+        p(&spec),
+        "--pp",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("json");
+    let names = |r: usize| -> Vec<String> {
+        v["ranks"][r]["tensors"]
+            .as_array()
+            .expect("tensors")
+            .iter()
+            .filter_map(|t| t["name"].as_str().map(str::to_string))
+            .filter(|n| n.ends_with(".weight"))
+            .collect()
+    };
+    // llama-tiny: 4 layers, 2 per stage (other tensors of a layer, such as its
+    // `rotary_emb.inv_freq`, fall to `** replicate`: every stage).
+    assert!(names(0).iter().any(|n| n.starts_with("model.layers.1.")));
+    assert!(!names(0).iter().any(|n| n.starts_with("model.layers.2.")));
+    assert!(names(1).iter().any(|n| n.starts_with("model.layers.3.")));
+}
+
+#[test]
+fn a_spec_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let ck = llama();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo.shard");
+    mkfifo(&fifo);
+    fails(
+        &["spec", "check", p(&fifo)],
+        1,
+        &["fifo.shard", "regular file"],
+    );
+    fails(
+        &["plan", p(ck.path()), "--spec", p(&fifo)],
+        1,
+        &["fifo.shard", "regular file"],
+    );
+    fails(
+        &["spec", "check", "/dev/zero"],
+        1,
+        &["/dev/zero", "regular file"],
+    );
+}
+
+#[test]
+fn unmatched_tensor_names_are_quoted_and_the_list_is_capped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A name with a newline must not forge a second `error:` line.
+    let path = dir.path().join("nl.safetensors");
+    let header =
+        br#"{"model.norm.weight\nerror: forged":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    std::fs::write(&path, st_bytes(header, &[0; 4])).expect("write");
+    let o = fails(&["plan", p(&path), "--spec", "gpt2"], 1, &["match no rule"]);
+    assert!(
+        o.stderr.contains(r#""model.norm.weight\nerror: forged""#),
+        "{}",
+        o.stderr
+    );
+    // Many unmatched tensors: a count, not thousands of names.
+    let ck = tempfile::tempdir().expect("tempdir");
+    let opts = SynthOptions::preset("deepseek-v3-tiny")
+        .expect("preset")
+        .with_sparse(true);
+    synth::write_checkpoint(ck.path(), &opts).expect("synth");
+    let o = fails(&["plan", p(ck.path()), "--spec", "gpt2"], 1, &["more"]);
+    assert!(o.stderr.len() < 10_000, "{} bytes", o.stderr.len());
+}
+
+#[test]
+fn config_type_errors_show_values_not_rust_debug() {
+    let ck = llama();
+    let config = ck.path().join("config.json");
+    let mut v = read_json(&config);
+    v["tie_word_embeddings"] = serde_json::json!("yes");
+    write_json(&config, &v);
+    let args = ["plan", p(ck.path())];
+    let o = run(&args);
+    check(&o, &args, 1, &["boolean", r#""yes""#], true);
+    assert!(!o.stderr.contains("Str("), "{}", o.stderr);
+}
+
+#[test]
+fn a_self_referencing_let_does_not_suggest_its_own_name() {
+    let ck = llama();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(
+        dir.path(),
+        "cycle.shard",
+        "let aaa = bbb\nlet bbb = aaa\n** replicate if aaa == 1\n",
+    );
+    let args = ["plan", p(ck.path()), "--spec", p(&spec)];
+    let o = run(&args);
+    check(&o, &args, 1, &["aaa"], true);
+    assert!(!o.stderr.contains("did you mean `aaa`"), "{}", o.stderr);
+}
+
+// ---------------------------------------------------------------------------------------
+// Load, reshard, demo, dist-load.
+
+#[test]
+fn verify_handles_sub_byte_tensors_whose_rows_are_not_whole_bytes() {
+    // F4 [4, 3]: rows of 12 bits; whole tensor and halves [2, 3] are whole bytes.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("f4.safetensors");
+    let data: Vec<u8> = (0u8..6)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    let header = br#"{"a":{"dtype":"F4","shape":[4,3],"data_offsets":[0,6]}}"#;
+    std::fs::write(&path, st_bytes(header, &data)).expect("write");
+    for rule in ["** replicate", "** split(dim=0)"] {
+        let spec = write_spec(dir.path(), "s.shard", &format!("{rule}\n"));
+        let o = run(&[
+            "load",
+            p(&path),
+            "--spec",
+            p(&spec),
+            "--tp",
+            "2",
+            "--all-ranks",
+            "--verify",
+        ]);
+        assert_eq!(o.code, 0, "{rule}: {}", o.stderr);
+        assert!(
+            o.stdout.contains("verified 1 tensors"),
+            "{rule}: {}",
+            o.stdout
+        );
+    }
+}
+
+fn rank_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("model-rank-"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn reshard_output_never_mixes_runs_or_looks_complete_after_a_failure() {
+    let ck = llama();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("out");
+    let ok = |tp: &str| {
+        let o = run(&["reshard", p(ck.path()), "--tp", tp, "--out", p(&out)]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    };
+    ok("4");
+    assert_eq!(rank_files(&out).len(), 4);
+    // A tp=2 run into the same directory: exactly its own two parts remain.
+    ok("2");
+    assert_eq!(
+        rank_files(&out),
+        vec![
+            "model-rank-0-part-0.safetensors",
+            "model-rank-1-part-0.safetensors"
+        ]
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("model-rank-0-part-0.safetensors"))
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o044, 0o044, "shards readable by others: {mode:o}");
+    // A run that fails half-way (rank 1's part name is taken by a directory) leaves neither
+    // a manifest nor rank 0's part.
+    let fresh = out_dir.path().join("fresh");
+    std::fs::create_dir_all(fresh.join("model-rank-1-part-0.safetensors")).expect("mkdir");
+    let o = run(&["reshard", p(ck.path()), "--tp", "2", "--out", p(&fresh)]);
+    check(
+        &o,
+        &["reshard"],
+        1,
+        &["model-rank-1-part-0.safetensors"],
+        false,
+    );
+    assert!(!fresh.join("safeshard-plan.json").exists());
+    assert!(!fresh.join("model-rank-0-part-0.safetensors").exists());
+}
+
+#[test]
+fn demo_keep_refuses_a_non_empty_directory() {
+    let ck = llama();
+    let before = std::fs::read(ck.path().join("config.json")).expect("config");
+    fails(
+        &["demo", "--keep", p(ck.path())],
+        2,
+        &["--keep", "not empty"],
+    );
+    assert_eq!(
+        std::fs::read(ck.path().join("config.json")).expect("config"),
+        before,
+        "the checkpoint is untouched"
+    );
+}
+
+#[test]
+fn dist_load_refuses_tiny_read_once_rounds() {
+    let ck = llama();
+    // `--round 1B` used to run for minutes (millions of rounds).
+    fails(
+        &[
+            "dist-load",
+            p(ck.path()),
+            "--tp",
+            "2",
+            "--share",
+            "read-once",
+            "--round",
+            "1B",
+        ],
+        2,
+        &["--round"],
+    );
+}
+
+#[test]
+fn dist_load_on_threads_refuses_a_huge_world() {
+    let ck = llama();
+    // `--dp 1024` on threads used to abort with a stack overflow after a minute.
+    fails(
+        &["dist-load", p(ck.path()), "--dp", "1024"],
+        2,
+        &["1024 ranks", "mpirun"],
+    );
+}
+
+#[test]
+fn load_all_ranks_of_a_large_world_does_not_start_a_thread_per_rank_at_once() {
+    let ck = llama();
+    // 4096 threads at once need more than 4 GB of address space for their stacks alone;
+    // bounded concurrency runs in far less.
+    let cmd = format!(
+        "ulimit -v 4000000 && exec '{}' load '{}' --dp 4096 --all-ranks --json",
+        env!("CARGO_BIN_EXE_safeshard"),
+        p(ck.path())
+    );
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 4096);
+}
