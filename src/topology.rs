@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// Largest world size (`tp × pp × dp`) accepted: each rank's plan is held in memory, so a
+/// typo such as `--dp 100000000` must be refused rather than exhaust memory.
+pub const MAX_WORLD_SIZE: usize = 1 << 16;
+
 /// Sizes of the parallel dimensions of a job.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Topology {
@@ -78,6 +82,17 @@ impl Topology {
                 return Err(Error::Usage(format!("{flag} must be at least 1")));
             }
         }
+        let Some(world) = self.world_size() else {
+            return Err(Error::Usage("tp × pp × dp overflows".into()));
+        };
+        // Every rank gets its own plan in memory; a world this large is a typo, not a job, and
+        // would only exhaust memory slowly.
+        if world > MAX_WORLD_SIZE {
+            return Err(Error::Usage(format!(
+                "tp × pp × dp = {} × {} × {} = {world} ranks is more than the supported {MAX_WORLD_SIZE}",
+                self.tp, self.pp, self.dp
+            )));
+        }
         if self.ep != 1 && self.ep != self.tp * self.dp {
             return Err(Error::Usage(format!(
                 "--ep {} must be 1 or tp × dp = {} × {} = {} (expert parallelism reuses the TP × DP ranks, as in vLLM)",
@@ -95,9 +110,6 @@ impl Topology {
                     self.pp
                 )));
             }
-        }
-        if self.world_size().is_none() {
-            return Err(Error::Usage("tp × pp × dp overflows".into()));
         }
         Ok(())
     }
@@ -141,8 +153,11 @@ impl Topology {
     /// the remainder goes to the stages before the last, counting back from the second-to-last.
     pub fn stage_layer_counts(&self, layers: usize) -> Result<Vec<usize>> {
         if let Some(explicit) = &self.pp_layers {
-            let sum: usize = explicit.iter().sum();
-            if sum != layers {
+            let sum = explicit
+                .iter()
+                .try_fold(0usize, |acc, &n| acc.checked_add(n));
+            if sum != Some(layers) {
+                let sum = sum.map_or_else(|| "more than 2^64".to_string(), |s| s.to_string());
                 return Err(Error::Usage(format!(
                     "--pp-layers {} sums to {sum} but the model has {layers} layers",
                     explicit
@@ -153,6 +168,11 @@ impl Topology {
                 )));
             }
             return Ok(explicit.clone());
+        }
+        if layers == 0 {
+            return Err(Error::Config(
+                "the model has 0 layers (num_hidden_layers or the spec's `layers` value); nothing to place".into(),
+            ));
         }
         if self.pp > layers {
             return Err(Error::Usage(format!(

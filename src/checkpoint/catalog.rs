@@ -328,12 +328,32 @@ fn find_in_dir(dir: &Path) -> Result<Source> {
     if index.is_file() {
         return read_index(&index);
     }
+    // An index that is there but is not a readable regular file (a directory, a FIFO, a
+    // dangling link) must not be silently replaced by whatever .safetensors files lie beside it.
+    if std::fs::symlink_metadata(&index).is_ok() {
+        return Err(Error::InvalidIndex {
+            file: INDEX_NAME.into(),
+            reason: "not a regular file (or a link to one)".into(),
+        });
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut indexes = Vec::new();
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let raw = entry.file_name();
+        let Some(name) = raw.to_str().map(str::to_owned) else {
+            // Names are kept as strings (index values, messages); a lossy copy would then
+            // point at a file that does not exist.
+            let lossy = raw.to_string_lossy();
+            if lossy.ends_with(".safetensors") || lossy.ends_with(".safetensors.index.json") {
+                return Err(Error::NotACheckpoint {
+                    path: entry.path(),
+                    reason: "file name is not valid UTF-8".into(),
+                });
+            }
+            continue;
+        };
         let is_file = entry.path().is_file();
         if !is_file {
             continue;

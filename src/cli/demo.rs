@@ -61,7 +61,18 @@ pub fn memcpy_gbps(bytes: usize) -> f64 {
 pub fn run(args: Args) -> Result<()> {
     let tmp;
     let dir = match &args.keep {
-        Some(d) => d.clone(),
+        Some(d) => {
+            // Writing into a checkpoint directory would replace its config.json and index
+            // and leave its old shards beside the new ones.
+            let non_empty = std::fs::read_dir(d).is_ok_and(|mut r| r.next().is_some());
+            if non_empty {
+                return Err(Error::Usage(format!(
+                    "--keep {}: directory is not empty; give a new or empty directory",
+                    d.display()
+                )));
+            }
+            d.clone()
+        }
         None => {
             tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
             tmp.path().to_path_buf()

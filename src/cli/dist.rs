@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     pub per_node: bool,
     /// Read-once round size (bounds staging memory), e.g. `1GiB`.
-    #[arg(long, default_value = "1GiB", value_parser = super::load::parse_size)]
+    #[arg(long, default_value = "1GiB", value_parser = parse_round)]
     pub round: u64,
     /// I/O engine for the bytes a rank reads itself: `mmap` or `pread`.
     #[arg(long, default_value = "mmap")]
@@ -152,6 +152,13 @@ pub fn run(args: &super::load::Args, launched: Option<launch::LaunchInfo>) -> Re
                 .topology()?
                 .world_size()
                 .ok_or_else(|| Error::Usage("tp × pp × dp overflows".into()))?;
+            // Every rank thread plans the whole world (as separate processes would), so the
+            // work grows with world²: 1024 threads ran out of stack after a minute.
+            if world > MAX_THREAD_WORLD {
+                return Err(Error::Usage(format!(
+                    "{world} ranks are too many to run on threads in one process (at most {MAX_THREAD_WORLD}); start the job under mpirun, srun or torchrun"
+                )));
+            }
             let results = comm::run_threads(world, |c| rank_job(args, c));
             let lines = results.into_iter().collect::<Result<Vec<_>>>()?;
             print_lines(lines.iter().map(|l| l.render(args.json)))
@@ -194,3 +201,19 @@ fn run_launched(args: &super::load::Args, l: launch::LaunchInfo) -> Result<()> {
     launch::check_world(l.size, &args.plan.topology()?)?;
     super::load::run_single_rank(args, l.rank)
 }
+
+/// Smallest `--round`: every round is a collective plus page-rounded reads, so tiny rounds
+/// (`--round 1B`) only make a job crawl (millions of rounds) and read more, not less.
+const MIN_ROUND: u64 = 64 << 10;
+
+/// `--round`: a size of at least [`MIN_ROUND`].
+fn parse_round(s: &str) -> std::result::Result<u64, String> {
+    let v = super::load::parse_size(s)?;
+    if v < MIN_ROUND {
+        return Err(format!("at least 64KiB, got {v} bytes"));
+    }
+    Ok(v)
+}
+
+/// Largest world run on threads in one process (without a launcher).
+const MAX_THREAD_WORLD: usize = 256;

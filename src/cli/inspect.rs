@@ -11,7 +11,7 @@ use safeshard::checkpoint::{Checkpoint, Dtype};
 use safeshard::{Error, Result};
 use serde::Serialize;
 
-use super::common::human_bytes;
+use super::common::{human_bytes, printable};
 
 /// Arguments of `safeshard inspect`.
 #[derive(clap::Args, Debug)]
@@ -94,7 +94,10 @@ fn write_table(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
     };
     let w_name = width(
         "NAME",
-        &mut ckpt.tensors.iter().map(|t| t.name.chars().count()),
+        &mut ckpt
+            .tensors
+            .iter()
+            .map(|t| printable(&t.name).chars().count()),
     );
     let w_dtype = width(
         "DTYPE",
@@ -112,11 +115,12 @@ fn write_table(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
         let file = ckpt.files.get(t.file).map_or("?", |f| f.name.as_str());
         writeln!(
             out,
-            "{:<w_name$}  {:<w_dtype$}  {:<w_shape$}  {:>w_bytes$}  {file}",
-            t.name,
+            "{:<w_name$}  {:<w_dtype$}  {:<w_shape$}  {:>w_bytes$}  {}",
+            printable(&t.name),
             t.dtype.name(),
             shape,
-            size
+            size,
+            printable(file)
         )?;
     }
 

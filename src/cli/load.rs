@@ -193,27 +193,39 @@ fn load_ranks_with(
     digest: bool,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Vec<RankReport>> {
-    let results: Vec<Result<RankReport>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .iter()
-            .map(|&r| {
-                s.spawn(move || {
-                    let res = load_one_with(ckpt, resolution, plan, r, opts, verify, digest);
-                    if let Some(p) = progress {
-                        p.inc(1);
-                    }
-                    res
+    // At most MAX_CONCURRENT ranks (threads, arenas) at once: `--dp 16384 --all-ranks`
+    // used to spawn 16,384 threads and panic when the system refused one.
+    const MAX_CONCURRENT: usize = 64;
+    let mut results: Vec<Result<RankReport>> = Vec::with_capacity(ranks.len());
+    for chunk in ranks.chunks(MAX_CONCURRENT) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&r| {
+                    std::thread::Builder::new()
+                        .name(format!("rank-{r}"))
+                        .spawn_scoped(s, move || {
+                            let res =
+                                load_one_with(ckpt, resolution, plan, r, opts, verify, digest);
+                            if let Some(p) = progress {
+                                p.inc(1);
+                            }
+                            res
+                        })
+                        .map_err(|e| {
+                            Error::Load(format!("rank {r}: cannot start a loader thread: {e}"))
+                        })
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Load("a rank's loader thread panicked".into())))
-            })
-            .collect()
-    });
+                .collect();
+            for h in handles {
+                results.push(h.and_then(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Load("a rank's loader thread panicked".into()))
+                    })
+                }));
+            }
+        });
+    }
     results.into_iter().collect()
 }
 

@@ -48,13 +48,22 @@ pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
-            let _ = e.print();
+            // clap prints help/version to stdout (exit 0); usage errors (exit 2) get our
+            // one-line form instead of clap's several lines of usage and tips.
+            if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                eprintln!("{}", missing_subcommand(&e.render().to_string()));
+            } else if e.use_stderr() {
+                eprintln!("{}", one_line_usage_error(&e.render().to_string()));
+            } else {
+                let _ = e.print();
+            }
             return e.exit_code();
         }
     };
     init_tracing(&cli.log);
-    let result = match cli.command {
+    install_stdout_failure_hook();
+    // Unwinding (not exiting) on a stdout failure lets temporary directories clean up.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Spec(cmd) => spec::run(cmd),
         Command::Plan(args) => plan::run(args),
@@ -62,6 +71,17 @@ pub fn main() -> i32 {
         Command::Reshard(args) => reshard::run(args),
         Command::Demo(args) => demo::run(args),
         Command::DistLoad(args) => load::run(args.into()),
+    }));
+    let result = match result {
+        Ok(r) => r,
+        Err(payload) => match stdout_failure(payload.as_ref()) {
+            Some(cause) if cause.contains("os error 32") => Ok(()),
+            Some(cause) => {
+                eprintln!("error: <stdout>: {cause}");
+                return 1;
+            }
+            None => std::panic::resume_unwind(payload),
+        },
     };
     match result {
         Ok(()) => 0,
@@ -70,6 +90,74 @@ pub fn main() -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// Folds clap's rendered error into one line: the message lines up to the first blank line
+/// (dropping clap's `tip:` and `Usage:` paragraphs), joined with spaces, plus a pointer to
+/// `--help`.
+fn one_line_usage_error(rendered: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            if !parts.is_empty() {
+                break;
+            }
+            continue;
+        }
+        parts.push(line);
+    }
+    let mut msg = parts.join(" ");
+    if !msg.starts_with("error:") {
+        msg = format!("error: {msg}");
+    }
+    msg.push_str(" (see --help)");
+    msg
+}
+
+/// The cause of a `println!` panic (stdout gone, as under `| head`, or full), if `payload` is
+/// one.
+fn stdout_failure(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .and_then(|p| p.strip_prefix("failed printing to stdout: "))
+}
+
+/// `println!` panics when stdout is gone or full; the subcommands that write with `writeln!`
+/// treat a broken pipe as success and other write errors as `error: <stdout>: ...`. This hook
+/// keeps such panics quiet (the caller in [`main`] turns them into that behaviour); any other
+/// panic still goes to the default hook.
+fn install_stdout_failure_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if stdout_failure(info.payload()).is_none() {
+            default(info);
+        }
+    }));
+}
+
+/// One line for a command run without its subcommand, from clap's help text: the usage line
+/// and the subcommands listed under `Commands:`.
+fn missing_subcommand(help: &str) -> String {
+    let usage = help
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Usage: "))
+        .unwrap_or("safeshard <COMMAND>");
+    let command = usage.split(" [").next().unwrap_or(usage);
+    let names: Vec<&str> = help
+        .lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| *n != "help")
+        .collect();
+    format!(
+        "error: {command} needs a subcommand: {} (see --help)",
+        names.join(", ")
+    )
 }
 
 fn init_tracing(filter: &str) {

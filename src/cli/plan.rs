@@ -66,16 +66,43 @@ fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    // Renaming over a device node or a directory would replace it (we may run as root).
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() {
+            return Err(Error::Usage(format!(
+                "--svg {}: exists and is not a regular file",
+                path.display()
+            )));
+        }
+    }
     let mut tmp = tempfile::Builder::new()
         .prefix(".safeshard-plan-")
         .suffix(".svg.tmp")
         .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+        .map_err(|e| Error::io(dir, strip_path(e)))?;
     tmp.write_all(plan::memory_svg(plan).as_bytes())
         .and_then(|()| tmp.flush())
         .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+    // tempfile creates 0600; a picture is for sharing.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
+    }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// tempfile adds `at path "..."` with its random name to I/O errors; the message already
+/// names the directory.
+fn strip_path(e: io::Error) -> io::Error {
+    let msg = e.to_string();
+    match msg.split_once(" at path \"") {
+        Some((head, _)) => io::Error::new(e.kind(), head.to_string()),
+        None => e,
+    }
 }
 
 #[derive(Serialize)]

@@ -77,6 +77,14 @@ pub fn write_atomic(
             .map_err(|e| Error::io(path, e))?;
     }
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    // tempfile creates 0600; shards are meant to be read by the serving job's user too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
@@ -97,28 +105,68 @@ fn write_part(path: &Path, tensors: &[TensorRef<'_>]) -> Result<u64> {
     Ok(total)
 }
 
-/// Runs `safeshard reshard`.
-pub fn run(args: Args) -> Result<()> {
-    let (_prep, plan) = prepare_plan(&args.checkpoint, &args.plan)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+/// Writes every rank's parts; `names` collects the file names written so far.
+fn write_parts(args: &Args, plan: &safeshard::plan::Plan, names: &mut Vec<String>) -> Result<u64> {
     let opts = LoadOptions {
         views: true,
         ..LoadOptions::default()
     };
-    let mut files = 0;
     let mut written = 0u64;
     for rank in 0..plan.ranks.len() {
-        let loaded = load::load_rank(&plan, rank, &opts)?;
+        let loaded = load::load_rank(plan, rank, &opts)?;
         let tensors: Vec<TensorRef<'_>> = loaded.iter().collect();
         let sizes: Vec<u64> = tensors.iter().map(|t| t.data.len() as u64).collect();
         for (part, range) in parts(&sizes, args.max_shard_size).into_iter().enumerate() {
             let name = format!("model-rank-{rank}-part-{part}.safetensors");
             let slice = tensors.get(range).unwrap_or(&[]);
             written += write_part(&args.out.join(&name), slice)?;
-            files += 1;
+            names.push(name);
         }
     }
+    Ok(written)
+}
+
+/// Removes `model-rank-*-part-*.safetensors` files of an earlier run that this run did not
+/// write (another topology or shard size), so the directory holds exactly this plan's parts.
+fn remove_stale_parts(out: &Path, written: &[String]) -> Result<()> {
+    let entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(out, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name.starts_with("model-rank-")
+            && name.contains("-part-")
+            && name.ends_with(".safetensors");
+        if ours && !written.iter().any(|w| w == name) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `safeshard reshard`.
+pub fn run(args: Args) -> Result<()> {
+    let (_prep, plan) = prepare_plan(&args.checkpoint, &args.plan)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    // The manifest is written last and marks a complete output: remove an earlier run's
+    // first, so that a run that fails half-way never leaves a directory that looks complete.
     let manifest = args.out.join(MANIFEST);
+    match std::fs::remove_file(&manifest) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(&manifest, e));
+        }
+        _ => {}
+    }
+    let mut names = Vec::new();
+    let written = write_parts(&args, &plan, &mut names).inspect_err(|_| {
+        // Parts of a failed run are removed: with no manifest they would still look whole.
+        for n in &names {
+            let _ = std::fs::remove_file(args.out.join(n));
+        }
+    })?;
+    let files = names.len();
+    remove_stale_parts(&args.out, &names)?;
     write_atomic(&manifest, |w| {
         serde_json::to_writer_pretty(&mut *w, &plan).map_err(std::io::Error::other)?;
         w.write_all(b"\n")

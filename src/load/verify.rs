@@ -107,7 +107,15 @@ pub fn slice_layout(src: &[u8], shape: &[u64], bits: u64, layout: &Layout) -> Re
                     at += ext.get(c).copied().unwrap_or(0);
                     continue;
                 }
-                let inner = to_bytes(ext[nd - 1])?;
+                // Sub-byte dtypes (F4, F6) whose rows are not whole bytes are copied bit by
+                // bit (LSB first; any convention agrees with the engine, which only moves
+                // whole bytes); everything else row by row as bytes.
+                let whole_bytes = bits % 8 == 0;
+                let inner = if whole_bytes {
+                    to_bytes(ext[nd - 1])?
+                } else {
+                    0
+                };
                 // Every index of the piece's outer dimensions, innermost rows copied whole.
                 let outer: u64 = ext[..nd - 1].iter().product();
                 let mut idx = vec![0u64; nd];
@@ -124,6 +132,11 @@ pub fn slice_layout(src: &[u8], shape: &[u64], bits: u64, layout: &Layout) -> Re
                         let dpos = idx[d] + if d == c { at } else { 0 };
                         d_el += dpos * dst_st[d];
                     }
+                    if !whole_bytes {
+                        copy_bits(src, s_el * bits, &mut out, d_el * bits, ext[nd - 1] * bits)
+                            .map_err(&err)?;
+                        continue;
+                    }
                     let s = to_bytes(s_el)?;
                     let o = to_bytes(d_el)?;
                     let from = src
@@ -139,4 +152,22 @@ pub fn slice_layout(src: &[u8], shape: &[u64], bits: u64, layout: &Layout) -> Re
         }
     }
     Ok(out)
+}
+
+/// Copies `n` bits from bit `from` of `src` to bit `to` of `dst` (bit `k` is bit `k % 8`,
+/// least significant first, of byte `k / 8`).
+fn copy_bits(src: &[u8], from: u64, dst: &mut [u8], to: u64, n: u64) -> Result<(), &'static str> {
+    for k in 0..n {
+        let (sb, db) = (from + k, to + k);
+        let byte = src
+            .get((sb / 8) as usize)
+            .ok_or("source tensor shorter than its shape")?;
+        let bit = (byte >> (sb % 8)) & 1;
+        let out = dst
+            .get_mut((db / 8) as usize)
+            .ok_or("piece outside the local shape")?;
+        let mask = 1u8 << (db % 8);
+        *out = if bit == 1 { *out | mask } else { *out & !mask };
+    }
+    Ok(())
 }
