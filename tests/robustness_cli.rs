@@ -42,18 +42,7 @@ fn run(args: &[&str]) -> Out {
         let _ = se.read_to_end(&mut s);
         s
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("safeshard {args:?} still running after {DEADLINE:?}: a hang");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_or_fail(&mut child, &format!("{args:?}"));
     let stdout = String::from_utf8_lossy(&t_out.join().expect("stdout thread")).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr thread")).into_owned();
     let Some(code) = status.code() else {
@@ -807,18 +796,7 @@ fn run_with_stdout(args: &[&str], stdout: Stdio) -> (i32, String) {
         let _ = se.read_to_end(&mut s);
         s
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?}: hang");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_or_fail(&mut child, &format!("{args:?}"));
     let stderr = String::from_utf8_lossy(&t.join().expect("join")).into_owned();
     let code = status
         .code()
@@ -1240,4 +1218,20 @@ fn load_all_ranks_of_a_large_world_does_not_start_a_thread_per_rank_at_once() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(o.status.code(), Some(0), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 4096);
+}
+
+/// Waits for `child`; one still running after [`DEADLINE`] is killed and fails the test (a hang).
+fn wait_or_fail(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("safeshard {what} still running after {DEADLINE:?}: a hang");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
