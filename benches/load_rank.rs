@@ -19,7 +19,7 @@ use std::time::Instant;
 use safeshard::checkpoint::{Checkpoint, Dtype};
 use safeshard::load::{load_rank, load_rank_into, Arena, ArenaInit, IoMode, LoadOptions};
 use safeshard::plan::{self, Plan};
-use safeshard::spec::{Layout, Piece, Resolution, Resolved, Shards, TensorKind};
+use safeshard::sharding::{Layout, Piece, Resolution, Resolved, Shards, TensorKind};
 use safeshard::synth::SynthOptions;
 use safeshard::topology::Topology;
 

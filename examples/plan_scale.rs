@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use safeshard::checkpoint::Checkpoint;
 use safeshard::plan;
-use safeshard::spec::{self, Config, Spec};
+use safeshard::sharding::{self, Config, Spec};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 
@@ -188,7 +188,7 @@ fn run() -> Result<(), String> {
             ph[1].push(t.elapsed().as_secs_f64());
             let topo = Topology::new(tp, pp, 1, 1).map_err(|e| e.to_string())?;
             let t = Instant::now();
-            let res = spec::resolve(&s, &c, &config, &topo).map_err(|e| e.to_string())?;
+            let res = sharding::resolve(&s, &c, &config, &topo).map_err(|e| e.to_string())?;
             ph[2].push(t.elapsed().as_secs_f64());
             let t = Instant::now();
             let p = plan::build(&c, &res, &topo, &s.name).map_err(|e| e.to_string())?;
@@ -222,7 +222,7 @@ fn run() -> Result<(), String> {
         let s = Spec::detect(&config).map_err(|e| e.to_string())?;
         for &(tp, pp) in topos {
             let topo = Topology::new(tp, pp, 1, 1).map_err(|e| e.to_string())?;
-            let res = spec::resolve(&s, &c, &config, &topo).map_err(|e| e.to_string())?;
+            let res = sharding::resolve(&s, &c, &config, &topo).map_err(|e| e.to_string())?;
             let mut times = Vec::new();
             let mut placements = 0usize;
             for _ in 0..runs {

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use safeshard::checkpoint::TensorInfo;
-use safeshard::spec::{resolve_tensors, Config, Spec};
+use safeshard::sharding::{resolve_tensors, Config, Spec};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 

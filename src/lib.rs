@@ -5,8 +5,8 @@
 //!
 //! 1. [`checkpoint`] opens a checkpoint (one file, an index, or a directory), validates every
 //!    header strictly and builds a [`checkpoint::Checkpoint`] catalog without reading tensor data.
-//! 2. [`spec`] is the sharding spec language: it maps tensor names to TP/PP/EP placements and
-//!    resolves them, for a [`topology::Topology`], into per-rank [`spec::Layout`]s.
+//! 2. [`sharding`] is the sharding spec language: it maps tensor names to TP/PP/EP placements and
+//!    resolves them, for a [`topology::Topology`], into per-rank [`sharding::Layout`]s.
 //! 3. [`plan`] is the coordinator: it turns layouts into exact byte-range copy runs per rank.
 //! 4. [`load`] is the rank engine: it maps only the planned windows and copies them in parallel.
 //! 5. [`comm`] moves shared tensors between ranks (threads, MPI, NCCL).
@@ -19,7 +19,7 @@ pub mod comm;
 pub mod error;
 pub mod load;
 pub mod plan;
-pub mod spec;
+pub mod sharding;
 pub mod synth;
 pub mod topology;
 

@@ -31,7 +31,7 @@ step cargo test --doc
 # GPU in CI: a missing libcuda must be an error, not a panic), then real `mpirun -n 4` jobs.
 step cargo clippy --all-targets --all-features -- -D warnings
 step cargo test --features mpi,nccl,cuda --lib comm
-step cargo test --features mpi,nccl,cuda --test comm_share --test comm_cli
+step cargo test --features mpi,nccl,cuda --test it comm_
 # Same feature set as the tests above, so the binaries reuse that build.
 SAFESHARD_FEATURES=mpi,nccl,cuda step bash tests/mpi_jobs.sh
 echo "all test steps passed in $SECONDS s"

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use safeshard::checkpoint::{Dtype, TensorInfo};
-use safeshard::spec::{resolve_tensors, Config, Spec};
+use safeshard::sharding::{resolve_tensors, Config, Spec};
 use safeshard::topology::Topology;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use safeshard::checkpoint::Checkpoint;
-use safeshard::spec::{self, Config, Resolution, Spec};
+use safeshard::sharding::{self, Config, Resolution, Spec};
 use safeshard::topology::Topology;
 use safeshard::Result;
 
@@ -93,7 +93,7 @@ impl PlanFlags {
         let ckpt = Checkpoint::open(checkpoint)?;
         let config = Config::from_checkpoint(&ckpt, &self.set)?;
         let spec = self.spec(&config)?;
-        let resolution = spec::resolve(&spec, &ckpt, &config, &topology)?;
+        let resolution = sharding::resolve(&spec, &ckpt, &config, &topology)?;
         for w in &resolution.warnings {
             eprintln!("warning: {w}");
         }

@@ -11,7 +11,7 @@ use safeshard::checkpoint::Checkpoint;
 use safeshard::comm::{launch, ShareMode};
 use safeshard::load::{self, ArenaInit, IoMode, LoadOptions, LoadStats};
 use safeshard::plan::{self, Plan};
-use safeshard::spec::Resolution;
+use safeshard::sharding::Resolution;
 use safeshard::topology::Coords;
 use safeshard::{Error, Result};
 use sha2::{Digest, Sha256};

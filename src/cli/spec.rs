@@ -4,7 +4,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use safeshard::checkpoint::Checkpoint;
-use safeshard::spec::{self, Config, Layout, Piece, Resolved, Shards, Spec};
+use safeshard::sharding::{self, Config, Layout, Piece, Resolved, Shards, Spec};
 use safeshard::{Error, Result};
 use serde_json::json;
 
@@ -99,7 +99,7 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
     };
     let ckpt = Checkpoint::open(path)?;
     let config = Config::from_checkpoint(&ckpt, &args.set)?;
-    let res = spec::resolve(&spec, &ckpt, &config, &topo)?;
+    let res = sharding::resolve(&spec, &ckpt, &config, &topo)?;
     for w in &res.warnings {
         eprintln!("warning: {w}");
     }

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use crate::checkpoint::{header_bytes, Dtype, FileIdentity};
 use crate::plan::{CopyRun, Plan, PlanFile, RankPlan, TensorPlan, ZeroRun};
-use crate::spec::TensorKind;
+use crate::sharding::TensorKind;
 use crate::topology::Topology;
 use crate::{Error, Result};
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use super::{load_rank, verify_rank, LoadOptions, RankTensors};
 use crate::checkpoint::Checkpoint;
 use crate::plan::{self, Plan};
-use crate::spec::{self, Config, Resolution, Spec};
+use crate::sharding::{self, Config, Resolution, Spec};
 use crate::topology::Topology;
 use crate::Result;
 
@@ -57,7 +57,7 @@ impl Job {
             Some(s) => Spec::load(s)?,
             None => Spec::detect(&config)?,
         };
-        let resolution = spec::resolve(&spec, &ckpt, &config, &topology)?;
+        let resolution = sharding::resolve(&spec, &ckpt, &config, &topology)?;
         let plan = plan::build(&ckpt, &resolution, &topology, &spec.name)?;
         Ok(Job {
             ckpt,

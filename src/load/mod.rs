@@ -39,7 +39,7 @@ pub use verify::{layout_for, read_tensor, slice_layout};
 
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::plan::{CopyRun, Plan, RankPlan, TensorPlan};
-use crate::spec::Resolution;
+use crate::sharding::Resolution;
 use crate::topology::Coords;
 use crate::{Error, Result};
 
@@ -445,7 +445,7 @@ pub fn load_rank_into(
 }
 
 /// Checks every tensor of a loaded rank against the independent slow path: the whole source
-/// tensor read with `read_at` and sliced in memory by its spec [`crate::spec::Layout`].
+/// tensor read with `read_at` and sliced in memory by its spec [`crate::sharding::Layout`].
 /// Returns the number of tensors checked; a mismatch names the tensor and the first differing
 /// byte.
 pub fn verify_rank(

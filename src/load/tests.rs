@@ -7,7 +7,7 @@ use std::path::Path;
 use super::*;
 use crate::checkpoint::{Dtype, FileIdentity};
 use crate::plan::{CopyRun, PlanFile, RankPlan, TensorPlan, ZeroRun};
-use crate::spec::{Layout, Piece, TensorKind};
+use crate::sharding::{Layout, Piece, TensorKind};
 use crate::topology::Topology;
 
 fn pattern(n: usize, seed: u64) -> Vec<u8> {

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use crate::checkpoint::{Checkpoint, TensorInfo};
-use crate::spec::{Layout, Piece, Resolution, Resolved, Shards};
+use crate::sharding::{Layout, Piece, Resolution, Resolved, Shards};
 use crate::topology::Coords;
 use crate::{Error, Result};
 

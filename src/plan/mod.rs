@@ -41,7 +41,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{Checkpoint, Dtype, FileIdentity};
-use crate::spec::{Resolution, Resolved, Shards, TensorKind};
+use crate::sharding::{Resolution, Resolved, Shards, TensorKind};
 use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 

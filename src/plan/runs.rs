@@ -13,7 +13,7 @@
 //! error otherwise.
 
 use crate::checkpoint::Dtype;
-use crate::spec::{Layout, Piece};
+use crate::sharding::{Layout, Piece};
 use crate::{Error, Result};
 
 use super::{CopyRun, ZeroRun};

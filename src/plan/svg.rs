@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::spec::TensorKind;
+use crate::sharding::TensorKind;
 
 use super::Plan;
 

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use safeshard::checkpoint::{Dtype, TensorInfo};
-use safeshard::spec::{resolve_tensors, Config, Spec};
+use safeshard::sharding::{resolve_tensors, Config, Spec};
 use safeshard::topology::Topology;
 
 fn catalog() -> Vec<TensorInfo> {

@@ -8,7 +8,7 @@
 use proptest::prelude::*;
 use safeshard::checkpoint::Dtype;
 use safeshard::plan::{coalesce_copies, read_bytes, tensor_runs, CopyRun, PAGE};
-use safeshard::spec::{Layout, Piece};
+use safeshard::sharding::{Layout, Piece};
 
 /// Reads `bits` bits at bit position `pos` (LSB-first within bytes).
 fn get_bits(buf: &[u8], pos: u64, bits: u64) -> u64 {

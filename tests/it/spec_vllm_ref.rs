@@ -5,11 +5,11 @@
 //! narrow/cat/zero-pad of the same values). Where the reference refuses a topology (vLLM
 //! would fail to load), resolving must fail too.
 
-mod common;
+use crate::common;
 
 use common::vllm_ref;
 use safeshard::checkpoint::TensorInfo;
-use safeshard::spec::{resolve_tensors, Config, Layout, Piece, Resolved, Shards, Spec};
+use safeshard::sharding::{resolve_tensors, Config, Layout, Piece, Resolved, Shards, Spec};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 

@@ -1,12 +1,12 @@
 //! Fuzz-style property test of the spec language: random edits of the shipped specs (byte
 //! flips, token swaps, line duplications, spliced numbers) never panic in `Spec::parse` or in
-//! `spec::resolve` on small checkpoints of the matching architecture.
+//! `sharding::resolve` on small checkpoints of the matching architecture.
 
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use safeshard::checkpoint::Checkpoint;
-use safeshard::spec::{self, Config, Spec};
+use safeshard::sharding::{self, Config, Spec};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 
@@ -161,7 +161,7 @@ proptest! {
         let Ok(config) = Config::from_checkpoint(ckpt, &[]) else { return Ok(()); };
         for (tp, pp, dp, ep) in [(1, 1, 1, 1), (2, 2, 1, 1), (4, 1, 2, 8)] {
             let topo = Topology { tp, pp, dp, ep, pp_layers: None };
-            let _ = spec::resolve(&spec, ckpt, &config, &topo);
+            let _ = sharding::resolve(&spec, ckpt, &config, &topo);
         }
     }
 }

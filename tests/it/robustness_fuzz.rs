@@ -1,7 +1,7 @@
 //! Fuzz-style property test: random mutations of a valid small checkpoint (raw byte flips and
 //! truncations of a safetensors file, structured edits of its JSON header, of the index and
 //! of config.json) never panic anywhere along `Checkpoint::open` → `Config` → `Spec` →
-//! `spec::resolve` → `plan::build` → `load::load_rank`. Errors are fine; panics are not.
+//! `sharding::resolve` → `plan::build` → `load::load_rank`. Errors are fine; panics are not.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use safeshard::checkpoint::{Checkpoint, INDEX_NAME};
 use safeshard::load::{self, IoMode, LoadOptions};
 use safeshard::plan;
-use safeshard::spec::{self, Config, Spec};
+use safeshard::sharding::{self, Config, Spec};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 use serde_json::{json, Value};
@@ -265,7 +265,7 @@ fn exercise(dir: &Path) {
             ep,
             pp_layers: None,
         };
-        let Ok(res) = spec::resolve(&spec, &ckpt, &config, &topo) else {
+        let Ok(res) = sharding::resolve(&spec, &ckpt, &config, &topo) else {
             continue;
         };
         let Ok(plan) = plan::build(&ckpt, &res, &topo, &spec.name) else {
@@ -316,7 +316,7 @@ fn the_base_checkpoint_plans_and_loads() {
         ep: 1,
         pp_layers: None,
     };
-    let res = spec::resolve(&spec, &ckpt, &config, &topo).expect("resolve");
+    let res = sharding::resolve(&spec, &ckpt, &config, &topo).expect("resolve");
     let plan = plan::build(&ckpt, &res, &topo, &spec.name).expect("plan");
     let r = load::load_rank(&plan, 3, &LoadOptions::default()).expect("load");
     assert!(!r.is_empty());
@@ -340,7 +340,7 @@ fn files_changed_between_plan_and_load_are_clean_errors() {
         ep: 1,
         pp_layers: None,
     };
-    let res = spec::resolve(&spec, &ckpt, &config, &topo).expect("resolve");
+    let res = sharding::resolve(&spec, &ckpt, &config, &topo).expect("resolve");
     let plan = plan::build(&ckpt, &res, &topo, &spec.name).expect("plan");
     // The last shard: rank 0 of tp=1 reads every file.
     let victim = ckpt.files.last().expect("a file").path.clone();

@@ -2,11 +2,11 @@
 //! (tests/common/vllm_ref.rs): every rank's bytes of every tensor of every tiny preset for
 //! several topologies (values, zero padding included), and per-rank byte totals at real scale.
 
-mod common;
+use crate::common;
 
 use common::vllm_ref::{expected, local_shape, materialize, rank_bytes};
 use safeshard::checkpoint::TensorInfo;
-use safeshard::spec::{self, Config, Layout, Piece, Resolved, Shards, Spec};
+use safeshard::sharding::{self, Config, Layout, Piece, Resolved, Shards, Spec};
 use safeshard::synth::{self, SynthOptions, TensorSpec};
 use safeshard::topology::Topology;
 
@@ -105,7 +105,7 @@ fn holders(r: &Resolved, topo: &Topology) -> Vec<(usize, Layout)> {
 fn resolve(o: &SynthOptions, list: &[TensorSpec], topo: &Topology) -> Vec<Resolved> {
     let cfg = Config::from_json(Some(&o.config), &[]).unwrap();
     let sp = Spec::detect(&cfg).unwrap();
-    spec::resolve_tensors(&sp, &infos(list), &cfg, topo)
+    sharding::resolve_tensors(&sp, &infos(list), &cfg, topo)
         .unwrap_or_else(|e| panic!("{topo:?}: {e}"))
         .tensors
 }

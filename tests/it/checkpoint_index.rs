@@ -1,6 +1,6 @@
 //! Index files and directories: every refusal names the index (or directory) and the problem.
 
-mod checkpoint_support;
+use crate::checkpoint_support;
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! The synthetic checkpoint generator: valid files, real names and counts, values, sparse mode.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;

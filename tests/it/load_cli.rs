@@ -1,6 +1,6 @@
 //! `safeshard load` end to end, and the library's file-safety guarantees on real checkpoints.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -3,7 +3,9 @@
 //! pipeline stages and expert placement. Expected layouts are written out by hand.
 
 use safeshard::checkpoint::{Dtype, TensorInfo};
-use safeshard::spec::{resolve_tensors, Config, Layout, Piece, Resolution, Resolved, Shards, Spec};
+use safeshard::sharding::{
+    resolve_tensors, Config, Layout, Piece, Resolution, Resolved, Shards, Spec,
+};
 use safeshard::topology::Topology;
 use serde_json::json;
 

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use safeshard::checkpoint::{Dtype, TensorInfo};
-use safeshard::spec::{resolve_tensors, Config, Resolution, Resolved, Shards, Spec};
+use safeshard::sharding::{resolve_tensors, Config, Resolution, Resolved, Shards, Spec};
 use safeshard::topology::Topology;
 use serde_json::json;
 

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use safeshard::checkpoint::Checkpoint;
-use safeshard::spec::{self, Config, Layout, Piece, Resolved, Shards, Spec};
+use safeshard::sharding::{self, Config, Layout, Piece, Resolved, Shards, Spec};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 
@@ -426,7 +426,7 @@ fn check_opts(label: &str, opts: SynthOptions, topos: &[(usize, usize, usize, us
     let shape_of = |n: &str| ckpt.tensor(n).map(|t| t.shape.clone()).unwrap_or_default();
     for &(tp, pp, dp, ep) in topos {
         let topo = Topology::new(tp, pp, dp, ep).unwrap();
-        let res = spec::resolve(&spec, &ckpt, &config, &topo)
+        let res = sharding::resolve(&spec, &ckpt, &config, &topo)
             .unwrap_or_else(|e| panic!("{label} tp={tp} pp={pp} dp={dp} ep={ep}: {e}"));
         assert!(
             res.warnings.is_empty(),
@@ -562,7 +562,7 @@ fn gpt2_tp_not_dividing_heads_is_refused() {
     let config = Config::from_checkpoint(&ckpt, &[]).unwrap();
     let spec = Spec::detect(&config).unwrap();
     let topo = Topology::new(8, 1, 1, 1).unwrap();
-    let err = spec::resolve(&spec, &ckpt, &config, &topo)
+    let err = sharding::resolve(&spec, &ckpt, &config, &topo)
         .unwrap_err()
         .to_string();
     assert!(err.contains("n_head must divide by tp"), "{err}");

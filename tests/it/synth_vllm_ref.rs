@@ -1,7 +1,7 @@
 //! Hand-computed checks of the independent vLLM reference in tests/common/vllm_ref.rs, so that
 //! other tests can trust it.
 
-mod common;
+use crate::common;
 
 use common::vllm_ref::{expected, local_shape, materialize, pp_counts, rank_bytes, Part, RefSlice};
 use safeshard::checkpoint::Dtype;

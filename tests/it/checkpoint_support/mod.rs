@@ -44,24 +44,8 @@ pub fn write_st(dir: &Path, name: &str, json: &str, data: usize) -> PathBuf {
     write(dir, name, &st_bytes(json, data))
 }
 
-/// The directory of real files written by other tools (MLX, candle).
+/// The directory of real files written by other tools (MLX, candle), kept in the repository
+/// (tests/fixtures/real/README.md names their origin and license).
 pub fn fixtures() -> PathBuf {
-    // The main checkout sits beside shared/; worktrees sit one level deeper.
-    let p = match std::env::var_os("SAFESHARD_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => [
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/real"),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/real"),
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_dir())
-        .unwrap_or_else(|| PathBuf::from("../shared/fixtures/real")),
-    };
-    assert!(
-        p.is_dir(),
-        "fixtures directory {} is missing (set SAFESHARD_FIXTURES)",
-        p.display()
-    );
-    p
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/real"))
 }

@@ -3,7 +3,7 @@
 //! topologies, and on a DeepSeek-V3-scale sparse checkpoint. Rank-local shapes are checked
 //! tensor by tensor as well.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! computed here from the synthetic generator's values and the rules in
 //! /work/shared/reference/partition-rules.md, independently of the spec and the planner.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! Parser errors: every malformed construct is refused naming its line and column, with the
 //! source line and a caret; misspellings get a "did you mean".
 
-use safeshard::spec::Spec;
+use safeshard::sharding::Spec;
 
 /// (spec source, the 1-based line that is broken, the column the caret must point at).
 const CASES: &[(&str, usize, usize)] = &[
@@ -99,14 +99,14 @@ fn shipped_specs_parse_and_declare_their_architectures() {
             s.architectures.iter().any(|a| a == arch),
             "{name} lacks {arch}"
         );
-        let cfg = safeshard::spec::Config::from_json(
+        let cfg = safeshard::sharding::Config::from_json(
             Some(&serde_json::json!({"architectures": [arch]})),
             &[],
         )
         .unwrap();
         assert_eq!(Spec::detect(&cfg).unwrap().name, name);
     }
-    let cfg = safeshard::spec::Config::from_json(
+    let cfg = safeshard::sharding::Config::from_json(
         Some(&serde_json::json!({"architectures": ["FalconForCausalLM"]})),
         &[],
     )
@@ -146,7 +146,7 @@ fn load_reads_files_and_names_them_in_errors() {
 
 #[test]
 fn config_overrides() {
-    use safeshard::spec::Config;
+    use safeshard::sharding::Config;
     let base = serde_json::json!({"a": 1, "q": {"bits": 4}});
     let c = Config::from_json(
         Some(&base),

@@ -2,7 +2,7 @@
 //! edge cases real writers produce that must be accepted, and a differential check against the
 //! reference implementation (`safetensors::SafeTensors::read_metadata` on the whole buffer).
 
-mod checkpoint_support;
+use crate::checkpoint_support;
 
 use checkpoint_support::*;
 use safeshard::checkpoint::{parse_header, Checkpoint, Dtype};

@@ -2,7 +2,7 @@
 //! any padding), and random mutations never panic and are never accepted where the reference
 //! refuses them.
 
-mod checkpoint_support;
+use crate::checkpoint_support;
 
 use checkpoint_support::st_bytes;
 use proptest::prelude::*;

@@ -1,6 +1,6 @@
 //! Opening checkpoints: single files, directories, indexes, the real fixture files.
 
-mod checkpoint_support;
+use crate::checkpoint_support;
 
 use checkpoint_support::*;
 use safeshard::checkpoint::{Checkpoint, Dtype};

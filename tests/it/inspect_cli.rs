@@ -1,6 +1,6 @@
 //! `safeshard inspect` through the binary: table and JSON snapshots, exit codes, pipes.
 
-mod checkpoint_support;
+use crate::checkpoint_support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

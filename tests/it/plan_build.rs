@@ -8,7 +8,7 @@ use std::path::Path;
 
 use safeshard::checkpoint::Checkpoint;
 use safeshard::plan::{self, RankPlan, ALIGN};
-use safeshard::spec::{Layout, Piece, Resolution, Resolved, Shards, TensorKind};
+use safeshard::sharding::{Layout, Piece, Resolution, Resolved, Shards, TensorKind};
 use safeshard::topology::Topology;
 use safetensors::tensor::TensorView;
 
