@@ -122,23 +122,8 @@ pub fn human_bytes(bytes: u64) -> String {
     format!("{value:.2} {}", UNITS[unit])
 }
 
-/// `s` with control characters escaped (`\n`, `\u{1b}`), so a tensor name from a file cannot
-/// break table lines or send terminal escape sequences; borrowed when there is nothing to
-/// escape (the common case, kept allocation-free for 92k-tensor tables).
+/// `s` with control characters escaped (`\n`, `\u{1b}`), so a name from a file cannot break
+/// table lines or send terminal escape sequences; the library's one escaping rule.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        std::borrow::Cow::Owned(
-            s.chars()
-                .map(|c| {
-                    if c.is_control() {
-                        c.escape_default().to_string()
-                    } else {
-                        c.to_string()
-                    }
-                })
-                .collect(),
-        )
-    } else {
-        std::borrow::Cow::Borrowed(s)
-    }
+    safeshard::error::escape_controls(s)
 }

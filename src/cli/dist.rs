@@ -175,7 +175,7 @@ fn run_launched(args: &super::load::Args, l: launch::LaunchInfo) -> Result<()> {
     match result {
         Ok(line) => print_lines([line.render(args.json)])?,
         // End the whole job: no rank may wait for this one.
-        Err(e) => world.abort(e.exit_code(), &e.to_string()),
+        Err(e) => world.abort(super::exit_code(&e), &e.to_string()),
     }
     drop(world);
     drop(universe);

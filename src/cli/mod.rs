@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and output formatting only; the work is in the library.
 
 use clap::{Parser, Subcommand};
+use safeshard::Error;
 
 mod common;
 mod demo;
@@ -86,10 +87,42 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
-            e.exit_code()
+            eprintln!("error: {}", message(&e));
+            exit_code(&e)
         }
     }
+}
+
+/// Exit status of a failed command: 2 for bad usage (flags, arguments, topology), 1 for bad
+/// data and failures of the system.
+pub fn exit_code(e: &Error) -> i32 {
+    match e {
+        Error::Usage(_) | Error::InvalidArgument { .. } => 2,
+        _ => 1,
+    }
+}
+
+/// The command-line flag of a library option field: `pp_layers` → `--pp-layers`.
+fn flag(option: &str) -> String {
+    format!("--{}", option.replace('_', "-"))
+}
+
+/// An error as the CLI prints it: options named by their flags, and no raw control
+/// characters (a last line of defence; the library escapes names it prints). Spec errors keep
+/// their caret lines.
+pub fn message(e: &Error) -> String {
+    let text = match e {
+        Error::InvalidArgument { option, message } => format!("{} {message}", flag(option)),
+        other => other.to_string(),
+    };
+    text.split('\n')
+        .map(|line| safeshard::error::escape_controls(line).into_owned())
+        .collect::<Vec<_>>()
+        .join(if matches!(e, Error::SpecAt { .. } | Error::Spec(_)) {
+            "\n"
+        } else {
+            "\\n"
+        })
 }
 
 /// Folds clap's rendered error into one line: the message lines up to the first blank line
