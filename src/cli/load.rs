@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use safeshard::checkpoint::Checkpoint;
 use safeshard::comm::{launch, ShareMode};
 use safeshard::load::{self, ArenaInit, IoMode, LoadOptions, LoadStats};
-use safeshard::plan::{self, Plan};
+use safeshard::plan::Plan;
 use safeshard::sharding::Resolution;
 use safeshard::topology::Coords;
 use safeshard::{Error, Result};
@@ -49,7 +49,8 @@ pub struct Args {
     /// sliced in memory from the spec's layout).
     #[arg(long)]
     pub verify: bool,
-    /// Hand out tensors that are one contiguous file span as zero-copy views of the mapping.
+    /// Hand out tensors that are one contiguous file span as zero-copy views of the mapping
+    /// (only safe while no one truncates or writes the checkpoint files).
     #[arg(long)]
     pub views: bool,
     /// I/O engine: `mmap` or `pread`.
@@ -100,14 +101,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 
 /// Opens, resolves and plans.
 pub fn prepare_plan(checkpoint: &PathBuf, flags: &PlanFlags) -> Result<(Prepared, Plan)> {
-    let prep = flags.prepare(checkpoint)?;
-    let plan = plan::build(
-        &prep.ckpt,
-        &prep.resolution,
-        &prep.topology,
-        &prep.spec.name,
-    )?;
-    Ok((prep, plan))
+    flags.job(checkpoint).map(super::common::split)
 }
 
 /// The outcome of one rank.
@@ -150,7 +144,13 @@ fn load_one_with(
     verify: bool,
     digest: bool,
 ) -> Result<RankReport> {
-    let loaded = load::load_rank(plan, rank, opts)?;
+    let loaded = if opts.views {
+        // SAFETY: `--views` is the user's promise (documented in --help) that the checkpoint
+        // is not truncated or written during the load; the views are dropped before return.
+        unsafe { load::load_rank_views(plan, rank, opts)? }
+    } else {
+        load::load_rank(plan, rank, opts)?
+    };
     let verified = if verify {
         Some(load::verify_rank(ckpt, resolution, &loaded)?)
     } else {

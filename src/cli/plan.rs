@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use safeshard::plan::{self, Plan};
+use safeshard::plan::Plan;
 use safeshard::{Error, Result};
 use serde::Serialize;
 
@@ -30,13 +30,7 @@ pub struct Args {
 
 /// Runs `safeshard plan`.
 pub fn run(args: Args) -> Result<()> {
-    let prepared = args.flags.prepare(&args.checkpoint)?;
-    let plan = plan::build(
-        &prepared.ckpt,
-        &prepared.resolution,
-        &prepared.topology,
-        &prepared.spec.name,
-    )?;
+    let (prepared, plan) = super::common::split(args.flags.job(&args.checkpoint)?);
     if let Some(path) = &args.svg {
         write_svg(path, &plan)?;
     }
@@ -80,7 +74,7 @@ fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
         .suffix(".svg.tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, strip_path(e)))?;
-    tmp.write_all(plan::memory_svg(plan).as_bytes())
+    tmp.write_all(safeshard::plan::memory_svg(plan).as_bytes())
         .and_then(|()| tmp.flush())
         .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
     // tempfile creates 0600; a picture is for sharing.

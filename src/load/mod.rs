@@ -17,8 +17,9 @@
 //!    [`IoMode::Pread`] uses positioned reads, straight into the arena for contiguous runs
 //!    and through staging buffers (never more than [`LoadOptions::staging_budget`] bytes at
 //!    once) for strided ones; short reads are errors naming the file and offset.
-//! 4. **Views.** With [`LoadOptions::views`], a tensor whose bytes are one contiguous span of
-//!    a file is not copied: [`RankTensors`] hands out a slice of the mapping instead.
+//! 4. **Views.** With [`LoadOptions::views`] and the `unsafe` [`load_rank_views`], a tensor
+//!    whose bytes are one contiguous span of a file is not copied: [`RankTensors`] hands out a
+//!    slice of the mapping instead, valid only while no one truncates or writes the file.
 //!
 //! [`Job`] bundles the steps before that (open, spec, resolve, plan) for library users, and
 //! [`verify_rank`] checks loaded tensors against an independent slow path.
@@ -34,7 +35,7 @@ use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats};
-pub use job::Job;
+pub use job::{Job, JobBuilder};
 pub use verify::{layout_for, read_tensor, slice_layout};
 
 use crate::checkpoint::{Checkpoint, Dtype};
@@ -60,9 +61,10 @@ impl std::str::FromStr for IoMode {
         match s {
             "mmap" => Ok(IoMode::Mmap),
             "pread" => Ok(IoMode::Pread),
-            other => Err(Error::Usage(format!(
-                "--io: unknown engine {other:?} (expected mmap or pread)"
-            ))),
+            other => Err(Error::invalid_argument(
+                "io",
+                format!("{other:?}: unknown engine (expected mmap or pread)"),
+            )),
         }
     }
 }
@@ -76,7 +78,8 @@ pub struct LoadOptions {
     /// I/O engine.
     pub io: IoMode,
     /// Hand out tensors that are one contiguous file span as views into the mapping instead
-    /// of copying them (mmap engine only; ignored by pread).
+    /// of copying them (mmap engine only; ignored by pread). Only the unsafe
+    /// [`load_rank_views`] accepts it; the safe loaders refuse it.
     pub views: bool,
     /// Most bytes of staging buffers held at once (pread engine, strided runs).
     pub staging_budget: u64,
@@ -352,14 +355,45 @@ fn contig(r: &CopyRun, dst: u64, len: u64) -> CopyRun {
     }
 }
 
-/// Loads rank `rank` of `plan` into a fresh arena.
+/// Loads rank `rank` of `plan` into a fresh arena. Every tensor is copied into memory the
+/// result owns; `opts.views` is refused here (see [`load_rank_views`]).
 pub fn load_rank(plan: &Plan, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
     load_rank_into(plan, rank, opts, None)
 }
 
 /// Loads rank `rank` of `plan`, reusing `arena` when it is large enough (touched memory
-/// avoids the page faults of a fresh allocation).
+/// avoids the page faults of a fresh allocation). Like [`load_rank`], refuses `opts.views`.
 pub fn load_rank_into(
+    plan: &Plan,
+    rank: usize,
+    opts: &LoadOptions,
+    arena: Option<Arena>,
+) -> Result<RankTensors> {
+    if opts.views {
+        return Err(Error::invalid_argument(
+            "views",
+            "true: zero-copy views of a file mapping are only handed out by the unsafe load_rank_views",
+        ));
+    }
+    load_rank_impl(plan, rank, opts, arena)
+}
+
+/// [`load_rank`] with [`LoadOptions::views`] honoured: tensors that are one contiguous span of
+/// a file are not copied; [`RankTensors`] hands out slices of the file mapping instead.
+///
+/// # Safety
+///
+/// The slices borrow a shared mapping of the checkpoint files, valid for as long as the
+/// returned [`RankTensors`] (or until [`RankTensors::materialize`]). The caller must ensure
+/// that no file of the plan is truncated or written to while the result is alive: reading a
+/// mapped page past a truncated end raises `SIGBUS`, and a write changes bytes behind a
+/// shared reference. Checkpoint files that are only ever replaced by rename (as Hugging Face
+/// tools do) are safe.
+pub unsafe fn load_rank_views(plan: &Plan, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
+    load_rank_impl(plan, rank, opts, None)
+}
+
+fn load_rank_impl(
     plan: &Plan,
     rank: usize,
     opts: &LoadOptions,
@@ -367,11 +401,14 @@ pub fn load_rank_into(
 ) -> Result<RankTensors> {
     let start = Instant::now();
     let rp = plan.ranks.get(rank).ok_or_else(|| {
-        Error::Usage(format!(
-            "--rank {rank}: the plan has {} ranks (0..{})",
-            plan.ranks.len(),
-            plan.ranks.len()
-        ))
+        Error::invalid_argument(
+            "rank",
+            format!(
+                "{rank}: the plan has {} ranks (0..{})",
+                plan.ranks.len(),
+                plan.ranks.len()
+            ),
+        )
     })?;
     engine::validate(&plan.files, &rp.copies, &rp.zeros, rp.arena_bytes)?;
     let open = engine::open_checked(&plan.files, &rp.copies)?;
@@ -469,22 +506,34 @@ pub fn verify_rank(
                 t.name, coords.rank
             ))
         })?;
-        let whole = read_tensor(ckpt, info)?;
-        let want = slice_layout(&whole, &info.shape, info.dtype.bits(), layout)?;
+        let on_rank = |e: Error| match e {
+            Error::OutOfMemory {
+                bytes,
+                what,
+                rank: None,
+            } => Error::OutOfMemory {
+                bytes,
+                what,
+                rank: Some(coords.rank),
+            },
+            other => other,
+        };
+        let whole = read_tensor(ckpt, info).map_err(on_rank)?;
+        let want = slice_layout(&whole, &info.shape, info.dtype.bits(), layout).map_err(on_rank)?;
+        drop(whole);
         if want.as_slice() != got.data {
             let first = want
                 .iter()
                 .zip(got.data)
                 .position(|(a, b)| a != b)
                 .unwrap_or(want.len().min(got.data.len()));
-            return Err(Error::Load(format!(
-                "verify: rank {}: tensor {:?} differs from the slow path at byte {first} \
-                 ({} bytes loaded, {} expected)",
-                coords.rank,
-                t.name,
-                got.data.len(),
-                want.len()
-            )));
+            return Err(Error::VerifyMismatch {
+                rank: coords.rank,
+                tensor: t.name.clone(),
+                byte: first as u64,
+                loaded: got.data.len() as u64,
+                expected: want.len() as u64,
+            });
         }
         n += 1;
     }
