@@ -54,7 +54,12 @@ pub fn main() -> i32 {
             if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 eprintln!("{}", missing_subcommand(&e.render().to_string()));
             } else if e.use_stderr() {
-                eprintln!("{}", one_line_usage_error(&e.render().to_string()));
+                eprintln!(
+                    "{}",
+                    safeshard::error::escape_controls(&one_line_usage_error(
+                        &e.render().to_string()
+                    ))
+                );
             } else {
                 let _ = e.print();
             }
@@ -108,21 +113,30 @@ fn flag(option: &str) -> String {
 }
 
 /// An error as the CLI prints it: options named by their flags, and no raw control
-/// characters (a last line of defence; the library escapes names it prints). Spec errors keep
-/// their caret lines.
+/// characters (a last line of defence; the library escapes the names it prints). Spec errors
+/// keep their source and caret lines (indented by four spaces); any other line break is
+/// escaped, so a name cannot forge a second `error:` line.
 pub fn message(e: &Error) -> String {
     let text = match e {
         Error::InvalidArgument { option, message } => format!("{} {message}", flag(option)),
         other => other.to_string(),
     };
-    text.split('\n')
-        .map(|line| safeshard::error::escape_controls(line).into_owned())
-        .collect::<Vec<_>>()
-        .join(if matches!(e, Error::SpecAt { .. } | Error::Spec(_)) {
-            "\n"
-        } else {
-            "\\n"
-        })
+    let keeps_context = matches!(
+        e,
+        Error::Spec(_) | Error::SpecAt { .. } | Error::Placement(_)
+    );
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push_str(if keeps_context && line.starts_with("    ") {
+                "\n"
+            } else {
+                "\\n"
+            });
+        }
+        out.push_str(&safeshard::error::escape_controls(line));
+    }
+    out
 }
 
 /// Folds clap's rendered error into one line: the message lines up to the first blank line

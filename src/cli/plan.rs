@@ -63,10 +63,13 @@ fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
     // Renaming over a device node or a directory would replace it (we may run as root).
     if let Ok(meta) = std::fs::metadata(path) {
         if !meta.is_file() {
-            return Err(Error::Usage(format!(
-                "--svg {}: exists and is not a regular file",
-                path.display()
-            )));
+            return Err(Error::invalid_argument(
+                "svg",
+                format!(
+                    "{}: exists and is not a regular file",
+                    safeshard::error::escaped_path(path)
+                ),
+            ));
         }
     }
     let mut tmp = tempfile::Builder::new()
