@@ -126,6 +126,13 @@ const CLAUSES: [&str; 5] = ["stage", "experts", "kind", "optional", "if"];
 const KINDS: [&str; 6] = ["attention", "mlp", "experts", "embedding", "norm", "other"];
 const BUILTINS: [&str; 4] = ["tp", "pp", "dp", "ep"];
 
+/// Longest spec line: far beyond any real spec (the deepest expression test uses 200,000
+/// characters), small enough that a hostile 8 MB line is refused before it is lexed.
+const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Longest name pattern: tensor names are at most a few hundred bytes.
+const MAX_PATTERN_BYTES: usize = 4096;
+
 /// Longest word (in characters) compared by "did you mean": no keyword or name we suggest is
 /// longer, and a hostile 8 MB word must not cost a quadratic table.
 const MAX_SUGGEST_CHARS: usize = 64;
@@ -267,6 +274,15 @@ pub(crate) fn parse(source: &str, origin: &str) -> Result<SpecDef> {
             line_no,
             line: raw,
         };
+        if raw.len() > MAX_LINE_BYTES {
+            return Err(ctx.err(
+                1,
+                format!(
+                    "line is {} bytes long; spec lines are at most {MAX_LINE_BYTES} bytes",
+                    raw.len()
+                ),
+            ));
+        }
         let code = strip_comment(raw);
         let trimmed = code.trim_start();
         if trimmed.trim().is_empty() {
@@ -292,6 +308,15 @@ pub(crate) fn parse(source: &str, origin: &str) -> Result<SpecDef> {
                 ),
             ));
         } else {
+            if word.len() > MAX_PATTERN_BYTES {
+                return Err(ctx.err(
+                    indent + 1,
+                    format!(
+                        "name pattern is {} bytes long; patterns are at most {MAX_PATTERN_BYTES} bytes",
+                        word.len()
+                    ),
+                ));
+            }
             let pattern =
                 Pattern::compile(word).map_err(|(off, msg)| ctx.err(indent + 1 + off, msg))?;
             let rule = rule(&ctx, word, pattern, rest, rest_col, kind)?;
