@@ -118,7 +118,7 @@ fn run(args: &[String]) -> Result<()> {
             match result {
                 Ok(l) => println!("{}", line(&l)),
                 // Every failure ends the whole job (MPI_Abort), never a hang.
-                Err(e) => world.abort(e.exit_code(), &e.to_string()),
+                Err(e) => world.abort(if e.is_usage() { 2 } else { 1 }, &e.to_string()),
             }
             drop(world);
             drop(universe);
@@ -134,6 +134,6 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = run(&args) {
         eprintln!("error: {e}");
-        std::process::exit(e.exit_code());
+        std::process::exit(if e.is_usage() { 2 } else { 1 });
     }
 }

@@ -100,7 +100,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 /// Opens, resolves and plans.
-pub fn prepare_plan(checkpoint: &PathBuf, flags: &PlanFlags) -> Result<(Prepared, Plan)> {
+pub fn prepare_plan(checkpoint: &std::path::Path, flags: &PlanFlags) -> Result<(Prepared, Plan)> {
     flags.job(checkpoint).map(super::common::split)
 }
 
