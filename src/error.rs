@@ -255,7 +255,7 @@ impl Error {
 ///
 /// `SAFESHARD_MAX_ALLOC` (bytes), read here and only here, lowers the limit so tests can
 /// exercise the failure without exhausting memory.
-pub fn try_alloc_zeroed(bytes: u64, what: &str, rank: Option<usize>) -> Result<Vec<u8>> {
+pub(crate) fn try_alloc_zeroed(bytes: u64, what: &str, rank: Option<usize>) -> Result<Vec<u8>> {
     let oom = || Error::OutOfMemory {
         bytes,
         what: what.to_string(),
