@@ -38,15 +38,25 @@ pub fn read_tensor(ckpt: &Checkpoint, info: &TensorInfo) -> Result<Vec<u8>> {
         &format!("verifying tensor {:?} of {}", info.name, fi.name),
         None,
     )?;
-    file.read_exact_at(&mut buf, info.offset).map_err(|e| {
-        Error::Load(format!(
-            "{}: tensor {:?}: cannot read {} bytes at offset {}: {e}",
-            fi.path.display(),
-            info.name,
-            info.bytes,
-            info.offset
-        ))
-    })?;
+    // Positioned reads until the buffer is full: end of file first is a short read naming
+    // how far it got (the file shrank since it was opened).
+    let mut got = 0usize;
+    while got < buf.len() {
+        let at = info.offset + got as u64;
+        match file.read_at(&mut buf[got..], at) {
+            Ok(0) => {
+                return Err(Error::ShortRead {
+                    file: fi.path.clone(),
+                    offset: info.offset,
+                    wanted: info.bytes,
+                    got: got as u64,
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(&fi.path, e)),
+        }
+    }
     Ok(buf)
 }
 

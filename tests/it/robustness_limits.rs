@@ -375,3 +375,36 @@ fn demo_keep_that_fails_midway_leaves_nothing_loadable() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// A file that shrinks between load and verification is a typed short read naming the file,
+/// the tensor's offset and how many bytes were there.
+#[test]
+fn verify_after_truncation_is_a_short_read() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let job = safeshard::Job::builder(dir.path()).open().unwrap();
+    let loaded = job
+        .load_rank(0, &safeshard::LoadOptions::default())
+        .unwrap();
+    let first = &job.ckpt.tensors[0];
+    let path = job.ckpt.files[first.file].path.clone();
+    let keep = 3u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(first.offset + keep)
+        .unwrap();
+    match job.verify(&loaded) {
+        Err(Error::ShortRead {
+            file,
+            offset,
+            wanted,
+            got,
+        }) => {
+            assert_eq!(file, path);
+            assert_eq!((offset, wanted, got), (first.offset, first.bytes, keep));
+        }
+        other => panic!("not a short read: {other:?}"),
+    }
+}
