@@ -242,6 +242,33 @@ impl Error {
         }
     }
 
+    /// The variant as a stable snake-case name (`io`, `invalid_file`, `spec`,
+    /// `file_changed`, `out_of_memory`, ...), for bindings that expose error kinds.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::InvalidFile { .. } => "invalid_file",
+            Error::InvalidTensor { .. } => "invalid_tensor",
+            Error::InvalidIndex { .. } => "invalid_index",
+            Error::NotACheckpoint { .. } => "not_a_checkpoint",
+            Error::Config(_) => "config",
+            Error::Spec(_) | Error::SpecAt { .. } => "spec",
+            Error::Placement(_) => "placement",
+            Error::Plan(_) => "plan",
+            Error::Load(_) => "load",
+            Error::Comm(_) => "comm",
+            Error::Usage(_) => "usage",
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::FileChanged { .. } => "file_changed",
+            Error::ShortRead { .. } => "short_read",
+            Error::Truncated { .. } => "truncated",
+            Error::VerifyMismatch { .. } => "verify_mismatch",
+            Error::OutOfMemory { .. } => "out_of_memory",
+            Error::Locked { .. } => "locked",
+            Error::RankFailed { .. } => "rank_failed",
+        }
+    }
+
     /// Whether the error is bad usage (an option or argument), as opposed to bad data or a
     /// failure of the system.
     pub fn is_usage(&self) -> bool {
