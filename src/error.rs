@@ -49,7 +49,7 @@ pub fn escape_controls(s: &str) -> Cow<'_, str> {
 }
 
 /// A path for messages: lossy UTF-8 with control characters escaped.
-pub fn escaped_path(p: &Path) -> String {
+pub(crate) fn escaped_path(p: &Path) -> String {
     escape_controls(&p.to_string_lossy()).into_owned()
 }
 

@@ -269,19 +269,9 @@ impl DirLock {
     }
 }
 
-/// Writes every rank of `plan` into `out` (created if needed). See the module docs for the
-/// guarantees.
-///
-/// ```no_run
-/// # fn main() -> safeshard::Result<()> {
-/// use safeshard::{Job, ReshardOptions, Topology};
-/// let job = Job::open("model-dir", Topology::new(2, 1, 1, 1)?, None, &[])?;
-/// let done = job.reshard("model-tp2", &ReshardOptions::default())?;
-/// println!("{} files, {} bytes", done.files, done.bytes);
-/// # Ok(())
-/// # }
-/// ```
-pub fn reshard(plan: &Plan, out: &Path, opts: &ReshardOptions) -> Result<ReshardSummary> {
+/// Writes every rank of `plan` into `out` (created if needed); [`crate::Job::reshard`] is
+/// the public entry. See the module docs for the guarantees.
+pub(crate) fn reshard(plan: &Plan, out: &Path, opts: &ReshardOptions) -> Result<ReshardSummary> {
     check_disjoint(plan, out)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let _lock = DirLock::acquire(out)?;

@@ -8,7 +8,7 @@ use safeshard::plan::Plan;
 use safeshard::{Error, Result};
 use serde::Serialize;
 
-use super::common::{human_bytes, PlanFlags};
+use super::common::{human_bytes, printable, PlanFlags};
 
 /// Arguments of `safeshard plan`.
 #[derive(clap::Args, Debug)]
@@ -67,7 +67,7 @@ fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
                 "svg",
                 format!(
                     "{}: exists and is not a regular file",
-                    safeshard::error::escaped_path(path)
+                    printable(&path.to_string_lossy())
                 ),
             ));
         }

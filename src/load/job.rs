@@ -184,7 +184,18 @@ impl Job {
     }
 
     /// Writes every rank's tensors to `out` as vLLM `sharded_state` files plus a manifest
-    /// (see [`crate::reshard`]).
+    /// (see [`crate::reshard`] for the guarantees: no overlap with the input, an exclusive
+    /// lock on `out`, atomic files, the manifest last).
+    ///
+    /// ```no_run
+    /// # fn main() -> safeshard::Result<()> {
+    /// use safeshard::{Job, ReshardOptions, Topology};
+    /// let job = Job::open("model-dir", Topology::new(2, 1, 1, 1)?, None, &[])?;
+    /// let done = job.reshard("model-tp2", &ReshardOptions::default())?;
+    /// println!("{} files, {} bytes", done.files, done.bytes);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn reshard(&self, out: impl AsRef<Path>, opts: &ReshardOptions) -> Result<ReshardSummary> {
         crate::reshard::reshard(&self.plan, out.as_ref(), opts)
     }
