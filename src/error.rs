@@ -127,16 +127,16 @@ pub enum Error {
     #[error("{0}")]
     Placement(String),
     /// A plan that cannot be built or does not match the files it was made for.
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     Plan(String),
     /// A failure while loading a rank's tensors.
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     Load(String),
     /// A failure of the communicator (launcher environment, MPI, NCCL).
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     Comm(String),
     /// Bad usage: invalid flags, topology or arguments (the binary exits with status 2).
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     Usage(String),
     /// An option (named by its field, e.g. `tp`, `out`, `rank`) with a value that cannot be
     /// used. Bad usage.

@@ -215,3 +215,40 @@ fn init_tracing(filter: &str) {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_printed_as_flags_and_decide_the_exit_code() {
+        let e = Error::invalid_argument("pp_layers", "has 3 entries but pp is 2");
+        assert_eq!(message(&e), "--pp-layers has 3 entries but pp is 2");
+        assert_eq!(exit_code(&e), 2);
+        assert_eq!(exit_code(&Error::Usage("x".into())), 2);
+        assert_eq!(exit_code(&Error::Load("x".into())), 1);
+        let oom = Error::OutOfMemory {
+            bytes: 9,
+            what: "tensor \"w\"".into(),
+            rank: Some(2),
+        };
+        assert_eq!(exit_code(&oom), 1);
+    }
+
+    #[test]
+    fn only_spec_context_lines_survive() {
+        let spec = Error::SpecAt {
+            file: "a\nb.shard".into(),
+            line: 1,
+            col: 3,
+            message: "bad".into(),
+            excerpt: "\n    x y\n      ^".into(),
+        };
+        assert_eq!(message(&spec), "a\\nb.shard:1:3: bad\n    x y\n      ^");
+        // A line break inside a name of any other error is escaped, never a second line.
+        let forged = Error::Comm("rank 1: a\nerror: forged \u{1b}[2J".into());
+        assert_eq!(message(&forged), "rank 1: a\\nerror: forged \\u{1b}[2J");
+        let inv = Error::invalid_argument("out", "x\ny");
+        assert_eq!(message(&inv), "--out x\\ny");
+    }
+}
