@@ -26,6 +26,7 @@
 mod arena;
 mod engine;
 mod job;
+mod sigbus;
 mod verify;
 
 use std::collections::HashMap;
@@ -46,10 +47,14 @@ use crate::{Error, Result};
 /// Which I/O engine reads the files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IoMode {
-    /// Memory-map the planned windows and copy from the page cache.
+    /// Contiguous runs with positioned reads straight into the arena (no file pages mapped,
+    /// several reads in flight), strided runs gathered from a mapping: the fastest measured
+    /// path warm and cold (`docs/performance.md`).
     #[default]
+    Auto,
+    /// Memory-map the planned windows and copy from the page cache.
     Mmap,
-    /// Positioned reads (`pread`), for network filesystems where mmap is slow.
+    /// Positioned reads (`pread`) only, for network filesystems where mmap is slow.
     Pread,
 }
 
@@ -58,10 +63,11 @@ impl std::str::FromStr for IoMode {
 
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(IoMode::Auto),
             "mmap" => Ok(IoMode::Mmap),
             "pread" => Ok(IoMode::Pread),
             other => Err(Error::Usage(format!(
-                "--io: unknown engine {other:?} (expected mmap or pread)"
+                "--io: unknown engine {other:?} (expected auto, mmap or pread)"
             ))),
         }
     }
@@ -373,7 +379,6 @@ pub fn load_rank_into(
             plan.ranks.len()
         ))
     })?;
-    engine::validate(&plan.files, &rp.copies, &rp.zeros, rp.arena_bytes)?;
     let open = engine::open_checked(&plan.files, &rp.copies)?;
     let mut arena = match arena {
         Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
@@ -381,42 +386,30 @@ pub fn load_rank_into(
     };
     let mut views = HashMap::new();
     let mut view_bytes = 0;
-    let (exec, mapped) = match opts.io {
-        IoMode::Mmap => {
-            let mapped = engine::Mapped::map(&plan.files, &open, &rp.copies)?;
-            let copies = if opts.views {
-                let cands = view_candidates(rp);
-                let mut cut: Vec<(u64, u64)> = Vec::with_capacity(cands.len());
-                for &(i, file, src) in &cands {
-                    if let Some(t) = rp.tensors.get(i) {
-                        cut.push((t.offset, t.offset + t.bytes));
-                        view_bytes += t.bytes;
-                        views.insert(i, ViewRef { file, src });
-                    }
-                }
-                cut.sort_unstable();
-                clip_runs(&rp.copies, &cut)
-            } else {
-                rp.copies.clone()
-            };
-            let mut exec = engine::run_mmap(
-                &plan.files,
-                &open,
-                &mapped,
-                &copies,
-                &rp.zeros,
-                &mut arena,
-                opts,
-            )?;
-            if opts.views {
-                exec.read_bytes = engine::touched_pages(&rp.copies);
+    // Views need a mapping of every contiguous tensor, whatever the engine.
+    let views_on = opts.views && opts.io != IoMode::Pread;
+    let (exec, mapped) = if views_on {
+        let all = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
+        let mapped = engine::Mapped::map(&plan.files, &open, all.copies(), |_| true)?;
+        let cands = view_candidates(rp);
+        let mut cut: Vec<(u64, u64)> = Vec::with_capacity(cands.len());
+        for &(i, file, src) in &cands {
+            if let Some(t) = rp.tensors.get(i) {
+                cut.push((t.offset, t.offset + t.bytes));
+                view_bytes += t.bytes;
+                views.insert(i, ViewRef { file, src });
             }
-            (exec, opts.views.then(|| Arc::new(mapped)))
         }
-        IoMode::Pread => (
-            engine::run_pread(&plan.files, &open, &rp.copies, &rp.zeros, &mut arena, opts)?,
-            None,
-        ),
+        cut.sort_unstable();
+        let copies = clip_runs(&rp.copies, &cut);
+        let runs = engine::validate(&plan.files, &copies, &rp.zeros, &mut arena)?;
+        let mut exec = engine::run(&runs, &open, Some(&mapped), opts)?;
+        exec.read_bytes = engine::touched_pages(&rp.copies);
+        (exec, Some(Arc::new(mapped)))
+    } else {
+        let runs = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
+        let mapped = engine::map_for(&runs, &open, opts)?;
+        (engine::run(&runs, &open, mapped.as_ref(), opts)?, None)
     };
     let by_name = rp
         .tensors
