@@ -107,10 +107,10 @@ fn write_part(path: &Path, tensors: &[TensorRef<'_>]) -> Result<u64> {
 
 /// Writes every rank's parts; `names` collects the file names written so far.
 fn write_parts(args: &Args, plan: &safeshard::plan::Plan, names: &mut Vec<String>) -> Result<u64> {
-    let opts = LoadOptions {
-        views: true,
-        ..LoadOptions::default()
-    };
+    // No views: writing a view hands the file mapping to write(2), which turns a shard
+    // truncated meanwhile into `Bad address` naming the output. Copies go through the
+    // engine, which names the input.
+    let opts = LoadOptions::default();
     let mut written = 0u64;
     for rank in 0..plan.ranks.len() {
         let loaded = load::load_rank(plan, rank, &opts)?;
