@@ -6,17 +6,20 @@
 //! 1. **File safety.** Every file the runs read is opened and its length, modification time,
 //!    device and inode compared with the plan's [`crate::checkpoint::FileIdentity`]; every run
 //!    must lie inside the file. A file truncated or replaced since planning is an
-//!    [`Error::Load`] naming it, never a `SIGBUS`. (A file truncated *while* it is being
-//!    loaded through mmap cannot be guarded against by any mmap reader; use `--io pread` on
-//!    storage where that can happen.)
+//!    [`Error::Load`] naming it, never a `SIGBUS`; so is a file truncated *while* it is
+//!    loaded (short reads name the file; mapped windows are guarded by a `SIGBUS` handler
+//!    that recovers faults inside them and fails the load naming the file).
 //! 2. **Validation.** Runs must lie inside the arena and never overlap there, which is what
-//!    makes the lock-free parallel copy sound.
-//! 3. **I/O.** [`IoMode::Mmap`] maps only the page-aligned windows the runs cover (nearby
-//!    windows merged), advises `WillNeed` on dense spans and `Random` on sparse strided ones,
-//!    and copies with rayon in tasks of about 8 MiB (strided runs row by row).
-//!    [`IoMode::Pread`] uses positioned reads, straight into the arena for contiguous runs
-//!    and through staging buffers (never more than [`LoadOptions::staging_budget`] bytes at
-//!    once) for strided ones; short reads are errors naming the file and offset.
+//!    makes the lock-free parallel copy sound; only the validation's token reaches the copy.
+//! 3. **I/O.** [`IoMode::Auto`] (the default) reads contiguous runs with positioned reads
+//!    straight into the arena (at least 8 workers taking tasks of about 8 MiB in file order,
+//!    so several reads are in flight and the fresh arena's page faults are paid during them)
+//!    and gathers strided runs from mapped windows, dropping their pages once copied.
+//!    [`IoMode::Mmap`] maps only the page-aligned windows the runs cover (nearby windows
+//!    merged), advises `WillNeed` on dense spans and exactly the touched pages of sparse
+//!    strided ones, and copies from the mapping. [`IoMode::Pread`] uses positioned reads,
+//!    straight into the arena for contiguous runs and through staging buffers (never more
+//!    than [`LoadOptions::staging_budget`] bytes at once) for strided ones.
 //! 4. **Views.** With [`LoadOptions::views`], a tensor whose bytes are one contiguous span of
 //!    a file is not copied: [`RankTensors`] hands out a slice of the mapping instead.
 //!
