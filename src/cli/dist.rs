@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value = "1GiB", value_parser = parse_round)]
     pub round: u64,
     /// I/O engine for the bytes a rank reads itself: `mmap` or `pread`.
-    #[arg(long, default_value = "mmap")]
+    #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Check every tensor against an independent slow path (whole tensor, sliced in memory).
     #[arg(long)]

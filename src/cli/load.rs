@@ -53,8 +53,9 @@ pub struct Args {
     /// (only safe while no one truncates or writes the checkpoint files).
     #[arg(long)]
     pub views: bool,
-    /// I/O engine: `mmap` or `pread`.
-    #[arg(long, default_value = "mmap")]
+    /// I/O engine: `auto` (positioned reads for contiguous runs, mapped gathers for strided
+    /// ones), `mmap` or `pread`.
+    #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Staging memory budget of the pread engine, e.g. `256MiB`.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
@@ -329,7 +330,7 @@ impl RankLine {
             "pp_rank": c.map(|c| c.pp_rank),
             "dp_rank": c.map(|c| c.dp_rank),
             "share": self.share.to_string(),
-            "io": match self.io { IoMode::Mmap => "mmap", IoMode::Pread => "pread" },
+            "io": match self.io { IoMode::Auto => "auto", IoMode::Mmap => "mmap", IoMode::Pread => "pread" },
             "tensors": self.tensors,
             "bytes": self.bytes,
             "read_bytes": self.read_bytes,
