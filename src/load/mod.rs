@@ -283,6 +283,29 @@ impl RankTensors {
     }
 }
 
+impl RankTensors {
+    /// The tensors of `rp` held in `arena` (laid out as `rp.tensors` says, no views): how a
+    /// distributed load ([`crate::dist`]) hands back the same type as a local one.
+    pub(crate) fn from_arena(rp: &RankPlan, arena: Arena, stats: LoadStats) -> RankTensors {
+        let by_name = rp
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        RankTensors {
+            coords: rp.coords,
+            tensors: rp.tensors.clone(),
+            by_name,
+            arena,
+            views: HashMap::new(),
+            mapped: None,
+            taken: vec![false; rp.tensors.len()],
+            stats,
+        }
+    }
+}
+
 /// Tensors that are one contiguous file span, as (tensor index, file, source offset).
 fn view_candidates(rp: &RankPlan) -> Vec<(usize, u32, u64)> {
     // Contiguous runs by arena start, to find the run covering each tensor.
