@@ -8,6 +8,7 @@ mod dist;
 mod inspect;
 mod load;
 mod plan;
+mod report;
 mod reshard;
 mod spec;
 

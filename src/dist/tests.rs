@@ -1,0 +1,1 @@
+//! The schedules checked without a communicator, on real plans of synthetic checkpoints.
