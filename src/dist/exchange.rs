@@ -287,3 +287,28 @@ pub(super) fn read_once(
     agree(world, result)?;
     Ok(read_total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_that_cannot_be_allocated_is_an_error_naming_rank_size_and_purpose() {
+        let mut v = vec![1u8; 16];
+        let huge = u64::MAX / 2;
+        let e = buffer(&mut v, huge, 3, "the read-once receive buffer").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("rank 3: cannot allocate {huge} bytes for the read-once receive buffer")
+        );
+        buffer(&mut v, 5, 3, "staging").unwrap();
+        assert_eq!(v, [0u8; 5]);
+    }
+
+    #[test]
+    fn count_digests_differ_when_counts_differ() {
+        assert_eq!(digest([1, 2, 3]), digest([1, 2, 3]));
+        assert_ne!(digest([1, 2, 3]), digest([1, 3, 2]));
+        assert_ne!(digest([0]), digest([0, 0]));
+    }
+}
