@@ -240,7 +240,8 @@ fn a_broken_file_on_one_rank_fails_every_rank_fast() {
 fn ranks_that_disagree_on_an_option_fail_with_one_message() {
     let dir = tempfile::tempdir().unwrap();
     let job = Job::open(write(dir.path(), 4), topo(2, 2, 1, None), None, &[]).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(usize) -> ShareOptions + Sync>, &str)> = vec![
+    type OptionsOf = Box<dyn Fn(usize) -> ShareOptions + Sync>;
+    let cases: Vec<(&str, OptionsOf, &str)> = vec![
         (
             "mode",
             Box::new(|r| {
@@ -436,7 +437,7 @@ fn a_sleeping_rank_is_named_in_a_sub_communicator_timeout() {
 #[test]
 fn a_peer_sending_another_count_is_named_and_nothing_is_overrun() {
     let out = run_threads(2, |c| {
-        let send = vec![7u8; 16];
+        let send = [7u8; 16];
         // Rank 1 sends 16 bytes to rank 0, which expects 8.
         let (send_counts, recv_counts) = if c.rank() == 1 {
             (vec![16, 0], vec![0, 0])
