@@ -324,7 +324,14 @@ fn small_rounds_and_bad_timeouts_are_usage_errors() {
     // The smallest round and a short timeout load and verify.
     let lines = run(
         dir.path(),
-        &["--share", "read-once", "--round", "64KiB", "--timeout", "30s"],
+        &[
+            "--share",
+            "read-once",
+            "--round",
+            "64KiB",
+            "--timeout",
+            "30s",
+        ],
     );
     assert_eq!(lines.len(), 4);
     assert!(lines.iter().all(|l| l["verified"] == l["tensors"]));
