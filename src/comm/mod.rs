@@ -78,9 +78,12 @@ pub trait Communicator {
         let mut bufs = Vec::with_capacity(send_counts.len());
         let mut off = 0usize;
         for &c in send_counts {
-            let part = send.get(off..off + c).ok_or_else(|| {
-                Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
-            })?;
+            let part = off
+                .checked_add(c)
+                .and_then(|end| send.get(off..end))
+                .ok_or_else(|| {
+                    Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
+                })?;
             bufs.push(part.to_vec());
             off += c;
         }
@@ -93,7 +96,8 @@ pub trait Communicator {
                     g.len()
                 )));
             }
-            recv.get_mut(off..off + c)
+            off.checked_add(c)
+                .and_then(|end| recv.get_mut(off..end))
                 .ok_or_else(|| Error::Comm("all_to_all_packed: receive buffer too small".into()))?
                 .copy_from_slice(g);
             off += c;

@@ -345,10 +345,22 @@ impl Communicator for MpiComm {
         let mut maxes = vec![0u64; n];
         self.comm.all_gather_into(&my_max, &mut maxes[..]);
         let rounds = maxes.iter().copied().max().unwrap_or(0).div_ceil(per_pair);
-        let mut recv: Vec<Vec<u8>> = recv_lens
-            .iter()
-            .map(|&l| Vec::with_capacity(l as usize))
-            .collect();
+        // Sized by what peers announce: allocated fallibly.
+        let mut recv: Vec<Vec<u8>> = Vec::with_capacity(n);
+        for (i, &l) in recv_lens.iter().enumerate() {
+            let mut v = Vec::new();
+            usize::try_from(l)
+                .ok()
+                .and_then(|l| v.try_reserve_exact(l).ok())
+                .ok_or_else(|| {
+                    Error::Comm(format!(
+                        "rank {}: cannot allocate {l} bytes to receive from rank {}",
+                        self.world_rank(self.rank()),
+                        self.world_rank(i)
+                    ))
+                })?;
+            recv.push(v);
+        }
         for k in 0..rounds {
             let lo = k * per_pair;
             let piece = |len: u64| len.saturating_sub(lo).min(per_pair) as usize;
