@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use safeshard::comm::{launch, Communicator};
-use safeshard::dist::{load_shared_with, ShareMode, ShareOptions};
+use safeshard::dist::{load_shared_with, ShareMode, ShareOptions, SharedPlan};
 use safeshard::load::{IoMode, Job, LoadOptions};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
@@ -98,7 +98,7 @@ fn parse(args: &[String]) -> Result<Run> {
 fn load(run: &Run, comm: &dyn Communicator) -> Result<String> {
     let dir = run.dir.replace("{rank}", &comm.rank().to_string());
     let job = Job::open(&dir, run.topo.clone(), None, &[])?;
-    let (tensors, traffic) = load_shared_with(&job.plan, None, comm, &run.opts)?;
+    let (tensors, traffic) = load_shared_with(&SharedPlan::new(&job.plan), comm, &run.opts)?;
     let s = *tensors.stats();
     let (arena, _) = tensors.into_parts();
     let digest: String = Sha256::digest(&arena[..])

@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use safeshard::comm::{self, agree, launch, Communicator};
-use safeshard::dist::{self, BroadcastSchedule, ShareMode, ShareOptions};
+use safeshard::dist::{self, ShareMode, ShareOptions, SharedPlan};
 use safeshard::load::{self, ArenaInit, IoMode, LoadOptions};
-use safeshard::plan::Plan;
 use safeshard::{Error, Result};
 
 use super::common::{PlanFlags, Prepared};
@@ -133,13 +132,13 @@ fn with_flag_names(e: Error) -> Error {
 fn rank_job(
     req: &Request<'_>,
     prep: &Prepared,
-    plan: &Plan,
-    schedule: Option<&BroadcastSchedule>,
+    shared: &SharedPlan<'_>,
     world: &dyn Communicator,
 ) -> Result<RankLine> {
     let opts = req.share_options();
+    let plan = shared.plan();
     let (tensors, traffic) =
-        dist::load_shared_with(plan, schedule, world, &opts).map_err(with_flag_names)?;
+        dist::load_shared_with(shared, world, &opts).map_err(with_flag_names)?;
     let verified = if req.verify {
         world.set_phase("verify");
         Some(agree(
@@ -190,13 +189,11 @@ pub fn run(req: &Request<'_>, launched: Option<launch::LaunchInfo>) -> Result<()
                     "{world} ranks are too many to run on threads in one process (at most {MAX_THREAD_WORLD}); start the job under mpirun, srun or torchrun"
                 )));
             }
-            // One process: plan once, and share the plan and the broadcast schedule between
-            // the rank threads (each used to plan the whole job itself).
+            // One process: plan once, and share the plan, its hash and the broadcast schedule
+            // between the rank threads (each used to plan the whole job itself).
             let (prep, plan) = prepare_plan(req.checkpoint, req.plan)?;
-            let schedule =
-                (req.share == ShareMode::Broadcast).then(|| BroadcastSchedule::new(&plan));
-            let results =
-                comm::run_threads(world, |c| rank_job(req, &prep, &plan, schedule.as_ref(), c));
+            let shared = SharedPlan::new(&plan);
+            let results = comm::run_threads(world, |c| rank_job(req, &prep, &shared, c));
             let lines = results.into_iter().collect::<Result<Vec<_>>>()?;
             print_lines(lines.iter().map(|l| l.render(req.json)))
         }
@@ -216,8 +213,8 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
             launch::check_world(world.size(), &plan.topology)?;
             Ok((prep, plan))
         });
-    let result =
-        agree(&world, prepared).and_then(|(prep, plan)| rank_job(req, &prep, &plan, None, &world));
+    let result = agree(&world, prepared)
+        .and_then(|(prep, plan)| rank_job(req, &prep, &SharedPlan::new(&plan), &world));
     match result {
         Ok(line) => print_lines([line.render(req.json)])?,
         // Every error of rank_job is known to every rank (each phase ends in an agreement,

@@ -40,6 +40,7 @@ mod segments;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
@@ -144,14 +145,17 @@ impl ShareOptions {
     }
 
     /// What every rank of a job must agree on, by field name: the safeshard version, the
-    /// world size, the plan's hash, the options that decide which collectives run or how data
-    /// is cut, and [`ShareOptions::agree_also`]. Options that do not matter for the mode
-    /// (`round_bytes` without read-once, ...) are left out, so they may differ.
+    /// world size, the options that decide which collectives run or how data is cut,
+    /// [`ShareOptions::agree_also`], and last the plan's hash. Options that do not matter for
+    /// the mode (`round_bytes` without read-once, ...) are left out, so they may differ.
     pub fn fingerprint(&self, plan: &Plan) -> Vec<(String, String)> {
-        let hash: String = plan.hash().iter().map(|b| format!("{b:02x}")).collect();
+        self.fingerprint_with_hash(plan.ranks.len(), &plan_hash(plan))
+    }
+
+    fn fingerprint_with_hash(&self, world: usize, hash: &str) -> Vec<(String, String)> {
         let mut f = vec![
             ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-            ("world size".to_string(), plan.ranks.len().to_string()),
+            ("world size".to_string(), world.to_string()),
             ("mode".to_string(), self.mode.to_string()),
         ];
         if self.mode == ShareMode::ReadOnce {
@@ -175,8 +179,51 @@ impl ShareOptions {
         }
         f.extend(self.agree_also.iter().cloned());
         // Last: a different plan usually follows from one of the above.
-        f.push(("plan".into(), hash));
+        f.push(("plan".into(), hash.to_string()));
         f
+    }
+}
+
+/// The plan's identity in a fingerprint: the first 16 hex digits of [`Plan::hash`] (enough to
+/// tell plans apart, short enough for a one-line message).
+fn plan_hash(plan: &Plan) -> String {
+    plan.hash()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What the ranks of one process can share instead of computing it each: the plan's hash
+/// and the broadcast schedule, each computed once, by the first rank that needs it.
+pub struct SharedPlan<'a> {
+    plan: &'a Plan,
+    hash: OnceLock<String>,
+    broadcast: OnceLock<BroadcastSchedule>,
+}
+
+impl<'a> SharedPlan<'a> {
+    /// Wraps `plan`; nothing is computed yet.
+    pub fn new(plan: &'a Plan) -> SharedPlan<'a> {
+        SharedPlan {
+            plan,
+            hash: OnceLock::new(),
+            broadcast: OnceLock::new(),
+        }
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &'a Plan {
+        self.plan
+    }
+
+    fn hash(&self) -> &str {
+        self.hash.get_or_init(|| plan_hash(self.plan))
+    }
+
+    fn broadcast(&self) -> &BroadcastSchedule {
+        self.broadcast
+            .get_or_init(|| BroadcastSchedule::new(self.plan))
     }
 }
 
@@ -216,23 +263,23 @@ pub fn load_shared(
     world: &dyn Communicator,
     opts: &ShareOptions,
 ) -> Result<RankTensors> {
-    load_shared_with(plan, None, world, opts).map(|(t, _)| t)
+    load_shared_with(&SharedPlan::new(plan), world, opts).map(|(t, _)| t)
 }
 
-/// [`load_shared`] with the bytes moved, and optionally a broadcast schedule computed once
-/// per process ([`BroadcastSchedule::new`]) and shared by the rank threads of that process
-/// (each would otherwise compute the whole job's schedule itself).
+/// [`load_shared`] with the bytes moved, on a [`SharedPlan`]: rank threads of one process
+/// pass the same one, so the plan's hash and the broadcast schedule (whole-job work) are
+/// computed once per process, not once per rank.
 pub fn load_shared_with(
-    plan: &Plan,
-    schedule: Option<&BroadcastSchedule>,
+    shared: &SharedPlan<'_>,
     world: &dyn Communicator,
     opts: &ShareOptions,
 ) -> Result<(RankTensors, Traffic)> {
     let start = Instant::now();
+    let plan = shared.plan();
     let me = world.rank();
     world.set_timeout(opts.timeout);
     world.set_phase("job fingerprint");
-    let fields = opts.fingerprint(plan);
+    let fields = opts.fingerprint_with_hash(plan.ranks.len(), shared.hash());
     let fields: Vec<(&str, String)> = fields
         .iter()
         .map(|(k, v)| (k.as_str(), v.clone()))
@@ -275,14 +322,8 @@ pub fn load_shared_with(
             agree(world, r)?
         }
         ShareMode::Broadcast => {
-            let own;
-            let schedule = match schedule {
-                Some(s) => s,
-                None => {
-                    own = BroadcastSchedule::new(plan);
-                    &own
-                }
-            };
+            world.set_phase("broadcast: schedule");
+            let schedule = shared.broadcast();
             exchange::broadcast(plan, schedule, world, opts, &mut arena, &mut traffic)?
         }
         ShareMode::ReadOnce => exchange::read_once(plan, world, opts, &mut arena, &mut traffic)?,

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use safeshard::comm::{run_threads, Communicator};
-use safeshard::dist::{load_shared, load_shared_with, ShareMode, ShareOptions, Traffic};
+use safeshard::dist::{
+    load_shared, load_shared_with, ShareMode, ShareOptions, SharedPlan, Traffic,
+};
 use safeshard::load::{IoMode, Job, LoadOptions, RankTensors};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
@@ -100,7 +102,7 @@ fn run_mode(
             node: Some(node(c.rank())),
             ..o.clone()
         };
-        load_shared_with(&job.plan, None, c, &o)
+        load_shared_with(&SharedPlan::new(&job.plan), c, &o)
     })
     .into_iter()
     .map(|r| r.unwrap())
