@@ -70,7 +70,7 @@ impl FromStr for ShareMode {
             "broadcast" => Ok(ShareMode::Broadcast),
             "read-once" => Ok(ShareMode::ReadOnce),
             _ => Err(Error::Usage(format!(
-                "--share {s:?}: expected none, broadcast or read-once"
+                "share mode {s:?}: expected none, broadcast or read-once"
             ))),
         }
     }
