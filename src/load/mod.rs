@@ -29,7 +29,6 @@
 
 mod arena;
 mod engine;
-mod job;
 mod sigbus;
 mod verify;
 
@@ -39,7 +38,6 @@ use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats};
-pub use job::{Job, JobBuilder};
 pub use verify::{layout_for, read_tensor, slice_layout};
 
 use crate::checkpoint::{Checkpoint, Dtype};
@@ -60,6 +58,23 @@ pub enum IoMode {
     Mmap,
     /// Positioned reads (`pread`) only, for network filesystems where mmap is slow.
     Pread,
+}
+
+impl IoMode {
+    /// The name `FromStr` accepts: `auto`, `mmap` or `pread`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::Auto => "auto",
+            IoMode::Mmap => "mmap",
+            IoMode::Pread => "pread",
+        }
+    }
+}
+
+impl std::fmt::Display for IoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for IoMode {
@@ -292,6 +307,29 @@ impl RankTensors {
     pub fn into_parts(mut self) -> (Arena, Vec<TensorPlan>) {
         self.materialize();
         (self.arena, self.tensors)
+    }
+}
+
+impl RankTensors {
+    /// The tensors of `rp` held in `arena` (laid out as `rp.tensors` says, no views): how a
+    /// distributed load ([`crate::dist`]) hands back the same type as a local one.
+    pub(crate) fn from_arena(rp: &RankPlan, arena: Arena, stats: LoadStats) -> RankTensors {
+        let by_name = rp
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        RankTensors {
+            coords: rp.coords,
+            tensors: rp.tensors.clone(),
+            by_name,
+            arena,
+            views: HashMap::new(),
+            mapped: None,
+            taken: vec![false; rp.tensors.len()],
+            stats,
+        }
     }
 }
 
