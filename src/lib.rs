@@ -36,15 +36,19 @@
 //!    resolves them, for a [`Topology`], into per-rank [`sharding::Layout`]s.
 //! 3. [`plan`] is the coordinator: it turns layouts into exact byte-range copy runs per rank.
 //! 4. [`load`] is the rank engine: it maps only the planned windows and copies them in parallel.
-//! 5. [`comm`] moves shared tensors between ranks (threads, MPI, NCCL).
-//! 6. [`reshard`] writes a planned job back out as per-rank safetensors files.
+//! 5. [`comm`] is transport: communicators (threads, MPI, NCCL), launchers, agreement.
+//! 6. [`dist`] loads a job's ranks together: share modes that read shared bytes once and move
+//!    them over a communicator, returning the same [`load::RankTensors`] as a local load.
+//! 7. [`reshard`] writes a planned job back out as per-rank safetensors files.
 //!
 //! [`synth`] writes synthetic Hugging Face-layout checkpoints for tests, demos and benchmarks.
 #![deny(missing_docs)]
 
 pub mod checkpoint;
 pub mod comm;
+pub mod dist;
 pub mod error;
+mod job;
 pub mod load;
 pub mod plan;
 pub mod reshard;
@@ -53,9 +57,9 @@ pub mod synth;
 pub mod topology;
 
 pub use checkpoint::{Checkpoint, Dtype};
+pub use dist::{ShareMode, ShareOptions};
 pub use error::{Error, Result};
-pub use load::{
-    IoMode, Job, JobBuilder, LoadOptions, LoadStats, OwnedTensor, RankTensors, TensorRef,
-};
+pub use job::{Job, JobBuilder};
+pub use load::{IoMode, LoadOptions, LoadStats, OwnedTensor, RankTensors, TensorRef};
 pub use reshard::{ReshardOptions, ReshardSummary};
 pub use topology::{Coords, Topology};

@@ -3,10 +3,10 @@
 use std::time::Instant;
 
 use safeshard::checkpoint::Dtype;
-use safeshard::load::{Job, LoadOptions};
 use safeshard::synth::{self, Arch, SynthOptions};
 use safeshard::topology::Topology;
 use safeshard::{Error, Result};
+use safeshard::{Job, LoadOptions};
 
 use super::common::{human_bytes, printable};
 use super::load::{human_line, load_one, load_ranks};

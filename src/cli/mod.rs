@@ -9,6 +9,7 @@ mod dist;
 mod inspect;
 mod load;
 mod plan;
+mod report;
 mod reshard;
 mod spec;
 

@@ -178,6 +178,7 @@ fn both_engines_match_the_naive_copy() {
     let rp = &plan.ranks[0];
     let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
     for (io, pread_contiguous) in [
+        (IoMode::Auto, false),
         (IoMode::Mmap, false),
         (IoMode::Mmap, true),
         (IoMode::Pread, false),
@@ -204,7 +205,7 @@ fn execute_on_a_sub_list_of_runs() {
     let rp = &plan.ranks[0];
     let sub = &rp.copies[1..3];
     let want = naive(&data, sub, &[], rp.bytes as usize);
-    for io in [IoMode::Mmap, IoMode::Pread] {
+    for io in [IoMode::Auto, IoMode::Mmap, IoMode::Pread] {
         let mut arena = vec![0xAAu8; rp.bytes as usize];
         let opts = LoadOptions {
             io,
@@ -328,7 +329,7 @@ fn truncated_or_replaced_files_are_clean_errors() {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.set_len(1 << 20).unwrap();
     drop(f);
-    for io in [IoMode::Mmap, IoMode::Pread] {
+    for io in [IoMode::Auto, IoMode::Mmap, IoMode::Pread] {
         let e = load_err(&plan, io);
         assert!(
             e.contains("b.safetensors") && e.contains("truncated"),
@@ -503,7 +504,7 @@ mod props {
                 }
             }
             let want = naive(&[data], &copies, &zeros, cursor as usize);
-            for (io, pread_contiguous) in [(IoMode::Mmap, false), (IoMode::Mmap, true), (IoMode::Pread, false)] {
+            for (io, pread_contiguous) in [(IoMode::Auto, false), (IoMode::Mmap, false), (IoMode::Mmap, true), (IoMode::Pread, false)] {
                 let mut arena = vec![0xAAu8; cursor as usize];
                 let opts = LoadOptions { io, pread_contiguous, staging_budget: budget, ..LoadOptions::default() };
                 let st = execute(&files, &copies, &zeros, &mut arena, &opts).unwrap();

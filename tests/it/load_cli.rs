@@ -5,9 +5,10 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use safeshard::load::{IoMode, Job, LoadOptions};
+use safeshard::load::{IoMode, LoadOptions};
 use safeshard::synth::SynthOptions;
 use safeshard::topology::Topology;
+use safeshard::Job;
 
 fn load(dir: &Path, args: &[&str]) -> std::process::Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_safeshard"));

@@ -1,9 +1,12 @@
-//! A whole loading job for library users: checkpoint, spec, topology, resolution and plan.
+//! The entry point: a whole job (checkpoint, spec, topology, resolution and plan), above
+//! every layer it drives (load, dist, reshard).
 
 use std::path::{Path, PathBuf};
 
-use super::{load_rank, load_rank_views, verify_rank, LoadOptions, RankTensors};
 use crate::checkpoint::Checkpoint;
+use crate::comm::Communicator;
+use crate::dist::{self, ShareOptions};
+use crate::load::{load_rank, load_rank_views, verify_rank, LoadOptions, RankTensors};
 use crate::plan::{self, Plan};
 use crate::reshard::{ReshardOptions, ReshardSummary};
 use crate::sharding::{self, Config, Resolution, Spec};
@@ -153,6 +156,33 @@ impl Job {
     /// Loads one rank into memory it owns (see [`crate::load::load_rank`]).
     pub fn load_rank(&self, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
         load_rank(&self.plan, rank, opts)
+    }
+
+    /// Loads this communicator rank's tensors together with the other ranks of `world`, under
+    /// a share mode (see [`crate::dist::load_shared`]): the same [`RankTensors`] as
+    /// [`Job::load_rank`] for rank `world.rank()`, with shared bytes read once.
+    ///
+    /// ```
+    /// # fn main() -> safeshard::Result<()> {
+    /// use safeshard::comm::run_threads;
+    /// use safeshard::{Job, ShareMode, ShareOptions, Topology};
+    /// # let dir = tempfile::tempdir().map_err(|e| safeshard::Error::io("tmp", e))?;
+    /// # safeshard::synth::write_checkpoint(dir.path(), &safeshard::synth::SynthOptions::preset("llama-tiny")?)?;
+    /// let job = Job::builder(dir.path()).topology(Topology::new(2, 1, 2, 1)?).open()?;
+    /// let opts = ShareOptions { mode: ShareMode::Broadcast, ..ShareOptions::default() };
+    /// for rank in run_threads(job.world(), |comm| job.load_shared(comm, &opts)) {
+    ///     let rank = rank?;
+    ///     assert_eq!(job.verify(&rank)?, rank.len());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn load_shared(
+        &self,
+        world: &dyn Communicator,
+        opts: &ShareOptions,
+    ) -> Result<RankTensors> {
+        dist::load_shared(&self.plan, world, opts)
     }
 
     /// Loads one rank with zero-copy views of the file mapping where
