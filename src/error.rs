@@ -148,15 +148,12 @@ pub enum Error {
         message: String,
     },
     /// A file whose length, modification time or identity changed since it was planned.
-    #[error(
-        "{}: {what} changed since the plan was made; plan again",
-        escaped_path(file)
-    )]
+    #[error("{}: {change}", escaped_path(file))]
     FileChanged {
         /// The file.
         file: PathBuf,
-        /// What changed, e.g. `length 100 → 80`.
-        what: String,
+        /// What changed.
+        change: FileChange,
     },
     /// A positioned read that returned fewer bytes than planned.
     #[error(
@@ -173,11 +170,14 @@ pub enum Error {
         /// Bytes returned before end of file.
         got: u64,
     },
-    /// A file that was truncated while it was being loaded.
-    #[error("{}: file truncated during load", escaped_path(file))]
+    /// A file that was truncated while it was being loaded (a short read, or a recovered
+    /// fault in a mapped window).
+    #[error("{}: file truncated during load ({detail})", escaped_path(file))]
     Truncated {
         /// The file.
         file: PathBuf,
+        /// Where it was noticed, e.g. `short read at offset 4096: file ended 12 bytes early`.
+        detail: String,
     },
     /// A loaded tensor that differs from the independent slow path.
     #[error(
@@ -223,6 +223,36 @@ pub enum Error {
         /// Its error message.
         message: String,
     },
+}
+
+/// How a file differs from the one that was planned ([`Error::FileChanged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileChange {
+    /// Its length differs.
+    Length {
+        /// Length now.
+        now: u64,
+        /// Length at planning time.
+        planned: u64,
+    },
+    /// Same length, but another modification time, device or inode: rewritten or replaced.
+    Replaced,
+}
+
+impl fmt::Display for FileChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            FileChange::Length { now, planned } => write!(
+                f,
+                "file {} since planning: {now} bytes, plan expects {planned}",
+                if now < planned { "truncated" } else { "grown" }
+            ),
+            FileChange::Replaced => f.write_str(
+                "file replaced or modified since planning (modification time or inode changed); \
+                 plan again",
+            ),
+        }
+    }
 }
 
 impl Error {
@@ -327,6 +357,29 @@ mod tests {
         );
         let e = Error::io("/tmp/a\nerror: forged", std::io::Error::other("boom"));
         assert_eq!(e.to_string(), "/tmp/a\\nerror: forged: boom");
+    }
+
+    #[test]
+    fn file_changes_read_as_before() {
+        let e = Error::FileChanged {
+            file: "/m/a.safetensors".into(),
+            change: FileChange::Length {
+                now: 80,
+                planned: 100,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "/m/a.safetensors: file truncated since planning: 80 bytes, plan expects 100"
+        );
+        let e = Error::Truncated {
+            file: "/m/a.safetensors".into(),
+            detail: "short read at offset 8".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "/m/a.safetensors: file truncated during load (short read at offset 8)"
+        );
     }
 
     #[test]
