@@ -38,7 +38,8 @@ use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats};
-pub use verify::{layout_for, read_tensor, slice_layout};
+pub use verify::read_tensor;
+pub(crate) use verify::{layout_for, slice_layout};
 
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::plan::{CopyRun, Plan, RankPlan, TensorPlan};
