@@ -24,7 +24,7 @@
 //!    whose bytes are one contiguous span of a file is not copied: [`RankTensors`] hands out a
 //!    slice of the mapping instead, valid only while no one truncates or writes the file.
 //!
-//! [`Job`] bundles the steps before that (open, spec, resolve, plan) for library users, and
+//! [`crate::Job`] bundles the steps before that (open, spec, resolve, plan) for library users, and
 //! [`verify_rank`] checks loaded tensors against an independent slow path.
 
 mod arena;
