@@ -587,7 +587,11 @@ pub(crate) fn run_mmap(
         }
         Ok(())
     };
-    in_pool(opts, || tasks.par_iter().try_for_each(work))?;
+    in_pool(opts, || {
+        tasks
+            .par_iter()
+            .try_for_each(|t| super::controlled(opts, t.len * t.count, || work(t)))
+    })?;
     Ok(ExecStats {
         read_bytes: touched_pages(copies),
         peak_staging: 0,
@@ -738,7 +742,11 @@ pub(crate) fn run_pread(
         }
         Ok(())
     };
-    in_pool(opts, || tasks.par_iter().try_for_each(work))?;
+    in_pool(opts, || {
+        tasks
+            .par_iter()
+            .try_for_each(|t| super::controlled(opts, t.len * t.count, || work(t)))
+    })?;
     Ok(ExecStats {
         read_bytes: read.load(Ordering::Relaxed),
         peak_staging: budget.peak.load(Ordering::Relaxed),
