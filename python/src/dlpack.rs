@@ -8,6 +8,7 @@
 //! GIL on any thread.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyBufferError;
@@ -38,9 +39,24 @@ unsafe impl Send for Owner {}
 // SAFETY: as above; shared access only reads (see `bytes`).
 unsafe impl Sync for Owner {}
 
+/// Arenas alive in this process (tests check that dropping every view frees them).
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Number of rank arenas alive in this process.
+pub(crate) fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Owner {
     pub(crate) fn from_arena(mut arena: Arena) -> Arc<Owner> {
         let (ptr, len) = (arena.as_mut_ptr(), arena.len());
+        LIVE.fetch_add(1, Ordering::Relaxed);
         Arc::new(Owner {
             _storage: Storage::Arena(arena),
             ptr,
@@ -50,6 +66,7 @@ impl Owner {
 
     pub(crate) fn from_vec(mut v: Vec<u8>) -> Arc<Owner> {
         let (ptr, len) = (v.as_mut_ptr(), v.len());
+        LIVE.fetch_add(1, Ordering::Relaxed);
         Arc::new(Owner {
             _storage: Storage::Vec(v),
             ptr,

@@ -533,6 +533,12 @@ fn synth(
     .map_err(|e| to_py(py, e))
 }
 
+/// Rank arenas alive in this process (each freed when its last view is gone).
+#[pyfunction]
+fn live_arenas() -> usize {
+    dlpack::live()
+}
+
 /// The names [`synth`] accepts.
 #[pyfunction]
 fn synth_presets() -> Vec<&'static str> {
@@ -554,6 +560,7 @@ fn _safeshard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(synth, m)?)?;
     m.add_function(wrap_pyfunction!(synth_presets, m)?)?;
+    m.add_function(wrap_pyfunction!(live_arenas, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
