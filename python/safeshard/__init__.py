@@ -174,6 +174,48 @@ class Plan:
             close()
         return Rank(native)
 
+    def load_shared(
+        self,
+        *,
+        share: str = "broadcast",
+        process_group: Any = None,
+        io: str = "mmap",
+        threads: int | None = None,
+        per_node: bool = False,
+        round_bytes: int = 1 << 30,
+        progress: bool | None = None,
+    ) -> Rank:
+        """Loads this process's rank of the job with reads shared between ranks, over
+        ``torch.distributed`` (collective: every rank of ``process_group``, default the world
+        group, calls it with an equal plan; its size must be the plan's world size).
+
+        ``share``: ``"none"``, ``"broadcast"`` (a tensor several ranks hold is read by one
+        and broadcast in a sub-group of exactly its holders) or ``"read-once"`` (every byte
+        read once per job, or per node with ``per_node``, in rounds of ``round_bytes``, and
+        exchanged with all-to-all). Sub-groups come from ``dist.new_group``, created by all
+        ranks in the same order. A rank that fails makes every rank raise, naming it.
+        """
+        if share not in ("none", "broadcast", "read-once"):
+            raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
+        from ._dist import TorchComm
+
+        comm = TorchComm(process_group)
+        want = progress if progress is not None else (comm.rank() == 0 and sys.stderr.isatty())
+        cb, close = _progress(self, comm.rank(), want)
+        try:
+            native = self._native.load_shared(
+                comm,
+                share=share,
+                io=io,
+                threads=threads,
+                per_node=per_node,
+                round_bytes=round_bytes,
+                progress=cb,
+            )
+        finally:
+            close()
+        return Rank(native)
+
     def __repr__(self) -> str:
         return (
             f"Plan(world_size={self.world_size}, tp={self.tp}, pp={self.pp}, dp={self.dp}, "
@@ -490,23 +532,14 @@ def load(
     p = plan(path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers)
     if share not in ("none", "broadcast", "read-once"):
         raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
-    distributed = share != "none"
-    if distributed:
-        from ._dist import TorchComm
-
-        comm = TorchComm(process_group)
-        if rank is not None and rank != comm.rank():
+    if share != "none":
+        loaded = p.load_shared(
+            share=share, process_group=process_group, io=io, threads=threads, progress=progress
+        )
+        if rank is not None and rank != loaded.rank:
             raise _error(
-                "usage",
-                f"rank={rank} but this process is rank {comm.rank()} of its process group",
+                "usage", f"rank={rank} but this process is rank {loaded.rank} of its process group"
             )
-        want = progress if progress is not None else (comm.rank() == 0 and sys.stderr.isatty())
-        cb, close = _progress(p, comm.rank(), want)
-        try:
-            native = p._native.load_shared(comm, share=share, io=io, threads=threads, progress=cb)
-        finally:
-            close()
-        loaded = Rank(native)
     else:
         r = _default_rank(p.world_size, process_group) if rank is None else rank
         loaded = p.load(r, io=io, threads=threads, progress=progress)
