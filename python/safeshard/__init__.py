@@ -230,7 +230,7 @@ def _progress(
     if want is False or (want is None and (rank != 0 or not sys.stderr.isatty())):
         return None, lambda: None
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]
     except ImportError:
         return None, lambda: None
     try:
@@ -311,7 +311,7 @@ class Rank:
             n: (dt, tuple(s), b, off) for n, dt, s, b, off in native.tensors()
         }
         self._torch_base: Any = None
-        self._numpy_base: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+        self._numpy_base: np.ndarray[Any, Any] | None = None
 
     @property
     def rank(self) -> int:
@@ -350,10 +350,11 @@ class Rank:
 
     def _torch_cpu_base(self) -> torch.Tensor:
         if self._torch_base is None:
-            import torch
+            from torch.utils.dlpack import from_dlpack
 
-            self._torch_base = torch.from_dlpack(self._arena)
-        return self._torch_base
+            self._torch_base = from_dlpack(self._arena)
+        base: torch.Tensor = self._torch_base
+        return base
 
     def _torch_view(self, base: torch.Tensor, name: str) -> torch.Tensor:
         dt, shape, nbytes, off = self._table[name]
@@ -383,10 +384,11 @@ class Rank:
 
     # numpy
 
-    def _np_base(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        if self._numpy_base is None:
-            self._numpy_base = np.from_dlpack(self._arena)
-        return self._numpy_base
+    def _np_base(self) -> np.ndarray[Any, Any]:
+        base = self._numpy_base
+        if base is None:
+            base = self._numpy_base = np.from_dlpack(self._arena)
+        return base
 
     def _numpy_view(self, name: str) -> np.ndarray[Any, Any]:
         dt, shape, nbytes, off = self._table[name]
@@ -449,7 +451,7 @@ def _to_device(base: torch.Tensor, dev: torch.device, non_blocking: bool) -> tor
         stream = torch.cuda.current_stream(dev)
         size = min(_STAGE_BYTES, n)
         stages = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        done = [torch.cuda.Event(), torch.cuda.Event()]
+        done = [torch.cuda.Event() for _ in range(2)]  # type: ignore[no-untyped-call, unused-ignore]
         used = [False, False]
         for i, start in enumerate(range(0, n, size)):
             k = i % 2
