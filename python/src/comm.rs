@@ -25,11 +25,7 @@ pub(crate) struct PyComm {
 
 fn comm_err(what: &str, e: PyErr) -> Error {
     Python::attach(|py| {
-        let msg = e
-            .value(py)
-            .str()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
+        let msg = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
         Error::Comm(format!(
             "torch.distributed {what}: {}: {}",
             e.get_type(py)
@@ -42,7 +38,12 @@ fn comm_err(what: &str, e: PyErr) -> Error {
 }
 
 /// A memoryview over Rust memory, valid only until [`release`] is called on it.
-fn view<'py>(py: Python<'py>, ptr: *mut u8, len: usize, writable: bool) -> PyResult<Bound<'py, PyAny>> {
+fn view<'py>(
+    py: Python<'py>,
+    ptr: *mut u8,
+    len: usize,
+    writable: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     let len = isize::try_from(len)
         .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("buffer too large"))?;
     // CPython's PyBUF_WRITE / PyBUF_READ (memoryobject.h), not exported by pyo3-ffi.
@@ -66,7 +67,11 @@ impl PyComm {
         Ok(PyComm { obj, rank, size })
     }
 
-    fn call<T>(&self, what: &str, f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>) -> PyResult<T>) -> Result<T> {
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>) -> PyResult<T>,
+    ) -> Result<T> {
         Python::attach(|py| f(py, self.obj.bind(py))).map_err(|e| comm_err(what, e))
     }
 }
@@ -177,6 +182,8 @@ impl Communicator for PyComm {
     }
 
     fn abort(&self, code: i32, msg: &str) {
-        let _ = self.call("abort", |_, o| o.call_method1("abort", (code, msg)).map(|_| ()));
+        let _ = self.call("abort", |_, o| {
+            o.call_method1("abort", (code, msg)).map(|_| ())
+        });
     }
 }

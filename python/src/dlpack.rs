@@ -232,11 +232,7 @@ impl NativeArena {
         }
         // SAFETY: the capsule takes ownership of raw; its destructor frees it if unconsumed.
         let cap = unsafe {
-            ffi::PyCapsule_New(
-                raw.cast(),
-                CAPSULE_NAME.as_ptr(),
-                Some(capsule_destructor),
-            )
+            ffi::PyCapsule_New(raw.cast(), CAPSULE_NAME.as_ptr(), Some(capsule_destructor))
         };
         if cap.is_null() {
             // SAFETY: the capsule was not made, so we still own raw.

@@ -208,9 +208,7 @@ fn run_interruptible<T: Send>(
                 });
             let worker = match worker {
                 Ok(w) => w,
-                Err(e) => {
-                    return Err(Error::Load(format!("cannot start the loader thread: {e}")))
-                }
+                Err(e) => return Err(Error::Load(format!("cannot start the loader thread: {e}"))),
             };
             loop {
                 match rx.recv_timeout(Duration::from_millis(50)) {
@@ -345,9 +343,7 @@ impl NativePlan {
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
-        let loaded = run_interruptible(py, &control, progress, move || {
-            job.load_rank(rank, &opts)
-        })?;
+        let loaded = run_interruptible(py, &control, progress, move || job.load_rank(rank, &opts))?;
         let stats = *loaded.stats();
         let (arena, tensors) = loaded.into_parts();
         Ok(NativeRank {

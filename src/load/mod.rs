@@ -121,7 +121,11 @@ impl LoadControl {
 
 /// Runs one copy task of `bytes` arena bytes under `opts.control`: refused once cancelled,
 /// counted when done.
-pub(crate) fn controlled(opts: &LoadOptions, bytes: u64, task: impl FnOnce() -> Result<()>) -> Result<()> {
+pub(crate) fn controlled(
+    opts: &LoadOptions,
+    bytes: u64,
+    task: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let Some(c) = &opts.control else {
         return task();
     };
