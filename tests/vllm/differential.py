@@ -97,6 +97,9 @@ def run(cmd: list[str], timeout: int, **kw) -> subprocess.CompletedProcess:
 
 
 def binary(name: str, example: bool = False) -> Path:
+    # A copy of the binary (SAFESHARD_BIN) keeps a long run independent of rebuilds.
+    if not example and os.environ.get("SAFESHARD_BIN"):
+        return Path(os.environ["SAFESHARD_BIN"])
     sub = TARGET / "debug" / ("examples" if example else "")
     path = sub / name
     if not path.exists():
