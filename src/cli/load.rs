@@ -334,6 +334,7 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
         arena: args.arena,
         threads: None,
         pread_contiguous: false,
+        control: None,
     };
     let progress = std::io::stderr().is_terminal().then(|| {
         let p = indicatif::ProgressBar::new(ranks.len() as u64);

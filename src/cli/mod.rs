@@ -47,7 +47,17 @@ enum Command {
 
 /// Runs the CLI and returns the process exit status.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    main_from(std::env::args_os())
+}
+
+/// Runs the CLI on `args` (the program name first) and returns the exit status; the Python
+/// package's console script calls this with its own `sys.argv`.
+pub fn main_from<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             // clap prints help/version to stdout (exit 0); usage errors (exit 2) get our

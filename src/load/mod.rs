@@ -33,6 +33,7 @@ mod sigbus;
 mod verify;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -115,6 +116,53 @@ pub struct LoadOptions {
     /// Mmap engine: read contiguous runs with `pread` straight into the arena and use the
     /// mapping only for strided gathers (and views).
     pub pread_contiguous: bool,
+    /// Cancellation and progress shared with the caller (the Python binding's Ctrl-C and
+    /// progress bar); `None`: neither.
+    pub control: Option<Arc<LoadControl>>,
+}
+
+/// Shared between a running load and whoever watches it: [`LoadControl::cancel`] stops the
+/// load between copy tasks (about 8 MiB each) with an [`Error::Load`], and
+/// [`LoadControl::done_bytes`] counts the arena bytes filled so far.
+#[derive(Debug, Default)]
+pub struct LoadControl {
+    cancelled: AtomicBool,
+    done: AtomicU64,
+}
+
+impl LoadControl {
+    /// Asks the load to stop at its next task.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`LoadControl::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Arena bytes filled so far.
+    pub fn done_bytes(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs one copy task of `bytes` arena bytes under `opts.control`: refused once cancelled,
+/// counted when done.
+pub(crate) fn controlled(
+    opts: &LoadOptions,
+    bytes: u64,
+    task: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let Some(c) = &opts.control else {
+        return task();
+    };
+    if c.is_cancelled() {
+        return Err(Error::Load("load cancelled".into()));
+    }
+    task()?;
+    c.done.fetch_add(bytes, Ordering::Relaxed);
+    Ok(())
 }
 
 impl Default for LoadOptions {
@@ -126,6 +174,7 @@ impl Default for LoadOptions {
             arena: ArenaInit::default(),
             threads: None,
             pread_contiguous: false,
+            control: None,
         }
     }
 }
