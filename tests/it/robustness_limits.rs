@@ -258,16 +258,21 @@ fn reshard_refuses_an_output_overlapping_its_input_before_writing() {
     // An index file as the checkpoint: its directory is still the input directory.
     let single = root.path().join("single");
     std::fs::create_dir(&single).unwrap();
-    let file = std::fs::read_dir(&src)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .unwrap();
-    std::fs::copy(&file, single.join("m.safetensors")).unwrap();
-    std::fs::copy(src.join("config.json"), single.join("config.json")).unwrap();
-    let o = reshard(&single.join("m.safetensors"), &single, "1")
-        .output()
-        .unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, single.join(p.file_name().unwrap())).unwrap();
+    }
+    let index = single.join(safeshard::checkpoint::INDEX_NAME);
+    let named = if index.exists() {
+        index
+    } else {
+        std::fs::read_dir(&single)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .unwrap()
+    };
+    let o = reshard(&named, &single, "1").output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
 }
 
