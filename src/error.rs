@@ -30,6 +30,28 @@ impl fmt::Display for Escaped<'_> {
     }
 }
 
+/// Displays a message that may carry indented context lines (a spec's source line and
+/// caret): control characters escaped, line breaks kept only before lines indented by four
+/// spaces, so a name inside cannot start a line of its own.
+#[derive(Clone, Copy, Debug)]
+pub struct WithContext<'a>(pub &'a str);
+
+impl fmt::Display for WithContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, line) in self.0.split('\n').enumerate() {
+            if i > 0 {
+                f.write_str(if line.starts_with("    ") {
+                    "\n"
+                } else {
+                    "\\n"
+                })?;
+            }
+            f.write_str(&escape_controls(line))?;
+        }
+        Ok(())
+    }
+}
+
 /// `s` with control characters other than tab escaped; borrowed when there is nothing to
 /// escape (the common case, allocation-free for large tables).
 pub fn escape_controls(s: &str) -> Cow<'_, str> {
@@ -106,11 +128,11 @@ pub enum Error {
     #[error("config: {}", Escaped(.0))]
     Config(String),
     /// A sharding spec error without a source position (see [`Error::SpecAt`] for those).
-    #[error("{0}")]
+    #[error("{}", WithContext(.0))]
     Spec(String),
     /// A sharding spec that does not parse or does not type-check at a known position. The
     /// message is followed by the source line and a caret on two further lines.
-    #[error("{}:{line}:{col}: {message}{excerpt}", Escaped(file))]
+    #[error("{}:{line}:{col}: {}{excerpt}", Escaped(file), WithContext(message))]
     SpecAt {
         /// The spec's origin: its path, or `<shipped name>.shard`.
         file: String,
@@ -124,7 +146,7 @@ pub enum Error {
         excerpt: String,
     },
     /// A spec that cannot place some tensors of a checkpoint (unmatched names, bad splits).
-    #[error("{0}")]
+    #[error("{}", WithContext(.0))]
     Placement(String),
     /// A plan that cannot be built or does not match the files it was made for.
     #[error("{}", Escaped(.0))]
@@ -380,6 +402,12 @@ mod tests {
             e.to_string(),
             "/m/a.safetensors: file truncated during load (short read at offset 8)"
         );
+    }
+
+    #[test]
+    fn context_lines_survive_and_forged_lines_do_not() {
+        let e = Error::Spec("a.shard:1:2: bad `x\ny`\n    x y\n     ^".into());
+        assert_eq!(e.to_string(), "a.shard:1:2: bad `x\\ny`\n    x y\n     ^");
     }
 
     #[test]

@@ -128,26 +128,19 @@ fn flag(option: &str) -> String {
 /// keep their source and caret lines (indented by four spaces); any other line break is
 /// escaped, so a name cannot forge a second `error:` line.
 pub fn message(e: &Error) -> String {
+    use safeshard::error::{Escaped, WithContext};
     let text = match e {
         Error::InvalidArgument { option, message } => format!("{} {message}", flag(option)),
         other => other.to_string(),
     };
-    let keeps_context = matches!(
+    if matches!(
         e,
         Error::Spec(_) | Error::SpecAt { .. } | Error::Placement(_)
-    );
-    let mut out = String::with_capacity(text.len());
-    for (i, line) in text.split('\n').enumerate() {
-        if i > 0 {
-            out.push_str(if keeps_context && line.starts_with("    ") {
-                "\n"
-            } else {
-                "\\n"
-            });
-        }
-        out.push_str(&safeshard::error::escape_controls(line));
+    ) {
+        WithContext(&text).to_string()
+    } else {
+        Escaped(&text).to_string()
     }
-    out
 }
 
 /// Folds clap's rendered error into one line: the message lines up to the first blank line
