@@ -117,7 +117,10 @@ def load_st(root, tp, rank, framework):
                 else:
                     t = s[:, cut[1]:cut[2]]
                 if framework == "pt":
-                    t = t.contiguous()
+                    # get_slice returns views of the file mapping for whole tensors and
+                    # dim-0 slices (nothing read yet); a loader must end with the bytes in
+                    # its own memory (vLLM's `param.copy_`), so materialize exactly once.
+                    t = t.contiguous() if not t.is_contiguous() else t.clone()
                 else:
                     import numpy as np
 
