@@ -252,6 +252,17 @@ pub(crate) enum Task {
     Zero(ZeroRun),
 }
 
+impl Task {
+    /// Arena bytes this task fills (what progress counts).
+    fn arena_bytes(&self) -> u64 {
+        let d = match self {
+            Task::Copy(c) => c.dst_pattern(),
+            Task::Zero(z) => z.dst_pattern(),
+        };
+        d.len.saturating_mul(d.count)
+    }
+}
+
 /// How a run of `count` chunks of `len` bytes is cut into tasks of about [`TASK_BYTES`].
 enum Cut {
     /// `len` bytes at byte `off` of chunk `row`.
@@ -640,7 +651,14 @@ fn workers(opts: &LoadOptions) -> usize {
 
 /// Runs `work` on every task from a shared queue on `n` scoped threads (the caller's thread
 /// is one of them), in order; the first error stops the others at their next task.
-fn run_tasks(n: usize, tasks: &[Task], work: &(dyn Fn(&Task) -> Result<()> + Sync)) -> Result<()> {
+/// Each task also goes through `opts.control` (cancellation and progress), see
+/// [`super::controlled`].
+fn run_tasks(
+    n: usize,
+    tasks: &[Task],
+    opts: &LoadOptions,
+    work: &(dyn Fn(&Task) -> Result<()> + Sync),
+) -> Result<()> {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
@@ -650,7 +668,7 @@ fn run_tasks(n: usize, tasks: &[Task], work: &(dyn Fn(&Task) -> Result<()> + Syn
             let Some(t) = tasks.get(i) else {
                 break;
             };
-            if let Err(e) = work(t) {
+            if let Err(e) = super::controlled(opts, t.arena_bytes(), || work(t)) {
                 stop.store(true, Ordering::Relaxed);
                 let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
                 slot.get_or_insert(e);
@@ -866,7 +884,7 @@ pub(crate) fn run(
         }
         Ok(())
     };
-    let res = run_tasks(threads, &tasks, &work);
+    let res = run_tasks(threads, &tasks, opts, &work);
     // A truncation seen through a mapping is the cause of whatever else went wrong.
     if let Some(m) = mapped {
         m.check(files)?;

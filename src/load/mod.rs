@@ -21,25 +21,25 @@
 //!    strided ones, and copies from the mapping. [`IoMode::Pread`] uses positioned reads,
 //!    straight into the arena for contiguous runs and through staging buffers (never more
 //!    than [`LoadOptions::staging_budget`] bytes at once) for strided ones.
-//! 4. **Views.** With [`LoadOptions::views`], a tensor whose bytes are one contiguous span of
-//!    a file is not copied: [`RankTensors`] hands out a slice of the mapping instead.
+//! 4. **Views.** With [`LoadOptions::views`] and the `unsafe` [`load_rank_views`], a tensor
+//!    whose bytes are one contiguous span of a file is not copied: [`RankTensors`] hands out a
+//!    slice of the mapping instead, valid only while no one truncates or writes the file.
 //!
 //! [`Job`] bundles the steps before that (open, spec, resolve, plan) for library users, and
 //! [`verify_rank`] checks loaded tensors against an independent slow path.
 
 mod arena;
 mod engine;
-mod job;
 mod sigbus;
 mod verify;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats};
-pub use job::Job;
 pub use verify::{layout_for, read_tensor, slice_layout};
 
 use crate::checkpoint::{Checkpoint, Dtype};
@@ -63,6 +63,23 @@ pub enum IoMode {
     Pread,
 }
 
+impl IoMode {
+    /// The name `FromStr` accepts: `auto`, `mmap` or `pread`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::Auto => "auto",
+            IoMode::Mmap => "mmap",
+            IoMode::Pread => "pread",
+        }
+    }
+}
+
+impl std::fmt::Display for IoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for IoMode {
     type Err = Error;
 
@@ -71,9 +88,10 @@ impl std::str::FromStr for IoMode {
             "auto" => Ok(IoMode::Auto),
             "mmap" => Ok(IoMode::Mmap),
             "pread" => Ok(IoMode::Pread),
-            other => Err(Error::Usage(format!(
-                "--io: unknown engine {other:?} (expected auto, mmap or pread)"
-            ))),
+            other => Err(Error::invalid_argument(
+                "io",
+                format!("{other:?}: unknown engine (expected auto, mmap or pread)"),
+            )),
         }
     }
 }
@@ -87,7 +105,8 @@ pub struct LoadOptions {
     /// I/O engine.
     pub io: IoMode,
     /// Hand out tensors that are one contiguous file span as views into the mapping instead
-    /// of copying them (mmap engine only; ignored by pread).
+    /// of copying them (mmap engine only; ignored by pread). Only the unsafe
+    /// [`load_rank_views`] accepts it; the safe loaders refuse it.
     pub views: bool,
     /// Most bytes of staging buffers held at once (pread engine, strided runs).
     pub staging_budget: u64,
@@ -98,6 +117,53 @@ pub struct LoadOptions {
     /// Mmap engine: read contiguous runs with `pread` straight into the arena and use the
     /// mapping only for strided gathers (and views).
     pub pread_contiguous: bool,
+    /// Cancellation and progress shared with the caller (the Python binding's Ctrl-C and
+    /// progress bar); `None`: neither.
+    pub control: Option<Arc<LoadControl>>,
+}
+
+/// Shared between a running load and whoever watches it: [`LoadControl::cancel`] stops the
+/// load between copy tasks (about 8 MiB each) with an [`Error::Load`], and
+/// [`LoadControl::done_bytes`] counts the arena bytes filled so far.
+#[derive(Debug, Default)]
+pub struct LoadControl {
+    cancelled: AtomicBool,
+    done: AtomicU64,
+}
+
+impl LoadControl {
+    /// Asks the load to stop at its next task.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`LoadControl::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Arena bytes filled so far.
+    pub fn done_bytes(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs one copy task of `bytes` arena bytes under `opts.control`: refused once cancelled,
+/// counted when done.
+pub(crate) fn controlled(
+    opts: &LoadOptions,
+    bytes: u64,
+    task: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let Some(c) = &opts.control else {
+        return task();
+    };
+    if c.is_cancelled() {
+        return Err(Error::Load("load cancelled".into()));
+    }
+    task()?;
+    c.done.fetch_add(bytes, Ordering::Relaxed);
+    Ok(())
 }
 
 impl Default for LoadOptions {
@@ -109,6 +175,7 @@ impl Default for LoadOptions {
             arena: ArenaInit::default(),
             threads: None,
             pread_contiguous: false,
+            control: None,
         }
     }
 }
@@ -294,6 +361,29 @@ impl RankTensors {
     }
 }
 
+impl RankTensors {
+    /// The tensors of `rp` held in `arena` (laid out as `rp.tensors` says, no views): how a
+    /// distributed load ([`crate::dist`]) hands back the same type as a local one.
+    pub(crate) fn from_arena(rp: &RankPlan, arena: Arena, stats: LoadStats) -> RankTensors {
+        let by_name = rp
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        RankTensors {
+            coords: rp.coords,
+            tensors: rp.tensors.clone(),
+            by_name,
+            arena,
+            views: HashMap::new(),
+            mapped: None,
+            taken: vec![false; rp.tensors.len()],
+            stats,
+        }
+    }
+}
+
 /// Tensors that are one contiguous file span, as (tensor index, file, source offset).
 fn view_candidates(rp: &RankPlan) -> Vec<(usize, u32, u64)> {
     // Contiguous runs by arena start, to find the run covering each tensor.
@@ -363,14 +453,45 @@ fn contig(r: &CopyRun, dst: u64, len: u64) -> CopyRun {
     }
 }
 
-/// Loads rank `rank` of `plan` into a fresh arena.
+/// Loads rank `rank` of `plan` into a fresh arena. Every tensor is copied into memory the
+/// result owns; `opts.views` is refused here (see [`load_rank_views`]).
 pub fn load_rank(plan: &Plan, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
     load_rank_into(plan, rank, opts, None)
 }
 
 /// Loads rank `rank` of `plan`, reusing `arena` when it is large enough (touched memory
-/// avoids the page faults of a fresh allocation).
+/// avoids the page faults of a fresh allocation). Like [`load_rank`], refuses `opts.views`.
 pub fn load_rank_into(
+    plan: &Plan,
+    rank: usize,
+    opts: &LoadOptions,
+    arena: Option<Arena>,
+) -> Result<RankTensors> {
+    if opts.views {
+        return Err(Error::invalid_argument(
+            "views",
+            "true: zero-copy views of a file mapping are only handed out by the unsafe load_rank_views",
+        ));
+    }
+    load_rank_impl(plan, rank, opts, arena)
+}
+
+/// [`load_rank`] with [`LoadOptions::views`] honoured: tensors that are one contiguous span of
+/// a file are not copied; [`RankTensors`] hands out slices of the file mapping instead.
+///
+/// # Safety
+///
+/// The slices borrow a shared mapping of the checkpoint files, valid for as long as the
+/// returned [`RankTensors`] (or until [`RankTensors::materialize`]). The caller must ensure
+/// that no file of the plan is truncated or written to while the result is alive: reading a
+/// mapped page past a truncated end raises `SIGBUS`, and a write changes bytes behind a
+/// shared reference. Checkpoint files that are only ever replaced by rename (as Hugging Face
+/// tools do) are safe.
+pub unsafe fn load_rank_views(plan: &Plan, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
+    load_rank_impl(plan, rank, opts, None)
+}
+
+fn load_rank_impl(
     plan: &Plan,
     rank: usize,
     opts: &LoadOptions,
@@ -378,11 +499,14 @@ pub fn load_rank_into(
 ) -> Result<RankTensors> {
     let start = Instant::now();
     let rp = plan.ranks.get(rank).ok_or_else(|| {
-        Error::Usage(format!(
-            "--rank {rank}: the plan has {} ranks (0..{})",
-            plan.ranks.len(),
-            plan.ranks.len()
-        ))
+        Error::invalid_argument(
+            "rank",
+            format!(
+                "{rank}: the plan has {} ranks (0..{})",
+                plan.ranks.len(),
+                plan.ranks.len()
+            ),
+        )
     })?;
     let open = engine::open_checked(&plan.files, &rp.copies)?;
     let mut arena = match arena {
@@ -467,22 +591,34 @@ pub fn verify_rank(
                 t.name, coords.rank
             ))
         })?;
-        let whole = read_tensor(ckpt, info)?;
-        let want = slice_layout(&whole, &info.shape, info.dtype.bits(), layout)?;
+        let on_rank = |e: Error| match e {
+            Error::OutOfMemory {
+                bytes,
+                what,
+                rank: None,
+            } => Error::OutOfMemory {
+                bytes,
+                what,
+                rank: Some(coords.rank),
+            },
+            other => other,
+        };
+        let whole = read_tensor(ckpt, info).map_err(on_rank)?;
+        let want = slice_layout(&whole, &info.shape, info.dtype.bits(), layout).map_err(on_rank)?;
+        drop(whole);
         if want.as_slice() != got.data {
             let first = want
                 .iter()
                 .zip(got.data)
                 .position(|(a, b)| a != b)
                 .unwrap_or(want.len().min(got.data.len()));
-            return Err(Error::Load(format!(
-                "verify: rank {}: tensor {:?} differs from the slow path at byte {first} \
-                 ({} bytes loaded, {} expected)",
-                coords.rank,
-                t.name,
-                got.data.len(),
-                want.len()
-            )));
+            return Err(Error::VerifyMismatch {
+                rank: coords.rank,
+                tensor: t.name.clone(),
+                byte: first as u64,
+                loaded: got.data.len() as u64,
+                expected: want.len() as u64,
+            });
         }
         n += 1;
     }

@@ -20,6 +20,7 @@ mod plan_vllm;
 mod reshard_roundtrip;
 mod robustness_cli;
 mod robustness_fuzz;
+mod robustness_limits;
 mod robustness_spec_fuzz;
 mod spec_cli;
 mod spec_parse;
