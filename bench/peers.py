@@ -2,10 +2,13 @@
 """Peer benchmark: one rank of a Llama checkpoint loaded by safeshard and by the peer loaders.
 
     python3 bench/peers.py CKPT [--tp 1,4,8] [--reps 5] [--modes warm,cold]
-        [--loaders safeshard,safeshard-pread,safeshard-mmap,st-torch,st-numpy,runai,fastsafetensors,instanttensor]
+        [--loaders safeshard,safeshard-pread,safeshard-mmap,safeshard-py,st-torch,st-numpy,runai,
+                   fastsafetensors,instanttensor]
         [--safeshard target/release/safeshard] [--out results.json]
 
-Every measurement is a fresh process (loaders interleaved: rep 1 of every loader, then rep 2,
+`safeshard` is the CLI (`load --rank R --json --digest`, default engine; `-pread`/`-mmap`
+force one), `safeshard-py` the library through the Python binding (`safeshard.load`, when
+importable). Every measurement is a fresh process (loaders interleaved: rep 1 of every loader, then rep 2,
 ...; a 1 s pause before each). Ranks: tp 1 rank 0, tp 4 rank 1, tp 8 rank 3. Cold runs first
 drop every checkpoint file from the page cache (`sync`, then `posix_fadvise(DONTNEED)` per
 file) and check with `mincore` that at most 1% of the pages stayed resident (the run is
@@ -179,7 +182,14 @@ def load_instanttensor(root, tp, rank):
     raise RuntimeError("instanttensor needs a CUDA device")
 
 
+def load_safeshard_py(root, tp, rank):
+    import safeshard
+
+    return safeshard.load(root, tp=tp, rank=rank)
+
+
 CHILD = {
+    "safeshard-py": load_safeshard_py,
     "st-torch": lambda r, tp, k: load_st(r, tp, k, "pt"),
     "st-numpy": lambda r, tp, k: load_st(r, tp, k, "np"),
     "runai": load_runai,
@@ -189,6 +199,7 @@ CHILD = {
 
 
 PREIMPORT = {
+    "safeshard-py": ["torch", "safeshard"],
     "st-torch": ["torch", "safetensors"],
     "st-numpy": ["numpy", "safetensors"],
     "runai": ["torch", "runai_model_streamer"],
@@ -265,7 +276,7 @@ def warm_cache(paths):
 def run_one(args, loader, tp, rank):
     io0 = io_read_bytes()
     t0 = time.perf_counter()
-    if loader.startswith("safeshard"):
+    if loader in ("safeshard", "safeshard-pread", "safeshard-mmap"):
         io = {"safeshard": "auto", "safeshard-pread": "pread", "safeshard-mmap": "mmap"}[loader]
         # GNU time reports its child's peak RSS; a child forked straight from this harness
         # would inherit the harness's own peak in ru_maxrss.
@@ -288,7 +299,7 @@ def run_one(args, loader, tp, rank):
         return {"error": err.decode(errors="replace").strip().splitlines()[-1:]}
     line = json.loads(out.decode().strip().splitlines()[-1])
     return {
-        "plan_read_bytes": line.get("read_bytes") if loader.startswith("safeshard") else None,
+        "plan_read_bytes": line.get("read_bytes") if loader == "safeshard" else None,
         "seconds": line["seconds"],
         "wall": wall,
         "sha256": line["sha256"],
