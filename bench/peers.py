@@ -364,12 +364,27 @@ def main():
     ap.add_argument("--safeshard", default="target/release/safeshard")
     ap.add_argument("--pause", type=float, default=1.0)
     ap.add_argument("--out")
+    ap.add_argument("--summarize", metavar="LOG",
+                    help="print the tables from the JSON lines of an earlier (maybe cut) run")
     ap.add_argument("--limits", action="store_true",
                     help="also measure memcpy and cold sequential read bandwidth")
     args = ap.parse_args()
     if args.child:
         loader, root, tp, rank = args.child
         child(loader, root, int(tp), int(rank))
+        return
+    if args.summarize:
+        runs, lim = [], None
+        for l in open(args.summarize):
+            if l.startswith("{"):
+                runs.append(json.loads(l))
+            elif l.startswith("# limits json "):
+                lim = json.loads(l[len("# limits json "):])
+        seen = []
+        for r in runs:
+            if r["loader"] not in seen:
+                seen.append(r["loader"])
+        summarize(runs, seen, lim)
         return
     paths = [os.path.join(args.ckpt, f) for f in files_of(args.ckpt)]
     loaders = args.loaders.split(",")
@@ -379,6 +394,7 @@ def main():
     if lim:
         print(f"# limits: memcpy {lim['memcpy_Bps'] / 1e9:.2f} GB/s (1 thread, touched), "
               f"cold sequential read {lim['seq_read_Bps'] / 1e9:.2f} GB/s", flush=True)
+        print(f"# limits json {json.dumps(lim)}", flush=True)
     for mode in args.modes.split(","):
         for tp in [int(x) for x in args.tp.split(",")]:
             rank = RANK_OF_TP[tp]
