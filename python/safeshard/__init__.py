@@ -156,14 +156,15 @@ class Plan:
         self,
         rank: int,
         *,
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         progress: bool | None = None,
     ) -> Rank:
         """Loads ``rank`` in this process, reading only its own slices, into one arena.
 
-        ``io`` is ``"mmap"`` or ``"pread"``; ``threads`` the copy threads (default: all
-        cores). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
+        ``io`` is ``"auto"`` (the default: positioned reads for contiguous runs, mapped
+        gathers for cached strided ones), ``"mmap"`` or ``"pread"``; ``threads`` the copy
+        threads (default: the cores, at least 8 so that several reads are in flight). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
         stderr is a terminal and tqdm is installed. Ctrl-C stops the load between chunks
         and raises ``KeyboardInterrupt``.
         """
@@ -179,7 +180,7 @@ class Plan:
         *,
         share: str = "broadcast",
         process_group: Any = None,
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1 << 30,
@@ -516,7 +517,7 @@ def load(
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
-    io: str = "mmap",
+    io: str = "auto",
     threads: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
