@@ -196,6 +196,66 @@ impl BroadcastSchedule {
     }
 }
 
+/// Broadcasts of one holder set and root packed together, seen from one holder: small shared
+/// tensors (norms, biases, MoE expert slices) would otherwise cost one collective each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Batch {
+    /// Index of the holder set (its sub-communicator).
+    pub(crate) set: usize,
+    /// Root's rank in the set's sub-communicator.
+    pub(crate) root: usize,
+    /// Number of holders.
+    pub(crate) holders: usize,
+    /// Whether this rank is the root.
+    pub(crate) is_root: bool,
+    /// The tensors' indices in this rank's plan, in the order they are packed.
+    pub(crate) tensors: Vec<usize>,
+    /// Total bytes.
+    pub(crate) bytes: u64,
+}
+
+impl BroadcastSchedule {
+    /// The broadcasts of `rank` grouped by (holder set, root) into batches of at most
+    /// `max_bytes` (a larger tensor is a batch of its own), ordered by (set, root, position).
+    /// Every holder of a set computes the same batches for it: the set's shared tensors, their
+    /// order and their sizes are the same for all of them.
+    pub(crate) fn batches(&self, plan: &Plan, rank: usize, max_bytes: u64) -> Vec<Batch> {
+        let Some(rp) = plan.ranks.get(rank) else {
+            return Vec::new();
+        };
+        let mut by_key: std::collections::BTreeMap<(usize, usize), Vec<Broadcast>> =
+            std::collections::BTreeMap::new();
+        for b in self.broadcasts(rank) {
+            by_key.entry((b.set, b.root)).or_default().push(b);
+        }
+        let mut out: Vec<Batch> = Vec::new();
+        for ((set, root), list) in by_key {
+            let mut cur: Option<Batch> = None;
+            for b in list {
+                let bytes = rp.tensors.get(b.tensor).map_or(0, |t| t.bytes);
+                if let Some(c) = cur.as_mut() {
+                    if c.bytes.saturating_add(bytes) <= max_bytes {
+                        c.tensors.push(b.tensor);
+                        c.bytes += bytes;
+                        continue;
+                    }
+                }
+                out.extend(cur.take());
+                cur = Some(Batch {
+                    set,
+                    root,
+                    holders: b.holders,
+                    is_root: b.is_root,
+                    tensors: vec![b.tensor],
+                    bytes,
+                });
+            }
+            out.extend(cur);
+        }
+        out
+    }
+}
+
 /// One broadcast of a shared tensor, seen from one of its holders.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Broadcast {
