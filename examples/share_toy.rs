@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use safeshard::comm::{launch, Communicator};
 use safeshard::dist::{load_shared_with, ShareMode, ShareOptions, SharedPlan};
-use safeshard::load::{IoMode, Job, LoadOptions};
+use safeshard::load::{IoMode, LoadOptions};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
+use safeshard::Job;
 use safeshard::{Error, Result};
 use sha2::{Digest, Sha256};
 
@@ -159,7 +160,7 @@ fn mpi(args: &[String]) -> Result<()> {
     match result {
         Ok(l) => println!("{l}"),
         // Every failure ends the whole job (MPI_Abort), never a hang.
-        Err(e) => world.abort(e.exit_code(), &e.to_string()),
+        Err(e) => world.abort(if e.is_usage() { 2 } else { 1 }, &e.to_string()),
     }
     drop(world);
     drop(universe);
@@ -178,6 +179,6 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = run(&args) {
         eprintln!("error: {e}");
-        std::process::exit(e.exit_code());
+        std::process::exit(if e.is_usage() { 2 } else { 1 });
     }
 }

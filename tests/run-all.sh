@@ -34,4 +34,7 @@ step cargo test --features mpi,nccl,cuda --lib -- comm:: dist::
 step cargo test --features mpi,nccl,cuda --test it comm_
 # Same feature set as the tests above, so the binaries reuse that build.
 SAFESHARD_FEATURES=mpi,nccl,cuda step bash tests/mpi_jobs.sh
+# Python package (issue 11): built into a venv, stubs, types and pytest (tests/python.sh).
+step cargo clippy -p safeshard-python --all-targets -- -D warnings
+step bash tests/python.sh
 echo "all test steps passed in $SECONDS s"

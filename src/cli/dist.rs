@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long, default_value = "1GiB", value_parser = parse_round)]
     pub round: u64,
     /// I/O engine for the bytes a rank reads itself: `mmap` or `pread`.
-    #[arg(long, default_value = "mmap")]
+    #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Check every tensor against an independent slow path (whole tensor, sliced in memory).
     #[arg(long)]
@@ -220,10 +220,10 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
         // Every error of rank_job is known to every rank (each phase ends in an agreement,
         // a timeout aborts the job itself): each rank reports and exits, nobody waits.
         Err(e) => {
-            eprintln!("error: rank {}: {e}", world.rank());
+            eprintln!("error: rank {}: {}", world.rank(), super::message(&e));
             drop(world);
             drop(universe);
-            std::process::exit(e.exit_code());
+            std::process::exit(super::exit_code(&e));
         }
     }
     drop(world);

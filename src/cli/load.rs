@@ -58,11 +58,13 @@ pub struct Args {
     /// sliced in memory from the spec's layout).
     #[arg(long)]
     pub verify: bool,
-    /// Hand out tensors that are one contiguous file span as zero-copy views of the mapping.
+    /// Hand out tensors that are one contiguous file span as zero-copy views of the mapping
+    /// (only safe while no one truncates or writes the checkpoint files).
     #[arg(long)]
     pub views: bool,
-    /// I/O engine: `mmap` or `pread`.
-    #[arg(long, default_value = "mmap")]
+    /// I/O engine: `auto` (positioned reads for contiguous runs, mapped gathers for strided
+    /// ones), `mmap` or `pread`.
+    #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Staging memory budget of the pread engine, e.g. `256MiB`.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
@@ -131,7 +133,13 @@ fn load_one_with(
     verify: bool,
     digest: bool,
 ) -> Result<RankReport> {
-    let loaded = load::load_rank(plan, rank, opts)?;
+    let loaded = if opts.views {
+        // SAFETY: `--views` is the user's promise (documented in --help) that the checkpoint
+        // is not truncated or written during the load; the views are dropped before return.
+        unsafe { load::load_rank_views(plan, rank, opts)? }
+    } else {
+        load::load_rank(plan, rank, opts)?
+    };
     let verified = if verify {
         Some(load::verify_rank(ckpt, resolution, &loaded)?)
     } else {
@@ -326,6 +334,7 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
         arena: args.arena,
         threads: None,
         pread_contiguous: false,
+        control: None,
     };
     let progress = std::io::stderr().is_terminal().then(|| {
         let p = indicatif::ProgressBar::new(ranks.len() as u64);

@@ -3,12 +3,12 @@
 //! the flags' value parsers and the per-rank output line.
 
 use std::io::Write;
-use std::path::PathBuf;
+
 use std::time::Duration;
 
 use safeshard::dist::{ShareMode, MIN_ROUND_BYTES};
 use safeshard::load::IoMode;
-use safeshard::plan::{self, Plan};
+use safeshard::plan::Plan;
 use safeshard::topology::Coords;
 use safeshard::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -81,16 +81,9 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
-/// Opens, resolves and plans.
-pub fn prepare_plan(checkpoint: &PathBuf, flags: &PlanFlags) -> Result<(Prepared, Plan)> {
-    let prep = flags.prepare(checkpoint)?;
-    let plan = plan::build(
-        &prep.ckpt,
-        &prep.resolution,
-        &prep.topology,
-        &prep.spec.name,
-    )?;
-    Ok((prep, plan))
+/// Opens, resolves and plans (through the library's `Job`).
+pub fn prepare_plan(checkpoint: &std::path::Path, flags: &PlanFlags) -> Result<(Prepared, Plan)> {
+    flags.job(checkpoint).map(super::common::split)
 }
 
 /// Lowercase hex SHA-256 of `bytes`.
@@ -181,7 +174,7 @@ impl RankLine {
             "pp_rank": c.map(|c| c.pp_rank),
             "dp_rank": c.map(|c| c.dp_rank),
             "share": self.share.to_string(),
-            "io": match self.io { IoMode::Mmap => "mmap", IoMode::Pread => "pread" },
+            "io": self.io.name(),
             "tensors": self.tensors,
             "bytes": self.bytes,
             "read_bytes": self.read_bytes,

@@ -165,11 +165,7 @@ impl ShareOptions {
         if self.mode != ShareMode::None {
             // The engine decides the bytes a rank reports as read, not the bytes moved, but a
             // job mixing engines reports mixed numbers: keep them equal.
-            let io = match self.load.io {
-                IoMode::Mmap => "mmap",
-                IoMode::Pread => "pread",
-            };
-            f.push(("io".into(), io.into()));
+            f.push(("io".into(), self.load.io.name().into()));
             if self.load.io == IoMode::Pread {
                 f.push((
                     "staging_budget".into(),
@@ -245,7 +241,7 @@ pub struct Traffic {
 /// ```no_run
 /// use safeshard::comm::run_threads;
 /// use safeshard::dist::{load_shared, ShareMode, ShareOptions};
-/// use safeshard::load::Job;
+/// use safeshard::Job;
 /// use safeshard::topology::Topology;
 ///
 /// # fn main() -> safeshard::Result<()> {
