@@ -120,9 +120,20 @@ pub(super) fn broadcast(
     agree(world, check)?;
 
     // Broadcast in one global order, small tensors of a (set, root) packed into batches.
-    world.set_phase("broadcast");
+    // The packing buffer is allocated once, for the largest batch, and agreed on: no rank
+    // may fail an allocation between two broadcasts while the others wait in one.
+    world.set_phase("broadcast: buffers");
+    let batches = schedule.batches(plan, me, BROADCAST_BATCH);
+    let largest = batches
+        .iter()
+        .filter(|b| b.tensors.len() > 1)
+        .map(|b| b.bytes)
+        .max()
+        .unwrap_or(0);
     let mut packed: Vec<u8> = Vec::new();
-    for batch in schedule.batches(plan, me, BROADCAST_BATCH) {
+    agree(world, buffer(&mut packed, largest, me, "broadcast batches"))?;
+    world.set_phase("broadcast");
+    for batch in batches {
         let comm = comms
             .get(&batch.set)
             .ok_or_else(|| Error::Comm("missing sub-communicator".into()))?;
@@ -144,7 +155,11 @@ pub(super) fn broadcast(
                 .ok_or_else(|| Error::Comm("tensor outside the arena".into()))?;
             comm.broadcast(batch.root, buf)?;
         } else {
-            buffer(&mut packed, batch.bytes, me, "a broadcast batch")?;
+            // Within the capacity reserved above: no allocation.
+            let len = usize::try_from(batch.bytes)
+                .map_err(|_| Error::Comm(format!("a batch of {} bytes", batch.bytes)))?;
+            packed.clear();
+            packed.resize(len, 0);
             if batch.is_root {
                 let mut at = 0;
                 for r in &ranges {
