@@ -30,7 +30,7 @@ step cargo test --doc
 # without CUDA), run the communicator tests with rsmpi and with cudarc loaded dynamically (no
 # GPU in CI: a missing libcuda must be an error, not a panic), then real `mpirun -n 4` jobs.
 step cargo clippy --all-targets --all-features -- -D warnings
-step cargo test --features mpi,nccl,cuda --lib comm
+step cargo test --features mpi,nccl,cuda --lib -- comm:: dist::
 step cargo test --features mpi,nccl,cuda --test it comm_
 # Same feature set as the tests above, so the binaries reuse that build.
 SAFESHARD_FEATURES=mpi,nccl,cuda step bash tests/mpi_jobs.sh

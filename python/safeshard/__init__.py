@@ -122,6 +122,11 @@ class Plan:
         return self._native.spec
 
     @property
+    def warnings(self) -> list[str]:
+        """What planning noticed but did not refuse (one line each)."""
+        return self._native.warnings
+
+    @property
     def tp(self) -> int:
         return self._native.topology[0]
 

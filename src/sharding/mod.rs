@@ -17,6 +17,7 @@ use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::topology::Topology;
 use crate::{Error, Result};
 
+mod complete;
 mod expr;
 mod parse;
 mod pattern;

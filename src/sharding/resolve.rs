@@ -5,6 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
+use super::complete::Completeness;
 use super::expr::{Env, EvalError, Expr, Value};
 use super::parse::{did_you_mean, located, Op, PartMode, Placement, Rule, StageWhich};
 use super::{Config, Layout, Piece, Resolution, Resolved, Shards, Spec, TensorKind};
@@ -61,6 +62,7 @@ pub(crate) fn resolve_tensors(
     let mut out = Vec::with_capacity(tensors.len());
     let mut caps: Vec<u64> = Vec::new();
     let mut segs: Vec<&str> = Vec::new();
+    let mut completeness = Completeness::default();
 
     for (t, norm) in tensors.iter().zip(&normalized) {
         segs.clear();
@@ -101,27 +103,7 @@ pub(crate) fn resolve_tensors(
         let layer = rule.layer_slot.and_then(|s| caps.get(s).copied());
         if let Some(layer) = layer {
             if layer_stages.is_none() {
-                let (expr, line) = match &def.layers {
-                    Some((e, l)) => (e.clone(), *l),
-                    None => (Expr::Ident("num_hidden_layers".into(), 1), 0),
-                };
-                let n = r.int_at(line, &expr, &[])?;
-                let n = usize::try_from(n).map_err(|_| {
-                    Error::Config(format!(
-                        "the number of layers must not be negative (got {n})"
-                    ))
-                })?;
-                if n > MAX_LAYERS {
-                    let msg = format!("{n} layers is more than the {MAX_LAYERS} this tool accepts");
-                    return Err(if line == 0 {
-                        Error::Config(format!(
-                            "{} (config.json `num_hidden_layers`): {msg}",
-                            spec.origin
-                        ))
-                    } else {
-                        Error::Spec(format!("{}:{line}: {msg}", spec.origin))
-                    });
-                }
+                let n = r.layer_count()?;
                 // Cumulative layer ends per stage (not a per-layer table: `n` comes from input).
                 let mut ends = topo.stage_layer_counts(n)?;
                 let mut acc = 0usize;
@@ -147,6 +129,9 @@ pub(crate) fn resolve_tensors(
                 reason: format!("{reason} ({}:{})", spec.origin, rule.line),
             });
             continue;
+        }
+        if let (Some(layer), Some(slot), false) = (layer, rule.layer_slot, rule.optional) {
+            completeness.record(ri, rule, slot, layer, &t.name, &segs, &caps);
         }
         // Stages.
         let stages = match &rule.stages {
@@ -292,9 +277,20 @@ pub(crate) fn resolve_tensors(
             )));
         }
     }
+    // A checkpoint that lacks tensors the model needs (a whole layer, the final norm, an
+    // untied LM head) is refused here rather than loaded with holes.
+    let n_layers = match &layer_stages {
+        Some((n, _)) => Some(*n),
+        None if def.rules.iter().any(|rule| rule.layer_slot.is_some()) => r.layer_count().ok(),
+        None => None,
+    };
+    let missing = completeness.missing(&r, &hits, &conds, n_layers, &has)?;
+    if !missing.is_empty() {
+        return Err(missing.error(spec, n_layers));
+    }
     let mut warnings = Vec::new();
     for (ri, rule) in def.rules.iter().enumerate() {
-        if hits[ri] > 0 || rule.optional {
+        if hits[ri] > 0 || rule.optional || missing.explained(ri) {
             continue;
         }
         // A rule switched off by its condition is not a mistake.
@@ -375,8 +371,8 @@ impl From<Error> for LayoutError {
     }
 }
 
-struct Resolver<'a> {
-    spec: &'a Spec,
+pub(super) struct Resolver<'a> {
+    pub(super) spec: &'a Spec,
     config: &'a Config,
     topo: &'a Topology,
     builtins: [(&'static str, i64); 4],
@@ -462,14 +458,41 @@ impl Resolver<'_> {
         }
     }
 
-    fn eval_bool(&self, rule: &Rule, e: &Expr, caps: &[u64]) -> Result<bool> {
+    /// The number of main-model layers (`layers EXPR`, default `num_hidden_layers`).
+    fn layer_count(&self) -> Result<usize> {
+        let spec = self.spec;
+        let (expr, line) = match &spec.def.layers {
+            Some((e, l)) => (e.clone(), *l),
+            None => (Expr::Ident("num_hidden_layers".into(), 1), 0),
+        };
+        let n = self.int_at(line, &expr, &[])?;
+        let n = usize::try_from(n).map_err(|_| {
+            Error::Config(format!(
+                "the number of layers must not be negative (got {n})"
+            ))
+        })?;
+        if n > MAX_LAYERS {
+            let msg = format!("{n} layers is more than the {MAX_LAYERS} this tool accepts");
+            return Err(if line == 0 {
+                Error::Config(format!(
+                    "{} (config.json `num_hidden_layers`): {msg}",
+                    spec.origin
+                ))
+            } else {
+                Error::Spec(format!("{}:{line}: {msg}", spec.origin))
+            });
+        }
+        Ok(n)
+    }
+
+    pub(super) fn eval_bool(&self, rule: &Rule, e: &Expr, caps: &[u64]) -> Result<bool> {
         let named = caps_named(rule, caps);
         self.env(&named)
             .bool(e)
             .map_err(|err| self.error(rule.line, err))
     }
 
-    fn int_at(&self, line: usize, e: &Expr, caps: &[(String, u64)]) -> Result<i64> {
+    pub(super) fn int_at(&self, line: usize, e: &Expr, caps: &[(String, u64)]) -> Result<i64> {
         self.env(caps).int(e).map_err(|err| self.error(line, err))
     }
 
