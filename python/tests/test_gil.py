@@ -50,7 +50,10 @@ def test_counter_thread_runs_during_a_load(big_sparse):
 def test_ctrl_c_interrupts_a_load(big_sparse):
     code = textwrap.dedent(
         f"""
-        import sys, safeshard
+        import signal, sys, safeshard
+        # A shell runs background jobs with SIGINT ignored, and Python keeps an inherited
+        # SIG_IGN; install Python's own handler as an interactive session has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         plan = safeshard.plan({str(big_sparse)!r}, tp=8)
         print("ready", flush=True)
         while True:
