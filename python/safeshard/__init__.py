@@ -122,6 +122,11 @@ class Plan:
         return self._native.spec
 
     @property
+    def warnings(self) -> list[str]:
+        """What planning noticed but did not refuse (one line each)."""
+        return self._native.warnings
+
+    @property
     def tp(self) -> int:
         return self._native.topology[0]
 
@@ -466,11 +471,8 @@ def _to_device(base: torch.Tensor, dev: torch.device, non_blocking: bool) -> tor
             used[k] = True
         if not non_blocking:
             stream.synchronize()
-        else:
-            # The pinned buffers must outlive the queued copies.
-            for k in range(2):
-                if used[k]:
-                    done[k].synchronize()
+        # Otherwise the last copies may still be queued: torch's pinned-memory allocator
+        # records them and keeps the staging buffers until they finish.
     return out
 
 
