@@ -253,7 +253,9 @@ fn expand(
         *range = if Some(slot) == rule.layer_slot {
             n_layers? as u64
         } else if Some(slot) == rule.expert_slot {
-            let count = r.int_at(rule.line, &rule.experts.as_ref()?.count, &[]).ok()?;
+            let count = r
+                .int_at(rule.line, &rule.experts.as_ref()?.count, &[])
+                .ok()?;
             u64::try_from(count).ok()?
         } else {
             return None;
