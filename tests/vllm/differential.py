@@ -262,10 +262,15 @@ def expected_for(key: str, tensor, meta: dict, ss: dict, used: set):
                 used.update(names)
                 return torch.cat(parts, dim=d)
     # FusedMoE: experts stacked on dim 0 in the rank's local order.
-    m = re.fullmatch(r"(.*\.experts)\.(w13|w2)_(.+)", key)
+    m = re.fullmatch(r"(.*)\.(w13|w2)_(.+)", key)
     if m and m.group(1) in meta["experts"]:
-        prefix, which, suffix = m.groups()
-        ids = meta["experts"][prefix]
+        module, which, suffix = m.groups()
+        ids = meta["experts"][module]
+        # The checkpoint names experts under `...experts.{e}`; vLLM's RoutedExperts module
+        # may sit below that (`...experts.routed_experts`).
+        prefix = module
+        while prefix and not prefix.endswith(".experts"):
+            prefix = prefix.rpartition(".")[0]
         for names in EXPERT_PARTS[which]:
             stacked = []
             for e in ids:
@@ -351,12 +356,14 @@ def last_error(stderr: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", default="all", help="case name or glob (see --list); default all")
+    ap.add_argument("--case", default="*", help="case names or globs, comma-separated (see --list); default all")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     a = ap.parse_args()
-    names = [c for c in cases() if fnmatch.fnmatch(c, a.case)]
+    globs = a.case.split(",")
+    names = [c for g in globs for c in cases() if fnmatch.fnmatch(c, g)]
+    names = list(dict.fromkeys(names))
     if a.list:
         print("\n".join(names))
         return 0
