@@ -60,7 +60,7 @@ fn run() -> Result<(), (String, u8)> {
     } else {
         SynthOptions::preset(preset)
     }
-    .map_err(|e| (e.to_string(), e.exit_code() as u8))?;
+    .map_err(|e| (e.to_string(), if e.is_usage() { 2 } else { 1 }))?;
     opts = opts.with_sparse(sparse).with_seed(seed);
     if let Some(l) = layers {
         opts = opts.with_layers(l);
@@ -73,8 +73,8 @@ fn run() -> Result<(), (String, u8)> {
     }
     let t0 = Instant::now();
     let dir = PathBuf::from(out);
-    let n =
-        synth::write_checkpoint(&dir, &opts).map_err(|e| (e.to_string(), e.exit_code() as u8))?;
+    let n = synth::write_checkpoint(&dir, &opts)
+        .map_err(|e| (e.to_string(), if e.is_usage() { 2 } else { 1 }))?;
     let files = synth::plan_files(&opts).map_err(|e| (e.to_string(), 1))?;
     let bytes: u64 = files.iter().map(|f| f.data_bytes).sum();
     println!(

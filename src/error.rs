@@ -1,19 +1,67 @@
 //! The one error type of safeshard.
 //!
-//! Every message is one line that names the file, tensor, spec line or flag involved and what
-//! is wrong with it. [`Error::exit_code`] maps an error to the CLI's exit status:
-//! 1 for bad data (files, indexes, specs, configs, I/O), 2 for bad usage (flags, topology).
+//! Every message is one line (spec errors add the source line and a caret) that names the
+//! file, tensor, spec line, option or rank involved and what is wrong with it. Variants carry
+//! typed fields so that a caller can tell, say, a file changed since planning
+//! ([`Error::FileChanged`]) from a short read ([`Error::ShortRead`]) or a verification mismatch
+//! ([`Error::VerifyMismatch`]). Messages never name command-line flags: options are named by
+//! their field ([`Error::InvalidArgument::option`]); the `safeshard` binary maps them to flags
+//! and decides exit codes.
+//!
+//! Names that come from outside (paths, file names, index entries, config strings) are printed
+//! through [`Escaped`], so control characters (ESC, BEL, newlines) cannot forge lines or
+//! retitle a terminal.
 
-use std::path::PathBuf;
+use std::borrow::Cow;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// `Result` with safeshard's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Displays a string with control characters escaped (`\n`, `\u{1b}`, `\u{7}`); tabs are kept.
+/// The one escaping rule for names from files, indexes, paths and configs.
+#[derive(Clone, Copy, Debug)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&escape_controls(self.0))
+    }
+}
+
+/// `s` with control characters other than tab escaped; borrowed when there is nothing to
+/// escape (the common case, allocation-free for large tables).
+pub fn escape_controls(s: &str) -> Cow<'_, str> {
+    let needs = |c: char| c.is_control() && c != '\t';
+    if !s.chars().any(needs) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if needs(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A path for messages: lossy UTF-8 with control characters escaped.
+pub(crate) fn escaped_path(p: &Path) -> String {
+    escape_controls(&p.to_string_lossy()).into_owned()
+}
+
 /// Everything that can go wrong, with plain one-line messages.
+///
+/// Variants named after a string (`Config(String)`, `Plan(String)`, ...) are the older, coarser
+/// kinds; newer code uses the typed ones.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An operating-system I/O error on a path.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}", escaped_path(path))]
     Io {
         /// The file or directory involved.
         path: PathBuf,
@@ -21,7 +69,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A safetensors file whose header or layout is malformed.
-    #[error("{file}: {reason}")]
+    #[error("{}: {}", Escaped(file), Escaped(reason))]
     InvalidFile {
         /// File name (as given, or relative to the checkpoint directory).
         file: String,
@@ -29,7 +77,7 @@ pub enum Error {
         reason: String,
     },
     /// One tensor entry of a safetensors header is malformed.
-    #[error("{file}: tensor {tensor:?}: {reason}")]
+    #[error("{}: tensor {tensor:?}: {}", Escaped(file), Escaped(reason))]
     InvalidTensor {
         /// File name.
         file: String,
@@ -39,7 +87,7 @@ pub enum Error {
         reason: String,
     },
     /// A `model.safetensors.index.json` that is malformed or inconsistent with its files.
-    #[error("{file}: {reason}")]
+    #[error("{}: {}", Escaped(file), Escaped(reason))]
     InvalidIndex {
         /// Index file name.
         file: String,
@@ -47,20 +95,34 @@ pub enum Error {
         reason: String,
     },
     /// A checkpoint path that is neither a safetensors file, an index nor a directory with one.
-    #[error("{}: {reason}", path.display())]
+    #[error("{}: {}", escaped_path(path), Escaped(reason))]
     NotACheckpoint {
         /// The path given.
         path: PathBuf,
         /// What was expected.
         reason: String,
     },
-    /// A value from `config.json` (or `--set`) that is missing or has the wrong type.
-    #[error("config: {0}")]
+    /// A value from `config.json` (or an override) that is missing or has the wrong type.
+    #[error("config: {}", Escaped(.0))]
     Config(String),
-    /// A sharding spec that does not parse or does not type-check. The message starts with
-    /// `file:line:col:` and may be followed by the source line and a caret on further lines.
+    /// A sharding spec error without a source position (see [`Error::SpecAt`] for those).
     #[error("{0}")]
     Spec(String),
+    /// A sharding spec that does not parse or does not type-check at a known position. The
+    /// message is followed by the source line and a caret on two further lines.
+    #[error("{}:{line}:{col}: {message}{excerpt}", Escaped(file))]
+    SpecAt {
+        /// The spec's origin: its path, or `<shipped name>.shard`.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column (characters).
+        col: usize,
+        /// What is wrong.
+        message: String,
+        /// `\n    source line\n    ^` (empty when there is no line to show).
+        excerpt: String,
+    },
     /// A spec that cannot place some tensors of a checkpoint (unmatched names, bad splits).
     #[error("{0}")]
     Placement(String),
@@ -73,25 +135,210 @@ pub enum Error {
     /// A failure of the communicator (launcher environment, MPI, NCCL).
     #[error("{0}")]
     Comm(String),
-    /// Bad usage: invalid flags, topology or arguments. Exit status 2.
+    /// Bad usage: invalid flags, topology or arguments (the binary exits with status 2).
     #[error("{0}")]
     Usage(String),
+    /// An option (named by its field, e.g. `tp`, `out`, `rank`) with a value that cannot be
+    /// used. Bad usage.
+    #[error("{option} {message}")]
+    InvalidArgument {
+        /// The option's field name (snake case).
+        option: String,
+        /// What is wrong, starting with the value given.
+        message: String,
+    },
+    /// A file whose length, modification time or identity changed since it was planned.
+    #[error(
+        "{}: {what} changed since the plan was made; plan again",
+        escaped_path(file)
+    )]
+    FileChanged {
+        /// The file.
+        file: PathBuf,
+        /// What changed, e.g. `length 100 → 80`.
+        what: String,
+    },
+    /// A positioned read that returned fewer bytes than planned.
+    #[error(
+        "{}: short read at offset {offset}: wanted {wanted} bytes, got {got}",
+        escaped_path(file)
+    )]
+    ShortRead {
+        /// The file.
+        file: PathBuf,
+        /// Absolute file offset of the read.
+        offset: u64,
+        /// Bytes asked for.
+        wanted: u64,
+        /// Bytes returned before end of file.
+        got: u64,
+    },
+    /// A file that was truncated while it was being loaded.
+    #[error("{}: file truncated during load", escaped_path(file))]
+    Truncated {
+        /// The file.
+        file: PathBuf,
+    },
+    /// A loaded tensor that differs from the independent slow path.
+    #[error(
+        "verify: rank {rank}: tensor {tensor:?} differs from the slow path at byte {byte} \
+         ({loaded} bytes loaded, {expected} expected)"
+    )]
+    VerifyMismatch {
+        /// Global rank.
+        rank: usize,
+        /// Tensor name.
+        tensor: String,
+        /// First differing byte.
+        byte: u64,
+        /// Bytes loaded.
+        loaded: u64,
+        /// Bytes the slow path produced.
+        expected: u64,
+    },
+    /// A buffer sized by input that could not be allocated.
+    #[error("{}cannot allocate {bytes} bytes for {}", rank.map(|r| format!("rank {r}: ")).unwrap_or_default(), Escaped(what))]
+    OutOfMemory {
+        /// Bytes asked for.
+        bytes: u64,
+        /// What the buffer is for (tensor or file name).
+        what: String,
+        /// The rank, when the buffer belongs to one.
+        rank: Option<usize>,
+    },
+    /// An output directory that another process is writing to.
+    #[error(
+        "{}: another safeshard process is writing to this directory",
+        escaped_path(path)
+    )]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// One rank of a job failed; `message` is its error.
+    #[error("rank {rank}: {message}")]
+    RankFailed {
+        /// The rank that failed.
+        rank: usize,
+        /// Its error message.
+        message: String,
+    },
 }
 
 impl Error {
-    /// Exit status for the CLI: 2 for bad usage, 1 for everything else.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::Usage(_) => 2,
-            _ => 1,
-        }
-    }
-
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
+    }
+
+    /// An [`Error::InvalidArgument`] for option field `option`.
+    pub fn invalid_argument(option: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            option: option.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The variant as a stable snake-case name (`io`, `invalid_file`, `spec`,
+    /// `file_changed`, `out_of_memory`, ...), for bindings that expose error kinds.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::InvalidFile { .. } => "invalid_file",
+            Error::InvalidTensor { .. } => "invalid_tensor",
+            Error::InvalidIndex { .. } => "invalid_index",
+            Error::NotACheckpoint { .. } => "not_a_checkpoint",
+            Error::Config(_) => "config",
+            Error::Spec(_) | Error::SpecAt { .. } => "spec",
+            Error::Placement(_) => "placement",
+            Error::Plan(_) => "plan",
+            Error::Load(_) => "load",
+            Error::Comm(_) => "comm",
+            Error::Usage(_) => "usage",
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::FileChanged { .. } => "file_changed",
+            Error::ShortRead { .. } => "short_read",
+            Error::Truncated { .. } => "truncated",
+            Error::VerifyMismatch { .. } => "verify_mismatch",
+            Error::OutOfMemory { .. } => "out_of_memory",
+            Error::Locked { .. } => "locked",
+            Error::RankFailed { .. } => "rank_failed",
+        }
+    }
+
+    /// Whether the error is bad usage (an option or argument), as opposed to bad data or a
+    /// failure of the system.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Usage(_) | Error::InvalidArgument { .. })
+    }
+}
+
+/// Allocates a zeroed buffer of `bytes` bytes, or fails with [`Error::OutOfMemory`] naming
+/// `what` and `rank`. Every buffer sized by input goes through here (or `try_reserve`), so
+/// that a hostile size is an error rather than an abort.
+///
+/// `SAFESHARD_MAX_ALLOC` (bytes), read here and only here, lowers the limit so tests can
+/// exercise the failure without exhausting memory.
+pub(crate) fn try_alloc_zeroed(bytes: u64, what: &str, rank: Option<usize>) -> Result<Vec<u8>> {
+    let oom = || Error::OutOfMemory {
+        bytes,
+        what: what.to_string(),
+        rank,
+    };
+    if let Some(limit) = std::env::var("SAFESHARD_MAX_ALLOC")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        if bytes > limit {
+            return Err(oom());
+        }
+    }
+    let len = usize::try_from(bytes).map_err(|_| oom())?;
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    // `alloc_zeroed` (calloc) rather than `try_reserve` + fill: the kernel hands out zero
+    // pages lazily, so a large buffer is not touched twice, and failure is a null pointer
+    // instead of an abort.
+    let layout = std::alloc::Layout::array::<u8>(len).map_err(|_| oom())?;
+    // SAFETY: `layout` has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return Err(oom());
+    }
+    // SAFETY: `ptr` comes from the global allocator with `layout` (size `len`, align 1) and
+    // its `len` bytes are initialized (zeroed); length and capacity are both `len`.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controls_are_escaped_and_tabs_kept() {
+        assert_eq!(escape_controls("a\tb"), "a\tb");
+        assert_eq!(
+            escape_controls("x\u{1b}]0;t\u{7}\ny"),
+            "x\\u{1b}]0;t\\u{7}\\ny"
+        );
+        let e = Error::io("/tmp/a\nerror: forged", std::io::Error::other("boom"));
+        assert_eq!(e.to_string(), "/tmp/a\\nerror: forged: boom");
+    }
+
+    #[test]
+    fn oversized_allocation_is_an_error() {
+        let e = try_alloc_zeroed(u64::MAX, "tensor \"w\"", Some(3)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "rank 3: cannot allocate {} bytes for tensor \"w\"",
+                u64::MAX
+            )
+        );
+        assert_eq!(try_alloc_zeroed(3, "x", None).unwrap(), vec![0, 0, 0]);
     }
 }

@@ -72,43 +72,54 @@ impl Topology {
 
     /// Checks sizes: all at least 1, `ep` is 1 or `tp * dp`, `pp_layers` has `pp` entries.
     pub fn validate(&self) -> Result<()> {
-        for (flag, v) in [
-            ("--tp", self.tp),
-            ("--pp", self.pp),
-            ("--dp", self.dp),
-            ("--ep", self.ep),
+        for (option, v) in [
+            ("tp", self.tp),
+            ("pp", self.pp),
+            ("dp", self.dp),
+            ("ep", self.ep),
         ] {
             if v == 0 {
-                return Err(Error::Usage(format!("{flag} must be at least 1")));
+                return Err(Error::invalid_argument(option, "0: must be at least 1"));
             }
         }
         let Some(world) = self.world_size() else {
-            return Err(Error::Usage("tp × pp × dp overflows".into()));
+            return Err(Error::invalid_argument(
+                "tp",
+                format!(
+                    "{}: tp × pp × dp = {} × {} × {} overflows",
+                    self.tp, self.tp, self.pp, self.dp
+                ),
+            ));
         };
         // Every rank gets its own plan in memory; a world this large is a typo, not a job, and
         // would only exhaust memory slowly.
         if world > MAX_WORLD_SIZE {
-            return Err(Error::Usage(format!(
-                "tp × pp × dp = {} × {} × {} = {world} ranks is more than the supported {MAX_WORLD_SIZE}",
-                self.tp, self.pp, self.dp
-            )));
+            return Err(Error::invalid_argument(
+                "tp",
+                format!(
+                    "{}: tp × pp × dp = {} × {} × {} = {world} ranks is more than the supported {MAX_WORLD_SIZE}",
+                    self.tp, self.tp, self.pp, self.dp
+                ),
+            ));
         }
         if self.ep != 1 && self.ep != self.tp * self.dp {
-            return Err(Error::Usage(format!(
-                "--ep {} must be 1 or tp × dp = {} × {} = {} (expert parallelism reuses the TP × DP ranks, as in vLLM)",
-                self.ep,
-                self.tp,
-                self.dp,
-                self.tp * self.dp
-            )));
+            return Err(Error::invalid_argument(
+                "ep",
+                format!(
+                    "{} must be 1 or tp × dp = {} × {} = {} (expert parallelism reuses the TP × DP ranks, as in vLLM)",
+                    self.ep,
+                    self.tp,
+                    self.dp,
+                    self.tp * self.dp
+                ),
+            ));
         }
         if let Some(layers) = &self.pp_layers {
             if layers.len() != self.pp {
-                return Err(Error::Usage(format!(
-                    "--pp-layers has {} entries but --pp is {}",
-                    layers.len(),
-                    self.pp
-                )));
+                return Err(Error::invalid_argument(
+                    "pp_layers",
+                    format!("has {} entries but pp is {}", layers.len(), self.pp),
+                ));
             }
         }
         Ok(())
@@ -158,14 +169,17 @@ impl Topology {
                 .try_fold(0usize, |acc, &n| acc.checked_add(n));
             if sum != Some(layers) {
                 let sum = sum.map_or_else(|| "more than 2^64".to_string(), |s| s.to_string());
-                return Err(Error::Usage(format!(
-                    "--pp-layers {} sums to {sum} but the model has {layers} layers",
-                    explicit
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )));
+                return Err(Error::invalid_argument(
+                    "pp_layers",
+                    format!(
+                        "{} sums to {sum} but the model has {layers} layers",
+                        explicit
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                ));
             }
             return Ok(explicit.clone());
         }
@@ -175,10 +189,13 @@ impl Topology {
             ));
         }
         if self.pp > layers {
-            return Err(Error::Usage(format!(
-                "--pp {} is more pipeline stages than the model's {layers} layers",
-                self.pp
-            )));
+            return Err(Error::invalid_argument(
+                "pp",
+                format!(
+                    "{} is more pipeline stages than the model's {layers} layers",
+                    self.pp
+                ),
+            ));
         }
         let mut counts = vec![layers / self.pp; self.pp];
         let remainder = layers % self.pp;

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Real `mpirun -n 4` jobs (issue 6): every share mode for tp=2 × pp=2 and tp=4, each rank's
-# bytes compared with the in-process (threads, share none) result; read-once must read the
-# checkpoint's data exactly once; a job with one rank's file broken must fail fast; a job
-# whose size does not match the topology must be refused.
+# Real `mpirun -n 4` jobs (issues 6 and 9): every share mode for tp=2 × pp=2 and tp=4, each
+# rank's bytes compared with the in-process (threads, share none) result, on real plans of a
+# synthetic Llama checkpoint; a job with one rank's file broken must fail fast; a job whose
+# size does not match the topology must be refused; read-once --per-node with pipeline stages
+# on different nodes must not hang; ranks that disagree on an option fail with one message
+# (exit 2); a rank that never arrives ends the job after --timeout naming it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
 
 cargo build -q --features "${SAFESHARD_FEATURES:-mpi}" --example share_toy --example synth --bin safeshard
-bin=$PWD/target/debug/examples/share_toy
-safeshard=$PWD/target/debug/safeshard
-synth=$PWD/target/debug/examples/synth
+target=${CARGO_TARGET_DIR:-$PWD/target}
+bin=$target/debug/examples/share_toy
+safeshard=$target/debug/safeshard
+synth=$target/debug/examples/synth
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-"$bin" write toy.safetensors
-data_bytes=$(python3 -c "import os,struct; f=open('toy.safetensors','rb'); n=struct.unpack('<Q', f.read(8))[0]; print(os.path.getsize('toy.safetensors') - 8 - n)")
+"$bin" write toy 8
 
 digests() { python3 -c "
 import json, sys
@@ -28,25 +30,27 @@ import json, sys; print(sum(json.loads(l)['read_bytes'] for l in sys.stdin))"; }
 
 fail=0
 for topo in "2 2 1" "4 1 1"; do
-  "$bin" threads toy.safetensors $topo none | digests > ref.txt
+  "$bin" threads toy $topo none | digests > ref.txt
   [[ $(wc -l < ref.txt) -eq 4 ]] || { echo "reference has no 4 ranks"; exit 1; }
+  # Read-once on threads reads each needed byte once (checked against the plan in cargo test).
+  once=$("$bin" threads toy $topo read-once | read_total)
   for mode in none broadcast read-once; do
-    timeout 120 mpirun -n 4 "$bin" mpi toy.safetensors $topo $mode > out.jsonl
+    timeout 120 mpirun -n 4 "$bin" mpi toy $topo $mode > out.jsonl
     if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
       echo "FAIL: tp/pp/dp=$topo --share $mode: rank bytes differ from the in-process load"; fail=1
     fi
     total=$(read_total < out.jsonl)
-    if [[ $mode == read-once && $total -ne $data_bytes ]]; then
-      echo "FAIL: read-once read $total bytes, checkpoint data is $data_bytes"; fail=1
+    if [[ $mode != none && $total -ne $once ]]; then
+      echo "FAIL: $mode read $total bytes, the job needs $once"; fail=1
     fi
-    echo "ok: mpirun -n 4, tp/pp/dp=$topo, --share $mode, read_bytes total $total (data $data_bytes)"
+    echo "ok: mpirun -n 4, tp/pp/dp=$topo, --share $mode, read_bytes total $total (needed $once)"
   done
 done
 
 # Tiny MPI transfers (1000 bytes): chunked broadcasts and multi-round all-to-all-v.
-"$bin" threads toy.safetensors 2 1 2 none | digests > ref.txt
+"$bin" threads toy 2 1 2 none | digests > ref.txt
 for mode in broadcast read-once; do
-  SHARE_TOY_MPI_CHUNK=1000 timeout 120 mpirun -x SHARE_TOY_MPI_CHUNK -n 4 "$bin" mpi toy.safetensors 2 1 2 $mode > out.jsonl
+  SHARE_TOY_MPI_CHUNK=1000 timeout 120 mpirun -x SHARE_TOY_MPI_CHUNK -n 4 "$bin" mpi toy 2 1 2 $mode > out.jsonl
   if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
     echo "FAIL: 1000-byte MPI chunks, tp=2 dp=2 --share $mode: bytes differ"; fail=1
   else
@@ -54,16 +58,32 @@ for mode in broadcast read-once; do
   fi
 done
 
+# Issue 9 item 2: read-once --per-node with the pipeline stages on different nodes (ranks 0,1
+# on node A, 2,3 on node B), unequal stages, 64 KiB rounds: the nodes need different numbers
+# of rounds. It used to hang.
+for layers in 2,6 6,2; do
+  "$bin" threads toy 2 2 1 none --pp-layers $layers | digests > ref.txt
+  start=$SECONDS
+  if ! timeout 120 mpirun -n 2 -x SAFESHARD_NODE=A "$bin" mpi toy 2 2 1 read-once --per-node --pp-layers $layers --round 65536 \
+       : -n 2 -x SAFESHARD_NODE=B "$bin" mpi toy 2 2 1 read-once --per-node --pp-layers $layers --round 65536 > out.jsonl 2> err.txt; then
+    echo "FAIL: read-once --per-node, stages $layers on two nodes: job failed or hung"; cat err.txt; fail=1
+  elif ! digests < out.jsonl | diff ref.txt - > /dev/null; then
+    echo "FAIL: read-once --per-node, stages $layers on two nodes: bytes differ"; fail=1
+  else
+    echo "ok: read-once --per-node, stages $layers on nodes A/B, 64 KiB rounds: $((SECONDS - start)) s"
+  fi
+done
+
 # One rank's file broken (as on a node with a bad copy): non-zero exit, fast, naming the file.
-for r in 0 1 2 3; do mkdir -p node$r; cp toy.safetensors node$r/; done
-truncate -s 1000 node2/toy.safetensors
+for r in 0 1 2 3; do cp -r toy node$r; done
+truncate -s -100 node2/model-00002-of-00004.safetensors
 for mode in none broadcast read-once; do
   start=$SECONDS
-  if timeout 60 mpirun -n 4 "$bin" mpi 'node{rank}/toy.safetensors' 2 2 1 $mode > /dev/null 2> err.txt; then
+  if timeout 60 mpirun -n 4 "$bin" mpi 'node{rank}' 2 2 1 $mode > /dev/null 2> err.txt; then
     echo "FAIL: broken file, --share $mode: job succeeded"; fail=1
   elif (( SECONDS - start > 30 )); then
     echo "FAIL: broken file, --share $mode: took $((SECONDS - start)) s"; fail=1
-  elif ! grep -q "node2/toy.safetensors: file truncated" err.txt; then
+  elif ! grep -q "rank 2: model-00002-of-00004.safetensors: file is truncated" err.txt; then
     echo "FAIL: broken file, --share $mode: message does not name the file"; cat err.txt; fail=1
   else
     echo "ok: broken file on rank 2, --share $mode: failed in $((SECONDS - start)) s naming it"
@@ -71,12 +91,25 @@ for mode in none broadcast read-once; do
 done
 
 # A world that does not match tp × pp × dp is refused.
-if timeout 60 mpirun -n 3 "$bin" mpi toy.safetensors 2 2 1 none > /dev/null 2> err.txt; then
+if timeout 60 mpirun -n 3 "$bin" mpi toy 2 2 1 none > /dev/null 2> err.txt; then
   echo "FAIL: 3 ranks for tp=2 × pp=2 accepted"; fail=1
-elif ! grep -q "the job has 3 ranks" err.txt; then
+elif ! grep -q "3 ranks" err.txt; then
   echo "FAIL: wrong-size job: unclear message"; cat err.txt; fail=1
 else
   echo "ok: 3 ranks for tp=2 × pp=2 refused"
+fi
+
+# Issue 9 item 4: a rank that never arrives (sleeping before its first collective) ends the
+# job after the timeout, every waiting rank naming the phase and the missing rank.
+start=$SECONDS
+if SHARE_TOY_STALL_RANK=2 timeout 120 mpirun -x SHARE_TOY_STALL_RANK -n 4 "$bin" mpi toy 2 2 1 broadcast --timeout 3 > /dev/null 2> err.txt; then
+  echo "FAIL: a stalled rank: job succeeded"; fail=1
+elif (( SECONDS - start > 60 )); then
+  echo "FAIL: a stalled rank: took $((SECONDS - start)) s with --timeout 3"; fail=1
+elif ! grep -q 'timed out after 3s in phase "job fingerprint": rank 2 did not arrive' err.txt; then
+  echo "FAIL: a stalled rank: unclear message"; cat err.txt; fail=1
+else
+  echo "ok: rank 2 stalled: the job ended after $((SECONDS - start)) s naming it"
 fi
 
 # The real CLI on a synthetic Llama checkpoint (real spec and planner): every rank verified
@@ -134,6 +167,54 @@ elif (( total > 2 * llama_data )); then
   echo "FAIL: read-once --per-node read $total bytes, more than twice the data ($llama_data)"; fail=1
 else
   echo "ok: read-once --per-node on 2 simulated nodes: read $total bytes (data $llama_data, once per node)"
+fi
+
+# Issue 9 item 1: ranks that disagree on an option fail together, fast, exit 2, each with
+# one line naming the option, the values and the ranks (MPMD: rank 0 differs from 1-3).
+agree_case() { # expected message, rank 0's flags, ranks 1-3's flags
+  local want=$1 a=$2 b=$3 start=$SECONDS
+  set +e
+  timeout 60 mpirun -n 1 "$safeshard" load llama --tp 2 --pp 2 $a : -n 3 "$safeshard" load llama --tp 2 --pp 2 $b > out.jsonl 2> err.txt
+  local rc=$?
+  set -e
+  if [[ $rc -ne 2 ]]; then
+    echo "FAIL: disagreement ($a vs $b): exit $rc, expected 2"; cat err.txt; fail=1
+  elif (( SECONDS - start > 30 )); then
+    echo "FAIL: disagreement ($a vs $b): took $((SECONDS - start)) s"; fail=1
+  elif [[ $(grep -c -F "$want" err.txt) -lt 1 ]] || grep '^error:' err.txt | grep -v -q -F "$want"; then
+    echo "FAIL: disagreement ($a vs $b): expected '$want'"; cat err.txt; fail=1
+  elif [[ -s out.jsonl ]]; then
+    echo "FAIL: disagreement ($a vs $b): a rank printed a result"; fail=1
+  else
+    echo "ok: $want (exit 2 in $((SECONDS - start)) s)"
+  fi
+}
+agree_case "ranks disagree on --share: rank 0 none, rank 1,2,3 broadcast" "--share none" "--share broadcast"
+agree_case "ranks disagree on --share: rank 0 read-once, rank 1,2,3 none" "--share read-once" ""
+agree_case "ranks disagree on --verify: rank 0 true, rank 1,2,3 false" "--share broadcast --verify" "--share broadcast"
+agree_case "ranks disagree on --digest: rank 0 false, rank 1,2,3 true" "--share none" "--share none --digest"
+agree_case "ranks disagree on --round: rank 0 65536, rank 1,2,3 1073741824" "--share read-once --round 64KiB" "--share read-once"
+agree_case "ranks disagree on --io: rank 0 pread, rank 1,2,3 mmap" "--share broadcast --io pread" "--share broadcast"
+agree_case "ranks disagree on --per-node: rank 0 true, rank 1,2,3 false" "--share read-once --per-node" "--share read-once"
+# Issue 9 item 3 under mpirun: --round under 64 KiB is a usage error, not a hang.
+set +e
+timeout 60 mpirun -n 4 "$safeshard" load llama --tp 2 --pp 2 --share read-once --round 100 > /dev/null 2> err.txt
+rc=$?
+set -e
+if [[ $rc -ne 2 ]] || ! grep -q -- "--round" err.txt; then
+  echo "FAIL: --round 100 under mpirun: exit $rc"; cat err.txt; fail=1
+else
+  echo "ok: --round 100 under mpirun refused (exit 2)"
+fi
+# Issue 9 item 2 through the CLI: stages on different nodes, 64 KiB rounds.
+"$safeshard" load toy --tp 2 --pp 2 --pp-layers 2,6 --all-ranks --digest --json | digests > ref.txt
+flags="--tp 2 --pp 2 --pp-layers 2,6 --share read-once --per-node --round 64KiB --verify --digest --json --timeout 60s"
+if ! timeout 120 mpirun -n 2 -x SAFESHARD_NODE=A "$safeshard" load toy $flags : -n 2 -x SAFESHARD_NODE=B "$safeshard" load toy $flags > out.jsonl 2> err.txt; then
+  echo "FAIL: load --per-node with stages on nodes A/B failed or hung"; cat err.txt; fail=1
+elif ! digests < out.jsonl | diff ref.txt - > /dev/null; then
+  echo "FAIL: load --per-node with stages on nodes A/B: bytes differ"; fail=1
+else
+  echo "ok: mpirun safeshard load --pp-layers 2,6 --share read-once --per-node --round 64KiB on nodes A/B"
 fi
 
 truncate -s -100 llama/model-00002-of-00002.safetensors

@@ -30,10 +30,13 @@ step cargo test --doc
 # without CUDA), run the communicator tests with rsmpi and with cudarc loaded dynamically (no
 # GPU in CI: a missing libcuda must be an error, not a panic), then real `mpirun -n 4` jobs.
 step cargo clippy --all-targets --all-features -- -D warnings
-step cargo test --features mpi,nccl,cuda --lib comm
+step cargo test --features mpi,nccl,cuda --lib -- comm:: dist::
 step cargo test --features mpi,nccl,cuda --test it comm_
 # Same feature set as the tests above, so the binaries reuse that build.
 SAFESHARD_FEATURES=mpi,nccl,cuda step bash tests/mpi_jobs.sh
+# Python package (issue 11): built into a venv, stubs, types and pytest (tests/python.sh).
+step cargo clippy -p safeshard-python --all-targets -- -D warnings
+step bash tests/python.sh
 
 # vLLM differential (issue 12): every shipped architecture at tp=2, pp=2 against vLLM 0.33.0's
 # own loader on CPU. Opt-in (SAFESHARD_VLLM_DIFF=1): vLLM is a 5-minute, multi-GB install and

@@ -1,12 +1,10 @@
 //! Flags shared by every subcommand that plans, and the steps they share.
-#![allow(dead_code)] // Used by the planning subcommands as they land.
 
-use std::path::PathBuf;
+use std::path::Path;
 
-use safeshard::checkpoint::Checkpoint;
-use safeshard::sharding::{self, Config, Resolution, Spec};
-use safeshard::topology::Topology;
-use safeshard::Result;
+use safeshard::plan::Plan;
+use safeshard::sharding::Resolution;
+use safeshard::{Checkpoint, Job, Result, Topology};
 
 /// Topology flags (`--tp --pp --dp --ep --pp-layers`), shared by the planning subcommands
 /// and `spec check`.
@@ -59,18 +57,23 @@ pub struct PlanFlags {
     pub set: Vec<String>,
 }
 
-/// Everything a planning subcommand needs, prepared from the flags.
+/// The parts of a [`Job`] that the loading subcommands keep beside its plan (see [`split`]).
 pub struct Prepared {
     /// The checkpoint catalog.
     pub ckpt: Checkpoint,
-    /// The spec.
-    pub spec: Spec,
-    /// Config values.
-    pub config: Config,
-    /// Topology.
-    pub topology: Topology,
     /// Resolved placements.
     pub resolution: Resolution,
+}
+
+/// A job split into its plan and the parts verification needs.
+pub fn split(job: Job) -> (Prepared, Plan) {
+    let Job {
+        ckpt,
+        resolution,
+        plan,
+        ..
+    } = job;
+    (Prepared { ckpt, resolution }, plan)
 }
 
 impl PlanFlags {
@@ -79,31 +82,21 @@ impl PlanFlags {
         self.topo.topology()
     }
 
-    /// The spec named by `--spec`, or the one detected from the config.
-    pub fn spec(&self, config: &Config) -> Result<Spec> {
-        match &self.spec {
-            Some(s) => Spec::load(s),
-            None => Spec::detect(config),
+    /// The one place where the planning flags meet the library: a [`Job`] (open, spec,
+    /// resolve, plan) for `checkpoint`, its warnings printed.
+    pub fn job(&self, checkpoint: &Path) -> Result<Job> {
+        let mut builder = Job::builder(checkpoint).topology(self.topology()?);
+        if let Some(spec) = &self.spec {
+            builder = builder.spec(spec.clone());
         }
-    }
-
-    /// Opens the checkpoint, picks the spec and resolves every tensor's placement.
-    pub fn prepare(&self, checkpoint: &PathBuf) -> Result<Prepared> {
-        let topology = self.topology()?;
-        let ckpt = Checkpoint::open(checkpoint)?;
-        let config = Config::from_checkpoint(&ckpt, &self.set)?;
-        let spec = self.spec(&config)?;
-        let resolution = sharding::resolve(&spec, &ckpt, &config, &topology)?;
-        for w in &resolution.warnings {
-            eprintln!("warning: {w}");
+        for kv in &self.set {
+            builder = builder.set(kv.clone());
         }
-        Ok(Prepared {
-            ckpt,
-            spec,
-            config,
-            topology,
-            resolution,
-        })
+        let job = builder.open()?;
+        for w in job.warnings() {
+            eprintln!("warning: {}", printable(w));
+        }
+        Ok(job)
     }
 }
 
@@ -122,23 +115,8 @@ pub fn human_bytes(bytes: u64) -> String {
     format!("{value:.2} {}", UNITS[unit])
 }
 
-/// `s` with control characters escaped (`\n`, `\u{1b}`), so a tensor name from a file cannot
-/// break table lines or send terminal escape sequences; borrowed when there is nothing to
-/// escape (the common case, kept allocation-free for 92k-tensor tables).
+/// `s` with control characters escaped (`\n`, `\u{1b}`), so a name from a file cannot break
+/// table lines or send terminal escape sequences; the library's one escaping rule.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        std::borrow::Cow::Owned(
-            s.chars()
-                .map(|c| {
-                    if c.is_control() {
-                        c.escape_default().to_string()
-                    } else {
-                        c.to_string()
-                    }
-                })
-                .collect(),
-        )
-    } else {
-        std::borrow::Cow::Borrowed(s)
-    }
+    safeshard::error::escape_controls(s)
 }

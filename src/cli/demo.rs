@@ -3,12 +3,12 @@
 use std::time::Instant;
 
 use safeshard::checkpoint::Dtype;
-use safeshard::load::{Job, LoadOptions};
 use safeshard::synth::{self, Arch, SynthOptions};
 use safeshard::topology::Topology;
 use safeshard::{Error, Result};
+use safeshard::{Job, LoadOptions};
 
-use super::common::human_bytes;
+use super::common::{human_bytes, printable};
 use super::load::{human_line, load_one, load_ranks};
 
 /// Arguments of `safeshard demo`.
@@ -59,25 +59,37 @@ pub fn memcpy_gbps(bytes: usize) -> f64 {
 
 /// Runs `safeshard demo`.
 pub fn run(args: Args) -> Result<()> {
-    let tmp;
-    let dir = match &args.keep {
+    // Everything is written to a temporary directory; with `--keep` it is renamed into place
+    // only after every rank loaded and verified, so a demo that fails half-way leaves nothing
+    // that looks like a checkpoint (the temporary directory is removed on the way out).
+    let tmp = match &args.keep {
         Some(d) => {
             // Writing into a checkpoint directory would replace its config.json and index
             // and leave its old shards beside the new ones.
             let non_empty = std::fs::read_dir(d).is_ok_and(|mut r| r.next().is_some());
             if non_empty {
-                return Err(Error::Usage(format!(
-                    "--keep {}: directory is not empty; give a new or empty directory",
-                    d.display()
-                )));
+                return Err(Error::invalid_argument(
+                    "keep",
+                    format!(
+                        "{}: directory is not empty; give a new or empty directory",
+                        printable(&d.to_string_lossy())
+                    ),
+                ));
             }
-            d.clone()
+            let parent = match d.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => std::path::Path::new("."),
+            };
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            tempfile::Builder::new()
+                .prefix(".safeshard-demo-")
+                .tempdir_in(parent)
+                .map_err(|e| Error::io(parent, e))?
         }
-        None => {
-            tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-            tmp.path().to_path_buf()
-        }
+        None => tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?,
     };
+    let dir = tmp.path().to_path_buf();
+    let shown = args.keep.clone().unwrap_or_else(|| dir.clone());
     let t = Instant::now();
     let n = synth::write_checkpoint(
         &dir,
@@ -92,7 +104,7 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     println!(
         "1. wrote a Llama-shaped checkpoint ({n} tensors) to {} in {:.2} s",
-        dir.display(),
+        printable(&shown.to_string_lossy()),
         t.elapsed().as_secs_f64()
     );
 
@@ -169,5 +181,15 @@ pub fn run(args: Args) -> Result<()> {
         },
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    if let Some(keep) = &args.keep {
+        // An empty directory given with --keep is replaced (rename(2) onto an empty
+        // directory succeeds on Linux; remove it first for other systems).
+        let _ = std::fs::remove_dir(keep);
+        let done = tmp.keep();
+        std::fs::rename(&done, keep).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&done);
+            Error::io(keep, e)
+        })?;
+    }
     Ok(())
 }

@@ -58,12 +58,17 @@ fn warn_unindexed(ckpt: &Checkpoint) {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     for (file, tensor) in ckpt.unindexed.iter().take(MAX_LISTED_UNINDEXED) {
-        eprintln!("warning: {file}: tensor {tensor:?} is not in {index} (not loaded)");
+        eprintln!(
+            "warning: {}: tensor {tensor:?} is not in {} (not loaded)",
+            printable(file),
+            printable(&index)
+        );
     }
     if ckpt.unindexed.len() > MAX_LISTED_UNINDEXED {
         eprintln!(
-            "warning: {} more tensors are not in {index} (not loaded)",
-            ckpt.unindexed.len() - MAX_LISTED_UNINDEXED
+            "warning: {} more tensors are not in {} (not loaded)",
+            ckpt.unindexed.len() - MAX_LISTED_UNINDEXED,
+            printable(&index)
         );
     }
 }

@@ -2,21 +2,25 @@
 //! every rank on threads, each reading its own slices (this file); `--share MODE`, or a
 //! launcher (`mpirun`, `srun`) with more than one process, runs the distributed path of
 //! [`super::dist`]: one process per rank under the launcher, else every rank on threads, with
-//! reads shared between ranks. Both paths print the same [`RankLine`]s.
+//! reads shared between ranks. Both paths print the same [`RankLine`]s (from
+//! [`super::report`], which both use; `dist.rs` does not import this file).
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use safeshard::checkpoint::Checkpoint;
-use safeshard::comm::{launch, ShareMode};
+use safeshard::comm::launch;
+use safeshard::dist::{ShareMode, DEFAULT_TIMEOUT};
 use safeshard::load::{self, ArenaInit, IoMode, LoadOptions, LoadStats};
-use safeshard::plan::{self, Plan};
+use safeshard::plan::Plan;
 use safeshard::sharding::Resolution;
-use safeshard::topology::Coords;
 use safeshard::{Error, Result};
-use sha2::{Digest, Sha256};
 
-use super::common::{human_bytes, PlanFlags, Prepared};
+use super::common::PlanFlags;
+use super::dist::Request;
+use super::report::{parse_duration, parse_round, print_lines, sha256_hex, RankLine};
+pub use super::report::{parse_size, prepare_plan};
 
 /// Arguments of `safeshard load`.
 #[derive(clap::Args, Debug)]
@@ -42,18 +46,25 @@ pub struct Args {
     /// (the node is `SAFESHARD_NODE`, else the host name).
     #[arg(long)]
     pub per_node: bool,
-    /// With `--share read-once`: bytes read per round (bounds staging memory), e.g. `1GiB`.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    /// With `--share read-once`: bytes read per round (bounds staging memory), e.g. `1GiB`;
+    /// at least 64KiB.
+    #[arg(long, default_value = "1GiB", value_parser = parse_round)]
     pub round: u64,
+    /// With `--share`: how long a rank waits for the others in any collective before it ends
+    /// the job naming the ranks that did not arrive, e.g. `30s`, `2m`.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// Check every tensor against an independent slow path (whole tensor read with pread,
     /// sliced in memory from the spec's layout).
     #[arg(long)]
     pub verify: bool,
-    /// Hand out tensors that are one contiguous file span as zero-copy views of the mapping.
+    /// Hand out tensors that are one contiguous file span as zero-copy views of the mapping
+    /// (only safe while no one truncates or writes the checkpoint files).
     #[arg(long)]
     pub views: bool,
-    /// I/O engine: `mmap` or `pread`.
-    #[arg(long, default_value = "mmap")]
+    /// I/O engine: `auto` (positioned reads for contiguous runs, mapped gathers for strided
+    /// ones), `mmap` or `pread`.
+    #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Staging memory budget of the pread engine, e.g. `256MiB`.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
@@ -69,45 +80,25 @@ pub struct Args {
     pub digest: bool,
 }
 
-/// Parses a byte size: `123`, `4KB`, `5GB` (powers of 1000), `4KiB`, `2GiB` (powers of 1024).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "m" | "mb" => 1_000_000,
-        "g" | "gb" => 1_000_000_000,
-        "t" | "tb" => 1_000_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB, 5GB)"))?;
-    let bytes = v * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is out of range"));
+/// The line of a single-process load.
+fn rank_line(plan: &Plan, r: &RankReport, io: IoMode) -> RankLine {
+    let s = &r.stats;
+    RankLine {
+        rank: s.rank,
+        coords: plan.ranks.get(s.rank).map(|p| p.coords),
+        share: ShareMode::None,
+        io,
+        tensors: s.tensors,
+        bytes: s.bytes,
+        read_bytes: s.read_bytes,
+        sent_bytes: 0,
+        received_bytes: 0,
+        view_bytes: s.view_bytes,
+        peak_staging: Some(s.peak_staging),
+        seconds: s.seconds,
+        verified: r.verified,
+        sha256: r.sha256.clone(),
     }
-    Ok(bytes as u64)
-}
-
-/// Opens, resolves and plans.
-pub fn prepare_plan(checkpoint: &PathBuf, flags: &PlanFlags) -> Result<(Prepared, Plan)> {
-    let prep = flags.prepare(checkpoint)?;
-    let plan = plan::build(
-        &prep.ckpt,
-        &prep.resolution,
-        &prep.topology,
-        &prep.spec.name,
-    )?;
-    Ok((prep, plan))
 }
 
 /// The outcome of one rank.
@@ -118,14 +109,6 @@ pub struct RankReport {
     pub verified: Option<usize>,
     /// SHA-256 of the rank's arena (views materialized), when asked for.
     pub sha256: Option<String>,
-}
-
-/// Lowercase hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Loads (and optionally verifies) one rank, dropping its tensors afterwards.
@@ -150,7 +133,13 @@ fn load_one_with(
     verify: bool,
     digest: bool,
 ) -> Result<RankReport> {
-    let loaded = load::load_rank(plan, rank, opts)?;
+    let loaded = if opts.views {
+        // SAFETY: `--views` is the user's promise (documented in --help) that the checkpoint
+        // is not truncated or written during the load; the views are dropped before return.
+        unsafe { load::load_rank_views(plan, rank, opts)? }
+    } else {
+        load::load_rank(plan, rank, opts)?
+    };
     let verified = if verify {
         Some(load::verify_rank(ckpt, resolution, &loaded)?)
     } else {
@@ -229,154 +218,9 @@ fn load_ranks_with(
     results.into_iter().collect()
 }
 
-fn gbps(bytes: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        bytes as f64 / secs / 1e9
-    } else {
-        0.0
-    }
-}
-
-/// What both paths print about one rank: the same keys for the same things.
-pub struct RankLine {
-    /// Global rank.
-    pub rank: usize,
-    /// Where the rank sits, when the plan knows it.
-    pub coords: Option<Coords>,
-    /// Share mode (`none` for `--rank`/`--all-ranks`).
-    pub share: ShareMode,
-    /// I/O engine of the bytes read from storage.
-    pub io: IoMode,
-    /// Tensors held.
-    pub tensors: usize,
-    /// Bytes held.
-    pub bytes: u64,
-    /// Bytes this rank read from storage.
-    pub read_bytes: u64,
-    /// Bytes sent to other ranks.
-    pub sent_bytes: u64,
-    /// Bytes received from other ranks.
-    pub received_bytes: u64,
-    /// Bytes handed out as views of the file mapping.
-    pub view_bytes: u64,
-    /// Peak staging memory of the pread engine (single-process path only).
-    pub peak_staging: Option<u64>,
-    /// Load wall time, seconds.
-    pub seconds: f64,
-    /// Tensors verified, when verification ran.
-    pub verified: Option<usize>,
-    /// SHA-256 of the rank's arena, when asked for.
-    pub sha256: Option<String>,
-}
-
-impl RankLine {
-    /// The line of a single-process load.
-    pub fn from_report(plan: &Plan, r: &RankReport, io: IoMode) -> RankLine {
-        let s = &r.stats;
-        RankLine {
-            rank: s.rank,
-            coords: plan.ranks.get(s.rank).map(|p| p.coords),
-            share: ShareMode::None,
-            io,
-            tensors: s.tensors,
-            bytes: s.bytes,
-            read_bytes: s.read_bytes,
-            sent_bytes: 0,
-            received_bytes: 0,
-            view_bytes: s.view_bytes,
-            peak_staging: Some(s.peak_staging),
-            seconds: s.seconds,
-            verified: r.verified,
-            sha256: r.sha256.clone(),
-        }
-    }
-
-    /// One human-readable line.
-    pub fn human(&self) -> String {
-        let coords = self.coords.map_or(String::new(), |c| {
-            format!(" (dp {}, pp {}, tp {})", c.dp_rank, c.pp_rank, c.tp_rank)
-        });
-        let received = if self.share == ShareMode::None {
-            String::new()
-        } else {
-            format!(", {} received", human_bytes(self.received_bytes))
-        };
-        let verified = self
-            .verified
-            .map_or(String::new(), |n| format!(", verified {n} tensors"));
-        let digest = self
-            .sha256
-            .as_ref()
-            .map_or(String::new(), |d| format!(", sha256 {d}"));
-        format!(
-            "rank {}{coords}: {} tensors, {} held, {} read{received}, {:.3} s, {:.2} GB/s\
-             {verified}{digest}",
-            self.rank,
-            self.tensors,
-            human_bytes(self.bytes),
-            human_bytes(self.read_bytes),
-            self.seconds,
-            gbps(self.bytes, self.seconds)
-        )
-    }
-
-    /// One JSON object (`sha256` only when a digest was asked for).
-    pub fn json(&self) -> serde_json::Value {
-        let c = self.coords;
-        let mut v = serde_json::json!({
-            "rank": self.rank,
-            "tp_rank": c.map(|c| c.tp_rank),
-            "pp_rank": c.map(|c| c.pp_rank),
-            "dp_rank": c.map(|c| c.dp_rank),
-            "share": self.share.to_string(),
-            "io": match self.io { IoMode::Mmap => "mmap", IoMode::Pread => "pread" },
-            "tensors": self.tensors,
-            "bytes": self.bytes,
-            "read_bytes": self.read_bytes,
-            "sent_bytes": self.sent_bytes,
-            "received_bytes": self.received_bytes,
-            "view_bytes": self.view_bytes,
-            "peak_staging": self.peak_staging,
-            "seconds": self.seconds,
-            "gb_per_s": gbps(self.bytes, self.seconds),
-            "verified": self.verified,
-        });
-        if let (Some(d), Some(o)) = (&self.sha256, v.as_object_mut()) {
-            o.insert("sha256".into(), d.clone().into());
-        }
-        v
-    }
-
-    /// The line in the output format chosen by `--json`.
-    pub fn render(&self, json: bool) -> String {
-        if json {
-            self.json().to_string()
-        } else {
-            self.human()
-        }
-    }
-}
-
 /// One human-readable line per rank.
 pub fn human_line(plan: &Plan, r: &RankReport) -> String {
-    RankLine::from_report(plan, r, IoMode::default()).human()
-}
-
-/// Writes lines to stdout; a closed pipe (`| head`) is not an error.
-pub fn print_lines(lines: impl IntoIterator<Item = String>) -> Result<()> {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let write = || -> std::io::Result<()> {
-        for l in lines {
-            writeln!(out, "{l}")?;
-        }
-        out.flush()
-    };
-    match write() {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(Error::io("<stdout>", e)),
-    }
+    rank_line(plan, r, IoMode::default()).human()
 }
 
 /// Runs `safeshard load`: routes to the single-process or the distributed path.
@@ -402,7 +246,16 @@ pub fn run(args: Args) -> Result<()> {
     }
     let launched = launch::detect_env()?;
     if args.share.is_some() || launched.is_some() {
-        return super::dist::run(&args, launched);
+        // Without MPI the processes of a launcher cannot talk, but `--share none` needs no
+        // talking: each process loads the rank the launcher gave it. A rank that fails exits
+        // non-zero and the launcher ends the job; plans are not compared across processes.
+        if !cfg!(feature = "mpi") && args.share.unwrap_or_default() == ShareMode::None {
+            if let Some(l) = launched.as_ref().filter(|l| l.size > 1) {
+                launch::check_world(l.size, &args.plan.topology()?)?;
+                return run_ranks(&args, Some(l.rank));
+            }
+        }
+        return super::dist::run(&request(&args), launched);
     }
     Err(Error::Usage(
         "say which ranks to load: --rank R (one rank), --all-ranks (every rank on threads) or \
@@ -417,10 +270,47 @@ fn run_single(args: Args) -> Result<()> {
     run_ranks(&args, args.rank)
 }
 
-/// Loads only `rank` in this process, as `--rank` does (used under a launcher without MPI).
-#[cfg_attr(feature = "mpi", allow(dead_code))]
-pub fn run_single_rank(args: &Args, rank: usize) -> Result<()> {
-    run_ranks(args, Some(rank))
+/// The distributed path's request, from the flags.
+fn request(args: &Args) -> Request<'_> {
+    Request {
+        checkpoint: &args.checkpoint,
+        plan: &args.plan,
+        share: args.share.unwrap_or_default(),
+        per_node: args.per_node,
+        round: args.round,
+        timeout: args.timeout,
+        verify: args.verify,
+        views: args.views,
+        io: args.io,
+        staging_budget: args.staging_budget,
+        arena: args.arena,
+        json: args.json,
+        digest: args.digest,
+    }
+}
+
+impl From<super::dist::Args> for Args {
+    fn from(a: super::dist::Args) -> Self {
+        let d = LoadOptions::default();
+        Args {
+            checkpoint: a.checkpoint,
+            plan: a.plan,
+            rank: None,
+            all_ranks: false,
+            share: Some(a.share),
+            per_node: a.per_node,
+            round: a.round,
+            timeout: DEFAULT_TIMEOUT,
+            verify: a.verify,
+            views: false,
+            io: a.io,
+            staging_budget: d.staging_budget,
+            arena: d.arena,
+            json: a.json,
+            // dist-load always printed the digest.
+            digest: true,
+        }
+    }
 }
 
 /// Loads `rank` (or every rank) in this process, each reading its own slices.
@@ -444,6 +334,7 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
         arena: args.arena,
         threads: None,
         pread_contiguous: false,
+        control: None,
     };
     let progress = std::io::stderr().is_terminal().then(|| {
         let p = indicatif::ProgressBar::new(ranks.len() as u64);
@@ -473,6 +364,6 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
     print_lines(
         reports
             .iter()
-            .map(|r| RankLine::from_report(&plan, r, args.io).render(args.json)),
+            .map(|r| rank_line(&plan, r, args.io).render(args.json)),
     )
 }

@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and output formatting only; the work is in the library.
 
 use clap::{Parser, Subcommand};
+use safeshard::Error;
 
 mod common;
 mod demo;
@@ -8,6 +9,7 @@ mod dist;
 mod inspect;
 mod load;
 mod plan;
+mod report;
 mod reshard;
 mod spec;
 
@@ -45,7 +47,17 @@ enum Command {
 
 /// Runs the CLI and returns the process exit status.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    main_from(std::env::args_os())
+}
+
+/// Runs the CLI on `args` (the program name first) and returns the exit status; the Python
+/// package's console script calls this with its own `sys.argv`.
+pub fn main_from<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             // clap prints help/version to stdout (exit 0); usage errors (exit 2) get our
@@ -53,7 +65,12 @@ pub fn main() -> i32 {
             if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 eprintln!("{}", missing_subcommand(&e.render().to_string()));
             } else if e.use_stderr() {
-                eprintln!("{}", one_line_usage_error(&e.render().to_string()));
+                eprintln!(
+                    "{}",
+                    safeshard::error::escape_controls(&one_line_usage_error(
+                        &e.render().to_string()
+                    ))
+                );
             } else {
                 let _ = e.print();
             }
@@ -86,10 +103,51 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
-            e.exit_code()
+            eprintln!("error: {}", message(&e));
+            exit_code(&e)
         }
     }
+}
+
+/// Exit status of a failed command: 2 for bad usage (flags, arguments, topology), 1 for bad
+/// data and failures of the system.
+pub fn exit_code(e: &Error) -> i32 {
+    match e {
+        Error::Usage(_) | Error::InvalidArgument { .. } => 2,
+        _ => 1,
+    }
+}
+
+/// The command-line flag of a library option field: `pp_layers` → `--pp-layers`.
+fn flag(option: &str) -> String {
+    format!("--{}", option.replace('_', "-"))
+}
+
+/// An error as the CLI prints it: options named by their flags, and no raw control
+/// characters (a last line of defence; the library escapes the names it prints). Spec errors
+/// keep their source and caret lines (indented by four spaces); any other line break is
+/// escaped, so a name cannot forge a second `error:` line.
+pub fn message(e: &Error) -> String {
+    let text = match e {
+        Error::InvalidArgument { option, message } => format!("{} {message}", flag(option)),
+        other => other.to_string(),
+    };
+    let keeps_context = matches!(
+        e,
+        Error::Spec(_) | Error::SpecAt { .. } | Error::Placement(_)
+    );
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push_str(if keeps_context && line.starts_with("    ") {
+                "\n"
+            } else {
+                "\\n"
+            });
+        }
+        out.push_str(&safeshard::error::escape_controls(line));
+    }
+    out
 }
 
 /// Folds clap's rendered error into one line: the message lines up to the first blank line

@@ -4,11 +4,11 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use safeshard::plan::{self, Plan};
+use safeshard::plan::Plan;
 use safeshard::{Error, Result};
 use serde::Serialize;
 
-use super::common::{human_bytes, PlanFlags};
+use super::common::{human_bytes, printable, PlanFlags};
 
 /// Arguments of `safeshard plan`.
 #[derive(clap::Args, Debug)]
@@ -30,13 +30,7 @@ pub struct Args {
 
 /// Runs `safeshard plan`.
 pub fn run(args: Args) -> Result<()> {
-    let prepared = args.flags.prepare(&args.checkpoint)?;
-    let plan = plan::build(
-        &prepared.ckpt,
-        &prepared.resolution,
-        &prepared.topology,
-        &prepared.spec.name,
-    )?;
+    let (prepared, plan) = super::common::split(args.flags.job(&args.checkpoint)?);
     if let Some(path) = &args.svg {
         write_svg(path, &plan)?;
     }
@@ -69,10 +63,13 @@ fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
     // Renaming over a device node or a directory would replace it (we may run as root).
     if let Ok(meta) = std::fs::metadata(path) {
         if !meta.is_file() {
-            return Err(Error::Usage(format!(
-                "--svg {}: exists and is not a regular file",
-                path.display()
-            )));
+            return Err(Error::invalid_argument(
+                "svg",
+                format!(
+                    "{}: exists and is not a regular file",
+                    printable(&path.to_string_lossy())
+                ),
+            ));
         }
     }
     let mut tmp = tempfile::Builder::new()
@@ -80,7 +77,7 @@ fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
         .suffix(".svg.tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, strip_path(e)))?;
-    tmp.write_all(plan::memory_svg(plan).as_bytes())
+    tmp.write_all(safeshard::plan::memory_svg(plan).as_bytes())
         .and_then(|()| tmp.flush())
         .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
     // tempfile creates 0600; a picture is for sharing.

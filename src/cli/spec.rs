@@ -8,7 +8,7 @@ use safeshard::sharding::{self, Config, Layout, Piece, Resolved, Shards, Spec};
 use safeshard::{Error, Result};
 use serde_json::json;
 
-use super::common::TopologyFlags;
+use super::common::{printable, TopologyFlags};
 
 /// `safeshard spec` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -86,7 +86,7 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
             let _ = writeln!(
                 out,
                 "{}: ok ({} rules; architectures: {})",
-                spec.origin,
+                printable(&spec.origin),
                 spec.rule_count(),
                 if spec.architectures.is_empty() {
                     "none declared".to_string()
@@ -101,7 +101,7 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
     let config = Config::from_checkpoint(&ckpt, &args.set)?;
     let res = sharding::resolve(&spec, &ckpt, &config, &topo)?;
     for w in &res.warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", printable(w));
     }
     let held = res
         .tensors
@@ -155,8 +155,8 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
     let _ = writeln!(
         out,
         "{}: ok on {} ({} tensors: {held} held, {} skipped; {} warning(s))",
-        spec.origin,
-        path.display(),
+        printable(&spec.origin),
+        printable(&path.to_string_lossy()),
         ckpt.tensors.len(),
         ckpt.tensors.len() - held,
         res.warnings.len()
@@ -173,7 +173,13 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
         let shape = dims(&t.shape);
         match r {
             Resolved::Skip { reason } => {
-                let _ = writeln!(out, "{}  {} {shape}  skip: {reason}", t.name, t.dtype);
+                let _ = writeln!(
+                    out,
+                    "{}  {} {shape}  skip: {}",
+                    printable(&t.name),
+                    t.dtype,
+                    printable(reason)
+                );
             }
             Resolved::Held {
                 stages,
@@ -193,12 +199,17 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
                         let _ = writeln!(
                             out,
                             "{}  {} {shape}  stage {st}  {kind}  every tp rank: {l}",
-                            t.name, t.dtype
+                            printable(&t.name),
+                            t.dtype
                         );
                     }
                     Shards::PerTp(ls) => {
-                        let _ =
-                            writeln!(out, "{}  {} {shape}  stage {st}  {kind}", t.name, t.dtype);
+                        let _ = writeln!(
+                            out,
+                            "{}  {} {shape}  stage {st}  {kind}",
+                            printable(&t.name),
+                            t.dtype
+                        );
                         for (i, l) in ls.iter().enumerate() {
                             let _ = writeln!(out, "    tp {i}: {}", describe(l));
                         }
@@ -211,7 +222,7 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
                         let _ = writeln!(
                             out,
                             "{}  {} {shape}  stage {st}  {kind}  expert {expert} on ep rank {owner}: {}",
-                            t.name,
+                            printable(&t.name),
                             t.dtype,
                             describe(layout)
                         );

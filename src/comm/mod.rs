@@ -1,33 +1,31 @@
-//! Communicators (threads, MPI, NCCL), launcher detection and shared-tensor distribution.
+//! Transport: communicators (threads, MPI, NCCL), launcher detection and agreement.
 //!
 //! A distributed job runs one process (or, in tests and single-node runs, one thread) per
-//! global rank. Every rank computes the same [`Plan`](crate::plan::Plan) itself; this module
-//! then decides who reads which bytes from storage and moves bytes between ranks:
+//! global rank. This module moves bytes between ranks and knows nothing about plans or
+//! loading (the share modes that decide *which* bytes move live in [`crate::dist`]):
 //!
 //! - [`Communicator`] is the small byte-oriented interface every backend implements: rank,
-//!   size, split into sub-communicators, barrier, broadcast, all-gather, all-to-all-v, abort.
+//!   size, split into sub-communicators, barrier, broadcast, all-gather, all-to-all-v, abort,
+//!   and a collective timeout with a phase name for its message.
 //!   Backends: [`ThreadComm`] (in-process, channels and condition variables), `MpiComm`
 //!   (feature `mpi`, rsmpi; large messages are chunked under MPI's 2 GiB `int` counts) and
 //!   `NcclComm` (feature `nccl`, cudarc loaded at run time; device buffers).
 //! - [`launch`] reads rank, world size and local rank from the launcher's environment
 //!   (Open MPI, MPICH/Hydra, Slurm, torchrun) and checks it against the topology and MPI.
-//! - [`share`] runs a rank's load under a [`ShareMode`]: `none` (every rank reads its own
-//!   runs), `broadcast` (bytes held by several ranks are read by one owner and broadcast within
-//!   the sub-communicator of exactly the ranks that hold them) or `read-once` (every needed byte
-//!   is read once per job or per node and distributed with all-to-all-v).
-//!
-//! Failure handling: every phase that can fail locally (opening or reading a file) ends with
-//! [`agree`], an all-gather of each rank's status on the world communicator, so a rank that
-//! failed never leaves the others blocked in a later collective: all ranks return an error
-//! naming the failed rank and its message.
+//! - Agreement: [`agree`] all-gathers every rank's status after a local phase, so a rank that
+//!   failed never leaves the others blocked in a later collective; [`agree_fields`] compares
+//!   named values (a job fingerprint) across ranks and names the first that differs.
+//! - Timeouts: [`Communicator::set_timeout`] bounds every later collective; a rank still
+//!   waiting after it ends the job with a message naming the phase
+//!   ([`Communicator::set_phase`]) and, where the backend can tell, the ranks that did not
+//!   arrive.
+
+use std::time::Duration;
 
 use crate::{Error, Result};
 
-pub mod exec;
 pub mod launch;
-pub mod share;
 mod threads;
-pub mod toy;
 
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -41,7 +39,6 @@ pub mod nccl;
 pub mod device;
 
 pub use launch::{LaunchInfo, Launcher};
-pub use share::{load_rank, RankLoad, ShareMode, ShareOptions};
 pub use threads::{run_threads, ThreadComm};
 
 /// A group of ranks that can exchange byte buffers.
@@ -81,9 +78,12 @@ pub trait Communicator {
         let mut bufs = Vec::with_capacity(send_counts.len());
         let mut off = 0usize;
         for &c in send_counts {
-            let part = send.get(off..off + c).ok_or_else(|| {
-                Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
-            })?;
+            let part = off
+                .checked_add(c)
+                .and_then(|end| send.get(off..end))
+                .ok_or_else(|| {
+                    Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
+                })?;
             bufs.push(part.to_vec());
             off += c;
         }
@@ -96,7 +96,8 @@ pub trait Communicator {
                     g.len()
                 )));
             }
-            recv.get_mut(off..off + c)
+            off.checked_add(c)
+                .and_then(|end| recv.get_mut(off..end))
                 .ok_or_else(|| Error::Comm("all_to_all_packed: receive buffer too small".into()))?
                 .copy_from_slice(g);
             off += c;
@@ -107,6 +108,53 @@ pub trait Communicator {
     /// prints `msg` and calls `MPI_Abort` (it does not return); the thread backend makes every
     /// other rank's pending and future collectives fail with `msg`, then returns.
     fn abort(&self, code: i32, msg: &str);
+    /// Bounds how long each later collective of this communicator (and of communicators split
+    /// from it afterwards) waits for the other ranks; `None` waits forever. A rank that runs
+    /// out of time ends the job: the thread backend aborts the thread world and returns
+    /// [`Error::Comm`]; the MPI backend prints the message and calls `MPI_Abort`.
+    fn set_timeout(&self, timeout: Option<Duration>);
+    /// Names the phase that later collectives belong to, for the timeout message.
+    fn set_phase(&self, phase: &str);
+}
+
+/// The message of a collective that timed out: the phase, the wait and who did not arrive.
+pub fn timeout_message(
+    rank: usize,
+    phase: &str,
+    timeout: Duration,
+    missing: Option<&[usize]>,
+) -> String {
+    let who = match missing {
+        Some(m) if !m.is_empty() => format!("rank {} did not arrive", rank_list(m)),
+        _ => "some ranks of this group did not arrive".to_string(),
+    };
+    format!(
+        "rank {rank}: timed out after {} in phase {phase:?}: {who}",
+        human_duration(timeout)
+    )
+}
+
+/// `30s`, `2m`, `1m30s`, `250ms`: a duration as the `--timeout` flag spells it.
+pub fn human_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match (s / 60, s % 60) {
+        (0, s) => format!("{s}s"),
+        (m, 0) => format!("{m}m"),
+        (m, s) => format!("{m}m{s}s"),
+    }
+}
+
+/// `0,2,3`: ranks joined by commas.
+pub fn rank_list(ranks: &[usize]) -> String {
+    ranks
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Agrees on the outcome of a local phase: all-gathers every rank's status on `comm`.
@@ -140,23 +188,81 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
     }
 }
 
-/// Checks that every rank computed the same plan: all-gathers `hash` and compares.
-pub fn check_same_plan(comm: &dyn Communicator, hash: &[u8]) -> Result<()> {
-    let all = comm.all_gather(hash)?;
-    let differing: Vec<usize> = all
-        .iter()
-        .enumerate()
-        .filter(|(_, h)| h.as_slice() != all.first().map(|v| v.as_slice()).unwrap_or(&[]))
-        .map(|(r, _)| r)
-        .collect();
-    if differing.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Comm(format!(
-            "ranks {differing:?} computed a different plan than rank 0 (different checkpoint \
-             files, flags or safeshard version on their nodes?)"
-        )))
+/// Checks that every rank holds the same value for every named field (a job fingerprint):
+/// all-gathers `fields` and compares them field by field, in order.
+///
+/// The first field whose values differ gives [`Error::Usage`], the same on every rank, naming
+/// the field, each distinct value and the ranks holding it, e.g.
+/// `ranks disagree on mode: rank 0,2,3 broadcast, rank 1 none`. Fields are compared in the
+/// order given, so put the ones that explain the others first (a version, then options).
+pub fn agree_fields(comm: &dyn Communicator, fields: &[(&str, String)]) -> Result<()> {
+    let mut mine = Vec::new();
+    for (name, value) in fields {
+        for part in [name.as_bytes(), value.as_bytes()] {
+            mine.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            mine.extend_from_slice(part);
+        }
     }
+    let all = comm.all_gather(&mine)?;
+    let decoded: Vec<Option<Vec<(String, String)>>> =
+        all.iter().map(|b| decode_fields(b)).collect();
+    if let Some(bad) = decoded.iter().position(Option::is_none) {
+        return Err(Error::Comm(format!(
+            "rank {bad} sent a malformed job fingerprint (a different safeshard version?)"
+        )));
+    }
+    let decoded: Vec<Vec<(String, String)>> = decoded.into_iter().flatten().collect();
+    let longest = decoded.iter().map(Vec::len).max().unwrap_or(0);
+    for i in 0..longest {
+        let at = |r: &Vec<(String, String)>| r.get(i).cloned();
+        let first = decoded.first().and_then(at);
+        if decoded.iter().all(|r| at(r) == first) {
+            continue;
+        }
+        let name = decoded
+            .iter()
+            .find_map(|r| r.get(i).map(|f| f.0.clone()))
+            .unwrap_or_default();
+        // Group ranks by value, in order of each value's first rank.
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (rank, r) in decoded.iter().enumerate() {
+            let v = match r.get(i) {
+                Some((n, v)) if *n == name => v.clone(),
+                Some((n, v)) => format!("{n}={v}"),
+                None => "(absent)".into(),
+            };
+            match groups.iter_mut().find(|g| g.0 == v) {
+                Some(g) => g.1.push(rank),
+                None => groups.push((v, vec![rank])),
+            }
+        }
+        let list: Vec<String> = groups
+            .iter()
+            .map(|(v, ranks)| format!("rank {} {v}", rank_list(ranks)))
+            .collect();
+        return Err(Error::Usage(format!(
+            "ranks disagree on {name}: {}",
+            list.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn decode_fields(mut b: &[u8]) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let take = |b: &mut &[u8]| -> Option<String> {
+        let len = usize::try_from(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)).ok()?;
+        let s = b.get(8..8usize.checked_add(len)?)?;
+        let text = String::from_utf8_lossy(s).into_owned();
+        *b = b.get(8 + len..)?;
+        Some(text)
+    };
+    while !b.is_empty() {
+        let name = take(&mut b)?;
+        let value = take(&mut b)?;
+        out.push((name, value));
+    }
+    Some(out)
 }
 
 /// A sub-communicator of the node-local ranks: ranks whose `node` names are equal.

@@ -179,6 +179,14 @@ impl Communicator for NcclComm {
     fn abort(&self, code: i32, msg: &str) {
         self.host.abort(code, msg)
     }
+    fn set_timeout(&self, timeout: Option<std::time::Duration>) {
+        // NCCL kernels run on the device and are not polled here: the timeout bounds the
+        // host communicator's collectives (the agreement steps around every phase).
+        self.host.set_timeout(timeout)
+    }
+    fn set_phase(&self, phase: &str) {
+        self.host.set_phase(phase)
+    }
 }
 
 #[cfg(test)]

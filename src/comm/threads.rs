@@ -7,11 +7,12 @@
 //! completing the next one, which needs every rank to have arrived, so nobody reads a stale
 //! or overwritten round.
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::Communicator;
+use super::{timeout_message, Communicator};
 use crate::{Error, Result};
 
 /// Job-wide abort flag shared by every communicator of one thread world.
@@ -50,15 +51,19 @@ struct Slot {
 
 struct Group {
     size: usize,
+    /// World rank of each member, for messages about ranks that did not arrive.
+    world_ranks: Vec<usize>,
     slot: Mutex<Slot>,
     cv: Condvar,
     abort: Arc<AbortFlag>,
 }
 
 impl Group {
-    fn new(size: usize, abort: Arc<AbortFlag>) -> Arc<Self> {
+    fn new(world_ranks: Vec<usize>, abort: Arc<AbortFlag>) -> Arc<Self> {
+        let size = world_ranks.len();
         Arc::new(Group {
             size,
+            world_ranks,
             slot: Mutex::new(Slot {
                 generation: 0,
                 deposits: vec![None; size],
@@ -77,20 +82,32 @@ impl Group {
 pub struct ThreadComm {
     rank: usize,
     group: Arc<Group>,
-    splits: std::cell::Cell<u64>,
+    splits: Cell<u64>,
+    timeout: Cell<Option<Duration>>,
+    phase: RefCell<String>,
 }
 
 impl ThreadComm {
     /// Handles for a world of `size` ranks; give handle `i` to the thread running rank `i`.
     pub fn world(size: usize) -> Vec<ThreadComm> {
-        let group = Group::new(size, Arc::new(AbortFlag::default()));
+        let group = Group::new((0..size).collect(), Arc::new(AbortFlag::default()));
         (0..size)
             .map(|rank| ThreadComm {
                 rank,
                 group: group.clone(),
-                splits: std::cell::Cell::new(0),
+                splits: Cell::new(0),
+                timeout: Cell::new(None),
+                phase: RefCell::new("start".into()),
             })
             .collect()
+    }
+
+    fn world_rank(&self) -> usize {
+        self.group
+            .world_ranks
+            .get(self.rank)
+            .copied()
+            .unwrap_or(self.rank)
     }
 
     /// One collective round: deposit `data`, wait for everyone, return all deposits.
@@ -99,6 +116,7 @@ impl ThreadComm {
         if let Some(msg) = g.abort.get() {
             return Err(Error::Comm(format!("job aborted: {msg}")));
         }
+        let deadline = self.timeout.get().map(|t| (t, Instant::now() + t));
         let mut slot = lock(&g.slot);
         let generation = slot.generation;
         if let Some(d) = slot.deposits.get_mut(self.rank) {
@@ -126,6 +144,27 @@ impl ThreadComm {
             if slot.generation == generation {
                 if let Some(msg) = g.abort.get() {
                     return Err(Error::Comm(format!("job aborted: {msg}")));
+                }
+                if let Some((timeout, at)) = deadline {
+                    if Instant::now() >= at {
+                        let missing: Vec<usize> = slot
+                            .deposits
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, d)| d.is_none())
+                            .map(|(r, _)| g.world_ranks.get(r).copied().unwrap_or(r))
+                            .collect();
+                        let msg = timeout_message(
+                            self.world_rank(),
+                            &self.phase.borrow(),
+                            timeout,
+                            Some(&missing),
+                        );
+                        drop(slot);
+                        // Every other rank still waiting anywhere in this world fails too.
+                        g.abort.set(msg.clone());
+                        return Err(Error::Comm(msg));
+                    }
                 }
             }
         }
@@ -177,13 +216,21 @@ impl Communicator for ThreadComm {
             let mut slot = lock(&self.group.slot);
             slot.children
                 .entry((seq, color))
-                .or_insert_with(|| Group::new(members.len(), self.group.abort.clone()))
+                .or_insert_with(|| {
+                    let world_ranks = members
+                        .iter()
+                        .map(|&(_, r)| self.group.world_ranks.get(r).copied().unwrap_or(r))
+                        .collect();
+                    Group::new(world_ranks, self.group.abort.clone())
+                })
                 .clone()
         };
         Ok(Some(Box::new(ThreadComm {
             rank: new_rank,
             group: child,
-            splits: std::cell::Cell::new(0),
+            splits: Cell::new(0),
+            timeout: Cell::new(self.timeout.get()),
+            phase: RefCell::new(self.phase.borrow().clone()),
         })))
     }
 
@@ -263,9 +310,18 @@ impl Communicator for ThreadComm {
     }
 
     fn abort(&self, code: i32, msg: &str) {
-        self.group
-            .abort
-            .set(format!("rank {} aborted (code {code}): {msg}", self.rank));
+        self.group.abort.set(format!(
+            "rank {} aborted (code {code}): {msg}",
+            self.world_rank()
+        ));
+    }
+
+    fn set_timeout(&self, timeout: Option<Duration>) {
+        self.timeout.set(timeout);
+    }
+
+    fn set_phase(&self, phase: &str) {
+        phase.clone_into(&mut self.phase.borrow_mut());
     }
 }
 

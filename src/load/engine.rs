@@ -1,24 +1,25 @@
-//! Executing copy and zero runs: file checks, run validation, task splitting, and the two I/O
-//! engines (memory-mapped windows and positioned reads).
+//! Executing copy and zero runs: file checks, run validation (which yields the
+//! [`ValidatedRuns`] token the unsafe copy requires), task splitting, and the I/O paths
+//! (positioned reads straight into the arena, gathers from memory-mapped windows, staged
+//! reads), chosen per task by [`IoMode`].
 
 use std::fs::File;
+use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use memmap2::{Advice, Mmap, MmapOptions};
-use rayon::prelude::*;
+use memmap2::{Advice, Mmap, MmapOptions, UncheckedAdvice};
 
+use super::sigbus;
 use super::{IoMode, LoadOptions};
 use crate::checkpoint::FileIdentity;
-use crate::plan::{CopyRun, PlanFile, ZeroRun};
+use crate::plan::{merge_intervals, page_size, read_bytes, CopyRun, PlanFile, Strided, ZeroRun};
 use crate::{Error, Result};
 
 /// Largest piece of work handed to one rayon task (bytes written to the arena).
 pub(crate) const TASK_BYTES: u64 = 8 << 20;
-/// Windows of one file closer than this are mapped as one mapping (unused pages of a mapping
-/// cost address space only; they are never read).
-const MERGE_GAP: u64 = 16 << 20;
 
 /// What one execution did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -28,16 +29,6 @@ pub struct ExecStats {
     pub read_bytes: u64,
     /// Most staging memory held at once (pread engine; 0 for mmap).
     pub peak_staging: u64,
-}
-
-pub(crate) fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        4096
-    }
 }
 
 /// Opens the plan's files that `copies` read and checks each against its planned identity
@@ -93,83 +84,92 @@ fn check_identity(pf: &PlanFile, now: &FileIdentity) -> Result<()> {
     Ok(())
 }
 
-/// One run, with its end offsets computed without overflow.
-#[derive(Clone, Copy, Debug)]
-struct Span {
-    start: u64,
-    end: u64,
-}
-
 fn bad_plan(msg: String) -> Error {
     Error::Load(format!("plan: {msg}"))
 }
 
-/// `[start, end)` of the bytes a strided pattern touches (bounding span).
-fn strided_span(start: u64, len: u64, count: u64, stride: u64) -> Option<Span> {
-    if count == 0 || len == 0 {
-        return Some(Span { start, end: start });
-    }
-    let end = (count - 1)
-        .checked_mul(stride)?
-        .checked_add(start)?
-        .checked_add(len)?;
-    Some(Span { start, end })
+/// The message of a load whose input shrank under it (a short read or a recovered `SIGBUS`).
+fn truncated(pf: &PlanFile, detail: impl std::fmt::Display) -> Error {
+    Error::Load(format!(
+        "{}: file truncated during load ({detail})",
+        pf.path.display()
+    ))
 }
 
-/// A destination pattern (contiguous or strided) for the overlap check.
+/// The arena as a raw pointer, shared by the copy threads. Only [`validate`] makes one, and
+/// only inside a [`ValidatedRuns`] that borrows the arena mutably for `'a`, so nothing else
+/// can read or write the arena while the copy threads write through it.
 #[derive(Clone, Copy)]
-struct DstPattern {
-    dst: u64,
-    len: u64,
-    count: u64,
-    stride: u64,
-    span: Span,
+struct ArenaPtr<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _arena: PhantomData<&'a mut [u8]>,
+}
+// SAFETY: threads write disjoint ranges only (proved by `validate`, see `ValidatedRuns`).
+unsafe impl Send for ArenaPtr<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for ArenaPtr<'_> {}
+
+impl ArenaPtr<'_> {
+    /// # Safety
+    /// `[off, off + len)` must lie inside the arena and be written by no other thread now.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn chunk(&self, off: u64, len: u64) -> &mut [u8] {
+        debug_assert!(off + len <= self.len as u64);
+        std::slice::from_raw_parts_mut(self.ptr.add(off as usize), len as usize)
+    }
 }
 
-impl DstPattern {
-    /// The destination of `{what} run {i}` (copy or zero), checked against the arena:
-    /// no offset overflow, within `arena_len`, chunks not overlapping each other.
-    fn checked(
-        what: &str,
-        i: usize,
-        dst: u64,
-        len: u64,
-        count: u64,
-        stride: u64,
-        arena_len: u64,
-    ) -> Result<Self> {
-        let span = strided_span(dst, len, count, stride)
-            .ok_or_else(|| bad_plan(format!("{what} run {i}: arena offsets overflow")))?;
-        if span.end > arena_len {
-            return Err(bad_plan(format!(
-                "{what} run {i} writes up to arena byte {}, arena has {arena_len}",
-                span.end
-            )));
-        }
-        if count > 1 && stride < len {
-            return Err(bad_plan(format!(
-                "{what} run {i}: chunks overlap in the arena"
-            )));
-        }
-        Ok(DstPattern {
-            dst,
-            len,
-            count,
-            stride,
-            span,
-        })
+/// Copy and zero runs proven to lie inside their files (as planned) and inside the arena,
+/// with no offset overflow and no two destination chunks overlapping. Produced only by
+/// [`validate`], which takes the arena for `'a`: the unsafe parallel copy accepts nothing
+/// else, so an unchecked run can never reach it.
+pub(crate) struct ValidatedRuns<'a> {
+    files: &'a [PlanFile],
+    copies: &'a [CopyRun],
+    zeros: &'a [ZeroRun],
+    arena: ArenaPtr<'a>,
+}
+
+impl ValidatedRuns<'_> {
+    /// The copy runs that were validated.
+    pub(crate) fn copies(&self) -> &[CopyRun] {
+        self.copies
     }
+}
+
+/// The destination of `{what} run {i}`, checked against the arena: no offset overflow,
+/// within `arena_len`, chunks not overlapping each other.
+fn checked_dst(what: &str, i: usize, p: Strided, arena_len: u64) -> Result<Strided> {
+    let end = p
+        .end()
+        .ok_or_else(|| bad_plan(format!("{what} run {i}: arena offsets overflow")))?;
+    if end > arena_len {
+        return Err(bad_plan(format!(
+            "{what} run {i} writes up to arena byte {end}, arena has {arena_len}"
+        )));
+    }
+    if p.count > 1 && p.stride < p.len {
+        return Err(bad_plan(format!(
+            "{what} run {i}: chunks overlap in the arena"
+        )));
+    }
+    Ok(p)
 }
 
 /// Checks every run against the files and the arena: within bounds, no arithmetic overflow,
-/// and no two destination chunks overlapping (the parallel copy relies on that).
-pub(crate) fn validate(
-    files: &[PlanFile],
-    copies: &[CopyRun],
-    zeros: &[ZeroRun],
-    arena_len: u64,
-) -> Result<()> {
-    let mut pats = Vec::with_capacity(copies.len() + zeros.len());
+/// and no two destination chunks overlapping (the parallel copy relies on that). Returns the
+/// token the copy paths require, holding the arena for as long as it lives.
+pub(crate) fn validate<'a>(
+    files: &'a [PlanFile],
+    copies: &'a [CopyRun],
+    zeros: &'a [ZeroRun],
+    arena: &'a mut [u8],
+) -> Result<ValidatedRuns<'a>> {
+    let arena_len = arena.len() as u64;
+    let mut pats = Vec::new();
+    pats.try_reserve_exact(copies.len() + zeros.len())
+        .map_err(|_| bad_plan(format!("{} runs do not fit in memory", copies.len())))?;
     for (i, r) in copies.iter().enumerate() {
         if r.count == 0 || r.len == 0 {
             continue;
@@ -181,63 +181,53 @@ pub(crate) fn validate(
                 files.len()
             ))
         })?;
-        let src = strided_span(r.src, r.len, r.count, r.src_stride)
+        let src_end = r
+            .src_pattern()
+            .end()
             .ok_or_else(|| bad_plan(format!("copy run {i}: source offsets overflow")))?;
-        if src.end > pf.identity.len {
+        if src_end > pf.identity.len {
             return Err(Error::Load(format!(
-                "{}: copy run {i} reads up to byte {} but the file has {} bytes",
+                "{}: copy run {i} reads up to byte {src_end} but the file has {} bytes",
                 pf.path.display(),
-                src.end,
                 pf.identity.len
             )));
         }
-        pats.push(DstPattern::checked(
-            "copy",
-            i,
-            r.dst,
-            r.len,
-            r.count,
-            r.dst_stride,
-            arena_len,
-        )?);
+        pats.push(checked_dst("copy", i, r.dst_pattern(), arena_len)?);
     }
     for (i, z) in zeros.iter().enumerate() {
         if z.count == 0 || z.len == 0 {
             continue;
         }
-        pats.push(DstPattern::checked(
-            "zero",
-            i,
-            z.dst,
-            z.len,
-            z.count,
-            z.dst_stride,
-            arena_len,
-        )?);
+        pats.push(checked_dst("zero", i, z.dst_pattern(), arena_len)?);
     }
-    check_disjoint(&mut pats)
+    check_disjoint(&mut pats)?;
+    Ok(ValidatedRuns {
+        files,
+        copies,
+        zeros,
+        arena: ArenaPtr {
+            ptr: arena.as_mut_ptr(),
+            len: arena.len(),
+            _arena: PhantomData,
+        },
+    })
 }
 
 /// Runs whose bounding spans do not overlap are disjoint; only groups of interleaved runs
 /// (fused parts split on an inner dimension) are checked chunk by chunk.
-fn check_disjoint(pats: &mut [DstPattern]) -> Result<()> {
-    pats.sort_by_key(|p| (p.span.start, p.span.end));
+fn check_disjoint(pats: &mut [Strided]) -> Result<()> {
+    // Ends were checked by `checked_dst`.
+    pats.sort_by_key(|p| (p.start, p.end_saturating()));
     let mut i = 0;
     while i < pats.len() {
         let mut j = i + 1;
-        let mut end = pats[i].span.end;
-        while j < pats.len() && pats[j].span.start < end {
-            end = end.max(pats[j].span.end);
+        let mut end = pats[i].end_saturating();
+        while j < pats.len() && pats[j].start < end {
+            end = end.max(pats[j].end_saturating());
             j += 1;
         }
         if j - i > 1 {
-            let mut chunks = Vec::new();
-            for p in &pats[i..j] {
-                for k in 0..p.count {
-                    let s = p.dst + k * p.stride; // in range: validated above
-                    chunks.push((s, s + p.len));
-                }
-            }
+            let mut chunks: Vec<(u64, u64)> = pats[i..j].iter().flat_map(|p| p.chunks()).collect();
             chunks.sort_unstable();
             for w in chunks.windows(2) {
                 if w[1].0 < w[0].1 {
@@ -253,109 +243,127 @@ fn check_disjoint(pats: &mut [DstPattern]) -> Result<()> {
     Ok(())
 }
 
-/// A unit of parallel work. `file == None` means zero fill.
+/// A unit of parallel work: part of one copy or zero run.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Task {
-    file: Option<u32>,
-    src: u64,
-    dst: u64,
-    len: u64,
-    count: u64,
-    src_stride: u64,
-    dst_stride: u64,
+pub(crate) enum Task {
+    /// Copy from a file.
+    Copy(CopyRun),
+    /// Fill with zeros.
+    Zero(ZeroRun),
+}
+
+impl Task {
+    /// Arena bytes this task fills (what progress counts).
+    fn arena_bytes(&self) -> u64 {
+        let d = match self {
+            Task::Copy(c) => c.dst_pattern(),
+            Task::Zero(z) => z.dst_pattern(),
+        };
+        d.len.saturating_mul(d.count)
+    }
+}
+
+/// How a run of `count` chunks of `len` bytes is cut into tasks of about [`TASK_BYTES`].
+enum Cut {
+    /// `len` bytes at byte `off` of chunk `row`.
+    Part { row: u64, off: u64, len: u64 },
+    /// Chunks `first..first + n`.
+    Rows { first: u64, n: u64 },
+}
+
+fn cut(len: u64, count: u64, out: &mut impl FnMut(Cut)) {
+    if len >= TASK_BYTES {
+        for row in 0..count {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(TASK_BYTES);
+                out(Cut::Part { row, off, len: n });
+                off += n;
+            }
+        }
+    } else {
+        let per = (TASK_BYTES / len).max(1);
+        let mut first = 0;
+        while first < count {
+            let n = (count - first).min(per);
+            out(Cut::Rows { first, n });
+            first += n;
+        }
+    }
 }
 
 /// Splits runs into tasks of about [`TASK_BYTES`] each: long contiguous runs into pieces,
-/// strided runs into groups of rows (long rows into pieces of rows).
+/// strided runs into groups of rows (long rows into pieces of rows). Copies stay in
+/// `(file, src)` order, so the workers, taking tasks in order, stream each file forwards.
 pub(crate) fn tasks(copies: &[CopyRun], zeros: &[ZeroRun]) -> Vec<Task> {
     let mut out = Vec::new();
-    let runs = copies
-        .iter()
-        .map(|r| Task {
-            file: Some(r.file),
-            src: r.src,
-            dst: r.dst,
-            len: r.len,
-            count: r.count,
-            src_stride: r.src_stride,
-            dst_stride: r.dst_stride,
-        })
-        .chain(zeros.iter().map(|z| Task {
-            file: None,
-            src: 0,
-            dst: z.dst,
-            len: z.len,
-            count: z.count,
-            src_stride: 0,
-            dst_stride: z.dst_stride,
-        }));
-    for mut t in runs {
-        if t.len == 0 || t.count == 0 {
+    for r in copies {
+        let mut r = *r;
+        if r.len == 0 || r.count == 0 {
             continue;
         }
-        // Back-to-back chunks are one contiguous run (validated: no overflow).
-        if t.count > 1 && t.dst_stride == t.len && (t.file.is_none() || t.src_stride == t.len) {
-            t.len *= t.count;
-            t.count = 1;
+        // Back-to-back chunks on both sides are one contiguous run (validated: no overflow).
+        if r.src_pattern().is_contiguous() && r.dst_pattern().is_contiguous() {
+            r = CopyRun {
+                len: r.len * r.count,
+                count: 1,
+                src_stride: r.len * r.count,
+                dst_stride: r.len * r.count,
+                ..r
+            };
         }
-        if t.len >= TASK_BYTES {
-            for row in 0..t.count {
-                let mut off = 0;
-                while off < t.len {
-                    let n = (t.len - off).min(TASK_BYTES);
-                    out.push(Task {
-                        src: t.src + row * t.src_stride + off,
-                        dst: t.dst + row * t.dst_stride + off,
-                        len: n,
+        cut(r.len, r.count, &mut |c| {
+            out.push(Task::Copy(match c {
+                Cut::Part { row, off, len } => {
+                    let at = r.rows(row, 1);
+                    CopyRun {
+                        src: at.src + off,
+                        dst: at.dst + off,
+                        len,
                         count: 1,
-                        ..t
-                    });
-                    off += n;
+                        src_stride: len,
+                        dst_stride: len,
+                        ..r
+                    }
                 }
-            }
-        } else {
-            let per = (TASK_BYTES / t.len).max(1);
-            let mut row = 0;
-            while row < t.count {
-                let n = (t.count - row).min(per);
-                out.push(Task {
-                    src: t.src + row * t.src_stride,
-                    dst: t.dst + row * t.dst_stride,
-                    count: n,
-                    ..t
-                });
-                row += n;
-            }
-        }
+                Cut::Rows { first, n } => r.rows(first, n),
+            }))
+        });
     }
-    // Big tasks first so the tail of the parallel loop is short.
-    out.sort_by_key(|t| std::cmp::Reverse(t.len * t.count));
+    for z in zeros {
+        let mut z = *z;
+        if z.len == 0 || z.count == 0 {
+            continue;
+        }
+        if z.dst_pattern().is_contiguous() {
+            z = ZeroRun {
+                len: z.len * z.count,
+                count: 1,
+                dst_stride: z.len * z.count,
+                ..z
+            };
+        }
+        cut(z.len, z.count, &mut |c| {
+            out.push(Task::Zero(match c {
+                Cut::Part { row, off, len } => ZeroRun {
+                    dst: z.dst_pattern().chunk_start(row) + off,
+                    len,
+                    count: 1,
+                    dst_stride: len,
+                },
+                Cut::Rows { first, n } => ZeroRun {
+                    dst: z.dst_pattern().chunk_start(first),
+                    count: n,
+                    ..z
+                },
+            }))
+        });
+    }
     out
 }
 
-/// The arena as a raw pointer, shared by the copy threads. Sound because [`validate`] proved
-/// that no two destination chunks overlap and all lie inside the arena.
-#[derive(Clone, Copy)]
-struct ArenaPtr {
-    ptr: *mut u8,
-    len: usize,
-}
-// SAFETY: threads write disjoint ranges only (checked by `validate`).
-unsafe impl Send for ArenaPtr {}
-// SAFETY: as above.
-unsafe impl Sync for ArenaPtr {}
-
-impl ArenaPtr {
-    /// # Safety
-    /// `[off, off + len)` must lie inside the arena and be written by no other thread now.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn chunk(&self, off: u64, len: u64) -> &mut [u8] {
-        debug_assert!(off + len <= self.len as u64);
-        std::slice::from_raw_parts_mut(self.ptr.add(off as usize), len as usize)
-    }
-}
-
-/// Page-aligned windows of the files, mapped read-only.
+/// Page-aligned windows of the files, mapped read-only, each registered with the `SIGBUS`
+/// guard for as long as it is mapped.
 pub(crate) struct Mapped {
     /// Per plan file: windows sorted by start offset.
     windows: Vec<Vec<Window>>,
@@ -363,42 +371,69 @@ pub(crate) struct Mapped {
 
 struct Window {
     start: u64,
+    // Declared before `map`: fields drop in order, so the window is unregistered before it
+    // is unmapped.
+    guard: sigbus::Guard,
     map: Mmap,
 }
 
+/// Windows of one file closer than this are mapped as one mapping (unused pages of a mapping
+/// cost address space only; they are never read).
+const MERGE_GAP: u64 = 16 << 20;
+
+/// A strided pattern is dense when the pages its chunks touch cover at least a quarter of its
+/// span: then reading the whole span sequentially (gaps included) beats one synchronous
+/// page-in per chunk on a cold cache.
+fn dense(p: &Strided, page: u64) -> bool {
+    let touched = (p.len.div_ceil(page) + 1).saturating_mul(page);
+    p.count == 1 || touched.saturating_mul(4) >= p.stride
+}
+
 impl Mapped {
-    /// Maps the page-aligned windows that `copies` cover and advises the kernel: `WillNeed`
-    /// for densely read spans, `Random` (no readahead) for sparse strided ones, so pages a
-    /// rank does not need are not read.
+    /// Maps the page-aligned windows that the runs `wanted` selects from `copies` cover and
+    /// advises the kernel: `WillNeed` for densely read spans, exactly the touched pages for
+    /// sparse strided ones, so pages a rank does not need are not read. Every run is checked
+    /// against its file's planned length first, so no window extends past the file's end by
+    /// more than the last page.
     pub(crate) fn map(
         files: &[PlanFile],
         open: &[Option<File>],
         copies: &[CopyRun],
+        wanted: impl Fn(&CopyRun) -> bool,
     ) -> Result<Mapped> {
         let page = page_size();
-        // (start, end, the run when it is sparse)
-        type SpanList = Vec<(u64, u64, Option<CopyRun>)>;
-        let mut spans: Vec<SpanList> = vec![Vec::new(); files.len()];
-        for r in copies {
-            if r.len == 0 || r.count == 0 {
+        let mut spans: Vec<Vec<(u64, u64)>> = vec![Vec::new(); files.len()];
+        let mut advice: Vec<Vec<(u64, u64)>> = vec![Vec::new(); files.len()];
+        for (i, r) in copies.iter().enumerate() {
+            if r.len == 0 || r.count == 0 || !wanted(r) {
                 continue;
             }
-            let end = r.src + (r.count - 1) * r.src_stride + r.len; // validated
-                                                                    // Dense when the pages the chunks touch cover at least a quarter of the span:
-                                                                    // then reading the whole span sequentially (gaps included) beats one synchronous
-                                                                    // page-in per chunk on a cold cache.
-            let touched = (r.len.div_ceil(page) + 1).saturating_mul(page);
-            let dense = r.count == 1 || touched.saturating_mul(4) >= r.src_stride;
-            if let Some(v) = spans.get_mut(r.file as usize) {
-                v.push((
-                    r.src / page * page,
-                    end.div_ceil(page) * page,
-                    (!dense).then_some(*r),
-                ));
+            let (Some(pf), Some(v), Some(adv)) = (
+                files.get(r.file as usize),
+                spans.get_mut(r.file as usize),
+                advice.get_mut(r.file as usize),
+            ) else {
+                return Err(bad_plan(format!("copy run {i} names file #{}", r.file)));
+            };
+            let p = r.src_pattern();
+            let end = p
+                .end()
+                .filter(|&e| e <= pf.identity.len)
+                .ok_or_else(|| bad_plan(format!("copy run {i} lies outside its file")))?;
+            v.push((p.start / page * page, end.div_ceil(page) * page));
+            if dense(&p, page) {
+                adv.push((p.start / page * page, end.div_ceil(page) * page));
+            } else {
+                // Sparse strided runs: ask for exactly the pages of each chunk (merged when
+                // adjacent), so a cold load reads them asynchronously and no more.
+                adv.extend(
+                    p.chunks()
+                        .map(|(s, e)| (s / page * page, e.div_ceil(page) * page)),
+                );
             }
         }
         let mut windows = Vec::with_capacity(files.len());
-        for (fi, mut v) in spans.into_iter().enumerate() {
+        for (fi, (mut v, mut adv)) in spans.into_iter().zip(advice).enumerate() {
             let mut ws = Vec::new();
             if v.is_empty() {
                 windows.push(ws);
@@ -407,57 +442,35 @@ impl Mapped {
             let (Some(pf), Some(Some(file))) = (files.get(fi), open.get(fi)) else {
                 return Err(bad_plan(format!("file #{fi} was not opened")));
             };
-            v.sort_unstable_by_key(|x| (x.0, x.1));
-            let mut merged: Vec<(u64, u64)> = Vec::new();
-            for &(s, e, _) in &v {
-                match merged.last_mut() {
-                    Some(last) if s <= last.1.saturating_add(MERGE_GAP) => last.1 = last.1.max(e),
-                    _ => merged.push((s, e)),
-                }
-            }
-            for (s, e) in merged {
-                // The mapping may extend past EOF only within the last page (validated:
-                // every run lies inside the file), so no access can fault with SIGBUS.
+            merge_intervals(&mut v, MERGE_GAP);
+            for (s, e) in v {
                 let len = usize::try_from(e - s)
                     .map_err(|_| Error::Load(format!("{}: window too large", pf.path.display())))?;
                 // SAFETY: read-only private mapping of a file whose identity was just
-                // checked; see the module docs on concurrent modification.
+                // checked; a page that vanishes under a concurrent truncation faults into
+                // the SIGBUS guard registered next, never kills the process.
                 let map = unsafe { MmapOptions::new().offset(s).len(len).map(file) }
                     .map_err(|e| Error::io(&pf.path, e))?;
-                ws.push(Window { start: s, map });
+                let guard = sigbus::register(map.as_ptr(), map.len()).ok_or_else(|| {
+                    Error::Load(format!(
+                        "{}: cannot guard the file mapping against truncation (SIGBUS handler \
+                         unavailable or too many mappings at once); use --io pread",
+                        pf.path.display()
+                    ))
+                })?;
+                ws.push(Window {
+                    start: s,
+                    guard,
+                    map,
+                });
             }
             // Hints only; failure changes speed, never results.
-            let will_need = |s: u64, e: u64| {
+            merge_intervals(&mut adv, 0);
+            for (s, e) in adv {
                 if let Some(w) = find_window(&ws, s, e - s) {
                     let off = (s - w.start) as usize;
                     let len = ((e - s) as usize).min(w.map.len() - off);
                     let _ = w.map.advise_range(Advice::WillNeed, off, len);
-                }
-            };
-            for &(s, e, sparse) in &v {
-                match sparse {
-                    None => will_need(s, e),
-                    // Sparse strided runs: ask for exactly the pages of each chunk (merged
-                    // when adjacent), so a cold load reads them asynchronously and no more.
-                    Some(r) => {
-                        let mut cur: Option<(u64, u64)> = None;
-                        for k in 0..r.count {
-                            let cs = r.src + k * r.src_stride;
-                            let (ps, pe) = (cs / page * page, (cs + r.len).div_ceil(page) * page);
-                            match &mut cur {
-                                Some((_, ce)) if ps <= *ce => *ce = (*ce).max(pe),
-                                _ => {
-                                    if let Some((a, b)) = cur {
-                                        will_need(a, b);
-                                    }
-                                    cur = Some((ps, pe));
-                                }
-                            }
-                        }
-                        if let Some((a, b)) = cur {
-                            will_need(a, b);
-                        }
-                    }
                 }
             }
             windows.push(ws);
@@ -472,50 +485,80 @@ impl Mapped {
         let off = usize::try_from(src - w.start).ok()?;
         w.map.get(off..off.checked_add(usize::try_from(len).ok()?)?)
     }
+
+    /// Drops the page-table entries of the whole pages inside `[src, end)` of file `file`
+    /// once they have been copied, so consumed file pages do not stay in this process's
+    /// resident set (a later access would fault them in again from the page cache).
+    fn release(&self, file: u32, src: u64, end: u64) {
+        let page = page_size();
+        let (s, e) = (src.div_ceil(page) * page, end / page * page);
+        if e <= s {
+            return;
+        }
+        let Some(w) = self
+            .windows
+            .get(file as usize)
+            .and_then(|ws| find_window(ws, s, e - s))
+        else {
+            return;
+        };
+        let off = (s - w.start) as usize;
+        // SAFETY: a read-only private file mapping: MADV_DONTNEED only drops page-table
+        // entries, and a later read faults the same file bytes in again. Hint only.
+        let _ = unsafe {
+            w.map
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, off, (e - s) as usize)
+        };
+    }
+
+    /// The file of the first window that hit a page past its file's end, if any.
+    pub(crate) fn faulted_file(&self) -> Option<usize> {
+        self.windows
+            .iter()
+            .position(|ws| ws.iter().any(|w| w.guard.faulted()))
+    }
+
+    /// An error naming the first input file that was truncated while mapped, if any.
+    pub(crate) fn check(&self, files: &[PlanFile]) -> Result<()> {
+        match self.faulted_file() {
+            None => Ok(()),
+            Some(f) => match files.get(f) {
+                Some(pf) => Err(truncated(pf, "a mapped page vanished")),
+                None => Err(bad_plan(format!("file #{f} truncated during load"))),
+            },
+        }
+    }
 }
 
 fn find_window(ws: &[Window], src: u64, len: u64) -> Option<&Window> {
     let i = ws.partition_point(|w| w.start <= src).checked_sub(1)?;
     let w = ws.get(i)?;
-    (src + len <= w.start + w.map.len() as u64).then_some(w)
+    (src.checked_add(len)? <= w.start + w.map.len() as u64).then_some(w)
 }
 
-/// Page-rounded union of the file pages the runs touch (what the mmap engine reads).
+/// Page-rounded union of the file pages the runs touch (what a mapping reads): the plan's
+/// [`read_bytes`], which needs runs sorted by `(file, src)`.
 pub(crate) fn touched_pages(copies: &[CopyRun]) -> u64 {
-    let page = page_size();
-    let mut iv: Vec<(u32, u64, u64)> = Vec::new();
-    for r in copies {
-        if r.len == 0 || r.count == 0 {
-            continue;
-        }
-        if r.count == 1 || r.src_stride <= r.len {
-            let end = r.src + (r.count - 1) * r.src_stride + r.len;
-            iv.push((r.file, r.src / page, end.div_ceil(page)));
-        } else {
-            for k in 0..r.count {
-                let s = r.src + k * r.src_stride;
-                iv.push((r.file, s / page, (s + r.len).div_ceil(page)));
-            }
-        }
+    if copies
+        .windows(2)
+        .all(|w| (w[0].file, w[0].src) <= (w[1].file, w[1].src))
+    {
+        read_bytes(copies)
+    } else {
+        let mut sorted = copies.to_vec();
+        sorted.sort_by_key(|r| (r.file, r.src));
+        read_bytes(&sorted)
     }
-    iv.sort_unstable();
-    let mut total = 0;
-    let mut cur: Option<(u32, u64, u64)> = None;
-    for (f, s, e) in iv {
-        match &mut cur {
-            Some((cf, _, ce)) if *cf == f && s <= *ce => *ce = (*ce).max(e),
-            _ => {
-                if let Some((_, cs, ce)) = cur {
-                    total += ce - cs;
-                }
-                cur = Some((f, s, e));
-            }
-        }
+}
+
+/// Whether `mode` maps the file for run `r` (strided gathers, or everything for `Mmap`).
+pub(crate) fn needs_mapping(mode: IoMode, pread_contiguous: bool, r: &CopyRun) -> bool {
+    let contiguous = r.src_pattern().is_contiguous() && r.dst_pattern().is_contiguous();
+    match mode {
+        IoMode::Pread => false,
+        IoMode::Mmap => !(contiguous && pread_contiguous),
+        IoMode::Auto => !contiguous,
     }
-    if let Some((_, cs, ce)) = cur {
-        total += ce - cs;
-    }
-    total * page
 }
 
 /// Runs the copies (and zero fills) into `arena` with the engine `opts.io` selects.
@@ -528,79 +571,74 @@ pub fn execute(
     arena: &mut [u8],
     opts: &LoadOptions,
 ) -> Result<ExecStats> {
-    validate(files, copies, zeros, arena.len() as u64)?;
+    let runs = validate(files, copies, zeros, arena)?;
     let open = open_checked(files, copies)?;
-    match opts.io {
-        IoMode::Mmap => {
-            let mapped = Mapped::map(files, &open, copies)?;
-            run_mmap(files, &open, &mapped, copies, zeros, arena, opts)
-        }
-        IoMode::Pread => run_pread(files, &open, copies, zeros, arena, opts),
+    let mapped = map_for(&runs, &open, opts)?;
+    run(&runs, &open, mapped.as_ref(), opts)
+}
+
+/// Maps what `opts.io` gathers from a mapping, or nothing.
+pub(crate) fn map_for(
+    runs: &ValidatedRuns<'_>,
+    open: &[Option<File>],
+    opts: &LoadOptions,
+) -> Result<Option<Mapped>> {
+    let want = |r: &CopyRun| needs_mapping(opts.io, opts.pread_contiguous, r);
+    if runs.copies.iter().any(want) {
+        Mapped::map(runs.files, open, runs.copies, want).map(Some)
+    } else {
+        Ok(None)
     }
 }
 
-/// Runs validated runs from already mapped windows.
-pub(crate) fn run_mmap(
-    files: &[PlanFile],
-    open: &[Option<File>],
-    mapped: &Mapped,
-    copies: &[CopyRun],
-    zeros: &[ZeroRun],
-    arena: &mut [u8],
-    opts: &LoadOptions,
-) -> Result<ExecStats> {
-    let ptr = ArenaPtr {
-        ptr: arena.as_mut_ptr(),
-        len: arena.len(),
-    };
-    let tasks = tasks(copies, zeros);
-    let work = |t: &Task| -> Result<()> {
-        for k in 0..t.count {
-            // SAFETY: validated in bounds and disjoint from every other task's chunks.
-            let dst = unsafe { ptr.chunk(t.dst + k * t.dst_stride, t.len) };
-            match t.file {
-                None => dst.fill(0),
-                Some(f) if t.count == 1 && opts.pread_contiguous => {
-                    // Contiguous pieces: one positioned read straight into the arena (a
-                    // kernel copy, with no page-table faults on the file mapping).
-                    let (Some(pf), Some(Some(file))) =
-                        (files.get(f as usize), open.get(f as usize))
-                    else {
-                        return Err(bad_plan(format!("file #{f} was not opened")));
-                    };
-                    read_full(file, pf, dst, t.src)?;
-                }
-                Some(f) => {
-                    let src = mapped
-                        .slice(f, t.src + k * t.src_stride, t.len)
-                        .ok_or_else(|| {
-                            let name = files.get(f as usize).map(|p| p.path.display().to_string());
-                            bad_plan(format!(
-                                "{}: offset {} not mapped",
-                                name.unwrap_or_default(),
-                                t.src
-                            ))
-                        })?;
-                    dst.copy_from_slice(src);
-                }
-            }
-        }
-        Ok(())
-    };
-    in_pool(opts, || tasks.par_iter().try_for_each(work))?;
-    Ok(ExecStats {
-        read_bytes: touched_pages(copies),
-        peak_staging: 0,
-    })
+/// Worker threads: `opts.threads`, or enough to keep several reads in flight on a cold
+/// cache (I/O-bound threads mostly wait) and every core busy on a warm one.
+fn workers(opts: &LoadOptions) -> usize {
+    match opts.threads {
+        Some(n) if n > 0 => n,
+        _ => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(8, 64),
+    }
 }
 
-fn in_pool<R: Send>(opts: &LoadOptions, f: impl FnOnce() -> R + Send) -> R {
-    match opts.threads {
-        Some(n) if n > 0 => match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
-            Ok(pool) => pool.install(f),
-            Err(_) => f(),
-        },
-        _ => f(),
+/// Runs `work` on every task from a shared queue on `n` scoped threads (the caller's thread
+/// is one of them), in order; the first error stops the others at their next task.
+/// Each task also goes through `opts.control` (cancellation and progress), see
+/// [`super::controlled`].
+fn run_tasks(
+    n: usize,
+    tasks: &[Task],
+    opts: &LoadOptions,
+    work: &(dyn Fn(&Task) -> Result<()> + Sync),
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let worker = || {
+        while !stop.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(t) = tasks.get(i) else {
+                break;
+            };
+            if let Err(e) = super::controlled(opts, t.arena_bytes(), || work(t)) {
+                stop.store(true, Ordering::Relaxed);
+                let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(e);
+            }
+        }
+    };
+    let n = n.clamp(1, tasks.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 1..n {
+            // A thread that cannot be spawned just leaves more work to the others.
+            let _ = std::thread::Builder::new().spawn_scoped(s, worker);
+        }
+        worker();
+    });
+    match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -614,7 +652,7 @@ struct Budget {
 }
 
 impl Budget {
-    fn acquire(&self, n: u64) -> Vec<u8> {
+    fn acquire(&self, n: u64) -> Result<Vec<u8>> {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         while *used + n > self.limit {
             used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
@@ -622,29 +660,47 @@ impl Budget {
         *used += n;
         self.peak.fetch_max(*used, Ordering::Relaxed);
         drop(used);
-        vec![0u8; n as usize]
+        let mut buf = Vec::new();
+        let ok = usize::try_from(n)
+            .ok()
+            .is_some_and(|n| buf.try_reserve_exact(n).is_ok());
+        if !ok {
+            self.give_back(n);
+            return Err(Error::Load(format!(
+                "cannot allocate a staging buffer of {n} bytes"
+            )));
+        }
+        buf.resize(n as usize, 0);
+        Ok(buf)
+    }
+
+    fn give_back(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= n;
+        self.freed.notify_all();
     }
 
     fn release(&self, buf: Vec<u8>) {
         let n = buf.len() as u64;
         drop(buf);
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used -= n;
-        self.freed.notify_all();
+        self.give_back(n);
     }
 }
 
-/// `read_at` until `buf` is full; a short read (file shrank) is an error naming the offset.
+/// `read_at` until `buf` is full; a short read (the file shrank) is an error naming the
+/// input file and the offset.
 fn read_full(file: &File, pf: &PlanFile, mut buf: &mut [u8], mut off: u64) -> Result<u64> {
     let total = buf.len() as u64;
     while !buf.is_empty() {
         match file.read_at(buf, off) {
             Ok(0) => {
-                return Err(Error::Load(format!(
-                    "{}: short read at offset {off}: file ended {} bytes early",
-                    pf.path.display(),
-                    buf.len()
-                )))
+                return Err(truncated(
+                    pf,
+                    format_args!(
+                        "short read at offset {off}: file ended {} bytes early",
+                        buf.len()
+                    ),
+                ))
             }
             Ok(n) => {
                 buf = &mut buf[n..];
@@ -657,90 +713,134 @@ fn read_full(file: &File, pf: &PlanFile, mut buf: &mut [u8], mut off: u64) -> Re
     Ok(total)
 }
 
-/// Positioned reads: contiguous pieces are read straight into the arena; strided groups whose
-/// rows sit close together are read as one span into a staging buffer (within the staging
-/// budget) and scattered; rows far apart, or any group when the budget is too small, are
-/// read row by row straight into the arena.
-pub(crate) fn run_pread(
-    files: &[PlanFile],
+/// Executes validated runs: every task is a zero fill, a positioned read straight into the
+/// arena (contiguous runs, unless the mode maps them), a gather from the mapped windows
+/// (strided runs under `Mmap`/`Auto`), or staged positioned reads (strided runs under
+/// `Pread`). Tasks are taken in file order by [`workers`] threads, so several reads are in
+/// flight and the fresh arena's page faults are paid on all of them, during the reads.
+pub(crate) fn run(
+    runs: &ValidatedRuns<'_>,
     open: &[Option<File>],
-    copies: &[CopyRun],
-    zeros: &[ZeroRun],
-    arena: &mut [u8],
+    mapped: Option<&Mapped>,
     opts: &LoadOptions,
 ) -> Result<ExecStats> {
-    let ptr = ArenaPtr {
-        ptr: arena.as_mut_ptr(),
-        len: arena.len(),
-    };
-    let tasks = tasks(copies, zeros);
-    let threads = opts
-        .threads
-        .unwrap_or_else(rayon::current_num_threads)
-        .max(1) as u64;
+    let files = runs.files;
+    let ptr = runs.arena;
+    let tasks = tasks(runs.copies, runs.zeros);
+    let threads = workers(opts);
+    if opts.io != IoMode::Mmap || opts.pread_contiguous {
+        // Streaming hint: a larger readahead window for the positioned reads.
+        for f in open.iter().flatten() {
+            // SAFETY: a valid open descriptor; advice only.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        }
+    }
     let budget = Budget {
         limit: opts.staging_budget,
         used: Mutex::new(0),
         freed: Condvar::new(),
         peak: AtomicU64::new(0),
     };
-    let per_thread = (opts.staging_budget / threads).min(TASK_BYTES * 4);
-    let read = AtomicU64::new(0);
+    let per_thread = (opts.staging_budget / threads as u64).min(TASK_BYTES * 4);
+    let preads = AtomicU64::new(0);
     let work = |t: &Task| -> Result<()> {
-        let Some(f) = t.file else {
-            for k in 0..t.count {
-                // SAFETY: validated in bounds and disjoint.
-                unsafe { ptr.chunk(t.dst + k * t.dst_stride, t.len) }.fill(0);
+        let r = match *t {
+            Task::Zero(z) => {
+                for (s, e) in z.dst_pattern().chunks() {
+                    // SAFETY: validated in bounds and disjoint from every other task's chunks.
+                    unsafe { ptr.chunk(s, e - s) }.fill(0);
+                }
+                return Ok(());
+            }
+            Task::Copy(r) => r,
+        };
+        let (Some(pf), Some(Some(file))) = (files.get(r.file as usize), open.get(r.file as usize))
+        else {
+            return Err(bad_plan(format!("file #{} was not opened", r.file)));
+        };
+        if needs_mapping(opts.io, opts.pread_contiguous, &r) {
+            let Some(m) = mapped else {
+                return Err(bad_plan(format!("{}: not mapped", pf.path.display())));
+            };
+            for k in 0..r.count {
+                let at = r.rows(k, 1);
+                // SAFETY: validated in bounds and disjoint from every other task's chunks.
+                let dst = unsafe { ptr.chunk(at.dst, r.len) };
+                let src = m.slice(r.file, at.src, r.len).ok_or_else(|| {
+                    bad_plan(format!(
+                        "{}: offset {} not mapped",
+                        pf.path.display(),
+                        at.src
+                    ))
+                })?;
+                dst.copy_from_slice(src);
+            }
+            if opts.io == IoMode::Auto {
+                m.release(r.file, r.src, r.src_pattern().end_saturating());
             }
             return Ok(());
-        };
-        let (Some(pf), Some(Some(file))) = (files.get(f as usize), open.get(f as usize)) else {
-            return Err(bad_plan(format!("file #{f} was not opened")));
-        };
-        // Rows per staged read: as many whole rows as fit in this thread's share of the
-        // budget, when the gaps between rows are small enough that reading them is cheaper
-        // than one syscall per row.
-        let gap_ok = t.count > 1 && t.src_stride.saturating_sub(t.len) <= (64 << 10).max(t.len);
-        let rows_per = if gap_ok && per_thread >= t.len {
-            (per_thread - t.len) / t.src_stride + 1
+        }
+        if r.count == 1 {
+            // SAFETY: validated in bounds and disjoint.
+            let dst = unsafe { ptr.chunk(r.dst, r.len) };
+            preads.fetch_add(read_full(file, pf, dst, r.src)?, Ordering::Relaxed);
+            return Ok(());
+        }
+        // Strided under pread. Rows per staged read: as many whole rows as fit in this
+        // thread's share of the budget, when the gaps between rows are small enough that
+        // reading them is cheaper than one syscall per row.
+        let gap_ok = r.src_stride.saturating_sub(r.len) <= (64 << 10).max(r.len);
+        let rows_per = if gap_ok && per_thread >= r.len {
+            (per_thread - r.len) / r.src_stride + 1
         } else {
             0
         };
         if rows_per < 2 {
             let mut n = 0;
-            for k in 0..t.count {
+            for k in 0..r.count {
+                let at = r.rows(k, 1);
                 // SAFETY: validated in bounds and disjoint.
-                let dst = unsafe { ptr.chunk(t.dst + k * t.dst_stride, t.len) };
-                n += read_full(file, pf, dst, t.src + k * t.src_stride)?;
+                let dst = unsafe { ptr.chunk(at.dst, r.len) };
+                n += read_full(file, pf, dst, at.src)?;
             }
-            read.fetch_add(n, Ordering::Relaxed);
+            preads.fetch_add(n, Ordering::Relaxed);
             return Ok(());
         }
         let mut row = 0;
-        while row < t.count {
-            let n = (t.count - row).min(rows_per);
-            let span = (n - 1) * t.src_stride + t.len;
-            let mut buf = budget.acquire(span);
-            let res = read_full(file, pf, &mut buf, t.src + row * t.src_stride);
+        while row < r.count {
+            let n = (r.count - row).min(rows_per);
+            let group = r.rows(row, n);
+            let span = group.src_pattern().end_saturating() - group.src;
+            let mut buf = budget.acquire(span)?;
+            let res = read_full(file, pf, &mut buf, group.src);
             if let Err(e) = res {
                 budget.release(buf);
                 return Err(e);
             }
             for k in 0..n {
-                let s = (k * t.src_stride) as usize;
+                let s = (k * r.src_stride) as usize;
                 // SAFETY: validated in bounds and disjoint.
-                let dst = unsafe { ptr.chunk(t.dst + (row + k) * t.dst_stride, t.len) };
-                dst.copy_from_slice(&buf[s..s + t.len as usize]);
+                let dst = unsafe { ptr.chunk(group.rows(k, 1).dst, r.len) };
+                dst.copy_from_slice(&buf[s..s + r.len as usize]);
             }
             budget.release(buf);
-            read.fetch_add(span, Ordering::Relaxed);
+            preads.fetch_add(span, Ordering::Relaxed);
             row += n;
         }
         Ok(())
     };
-    in_pool(opts, || tasks.par_iter().try_for_each(work))?;
+    let res = run_tasks(threads, &tasks, opts, &work);
+    // A truncation seen through a mapping is the cause of whatever else went wrong.
+    if let Some(m) = mapped {
+        m.check(files)?;
+    }
+    res?;
+    let read_bytes = match opts.io {
+        IoMode::Pread => preads.load(Ordering::Relaxed),
+        _ => touched_pages(runs.copies),
+    };
     Ok(ExecStats {
-        read_bytes: read.load(Ordering::Relaxed),
+        read_bytes,
         peak_staging: budget.peak.load(Ordering::Relaxed),
     })
 }

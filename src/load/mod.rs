@@ -6,35 +6,39 @@
 //! 1. **File safety.** Every file the runs read is opened and its length, modification time,
 //!    device and inode compared with the plan's [`crate::checkpoint::FileIdentity`]; every run
 //!    must lie inside the file. A file truncated or replaced since planning is an
-//!    [`Error::Load`] naming it, never a `SIGBUS`. (A file truncated *while* it is being
-//!    loaded through mmap cannot be guarded against by any mmap reader; use `--io pread` on
-//!    storage where that can happen.)
+//!    [`Error::Load`] naming it, never a `SIGBUS`; so is a file truncated *while* it is
+//!    loaded (short reads name the file; mapped windows are guarded by a `SIGBUS` handler
+//!    that recovers faults inside them and fails the load naming the file).
 //! 2. **Validation.** Runs must lie inside the arena and never overlap there, which is what
-//!    makes the lock-free parallel copy sound.
-//! 3. **I/O.** [`IoMode::Mmap`] maps only the page-aligned windows the runs cover (nearby
-//!    windows merged), advises `WillNeed` on dense spans and `Random` on sparse strided ones,
-//!    and copies with rayon in tasks of about 8 MiB (strided runs row by row).
-//!    [`IoMode::Pread`] uses positioned reads, straight into the arena for contiguous runs
-//!    and through staging buffers (never more than [`LoadOptions::staging_budget`] bytes at
-//!    once) for strided ones; short reads are errors naming the file and offset.
-//! 4. **Views.** With [`LoadOptions::views`], a tensor whose bytes are one contiguous span of
-//!    a file is not copied: [`RankTensors`] hands out a slice of the mapping instead.
+//!    makes the lock-free parallel copy sound; only the validation's token reaches the copy.
+//! 3. **I/O.** [`IoMode::Auto`] (the default) reads contiguous runs with positioned reads
+//!    straight into the arena (at least 8 workers taking tasks of about 8 MiB in file order,
+//!    so several reads are in flight and the fresh arena's page faults are paid during them)
+//!    and gathers strided runs from mapped windows, dropping their pages once copied.
+//!    [`IoMode::Mmap`] maps only the page-aligned windows the runs cover (nearby windows
+//!    merged), advises `WillNeed` on dense spans and exactly the touched pages of sparse
+//!    strided ones, and copies from the mapping. [`IoMode::Pread`] uses positioned reads,
+//!    straight into the arena for contiguous runs and through staging buffers (never more
+//!    than [`LoadOptions::staging_budget`] bytes at once) for strided ones.
+//! 4. **Views.** With [`LoadOptions::views`] and the `unsafe` [`load_rank_views`], a tensor
+//!    whose bytes are one contiguous span of a file is not copied: [`RankTensors`] hands out a
+//!    slice of the mapping instead, valid only while no one truncates or writes the file.
 //!
 //! [`Job`] bundles the steps before that (open, spec, resolve, plan) for library users, and
 //! [`verify_rank`] checks loaded tensors against an independent slow path.
 
 mod arena;
 mod engine;
-mod job;
+mod sigbus;
 mod verify;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats};
-pub use job::Job;
 pub use verify::{layout_for, read_tensor, slice_layout};
 
 use crate::checkpoint::{Checkpoint, Dtype};
@@ -46,11 +50,32 @@ use crate::{Error, Result};
 /// Which I/O engine reads the files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IoMode {
-    /// Memory-map the planned windows and copy from the page cache.
+    /// Contiguous runs with positioned reads straight into the arena (no file pages mapped,
+    /// several reads in flight), strided runs gathered from a mapping: the fastest measured
+    /// path warm and cold (`docs/performance.md`).
     #[default]
+    Auto,
+    /// Memory-map the planned windows and copy from the page cache.
     Mmap,
-    /// Positioned reads (`pread`), for network filesystems where mmap is slow.
+    /// Positioned reads (`pread`) only, for network filesystems where mmap is slow.
     Pread,
+}
+
+impl IoMode {
+    /// The name `FromStr` accepts: `auto`, `mmap` or `pread`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::Auto => "auto",
+            IoMode::Mmap => "mmap",
+            IoMode::Pread => "pread",
+        }
+    }
+}
+
+impl std::fmt::Display for IoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for IoMode {
@@ -58,11 +83,13 @@ impl std::str::FromStr for IoMode {
 
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(IoMode::Auto),
             "mmap" => Ok(IoMode::Mmap),
             "pread" => Ok(IoMode::Pread),
-            other => Err(Error::Usage(format!(
-                "--io: unknown engine {other:?} (expected mmap or pread)"
-            ))),
+            other => Err(Error::invalid_argument(
+                "io",
+                format!("{other:?}: unknown engine (expected auto, mmap or pread)"),
+            )),
         }
     }
 }
@@ -76,7 +103,8 @@ pub struct LoadOptions {
     /// I/O engine.
     pub io: IoMode,
     /// Hand out tensors that are one contiguous file span as views into the mapping instead
-    /// of copying them (mmap engine only; ignored by pread).
+    /// of copying them (mmap engine only; ignored by pread). Only the unsafe
+    /// [`load_rank_views`] accepts it; the safe loaders refuse it.
     pub views: bool,
     /// Most bytes of staging buffers held at once (pread engine, strided runs).
     pub staging_budget: u64,
@@ -87,6 +115,53 @@ pub struct LoadOptions {
     /// Mmap engine: read contiguous runs with `pread` straight into the arena and use the
     /// mapping only for strided gathers (and views).
     pub pread_contiguous: bool,
+    /// Cancellation and progress shared with the caller (the Python binding's Ctrl-C and
+    /// progress bar); `None`: neither.
+    pub control: Option<Arc<LoadControl>>,
+}
+
+/// Shared between a running load and whoever watches it: [`LoadControl::cancel`] stops the
+/// load between copy tasks (about 8 MiB each) with an [`Error::Load`], and
+/// [`LoadControl::done_bytes`] counts the arena bytes filled so far.
+#[derive(Debug, Default)]
+pub struct LoadControl {
+    cancelled: AtomicBool,
+    done: AtomicU64,
+}
+
+impl LoadControl {
+    /// Asks the load to stop at its next task.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`LoadControl::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Arena bytes filled so far.
+    pub fn done_bytes(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs one copy task of `bytes` arena bytes under `opts.control`: refused once cancelled,
+/// counted when done.
+pub(crate) fn controlled(
+    opts: &LoadOptions,
+    bytes: u64,
+    task: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let Some(c) = &opts.control else {
+        return task();
+    };
+    if c.is_cancelled() {
+        return Err(Error::Load("load cancelled".into()));
+    }
+    task()?;
+    c.done.fetch_add(bytes, Ordering::Relaxed);
+    Ok(())
 }
 
 impl Default for LoadOptions {
@@ -98,6 +173,7 @@ impl Default for LoadOptions {
             arena: ArenaInit::default(),
             threads: None,
             pread_contiguous: false,
+            control: None,
         }
     }
 }
@@ -283,6 +359,29 @@ impl RankTensors {
     }
 }
 
+impl RankTensors {
+    /// The tensors of `rp` held in `arena` (laid out as `rp.tensors` says, no views): how a
+    /// distributed load ([`crate::dist`]) hands back the same type as a local one.
+    pub(crate) fn from_arena(rp: &RankPlan, arena: Arena, stats: LoadStats) -> RankTensors {
+        let by_name = rp
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        RankTensors {
+            coords: rp.coords,
+            tensors: rp.tensors.clone(),
+            by_name,
+            arena,
+            views: HashMap::new(),
+            mapped: None,
+            taken: vec![false; rp.tensors.len()],
+            stats,
+        }
+    }
+}
+
 /// Tensors that are one contiguous file span, as (tensor index, file, source offset).
 fn view_candidates(rp: &RankPlan) -> Vec<(usize, u32, u64)> {
     // Contiguous runs by arena start, to find the run covering each tensor.
@@ -352,14 +451,45 @@ fn contig(r: &CopyRun, dst: u64, len: u64) -> CopyRun {
     }
 }
 
-/// Loads rank `rank` of `plan` into a fresh arena.
+/// Loads rank `rank` of `plan` into a fresh arena. Every tensor is copied into memory the
+/// result owns; `opts.views` is refused here (see [`load_rank_views`]).
 pub fn load_rank(plan: &Plan, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
     load_rank_into(plan, rank, opts, None)
 }
 
 /// Loads rank `rank` of `plan`, reusing `arena` when it is large enough (touched memory
-/// avoids the page faults of a fresh allocation).
+/// avoids the page faults of a fresh allocation). Like [`load_rank`], refuses `opts.views`.
 pub fn load_rank_into(
+    plan: &Plan,
+    rank: usize,
+    opts: &LoadOptions,
+    arena: Option<Arena>,
+) -> Result<RankTensors> {
+    if opts.views {
+        return Err(Error::invalid_argument(
+            "views",
+            "true: zero-copy views of a file mapping are only handed out by the unsafe load_rank_views",
+        ));
+    }
+    load_rank_impl(plan, rank, opts, arena)
+}
+
+/// [`load_rank`] with [`LoadOptions::views`] honoured: tensors that are one contiguous span of
+/// a file are not copied; [`RankTensors`] hands out slices of the file mapping instead.
+///
+/// # Safety
+///
+/// The slices borrow a shared mapping of the checkpoint files, valid for as long as the
+/// returned [`RankTensors`] (or until [`RankTensors::materialize`]). The caller must ensure
+/// that no file of the plan is truncated or written to while the result is alive: reading a
+/// mapped page past a truncated end raises `SIGBUS`, and a write changes bytes behind a
+/// shared reference. Checkpoint files that are only ever replaced by rename (as Hugging Face
+/// tools do) are safe.
+pub unsafe fn load_rank_views(plan: &Plan, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
+    load_rank_impl(plan, rank, opts, None)
+}
+
+fn load_rank_impl(
     plan: &Plan,
     rank: usize,
     opts: &LoadOptions,
@@ -367,13 +497,15 @@ pub fn load_rank_into(
 ) -> Result<RankTensors> {
     let start = Instant::now();
     let rp = plan.ranks.get(rank).ok_or_else(|| {
-        Error::Usage(format!(
-            "--rank {rank}: the plan has {} ranks (0..{})",
-            plan.ranks.len(),
-            plan.ranks.len()
-        ))
+        Error::invalid_argument(
+            "rank",
+            format!(
+                "{rank}: the plan has {} ranks (0..{})",
+                plan.ranks.len(),
+                plan.ranks.len()
+            ),
+        )
     })?;
-    engine::validate(&plan.files, &rp.copies, &rp.zeros, rp.arena_bytes)?;
     let open = engine::open_checked(&plan.files, &rp.copies)?;
     let mut arena = match arena {
         Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
@@ -381,42 +513,30 @@ pub fn load_rank_into(
     };
     let mut views = HashMap::new();
     let mut view_bytes = 0;
-    let (exec, mapped) = match opts.io {
-        IoMode::Mmap => {
-            let mapped = engine::Mapped::map(&plan.files, &open, &rp.copies)?;
-            let copies = if opts.views {
-                let cands = view_candidates(rp);
-                let mut cut: Vec<(u64, u64)> = Vec::with_capacity(cands.len());
-                for &(i, file, src) in &cands {
-                    if let Some(t) = rp.tensors.get(i) {
-                        cut.push((t.offset, t.offset + t.bytes));
-                        view_bytes += t.bytes;
-                        views.insert(i, ViewRef { file, src });
-                    }
-                }
-                cut.sort_unstable();
-                clip_runs(&rp.copies, &cut)
-            } else {
-                rp.copies.clone()
-            };
-            let mut exec = engine::run_mmap(
-                &plan.files,
-                &open,
-                &mapped,
-                &copies,
-                &rp.zeros,
-                &mut arena,
-                opts,
-            )?;
-            if opts.views {
-                exec.read_bytes = engine::touched_pages(&rp.copies);
+    // Views need a mapping of every contiguous tensor, whatever the engine.
+    let views_on = opts.views && opts.io != IoMode::Pread;
+    let (exec, mapped) = if views_on {
+        let all = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
+        let mapped = engine::Mapped::map(&plan.files, &open, all.copies(), |_| true)?;
+        let cands = view_candidates(rp);
+        let mut cut: Vec<(u64, u64)> = Vec::with_capacity(cands.len());
+        for &(i, file, src) in &cands {
+            if let Some(t) = rp.tensors.get(i) {
+                cut.push((t.offset, t.offset + t.bytes));
+                view_bytes += t.bytes;
+                views.insert(i, ViewRef { file, src });
             }
-            (exec, opts.views.then(|| Arc::new(mapped)))
         }
-        IoMode::Pread => (
-            engine::run_pread(&plan.files, &open, &rp.copies, &rp.zeros, &mut arena, opts)?,
-            None,
-        ),
+        cut.sort_unstable();
+        let copies = clip_runs(&rp.copies, &cut);
+        let runs = engine::validate(&plan.files, &copies, &rp.zeros, &mut arena)?;
+        let mut exec = engine::run(&runs, &open, Some(&mapped), opts)?;
+        exec.read_bytes = engine::touched_pages(&rp.copies);
+        (exec, Some(Arc::new(mapped)))
+    } else {
+        let runs = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
+        let mapped = engine::map_for(&runs, &open, opts)?;
+        (engine::run(&runs, &open, mapped.as_ref(), opts)?, None)
     };
     let by_name = rp
         .tensors
@@ -469,22 +589,34 @@ pub fn verify_rank(
                 t.name, coords.rank
             ))
         })?;
-        let whole = read_tensor(ckpt, info)?;
-        let want = slice_layout(&whole, &info.shape, info.dtype.bits(), layout)?;
+        let on_rank = |e: Error| match e {
+            Error::OutOfMemory {
+                bytes,
+                what,
+                rank: None,
+            } => Error::OutOfMemory {
+                bytes,
+                what,
+                rank: Some(coords.rank),
+            },
+            other => other,
+        };
+        let whole = read_tensor(ckpt, info).map_err(on_rank)?;
+        let want = slice_layout(&whole, &info.shape, info.dtype.bits(), layout).map_err(on_rank)?;
+        drop(whole);
         if want.as_slice() != got.data {
             let first = want
                 .iter()
                 .zip(got.data)
                 .position(|(a, b)| a != b)
                 .unwrap_or(want.len().min(got.data.len()));
-            return Err(Error::Load(format!(
-                "verify: rank {}: tensor {:?} differs from the slow path at byte {first} \
-                 ({} bytes loaded, {} expected)",
-                coords.rank,
-                t.name,
-                got.data.len(),
-                want.len()
-            )));
+            return Err(Error::VerifyMismatch {
+                rank: coords.rank,
+                tensor: t.name.clone(),
+                byte: first as u64,
+                loaded: got.data.len() as u64,
+                expected: want.len() as u64,
+            });
         }
         n += 1;
     }

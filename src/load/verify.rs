@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::error::try_alloc_zeroed;
 use crate::sharding::{Layout, Piece, Resolution, Resolved, Shards};
 use crate::topology::Coords;
 use crate::{Error, Result};
@@ -32,18 +33,30 @@ pub fn read_tensor(ckpt: &Checkpoint, info: &TensorInfo) -> Result<Vec<u8>> {
         .get(info.file)
         .ok_or_else(|| Error::Load(format!("tensor {:?}: unknown file", info.name)))?;
     let file = File::open(&fi.path).map_err(|e| Error::io(&fi.path, e))?;
-    let len = usize::try_from(info.bytes)
-        .map_err(|_| Error::Load(format!("tensor {:?} too large", info.name)))?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, info.offset).map_err(|e| {
-        Error::Load(format!(
-            "{}: tensor {:?}: cannot read {} bytes at offset {}: {e}",
-            fi.path.display(),
-            info.name,
-            info.bytes,
-            info.offset
-        ))
-    })?;
+    let mut buf = try_alloc_zeroed(
+        info.bytes,
+        &format!("verifying tensor {:?} of {}", info.name, fi.name),
+        None,
+    )?;
+    // Positioned reads until the buffer is full: end of file first is a short read naming
+    // how far it got (the file shrank since it was opened).
+    let mut got = 0usize;
+    while got < buf.len() {
+        let at = info.offset + got as u64;
+        match file.read_at(&mut buf[got..], at) {
+            Ok(0) => {
+                return Err(Error::ShortRead {
+                    file: fi.path.clone(),
+                    offset: info.offset,
+                    wanted: info.bytes,
+                    got: got as u64,
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(&fi.path, e)),
+        }
+    }
     Ok(buf)
 }
 
@@ -65,7 +78,7 @@ pub fn slice_layout(src: &[u8], shape: &[u64], bits: u64, layout: &Layout) -> Re
         .checked_mul(bits)
         .map(|b| b.div_ceil(8))
         .ok_or_else(|| err("size overflows"))?;
-    let mut out = vec![0u8; out_len as usize];
+    let mut out = try_alloc_zeroed(out_len, "a verified tensor's local slice", None)?;
     if nd == 0 {
         let n = out.len().min(src.len());
         out[..n].copy_from_slice(&src[..n]);

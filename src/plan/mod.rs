@@ -29,8 +29,8 @@
 //!
 //! ## Reads and staging
 //!
-//! [`RankPlan::read_bytes`] is the number of bytes read from storage: the union of the 4096-byte
-//! pages that the copy runs touch, so a column split of a row-major tensor shows its read
+//! [`RankPlan::read_bytes`] is the number of bytes read from storage: the union of the pages (the
+//! operating system's page size, [`page_size`]) that the copy runs touch, so a column split of a row-major tensor shows its read
 //! amplification. [`RankPlan::staging_bytes`] is the peak staging memory: the largest
 //! page-rounded file window that one tensor's copies span, i.e. what a loader maps or buffers
 //! at once when it gathers tensor by tensor.
@@ -46,12 +46,13 @@ use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
 mod runs;
+mod strided;
 mod svg;
 
 pub use runs::{
-    coalesce_copies, coalesce_zeros, read_bytes, span_bytes, src_end, tensor_runs, TensorRuns,
-    MAX_DIMS, PAGE,
+    coalesce_copies, coalesce_zeros, read_bytes, span_bytes, tensor_runs, TensorRuns, MAX_DIMS,
 };
+pub use strided::{merge_intervals, page_size, union_len, Strided};
 pub use svg::memory_svg;
 
 /// Alignment of every tensor's offset in a rank's arena, in bytes.
@@ -109,6 +110,38 @@ pub struct CopyRun {
     pub dst_stride: u64,
 }
 
+impl CopyRun {
+    /// The chunks read from the file.
+    pub fn src_pattern(&self) -> Strided {
+        Strided {
+            start: self.src,
+            len: self.len,
+            count: self.count,
+            stride: self.src_stride,
+        }
+    }
+
+    /// The chunks written in the arena.
+    pub fn dst_pattern(&self) -> Strided {
+        Strided {
+            start: self.dst,
+            len: self.len,
+            count: self.count,
+            stride: self.dst_stride,
+        }
+    }
+
+    /// Chunks `first..first + n` as a run of their own.
+    pub fn rows(&self, first: u64, n: u64) -> CopyRun {
+        CopyRun {
+            src: self.src_pattern().chunk_start(first),
+            dst: self.dst_pattern().chunk_start(first),
+            count: n,
+            ..*self
+        }
+    }
+}
+
 /// Fill `count` chunks of `len` bytes with zeros, chunk `i` at `dst + i * dst_stride`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ZeroRun {
@@ -120,6 +153,18 @@ pub struct ZeroRun {
     pub count: u64,
     /// Distance between chunk starts in the arena.
     pub dst_stride: u64,
+}
+
+impl ZeroRun {
+    /// The chunks zeroed in the arena.
+    pub fn dst_pattern(&self) -> Strided {
+        Strided {
+            start: self.dst,
+            len: self.len,
+            count: self.count,
+            stride: self.dst_stride,
+        }
+    }
 }
 
 /// Everything one rank loads.
@@ -136,7 +181,7 @@ pub struct RankPlan {
     /// Bytes held after loading: the sum of the tensors' sizes (vocab zero padding included,
     /// arena alignment gaps not).
     pub bytes: u64,
-    /// Bytes read from storage: the union of the 4096-byte pages the copy runs touch.
+    /// Bytes read from storage: the union of the pages ([`page_size`]) the copy runs touch.
     pub read_bytes: u64,
     /// Size of the arena buffer: `bytes` plus the alignment gaps between tensors.
     pub arena_bytes: u64,

@@ -16,7 +16,7 @@ use crate::checkpoint::Dtype;
 use crate::sharding::{Layout, Piece};
 use crate::{Error, Result};
 
-use super::{CopyRun, ZeroRun};
+use super::{page_size, union_len, CopyRun, Strided, ZeroRun};
 
 /// The runs that build one rank-local tensor, with destination offsets relative to the start
 /// of the local tensor (the caller shifts them to the tensor's arena offset).
@@ -30,16 +30,9 @@ pub struct TensorRuns {
     pub zeros: Vec<ZeroRun>,
 }
 
-/// A run in element units, before conversion to bytes.
-#[derive(Clone, Copy, Debug)]
-struct ElemRun {
-    src: u64,
-    dst: u64,
-    len: u64,
-    count: u64,
-    src_stride: u64,
-    dst_stride: u64,
-}
+/// Runs are first computed in element units (a [`CopyRun`] whose offsets count elements and
+/// whose `file` is unused), then converted to bytes.
+type ElemRun = CopyRun;
 
 fn plan_err(name: &str, msg: impl std::fmt::Display) -> Error {
     Error::Plan(format!("tensor {name:?}: {msg}"))
@@ -127,6 +120,7 @@ fn box_runs(
             dst = dst.checked_add(i.checked_mul(d)?)?;
         }
         out.push(normalize(ElemRun {
+            file: 0,
             src,
             dst,
             len: chunk,
@@ -390,61 +384,45 @@ pub fn tensor_runs(
     Ok(out)
 }
 
-/// Page size used to round reads (bytes).
-pub const PAGE: u64 = 4096;
-
-/// Extent of a copy run in the file: `[src, src + (count-1)*src_stride + len)`.
-pub fn src_end(r: &CopyRun) -> u64 {
-    r.src
-        .saturating_add(r.count.saturating_sub(1).saturating_mul(r.src_stride))
-        .saturating_add(r.len)
+fn page_floor(x: u64, page: u64) -> u64 {
+    x / page
 }
 
-fn page_floor(x: u64) -> u64 {
-    x / PAGE
+fn page_ceil(x: u64, page: u64) -> u64 {
+    x.div_ceil(page)
 }
 
-fn page_ceil(x: u64) -> u64 {
-    x.div_ceil(PAGE)
-}
-
-/// Pages touched by one run (the union of its chunks' pages), in O(min(count, period)).
+/// Pages of size `page` touched by one pattern (the union of its chunks' pages), in
+/// O(min(count, period)).
 ///
-/// Chunk `i` starts at `s_i = src + i * stride`. Chunks are sorted, so the pages that chunk
-/// `i+1` adds beyond chunk `i` depend only on `s_i mod PAGE`, which repeats with period
-/// `PAGE / gcd(stride mod PAGE, PAGE)`; one period is summed and multiplied out.
-fn run_pages(src: u64, len: u64, count: u64, stride: u64) -> u64 {
-    if len == 0 || count == 0 {
+/// Chunk `i` starts at `s_i = start + i * stride`. Chunks are sorted, so the pages that chunk
+/// `i+1` adds beyond chunk `i` depend only on `s_i mod page`, which repeats with period
+/// `page / gcd(stride mod page, page)`; one period is summed and multiplied out.
+fn run_pages(p: Strided, page: u64) -> u64 {
+    if p.is_empty() {
         return 0;
     }
+    let (src, len, count, stride) = (p.start, p.len, p.count, p.stride);
     if count == 1 || stride <= len {
-        return page_ceil(src_end(&CopyRun {
-            file: 0,
-            src,
-            dst: 0,
-            len,
-            count,
-            src_stride: stride,
-            dst_stride: 0,
-        })) - page_floor(src);
+        return page_ceil(p.end_saturating(), page) - page_floor(src, page);
     }
-    let first = page_ceil(src + len) - page_floor(src);
-    // Pages added by chunk i+1 given s_i mod PAGE.
+    let first = page_ceil(src + len, page) - page_floor(src, page);
+    // Pages added by chunk i+1 given s_i mod page.
     let added = |m: u64| -> u64 {
-        let end_i = page_ceil(m + len);
-        let start_n = page_floor(m + stride);
-        let end_n = page_ceil(m + stride + len);
+        let end_i = page_ceil(m + len, page);
+        let start_n = page_floor(m + stride, page);
+        let end_n = page_ceil(m + stride + len, page);
         end_n - start_n.max(end_i)
     };
-    let step = stride % PAGE;
-    let period = PAGE / gcd(step, PAGE);
+    let step = stride % page;
+    let period = page / gcd(step, page);
     let transitions = count - 1;
     let sum_over = |n: u64| -> u64 {
-        let mut m = src % PAGE;
+        let mut m = src % page;
         let mut total = 0u64;
         for _ in 0..n {
             total += added(m);
-            m = (m + step) % PAGE;
+            m = (m + step) % page;
         }
         total
     };
@@ -464,59 +442,46 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 }
 
 /// Bytes read from storage by a set of copy runs sorted by `(file, src)`: the union of the
-/// pages (4096 bytes) their chunks touch, so a page shared by two runs counts once and the
+/// pages ([`page_size`]) their chunks touch, so a page shared by two runs counts once and the
 /// read amplification of strided splits is visible.
+pub fn read_bytes(copies: &[CopyRun]) -> u64 {
+    read_bytes_with_page(copies, page_size())
+}
+
+/// [`read_bytes`] for pages of `page` bytes (a power of two).
 ///
 /// Runs whose extents do not interleave are counted in closed form; groups of interleaving
 /// runs (fused parts cut on an inner dimension) are enumerated chunk by chunk.
-pub fn read_bytes(copies: &[CopyRun]) -> u64 {
+pub(crate) fn read_bytes_with_page(copies: &[CopyRun], page: u64) -> u64 {
     let mut pages = 0u64;
     let mut i = 0;
     // Last page end counted so far in the current file.
     let mut covered: Option<(u32, u64)> = None;
     while i < copies.len() {
         let first = copies[i];
-        let mut end = src_end(&first);
+        let mut end = first.src_pattern().end_saturating();
         let mut j = i + 1;
         while j < copies.len() && copies[j].file == first.file && copies[j].src < end {
-            end = end.max(src_end(&copies[j]));
+            end = end.max(copies[j].src_pattern().end_saturating());
             j += 1;
         }
         let group = &copies[i..j];
-        let start_page = page_floor(first.src);
-        let (mut n, end_page) = if group.len() == 1 {
-            (
-                run_pages(first.src, first.len, first.count, first.src_stride),
-                page_ceil(end),
-            )
+        let start_page = page_floor(first.src, page);
+        let mut n = if group.len() == 1 {
+            run_pages(first.src_pattern(), page)
         } else {
-            let mut spans: Vec<(u64, u64)> = Vec::new();
-            for r in group {
-                for c in 0..r.count {
-                    let s = r.src + c * r.src_stride;
-                    if r.len > 0 {
-                        spans.push((page_floor(s), page_ceil(s + r.len)));
-                    }
-                }
-            }
-            spans.sort_unstable();
-            let mut total = 0u64;
-            let mut cur: Option<(u64, u64)> = None;
-            for (s, e) in spans {
-                match cur {
-                    Some((cs, ce)) if s <= ce => cur = Some((cs, ce.max(e))),
-                    Some((cs, ce)) => {
-                        total += ce - cs;
-                        cur = Some((s, e));
-                    }
-                    None => cur = Some((s, e)),
-                }
-            }
-            if let Some((cs, ce)) = cur {
-                total += ce - cs;
-            }
-            (total, page_ceil(end))
+            let mut spans: Vec<(u64, u64)> = group
+                .iter()
+                .flat_map(|r| {
+                    r.src_pattern()
+                        .chunks()
+                        .map(|(s, e)| (page_floor(s, page), page_ceil(e, page)))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            union_len(&mut spans)
         };
+        let end_page = page_ceil(end, page);
         // A page shared with the previous group (same file) was already counted.
         if let Some((f, prev_end)) = covered {
             if f == first.file && start_page < prev_end && n > 0 {
@@ -531,16 +496,20 @@ pub fn read_bytes(copies: &[CopyRun]) -> u64 {
         covered = Some((first.file, end_page.max(prev)));
         i = j;
     }
-    pages * PAGE
+    pages * page
 }
 
 /// The page-rounded window `[start, end)` of the file that a tensor's copies span, in bytes:
 /// what a loader maps or buffers to gather that tensor at once.
 pub fn span_bytes(copies: &[CopyRun]) -> u64 {
+    let page = page_size();
     let start = copies.iter().map(|r| r.src).min();
-    let end = copies.iter().map(src_end).max();
+    let end = copies
+        .iter()
+        .map(|r| r.src_pattern().end_saturating())
+        .max();
     match (start, end) {
-        (Some(s), Some(e)) if e > s => (page_ceil(e) - page_floor(s)) * PAGE,
+        (Some(s), Some(e)) if e > s => (page_ceil(e, page) - page_floor(s, page)) * page,
         _ => 0,
     }
 }
@@ -694,6 +663,18 @@ mod tests {
 
     #[test]
     fn pages_of_strided_runs() {
+        const PAGE: u64 = 4096;
+        let run_pages = |start, len, count, stride| {
+            run_pages(
+                Strided {
+                    start,
+                    len,
+                    count,
+                    stride,
+                },
+                PAGE,
+            )
+        };
         // 3 chunks of 100 bytes every 8192 bytes: 3 pages.
         assert_eq!(run_pages(0, 100, 3, 8192), 3);
         // Chunks of 100 bytes every 1000 bytes, 10 chunks: bytes 0..9100 → pages 0..3 (3 pages).
@@ -724,5 +705,36 @@ mod tests {
                 "{src} {len} {count} {stride}"
             );
         }
+    }
+
+    #[test]
+    fn read_bytes_follows_the_page_size() {
+        // Two runs in one file: 3 chunks of 10 bytes every 20,000 bytes from 0, and one
+        // contiguous run of 100 bytes at 70,000. With 4 KiB pages: chunks at 0, 20000, 40000
+        // touch pages 0, 4, 9 and the run page 17: 4 pages. With 64 KiB pages: pages 0 (three
+        // chunks) and 1 (the run at 70,000): 2 pages.
+        let runs = [
+            CopyRun {
+                file: 0,
+                src: 0,
+                dst: 0,
+                len: 10,
+                count: 3,
+                src_stride: 20_000,
+                dst_stride: 10,
+            },
+            CopyRun {
+                file: 0,
+                src: 70_000,
+                dst: 30,
+                len: 100,
+                count: 1,
+                src_stride: 100,
+                dst_stride: 100,
+            },
+        ];
+        assert_eq!(read_bytes_with_page(&runs, 4096), 4 * 4096);
+        assert_eq!(read_bytes_with_page(&runs, 65536), 2 * 65536);
+        assert_eq!(read_bytes(&runs), read_bytes_with_page(&runs, page_size()));
     }
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use super::expr::{Arg, Expr, Parser, Tok};
 use super::pattern::Pattern;
 use super::TensorKind;
+use crate::error::{escape_controls, Escaped};
 use crate::{Error, Result};
 
 /// How one part of a fused dimension is divided among TP ranks.
@@ -125,46 +126,62 @@ const CLAUSES: [&str; 5] = ["stage", "experts", "kind", "optional", "if"];
 const KINDS: [&str; 6] = ["attention", "mlp", "experts", "embedding", "norm", "other"];
 const BUILTINS: [&str; 4] = ["tp", "pp", "dp", "ep"];
 
-/// Edit distance for "did you mean": Levenshtein plus adjacent transpositions (`spilt`).
+/// Longest spec line: far beyond any real spec (the deepest expression test uses 200,000
+/// characters), small enough that a hostile 8 MB line is refused before it is lexed.
+const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Longest name pattern: tensor names are at most a few hundred bytes.
+const MAX_PATTERN_BYTES: usize = 4096;
+
+/// Longest word (in characters) compared by "did you mean": no keyword or name we suggest is
+/// longer, and a hostile 8 MB word must not cost a quadratic table.
+const MAX_SUGGEST_CHARS: usize = 64;
+
+/// Edit distance for "did you mean": Levenshtein plus adjacent transpositions (`spilt`),
+/// with three rolling rows (the transposition looks two rows back), so memory is linear in
+/// the shorter word.
 pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    if let Some(first) = d.first_mut() {
-        for (j, v) in first.iter_mut().enumerate() {
-            *v = j;
-        }
-    }
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur: Vec<usize> = vec![0; b.len() + 1];
     for i in 1..=a.len() {
+        cur[0] = i;
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut v = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
+            let mut v = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                v = v.min(d[i - 2][j - 2] + 1);
+                v = v.min(before[j - 2] + 1);
             }
-            d[i][j] = v;
+            cur[j] = v;
         }
+        std::mem::swap(&mut before, &mut prev);
+        std::mem::swap(&mut prev, &mut cur);
     }
-    d[a.len()][b.len()]
+    prev[b.len()]
 }
 
 /// ` (did you mean `x`?)` for the closest candidate within a small distance, else "".
+/// Bounded whatever the word: words longer than [`MAX_SUGGEST_CHARS`] get no suggestion, and
+/// candidates whose length differs by more than the allowed distance are skipped unmeasured.
 pub(crate) fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> String {
-    let limit = match word.chars().count() {
+    // Counting stops past the bound: an 8 MB word is not walked to its end.
+    let len = word.chars().take(MAX_SUGGEST_CHARS + 1).count();
+    if len > MAX_SUGGEST_CHARS {
+        return String::new();
+    }
+    let limit = match len {
         0..=3 => 1,
         4..=6 => 2,
         _ => 3,
     };
     candidates
         .into_iter()
+        .filter(|c| c.chars().take(MAX_SUGGEST_CHARS + 1).count().abs_diff(len) <= limit)
         .map(|c| (edit_distance(word, c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
@@ -174,6 +191,17 @@ pub(crate) fn did_you_mean<'a>(
 
 /// Formats `origin:line:col: msg` plus the source line and a caret.
 pub(crate) fn located(origin: &str, line_no: usize, col: usize, msg: &str, line: &str) -> String {
+    let col = col.max(1);
+    format!(
+        "{}:{line_no}:{col}: {msg}{}",
+        Escaped(origin),
+        excerpt(line, col)
+    )
+}
+
+/// `\n    source line\n    ^` under column `col` (1-based, characters), with a window of a
+/// long line around the column and control characters in the line escaped.
+pub(crate) fn excerpt(line: &str, col: usize) -> String {
     /// Chars of a long line (over 4 windows) shown on each side of the column.
     const WINDOW: usize = 60;
     let col = col.max(1);
@@ -190,12 +218,21 @@ pub(crate) fn located(origin: &str, line_no: usize, col: usize, msg: &str, line:
         if skip > 0 { "..." } else { "" },
         if cut_end { "..." } else { "" },
     );
+    // An escaped control character is several columns wide: pad the caret by the escaped
+    // width of the characters before the column.
     let caret_pad: String = lead
         .chars()
         .chain(line.chars().skip(skip).take(col - 1 - skip))
-        .map(|c| if c == '\t' { '\t' } else { ' ' })
+        .map(|c| match c {
+            '\t' => "\t".to_string(),
+            c if c.is_control() => " ".repeat(c.escape_default().count()),
+            _ => " ".to_string(),
+        })
         .collect();
-    format!("{origin}:{line_no}:{col}: {msg}\n    {lead}{shown}{tail}\n    {caret_pad}^")
+    format!(
+        "\n    {lead}{}{tail}\n    {caret_pad}^",
+        escape_controls(&shown)
+    )
 }
 
 struct Ctx<'a> {
@@ -216,13 +253,13 @@ impl Ctx<'_> {
         }
     }
     fn err(&self, col: usize, msg: impl AsRef<str>) -> Error {
-        Error::Spec(located(
-            self.origin,
-            self.line_no,
-            col,
-            msg.as_ref(),
-            self.line,
-        ))
+        Error::SpecAt {
+            file: self.origin.to_string(),
+            line: self.line_no,
+            col: col.max(1),
+            message: msg.as_ref().to_string(),
+            excerpt: excerpt(self.line, col),
+        }
     }
 }
 
@@ -237,6 +274,15 @@ pub(crate) fn parse(source: &str, origin: &str) -> Result<SpecDef> {
             line_no,
             line: raw,
         };
+        if raw.len() > MAX_LINE_BYTES {
+            return Err(ctx.err(
+                1,
+                format!(
+                    "line is {} bytes long; spec lines are at most {MAX_LINE_BYTES} bytes",
+                    raw.len()
+                ),
+            ));
+        }
         let code = strip_comment(raw);
         let trimmed = code.trim_start();
         if trimmed.trim().is_empty() {
@@ -262,6 +308,15 @@ pub(crate) fn parse(source: &str, origin: &str) -> Result<SpecDef> {
                 ),
             ));
         } else {
+            if word.len() > MAX_PATTERN_BYTES {
+                return Err(ctx.err(
+                    indent + 1,
+                    format!(
+                        "name pattern is {} bytes long; patterns are at most {MAX_PATTERN_BYTES} bytes",
+                        word.len()
+                    ),
+                ));
+            }
             let pattern =
                 Pattern::compile(word).map_err(|(off, msg)| ctx.err(indent + 1 + off, msg))?;
             let rule = rule(&ctx, word, pattern, rest, rest_col, kind)?;

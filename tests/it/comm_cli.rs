@@ -290,3 +290,49 @@ fn share_modes_equal_all_ranks() {
     let help = bin().arg("--help").output().unwrap();
     assert!(!String::from_utf8_lossy(&help.stdout).contains("dist-load"));
 }
+
+/// Issue 9 item 3: `--round` has one minimum (64 KiB) on every path, `load` included; smaller
+/// rounds are usage errors naming the flag, never hangs.
+#[test]
+fn small_rounds_and_bad_timeouts_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    checkpoint(dir.path());
+    for (flag, value) in [
+        ("--round", "0"),
+        ("--round", "100"),
+        ("--round", "65535"),
+        ("--timeout", "0"),
+        ("--timeout", "soon"),
+    ] {
+        for cmd in ["load", "dist-load"] {
+            if cmd == "dist-load" && flag == "--timeout" {
+                continue;
+            }
+            let start = std::time::Instant::now();
+            let out = bin()
+                .arg(cmd)
+                .arg(dir.path())
+                .args(["--tp", "2", "--share", "read-once", flag, value])
+                .output()
+                .unwrap();
+            assert!(start.elapsed() < std::time::Duration::from_secs(30));
+            assert_eq!(out.status.code(), Some(2), "{cmd} {flag} {value}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(flag) && err.contains(value), "{err}");
+        }
+    }
+    // The smallest round and a short timeout load and verify.
+    let lines = run(
+        dir.path(),
+        &[
+            "--share",
+            "read-once",
+            "--round",
+            "64KiB",
+            "--timeout",
+            "30s",
+        ],
+    );
+    assert_eq!(lines.len(), 4);
+    assert!(lines.iter().all(|l| l["verified"] == l["tensors"]));
+}

@@ -1,257 +1,233 @@
-//! Share modes on the in-process thread backend: every rank's bytes are checked against
-//! slices cut in memory from tensors read by the reference `safetensors` crate.
+//! Share modes on the in-process thread backend, on real plans of synthetic checkpoints:
+//! every rank's tensors are checked against the loader's independent slow path
+//! (`Job::verify`: whole tensors read with pread and sliced in memory) and against a local
+//! `load_rank`; agreement, timeouts and count checks fail every rank fast with one message.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use safeshard::comm::toy::{ToyModel, ToySplit};
-use safeshard::comm::{load_rank, run_threads, ShareMode, ShareOptions};
-use safeshard::load::{IoMode, LoadOptions};
-use safeshard::plan::Plan;
-use safeshard::topology::Topology;
-
-const MODEL: ToyModel = ToyModel {
-    layers: 3,
-    hidden: 32,
-    vocab: 45, // not a multiple of 2 or 4: vocab padding
-    kv_rows: 8,
+use safeshard::comm::{run_threads, Communicator};
+use safeshard::dist::{
+    load_shared, load_shared_with, ShareMode, ShareOptions, SharedPlan, Traffic,
 };
+use safeshard::load::{IoMode, LoadOptions, RankTensors};
+use safeshard::synth::{self, SynthOptions};
+use safeshard::topology::Topology;
+use safeshard::Error;
+use safeshard::Job;
 
-fn write_model(dir: &Path) -> PathBuf {
-    let path = dir.join("toy.safetensors");
-    MODEL.write(&path).unwrap();
-    path
+const ROUND: u64 = 64 << 10;
+
+fn write(dir: &Path, layers: u64) -> PathBuf {
+    let opts = SynthOptions::preset("llama-tiny")
+        .unwrap()
+        .with_layers(layers);
+    synth::write_checkpoint(dir, &opts).unwrap();
+    dir.to_path_buf()
 }
 
-/// The bytes rank `rank` must hold for tensor `name`, cut from the whole tensor.
-fn expected_slice(file: &[u8], name: &str, tp: usize, tp_rank: usize) -> Vec<u8> {
-    let st = safetensors::SafeTensors::deserialize(file).unwrap();
-    let view = st.tensor(name).unwrap();
-    let data = view.data();
-    let shape = view.shape();
-    let t = MODEL
-        .tensors()
-        .into_iter()
-        .find(|t| t.name == name)
-        .unwrap();
-    match t.split {
-        ToySplit::Replicated => data.to_vec(),
-        ToySplit::Rows => {
-            let (rows, row_bytes) = (shape[0], 2 * shape[1]);
-            let per = rows.div_ceil(tp);
-            let mut out = vec![0u8; per * row_bytes];
-            for i in 0..per {
-                let r = tp_rank * per + i;
-                if r < rows {
-                    out[i * row_bytes..(i + 1) * row_bytes]
-                        .copy_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
-                }
-            }
-            out
-        }
-        ToySplit::Cols => {
-            let (rows, cols) = (shape[0], shape[1]);
-            let per = cols / tp;
-            let mut out = Vec::new();
-            for r in 0..rows {
-                let start = 2 * (r * cols + tp_rank * per);
-                out.extend_from_slice(&data[start..start + 2 * per]);
-            }
-            out
-        }
-    }
+fn topo(tp: usize, pp: usize, dp: usize, pp_layers: Option<Vec<usize>>) -> Topology {
+    let mut t = Topology::new(tp, pp, dp, 1).unwrap();
+    t.pp_layers = pp_layers;
+    t.validate().unwrap();
+    t
 }
 
-/// Names a rank must hold, from the model's stage assignment.
-fn expected_names(topo: &Topology, rank: usize) -> Vec<String> {
-    let c = topo.coords(rank);
-    let stages = topo.layer_stages(MODEL.layers).unwrap();
-    MODEL
-        .tensors()
-        .into_iter()
-        .filter(|t| match t.layer {
-            Some(l) => stages[l] == c.pp_rank,
-            None if t.first_stage => c.pp_rank == 0,
-            None => c.pp_rank + 1 == topo.pp,
-        })
-        .map(|t| t.name)
-        .collect()
-}
-
-fn data_bytes() -> u64 {
-    MODEL
-        .tensors()
-        .iter()
-        .map(|t| 2 * t.shape.iter().product::<u64>())
-        .sum()
-}
-
-fn run_mode(
-    path: &Path,
-    topo: &Topology,
-    mode: ShareMode,
-    nodes: Option<usize>,
-    io: IoMode,
-) -> Vec<safeshard::comm::RankLoad> {
-    let plan = MODEL.plan(path, topo).unwrap();
-    let opts = |rank: usize| ShareOptions {
+fn opts(mode: ShareMode, io: IoMode) -> ShareOptions {
+    ShareOptions {
         mode,
-        per_node: nodes.is_some(),
-        node: nodes.map(|n| format!("node{}", rank % n)),
-        round_bytes: 3000, // several rounds on the toy model
+        round_bytes: ROUND,
+        // A regression that hangs fails the test instead.
+        timeout: Some(Duration::from_secs(60)),
         load: LoadOptions {
             io,
             ..Default::default()
         },
-    };
-    run_threads(topo.world(), |c| {
-        load_rank(&plan, c, &opts(safeshard::comm::Communicator::rank(c)))
+        ..Default::default()
+    }
+}
+
+/// Bytes of the data sections that some rank needs: the union of all ranks' file ranges.
+fn union_bytes(job: &Job, ranks: impl Iterator<Item = usize>) -> u64 {
+    let mut v: Vec<(u32, u64, u64)> = Vec::new();
+    for r in ranks {
+        for c in &job.plan.ranks[r].copies {
+            for i in 0..c.count {
+                let s = c.src + i * c.src_stride;
+                v.push((c.file, s, s + c.len));
+            }
+        }
+    }
+    v.sort_unstable();
+    let mut total = 0;
+    let mut cur: Option<(u32, u64, u64)> = None;
+    for (f, s, e) in v {
+        match &mut cur {
+            Some(c) if c.0 == f && s <= c.2 => c.2 = c.2.max(e),
+            _ => {
+                if let Some(c) = cur {
+                    total += c.2 - c.1;
+                }
+                cur = Some((f, s, e));
+            }
+        }
+    }
+    total + cur.map_or(0, |c| c.2 - c.1)
+}
+
+fn check(job: &Job, loads: &[(RankTensors, Traffic)], what: &str) {
+    for (rank, (t, _)) in loads.iter().enumerate() {
+        assert_eq!(t.stats().rank, rank);
+        assert_eq!(
+            job.verify(t).unwrap(),
+            job.plan.ranks[rank].tensors.len(),
+            "{what}"
+        );
+        let local = job.load_rank(rank, &LoadOptions::default()).unwrap();
+        assert_eq!(t.len(), local.len());
+        for l in local.iter() {
+            let s = t.get(l.name).unwrap();
+            assert_eq!(s.data, l.data, "{what}: rank {rank} tensor {}", l.name);
+            assert_eq!((s.shape, s.dtype), (l.shape, l.dtype));
+        }
+    }
+}
+
+fn run_mode(
+    job: &Job,
+    o: &ShareOptions,
+    node: impl Fn(usize) -> String + Sync,
+) -> Vec<(RankTensors, Traffic)> {
+    run_threads(job.world(), |c| {
+        let o = ShareOptions {
+            node: Some(node(c.rank())),
+            ..o.clone()
+        };
+        load_shared_with(&SharedPlan::new(&job.plan), c, &o)
     })
     .into_iter()
     .map(|r| r.unwrap())
     .collect()
 }
 
-fn check(plan: &Plan, file: &[u8], loads: &[safeshard::comm::RankLoad]) {
-    let topo = &plan.topology;
-    for (rank, load) in loads.iter().enumerate() {
-        assert_eq!(load.rank, rank);
-        let rp = &plan.ranks[rank];
-        let names: Vec<String> = rp.tensors.iter().map(|t| t.name.clone()).collect();
-        assert_eq!(names, expected_names(topo, rank), "rank {rank}");
-        for t in &rp.tensors {
-            let got = &load.arena[t.offset as usize..(t.offset + t.bytes) as usize];
-            let want = expected_slice(file, &t.name, topo.tp, topo.coords(rank).tp_rank);
-            assert!(got == want.as_slice(), "rank {rank} tensor {}", t.name);
-        }
-    }
-}
-
 #[test]
-fn every_mode_gives_every_rank_its_exact_bytes() {
+fn every_mode_gives_every_rank_the_tensors_of_a_local_load() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model(dir.path());
-    let file = std::fs::read(&path).unwrap();
+    let path = write(dir.path(), 4);
     for (tp, pp, dp) in [(2, 2, 1), (4, 1, 1), (2, 1, 2), (1, 2, 2), (1, 1, 1)] {
-        let topo = Topology::new(tp, pp, dp, 1).unwrap();
-        let plan = MODEL.plan(&path, &topo).unwrap();
-        let planned: u64 = plan.ranks.iter().map(|r| r.read_bytes).sum();
+        let job = Job::open(&path, topo(tp, pp, dp, None), None, &[]).unwrap();
+        let union = union_bytes(&job, 0..job.world());
         for mode in [ShareMode::None, ShareMode::Broadcast, ShareMode::ReadOnce] {
-            let loads = run_mode(&path, &topo, mode, None, IoMode::Pread);
-            check(&plan, &file, &loads);
-            let total: u64 = loads.iter().map(|l| l.read_bytes).sum();
+            let what = format!("{mode} tp{tp} pp{pp} dp{dp}");
+            let loads = run_mode(&job, &opts(mode, IoMode::Pread), |_| "n".into());
+            check(&job, &loads, &what);
+            let total: u64 = loads.iter().map(|l| l.0.stats().read_bytes).sum();
+            let sent: u64 = loads.iter().map(|l| l.1.sent_bytes).sum();
+            let received: u64 = loads.iter().map(|l| l.1.received_bytes).sum();
+            assert_eq!(sent, received, "{what}");
             match mode {
-                // Each rank reads its own slices (the pread engine may read a strided run's
-                // whole span), at most the whole file each.
-                ShareMode::None => {
-                    assert!(total >= planned && total <= (topo.world() * file.len()) as u64)
-                }
-                // Every distinct slice is read once: together they are the whole data section.
-                ShareMode::Broadcast | ShareMode::ReadOnce => {
-                    assert_eq!(total, data_bytes(), "{mode} tp{tp} pp{pp} dp{dp}")
-                }
-            }
-            if mode == ShareMode::ReadOnce {
-                // Balanced: no rank reads more than its share plus one byte per round.
-                let max = loads.iter().map(|l| l.read_bytes).max().unwrap();
-                let rounds = data_bytes().div_ceil(3000);
-                assert!(max <= data_bytes() / topo.world() as u64 + rounds + 1);
+                ShareMode::None => assert!(total >= union && sent == 0, "{what}"),
+                // Every needed byte is read once.
+                ShareMode::Broadcast | ShareMode::ReadOnce => assert_eq!(total, union, "{what}"),
             }
         }
     }
 }
 
 #[test]
-fn mmap_engine_gives_the_same_bytes_and_reads_whole_pages() {
+fn mmap_engine_gives_the_same_tensors_and_reads_whole_pages() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model(dir.path());
-    let file = std::fs::read(&path).unwrap();
-    let topo = Topology::new(2, 2, 1, 1).unwrap();
-    let plan = MODEL.plan(&path, &topo).unwrap();
+    let job = Job::open(write(dir.path(), 4), topo(2, 2, 1, None), None, &[]).unwrap();
+    let union = union_bytes(&job, 0..4);
     for mode in [ShareMode::None, ShareMode::Broadcast, ShareMode::ReadOnce] {
-        let loads = run_mode(&path, &topo, mode, None, IoMode::Mmap);
-        check(&plan, &file, &loads);
-        let total: u64 = loads.iter().map(|l| l.read_bytes).sum();
-        // Page-rounded, never more than the whole file per rank.
-        let pages = file.len().div_ceil(4096) as u64 * 4096;
-        // Read-once pieces of 3000-byte rounds: each adds at most two partial pages.
-        let bound = match mode {
-            ShareMode::ReadOnce => data_bytes() + data_bytes().div_ceil(3000) * 4 * 2 * 4096,
-            _ => 4 * pages,
+        let loads = run_mode(&job, &opts(mode, IoMode::Mmap), |_| "n".into());
+        check(&job, &loads, &mode.to_string());
+        let total: u64 = loads.iter().map(|l| l.0.stats().read_bytes).sum();
+        assert!(total >= union, "{mode}: {total} < {union}");
+    }
+}
+
+/// Issue 9 item 2: with pipeline stages on different nodes, the nodes need different numbers
+/// of read-once rounds; that used to deadlock (rounds agreed on the world communicator).
+#[test]
+fn read_once_per_node_with_stages_on_different_nodes_does_not_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), 8);
+    for layers in [vec![2, 6], vec![6, 2], vec![4, 4]] {
+        let job = Job::open(&path, topo(2, 2, 1, Some(layers.clone())), None, &[]).unwrap();
+        let start = Instant::now();
+        let o = ShareOptions {
+            per_node: true,
+            timeout: Some(Duration::from_secs(30)),
+            ..opts(ShareMode::ReadOnce, IoMode::Pread)
         };
-        assert!(total >= data_bytes() && total <= bound, "{mode}: {total}");
+        // Ranks 0, 1 (stage 0) on node A; 2, 3 (stage 1) on node B.
+        let loads = run_mode(&job, &o, |r| if r < 2 { "A".into() } else { "B".into() });
+        assert!(start.elapsed() < Duration::from_secs(30));
+        check(&job, &loads, &format!("{layers:?}"));
+        // Each node reads the union of its own ranks' bytes, once.
+        for (node, ranks) in [(0, 0..2), (1, 2..4)] {
+            let read: u64 = loads[ranks.clone()]
+                .iter()
+                .map(|l| l.0.stats().read_bytes)
+                .sum();
+            assert_eq!(read, union_bytes(&job, ranks), "node {node} {layers:?}");
+        }
     }
 }
 
 #[test]
 fn read_once_per_node_reads_the_checkpoint_once_per_node() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model(dir.path());
-    let file = std::fs::read(&path).unwrap();
-    let topo = Topology::new(2, 2, 1, 1).unwrap();
-    let plan = MODEL.plan(&path, &topo).unwrap();
+    let job = Job::open(write(dir.path(), 4), topo(2, 1, 2, None), None, &[]).unwrap();
+    let o = ShareOptions {
+        per_node: true,
+        ..opts(ShareMode::ReadOnce, IoMode::Pread)
+    };
     // Ranks 0, 2 on node0 and 1, 3 on node1.
-    let loads = run_mode(&path, &topo, ShareMode::ReadOnce, Some(2), IoMode::Pread);
-    check(&plan, &file, &loads);
+    let loads = run_mode(&job, &o, |r| format!("node{}", r % 2));
+    check(&job, &loads, "per node");
     for node in 0..2 {
-        // A node reads the union of what its ranks need, once.
-        let mut need = std::collections::BTreeSet::new();
-        for r in (node..4).step_by(2) {
-            for run in &plan.ranks[r].copies {
-                for i in 0..run.count {
-                    let s = run.src + i * run.src_stride;
-                    need.extend(s..s + run.len);
-                }
-            }
-        }
         let read: u64 = loads
             .iter()
-            .filter(|l| l.rank % 2 == node)
-            .map(|l| l.read_bytes)
+            .enumerate()
+            .filter(|(r, _)| r % 2 == node)
+            .map(|(_, l)| l.0.stats().read_bytes)
             .sum();
-        assert_eq!(read, need.len() as u64, "node {node}");
+        assert_eq!(read, union_bytes(&job, (node..4).step_by(2)), "node {node}");
     }
 }
 
 #[test]
 fn a_broken_file_on_one_rank_fails_every_rank_fast() {
     let dir = tempfile::tempdir().unwrap();
-    let topo = Topology::new(2, 2, 1, 1).unwrap();
-    let paths: Vec<PathBuf> = (0..4)
-        .map(|r| {
-            // One copy per simulated node, same file name.
-            let node = dir.path().join(format!("node{r}"));
-            std::fs::create_dir(&node).unwrap();
-            let p = node.join("toy.safetensors");
-            MODEL.write(&p).unwrap();
-            p
-        })
+    let dirs: Vec<PathBuf> = (0..4)
+        .map(|r| write(&dir.path().join(format!("node{r}")), 4))
         .collect();
-    let f = std::fs::OpenOptions::new()
+    let jobs: Vec<Job> = dirs
+        .iter()
+        .map(|d| Job::open(d, topo(2, 2, 1, None), None, &[]).unwrap())
+        .collect();
+    // Truncated after planning: the load's file check sees it.
+    let f = dirs[2].join("model-00002-of-00002.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
         .write(true)
-        .open(&paths[2])
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
         .unwrap();
-    f.set_len(1000).unwrap();
     for mode in [ShareMode::None, ShareMode::Broadcast, ShareMode::ReadOnce] {
         let start = Instant::now();
         let out = run_threads(4, |c| {
-            let rank = safeshard::comm::Communicator::rank(c);
-            let plan = MODEL.plan(&paths[rank], &topo)?;
-            load_rank(
-                &plan,
-                c,
-                &ShareOptions {
-                    mode,
-                    ..Default::default()
-                },
-            )
+            load_shared(&jobs[c.rank()].plan, c, &opts(mode, IoMode::Pread))
         });
         assert!(start.elapsed() < Duration::from_secs(20));
         for (rank, r) in out.iter().enumerate() {
             let msg = r.as_ref().unwrap_err().to_string();
             if rank == 2 {
                 assert!(
-                    msg.contains("node2/toy.safetensors: file truncated"),
+                    msg.contains("node2/model-00002-of-00002.safetensors"),
                     "{mode}: {msg}"
                 );
             } else {
@@ -261,39 +237,243 @@ fn a_broken_file_on_one_rank_fails_every_rank_fast() {
     }
 }
 
+/// Issue 9 item 1: ranks that disagree on an option that shapes communication fail together,
+/// fast, with one message naming the option, the values and the ranks.
+#[test]
+fn ranks_that_disagree_on_an_option_fail_with_one_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::open(write(dir.path(), 4), topo(2, 2, 1, None), None, &[]).unwrap();
+    type OptionsOf = Box<dyn Fn(usize) -> ShareOptions + Sync>;
+    let cases: Vec<(&str, OptionsOf, &str)> = vec![
+        (
+            "mode",
+            Box::new(|r| {
+                let mode = if r == 1 {
+                    ShareMode::None
+                } else {
+                    ShareMode::Broadcast
+                };
+                opts(mode, IoMode::Pread)
+            }),
+            "ranks disagree on mode: rank 0,2,3 broadcast, rank 1 none",
+        ),
+        (
+            "round",
+            Box::new(|r| ShareOptions {
+                round_bytes: if r >= 2 { 2 * ROUND } else { ROUND },
+                ..opts(ShareMode::ReadOnce, IoMode::Pread)
+            }),
+            "ranks disagree on round_bytes: rank 0,1 65536, rank 2,3 131072",
+        ),
+        (
+            "per node",
+            Box::new(|r| ShareOptions {
+                per_node: r == 3,
+                ..opts(ShareMode::ReadOnce, IoMode::Pread)
+            }),
+            "ranks disagree on per_node: rank 0,1,2 false, rank 3 true",
+        ),
+        (
+            "io",
+            Box::new(|r| {
+                opts(
+                    ShareMode::Broadcast,
+                    if r == 0 { IoMode::Mmap } else { IoMode::Pread },
+                )
+            }),
+            "ranks disagree on io: rank 0 mmap, rank 1,2,3 pread",
+        ),
+        (
+            "caller's option",
+            Box::new(|r| ShareOptions {
+                agree_also: vec![("verify".into(), (r == 2).to_string())],
+                ..opts(ShareMode::None, IoMode::Pread)
+            }),
+            "ranks disagree on verify: rank 0,1,3 false, rank 2 true",
+        ),
+    ];
+    for (what, make, want) in &cases {
+        let start = Instant::now();
+        let out = run_threads(4, |c| load_shared(&job.plan, c, &make(c.rank())));
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        for r in out {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::Usage(_)), "{what}: {e:?}");
+            assert_eq!(e.to_string(), *want, "{what}");
+        }
+    }
+}
+
 #[test]
 fn ranks_with_different_plans_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model(dir.path());
-    let topo = Topology::new(2, 1, 1, 1).unwrap();
+    let a = Job::open(
+        write(&dir.path().join("a"), 4),
+        topo(2, 1, 1, None),
+        None,
+        &[],
+    )
+    .unwrap();
+    let b = Job::open(
+        write(&dir.path().join("b"), 6),
+        topo(2, 1, 1, None),
+        None,
+        &[],
+    )
+    .unwrap();
     let out = run_threads(2, |c| {
-        let model = ToyModel {
-            hidden: if safeshard::comm::Communicator::rank(c) == 1 {
-                16
-            } else {
-                32
-            },
-            ..MODEL
-        };
-        let plan = model.plan(&path, &topo)?;
-        load_rank(&plan, c, &ShareOptions::default())
+        let plan = if c.rank() == 1 { &b.plan } else { &a.plan };
+        load_shared(plan, c, &ShareOptions::default())
     });
     for r in out {
         let msg = r.unwrap_err().to_string();
-        assert!(msg.contains("different plan"), "{msg}");
+        assert!(msg.starts_with("ranks disagree on plan: rank 0 "), "{msg}");
+        assert!(msg.contains(", rank 1 "), "{msg}");
     }
 }
 
 #[test]
 fn job_size_must_match_plan() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model(dir.path());
-    let plan = MODEL
-        .plan(&path, &Topology::new(4, 1, 1, 1).unwrap())
-        .unwrap();
-    let out = run_threads(2, |c| load_rank(&plan, c, &ShareOptions::default()));
+    let job = Job::open(write(dir.path(), 4), topo(4, 1, 1, None), None, &[]).unwrap();
+    let out = run_threads(2, |c| load_shared(&job.plan, c, &ShareOptions::default()));
     for r in out {
         let msg = r.unwrap_err().to_string();
         assert!(msg.contains("2 ranks but the plan has 4"), "{msg}");
+    }
+}
+
+/// Issue 9 item 3: one round minimum on every path; small rounds are errors, never hangs.
+#[test]
+fn rounds_under_64_kib_are_refused_on_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::open(write(dir.path(), 4), topo(2, 2, 1, None), None, &[]).unwrap();
+    for round in [0, 100, ROUND - 1] {
+        let start = Instant::now();
+        let out = run_threads(4, |c| {
+            let o = ShareOptions {
+                round_bytes: round,
+                ..opts(ShareMode::ReadOnce, IoMode::Pread)
+            };
+            load_shared(&job.plan, c, &o)
+        });
+        assert!(start.elapsed() < Duration::from_secs(10));
+        for r in out {
+            let e = r.unwrap_err();
+            assert!(e.is_usage(), "{e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("round_bytes {round}: at least 65536")),
+                "{e}"
+            );
+        }
+    }
+    // The smallest allowed round works, many rounds and all.
+    let loads = run_mode(&job, &opts(ShareMode::ReadOnce, IoMode::Pread), |_| {
+        "n".into()
+    });
+    check(&job, &loads, "64 KiB rounds");
+}
+
+/// Issue 9 item 4: a rank that never arrives ends the job after the timeout, with a message
+/// naming the phase and the missing rank, on every rank that waited.
+#[test]
+fn a_rank_that_never_arrives_times_out_naming_phase_and_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::open(write(dir.path(), 4), topo(2, 2, 1, None), None, &[]).unwrap();
+    let start = Instant::now();
+    let out = run_threads(4, |c| {
+        if c.rank() == 2 {
+            // Gone without a word (as a stopped process).
+            return Ok(None);
+        }
+        let o = ShareOptions {
+            timeout: Some(Duration::from_secs(1)),
+            ..opts(ShareMode::Broadcast, IoMode::Pread)
+        };
+        load_shared(&job.plan, c, &o).map(Some)
+    });
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    for (rank, r) in out.iter().enumerate() {
+        if rank == 2 {
+            continue;
+        }
+        let msg = r.as_ref().unwrap_err().to_string();
+        assert!(
+            msg.contains("timed out after 1s in phase \"job fingerprint\": rank 2 did not arrive"),
+            "rank {rank}: {msg}"
+        );
+    }
+}
+
+/// The thread backend's deadline on every collective, sub-communicators included: a rank
+/// that sleeps past it is named (by its world rank) with the phase.
+#[test]
+fn a_sleeping_rank_is_named_in_a_sub_communicator_timeout() {
+    let start = Instant::now();
+    let out = run_threads(4, |c| {
+        c.set_timeout(Some(Duration::from_millis(500)));
+        let sub = c.split(Some((c.rank() % 2) as u32), c.rank())?.unwrap();
+        sub.set_phase("odd barrier");
+        if c.rank() == 3 {
+            std::thread::sleep(Duration::from_secs(2));
+            return Ok(());
+        }
+        sub.barrier()
+    });
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let msg = out[1].as_ref().unwrap_err().to_string();
+    assert_eq!(
+        msg,
+        "rank 1: timed out after 500ms in phase \"odd barrier\": rank 3 did not arrive"
+    );
+    // The even ranks were not waiting on rank 3 and finished.
+    assert!(out[0].is_ok() && out[2].is_ok(), "{out:?}");
+}
+
+/// No receive buffer is written past its length whatever a peer sends: a peer sending a
+/// different count is an error naming it.
+#[test]
+fn a_peer_sending_another_count_is_named_and_nothing_is_overrun() {
+    let out = run_threads(2, |c| {
+        let send = [7u8; 16];
+        // Rank 1 sends 16 bytes to rank 0, which expects 8.
+        let (send_counts, recv_counts) = if c.rank() == 1 {
+            (vec![16, 0], vec![0, 0])
+        } else {
+            (vec![0, 0], vec![0, 8])
+        };
+        let mut recv = vec![0u8; recv_counts.iter().sum::<usize>() + 4];
+        let sent = send.get(..send_counts.iter().sum::<usize>()).unwrap_or(&[]);
+        let n: usize = recv_counts.iter().sum();
+        let r = c.all_to_all_packed(sent, &send_counts, &mut recv[..n], &recv_counts);
+        assert!(recv[n..].iter().all(|&b| b == 0), "overrun");
+        r
+    });
+    let msg = out[0].as_ref().unwrap_err().to_string();
+    assert!(msg.contains("rank 1 sent 16 bytes, 8 expected"), "{msg}");
+}
+
+/// A distributed load returns the same type as a local one: names, iteration, take.
+#[test]
+fn shared_tensors_are_the_local_rank_tensors_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::open(write(dir.path(), 4), topo(2, 1, 1, None), None, &[]).unwrap();
+    let out = run_threads(2, |c| {
+        let mut t = load_shared(&job.plan, c, &opts(ShareMode::Broadcast, IoMode::Pread))?;
+        let names: Vec<String> = t.iter().map(|x| x.name.to_string()).collect();
+        let first = names.first().cloned().unwrap_or_default();
+        let want = t.get(&first).map(|x| x.data.to_vec());
+        let taken = t.take(&first).map(|x| x.data);
+        assert_eq!(taken, want);
+        assert!(t.get(&first).is_none());
+        Ok(names.len())
+    });
+    for (rank, r) in out.into_iter().enumerate() {
+        assert_eq!(r.unwrap(), job.plan.ranks[rank].tensors.len());
     }
 }

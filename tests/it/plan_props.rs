@@ -7,7 +7,7 @@
 
 use proptest::prelude::*;
 use safeshard::checkpoint::Dtype;
-use safeshard::plan::{coalesce_copies, read_bytes, tensor_runs, CopyRun, PAGE};
+use safeshard::plan::{coalesce_copies, page_size, read_bytes, tensor_runs, CopyRun};
 use safeshard::sharding::{Layout, Piece};
 
 /// Reads `bits` bits at bit position `pos` (LSB-first within bytes).
@@ -312,13 +312,14 @@ proptest! {
             prop_assert!(writes.iter().all(|&w| w == 1), "every byte written exactly once: {:?}", writes);
             // Every copy stays inside the source tensor.
             for c in &copies {
-                prop_assert!(c.src >= offset && safeshard::plan::src_end(c) <= offset + tbytes);
+                prop_assert!(c.src >= offset && c.src_pattern().end() <= Some(offset + tbytes));
             }
             // Page-union read bytes: at least the bytes copied, at most the pages of the tensor.
             let rb = read_bytes(&copies);
             let copied: u64 = copies.iter().map(|c| c.len * c.count).sum();
             prop_assert!(rb >= copied);
-            prop_assert!(rb <= ((offset + tbytes).div_ceil(PAGE) - offset / PAGE) * PAGE);
+            let page = page_size();
+            prop_assert!(rb <= ((offset + tbytes).div_ceil(page) - offset / page) * page);
             for s in origin.into_iter().flatten() {
                 seen[s as usize] += 1;
             }
@@ -331,16 +332,17 @@ proptest! {
 
 /// Brute force: every chunk's pages, per file, collected in a set.
 fn page_union_bytes(runs: &[CopyRun]) -> u64 {
+    let page = page_size();
     let mut pages = std::collections::BTreeSet::new();
     for r in runs {
         for i in 0..r.count {
             let s = r.src + i * r.src_stride;
-            for p in s / PAGE..(s + r.len).div_ceil(PAGE) {
+            for p in s / page..(s + r.len).div_ceil(page) {
                 pages.insert((r.file, p));
             }
         }
     }
-    pages.len() as u64 * PAGE
+    pages.len() as u64 * page
 }
 
 #[test]

@@ -334,7 +334,7 @@ fn sparse_deepseek_v3_uses_no_data_blocks() {
 #[test]
 fn bad_options_are_errors_not_panics() {
     let e = SynthOptions::preset("llama-huge").unwrap_err();
-    assert_eq!(e.exit_code(), 2);
+    assert!(e.is_usage());
     assert!(e.to_string().contains("llama-huge"));
     let mut o = SynthOptions::preset("llama-tiny").unwrap();
     o.config

@@ -1,10 +1,12 @@
-//! Byte segments of a plan and a small `pread` executor for them.
+//! Byte segments of a plan, and the one place where the share modes touch the plan's run
+//! type and the loader's engine.
 //!
-//! The share modes work on [`Segment`]s: one contiguous file range copied to one arena range
-//! (a plan [`CopyRun`] of `count` chunks is `count` segments).
-//! The reading itself is the loader's engine ([`crate::load::execute`]), fed with the runs a
-//! rank reads itself.
+//! The share modes work on [`Segment`]s: one contiguous file range copied to one buffer range
+//! (a plan [`CopyRun`] of `count` chunks is `count` segments). Reading goes through
+//! [`read_segments`], which hands them to the loader's engine ([`crate::load::execute`]) as
+//! contiguous runs.
 
+use crate::load::{execute, LoadOptions};
 use crate::plan::{CopyRun, Plan, RankPlan};
 use crate::{Error, Result};
 
@@ -22,7 +24,7 @@ pub struct Segment {
 }
 
 /// The segments of one copy run, chunk by chunk.
-pub fn run_segments(run: &CopyRun) -> impl Iterator<Item = Segment> + '_ {
+fn run_segments(run: &CopyRun) -> impl Iterator<Item = Segment> + '_ {
     (0..run.count).map(move |i| Segment {
         file: run.file,
         src: run.src + i * run.src_stride,
@@ -84,23 +86,19 @@ pub fn check_rank(plan: &Plan, rank: &RankPlan) -> Result<()> {
     Ok(())
 }
 
-/// A fresh zeroed arena of `rank.arena_bytes` (zero runs are then already satisfied).
-pub fn new_arena(rank: &RankPlan) -> Result<Vec<u8>> {
-    let len = usize::try_from(rank.arena_bytes)
-        .map_err(|_| Error::Load(format!("rank {}: arena too large", rank.coords.rank)))?;
-    let mut arena = Vec::new();
-    arena.try_reserve_exact(len).map_err(|_| {
-        Error::Load(format!(
-            "rank {}: cannot allocate {len} bytes for its tensors",
-            rank.coords.rank
-        ))
-    })?;
-    arena.resize(len, 0);
-    Ok(arena)
+/// Reads `segs` from the plan's files into `buf` (each segment to `buf[dst..dst + len]`) with
+/// the loader's engine; returns the bytes read from storage.
+pub fn read_segments(
+    plan: &Plan,
+    segs: &[Segment],
+    buf: &mut [u8],
+    opts: &LoadOptions,
+) -> Result<u64> {
+    Ok(execute(&plan.files, &segment_runs(segs), &[], buf, opts)?.read_bytes)
 }
 
-/// Contiguous copy runs (count 1) for segments, to hand to [`crate::load::execute`].
-pub fn segment_runs(segs: &[Segment]) -> Vec<CopyRun> {
+/// Contiguous copy runs (count 1) for segments.
+fn segment_runs(segs: &[Segment]) -> Vec<CopyRun> {
     segs.iter()
         .map(|s| CopyRun {
             file: s.file,

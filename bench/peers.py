@@ -1,0 +1,347 @@
+#!/usr/bin/env python3
+"""Peer benchmark: one rank of a Llama checkpoint loaded by safeshard and by the peer loaders.
+
+    python3 bench/peers.py CKPT [--tp 1,4,8] [--reps 5] [--modes warm,cold]
+        [--loaders safeshard,safeshard-pread,safeshard-mmap,st-torch,st-numpy,runai,fastsafetensors,instanttensor]
+        [--safeshard target/release/safeshard] [--out results.json]
+
+Every measurement is a fresh process (loaders interleaved: rep 1 of every loader, then rep 2,
+...; a 1 s pause before each). Ranks: tp 1 rank 0, tp 4 rank 1, tp 8 rank 3. Cold runs first
+drop every checkpoint file from the page cache (`sync`, then `posix_fadvise(DONTNEED)` per
+file) and check with `mincore` that at most 1% of the pages stayed resident (the run is
+refused otherwise). Each child reports: in-process seconds (from the first open to the last
+byte in memory; for the safeshard CLI its own `seconds`, and also the process wall time),
+peak RSS (`wait4` rusage of the child), bytes read from storage (`/proc/self/io`
+`read_bytes`, which includes waited-for children: the harness reads its own counter around
+each child), and the SHA-256 of the rank's bytes laid out like safeshard's arena (tensors in
+(file, offset) order, each at a 64-byte aligned offset, zero gaps), so every loader's output
+is checked equal to safeshard's `--digest`.
+
+Python loaders use vLLM's Llama rules: q/k/v/gate/up/embed_tokens/lm_head split on dim 0,
+o/down on dim 1, everything else whole; each rank-local tensor is materialized contiguous
+in memory (as a weight loader's `param.copy_` would need it).
+"""
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+DIM0 = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
+DIM1 = ("o_proj", "down_proj")
+RANK_OF_TP = {1: 0, 2: 1, 4: 1, 8: 3}
+ALIGN = 64
+
+
+def files_of(root):
+    return sorted(f for f in os.listdir(root) if f.endswith(".safetensors"))
+
+
+def header(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        h = json.loads(f.read(n))
+    h.pop("__metadata__", None)
+    return 8 + n, h
+
+
+def plan_order(root):
+    """Tensor names in safeshard's arena order: files by name, tensors by data offset."""
+    out = []
+    for fname in files_of(root):
+        _, h = header(os.path.join(root, fname))
+        for name, e in sorted(h.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            out.append((fname, name, e))
+    return out
+
+
+def split(name, shape, tp, rank):
+    """(dim, start, stop) of the rank's slice, or None for the whole tensor."""
+    if tp == 1 or not shape:
+        return None
+    if any(p in name for p in DIM0):
+        n = shape[0] // tp
+        return (0, rank * n, (rank + 1) * n)
+    if any(p in name for p in DIM1) and len(shape) > 1:
+        n = shape[1] // tp
+        return (1, rank * n, (rank + 1) * n)
+    return None
+
+
+def digest(order, tensors):
+    """SHA-256 of the rank's bytes in safeshard's arena layout; `tensors` maps name -> buffer."""
+    h = hashlib.sha256()
+    cursor = 0
+    total = 0
+    for _, name, _ in order:
+        buf = memoryview(tensors[name]).cast("B")
+        pad = (-cursor) % ALIGN
+        if pad:
+            h.update(b"\0" * pad)
+            cursor += pad
+        h.update(buf)
+        cursor += len(buf)
+        total += len(buf)
+    return h.hexdigest(), total
+
+
+def io_read_bytes():
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------------------- loaders (child)
+
+def load_st(root, tp, rank, framework):
+    from safetensors import safe_open
+
+    out = {}
+    for fname in files_of(root):
+        with safe_open(os.path.join(root, fname), framework=framework) as f:
+            for name in f.keys():
+                s = f.get_slice(name)
+                shape = s.get_shape()
+                cut = split(name, shape, tp, rank)
+                if cut is None:
+                    t = s[:]
+                elif cut[0] == 0:
+                    t = s[cut[1]:cut[2]]
+                else:
+                    t = s[:, cut[1]:cut[2]]
+                if framework == "pt":
+                    t = t.contiguous()
+                else:
+                    import numpy as np
+
+                    t = np.ascontiguousarray(t)
+                out[name] = t
+    return out
+
+
+def torch_bytes(t):
+    import torch
+
+    return t.contiguous().view(torch.uint8).numpy()
+
+
+def narrow(t, name, tp, rank):
+    cut = split(name, list(t.shape), tp, rank)
+    if cut is None:
+        return t
+    return t.narrow(cut[0], cut[1], cut[2] - cut[1]).contiguous()
+
+
+def load_runai(root, tp, rank):
+    from runai_model_streamer import SafetensorsStreamer
+
+    out = {}
+    paths = [os.path.join(root, f) for f in files_of(root)]
+    with SafetensorsStreamer() as s:
+        s.stream_files(paths)
+        for name, t in s.get_tensors():
+            # The streamer reuses its buffer: a rank keeps a copy of its part (as vLLM's
+            # weight loader copies into the parameter).
+            r = narrow(t, name, tp, rank)
+            out[name] = r.clone() if r.data_ptr() == t.data_ptr() else r
+    return out
+
+
+def load_fastsafetensors(root, tp, rank):
+    from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True)
+    loader.add_filenames({0: [os.path.join(root, f) for f in files_of(root)]})
+    fb = loader.copy_files_to_device()
+    out = {}
+    try:
+        for name in fb.key_to_rank_lidx.keys():
+            t = fb.get_tensor(name)
+            out[name] = narrow(t, name, tp, rank).clone()
+    finally:
+        fb.close()
+        loader.close()
+    return out
+
+
+def load_instanttensor(root, tp, rank):
+    import instanttensor  # noqa: F401  (raises without a GPU; reported as n/a)
+
+    raise RuntimeError("instanttensor needs a CUDA device")
+
+
+CHILD = {
+    "st-torch": lambda r, tp, k: load_st(r, tp, k, "pt"),
+    "st-numpy": lambda r, tp, k: load_st(r, tp, k, "np"),
+    "runai": load_runai,
+    "fastsafetensors": load_fastsafetensors,
+    "instanttensor": load_instanttensor,
+}
+
+
+def child(loader, root, tp, rank):
+    order = plan_order(root)
+    io0 = io_read_bytes()
+    t0 = time.perf_counter()
+    tensors = CHILD[loader](root, tp, rank)
+    seconds = time.perf_counter() - t0
+    io1 = io_read_bytes()
+    bufs = {}
+    for name, t in tensors.items():
+        bufs[name] = torch_bytes(t) if hasattr(t, "data_ptr") else t.view("u1")
+    sha, total = digest(order, bufs)
+    print(json.dumps({
+        "seconds": seconds,
+        "sha256": sha,
+        "bytes": total,
+        "read_bytes": io1 - io0,
+        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }))
+
+
+# ---------------------------------------------------------------------------- harness
+
+def resident_fraction(paths):
+    """Fraction of the files' bytes in the page cache, by util-linux `fincore` (mincore)."""
+    total = resident = 0
+    for p in paths:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", p],
+                             capture_output=True, text=True, check=True).stdout.split()
+        resident += int(out[0])
+        total += os.path.getsize(p)
+    return resident / total if total else 0.0
+
+
+def drop_cache(paths):
+    os.sync()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm_cache(paths):
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def run_one(args, loader, tp, rank):
+    io0 = io_read_bytes()
+    t0 = time.perf_counter()
+    if loader.startswith("safeshard"):
+        io = {"safeshard": "auto", "safeshard-pread": "pread", "safeshard-mmap": "mmap"}[loader]
+        cmd = [args.safeshard, "load", args.ckpt, "--tp", str(tp), "--rank", str(rank),
+               "--json", "--digest", "--io", io]
+    else:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", loader, args.ckpt,
+               str(tp), str(rank)]
+    # Outputs are a few lines (far below a pipe's buffer), so waiting before reading them
+    # cannot block; wait4 gives this child's own peak RSS.
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    io1 = io_read_bytes()
+    out, err = p.stdout.read(), p.stderr.read()
+    p.stdout.close()
+    p.stderr.close()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        return {"error": err.decode(errors="replace").strip().splitlines()[-1:]}
+    line = json.loads(out.decode().strip().splitlines()[-1])
+    return {
+        "seconds": line["seconds"],
+        "wall": wall,
+        "sha256": line["sha256"],
+        "bytes": line.get("bytes"),
+        # Storage reads of the whole child process (the harness's counter includes waited-for
+        # children).
+        "read_bytes": io1 - io0,
+        "maxrss": ru.ru_maxrss * 1024,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=4, metavar=("LOADER", "CKPT", "TP", "RANK"))
+    ap.add_argument("ckpt", nargs="?")
+    ap.add_argument("--tp", default="1,4,8")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--modes", default="warm,cold")
+    ap.add_argument("--loaders", default="safeshard,safeshard-pread,safeshard-mmap,st-torch,"
+                    "st-numpy,runai,fastsafetensors,instanttensor")
+    ap.add_argument("--safeshard", default="target/release/safeshard")
+    ap.add_argument("--pause", type=float, default=1.0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        loader, root, tp, rank = args.child
+        child(loader, root, int(tp), int(rank))
+        return
+    paths = [os.path.join(args.ckpt, f) for f in files_of(args.ckpt)]
+    loaders = args.loaders.split(",")
+    results = []
+    print(f"# load average at start: {open('/proc/loadavg').read().strip()}", flush=True)
+    for mode in args.modes.split(","):
+        for tp in [int(x) for x in args.tp.split(",")]:
+            rank = RANK_OF_TP[tp]
+            for rep in range(args.reps):
+                for loader in loaders:
+                    if mode == "cold":
+                        drop_cache(paths)
+                        frac = resident_fraction(paths)
+                        if frac > 0.01:
+                            print(f"# cold check failed: {frac:.1%} resident", flush=True)
+                            continue
+                    else:
+                        warm_cache(paths)
+                    time.sleep(args.pause)
+                    load = open("/proc/loadavg").read().split()[0]
+                    r = run_one(args, loader, tp, rank)
+                    r.update(mode=mode, tp=tp, rank=rank, rep=rep, loader=loader, load=load)
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    summarize(results, loaders)
+
+
+def summarize(results, loaders):
+    ref = {}
+    for r in results:
+        if r.get("loader") == "safeshard" and "sha256" in r:
+            ref[(r["tp"], r["rank"])] = r["sha256"]
+    print("\n| mode tp | " + " | ".join(loaders) + " |")
+    print("|---|" + "---|" * len(loaders))
+    keys = sorted({(r["mode"], r["tp"]) for r in results}, key=lambda k: (k[0] != "warm", k[1]))
+    for mode, tp in keys:
+        cells = []
+        for l in loaders:
+            rs = [r for r in results if r["mode"] == mode and r["tp"] == tp and r["loader"] == l]
+            ok = [r for r in rs if "seconds" in r]
+            if not ok:
+                err = next((r.get("error") for r in rs), None)
+                cells.append(f"n/a ({err[0][:40] if err else 'not run'})")
+                continue
+            s = sorted(r["seconds"] for r in ok)
+            same = all(r["sha256"] == ref.get((tp, r["rank"])) for r in ok)
+            rss = statistics.median(r["maxrss"] for r in ok if r.get("maxrss")) if any(r.get("maxrss") for r in ok) else 0
+            rb = statistics.median(r["read_bytes"] for r in ok)
+            cells.append(f"{statistics.median(s):.2f} ({s[0]:.2f}–{s[-1]:.2f}) "
+                         f"rss {rss / 1e9:.2f} GB read {rb / 1e9:.2f} GB{'' if same else ' DIGEST MISMATCH'}")
+        print(f"| {mode} tp {tp} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,562 @@
+"""safeshard: load safetensors checkpoints into TP/PP/DP/EP jobs, each rank reading only
+the bytes it holds, as zero-copy torch or numpy tensors.
+
+>>> import safeshard
+>>> state = safeshard.load("model-dir", tp=4, rank=1)          # dict[str, torch.Tensor]
+>>> plan = safeshard.plan("model-dir", tp=4, pp=2)              # headers only
+>>> rank = plan.load(5)
+>>> arrays = rank.numpy()                                        # or rank.torch("cuda")
+
+Planning and loading are the Rust library's (the GIL is released while they run). A loaded
+rank is one owned arena; every tensor is a view into it, and the arena lives until the last
+view is gone. See docs/python.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from . import _dtypes
+from ._safeshard import NativePlan, NativeRank, SafeshardError, __version__
+from ._safeshard import synth as _synth
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Plan",
+    "Rank",
+    "RankInfo",
+    "SafeshardError",
+    "TensorInfo",
+    "load",
+    "plan",
+    "__version__",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+class TensorInfo(NamedTuple):
+    """One tensor a rank holds: checkpoint name, safetensors dtype, rank-local shape, bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What one rank holds and reads, from the plan (nothing loaded)."""
+
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    ep_rank: int
+    bytes: int
+    """Bytes held after loading (the tensors' sizes, vocab padding included)."""
+    read_bytes: int
+    """Bytes read from storage (page-rounded)."""
+    staging_bytes: int
+    arena_bytes: int
+    """Size of the rank's one arena (``bytes`` plus alignment gaps)."""
+    tensors: tuple[TensorInfo, ...]
+
+
+def _error(kind: str, message: str) -> SafeshardError:
+    e = SafeshardError(message)
+    e.kind = kind
+    e.exit_code = 2 if kind == "usage" else 1
+    return e
+
+
+def _resolve_path(path: PathLike) -> str:
+    """A local path as given; otherwise, when ``huggingface_hub`` is installed, a repo id
+    resolved from the local Hugging Face cache only (never the network)."""
+    p = os.fspath(path)
+    if os.path.exists(p) or os.path.isabs(p) or p.startswith("."):
+        return p
+    if p.count("/") == 1 and not p.endswith(".safetensors"):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            return p
+        try:
+            return str(snapshot_download(p, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - the hub raises several unrelated types
+            raise _error(
+                "not_a_checkpoint",
+                f"{p}: not a local path and not in the Hugging Face cache "
+                f"({type(exc).__name__}; download it first, e.g. `hf download {p}`)",
+            ) from None
+    return p
+
+
+class Plan:
+    """Every rank's tensors and reads for one checkpoint and topology (from headers only)."""
+
+    def __init__(self, native: NativePlan) -> None:
+        self._native = native
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks, tp × pp × dp."""
+        return self._native.world_size
+
+    @property
+    def hash(self) -> str:
+        """SHA-256 (hex) of the plan: equal on every rank of a consistent job."""
+        return self._native.hash
+
+    @property
+    def spec(self) -> str:
+        """Name of the sharding spec used."""
+        return self._native.spec
+
+    @property
+    def tp(self) -> int:
+        return self._native.topology[0]
+
+    @property
+    def pp(self) -> int:
+        return self._native.topology[1]
+
+    @property
+    def dp(self) -> int:
+        return self._native.topology[2]
+
+    @property
+    def ep(self) -> int:
+        return self._native.topology[3]
+
+    def rank(self, rank: int) -> RankInfo:
+        """What ``rank`` holds: coordinates, byte counts and its tensors."""
+        d = self._native.rank_info(rank)
+        tensors = tuple(TensorInfo(n, dt, tuple(s), b) for n, dt, s, b in d.pop("tensors"))
+        return RankInfo(tensors=tensors, **d)
+
+    @property
+    def ranks(self) -> list[RankInfo]:
+        """Every rank's :class:`RankInfo`, in rank order."""
+        return [self.rank(r) for r in range(self.world_size)]
+
+    def to_json(self) -> str:
+        """The same document as ``safeshard plan --json`` (without the trailing newline)."""
+        return self._native.to_json()
+
+    def load(
+        self,
+        rank: int,
+        *,
+        io: str = "mmap",
+        threads: int | None = None,
+        progress: bool | None = None,
+    ) -> Rank:
+        """Loads ``rank`` in this process, reading only its own slices, into one arena.
+
+        ``io`` is ``"mmap"`` or ``"pread"``; ``threads`` the copy threads (default: all
+        cores). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
+        stderr is a terminal and tqdm is installed. Ctrl-C stops the load between chunks
+        and raises ``KeyboardInterrupt``.
+        """
+        cb, close = _progress(self, rank, progress)
+        try:
+            native = self._native.load(rank, io=io, threads=threads, progress=cb)
+        finally:
+            close()
+        return Rank(native)
+
+    def load_shared(
+        self,
+        *,
+        share: str = "broadcast",
+        process_group: Any = None,
+        io: str = "mmap",
+        threads: int | None = None,
+        per_node: bool = False,
+        round_bytes: int = 1 << 30,
+        progress: bool | None = None,
+    ) -> Rank:
+        """Loads this process's rank of the job with reads shared between ranks, over
+        ``torch.distributed`` (collective: every rank of ``process_group``, default the world
+        group, calls it with an equal plan; its size must be the plan's world size).
+
+        ``share``: ``"none"``, ``"broadcast"`` (a tensor several ranks hold is read by one
+        and broadcast in a sub-group of exactly its holders) or ``"read-once"`` (every byte
+        read once per job, or per node with ``per_node``, in rounds of ``round_bytes``, and
+        exchanged with all-to-all). Sub-groups come from ``dist.new_group``, created by all
+        ranks in the same order. A rank that fails makes every rank raise, naming it.
+        """
+        if share not in ("none", "broadcast", "read-once"):
+            raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
+        from ._dist import TorchComm
+
+        comm = TorchComm(process_group)
+        want = progress if progress is not None else (comm.rank() == 0 and sys.stderr.isatty())
+        cb, close = _progress(self, comm.rank(), want)
+        try:
+            native = self._native.load_shared(
+                comm,
+                share=share,
+                io=io,
+                threads=threads,
+                per_node=per_node,
+                round_bytes=round_bytes,
+                progress=cb,
+            )
+        finally:
+            close()
+        return Rank(native)
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan(world_size={self.world_size}, tp={self.tp}, pp={self.pp}, dp={self.dp}, "
+            f"ep={self.ep}, spec={self.spec!r}, hash={self.hash[:12]}…)"
+        )
+
+
+def _progress(
+    plan: Plan, rank: int, want: bool | None
+) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    """A progress callback (arena bytes filled) driving a tqdm bar, and its closer."""
+    if want is False or (want is None and (rank != 0 or not sys.stderr.isatty())):
+        return None, lambda: None
+    try:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]
+    except ImportError:
+        return None, lambda: None
+    try:
+        total = plan._native.rank_info(rank)["bytes"]
+    except SafeshardError:
+        return None, lambda: None
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"safeshard rank {rank}",
+        leave=False,
+    )
+
+    def update(done: int) -> None:
+        bar.update(min(done, total) - bar.n)
+
+    return update, bar.close
+
+
+def plan(
+    path: PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    ep: int = 1,
+    spec: str | None = None,
+    set: Sequence[str] | dict[str, Any] | None = None,
+    pp_layers: Sequence[int] | None = None,
+) -> Plan:
+    """Plans every rank of a job from the checkpoint's headers (no tensor data is read).
+
+    ``path``: a ``.safetensors`` file, a ``model.safetensors.index.json``, a directory with
+    either (a Hugging Face cache snapshot works), or a repo id found in the local Hugging
+    Face cache. ``spec``: a shipped spec name or a ``.shard`` file (default: detected from
+    ``config.json``). ``set``: config overrides, ``["key=value", ...]`` or a dict.
+    ``pp_layers``: explicit layers per pipeline stage.
+    """
+    overrides: list[str]
+    if set is None:
+        overrides = []
+    elif isinstance(set, dict):
+        overrides = [f"{k}={_config_value(v)}" for k, v in set.items()]
+    else:
+        overrides = [str(s) for s in set]
+    native = NativePlan(
+        _resolve_path(path),
+        tp,
+        pp,
+        dp,
+        ep,
+        spec=spec,
+        overrides=overrides,
+        pp_layers=None if pp_layers is None else [int(x) for x in pp_layers],
+    )
+    return Plan(native)
+
+
+def _config_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+class Rank:
+    """One loaded rank: an arena and its tensors, handed out as views of the arena.
+
+    Iterating yields :class:`TensorInfo` in arena order; ``name in rank`` and ``len(rank)``
+    work as for a dict. Views stay valid after the ``Rank`` is deleted.
+    """
+
+    def __init__(self, native: NativeRank) -> None:
+        self._native = native
+        self._arena = native.arena()
+        self._table: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            n: (dt, tuple(s), b, off) for n, dt, s, b, off in native.tensors()
+        }
+        self._torch_base: Any = None
+        self._numpy_base: np.ndarray[Any, Any] | None = None
+
+    @property
+    def rank(self) -> int:
+        """Global rank."""
+        return self._native.rank
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arena."""
+        return self._arena.nbytes
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """What the load did: ``bytes``, ``read_bytes``, ``sent_bytes``, ``seconds``, ..."""
+        return self._native.stats()
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the arena: equal to ``safeshard load --digest`` for this rank."""
+        return self._native.digest()
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._table
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        for n, (dt, s, b, _) in list(self._table.items()):
+            yield TensorInfo(n, dt, s, b)
+
+    def names(self) -> list[str]:
+        """Tensor names, in arena order."""
+        return list(self._table)
+
+    # torch
+
+    def _torch_cpu_base(self) -> torch.Tensor:
+        if self._torch_base is None:
+            from torch.utils.dlpack import from_dlpack
+
+            self._torch_base = from_dlpack(self._arena)
+        base: torch.Tensor = self._torch_base
+        return base
+
+    def _torch_view(self, base: torch.Tensor, name: str) -> torch.Tensor:
+        dt, shape, nbytes, off = self._table[name]
+        raw = base[off : off + nbytes]
+        tdt = _dtypes.torch_dtype(dt)
+        if tdt is None:
+            return raw.view(_dtypes.packed_shape(dt, shape, nbytes))
+        return raw.view(tdt).view(shape)
+
+    def torch(
+        self, device: Any = None, non_blocking: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor as a ``torch.Tensor``, in arena order.
+
+        On the CPU (``device`` ``None`` or ``"cpu"``) they are views of the arena (no copy).
+        On a CUDA device the arena goes to one device allocation made by torch (so the
+        caching allocator accounts for it) through pinned staging buffers, and the tensors
+        are views of that; ``"cuda"`` means this process's ``LOCAL_RANK`` device (else
+        ``torch.cuda.current_device()``). With ``non_blocking`` the copies are queued on
+        the current stream and the function returns before they finish, as usual in torch.
+        """
+        base = self._torch_cpu_base()
+        dev = _torch_device(device)
+        if dev is not None and dev.type != "cpu":
+            base = _to_device(base, dev, non_blocking)
+        return {n: self._torch_view(base, n) for n in self._table}
+
+    # numpy
+
+    def _np_base(self) -> np.ndarray[Any, Any]:
+        base = self._numpy_base
+        if base is None:
+            base = self._numpy_base = np.from_dlpack(self._arena)
+        return base
+
+    def _numpy_view(self, name: str) -> np.ndarray[Any, Any]:
+        dt, shape, nbytes, off = self._table[name]
+        raw = self._np_base()[off : off + nbytes]
+        ndt = _dtypes.numpy_dtype(dt)
+        if ndt is None:
+            return raw.reshape(_dtypes.packed_shape(dt, shape, nbytes))
+        return raw.view(ndt).reshape(shape)
+
+    def numpy(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Every tensor as a numpy array viewing the arena (BF16/F8 through ``ml_dtypes``
+        when installed, else packed ``uint8``; F4/F6 always packed ``uint8``)."""
+        return {n: self._numpy_view(n) for n in self._table}
+
+    def take(self, name: str, *, numpy: bool = False) -> Any:
+        """Removes ``name`` from this rank and returns it (a CPU torch view, or a numpy
+        array with ``numpy=True``); later ``torch()``/``numpy()`` calls leave it out."""
+        if name not in self._table:
+            raise _error("usage", f"tensor {name!r}: not held by rank {self.rank} (or taken)")
+        out = self._numpy_view(name) if numpy else self._torch_view(self._torch_cpu_base(), name)
+        del self._table[name]
+        return out
+
+    def __repr__(self) -> str:
+        return f"Rank(rank={self.rank}, tensors={len(self)}, nbytes={self.nbytes})"
+
+
+def _torch_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        local = os.environ.get("LOCAL_RANK")
+        index = int(local) if local is not None and local.isdigit() else None
+        if index is None:
+            index = torch.cuda.current_device()
+        dev = torch.device("cuda", index)
+    return dev
+
+
+# Pinned staging buffer size for host-to-device copies.
+_STAGE_BYTES = 64 << 20
+
+
+def _to_device(base: torch.Tensor, dev: torch.device, non_blocking: bool) -> torch.Tensor:
+    """Copies the CPU arena to one allocation on ``dev`` through two pinned buffers, so the
+    disk-backed arena is never pinned itself and copies overlap with staging."""
+    import torch
+
+    n = base.numel()
+    out = torch.empty(n, dtype=torch.uint8, device=dev)
+    if n == 0:
+        return out
+    if dev.type != "cuda":
+        out.copy_(base, non_blocking=non_blocking)
+        return out
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev)
+        size = min(_STAGE_BYTES, n)
+        stages = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        done = [torch.cuda.Event() for _ in range(2)]  # type: ignore[no-untyped-call, unused-ignore]
+        used = [False, False]
+        for i, start in enumerate(range(0, n, size)):
+            k = i % 2
+            if used[k]:
+                done[k].synchronize()  # the stage's previous copy has left it
+            end = min(start + size, n)
+            stage = stages[k][: end - start]
+            stage.copy_(base[start:end])
+            out[start:end].copy_(stage, non_blocking=True)
+            done[k].record(stream)
+            used[k] = True
+        if not non_blocking:
+            stream.synchronize()
+        else:
+            # The pinned buffers must outlive the queued copies.
+            for k in range(2):
+                if used[k]:
+                    done[k].synchronize()
+    return out
+
+
+_LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def _default_rank(world: int, group: Any) -> int:
+    """``torch.distributed``'s rank when it is initialized, else ``RANK``; a job of one rank
+    is rank 0; anything else needs an explicit rank."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank(group))
+    except ImportError:
+        pass
+    env = os.environ.get("RANK")
+    if env is not None:
+        if not env.isdigit():
+            raise _error("usage", f"RANK={env!r} is not a rank number")
+        return int(env)
+    if world == 1:
+        return 0
+    launched = [v for v in _LAUNCHER_SIZE_VARS if os.environ.get(v, "1") not in ("", "1")]
+    where = f" (launcher sets {launched[0]} but neither RANK nor torch.distributed)" if launched else ""
+    raise _error(
+        "usage",
+        f"rank: the job has {world} ranks; pass rank=, set RANK, or initialize "
+        f"torch.distributed{where}",
+    )
+
+
+def load(
+    path: PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    ep: int = 1,
+    rank: int | None = None,
+    device: Any = "cpu",
+    process_group: Any = None,
+    share: str = "none",
+    spec: str | None = None,
+    set: Sequence[str] | dict[str, Any] | None = None,
+    pp_layers: Sequence[int] | None = None,
+    io: str = "mmap",
+    threads: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loads this process's rank of a TP/PP/DP/EP job as ``{name: torch.Tensor}``.
+
+    ``rank=None`` takes the rank from ``torch.distributed`` when it is initialized (in
+    ``process_group`` if given), else ``RANK``. ``share``: ``"none"`` (read your own
+    slices), ``"broadcast"`` (bytes several ranks hold are read by one and broadcast in the
+    sub-group of exactly its holders) or ``"read-once"`` (every byte read once per job and
+    exchanged with all-to-all); the last two need ``torch.distributed`` initialized (gloo
+    for CPU, NCCL for CUDA) and ``process_group`` (default: the world group) must have
+    exactly the job's ranks. ``device``: ``"cpu"`` (views of the arena), ``"cuda"`` (the
+    ``LOCAL_RANK`` device) or any torch device.
+    """
+    p = plan(path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers)
+    if share not in ("none", "broadcast", "read-once"):
+        raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
+    if share != "none":
+        loaded = p.load_shared(
+            share=share, process_group=process_group, io=io, threads=threads, progress=progress
+        )
+        if rank is not None and rank != loaded.rank:
+            raise _error(
+                "usage", f"rank={rank} but this process is rank {loaded.rank} of its process group"
+            )
+    else:
+        r = _default_rank(p.world_size, process_group) if rank is None else rank
+        loaded = p.load(r, io=io, threads=threads, progress=progress)
+    return loaded.torch(device)
+
+
+def synth(
+    path: PathLike,
+    preset: str,
+    *,
+    sparse: bool = False,
+    layers: int | None = None,
+    seed: int = 0,
+) -> int:
+    """Writes a synthetic Hugging Face-layout checkpoint of a named preset (``llama-tiny``,
+    ``deepseek-v3-tiny``, ...) into ``path``; returns the number of files. For tests and
+    demos: values are deterministic, ``sparse`` leaves holes instead of data."""
+    return _synth(os.fspath(path), preset, sparse=sparse, layers=layers, seed=seed)

@@ -1,0 +1,105 @@
+"""Type stubs of the native extension (checked against it by ``mypy.stubtest`` in CI)."""
+
+from collections.abc import Callable
+from os import PathLike
+from typing import Any, final
+
+__all__ = [
+    "SafeshardError",
+    "NativePlan",
+    "NativeRank",
+    "NativeArena",
+    "cli_main",
+    "synth",
+    "synth_presets",
+    "live_arenas",
+    "__version__",
+]
+
+__version__: str
+
+class SafeshardError(ValueError):
+    """Every safeshard failure; ``str(e)`` is the CLI's one-line message."""
+
+    kind: str
+    exit_code: int
+
+@final
+class NativeArena:
+    def __dlpack__(
+        self,
+        *,
+        stream: Any | None = None,
+        max_version: Any | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def address(self) -> int: ...
+    @property
+    def refcount(self) -> int: ...
+
+@final
+class NativeRank:
+    @property
+    def rank(self) -> int: ...
+    def tensors(self) -> list[tuple[str, str, tuple[int, ...], int, int]]: ...
+    def arena(self) -> NativeArena: ...
+    def stats(self) -> dict[str, Any]: ...
+    def digest(self) -> str: ...
+
+@final
+class NativePlan:
+    def __new__(
+        cls,
+        path: str | PathLike[str],
+        tp: int,
+        pp: int,
+        dp: int,
+        ep: int,
+        spec: str | None = None,
+        overrides: list[str] = ...,
+        pp_layers: list[int] | None = None,
+    ) -> NativePlan: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def hash(self) -> str: ...
+    @property
+    def spec(self) -> str: ...
+    @property
+    def topology(self) -> tuple[int, int, int, int]: ...
+    def to_json(self) -> str: ...
+    def rank_info(self, rank: int) -> dict[str, Any]: ...
+    def load(
+        self,
+        rank: int,
+        io: str = "mmap",
+        threads: int | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> NativeRank: ...
+    def load_shared(
+        self,
+        comm: Any,
+        share: str = "none",
+        io: str = "mmap",
+        threads: int | None = None,
+        per_node: bool = False,
+        round_bytes: int = 1073741824,
+        progress: Callable[[int], object] | None = None,
+    ) -> NativeRank: ...
+
+def cli_main(argv: list[str]) -> int: ...
+def synth(
+    dir: str | PathLike[str],
+    preset: str,
+    *,
+    sparse: bool = False,
+    layers: int | None = None,
+    seed: int = 0,
+) -> int: ...
+def synth_presets() -> list[str]: ...
+def live_arenas() -> int: ...

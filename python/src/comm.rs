@@ -1,0 +1,189 @@
+//! A [`Communicator`] that calls back into a Python object (`safeshard._dist.TorchComm`,
+//! which runs torch.distributed collectives on a `ProcessGroup`).
+//!
+//! The load runs on a thread without the GIL; each collective takes the GIL, hands Python
+//! memoryviews of the Rust buffers (no copy) and releases them when the call returns, so no
+//! Python object can keep pointing into Rust memory afterwards (a view still exported then is
+//! an error, not a dangling pointer).
+
+use std::os::raw::c_char;
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use safeshard::comm::Communicator;
+use safeshard::{Error, Result};
+
+/// A communicator backed by a Python object with the methods `rank()`, `size()`,
+/// `split(color, key)`, `barrier()`, `broadcast(root, view)`, `all_gather(bytes)`,
+/// `all_to_all_v(list[bytes])`, `all_to_all_packed(send, send_counts, recv, recv_counts)`.
+pub(crate) struct PyComm {
+    obj: Py<PyAny>,
+    rank: usize,
+    size: usize,
+}
+
+fn comm_err(what: &str, e: PyErr) -> Error {
+    Python::attach(|py| {
+        let msg = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
+        Error::Comm(format!(
+            "torch.distributed {what}: {}: {}",
+            e.get_type(py)
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            msg.lines().next().unwrap_or("")
+        ))
+    })
+}
+
+/// A memoryview over Rust memory, valid only until [`release`] is called on it.
+fn view<'py>(
+    py: Python<'py>,
+    ptr: *mut u8,
+    len: usize,
+    writable: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let len = isize::try_from(len)
+        .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("buffer too large"))?;
+    // CPython's PyBUF_WRITE / PyBUF_READ (memoryobject.h), not exported by pyo3-ffi.
+    let flags = if writable { 0x200 } else { 0x100 };
+    // An empty slice may have a dangling pointer; memoryview never reads it.
+    // SAFETY: ptr/len describe a live buffer that outlives the view (released below).
+    let mv = unsafe { ffi::PyMemoryView_FromMemory(ptr.cast::<c_char>(), len, flags) };
+    // SAFETY: a new reference or null with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, mv) }
+}
+
+/// Ends a memoryview's access to Rust memory; fails if Python still holds an export of it.
+fn release(mv: &Bound<'_, PyAny>) -> PyResult<()> {
+    mv.call_method0("release").map(|_| ())
+}
+
+impl PyComm {
+    pub(crate) fn new(py: Python<'_>, obj: Py<PyAny>) -> PyResult<PyComm> {
+        let rank = obj.call_method0(py, "rank")?.extract(py)?;
+        let size = obj.call_method0(py, "size")?.extract(py)?;
+        Ok(PyComm { obj, rank, size })
+    }
+
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(Python<'_>, &Bound<'_, PyAny>) -> PyResult<T>,
+    ) -> Result<T> {
+        Python::attach(|py| f(py, self.obj.bind(py))).map_err(|e| comm_err(what, e))
+    }
+}
+
+impl Communicator for PyComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn split(&self, color: Option<u32>, key: usize) -> Result<Option<Box<dyn Communicator>>> {
+        let sub = self.call("split", |py, o| {
+            let r = o.call_method1("split", (color, key))?;
+            if r.is_none() {
+                Ok(None)
+            } else {
+                PyComm::new(py, r.unbind()).map(Some)
+            }
+        })?;
+        Ok(sub.map(|c| Box::new(c) as Box<dyn Communicator>))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.call("barrier", |_, o| o.call_method0("barrier").map(|_| ()))
+    }
+
+    fn broadcast(&self, root: usize, buf: &mut [u8]) -> Result<()> {
+        self.call("broadcast", |py, o| {
+            let mv = view(py, buf.as_mut_ptr(), buf.len(), true)?;
+            let r = o.call_method1("broadcast", (root, &mv));
+            let released = release(&mv);
+            r?;
+            released
+        })
+    }
+
+    fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let got = self.call("all_gather", |py, o| {
+            let r = o.call_method1("all_gather", (PyBytes::new(py, mine),))?;
+            r.extract::<Vec<Vec<u8>>>()
+        })?;
+        if got.len() != self.size {
+            return Err(Error::Comm(format!(
+                "torch.distributed all_gather: {} parts for {} ranks",
+                got.len(),
+                self.size
+            )));
+        }
+        Ok(got)
+    }
+
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let got = self.call("all_to_all_v", |py, o| {
+            let parts = PyList::empty(py);
+            for s in &send {
+                parts.append(PyBytes::new(py, s))?;
+            }
+            o.call_method1("all_to_all_v", (parts,))?
+                .extract::<Vec<Vec<u8>>>()
+        })?;
+        if got.len() != self.size {
+            return Err(Error::Comm(format!(
+                "torch.distributed all_to_all_v: {} parts for {} ranks",
+                got.len(),
+                self.size
+            )));
+        }
+        Ok(got)
+    }
+
+    fn all_to_all_packed(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        if send_counts.iter().sum::<usize>() != send.len()
+            || recv_counts.iter().sum::<usize>() != recv.len()
+        {
+            return Err(Error::Comm(
+                "all_to_all_packed: counts do not add up to the buffers".into(),
+            ));
+        }
+        self.call("all_to_all", |py, o| {
+            // The send view is read-only for Python; torch reads it as the input.
+            let s = view(py, send.as_ptr().cast_mut(), send.len(), false)?;
+            let r = match view(py, recv.as_mut_ptr(), recv.len(), true) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = release(&s);
+                    return Err(e);
+                }
+            };
+            let res = o.call_method1(
+                "all_to_all_packed",
+                (&s, send_counts.to_vec(), &r, recv_counts.to_vec()),
+            );
+            let rel_s = release(&s);
+            let rel_r = release(&r);
+            res?;
+            rel_s?;
+            rel_r
+        })
+    }
+
+    fn abort(&self, code: i32, msg: &str) {
+        let _ = self.call("abort", |_, o| {
+            o.call_method1("abort", (code, msg)).map(|_| ())
+        });
+    }
+}

@@ -1,0 +1,562 @@
+//! `safeshard._safeshard`: the native half of the Python package.
+//!
+//! It wraps the Rust library and nothing more: planning is [`safeshard::load::Job`], loading
+//! is [`safeshard::load::load_rank`] or [`safeshard::comm::share::load_rank`]. What Python
+//! sees of a loaded rank is one owned arena (never a file mapping: a file truncated under a
+//! mapping would be a `SIGBUS` in the user's process) exported through DLPack, plus the table
+//! of tensor offsets; `safeshard/__init__.py` turns those into torch or numpy views.
+//!
+//! Lifetime: the arena is reference-counted. Every DLPack capsule handed out holds one count
+//! and releases it in its deleter, so the bytes live until the last tensor viewing them is
+//! gone, whatever happens to the Python `Rank` object.
+
+use std::ffi::{c_void, CStr};
+use std::ptr::NonNull;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use safeshard::comm::{Communicator, ShareMode, ShareOptions};
+use safeshard::load::{IoMode, Job, LoadControl, LoadOptions};
+use safeshard::plan::{Plan, TensorPlan};
+use safeshard::topology::Topology;
+use safeshard::Error;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+mod comm;
+mod dlpack;
+
+/// The CLI, compiled into the extension so that the `safeshard` console script of the wheel
+/// is exactly the Rust command (same flags, messages and exit codes) without shipping a
+/// second binary next to the extension.
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/cli/mod.rs"]
+mod cli;
+
+create_exception!(
+    _safeshard,
+    SafeshardError,
+    PyValueError,
+    "Every safeshard failure: `str(e)` is the CLI's one-line message, `e.kind` names the \
+     error class (`io`, `invalid_file`, `spec`, `usage`, ...), `e.exit_code` the CLI's status."
+);
+
+/// The short name of an error's class, stable for programs to match on.
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::Io { .. } => "io",
+        Error::InvalidFile { .. } => "invalid_file",
+        Error::InvalidTensor { .. } => "invalid_tensor",
+        Error::InvalidIndex { .. } => "invalid_index",
+        Error::NotACheckpoint { .. } => "not_a_checkpoint",
+        Error::Config(_) => "config",
+        Error::Spec(_) => "spec",
+        Error::Placement(_) => "placement",
+        Error::Plan(_) => "plan",
+        Error::Load(_) => "load",
+        Error::Comm(_) => "comm",
+        Error::Usage(_) => "usage",
+    }
+}
+
+/// Turns a library error into `SafeshardError(message)` with `kind` and `exit_code` set.
+fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    let msg = e.to_string();
+    let made = (|| -> PyResult<PyErr> {
+        let inst = py.get_type::<SafeshardError>().call1((msg.clone(),))?;
+        inst.setattr("kind", error_kind(&e))?;
+        inst.setattr("exit_code", e.exit_code())?;
+        Ok(PyErr::from_value(inst))
+    })();
+    made.unwrap_or_else(|err| err)
+}
+
+fn usage(py: Python<'_>, msg: String) -> PyErr {
+    to_py(py, Error::Usage(msg))
+}
+
+/// A plan: every rank's tensors and copy runs, made from headers only.
+#[pyclass(frozen, module = "safeshard._safeshard")]
+struct NativePlan {
+    job: Arc<Job>,
+}
+
+fn json_text<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct JsonPlan<'a> {
+    world_size: usize,
+    tp: usize,
+    pp: usize,
+    dp: usize,
+    ep: usize,
+    spec: &'a str,
+    hash: String,
+    ranks: Vec<JsonRank<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonRank<'a> {
+    rank: usize,
+    tp_rank: usize,
+    pp_rank: usize,
+    dp_rank: usize,
+    ep_rank: usize,
+    bytes: u64,
+    read_bytes: u64,
+    staging_bytes: u64,
+    tensors: Vec<JsonTensor<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonTensor<'a> {
+    name: &'a str,
+    dtype: &'static str,
+    shape: &'a [u64],
+    bytes: u64,
+}
+
+/// The document of `safeshard plan --json` (the same keys in the same order; a test compares
+/// the two byte for byte).
+fn plan_json(plan: &Plan) -> String {
+    let t = &plan.topology;
+    json_text(&JsonPlan {
+        world_size: plan.ranks.len(),
+        tp: t.tp,
+        pp: t.pp,
+        dp: t.dp,
+        ep: t.ep,
+        spec: &plan.spec,
+        hash: plan.hash_hex(),
+        ranks: plan
+            .ranks
+            .iter()
+            .map(|r| JsonRank {
+                rank: r.coords.rank,
+                tp_rank: r.coords.tp_rank,
+                pp_rank: r.coords.pp_rank,
+                dp_rank: r.coords.dp_rank,
+                ep_rank: r.coords.ep_rank,
+                bytes: r.bytes,
+                read_bytes: r.read_bytes,
+                staging_bytes: r.staging_bytes,
+                tensors: r
+                    .tensors
+                    .iter()
+                    .map(|t| JsonTensor {
+                        name: &t.name,
+                        dtype: t.dtype.name(),
+                        shape: &t.shape,
+                        bytes: t.bytes,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
+fn parse_io(py: Python<'_>, io: &str) -> PyResult<IoMode> {
+    io.parse::<IoMode>().map_err(|e| to_py(py, e))
+}
+
+fn load_options(
+    py: Python<'_>,
+    io: &str,
+    threads: Option<usize>,
+    control: &Arc<LoadControl>,
+) -> PyResult<LoadOptions> {
+    if threads == Some(0) {
+        return Err(usage(py, "threads: must be at least 1".into()));
+    }
+    Ok(LoadOptions {
+        io: parse_io(py, io)?,
+        // Views would hand Python slices of a file mapping; always load into the arena.
+        views: false,
+        threads,
+        control: Some(Arc::clone(control)),
+        ..LoadOptions::default()
+    })
+}
+
+/// Runs `work` on a thread with the GIL released, and meanwhile, every 50 ms, takes the GIL
+/// to deliver signals (Ctrl-C cancels the load through `control` and raises
+/// `KeyboardInterrupt` once the worker has stopped) and to call `progress(done_bytes)`.
+fn run_interruptible<T: Send>(
+    py: Python<'_>,
+    control: &Arc<LoadControl>,
+    progress: Option<&Bound<'_, PyAny>>,
+    work: impl FnOnce() -> safeshard::Result<T> + Send,
+) -> PyResult<T> {
+    let progress = progress.map(|p| p.clone().unbind());
+    let mut interrupted: Option<PyErr> = None;
+    let mut last_done = u64::MAX;
+    let result = py.detach(|| {
+        std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel();
+            let worker = std::thread::Builder::new()
+                .name("safeshard-load".into())
+                .spawn_scoped(s, move || {
+                    let r = work();
+                    let _ = tx.send(());
+                    r
+                });
+            let worker = match worker {
+                Ok(w) => w,
+                Err(e) => return Err(Error::Load(format!("cannot start the loader thread: {e}"))),
+            };
+            loop {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                if interrupted.is_some() {
+                    continue;
+                }
+                Python::attach(|py| {
+                    if let Err(e) = py.check_signals() {
+                        control.cancel();
+                        interrupted = Some(e);
+                        return;
+                    }
+                    let done = control.done_bytes();
+                    if let (Some(p), true) = (&progress, done != last_done) {
+                        last_done = done;
+                        if let Err(e) = p.call1(py, (done,)) {
+                            control.cancel();
+                            interrupted = Some(e);
+                        }
+                    }
+                });
+            }
+            worker
+                .join()
+                .unwrap_or_else(|_| Err(Error::Load("the loader thread panicked".into())))
+        })
+    });
+    if let Some(e) = interrupted {
+        return Err(e);
+    }
+    if let Some(p) = &progress {
+        p.call1(py, (control.done_bytes(),))?;
+    }
+    result.map_err(|e| to_py(py, e))
+}
+
+#[pymethods]
+impl NativePlan {
+    /// Opens the checkpoint, resolves the spec and plans every rank (headers only; the GIL is
+    /// released meanwhile).
+    #[new]
+    #[pyo3(signature = (path, tp, pp, dp, ep, spec=None, overrides=Vec::new(), pp_layers=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        tp: usize,
+        pp: usize,
+        dp: usize,
+        ep: usize,
+        spec: Option<String>,
+        overrides: Vec<String>,
+        pp_layers: Option<Vec<usize>>,
+    ) -> PyResult<Self> {
+        let job = py
+            .detach(|| {
+                let mut topology = Topology::new(tp, pp, dp, ep)?;
+                topology.pp_layers = pp_layers;
+                Job::open(&path, topology, spec.as_deref(), &overrides)
+            })
+            .map_err(|e| to_py(py, e))?;
+        Ok(NativePlan { job: Arc::new(job) })
+    }
+
+    #[getter]
+    fn world_size(&self) -> usize {
+        self.job.plan.ranks.len()
+    }
+
+    #[getter]
+    fn hash(&self) -> String {
+        self.job.plan.hash_hex()
+    }
+
+    #[getter]
+    fn spec(&self) -> String {
+        self.job.plan.spec.clone()
+    }
+
+    /// `(tp, pp, dp, ep)`.
+    #[getter]
+    fn topology(&self) -> (usize, usize, usize, usize) {
+        let t = &self.job.plan.topology;
+        (t.tp, t.pp, t.dp, t.ep)
+    }
+
+    fn to_json(&self, py: Python<'_>) -> String {
+        let job = Arc::clone(&self.job);
+        py.detach(move || plan_json(&job.plan))
+    }
+
+    /// One rank's summary: a dict with the coordinates, `bytes`, `read_bytes`,
+    /// `staging_bytes`, `arena_bytes` and `tensors` as `(name, dtype, shape, nbytes)`.
+    fn rank_info<'py>(&self, py: Python<'py>, rank: usize) -> PyResult<Bound<'py, PyDict>> {
+        let rp = self.job.plan.ranks.get(rank).ok_or_else(|| {
+            usage(
+                py,
+                format!(
+                    "rank {rank}: the plan has {} ranks",
+                    self.job.plan.ranks.len()
+                ),
+            )
+        })?;
+        let d = PyDict::new(py);
+        let c = rp.coords;
+        d.set_item("rank", c.rank)?;
+        d.set_item("tp_rank", c.tp_rank)?;
+        d.set_item("pp_rank", c.pp_rank)?;
+        d.set_item("dp_rank", c.dp_rank)?;
+        d.set_item("ep_rank", c.ep_rank)?;
+        d.set_item("bytes", rp.bytes)?;
+        d.set_item("read_bytes", rp.read_bytes)?;
+        d.set_item("staging_bytes", rp.staging_bytes)?;
+        d.set_item("arena_bytes", rp.arena_bytes)?;
+        d.set_item("tensors", tensor_table(py, &rp.tensors, false)?)?;
+        Ok(d)
+    }
+
+    /// Loads one rank into a fresh arena, reading its own slices.
+    #[pyo3(signature = (rank, io="mmap", threads=None, progress=None))]
+    fn load(
+        &self,
+        py: Python<'_>,
+        rank: usize,
+        io: &str,
+        threads: Option<usize>,
+        progress: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<NativeRank> {
+        let control = Arc::new(LoadControl::default());
+        let opts = load_options(py, io, threads, &control)?;
+        let job = Arc::clone(&self.job);
+        let loaded = run_interruptible(py, &control, progress, move || job.load_rank(rank, &opts))?;
+        let stats = *loaded.stats();
+        let (arena, tensors) = loaded.into_parts();
+        Ok(NativeRank {
+            rank,
+            tensors,
+            arena: dlpack::Owner::from_arena(arena),
+            read_bytes: stats.read_bytes,
+            sent_bytes: 0,
+            received_bytes: 0,
+            seconds: stats.seconds,
+        })
+    }
+
+    /// Loads this process's rank of a distributed job under a share mode, moving bytes
+    /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
+    #[pyo3(signature = (comm, share="none", io="mmap", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn load_shared(
+        &self,
+        py: Python<'_>,
+        comm: Bound<'_, PyAny>,
+        share: &str,
+        io: &str,
+        threads: Option<usize>,
+        per_node: bool,
+        round_bytes: u64,
+        progress: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<NativeRank> {
+        let mode: ShareMode = share.parse().map_err(|e| to_py(py, e))?;
+        let control = Arc::new(LoadControl::default());
+        let load = load_options(py, io, threads, &control)?;
+        let world = comm::PyComm::new(py, comm.unbind())?;
+        let rank = world.rank();
+        let opts = ShareOptions {
+            mode,
+            per_node,
+            node: None,
+            round_bytes: round_bytes.max(1),
+            load,
+        };
+        let job = Arc::clone(&self.job);
+        let loaded = run_interruptible(py, &control, progress, move || {
+            safeshard::comm::share::load_rank(&job.plan, &world, &opts)
+        })?;
+        let tensors = self
+            .job
+            .plan
+            .ranks
+            .get(rank)
+            .map(|r| r.tensors.clone())
+            .unwrap_or_default();
+        Ok(NativeRank {
+            rank,
+            tensors,
+            arena: dlpack::Owner::from_vec(loaded.arena),
+            read_bytes: loaded.read_bytes,
+            sent_bytes: loaded.sent_bytes,
+            received_bytes: loaded.received_bytes,
+            seconds: loaded.seconds,
+        })
+    }
+}
+
+/// `(name, dtype, shape, nbytes)` rows, with the arena offset first when `offsets`.
+fn tensor_table<'py>(
+    py: Python<'py>,
+    tensors: &[TensorPlan],
+    offsets: bool,
+) -> PyResult<Bound<'py, PyList>> {
+    let rows = PyList::empty(py);
+    for t in tensors {
+        let shape = PyTuple::new(py, &t.shape)?;
+        let row = if offsets {
+            PyTuple::new(
+                py,
+                [
+                    t.name.clone().into_pyobject(py)?.into_any(),
+                    t.dtype.name().into_pyobject(py)?.into_any(),
+                    shape.into_any(),
+                    t.bytes.into_pyobject(py)?.into_any(),
+                    t.offset.into_pyobject(py)?.into_any(),
+                ],
+            )?
+        } else {
+            PyTuple::new(
+                py,
+                [
+                    t.name.clone().into_pyobject(py)?.into_any(),
+                    t.dtype.name().into_pyobject(py)?.into_any(),
+                    shape.into_any(),
+                    t.bytes.into_pyobject(py)?.into_any(),
+                ],
+            )?
+        };
+        rows.append(row)?;
+    }
+    Ok(rows)
+}
+
+/// One loaded rank: the arena and its tensor table.
+#[pyclass(frozen, module = "safeshard._safeshard")]
+struct NativeRank {
+    rank: usize,
+    tensors: Vec<TensorPlan>,
+    arena: Arc<dlpack::Owner>,
+    read_bytes: u64,
+    sent_bytes: u64,
+    received_bytes: u64,
+    seconds: f64,
+}
+
+#[pymethods]
+impl NativeRank {
+    #[getter]
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// `(name, dtype, shape, nbytes, offset)` per tensor, in arena order.
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        tensor_table(py, &self.tensors, true)
+    }
+
+    /// The arena, exportable once or more through DLPack (each export shares the bytes).
+    fn arena(&self) -> dlpack::NativeArena {
+        dlpack::NativeArena::new(Arc::clone(&self.arena))
+    }
+
+    /// Load statistics as a dict.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("rank", self.rank)?;
+        d.set_item("tensors", self.tensors.len())?;
+        d.set_item("bytes", self.tensors.iter().map(|t| t.bytes).sum::<u64>())?;
+        d.set_item("arena_bytes", self.arena.len())?;
+        d.set_item("read_bytes", self.read_bytes)?;
+        d.set_item("sent_bytes", self.sent_bytes)?;
+        d.set_item("received_bytes", self.received_bytes)?;
+        d.set_item("seconds", self.seconds)?;
+        Ok(d)
+    }
+
+    /// SHA-256 (hex) of the whole arena, as `safeshard load --digest` prints it.
+    fn digest(&self, py: Python<'_>) -> String {
+        let owner = Arc::clone(&self.arena);
+        py.detach(move || {
+            Sha256::digest(owner.bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+    }
+}
+
+/// Runs the `safeshard` command line with `argv` (`argv[0]` is the program name) and returns
+/// its exit status. The console script calls this.
+#[pyfunction]
+fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
+    py.detach(move || cli::main_from(argv))
+}
+
+/// Writes a synthetic checkpoint of a named preset into `dir` (tests, examples, benchmarks).
+#[pyfunction]
+#[pyo3(signature = (dir, preset, *, sparse=false, layers=None, seed=0))]
+fn synth(
+    py: Python<'_>,
+    dir: std::path::PathBuf,
+    preset: &str,
+    sparse: bool,
+    layers: Option<u64>,
+    seed: u64,
+) -> PyResult<usize> {
+    let preset = preset.to_string();
+    py.detach(move || {
+        let mut opts = safeshard::synth::SynthOptions::preset(&preset)?
+            .with_sparse(sparse)
+            .with_seed(seed);
+        if let Some(l) = layers {
+            opts = opts.with_layers(l);
+        }
+        safeshard::synth::write_checkpoint(&dir, &opts)
+    })
+    .map_err(|e| to_py(py, e))
+}
+
+/// Rank arenas alive in this process (each freed when its last view is gone).
+#[pyfunction]
+fn live_arenas() -> usize {
+    dlpack::live()
+}
+
+/// The names [`synth`] accepts.
+#[pyfunction]
+fn synth_presets() -> Vec<&'static str> {
+    safeshard::synth::PRESETS.to_vec()
+}
+
+pub(crate) const CAPSULE_NAME: &CStr = c"dltensor";
+
+pub(crate) fn dangling() -> *mut c_void {
+    NonNull::<u64>::dangling().as_ptr().cast()
+}
+
+#[pymodule]
+fn _safeshard(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("SafeshardError", m.py().get_type::<SafeshardError>())?;
+    m.add_class::<NativePlan>()?;
+    m.add_class::<NativeRank>()?;
+    m.add_class::<dlpack::NativeArena>()?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(synth, m)?)?;
+    m.add_function(wrap_pyfunction!(synth_presets, m)?)?;
+    m.add_function(wrap_pyfunction!(live_arenas, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

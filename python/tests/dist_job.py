@@ -1,0 +1,27 @@
+"""Run under torchrun (gloo): loads this rank with every share mode and writes the digests
+to OUT/rank-R.json. Usage: dist_job.py CKPT OUT TP PP DP"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+import safeshard
+
+ckpt, out, tp, pp, dp = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
+dist.init_process_group("gloo")
+plan = safeshard.plan(ckpt, tp=tp, pp=pp, dp=dp)
+res = {"rank": dist.get_rank(), "hash": plan.hash}
+for share in ("none", "broadcast", "read-once"):
+    rank = plan.load_shared(share=share, round_bytes=256 << 10)
+    assert rank.rank == dist.get_rank()
+    res[share] = rank.digest()
+    res[share + "_read"] = rank.stats["read_bytes"]
+    res[share + "_sent"] = rank.stats["sent_bytes"]
+# The one-call form on the same group.
+state = safeshard.load(ckpt, tp=tp, pp=pp, dp=dp, share="broadcast")
+res["load_names"] = sorted(state)
+dist.barrier()
+(out / f"rank-{dist.get_rank()}.json").write_text(json.dumps(res))
+dist.destroy_process_group()

@@ -1,0 +1,535 @@
+//! Pure planning of the share modes: which rank reads which bytes, which broadcasts run in
+//! which order, and how read-once cuts the job's bytes into rounds and pieces. Everything
+//! here is a function of the [`Plan`] (and, for read-once, of a group's members and the round
+//! size): no communicator, no I/O, so every rank computes the same schedule and the tests
+//! check it directly.
+
+use std::collections::HashMap;
+
+use super::segments::{rank_segments, Segment};
+use crate::plan::{Plan, RankPlan};
+
+// ---------------------------------------------------------------------------------------
+// broadcast
+
+/// A rank's segments split at tensor boundaries: per tensor (arena offsets relative to the
+/// tensor), and the segments that fall in no tensor (read privately).
+pub(crate) struct Split {
+    pub(crate) per_tensor: Vec<Vec<Segment>>,
+    pub(crate) orphans: Vec<Segment>,
+}
+
+pub(crate) fn split_by_tensor(rp: &RankPlan) -> Split {
+    let mut order: Vec<usize> = (0..rp.tensors.len()).collect();
+    order.sort_by_key(|&i| rp.tensors.get(i).map(|t| t.offset).unwrap_or(0));
+    let starts: Vec<u64> = order
+        .iter()
+        .map(|&i| rp.tensors.get(i).map(|t| t.offset).unwrap_or(0))
+        .collect();
+    let mut out = Split {
+        per_tensor: vec![Vec::new(); rp.tensors.len()],
+        orphans: Vec::new(),
+    };
+    for seg in rank_segments(rp) {
+        let (mut pos, mut src, end) = (seg.dst, seg.src, seg.dst + seg.len);
+        while pos < end {
+            let k = starts.partition_point(|&s| s <= pos);
+            let containing = k
+                .checked_sub(1)
+                .and_then(|j| order.get(j))
+                .and_then(|&ti| rp.tensors.get(ti).map(|t| (ti, t)))
+                .filter(|(_, t)| pos < t.offset + t.bytes);
+            let take = match containing {
+                Some((ti, t)) => {
+                    let take = (t.offset + t.bytes).min(end) - pos;
+                    if let Some(v) = out.per_tensor.get_mut(ti) {
+                        v.push(Segment {
+                            file: seg.file,
+                            src,
+                            len: take,
+                            dst: pos - t.offset,
+                        });
+                    }
+                    take
+                }
+                None => {
+                    let next = starts.get(k).copied().unwrap_or(end).min(end);
+                    let take = next.saturating_sub(pos).max(1).min(end - pos);
+                    out.orphans.push(Segment {
+                        file: seg.file,
+                        src,
+                        len: take,
+                        dst: pos,
+                    });
+                    take
+                }
+            };
+            pos += take;
+            src += take;
+        }
+    }
+    out
+}
+
+/// A tensor that several ranks hold byte for byte.
+pub(crate) struct SharedTensor {
+    /// (rank, tensor index) of every holder, ranks ascending and distinct.
+    pub(crate) holders: Vec<(usize, usize)>,
+    /// The holder that reads it and broadcasts it to the others.
+    pub(crate) owner: usize,
+}
+
+/// The broadcast mode's schedule for the whole job. Computed once per process: rank threads
+/// of one process share it.
+pub struct BroadcastSchedule {
+    splits: Vec<Split>,
+    pub(crate) shared: Vec<SharedTensor>,
+    /// Per rank, per tensor: whether the rank reads the tensor from storage itself.
+    reads: Vec<Vec<bool>>,
+    /// Distinct holder sets (world ranks, ascending); `set_of[i]` is shared tensor i's set.
+    pub(crate) sets: Vec<Vec<usize>>,
+    pub(crate) set_of: Vec<usize>,
+    /// Sets grouped so that the sets of one layer are disjoint: one split per layer.
+    pub(crate) layers: Vec<Vec<usize>>,
+}
+
+impl BroadcastSchedule {
+    /// Groups the job's tensors by content, picks an owner for each shared one (the holder
+    /// with the least bytes to read so far, so owners spread across ranks) and groups the
+    /// holder sets into layers of disjoint sets.
+    pub fn new(plan: &Plan) -> BroadcastSchedule {
+        let splits: Vec<Split> = plan.ranks.iter().map(split_by_tensor).collect();
+        let (shared, reads) = plan_broadcast(plan, &splits);
+        let mut sets: Vec<Vec<usize>> = Vec::new();
+        let mut set_of: Vec<usize> = Vec::with_capacity(shared.len());
+        let mut set_index: HashMap<Vec<usize>, usize> = HashMap::new();
+        for st in &shared {
+            let ranks: Vec<usize> = st.holders.iter().map(|&(r, _)| r).collect();
+            let i = *set_index.entry(ranks.clone()).or_insert_with(|| {
+                sets.push(ranks);
+                sets.len() - 1
+            });
+            set_of.push(i);
+        }
+        let mut layers: Vec<Vec<usize>> = Vec::new();
+        let mut used: Vec<Vec<bool>> = Vec::new();
+        for (si, set) in sets.iter().enumerate() {
+            let fit = used
+                .iter()
+                .position(|u| set.iter().all(|&r| !u.get(r).copied().unwrap_or(false)));
+            let li = match fit {
+                Some(li) => li,
+                None => {
+                    layers.push(Vec::new());
+                    used.push(vec![false; plan.ranks.len()]);
+                    layers.len() - 1
+                }
+            };
+            if let (Some(l), Some(u)) = (layers.get_mut(li), used.get_mut(li)) {
+                l.push(si);
+                for &r in set {
+                    if let Some(x) = u.get_mut(r) {
+                        *x = true;
+                    }
+                }
+            }
+        }
+        BroadcastSchedule {
+            splits,
+            shared,
+            reads,
+            sets,
+            set_of,
+            layers,
+        }
+    }
+
+    /// The segments `rank` reads from storage itself (arena offsets): its bytes outside any
+    /// tensor, its unshared tensors and the shared tensors it owns.
+    pub fn own_reads(&self, plan: &Plan, rank: usize) -> Vec<Segment> {
+        let mut segs: Vec<Segment> = Vec::new();
+        let (Some(my), Some(rp)) = (self.splits.get(rank), plan.ranks.get(rank)) else {
+            return segs;
+        };
+        segs.extend_from_slice(&my.orphans);
+        for (ti, t) in rp.tensors.iter().enumerate() {
+            let reads = self
+                .reads
+                .get(rank)
+                .and_then(|v| v.get(ti))
+                .copied()
+                .unwrap_or(true);
+            if reads {
+                segs.extend(
+                    my.per_tensor
+                        .get(ti)
+                        .into_iter()
+                        .flatten()
+                        .map(|s| Segment {
+                            dst: s.dst + t.offset,
+                            ..*s
+                        }),
+                );
+            }
+        }
+        segs
+    }
+
+    /// The broadcasts `rank` takes part in, in the one global order every rank follows:
+    /// (holder set index, root's position in the set, tensor index in `rank`'s plan, whether
+    /// `rank` is the root).
+    pub(crate) fn broadcasts(&self, rank: usize) -> impl Iterator<Item = Broadcast> + '_ {
+        self.shared
+            .iter()
+            .zip(&self.set_of)
+            .filter_map(move |(st, &set)| {
+                let &(_, tensor) = st.holders.iter().find(|&&(r, _)| r == rank)?;
+                let root = st.holders.iter().position(|&(r, _)| r == st.owner)?;
+                Some(Broadcast {
+                    set,
+                    root,
+                    tensor,
+                    holders: st.holders.len(),
+                    is_root: st.owner == rank,
+                })
+            })
+    }
+}
+
+/// One broadcast of a shared tensor, seen from one of its holders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Broadcast {
+    /// Index of the holder set (its sub-communicator).
+    pub(crate) set: usize,
+    /// Root's rank in the set's sub-communicator.
+    pub(crate) root: usize,
+    /// The tensor's index in this rank's plan.
+    pub(crate) tensor: usize,
+    /// Number of holders.
+    pub(crate) holders: usize,
+    /// Whether this rank is the root.
+    pub(crate) is_root: bool,
+}
+
+/// Groups the job's tensors by content and picks an owner for each shared one.
+/// Returns the shared groups and, per rank, which of its tensors it reads itself.
+fn plan_broadcast(plan: &Plan, splits: &[Split]) -> (Vec<SharedTensor>, Vec<Vec<bool>>) {
+    let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut groups: Vec<Vec<(usize, usize)>> = Vec::new();
+    let mut group_of: Vec<Vec<Option<usize>>> = Vec::new();
+    for (r, (rp, sp)) in plan.ranks.iter().zip(splits).enumerate() {
+        let mut mine = vec![None; rp.tensors.len()];
+        for (ti, t) in rp.tensors.iter().enumerate() {
+            // Same name, type, shape, size and source segments: the same bytes.
+            let mut key = Vec::with_capacity(t.name.len() + 64);
+            key.extend_from_slice(t.name.as_bytes());
+            key.push(0);
+            key.extend_from_slice(t.dtype.to_string().as_bytes());
+            key.push(0);
+            for d in &t.shape {
+                key.extend_from_slice(&d.to_le_bytes());
+            }
+            key.extend_from_slice(&t.bytes.to_le_bytes());
+            for s in sp.per_tensor.get(ti).into_iter().flatten() {
+                for w in [u64::from(s.file), s.src, s.len, s.dst] {
+                    key.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            let g = *index.entry(key).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            if let Some(members) = groups.get_mut(g) {
+                // A rank holding the same bytes twice reads the second copy itself.
+                if members.last().map(|&(mr, _)| mr) != Some(r) {
+                    members.push((r, ti));
+                    if let Some(m) = mine.get_mut(ti) {
+                        *m = Some(g);
+                    }
+                }
+            }
+        }
+        group_of.push(mine);
+    }
+    // Balance: start from each rank's private bytes, give each shared tensor to the member
+    // with the least bytes so far.
+    let seg_bytes = |r: usize, ti: usize| -> u64 {
+        splits
+            .get(r)
+            .and_then(|s| s.per_tensor.get(ti))
+            .map(|v| v.iter().map(|s| s.len).sum())
+            .unwrap_or(0)
+    };
+    let mut load: Vec<u64> = splits
+        .iter()
+        .map(|s| s.orphans.iter().map(|s| s.len).sum())
+        .collect();
+    for members in &groups {
+        if let [(r, ti)] = members.as_slice() {
+            if let Some(l) = load.get_mut(*r) {
+                *l += seg_bytes(*r, *ti);
+            }
+        }
+    }
+    let mut shared = Vec::new();
+    let mut reads: Vec<Vec<bool>> = group_of
+        .iter()
+        .map(|g| g.iter().map(Option::is_none).collect())
+        .collect();
+    for members in groups {
+        if let [(r, ti)] = members.as_slice() {
+            if let Some(x) = reads.get_mut(*r).and_then(|v| v.get_mut(*ti)) {
+                *x = true;
+            }
+            continue;
+        }
+        let Some(&(owner, oti)) = members
+            .iter()
+            .min_by_key(|&&(r, _)| (load.get(r).copied().unwrap_or(u64::MAX), r))
+        else {
+            continue;
+        };
+        if let Some(l) = load.get_mut(owner) {
+            *l += seg_bytes(owner, oti);
+        }
+        if let Some(x) = reads.get_mut(owner).and_then(|v| v.get_mut(oti)) {
+            *x = true;
+        }
+        shared.push(SharedTensor {
+            holders: members,
+            owner,
+        });
+    }
+    (shared, reads)
+}
+
+// ---------------------------------------------------------------------------------------
+// read-once
+
+/// A contiguous file range read by one member of a read-once group in one round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub(crate) file: u32,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) round: usize,
+    /// Reading member (index into the group).
+    pub(crate) owner: usize,
+    /// Offset in the owner's staging buffer for this round.
+    pub(crate) buf_off: u64,
+}
+
+/// Cuts the union of `segs` (file, start, end) into pieces: rounds of at most `round_bytes`,
+/// each split evenly among `n` owners. Pieces come sorted by (file, start).
+pub(crate) fn cut_pieces(mut segs: Vec<(u32, u64, u64)>, n: usize, round_bytes: u64) -> Vec<Piece> {
+    segs.sort_unstable();
+    let mut union: Vec<(u32, u64, u64)> = Vec::new();
+    for (f, s, e) in segs {
+        match union.last_mut() {
+            Some(last) if last.0 == f && s <= last.2 => last.2 = last.2.max(e),
+            _ => union.push((f, s, e)),
+        }
+    }
+    let total: u64 = union.iter().map(|u| u.2 - u.1).sum();
+    let round_bytes = round_bytes.max(1);
+    let n64 = n.max(1) as u64;
+    // Boundaries in the concatenated space: round k owner j starts at
+    // k*R + j*L_k/n where L_k is the round's length.
+    let mut bounds: Vec<(u64, usize, usize)> = Vec::new(); // (start, round, owner)
+    let mut k = 0usize;
+    let mut a = 0u64;
+    while a < total {
+        let len = round_bytes.min(total - a);
+        for j in 0..n64 {
+            let s = a + (len as u128 * j as u128 / n64 as u128) as u64;
+            let e = a + (len as u128 * (j + 1) as u128 / n64 as u128) as u64;
+            if e > s {
+                bounds.push((s, k, j as usize));
+            }
+        }
+        a += len;
+        k += 1;
+    }
+    let mut pieces = Vec::new();
+    let mut bi = 0usize;
+    let mut pos = 0u64; // concatenated position of the start of the current interval
+    let mut buf_off: HashMap<(usize, usize), u64> = HashMap::new();
+    for (f, s, e) in union {
+        let mut c = pos; // concatenated cursor
+        let cend = pos + (e - s);
+        while c < cend {
+            while bounds.get(bi + 1).is_some_and(|b| b.0 <= c) {
+                bi += 1;
+            }
+            let Some(&(_, round, owner)) = bounds.get(bi) else {
+                break;
+            };
+            let bound_end = bounds.get(bi + 1).map(|b| b.0).unwrap_or(total);
+            let take_end = bound_end.min(cend);
+            let off = buf_off.entry((round, owner)).or_insert(0);
+            pieces.push(Piece {
+                file: f,
+                start: s + (c - pos),
+                end: s + (take_end - pos),
+                round,
+                owner,
+                buf_off: *off,
+            });
+            *off += take_end - c;
+            c = take_end;
+        }
+        pos = cend;
+    }
+    pieces
+}
+
+/// One transfer of read-once: `len` bytes at `off` in piece `piece` go to arena offset `dst`
+/// of the receiving member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Xfer {
+    pub(crate) piece: usize,
+    pub(crate) off: u64,
+    pub(crate) len: u64,
+    pub(crate) dst: u64,
+}
+
+/// One member's read-once schedule within its group.
+pub struct ReadOnceSchedule {
+    pub(crate) pieces: Vec<Piece>,
+    /// Rounds of this group (every member of the group computes the same number).
+    pub rounds: usize,
+    /// This member's index in the group.
+    pub(crate) me: usize,
+    /// Group size.
+    pub(crate) n: usize,
+    /// `send[round][dest]`: what this member sends (to itself included).
+    send: Vec<Vec<Vec<Xfer>>>,
+    /// `recv[round][owner]`: what this member receives (from itself included).
+    recv: Vec<Vec<Vec<Xfer>>>,
+}
+
+impl ReadOnceSchedule {
+    /// The schedule of member `me` of the group whose world ranks are `members` (in group
+    /// order), cutting the union of their bytes into rounds of at most `round_bytes`.
+    pub fn new(plan: &Plan, members: &[usize], me: usize, round_bytes: u64) -> ReadOnceSchedule {
+        let n = members.len();
+        let member_segs: Vec<Vec<Segment>> = members
+            .iter()
+            .map(|&r| plan.ranks.get(r).map(rank_segments).unwrap_or_default())
+            .collect();
+        let pieces = cut_pieces(
+            member_segs
+                .iter()
+                .flatten()
+                .map(|s| (s.file, s.src, s.src + s.len))
+                .collect(),
+            n,
+            round_bytes,
+        );
+        let rounds = pieces.iter().map(|p| p.round + 1).max().unwrap_or(0);
+        let mut send: Vec<Vec<Vec<Xfer>>> = vec![vec![Vec::new(); n]; rounds];
+        let mut recv: Vec<Vec<Vec<Xfer>>> = vec![vec![Vec::new(); n]; rounds];
+        for (d, segs) in member_segs.iter().enumerate() {
+            for s in segs {
+                let (s0, s1) = (s.src, s.src + s.len);
+                let mut pi = pieces.partition_point(|p| (p.file, p.end) <= (s.file, s0));
+                while let Some(p) = pieces.get(pi) {
+                    if p.file != s.file || p.start >= s1 {
+                        break;
+                    }
+                    let a = p.start.max(s0);
+                    let b = p.end.min(s1);
+                    if b > a {
+                        let x = Xfer {
+                            piece: pi,
+                            off: a - p.start,
+                            len: b - a,
+                            dst: s.dst + (a - s0),
+                        };
+                        if p.owner == me {
+                            if let Some(v) = send.get_mut(p.round).and_then(|r| r.get_mut(d)) {
+                                v.push(x);
+                            }
+                        }
+                        if d == me {
+                            if let Some(v) = recv.get_mut(p.round).and_then(|r| r.get_mut(p.owner))
+                            {
+                                v.push(x);
+                            }
+                        }
+                    }
+                    pi += 1;
+                }
+            }
+        }
+        ReadOnceSchedule {
+            pieces,
+            rounds,
+            me,
+            n,
+            send,
+            recv,
+        }
+    }
+
+    /// What this member reads in `round`: its pieces, as segments into its staging buffer.
+    pub(crate) fn own_pieces(&self, round: usize) -> Vec<Segment> {
+        self.pieces
+            .iter()
+            .filter(|p| p.round == round && p.owner == self.me)
+            .map(|p| Segment {
+                file: p.file,
+                src: p.start,
+                len: p.end - p.start,
+                dst: p.buf_off,
+            })
+            .collect()
+    }
+
+    /// The transfers of `round` from this member to `dest`.
+    pub(crate) fn sends(&self, round: usize, dest: usize) -> &[Xfer] {
+        self.send
+            .get(round)
+            .and_then(|r| r.get(dest))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The transfers of `round` from `owner` to this member.
+    pub(crate) fn receives(&self, round: usize, owner: usize) -> &[Xfer] {
+        self.recv
+            .get(round)
+            .and_then(|r| r.get(owner))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Bytes this member sends to each member in `round` (0 to itself: that is a local copy).
+    pub fn send_counts(&self, round: usize) -> Vec<u64> {
+        (0..self.n)
+            .map(|d| {
+                if d == self.me {
+                    0
+                } else {
+                    self.sends(round, d).iter().map(|x| x.len).sum()
+                }
+            })
+            .collect()
+    }
+
+    /// Bytes this member receives from each member in `round` (0 from itself).
+    pub fn recv_counts(&self, round: usize) -> Vec<u64> {
+        (0..self.n)
+            .map(|o| {
+                if o == self.me {
+                    0
+                } else {
+                    self.receives(round, o).iter().map(|x| x.len).sum()
+                }
+            })
+            .collect()
+    }
+
+    /// The staging bytes of this member's pieces in `round`.
+    pub fn staging_bytes(&self, round: usize) -> u64 {
+        self.own_pieces(round).iter().map(|s| s.len).sum()
+    }
+}

@@ -1,0 +1,232 @@
+//! The entry point: a whole job (checkpoint, spec, topology, resolution and plan), above
+//! every layer it drives (load, dist, reshard).
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::Checkpoint;
+use crate::comm::Communicator;
+use crate::dist::{self, ShareOptions};
+use crate::load::{load_rank, load_rank_views, verify_rank, LoadOptions, RankTensors};
+use crate::plan::{self, Plan};
+use crate::reshard::{ReshardOptions, ReshardSummary};
+use crate::sharding::{self, Config, Resolution, Spec};
+use crate::topology::Topology;
+use crate::Result;
+
+/// Everything needed to load any rank of a job: the steps from opening a checkpoint to the
+/// plan (open → spec → resolve → plan), done once. The entry point of the library.
+///
+/// ```no_run
+/// use safeshard::{Job, LoadOptions, Topology};
+///
+/// # fn main() -> safeshard::Result<()> {
+/// let job = Job::open("model-dir", Topology::new(4, 2, 1, 1)?, None, &[])?;
+/// let rank = job.load_rank(3, &LoadOptions::default())?;
+/// for t in rank.iter() {
+///     println!("{} {} {:?} {} bytes", t.name, t.dtype, t.shape, t.data.len());
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Job {
+    /// The checkpoint catalog.
+    pub ckpt: Checkpoint,
+    /// Config values (`config.json` plus overrides).
+    pub config: Config,
+    /// The sharding spec.
+    pub spec: Spec,
+    /// The topology.
+    pub topology: Topology,
+    /// Every tensor's placement.
+    pub resolution: Resolution,
+    /// Per-rank copy runs.
+    pub plan: Plan,
+}
+
+/// Options of [`Job::builder`]: a checkpoint plus, optionally, a topology (default: one
+/// rank), a spec and config overrides.
+///
+/// ```no_run
+/// use safeshard::{Job, Topology};
+///
+/// # fn main() -> safeshard::Result<()> {
+/// let job = Job::builder("model-dir")
+///     .topology(Topology::new(2, 1, 1, 1)?)
+///     .spec("llama")
+///     .set("num_key_value_heads=8")
+///     .open()?;
+/// println!("{} ranks", job.world());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct JobBuilder {
+    checkpoint: PathBuf,
+    topology: Topology,
+    spec: Option<String>,
+    overrides: Vec<String>,
+}
+
+impl JobBuilder {
+    /// The topology (default: tp = pp = dp = ep = 1).
+    pub fn topology(mut self, topology: Topology) -> Self {
+        self.topology = topology;
+        self
+    }
+
+    /// The sharding spec: a shipped name or a `.shard` path (default: detected from
+    /// `config.json`).
+    pub fn spec(mut self, spec: impl Into<String>) -> Self {
+        self.spec = Some(spec.into());
+        self
+    }
+
+    /// Overrides one config value, `key=value` (repeatable).
+    pub fn set(mut self, key_value: impl Into<String>) -> Self {
+        self.overrides.push(key_value.into());
+        self
+    }
+
+    /// Opens, resolves and plans.
+    pub fn open(self) -> Result<Job> {
+        Job::open(
+            &self.checkpoint,
+            self.topology,
+            self.spec.as_deref(),
+            &self.overrides,
+        )
+    }
+}
+
+impl Job {
+    /// Opens `checkpoint`, picks the spec (`spec`: a shipped name or a `.shard` path; `None`:
+    /// detected from `config.json`), applies `overrides` (`key=value`), resolves and plans.
+    pub fn open(
+        checkpoint: impl AsRef<Path>,
+        topology: Topology,
+        spec: Option<&str>,
+        overrides: &[String],
+    ) -> Result<Job> {
+        topology.validate()?;
+        let ckpt = Checkpoint::open(checkpoint)?;
+        let config = Config::from_checkpoint(&ckpt, overrides)?;
+        let spec = match spec {
+            Some(s) => Spec::load(s)?,
+            None => Spec::detect(&config)?,
+        };
+        let resolution = sharding::resolve(&spec, &ckpt, &config, &topology)?;
+        let plan = plan::build(&ckpt, &resolution, &topology, &spec.name)?;
+        Ok(Job {
+            ckpt,
+            config,
+            spec,
+            topology,
+            resolution,
+            plan,
+        })
+    }
+
+    /// A [`JobBuilder`] for `checkpoint` (a `.safetensors` file, an index, or a directory).
+    pub fn builder(checkpoint: impl Into<PathBuf>) -> JobBuilder {
+        JobBuilder {
+            checkpoint: checkpoint.into(),
+            topology: Topology {
+                tp: 1,
+                pp: 1,
+                dp: 1,
+                ep: 1,
+                pp_layers: None,
+            },
+            spec: None,
+            overrides: Vec::new(),
+        }
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> usize {
+        self.plan.ranks.len()
+    }
+
+    /// What resolution noticed but did not refuse (one line each), for the caller to show.
+    pub fn warnings(&self) -> &[String] {
+        &self.resolution.warnings
+    }
+
+    /// Loads one rank into memory it owns (see [`crate::load::load_rank`]).
+    pub fn load_rank(&self, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
+        load_rank(&self.plan, rank, opts)
+    }
+
+    /// Loads this communicator rank's tensors together with the other ranks of `world`, under
+    /// a share mode (see [`crate::dist::load_shared`]): the same [`RankTensors`] as
+    /// [`Job::load_rank`] for rank `world.rank()`, with shared bytes read once.
+    ///
+    /// ```
+    /// # fn main() -> safeshard::Result<()> {
+    /// use safeshard::comm::run_threads;
+    /// use safeshard::{Job, ShareMode, ShareOptions, Topology};
+    /// # let dir = tempfile::tempdir().map_err(|e| safeshard::Error::io("tmp", e))?;
+    /// # safeshard::synth::write_checkpoint(dir.path(), &safeshard::synth::SynthOptions::preset("llama-tiny")?)?;
+    /// let job = Job::builder(dir.path()).topology(Topology::new(2, 1, 2, 1)?).open()?;
+    /// let opts = ShareOptions { mode: ShareMode::Broadcast, ..ShareOptions::default() };
+    /// for rank in run_threads(job.world(), |comm| job.load_shared(comm, &opts)) {
+    ///     let rank = rank?;
+    ///     assert_eq!(job.verify(&rank)?, rank.len());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn load_shared(
+        &self,
+        world: &dyn Communicator,
+        opts: &ShareOptions,
+    ) -> Result<RankTensors> {
+        dist::load_shared(&self.plan, world, opts)
+    }
+
+    /// Loads one rank with zero-copy views of the file mapping where
+    /// [`LoadOptions::views`] is set.
+    ///
+    /// # Safety
+    ///
+    /// As [`crate::load::load_rank_views`]: no file of the checkpoint may be truncated or
+    /// written while the result is alive.
+    pub unsafe fn load_rank_views(&self, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
+        // SAFETY: the caller upholds load_rank_views' contract.
+        unsafe { load_rank_views(&self.plan, rank, opts) }
+    }
+
+    /// Checks a loaded rank against the independent slow path (see [`verify_rank`]); returns
+    /// the number of tensors checked.
+    ///
+    /// ```no_run
+    /// # fn main() -> safeshard::Result<()> {
+    /// use safeshard::{Job, LoadOptions, Topology};
+    /// let job = Job::open("model-dir", Topology::new(2, 1, 1, 1)?, None, &[])?;
+    /// let rank = job.load_rank(1, &LoadOptions::default())?;
+    /// assert_eq!(job.verify(&rank)?, rank.len());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn verify(&self, loaded: &RankTensors) -> Result<usize> {
+        verify_rank(&self.ckpt, &self.resolution, loaded)
+    }
+
+    /// Writes every rank's tensors to `out` as vLLM `sharded_state` files plus a manifest
+    /// (see [`crate::reshard`] for the guarantees: no overlap with the input, an exclusive
+    /// lock on `out`, atomic files, the manifest last).
+    ///
+    /// ```no_run
+    /// # fn main() -> safeshard::Result<()> {
+    /// use safeshard::{Job, ReshardOptions, Topology};
+    /// let job = Job::open("model-dir", Topology::new(2, 1, 1, 1)?, None, &[])?;
+    /// let done = job.reshard("model-tp2", &ReshardOptions::default())?;
+    /// println!("{} files, {} bytes", done.files, done.bytes);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reshard(&self, out: impl AsRef<Path>, opts: &ReshardOptions) -> Result<ReshardSummary> {
+        crate::reshard::reshard(&self.plan, out.as_ref(), opts)
+    }
+}
