@@ -207,12 +207,16 @@ fn write_without(preset: &str, drop: &dyn Fn(&str) -> bool) -> tempfile::TempDir
         .iter()
         .map(|(n, d, s)| synth::tensor_bytes(n, *d, s).unwrap())
         .collect();
-    let header = safeshard::checkpoint::header_bytes(
-        &[("format", "pt")],
-        list.iter()
-            .zip(&sizes)
-            .map(|((n, d, s), b)| (n.as_str(), *d, s.as_slice(), *b)),
-    );
+    let mut header = serde_json::Map::new();
+    let mut off = 0u64;
+    for ((n, d, s), b) in list.iter().zip(&sizes) {
+        header.insert(
+            n.clone(),
+            serde_json::json!({"dtype": d.name(), "shape": s, "data_offsets": [off, off + b]}),
+        );
+        off += b;
+    }
+    let header = serde_json::to_vec(&header).unwrap();
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend(header);
     for ((n, _, _), b) in list.iter().zip(&sizes) {
