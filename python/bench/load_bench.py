@@ -32,10 +32,15 @@ import vllm_slicer as ref  # noqa: E402
 
 
 def safetensors_load(ckpt: Path, cfg: dict, tp: int, rank: int) -> dict[str, torch.Tensor]:
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     by_file: dict[str, list[str]] = {}
-    for name, f in index.items():
-        by_file.setdefault(f, []).append(name)
+    idx = ckpt / "model.safetensors.index.json"
+    if idx.exists():
+        for name, f in json.loads(idx.read_text())["weight_map"].items():
+            by_file.setdefault(f, []).append(name)
+    else:
+        for f in sorted(ckpt.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                by_file[f.name] = list(h.keys())
     out: dict[str, torch.Tensor] = {}
     for f, names in sorted(by_file.items()):
         with safe_open(str(ckpt / f), framework="pt") as h:
@@ -47,7 +52,9 @@ def safetensors_load(ckpt: Path, cfg: dict, tp: int, rank: int) -> dict[str, tor
                     continue
                 s = held[0]
                 if s is None:
-                    out[name] = sl[:]
+                    # safe_open hands out views of its file mapping; clone so the bytes are
+                    # really read and held, as in the other two paths.
+                    out[name] = sl[:].clone()
                     continue
                 dim, parts = s
                 pieces = []
@@ -60,7 +67,7 @@ def safetensors_load(ckpt: Path, cfg: dict, tp: int, rank: int) -> dict[str, tor
                         z = list(shape)
                         z[dim] = p[1]
                         pieces.append(torch.zeros(z, dtype=pieces[0].dtype if pieces else torch.bfloat16))
-                out[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+                out[name] = pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces, dim)
     return out
 
 
