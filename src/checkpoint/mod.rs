@@ -21,6 +21,6 @@ mod header;
 
 pub use catalog::{Checkpoint, FileIdentity, FileInfo, TensorInfo, INDEX_NAME};
 pub use dtype::Dtype;
-pub use header::header_bytes;
+pub(crate) use header::header_bytes;
 pub(crate) use header::tensor_bytes;
 pub use header::{parse_header, Header, HeaderTensor, MAX_HEADER_LEN};
