@@ -161,16 +161,16 @@ class Plan:
         self,
         rank: int,
         *,
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         progress: bool | None = None,
     ) -> Rank:
         """Loads ``rank`` in this process, reading only its own slices, into one arena.
 
-        ``io`` is ``"mmap"`` or ``"pread"``; ``threads`` the copy threads (default: all
-        cores). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
-        stderr is a terminal and tqdm is installed. Ctrl-C stops the load between chunks
-        and raises ``KeyboardInterrupt``.
+        ``io``: ``"auto"`` (the CLI's default), ``"mmap"`` or ``"pread"``; ``threads``: copy
+        threads (default: as the CLI). ``progress``: a bar (tqdm) on stderr; ``None`` shows it
+        for rank 0 when stderr is a terminal and tqdm is installed. Ctrl-C stops the load
+        between chunks and raises ``KeyboardInterrupt``.
         """
         cb, close = _progress(self, rank, progress)
         try:
@@ -184,7 +184,7 @@ class Plan:
         *,
         share: str = "broadcast",
         process_group: Any = None,
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1 << 30,
@@ -518,7 +518,7 @@ def load(
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
-    io: str = "mmap",
+    io: str = "auto",
     threads: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ class NativePlan:
     def load(
         self,
         rank: int,
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
     ) -> NativeRank: ...
@@ -87,7 +87,7 @@ class NativePlan:
         self,
         comm: Any,
         share: str = "none",
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1073741824,

@@ -331,7 +331,7 @@ impl NativePlan {
     }
 
     /// Loads one rank into a fresh arena, reading its own slices.
-    #[pyo3(signature = (rank, io="mmap", threads=None, progress=None))]
+    #[pyo3(signature = (rank, io="auto", threads=None, progress=None))]
     fn load(
         &self,
         py: Python<'_>,
@@ -359,7 +359,7 @@ impl NativePlan {
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
     /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
-    #[pyo3(signature = (comm, share="none", io="mmap", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
+    #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn load_shared(
         &self,

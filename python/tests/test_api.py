@@ -37,7 +37,7 @@ def test_plan_to_json_equals_cli(checkpoints):
         ]
 
 
-@pytest.mark.parametrize("io", ["mmap", "pread"])
+@pytest.mark.parametrize("io", ["auto", "mmap", "pread"])
 def test_digest_equals_cli(checkpoints, io):
     ckpt = checkpoints("deepseek-v3-tiny")
     plan = safeshard.plan(ckpt, tp=1, pp=2)
