@@ -37,4 +37,13 @@ SAFESHARD_FEATURES=mpi,nccl,cuda step bash tests/mpi_jobs.sh
 # Python package (issue 11): built into a venv, stubs, types and pytest (tests/python.sh).
 step cargo clippy -p safeshard-python --all-targets -- -D warnings
 step bash tests/python.sh
+
+# vLLM differential (issue 12): every shipped architecture at tp=2, pp=2 against vLLM 0.33.0's
+# own loader on CPU. Opt-in (SAFESHARD_VLLM_DIFF=1): vLLM is a 5-minute, multi-GB install and
+# the run takes 1-3 minutes per case on 2 cores; the full matrix is `python
+# tests/vllm/differential.py` (docs/vllm.md). SAFESHARD_VLLM_PYTHON names a Python with vLLM.
+if [[ ${SAFESHARD_VLLM_DIFF:-0} == 1 ]]; then
+  vpy=${SAFESHARD_VLLM_PYTHON:-python3}
+  step "$vpy" tests/vllm/differential.py --case "${SAFESHARD_VLLM_CASES:-*-tp2-pp2}"
+fi
 echo "all test steps passed in $SECONDS s"

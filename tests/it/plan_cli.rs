@@ -193,3 +193,108 @@ fn errors_have_exit_codes() {
     let out = plan(dir.path(), &["--svg", "/nonexistent-dir/x.svg"]);
     expect_error(&out, 1, &["nonexistent-dir"]);
 }
+
+/// Writes `preset` as one safetensors file without the tensors `drop` selects.
+fn write_without(preset: &str, drop: &dyn Fn(&str) -> bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SynthOptions::preset(preset).unwrap();
+    let list: Vec<_> = synth::tensors(&opts)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _, _)| !drop(n))
+        .collect();
+    let sizes: Vec<u64> = list
+        .iter()
+        .map(|(n, d, s)| synth::tensor_bytes(n, *d, s).unwrap())
+        .collect();
+    let mut header = serde_json::Map::new();
+    let mut off = 0u64;
+    for ((n, d, s), b) in list.iter().zip(&sizes) {
+        header.insert(
+            n.clone(),
+            serde_json::json!({"dtype": d.name(), "shape": s, "data_offsets": [off, off + b]}),
+        );
+        off += b;
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    for ((n, _, _), b) in list.iter().zip(&sizes) {
+        bytes.extend(synth::tensor_data(opts.seed, n, *b as usize));
+    }
+    std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_vec(&opts.config).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+/// Issue 9 item 9: a checkpoint missing a layer, the final norm or an untied head is
+/// refused with the missing names (capped and counted), not planned with holes; tied
+/// embeddings and the MTP layer are not required.
+#[test]
+fn incomplete_checkpoints_are_refused() {
+    // Sanity: the whole checkpoint written this way plans.
+    stdout_ok(&plan(
+        write_without("llama-tiny", &|_| false).path(),
+        &["--tp", "2"],
+    ));
+    let no_layer = write_without("llama-tiny", &|n| n.starts_with("model.layers.2."));
+    expect_error(
+        &plan(no_layer.path(), &["--tp", "2", "--pp", "2"]),
+        1,
+        &[
+            "checkpoint is incomplete for spec `llama` with 4 layers: 9 tensor(s) it needs are missing: ",
+            "\"model.layers.2.self_attn.q_proj.weight\"",
+            "\"model.layers.2.post_attention_layernorm.weight\"",
+        ],
+    );
+    let no_head = write_without("llama-tiny", &|n| {
+        n == "lm_head.weight" || n == "model.norm.weight"
+    });
+    expect_error(
+        &plan(no_head.path(), &["--tp", "2"]),
+        1,
+        &["2 tensor(s) it needs are missing: \"lm_head.weight\", \"model.norm.weight\" "],
+    );
+    // One expert of one layer (Mixtral): named exactly.
+    let no_expert = write_without("mixtral-tiny", &|n| {
+        n == "model.layers.1.block_sparse_moe.experts.5.w2.weight"
+    });
+    expect_error(
+        &plan(no_expert.path(), &["--tp", "2"]),
+        1,
+        &["1 tensor(s) it needs are missing: \"model.layers.1.block_sparse_moe.experts.5.w2.weight\" "],
+    );
+    // GPT-2 under the `transformer.`-less names: a missing layer norm of layer 0.
+    let gpt2 = write_without("gpt2-tiny", &|n| n == "h.0.ln_2.bias");
+    expect_error(&plan(gpt2.path(), &[]), 1, &["\"h.0.ln_2.bias\""]);
+    // DeepSeek-V3 without its MTP layer, and a tied Qwen2 without a head: complete.
+    let no_mtp = write_without("deepseek-v3-tiny", &|n| n.starts_with("model.layers.3."));
+    stdout_ok(&plan(no_mtp.path(), &["--tp", "2"]));
+    let tied = write_without("qwen2-tiny", &|n| n == "lm_head.weight");
+    stdout_ok(&plan(tied.path(), &["--tp", "2", "--pp", "2"]));
+    // A dense DeepSeek layer missing its MLP (layer 0 < first_k_dense_replace = 1).
+    let no_dense = write_without("deepseek-v3-tiny", &|n| {
+        n.starts_with("model.layers.0.mlp.")
+    });
+    expect_error(
+        &plan(no_dense.path(), &["--tp", "2"]),
+        1,
+        &["\"model.layers.0.mlp.gate_proj.weight\""],
+    );
+    // Many missing: ten names, then the count of the rest.
+    let many = write_without("llama-tiny", &|n| {
+        n.starts_with("model.layers.") && !n.starts_with("model.layers.0.")
+    });
+    let out = plan(many.path(), &["--tp", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(": 27 tensor(s) it needs are missing: ") && err.contains(" and 17 more "),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

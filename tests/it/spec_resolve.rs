@@ -113,9 +113,10 @@ fn unmatched_tensors_are_listed_unless_a_default_rule_exists() {
 
 #[test]
 fn optional_and_switched_off_rules_do_not_warn() {
-    let src = "a.w  replicate\nb.w  replicate optional\nc.w  replicate if (quantization_config.quant_method ?? \"\") == \"gptq\"\nd.w  replicate\n";
+    // A wildcard rule that matches nothing only warns (a literal one is a missing tensor).
+    let src = "a.w  replicate\nb.w  replicate optional\nc.w  replicate if (quantization_config.quant_method ?? \"\") == \"gptq\"\nd.*  replicate\n";
     let r = run(src, &[("a.w", &[2])], json!({}), topo(1, 1)).unwrap();
-    assert_eq!(r.warnings, ["t.shard:4: rule `d.w` matches no tensor"]);
+    assert_eq!(r.warnings, ["t.shard:4: rule `d.*` matches no tensor"]);
     // Switched on, the conditional rule wins over a later one.
     let src = "a.w  split(dim=0) if quant_method == \"gptq\"\na.w  replicate\n";
     let r = run(
@@ -421,13 +422,47 @@ fn aliases_rewrite_prefixes() {
     assert!(matches!(&r.tensors[2], Resolved::Held { stages, .. } if *stages == [1]));
 }
 
+/// Appends to `tensors` every tensor of a one-layer packed Llama checkpoint that it lacks
+/// (placeholder shapes that divide by tp up to 4), so that the checkpoint is complete; the
+/// tensors under test keep their indices.
+fn complete_packed_llama(tensors: &mut Vec<(String, Vec<u64>)>) {
+    let mut want = vec![
+        ("model.embed_tokens.weight".to_string(), vec![64, 8]),
+        ("lm_head.weight".to_string(), vec![64, 8]),
+        ("model.norm.weight".to_string(), vec![8]),
+        ("model.layers.0.input_layernorm.weight".to_string(), vec![8]),
+        (
+            "model.layers.0.post_attention_layernorm.weight".to_string(),
+            vec![8],
+        ),
+    ];
+    for p in [
+        "self_attn.q",
+        "self_attn.k",
+        "self_attn.v",
+        "self_attn.o",
+        "mlp.gate",
+        "mlp.up",
+        "mlp.down",
+    ] {
+        for t in ["qweight", "qzeros", "scales"] {
+            want.push((format!("model.layers.0.{p}_proj.{t}"), vec![8, 8]));
+        }
+    }
+    for (n, s) in want {
+        if !tensors.iter().any(|(m, _)| *m == n) {
+            tensors.push((n, s));
+        }
+    }
+}
+
 /// GPTQ / AWQ tensors of one Llama layer (hidden 128, 8 heads, 2 kv heads of 16, intermediate
 /// 256, 4-bit: pack factor 8, group size 32) resolved with the shipped llama spec.
 #[test]
 fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
     let spec = Spec::shipped("llama").unwrap();
     let l = "model.layers.0.";
-    let gptq: Vec<(String, Vec<u64>)> = vec![
+    let mut gptq: Vec<(String, Vec<u64>)> = vec![
         ("self_attn.q_proj.qweight", vec![16, 128]),
         ("self_attn.q_proj.g_idx", vec![128]),
         ("self_attn.k_proj.qzeros", vec![4, 4]),
@@ -440,6 +475,7 @@ fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
     .into_iter()
     .map(|(n, s)| (format!("{l}{n}"), s))
     .collect();
+    complete_packed_llama(&mut gptq);
     let tensors: Vec<(&str, &[u64])> = gptq
         .iter()
         .map(|(n, s)| (n.as_str(), s.as_slice()))
@@ -493,7 +529,7 @@ fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
     assert_eq!(at(&r, 6, 1), rows(&[128], 0, &[(64, 128)]));
 
     // AWQ: packed on the output dim.
-    let awq: Vec<(String, Vec<u64>)> = vec![
+    let mut awq: Vec<(String, Vec<u64>)> = vec![
         ("self_attn.k_proj.qweight", vec![128, 4]),
         ("self_attn.o_proj.qweight", vec![128, 16]),
         ("self_attn.o_proj.scales", vec![4, 128]),
@@ -503,6 +539,7 @@ fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
     .into_iter()
     .map(|(n, s)| (format!("{l}{n}"), s))
     .collect();
+    complete_packed_llama(&mut awq);
     let tensors: Vec<(&str, &[u64])> = awq
         .iter()
         .map(|(n, s)| (n.as_str(), s.as_slice()))
@@ -517,16 +554,42 @@ fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
     assert_eq!(at(&r, 3, 1), rows(&[8, 16], 0, &[(4, 8)]));
     assert_eq!(at(&r, 4, 1), rows(&[4, 32], 1, &[(16, 32)]));
     // FP8 per-tensor scales are scalars copied whole.
-    let t: &[(&str, &[u64])] = &[
-        ("model.layers.0.self_attn.q_proj.weight_scale", &[]),
-        ("model.layers.0.mlp.down_proj.input_scale", &[]),
+    let mut fp8: Vec<(String, Vec<u64>)> = vec![
+        (
+            "model.layers.0.self_attn.q_proj.weight_scale".into(),
+            vec![],
+        ),
+        ("model.layers.0.mlp.down_proj.input_scale".into(), vec![]),
+        ("model.embed_tokens.weight".into(), vec![64, 8]),
+        ("lm_head.weight".into(), vec![64, 8]),
+        ("model.norm.weight".into(), vec![8]),
+        ("model.layers.0.input_layernorm.weight".into(), vec![8]),
+        (
+            "model.layers.0.post_attention_layernorm.weight".into(),
+            vec![8],
+        ),
     ];
+    for p in [
+        "self_attn.q",
+        "self_attn.k",
+        "self_attn.v",
+        "self_attn.o",
+        "mlp.gate",
+        "mlp.up",
+        "mlp.down",
+    ] {
+        fp8.push((format!("model.layers.0.{p}_proj.weight"), vec![8, 8]));
+    }
+    let t: Vec<(&str, &[u64])> = fp8
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
     let config = Config::from_json(
-        Some(&json!({"num_attention_heads": 8, "num_hidden_layers": 1})),
+        Some(&json!({"num_attention_heads": 8, "num_key_value_heads": 4, "num_hidden_layers": 1})),
         &[],
     )
     .unwrap();
-    let r = resolve_tensors(&spec, &cat(t), &config, &topo(4, 1)).unwrap();
+    let r = resolve_tensors(&spec, &cat(&t), &config, &topo(4, 1)).unwrap();
     assert!(per_tp(&r.tensors[0])
         .iter()
         .all(|l| *l == Layout::full(&[])));
@@ -557,4 +620,61 @@ fn requirements_are_checked_after_placement() {
     // A missing value in a requirement is named.
     let e = run(src, t, json!({}), topo(2, 1)).unwrap_err().to_string();
     assert!(e.contains("needs `heads`"), "{e}");
+}
+
+/// A checkpoint missing tensors the spec implies is refused, naming them (issue 9 item 9).
+#[test]
+fn incomplete_checkpoints_are_refused_naming_what_is_missing() {
+    let src = "layers num_hidden_layers\nm.{layer}.a.w  split(dim=0)\nm.{layer}.b.{w,bias}  replicate\nm.{layer}.opt.w  replicate optional\nnorm.w  replicate\nhead.w  replicate if !tie\n";
+    let full: Vec<(String, Vec<u64>)> = (0..3)
+        .flat_map(|l| {
+            [
+                (format!("m.{l}.a.w"), vec![4]),
+                (format!("m.{l}.b.w"), vec![2]),
+                (format!("m.{l}.b.bias"), vec![2]),
+            ]
+        })
+        .chain([
+            ("norm.w".to_string(), vec![2]),
+            ("m.0.opt.w".to_string(), vec![2]),
+        ])
+        .collect();
+    let cfg = json!({"num_hidden_layers": 3, "tie": true});
+    let without = |drop: &dyn Fn(&str) -> bool| -> Vec<(String, Vec<u64>)> {
+        full.iter().filter(|(n, _)| !drop(n)).cloned().collect()
+    };
+    let resolve = |t: &[(String, Vec<u64>)], cfg: serde_json::Value| {
+        let t: Vec<(&str, &[u64])> = t.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        run(src, &t, cfg, topo(2, 1))
+    };
+    // Complete (the optional rule's tensor exists in one layer only; the head is tied).
+    resolve(&full, cfg.clone()).unwrap();
+    // A whole layer missing: every one of its tensors is named, in rule order.
+    let e = resolve(&without(&|n| n.starts_with("m.1.")), cfg.clone()).unwrap_err();
+    assert!(!e.is_usage());
+    assert_eq!(e.kind(), "placement");
+    assert_eq!(
+        e.to_string(),
+        "checkpoint is incomplete for spec `t` with 3 layers: 3 tensor(s) it needs are missing: \"m.1.a.w\", \"m.1.b.bias\", \"m.1.b.w\" (required by t.shard line(s) 2, 3; a rule marked `optional` may match nothing)"
+    );
+    // The final norm, and the head once untied.
+    let e = resolve(
+        &without(&|n| n == "norm.w"),
+        json!({"num_hidden_layers": 3, "tie": false}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(": 2 tensor(s) it needs are missing: \"norm.w\", \"head.w\" "),
+        "{e}"
+    );
+    // Many missing: the list is capped at 10 names and the rest counted.
+    let cfg40 = json!({"num_hidden_layers": 40, "tie": true});
+    let e = resolve(&full, cfg40).unwrap_err().to_string();
+    assert!(
+        e.contains(": 111 tensor(s) it needs are missing: \"m.3.a.w\", "),
+        "{e}"
+    );
+    assert!(e.contains(" and 101 more "), "{e}");
+    assert_eq!(e.matches("\"m.").count(), 10, "{e}");
 }

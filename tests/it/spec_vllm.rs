@@ -262,22 +262,25 @@ fn expected(arch: &str, name: &str, full: &T, c: &Ctx, shape_of: &dyn Fn(&str) -
             return Exp::Skip;
         }
     }
-    // vLLM skips a stored lm_head of a tied model and reuses the embedding.
-    if tied && name_ns == "lm_head.weight" {
-        return Exp::Skip;
-    }
+    // vLLM 0.33 unties a tied config whose checkpoint stores lm_head (the synthetic tied
+    // checkpoints here store none), and DeepSeek never ties.
+    let tied = tied && arch != "DeepseekV3ForCausalLM";
+    // These vLLM model classes build embeddings, final norm and head on every stage.
+    let everywhere = matches!(
+        arch,
+        "MixtralForCausalLM" | "Qwen2MoeForCausalLM" | "GPT2LMHeadModel"
+    );
     let last = (c.pp - 1) as usize;
     let stages = match layer {
         Some(l) => vec![pp_stage_of_layer(layers, c.pp, l)],
+        None if everywhere => (0..c.pp as usize).collect(),
         None => {
-            if name_ns == "model.embed_tokens.weight" || name_ns == "wte.weight" {
+            if name_ns == "model.embed_tokens.weight" {
                 let mut s = vec![0];
                 if tied && last != 0 {
                     s.push(last);
                 }
                 s
-            } else if name_ns == "wpe.weight" {
-                vec![0]
             } else {
                 vec![last]
             }

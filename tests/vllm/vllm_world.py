@@ -61,6 +61,11 @@ def main() -> None:
         if pid == 0:
             code = 1
             try:
+                # A rank must not outlive its parent (killed by a timeout): it would wait in
+                # a collective forever.
+                import ctypes
+
+                ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
                 load_rank(vllm_config, out, tp, pp, rank, port)
                 code = 0
             except BaseException:

@@ -11,15 +11,16 @@
 //! - Global rank = (dp_rank * pp + pp_rank) * tp + tp_rank. DP replicas hold what dp_rank 0
 //!   holds, except experts under expert parallelism (ep = tp * dp, ep_rank = dp_rank * tp +
 //!   tp_rank, `linear` placement: contiguous blocks, remainder to the first ranks).
-//! - Pipeline: vLLM's `get_pp_indices`; the first stage holds the input embeddings, the last
-//!   the final norm and lm_head, plus the input embedding when `tie_word_embeddings` is true
-//!   (tied checkpoints have no lm_head; a stored lm_head of a tied model is skipped). This is
-//!   the rule of `partition-rules.md` and of vLLM's `LlamaModel` (Llama, Mistral, Phi-3),
-//!   `Qwen2Model` and `DeepseekV2Model`. GPT-2 follows it too: `wte` and `wpe` on the first
-//!   stage, `ln_f` on the last, `wte` also on the last (always tied).
-//!   Known deviation: some vLLM model files (`gpt2.py`, `qwen2_moe.py`) build the embeddings,
-//!   final norm and lm_head on every stage instead of using `PPMissingLayer`; the reference
-//!   does not copy that waste.
+//! - Pipeline: vLLM's `get_pp_indices` for the layers; the other modules as vLLM 0.33's
+//!   model classes build them (checked against the real vLLM by tests/vllm/differential.py):
+//!   - `LlamaModel` (Llama, Mistral, Phi-3), `Qwen2Model`: embeddings on the first stage,
+//!     final norm and lm_head on the last (`PPMissingLayer` elsewhere), the embeddings also
+//!     on the last when tied.
+//!   - `MixtralModel`, `Qwen2MoeModel`, GPT-2 (`wte`, `wpe`, `ln_f`, `lm_head`): embeddings,
+//!     final norm and lm_head on every stage.
+//!   - `DeepseekV2Model`: embeddings first, norm and lm_head last, never tied.
+//!   - Tied config with a stored `lm_head.weight` (the config key `_checkpoint_has_lm_head`
+//!     says so; synthetic tied checkpoints store none): vLLM unties and loads the head.
 
 use safeshard::checkpoint::Dtype;
 use safeshard::synth::Arch;
@@ -286,6 +287,7 @@ enum Stage {
     First,
     Last,
     FirstAndLast,
+    All,
     Skip,
 }
 
@@ -357,7 +359,13 @@ pub fn expected_placed(
     } else {
         name
     };
-    let tied = cfg_tied(cfg, gpt2);
+    let stored_head = cfg
+        .get("_checkpoint_has_lm_head")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    // vLLM 0.33 unties a tied config whose checkpoint stores lm_head; DeepSeek never ties.
+    let tied = cfg_tied(cfg, gpt2) && !stored_head && arch != Arch::DeepseekV3;
+    let everywhere = matches!(arch, Arch::Mixtral | Arch::Qwen2Moe | Arch::Gpt2);
     // vLLM: "Total number of attention heads must be divisible by tensor parallel size".
     let heads = cfg_u(
         cfg,
@@ -383,17 +391,25 @@ pub fn expected_placed(
         }
         Some(l) => Stage::Layer(l),
         None => match local {
-            "model.embed_tokens.weight" | "wte.weight" => {
+            "model.embed_tokens.weight"
+            | "wte.weight"
+            | "wpe.weight"
+            | "model.norm.weight"
+            | "lm_head.weight"
+            | "ln_f.weight"
+            | "ln_f.bias"
+                if everywhere =>
+            {
+                Stage::All
+            }
+            "model.embed_tokens.weight" => {
                 if tied {
                     Stage::FirstAndLast
                 } else {
                     Stage::First
                 }
             }
-            // A tied checkpoint that still stores lm_head: vLLM skips it and reuses the embedding.
-            "lm_head.weight" if tied => Stage::Skip,
-            "wpe.weight" => Stage::First,
-            "model.norm.weight" | "lm_head.weight" | "ln_f.weight" | "ln_f.bias" => Stage::Last,
+            "model.norm.weight" | "lm_head.weight" => Stage::Last,
             _ => return Err(format!("{name}: no reference rule")),
         },
     };
@@ -414,6 +430,7 @@ pub fn expected_placed(
             Stage::First => p == 0,
             Stage::Last => p == pp - 1,
             Stage::FirstAndLast => p == 0 || p == pp - 1,
+            Stage::All => true,
             Stage::Skip => false,
         }
     };
