@@ -167,9 +167,10 @@ class Plan:
     ) -> Rank:
         """Loads ``rank`` in this process, reading only its own slices, into one arena.
 
-        ``io`` is ``"auto"`` (the default: positioned reads for contiguous runs, mapped
-        gathers for cached strided ones), ``"mmap"`` or ``"pread"``; ``threads`` the copy
-        threads (default: the cores, at least 8 so that several reads are in flight). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
+        ``io`` is ``"auto"`` (the default, as the CLI's: positioned reads for contiguous
+        runs, mapped gathers for cached strided ones), ``"mmap"`` or ``"pread"``; ``threads``
+        the copy threads (default: the cores, at least 8 so that several reads are in
+        flight). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
         stderr is a terminal and tqdm is installed. Ctrl-C stops the load between chunks
         and raises ``KeyboardInterrupt``.
         """
