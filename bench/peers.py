@@ -8,8 +8,8 @@
 
 `safeshard` is the CLI (`load --rank R --json --digest`, default engine; `-pread`/`-mmap`
 force one), `safeshard-py` the library through the Python binding (`safeshard.load`, when
-importable). Every measurement is a fresh process (loaders interleaved: rep 1 of every loader, then rep 2,
-...; a 1 s pause before each). Ranks: tp 1 rank 0, tp 4 rank 1, tp 8 rank 3. Cold runs first
+importable). Every measurement is a fresh process (loaders interleaved; repetition outermost, then mode, tp and
+loader; a 1 s pause before each). Ranks: tp 1 rank 0, tp 4 rank 1, tp 8 rank 3. Cold runs first
 drop every checkpoint file from the page cache (`sync`, then `posix_fadvise(DONTNEED)` per
 file) and check with `mincore` that at most 1% of the pages stayed resident (the run is
 refused otherwise). Each child reports: in-process seconds (from the first open to the last
@@ -395,10 +395,11 @@ def main():
         print(f"# limits: memcpy {lim['memcpy_Bps'] / 1e9:.2f} GB/s (1 thread, touched), "
               f"cold sequential read {lim['seq_read_Bps'] / 1e9:.2f} GB/s", flush=True)
         print(f"# limits json {json.dumps(lim)}", flush=True)
-    for mode in args.modes.split(","):
-        for tp in [int(x) for x in args.tp.split(",")]:
-            rank = RANK_OF_TP[tp]
-            for rep in range(args.reps):
+    # Repetitions outermost: a run cut short still covers every (mode, tp) equally.
+    for rep in range(args.reps):
+        for mode in args.modes.split(","):
+            for tp in [int(x) for x in args.tp.split(",")]:
+                rank = RANK_OF_TP[tp]
                 for loader in loaders:
                     if mode == "cold":
                         drop_cache(paths)
