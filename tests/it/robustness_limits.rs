@@ -256,18 +256,18 @@ fn reshard_refuses_an_output_overlapping_its_input_before_writing() {
         assert_eq!(listing(root.path()), before, "{out:?} changed the tree");
     }
     // An index file as the checkpoint: its directory is still the input directory.
+    // (A whole one-file checkpoint: one part of a two-file one is refused as incomplete.)
     let single = root.path().join("single");
-    std::fs::create_dir(&single).unwrap();
-    let file = std::fs::read_dir(&src)
+    let opts = SynthOptions::preset("llama-tiny")
+        .unwrap()
+        .with_max_file_bytes(u64::MAX);
+    synth::write_checkpoint(&single, &opts).unwrap();
+    let file = std::fs::read_dir(&single)
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .unwrap();
-    std::fs::copy(&file, single.join("m.safetensors")).unwrap();
-    std::fs::copy(src.join("config.json"), single.join("config.json")).unwrap();
-    let o = reshard(&single.join("m.safetensors"), &single, "1")
-        .output()
-        .unwrap();
+    let o = reshard(&file, &single, "1").output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
 }
 

@@ -43,7 +43,15 @@ def main() -> None:
     from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.utils.torch_utils import set_default_torch_dtype
 
+    # vLLM's NewGELU needs the compiled `_C.gelu_new` at construction, which a CPU install
+    # without vLLM's C extension lacks; the activation does not change which weights load.
+    overrides = {}
+    with open(os.path.join(ckpt, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type == "gpt2" and not hasattr(torch.ops._C, "gelu_new"):
+        overrides["activation_function"] = "gelu"
     args = EngineArgs(
+        hf_overrides=overrides or None,
         model=ckpt,
         load_format="safetensors",
         tensor_parallel_size=tp,
