@@ -50,8 +50,9 @@ def main() -> None:
         model_type = json.load(f).get("model_type")
     if model_type == "gpt2" and not hasattr(torch.ops._C, "gelu_new"):
         overrides["activation_function"] = "gelu"
+    extra = {"hf_overrides": overrides} if overrides else {}
     args = EngineArgs(
-        hf_overrides=overrides or None,
+        **extra,
         model=ckpt,
         load_format="safetensors",
         tensor_parallel_size=tp,
