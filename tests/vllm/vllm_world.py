@@ -47,10 +47,19 @@ def main() -> None:
     # without vLLM's C extension lacks; the activation does not change which weights load.
     overrides = {}
     with open(os.path.join(ckpt, "config.json")) as f:
-        model_type = json.load(f).get("model_type")
+        cfg = json.load(f)
+    model_type = cfg.get("model_type")
+    # vLLM's CPU platform turns a float32 model into bfloat16; keep the checkpoint's dtype so
+    # that the bytes compare (safeshard never converts).
+    disk_dtype = cfg.get("torch_dtype")
+    if disk_dtype in ("float32", "float16", "bfloat16"):
+        extra_dtype = {"dtype": disk_dtype}
+    else:
+        extra_dtype = {}
     if model_type == "gpt2" and not hasattr(torch.ops._C, "gelu_new"):
         overrides["activation_function"] = "gelu"
     extra = {"hf_overrides": overrides} if overrides else {}
+    extra.update(extra_dtype)
     args = EngineArgs(
         **extra,
         model=ckpt,
