@@ -2,16 +2,19 @@
 """Peer benchmark: one rank of a Llama checkpoint loaded by safeshard and by the peer loaders.
 
     python3 bench/peers.py CKPT [--tp 1,4,8] [--reps 5] [--modes warm,cold]
-        [--loaders safeshard,safeshard-pread,safeshard-mmap,st-torch,st-numpy,runai,fastsafetensors,instanttensor]
+        [--loaders safeshard,safeshard-pread,safeshard-mmap,safeshard-py,st-torch,st-numpy,runai,
+                   fastsafetensors,instanttensor]
         [--safeshard target/release/safeshard] [--out results.json]
 
-Every measurement is a fresh process (loaders interleaved: rep 1 of every loader, then rep 2,
+`safeshard` is the CLI (`load --rank R --json --digest`, default engine; `-pread`/`-mmap`
+force one), `safeshard-py` the library through the Python binding (`safeshard.load`, when
+importable). Every measurement is a fresh process (loaders interleaved: rep 1 of every loader, then rep 2,
 ...; a 1 s pause before each). Ranks: tp 1 rank 0, tp 4 rank 1, tp 8 rank 3. Cold runs first
 drop every checkpoint file from the page cache (`sync`, then `posix_fadvise(DONTNEED)` per
 file) and check with `mincore` that at most 1% of the pages stayed resident (the run is
 refused otherwise). Each child reports: in-process seconds (from the first open to the last
 byte in memory; for the safeshard CLI its own `seconds`, and also the process wall time),
-peak RSS (`wait4` rusage of the child), bytes read from storage (`/proc/self/io`
+peak RSS (the child's own VmHWM; GNU time for the CLI), bytes read from storage (`/proc/self/io`
 `read_bytes`, which includes waited-for children: the harness reads its own counter around
 each child), and the SHA-256 of the rank's bytes laid out like safeshard's arena (tensors in
 (file, offset) order, each at a 64-byte aligned offset, zero gaps), so every loader's output
@@ -25,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import struct
 import subprocess
@@ -117,7 +119,10 @@ def load_st(root, tp, rank, framework):
                 else:
                     t = s[:, cut[1]:cut[2]]
                 if framework == "pt":
-                    t = t.contiguous()
+                    # get_slice returns views of the file mapping for whole tensors and
+                    # dim-0 slices (nothing read yet); a loader must end with the bytes in
+                    # its own memory (vLLM's `param.copy_`), so materialize exactly once.
+                    t = t.contiguous() if not t.is_contiguous() else t.clone()
                 else:
                     import numpy as np
 
@@ -177,7 +182,14 @@ def load_instanttensor(root, tp, rank):
     raise RuntimeError("instanttensor needs a CUDA device")
 
 
+def load_safeshard_py(root, tp, rank):
+    import safeshard
+
+    return safeshard.load(root, tp=tp, rank=rank)
+
+
 CHILD = {
+    "safeshard-py": load_safeshard_py,
     "st-torch": lambda r, tp, k: load_st(r, tp, k, "pt"),
     "st-numpy": lambda r, tp, k: load_st(r, tp, k, "np"),
     "runai": load_runai,
@@ -186,13 +198,38 @@ CHILD = {
 }
 
 
+PREIMPORT = {
+    "safeshard-py": ["torch", "safeshard"],
+    "st-torch": ["torch", "safetensors"],
+    "st-numpy": ["numpy", "safetensors"],
+    "runai": ["torch", "runai_model_streamer"],
+    "fastsafetensors": ["torch", "fastsafetensors"],
+    "instanttensor": ["torch"],
+}
+
+
+def vm_hwm():
+    """Peak resident set of this process image (bytes), from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(loader, root, tp, rank):
+    import importlib
+
+    # Imports are not loading: torch alone takes seconds to import on a busy machine.
+    for m in PREIMPORT.get(loader, []):
+        importlib.import_module(m)
     order = plan_order(root)
     io0 = io_read_bytes()
     t0 = time.perf_counter()
     tensors = CHILD[loader](root, tp, rank)
     seconds = time.perf_counter() - t0
     io1 = io_read_bytes()
+    peak = vm_hwm()
     bufs = {}
     for name, t in tensors.items():
         bufs[name] = torch_bytes(t) if hasattr(t, "data_ptr") else t.view("u1")
@@ -202,7 +239,7 @@ def child(loader, root, tp, rank):
         "sha256": sha,
         "bytes": total,
         "read_bytes": io1 - io0,
-        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "maxrss": peak,
     }))
 
 
@@ -239,17 +276,19 @@ def warm_cache(paths):
 def run_one(args, loader, tp, rank):
     io0 = io_read_bytes()
     t0 = time.perf_counter()
-    if loader.startswith("safeshard"):
+    if loader in ("safeshard", "safeshard-pread", "safeshard-mmap"):
         io = {"safeshard": "auto", "safeshard-pread": "pread", "safeshard-mmap": "mmap"}[loader]
-        cmd = [args.safeshard, "load", args.ckpt, "--tp", str(tp), "--rank", str(rank),
+        # GNU time reports its child's peak RSS; a child forked straight from this harness
+        # would inherit the harness's own peak in ru_maxrss.
+        cmd = ["/usr/bin/time", "-f", "maxrss_kib %M", args.safeshard, "load", args.ckpt, "--tp", str(tp), "--rank", str(rank),
                "--json", "--digest", "--io", io]
     else:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", loader, args.ckpt,
                str(tp), str(rank)]
     # Outputs are a few lines (far below a pipe's buffer), so waiting before reading them
-    # cannot block; wait4 gives this child's own peak RSS.
+    # cannot block.
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
+    _, status, _ = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     io1 = io_read_bytes()
     out, err = p.stdout.read(), p.stderr.read()
@@ -260,6 +299,7 @@ def run_one(args, loader, tp, rank):
         return {"error": err.decode(errors="replace").strip().splitlines()[-1:]}
     line = json.loads(out.decode().strip().splitlines()[-1])
     return {
+        "plan_read_bytes": line.get("read_bytes") if loader == "safeshard" else None,
         "seconds": line["seconds"],
         "wall": wall,
         "sha256": line["sha256"],
@@ -267,8 +307,49 @@ def run_one(args, loader, tp, rank):
         # Storage reads of the whole child process (the harness's counter includes waited-for
         # children).
         "read_bytes": io1 - io0,
-        "maxrss": ru.ru_maxrss * 1024,
+        "maxrss": line.get("maxrss") or maxrss_of(err),
     }
+
+
+def limits(paths):
+    """Physical limits measured in the same run: single-thread memcpy into touched memory
+    (numpy copyto, 1 GiB, best of 3) and a cold sequential read (first 2 GiB of the largest
+    file, 16 MiB reads, after dropping the cache), both in bytes per second."""
+    import numpy as np
+
+    n = 1 << 30
+    src = np.ones(n, dtype=np.uint8)
+    dst = np.zeros(n, dtype=np.uint8)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(3))
+    del src, dst
+    big = max(paths, key=os.path.getsize)
+    drop_cache([big])
+    want = min(2 << 30, os.path.getsize(big))
+    fd = os.open(big, os.O_RDONLY)
+    buf = bytearray(16 << 20)
+    t0 = time.perf_counter()
+    got = 0
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while got < want:
+            k = f.readinto(buf)
+            if not k:
+                break
+            got += k
+    seq = got / (time.perf_counter() - t0)
+    return {"memcpy_Bps": n / best, "seq_read_Bps": seq}
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def maxrss_of(stderr):
+    for l in stderr.decode(errors="replace").splitlines():
+        if l.startswith("maxrss_kib "):
+            return int(l.split()[1]) * 1024
+    return None
 
 
 def main():
@@ -283,15 +364,37 @@ def main():
     ap.add_argument("--safeshard", default="target/release/safeshard")
     ap.add_argument("--pause", type=float, default=1.0)
     ap.add_argument("--out")
+    ap.add_argument("--summarize", metavar="LOG",
+                    help="print the tables from the JSON lines of an earlier (maybe cut) run")
+    ap.add_argument("--limits", action="store_true",
+                    help="also measure memcpy and cold sequential read bandwidth")
     args = ap.parse_args()
     if args.child:
         loader, root, tp, rank = args.child
         child(loader, root, int(tp), int(rank))
         return
+    if args.summarize:
+        runs, lim = [], None
+        for l in open(args.summarize):
+            if l.startswith("{"):
+                runs.append(json.loads(l))
+            elif l.startswith("# limits json "):
+                lim = json.loads(l[len("# limits json "):])
+        seen = []
+        for r in runs:
+            if r["loader"] not in seen:
+                seen.append(r["loader"])
+        summarize(runs, seen, lim)
+        return
     paths = [os.path.join(args.ckpt, f) for f in files_of(args.ckpt)]
     loaders = args.loaders.split(",")
     results = []
     print(f"# load average at start: {open('/proc/loadavg').read().strip()}", flush=True)
+    lim = limits(paths) if args.limits else None
+    if lim:
+        print(f"# limits: memcpy {lim['memcpy_Bps'] / 1e9:.2f} GB/s (1 thread, touched), "
+              f"cold sequential read {lim['seq_read_Bps'] / 1e9:.2f} GB/s", flush=True)
+        print(f"# limits json {json.dumps(lim)}", flush=True)
     for mode in args.modes.split(","):
         for tp in [int(x) for x in args.tp.split(",")]:
             rank = RANK_OF_TP[tp]
@@ -311,13 +414,14 @@ def main():
                     r.update(mode=mode, tp=tp, rank=rank, rep=rep, loader=loader, load=load)
                     results.append(r)
                     print(json.dumps(r), flush=True)
+    print(f"# load average at end: {open('/proc/loadavg').read().strip()}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    summarize(results, loaders)
+            json.dump({"limits": lim, "runs": results}, f, indent=1)
+    summarize(results, loaders, lim)
 
 
-def summarize(results, loaders):
+def summarize(results, loaders, lim=None):
     ref = {}
     for r in results:
         if r.get("loader") == "safeshard" and "sha256" in r:
@@ -340,6 +444,31 @@ def summarize(results, loaders):
             rb = statistics.median(r["read_bytes"] for r in ok)
             cells.append(f"{statistics.median(s):.2f} ({s[0]:.2f}–{s[-1]:.2f}) "
                          f"rss {rss / 1e9:.2f} GB read {rb / 1e9:.2f} GB{'' if same else ' DIGEST MISMATCH'}")
+        print(f"| {mode} tp {tp} | " + " | ".join(cells) + " |")
+    # Goal ratios: safeshard (auto) against the best peer and the physical limits.
+    peers = [l for l in loaders if not l.startswith("safeshard")]
+    print("\n| mode tp | safeshard s | best peer (s) | ratio | floor s (limit) | ratio to floor |")
+    print("|---|---|---|---|---|---|")
+    for mode, tp in keys:
+        def med(l, key="seconds"):
+            v = [r[key] for r in results if r["mode"] == mode and r["tp"] == tp
+                 and r["loader"] == l and key in r and r[key] is not None]
+            return statistics.median(v) if v else None
+        me = med("safeshard")
+        best = min(((med(l), l) for l in peers if med(l) is not None), default=(None, None))
+        floor = None
+        if lim and me:
+            if mode == "warm":
+                b = med("safeshard", "bytes")
+                floor = (b / lim["memcpy_Bps"], "memcpy") if b else None
+            else:
+                b = med("safeshard", "plan_read_bytes")
+                floor = (b / lim["seq_read_Bps"], "seq read") if b else None
+        cells = [f"{me:.2f}" if me else "n/a",
+                 f"{best[0]:.2f} ({best[1]})" if best[0] else "n/a",
+                 f"{me / best[0]:.2f}" if me and best[0] else "n/a",
+                 f"{floor[0]:.2f} ({floor[1]})" if floor else "n/a",
+                 f"{floor[0] / me:.2f}" if floor and me else "n/a"]
         print(f"| {mode} tp {tp} | " + " | ".join(cells) + " |")
 
 

@@ -30,6 +30,28 @@ impl fmt::Display for Escaped<'_> {
     }
 }
 
+/// Displays a message that may carry indented context lines (a spec's source line and
+/// caret): control characters escaped, line breaks kept only before lines indented by four
+/// spaces, so a name inside cannot start a line of its own.
+#[derive(Clone, Copy, Debug)]
+pub struct WithContext<'a>(pub &'a str);
+
+impl fmt::Display for WithContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, line) in self.0.split('\n').enumerate() {
+            if i > 0 {
+                f.write_str(if line.starts_with("    ") {
+                    "\n"
+                } else {
+                    "\\n"
+                })?;
+            }
+            f.write_str(&escape_controls(line))?;
+        }
+        Ok(())
+    }
+}
+
 /// `s` with control characters other than tab escaped; borrowed when there is nothing to
 /// escape (the common case, allocation-free for large tables).
 pub fn escape_controls(s: &str) -> Cow<'_, str> {
@@ -106,11 +128,11 @@ pub enum Error {
     #[error("config: {}", Escaped(.0))]
     Config(String),
     /// A sharding spec error without a source position (see [`Error::SpecAt`] for those).
-    #[error("{0}")]
+    #[error("{}", WithContext(.0))]
     Spec(String),
     /// A sharding spec that does not parse or does not type-check at a known position. The
     /// message is followed by the source line and a caret on two further lines.
-    #[error("{}:{line}:{col}: {message}{excerpt}", Escaped(file))]
+    #[error("{}:{line}:{col}: {}{excerpt}", Escaped(file), WithContext(message))]
     SpecAt {
         /// The spec's origin: its path, or `<shipped name>.shard`.
         file: String,
@@ -124,19 +146,19 @@ pub enum Error {
         excerpt: String,
     },
     /// A spec that cannot place some tensors of a checkpoint (unmatched names, bad splits).
-    #[error("{0}")]
+    #[error("{}", WithContext(.0))]
     Placement(String),
     /// A plan that cannot be built or does not match the files it was made for.
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     Plan(String),
     /// A failure while loading a rank's tensors.
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     Load(String),
     /// A failure of the communicator (launcher environment, MPI, NCCL).
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     Comm(String),
     /// Bad usage: invalid flags, topology or arguments (the binary exits with status 2).
-    #[error("{0}")]
+    #[error("{}", Escaped(.0))]
     Usage(String),
     /// An option (named by its field, e.g. `tp`, `out`, `rank`) with a value that cannot be
     /// used. Bad usage.
@@ -148,15 +170,12 @@ pub enum Error {
         message: String,
     },
     /// A file whose length, modification time or identity changed since it was planned.
-    #[error(
-        "{}: {what} changed since the plan was made; plan again",
-        escaped_path(file)
-    )]
+    #[error("{}: {change}", escaped_path(file))]
     FileChanged {
         /// The file.
         file: PathBuf,
-        /// What changed, e.g. `length 100 → 80`.
-        what: String,
+        /// What changed.
+        change: FileChange,
     },
     /// A positioned read that returned fewer bytes than planned.
     #[error(
@@ -173,11 +192,14 @@ pub enum Error {
         /// Bytes returned before end of file.
         got: u64,
     },
-    /// A file that was truncated while it was being loaded.
-    #[error("{}: file truncated during load", escaped_path(file))]
+    /// A file that was truncated while it was being loaded (a short read, or a recovered
+    /// fault in a mapped window).
+    #[error("{}: file truncated during load ({detail})", escaped_path(file))]
     Truncated {
         /// The file.
         file: PathBuf,
+        /// Where it was noticed, e.g. `short read at offset 4096: file ended 12 bytes early`.
+        detail: String,
     },
     /// A loaded tensor that differs from the independent slow path.
     #[error(
@@ -223,6 +245,36 @@ pub enum Error {
         /// Its error message.
         message: String,
     },
+}
+
+/// How a file differs from the one that was planned ([`Error::FileChanged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileChange {
+    /// Its length differs.
+    Length {
+        /// Length now.
+        now: u64,
+        /// Length at planning time.
+        planned: u64,
+    },
+    /// Same length, but another modification time, device or inode: rewritten or replaced.
+    Replaced,
+}
+
+impl fmt::Display for FileChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            FileChange::Length { now, planned } => write!(
+                f,
+                "file {} since planning: {now} bytes, plan expects {planned}",
+                if now < planned { "truncated" } else { "grown" }
+            ),
+            FileChange::Replaced => f.write_str(
+                "file replaced or modified since planning (modification time or inode changed); \
+                 plan again",
+            ),
+        }
+    }
 }
 
 impl Error {
@@ -327,6 +379,35 @@ mod tests {
         );
         let e = Error::io("/tmp/a\nerror: forged", std::io::Error::other("boom"));
         assert_eq!(e.to_string(), "/tmp/a\\nerror: forged: boom");
+    }
+
+    #[test]
+    fn file_changes_read_as_before() {
+        let e = Error::FileChanged {
+            file: "/m/a.safetensors".into(),
+            change: FileChange::Length {
+                now: 80,
+                planned: 100,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "/m/a.safetensors: file truncated since planning: 80 bytes, plan expects 100"
+        );
+        let e = Error::Truncated {
+            file: "/m/a.safetensors".into(),
+            detail: "short read at offset 8".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "/m/a.safetensors: file truncated during load (short read at offset 8)"
+        );
+    }
+
+    #[test]
+    fn context_lines_survive_and_forged_lines_do_not() {
+        let e = Error::Spec("a.shard:1:2: bad `x\ny`\n    x y\n     ^".into());
+        assert_eq!(e.to_string(), "a.shard:1:2: bad `x\\ny`\n    x y\n     ^");
     }
 
     #[test]

@@ -227,6 +227,6 @@ impl Job {
     /// # }
     /// ```
     pub fn reshard(&self, out: impl AsRef<Path>, opts: &ReshardOptions) -> Result<ReshardSummary> {
-        crate::reshard::reshard(&self.plan, out.as_ref(), opts)
+        crate::reshard::reshard(&self.plan, &[&self.ckpt.root], out.as_ref(), opts)
     }
 }

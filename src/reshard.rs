@@ -214,18 +214,41 @@ fn canonical_prefix(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Refuses an output directory that is, contains or lies inside a directory holding one of
-/// the plan's input files.
-fn check_disjoint(plan: &Plan, out: &Path) -> Result<()> {
-    let out_c = canonical_prefix(out)?;
+/// The directories an output must stay clear of: each input file's directory, as named and
+/// as resolved (a Hugging Face snapshot links its files into `blobs/`), plus `extra` (the
+/// checkpoint's own directory, holding its index and config).
+fn input_dirs(plan: &Plan, extra: &[&Path]) -> Result<Vec<PathBuf>> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| Error::io(p, e));
     for f in &plan.files {
-        let input = std::fs::canonicalize(&f.path).map_err(|e| Error::io(&f.path, e))?;
-        let Some(dir) = input.parent() else { continue };
+        if let Some(dir) = canonical(&f.path)?.parent() {
+            dirs.push(dir.to_path_buf());
+        }
+        match f.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => dirs.push(canonical(p)?),
+            _ => dirs.push(canonical(Path::new("."))?),
+        }
+    }
+    for d in extra {
+        if !d.as_os_str().is_empty() {
+            dirs.push(canonical(d)?);
+        }
+    }
+    dirs.sort();
+    dirs.dedup();
+    Ok(dirs)
+}
+
+/// Refuses an output directory that is, contains or lies inside an input directory (see
+/// [`input_dirs`]), before anything is created, written or removed.
+fn check_disjoint(plan: &Plan, extra: &[&Path], out: &Path) -> Result<()> {
+    let out_c = canonical_prefix(out)?;
+    for dir in input_dirs(plan, extra)? {
         let relation = if out_c == dir {
             "is"
         } else if dir.starts_with(&out_c) {
             "contains"
-        } else if out_c.starts_with(dir) {
+        } else if out_c.starts_with(&dir) {
             "lies inside"
         } else {
             continue;
@@ -235,7 +258,7 @@ fn check_disjoint(plan: &Plan, out: &Path) -> Result<()> {
             format!(
                 "{}: the output directory {relation} the input directory {} (it would overwrite or delete the checkpoint); choose a separate directory",
                 crate::error::escaped_path(out),
-                crate::error::escaped_path(dir)
+                crate::error::escaped_path(&dir)
             ),
         ));
     }
@@ -271,8 +294,15 @@ impl DirLock {
 
 /// Writes every rank of `plan` into `out` (created if needed); [`crate::Job::reshard`] is
 /// the public entry. See the module docs for the guarantees.
-pub(crate) fn reshard(plan: &Plan, out: &Path, opts: &ReshardOptions) -> Result<ReshardSummary> {
-    check_disjoint(plan, out)?;
+/// `inputs` names directories besides the files' own that the output must not overlap (the
+/// checkpoint's directory).
+pub(crate) fn reshard(
+    plan: &Plan,
+    inputs: &[&Path],
+    out: &Path,
+    opts: &ReshardOptions,
+) -> Result<ReshardSummary> {
+    check_disjoint(plan, inputs, out)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let _lock = DirLock::acquire(out)?;
     // The manifest is written last and marks a complete output: remove an earlier run's

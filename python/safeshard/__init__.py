@@ -122,6 +122,11 @@ class Plan:
         return self._native.spec
 
     @property
+    def warnings(self) -> list[str]:
+        """What planning noticed but did not refuse (one line each)."""
+        return self._native.warnings
+
+    @property
     def tp(self) -> int:
         return self._native.topology[0]
 
@@ -156,14 +161,16 @@ class Plan:
         self,
         rank: int,
         *,
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         progress: bool | None = None,
     ) -> Rank:
         """Loads ``rank`` in this process, reading only its own slices, into one arena.
 
-        ``io`` is ``"mmap"`` or ``"pread"``; ``threads`` the copy threads (default: all
-        cores). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
+        ``io`` is ``"auto"`` (the default, as the CLI's: positioned reads for contiguous
+        runs, mapped gathers for cached strided ones), ``"mmap"`` or ``"pread"``; ``threads``
+        the copy threads (default: the cores, at least 8 so that several reads are in
+        flight). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
         stderr is a terminal and tqdm is installed. Ctrl-C stops the load between chunks
         and raises ``KeyboardInterrupt``.
         """
@@ -179,7 +186,7 @@ class Plan:
         *,
         share: str = "broadcast",
         process_group: Any = None,
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1 << 30,
@@ -465,11 +472,8 @@ def _to_device(base: torch.Tensor, dev: torch.device, non_blocking: bool) -> tor
             used[k] = True
         if not non_blocking:
             stream.synchronize()
-        else:
-            # The pinned buffers must outlive the queued copies.
-            for k in range(2):
-                if used[k]:
-                    done[k].synchronize()
+        # Otherwise the last copies may still be queued: torch's pinned-memory allocator
+        # records them and keeps the staging buffers until they finish.
     return out
 
 
@@ -516,7 +520,7 @@ def load(
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
-    io: str = "mmap",
+    io: str = "auto",
     threads: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ not involved. Collectives never run on the world group unless the job is the wor
 
 from __future__ import annotations
 
+import datetime
 import sys
 from typing import Any
 
@@ -47,6 +48,8 @@ class TorchComm:
             raise RuntimeError(f"rank {me} is not a member of the given process group")
         self._rank = self.members.index(me)
         self.is_world = len(self.members) == dist.get_world_size()
+        self.timeout: float | None = None
+        self.phase = ""
         backend = str(dist.get_backend(self.group)).lower()
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -56,6 +59,14 @@ class TorchComm:
 
     def rank(self) -> int:
         return self._rank
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """Timeout for the groups made by later splits (torch bounds each collective of a
+        group by the group's timeout; the given group keeps its own)."""
+        self.timeout = seconds
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
 
     def size(self) -> int:
         return len(self.members)
@@ -87,11 +98,14 @@ class TorchComm:
             order = sorted((k, r) for cc, k, r in everyone if cc == c)
             members = [self.members[r] for _, r in order]
             kwargs: dict[str, Any] = {}
+            if self.timeout is not None:
+                kwargs["timeout"] = datetime.timedelta(seconds=self.timeout)
             if not self.is_world:
                 kwargs["use_local_synchronization"] = True
             g = dist.new_group(sorted(members), backend=dist.get_backend(self.group), **kwargs)
             if color is not None and c == color:
                 result = TorchComm(g, _members=members)
+                result.timeout, result.phase = self.timeout, self.phase
         return result
 
     def _host(self, mv: memoryview) -> torch.Tensor:
@@ -162,4 +176,5 @@ class TorchComm:
         return res
 
     def abort(self, code: int, msg: str) -> None:
-        print(f"error: rank {dist.get_rank()}: {msg}", file=sys.stderr, flush=True)
+        where = f" ({self.phase})" if self.phase else ""
+        print(f"error: rank {dist.get_rank()}{where}: {msg}", file=sys.stderr, flush=True)

@@ -71,13 +71,15 @@ class NativePlan:
     @property
     def spec(self) -> str: ...
     @property
+    def warnings(self) -> list[str]: ...
+    @property
     def topology(self) -> tuple[int, int, int, int]: ...
     def to_json(self) -> str: ...
     def rank_info(self, rank: int) -> dict[str, Any]: ...
     def load(
         self,
         rank: int,
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
     ) -> NativeRank: ...
@@ -85,7 +87,7 @@ class NativePlan:
         self,
         comm: Any,
         share: str = "none",
-        io: str = "mmap",
+        io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1073741824,

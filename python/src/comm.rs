@@ -7,6 +7,7 @@
 //! an error, not a dangling pointer).
 
 use std::os::raw::c_char;
+use std::time::Duration;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -179,6 +180,21 @@ impl Communicator for PyComm {
             rel_s?;
             rel_r
         })
+    }
+
+    fn set_timeout(&self, timeout: Option<Duration>) {
+        // torch.distributed's own timeouts bound each collective; the Python side passes
+        // this one to the groups it creates (best effort: no error path here).
+        let secs = timeout.map(|t| t.as_secs_f64());
+        let _ = self.call("set_timeout", |_, o| {
+            o.call_method1("set_timeout", (secs,)).map(|_| ())
+        });
+    }
+
+    fn set_phase(&self, phase: &str) {
+        let _ = self.call("set_phase", |_, o| {
+            o.call_method1("set_phase", (phase,)).map(|_| ())
+        });
     }
 
     fn abort(&self, code: i32, msg: &str) {

@@ -18,22 +18,16 @@ use safeshard::load::Arena;
 
 use crate::{dangling, CAPSULE_NAME};
 
-/// Held only to own (and finally free) the memory behind `Owner::ptr`.
-#[allow(dead_code)]
-enum Storage {
-    Arena(Arena),
-    Vec(Vec<u8>),
-}
-
 /// The bytes of one loaded rank. Python may write through exported views, so the bytes are
 /// only ever reached through the raw pointer taken once at construction.
 pub(crate) struct Owner {
-    _storage: Storage,
+    /// Held only to own (and finally free) the memory behind `ptr`.
+    _arena: Arena,
     ptr: *mut u8,
     len: usize,
 }
 
-// SAFETY: the storage is owned memory (an anonymous mapping or a Vec) that never moves;
+// SAFETY: the arena is owned memory (an anonymous mapping) that never moves;
 // the pointer is only dereferenced while an `Arc<Owner>` keeps it alive.
 unsafe impl Send for Owner {}
 // SAFETY: as above; shared access only reads (see `bytes`).
@@ -58,17 +52,7 @@ impl Owner {
         let (ptr, len) = (arena.as_mut_ptr(), arena.len());
         LIVE.fetch_add(1, Ordering::Relaxed);
         Arc::new(Owner {
-            _storage: Storage::Arena(arena),
-            ptr,
-            len,
-        })
-    }
-
-    pub(crate) fn from_vec(mut v: Vec<u8>) -> Arc<Owner> {
-        let (ptr, len) = (v.as_mut_ptr(), v.len());
-        LIVE.fetch_add(1, Ordering::Relaxed);
-        Arc::new(Owner {
-            _storage: Storage::Vec(v),
+            _arena: arena,
             ptr,
             len,
         })

@@ -1,7 +1,8 @@
 //! `safeshard._safeshard`: the native half of the Python package.
 //!
-//! It wraps the Rust library and nothing more: planning is [`safeshard::load::Job`], loading
-//! is [`safeshard::load::load_rank`] or [`safeshard::comm::share::load_rank`]. What Python
+//! It wraps the Rust library and nothing more: planning is [`safeshard::Job`], loading is
+//! [`safeshard::Job::load_rank`] or, over a communicator, [`safeshard::dist::load_shared_with`]
+//! (share modes). What Python
 //! sees of a loaded rank is one owned arena (never a file mapping: a file truncated under a
 //! mapping would be a `SIGBUS` in the user's process) exported through DLPack, plus the table
 //! of tensor offsets; `safeshard/__init__.py` turns those into torch or numpy views.
@@ -19,11 +20,11 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
-use safeshard::comm::{Communicator, ShareMode, ShareOptions};
-use safeshard::load::{IoMode, Job, LoadControl, LoadOptions};
+use safeshard::comm::Communicator;
+use safeshard::dist::{load_shared_with, SharedPlan};
+use safeshard::load::LoadControl;
 use safeshard::plan::{Plan, TensorPlan};
-use safeshard::topology::Topology;
-use safeshard::Error;
+use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, Topology};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -45,31 +46,24 @@ create_exception!(
      error class (`io`, `invalid_file`, `spec`, `usage`, ...), `e.exit_code` the CLI's status."
 );
 
-/// The short name of an error's class, stable for programs to match on.
-fn error_kind(e: &Error) -> &'static str {
+/// The message the CLI prints for `e` (after `error: `), except that an option is named as
+/// the Python keyword (`tp`) rather than the flag (`--tp`).
+fn message(e: &Error) -> String {
     match e {
-        Error::Io { .. } => "io",
-        Error::InvalidFile { .. } => "invalid_file",
-        Error::InvalidTensor { .. } => "invalid_tensor",
-        Error::InvalidIndex { .. } => "invalid_index",
-        Error::NotACheckpoint { .. } => "not_a_checkpoint",
-        Error::Config(_) => "config",
-        Error::Spec(_) => "spec",
-        Error::Placement(_) => "placement",
-        Error::Plan(_) => "plan",
-        Error::Load(_) => "load",
-        Error::Comm(_) => "comm",
-        Error::Usage(_) => "usage",
+        Error::InvalidArgument { option, message } => {
+            cli::message(&Error::Usage(format!("{option} {message}")))
+        }
+        other => cli::message(other),
     }
 }
 
 /// Turns a library error into `SafeshardError(message)` with `kind` and `exit_code` set.
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
-    let msg = e.to_string();
+    let msg = message(&e);
     let made = (|| -> PyResult<PyErr> {
         let inst = py.get_type::<SafeshardError>().call1((msg.clone(),))?;
-        inst.setattr("kind", error_kind(&e))?;
-        inst.setattr("exit_code", e.exit_code())?;
+        inst.setattr("kind", e.kind())?;
+        inst.setattr("exit_code", if e.is_usage() { 2 } else { 1 })?;
         Ok(PyErr::from_value(inst))
     })();
     made.unwrap_or_else(|err| err)
@@ -291,6 +285,12 @@ impl NativePlan {
         self.job.plan.spec.clone()
     }
 
+    /// What resolution noticed but did not refuse, one line each.
+    #[getter]
+    fn warnings(&self) -> Vec<String> {
+        self.job.warnings().to_vec()
+    }
+
     /// `(tp, pp, dp, ep)`.
     #[getter]
     fn topology(&self) -> (usize, usize, usize, usize) {
@@ -331,7 +331,7 @@ impl NativePlan {
     }
 
     /// Loads one rank into a fresh arena, reading its own slices.
-    #[pyo3(signature = (rank, io="mmap", threads=None, progress=None))]
+    #[pyo3(signature = (rank, io="auto", threads=None, progress=None))]
     fn load(
         &self,
         py: Python<'_>,
@@ -359,7 +359,7 @@ impl NativePlan {
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
     /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
-    #[pyo3(signature = (comm, share="none", io="mmap", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
+    #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn load_shared(
         &self,
@@ -380,29 +380,24 @@ impl NativePlan {
         let opts = ShareOptions {
             mode,
             per_node,
-            node: None,
             round_bytes: round_bytes.max(1),
             load,
+            ..ShareOptions::default()
         };
         let job = Arc::clone(&self.job);
-        let loaded = run_interruptible(py, &control, progress, move || {
-            safeshard::comm::share::load_rank(&job.plan, &world, &opts)
+        let (loaded, traffic) = run_interruptible(py, &control, progress, move || {
+            load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)
         })?;
-        let tensors = self
-            .job
-            .plan
-            .ranks
-            .get(rank)
-            .map(|r| r.tensors.clone())
-            .unwrap_or_default();
+        let stats = *loaded.stats();
+        let (arena, tensors) = loaded.into_parts();
         Ok(NativeRank {
             rank,
             tensors,
-            arena: dlpack::Owner::from_vec(loaded.arena),
-            read_bytes: loaded.read_bytes,
-            sent_bytes: loaded.sent_bytes,
-            received_bytes: loaded.received_bytes,
-            seconds: loaded.seconds,
+            arena: dlpack::Owner::from_arena(arena),
+            read_bytes: stats.read_bytes,
+            sent_bytes: traffic.sent_bytes,
+            received_bytes: traffic.received_bytes,
+            seconds: stats.seconds,
         })
     }
 }

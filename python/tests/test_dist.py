@@ -58,4 +58,5 @@ def test_torchrun_plan_mismatch_fails_every_rank(checkpoints, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     for r in range(4):
         msg = (tmp_path / f"fail-{r}.txt").read_text()
-        assert msg.startswith("comm: ") and "different plan" in msg and "[3]" in msg, msg
+        # Every rank names the disagreement and the odd rank out (options agreed first).
+        assert msg.startswith("usage: ") and "disagree on plan" in msg and "rank 3 " in msg, msg

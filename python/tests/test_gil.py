@@ -23,16 +23,14 @@ def big_sparse(tmp_path_factory):
 
 
 def test_counter_thread_runs_during_a_load(big_sparse):
-    plan = safeshard.plan(big_sparse, tp=4)
+    plan = safeshard.plan(big_sparse, tp=8)
     stamps: list[float] = []
     stop = threading.Event()
 
     def count() -> None:
         while not stop.is_set():
-            stamps.append(time.perf_counter())
-            x = 0
-            for i in range(2000):  # pure-Python work: needs the GIL
-                x += i
+            stamps.append(time.perf_counter())  # Python bytecode: needs the GIL
+            time.sleep(0.001)
 
     t = threading.Thread(target=count)
     t.start()
@@ -42,7 +40,7 @@ def test_counter_thread_runs_during_a_load(big_sparse):
     end = time.perf_counter()
     stop.set()
     t.join()
-    assert rank.nbytes > 200 << 20
+    assert rank.nbytes > 250 << 20
     dur = end - start
     inside = [s for s in stamps if start + 0.1 * dur < s < end - 0.1 * dur]
     # Holding the GIL for the whole load would leave no sample inside it.
@@ -52,8 +50,11 @@ def test_counter_thread_runs_during_a_load(big_sparse):
 def test_ctrl_c_interrupts_a_load(big_sparse):
     code = textwrap.dedent(
         f"""
-        import sys, safeshard
-        plan = safeshard.plan({str(big_sparse)!r}, tp=1)
+        import signal, sys, safeshard
+        # A shell runs background jobs with SIGINT ignored, and Python keeps an inherited
+        # SIG_IGN; install Python's own handler as an interactive session has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        plan = safeshard.plan({str(big_sparse)!r}, tp=8)
         print("ready", flush=True)
         while True:
             try:
@@ -73,3 +74,23 @@ def test_ctrl_c_interrupts_a_load(big_sparse):
     waited = time.perf_counter() - sent
     assert rc == 7 and p.stdout.read().strip() == "interrupted in load"
     assert waited < 5, waited
+
+
+def test_an_error_in_the_progress_callback_cancels_the_load(big_sparse):
+    from safeshard._safeshard import live_arenas
+
+    plan = safeshard.plan(big_sparse, tp=8)
+    t = time.perf_counter()
+    plan.load(0, threads=1)
+    full = time.perf_counter() - t
+
+    def stop(done: int) -> None:
+        raise RuntimeError(f"stop at {done}")
+
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match="stop at"):
+        plan._native.load(0, threads=1, progress=stop)
+    cancelled = time.perf_counter() - t
+    # The engine stops at its next task instead of finishing the load.
+    assert cancelled < full / 2, (cancelled, full)
+    assert live_arenas() == 0

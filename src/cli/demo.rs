@@ -67,6 +67,15 @@ pub fn run(args: Args) -> Result<()> {
             // Writing into a checkpoint directory would replace its config.json and index
             // and leave its old shards beside the new ones.
             let non_empty = std::fs::read_dir(d).is_ok_and(|mut r| r.next().is_some());
+            if d.exists() && !d.is_dir() {
+                return Err(Error::invalid_argument(
+                    "keep",
+                    format!(
+                        "{}: exists and is not a directory; give a new or empty directory",
+                        printable(&d.to_string_lossy())
+                    ),
+                ));
+            }
             if non_empty {
                 return Err(Error::invalid_argument(
                     "keep",

@@ -128,26 +128,19 @@ fn flag(option: &str) -> String {
 /// keep their source and caret lines (indented by four spaces); any other line break is
 /// escaped, so a name cannot forge a second `error:` line.
 pub fn message(e: &Error) -> String {
+    use safeshard::error::{Escaped, WithContext};
     let text = match e {
         Error::InvalidArgument { option, message } => format!("{} {message}", flag(option)),
         other => other.to_string(),
     };
-    let keeps_context = matches!(
+    if matches!(
         e,
         Error::Spec(_) | Error::SpecAt { .. } | Error::Placement(_)
-    );
-    let mut out = String::with_capacity(text.len());
-    for (i, line) in text.split('\n').enumerate() {
-        if i > 0 {
-            out.push_str(if keeps_context && line.starts_with("    ") {
-                "\n"
-            } else {
-                "\\n"
-            });
-        }
-        out.push_str(&safeshard::error::escape_controls(line));
+    ) {
+        WithContext(&text).to_string()
+    } else {
+        Escaped(&text).to_string()
     }
-    out
 }
 
 /// Folds clap's rendered error into one line: the message lines up to the first blank line
@@ -225,4 +218,41 @@ fn init_tracing(filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_printed_as_flags_and_decide_the_exit_code() {
+        let e = Error::invalid_argument("pp_layers", "has 3 entries but pp is 2");
+        assert_eq!(message(&e), "--pp-layers has 3 entries but pp is 2");
+        assert_eq!(exit_code(&e), 2);
+        assert_eq!(exit_code(&Error::Usage("x".into())), 2);
+        assert_eq!(exit_code(&Error::Load("x".into())), 1);
+        let oom = Error::OutOfMemory {
+            bytes: 9,
+            what: "tensor \"w\"".into(),
+            rank: Some(2),
+        };
+        assert_eq!(exit_code(&oom), 1);
+    }
+
+    #[test]
+    fn only_spec_context_lines_survive() {
+        let spec = Error::SpecAt {
+            file: "a\nb.shard".into(),
+            line: 1,
+            col: 3,
+            message: "bad".into(),
+            excerpt: "\n    x y\n      ^".into(),
+        };
+        assert_eq!(message(&spec), "a\\nb.shard:1:3: bad\n    x y\n      ^");
+        // A line break inside a name of any other error is escaped, never a second line.
+        let forged = Error::Comm("rank 1: a\nerror: forged \u{1b}[2J".into());
+        assert_eq!(message(&forged), "rank 1: a\\nerror: forged \\u{1b}[2J");
+        let inv = Error::invalid_argument("out", "x\ny");
+        assert_eq!(message(&inv), "--out x\\ny");
+    }
 }

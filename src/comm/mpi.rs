@@ -209,10 +209,13 @@ fn counts_displs(v: &[usize]) -> Result<(Vec<Count>, Vec<Count>)> {
 
 /// A zeroed buffer of `len` bytes whose pointer is a real allocation even when `len == 0`:
 /// an empty `Vec`'s dangling pointer is `0x1`, which is Open MPI's `MPI_IN_PLACE`.
-fn nonempty(len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len.max(1));
+fn nonempty(len: usize) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    // Sized by what peers announce: allocated fallibly.
+    v.try_reserve_exact(len.max(1))
+        .map_err(|_| Error::Comm(format!("cannot allocate {len} bytes to receive into")))?;
     v.resize(len, 0);
-    v
+    Ok(v)
 }
 
 impl Communicator for MpiComm {
@@ -304,9 +307,9 @@ impl Communicator for MpiComm {
             total += usize::try_from(l).unwrap_or(0);
         }
         count(total)?;
-        let mut all = nonempty(total);
+        let mut all = nonempty(total)?;
         let mine = {
-            let mut v = nonempty(mine.len());
+            let mut v = nonempty(mine.len())?;
             v.copy_from_slice(mine);
             v
         };
@@ -371,7 +374,7 @@ impl Communicator for MpiComm {
                 let start = lo as usize;
                 sbuf.extend_from_slice(s.get(start..start + c).unwrap_or(&[]));
             }
-            let mut rbuf = nonempty(rcounts.iter().sum());
+            let mut rbuf = nonempty(rcounts.iter().sum())?;
             let (sc, sd) = counts_displs(&scounts)?;
             let (rc, rd) = counts_displs(&rcounts)?;
             {
@@ -443,8 +446,8 @@ impl Communicator for MpiComm {
         let (sc, sd) = counts_displs(send_counts)?;
         let (rc, rd) = counts_displs(recv_counts)?;
         // Empty slices have the dangling pointer 0x1, Open MPI's MPI_IN_PLACE: use a dummy.
-        let mut dummy_s = nonempty(0);
-        let mut dummy_r = nonempty(0);
+        let mut dummy_s = nonempty(0)?;
+        let mut dummy_r = nonempty(0)?;
         let sbuf: &[u8] = if send.is_empty() { &dummy_s[..] } else { send };
         let rbuf: &mut [u8] = if recv.is_empty() {
             &mut dummy_r[..]

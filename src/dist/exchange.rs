@@ -10,6 +10,10 @@ use crate::comm::{agree, node_comm, rank_list, Communicator};
 use crate::plan::Plan;
 use crate::{Error, Result};
 
+/// Largest batch of small shared tensors packed into one broadcast: big enough that a model
+/// of many small tensors costs few collectives, small enough that the copy stays cheap.
+const BROADCAST_BATCH: u64 = 64 << 20;
+
 /// A zeroed buffer of `len` bytes, allocated fallibly: a failure names the rank, the size and
 /// what the buffer was for.
 fn buffer(buf: &mut Vec<u8>, len: u64, rank: usize, what: &str) -> Result<()> {
@@ -115,25 +119,73 @@ pub(super) fn broadcast(
     })();
     agree(world, check)?;
 
-    // Broadcast in one global order.
+    // Broadcast in one global order, small tensors of a (set, root) packed into batches.
+    // The packing buffer is allocated once, for the largest batch, and agreed on: no rank
+    // may fail an allocation between two broadcasts while the others wait in one.
+    world.set_phase("broadcast: buffers");
+    let batches = schedule.batches(plan, me, BROADCAST_BATCH);
+    let largest = batches
+        .iter()
+        .filter(|b| b.tensors.len() > 1)
+        .map(|b| b.bytes)
+        .max()
+        .unwrap_or(0);
+    let mut packed: Vec<u8> = Vec::new();
+    agree(world, buffer(&mut packed, largest, me, "broadcast batches"))?;
     world.set_phase("broadcast");
-    for b in schedule.broadcasts(me) {
+    for batch in batches {
         let comm = comms
-            .get(&b.set)
+            .get(&batch.set)
             .ok_or_else(|| Error::Comm("missing sub-communicator".into()))?;
-        let t = rp
+        let ranges = batch
             .tensors
-            .get(b.tensor)
-            .ok_or_else(|| Error::Comm("tensor index out of range".into()))?;
-        let range = slice_range(t.offset, t.bytes, arena.len())?;
-        let buf = arena
-            .get_mut(range)
-            .ok_or_else(|| Error::Comm("tensor outside the arena".into()))?;
-        comm.broadcast(b.root, buf)?;
-        if b.is_root {
-            traffic.sent_bytes += t.bytes * (b.holders as u64 - 1);
+            .iter()
+            .map(|&ti| {
+                let t = rp
+                    .tensors
+                    .get(ti)
+                    .ok_or_else(|| Error::Comm("tensor index out of range".into()))?;
+                slice_range(t.offset, t.bytes, arena.len())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let [range] = ranges.as_slice() {
+            // One tensor: straight from and into the arena.
+            let buf = arena
+                .get_mut(range.clone())
+                .ok_or_else(|| Error::Comm("tensor outside the arena".into()))?;
+            comm.broadcast(batch.root, buf)?;
         } else {
-            traffic.received_bytes += t.bytes;
+            // Within the capacity reserved above: no allocation.
+            let len = usize::try_from(batch.bytes)
+                .map_err(|_| Error::Comm(format!("a batch of {} bytes", batch.bytes)))?;
+            packed.clear();
+            packed.resize(len, 0);
+            if batch.is_root {
+                let mut at = 0;
+                for r in &ranges {
+                    let n = r.len();
+                    if let (Some(d), Some(s)) = (packed.get_mut(at..at + n), arena.get(r.clone())) {
+                        d.copy_from_slice(s);
+                    }
+                    at += n;
+                }
+            }
+            comm.broadcast(batch.root, &mut packed)?;
+            if !batch.is_root {
+                let mut at = 0;
+                for r in &ranges {
+                    let n = r.len();
+                    if let (Some(d), Some(s)) = (arena.get_mut(r.clone()), packed.get(at..at + n)) {
+                        d.copy_from_slice(s);
+                    }
+                    at += n;
+                }
+            }
+        }
+        if batch.is_root {
+            traffic.sent_bytes += batch.bytes * (batch.holders as u64 - 1);
+        } else {
+            traffic.received_bytes += batch.bytes;
         }
     }
     Ok(read)

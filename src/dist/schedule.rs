@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use super::segments::{rank_segments, Segment};
+use crate::checkpoint::Dtype;
 use crate::plan::{Plan, RankPlan};
 
 // ---------------------------------------------------------------------------------------
@@ -82,7 +83,6 @@ pub(crate) struct SharedTensor {
 /// The broadcast mode's schedule for the whole job. Computed once per process: rank threads
 /// of one process share it.
 pub struct BroadcastSchedule {
-    splits: Vec<Split>,
     pub(crate) shared: Vec<SharedTensor>,
     /// Per rank, per tensor: whether the rank reads the tensor from storage itself.
     reads: Vec<Vec<bool>>,
@@ -135,7 +135,6 @@ impl BroadcastSchedule {
             }
         }
         BroadcastSchedule {
-            splits,
             shared,
             reads,
             sets,
@@ -148,9 +147,12 @@ impl BroadcastSchedule {
     /// tensor, its unshared tensors and the shared tensors it owns.
     pub fn own_reads(&self, plan: &Plan, rank: usize) -> Vec<Segment> {
         let mut segs: Vec<Segment> = Vec::new();
-        let (Some(my), Some(rp)) = (self.splits.get(rank), plan.ranks.get(rank)) else {
+        let Some(rp) = plan.ranks.get(rank) else {
             return segs;
         };
+        // Recomputed for this rank only: keeping every rank's split would hold the whole
+        // job's segments for the length of the load.
+        let my = split_by_tensor(rp);
         segs.extend_from_slice(&my.orphans);
         for (ti, t) in rp.tensors.iter().enumerate() {
             let reads = self
@@ -196,6 +198,66 @@ impl BroadcastSchedule {
     }
 }
 
+/// Broadcasts of one holder set and root packed together, seen from one holder: small shared
+/// tensors (norms, biases, MoE expert slices) would otherwise cost one collective each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Batch {
+    /// Index of the holder set (its sub-communicator).
+    pub(crate) set: usize,
+    /// Root's rank in the set's sub-communicator.
+    pub(crate) root: usize,
+    /// Number of holders.
+    pub(crate) holders: usize,
+    /// Whether this rank is the root.
+    pub(crate) is_root: bool,
+    /// The tensors' indices in this rank's plan, in the order they are packed.
+    pub(crate) tensors: Vec<usize>,
+    /// Total bytes.
+    pub(crate) bytes: u64,
+}
+
+impl BroadcastSchedule {
+    /// The broadcasts of `rank` grouped by (holder set, root) into batches of at most
+    /// `max_bytes` (a larger tensor is a batch of its own), ordered by (set, root, position).
+    /// Every holder of a set computes the same batches for it: the set's shared tensors, their
+    /// order and their sizes are the same for all of them.
+    pub(crate) fn batches(&self, plan: &Plan, rank: usize, max_bytes: u64) -> Vec<Batch> {
+        let Some(rp) = plan.ranks.get(rank) else {
+            return Vec::new();
+        };
+        let mut by_key: std::collections::BTreeMap<(usize, usize), Vec<Broadcast>> =
+            std::collections::BTreeMap::new();
+        for b in self.broadcasts(rank) {
+            by_key.entry((b.set, b.root)).or_default().push(b);
+        }
+        let mut out: Vec<Batch> = Vec::new();
+        for ((set, root), list) in by_key {
+            let mut cur: Option<Batch> = None;
+            for b in list {
+                let bytes = rp.tensors.get(b.tensor).map_or(0, |t| t.bytes);
+                if let Some(c) = cur.as_mut() {
+                    if c.bytes.saturating_add(bytes) <= max_bytes {
+                        c.tensors.push(b.tensor);
+                        c.bytes += bytes;
+                        continue;
+                    }
+                }
+                out.extend(cur.take());
+                cur = Some(Batch {
+                    set,
+                    root,
+                    holders: b.holders,
+                    is_root: b.is_root,
+                    tensors: vec![b.tensor],
+                    bytes,
+                });
+            }
+            out.extend(cur);
+        }
+        out
+    }
+}
+
 /// One broadcast of a shared tensor, seen from one of its holders.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Broadcast {
@@ -214,27 +276,29 @@ pub(crate) struct Broadcast {
 /// Groups the job's tensors by content and picks an owner for each shared one.
 /// Returns the shared groups and, per rank, which of its tensors it reads itself.
 fn plan_broadcast(plan: &Plan, splits: &[Split]) -> (Vec<SharedTensor>, Vec<Vec<bool>>) {
-    let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
+    // Same name, type, shape, size and source segments: the same bytes. Borrowed from the
+    // plan (no key is copied: a million-tensor job has millions of placements).
+    #[derive(PartialEq, Eq, Hash)]
+    struct Content<'a> {
+        name: &'a str,
+        dtype: Dtype,
+        shape: &'a [u64],
+        bytes: u64,
+        segments: &'a [Segment],
+    }
+    let mut index: HashMap<Content<'_>, usize> = HashMap::new();
     let mut groups: Vec<Vec<(usize, usize)>> = Vec::new();
     let mut group_of: Vec<Vec<Option<usize>>> = Vec::new();
     for (r, (rp, sp)) in plan.ranks.iter().zip(splits).enumerate() {
         let mut mine = vec![None; rp.tensors.len()];
         for (ti, t) in rp.tensors.iter().enumerate() {
-            // Same name, type, shape, size and source segments: the same bytes.
-            let mut key = Vec::with_capacity(t.name.len() + 64);
-            key.extend_from_slice(t.name.as_bytes());
-            key.push(0);
-            key.extend_from_slice(t.dtype.to_string().as_bytes());
-            key.push(0);
-            for d in &t.shape {
-                key.extend_from_slice(&d.to_le_bytes());
-            }
-            key.extend_from_slice(&t.bytes.to_le_bytes());
-            for s in sp.per_tensor.get(ti).into_iter().flatten() {
-                for w in [u64::from(s.file), s.src, s.len, s.dst] {
-                    key.extend_from_slice(&w.to_le_bytes());
-                }
-            }
+            let key = Content {
+                name: &t.name,
+                dtype: t.dtype,
+                shape: &t.shape,
+                bytes: t.bytes,
+                segments: sp.per_tensor.get(ti).map_or(&[][..], Vec::as_slice),
+            };
             let g = *index.entry(key).or_insert_with(|| {
                 groups.push(Vec::new());
                 groups.len() - 1

@@ -25,11 +25,14 @@ pub struct Segment {
 
 /// The segments of one copy run, chunk by chunk.
 fn run_segments(run: &CopyRun) -> impl Iterator<Item = Segment> + '_ {
-    (0..run.count).map(move |i| Segment {
-        file: run.file,
-        src: run.src + i * run.src_stride,
-        len: run.len,
-        dst: run.dst + i * run.dst_stride,
+    (0..run.count).map(move |i| {
+        let chunk = run.rows(i, 1);
+        Segment {
+            file: run.file,
+            src: chunk.src,
+            len: run.len,
+            dst: chunk.dst,
+        }
     })
 }
 
@@ -51,15 +54,6 @@ pub fn check_rank(plan: &Plan, rank: &RankPlan) -> Result<()> {
             rank.coords.rank, rank.arena_bytes
         ))
     };
-    let end = |dst: u64, len: u64, count: u64, stride: u64| -> Option<u64> {
-        if count == 0 {
-            return Some(dst);
-        }
-        (count - 1)
-            .checked_mul(stride)?
-            .checked_add(dst)?
-            .checked_add(len)
-    };
     for r in &rank.copies {
         if (r.file as usize) >= plan.files.len() {
             return Err(Error::Plan(format!(
@@ -69,16 +63,16 @@ pub fn check_rank(plan: &Plan, rank: &RankPlan) -> Result<()> {
                 plan.files.len()
             )));
         }
-        match end(r.dst, r.len, r.count, r.dst_stride) {
+        match r.dst_pattern().end() {
             Some(e) if e <= rank.arena_bytes => {}
             _ => return Err(bad("a copy run ends")),
         }
-        if end(r.src, r.len, r.count, r.src_stride).is_none() {
+        if r.src_pattern().end().is_none() {
             return Err(bad("a copy run's source overflows;"));
         }
     }
     for z in &rank.zeros {
-        match end(z.dst, z.len, z.count, z.dst_stride) {
+        match z.dst_pattern().end() {
             Some(e) if e <= rank.arena_bytes => {}
             _ => return Err(bad("a zero run ends")),
         }

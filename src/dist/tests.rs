@@ -128,6 +128,45 @@ fn broadcast_schedule_reads_each_shared_tensor_once_and_fills_every_byte() {
     let read_total: u64 = read.iter().map(|r| r.2).sum();
     assert_eq!(ranges(read, true), union);
     assert_eq!(read_total, total(&union));
+    // Batches: every holder of a set packs the same tensors in the same order, the root is
+    // the tensors' owner, and no batch of several tensors exceeds the limit.
+    let limit = 4096;
+    let per_rank: Vec<_> = (0..plan.ranks.len())
+        .map(|r| s.batches(plan, r, limit))
+        .collect();
+    let mut batched = 0;
+    for (si, members) in s.sets.iter().enumerate() {
+        let view = |r: usize| -> Vec<(usize, u64, Vec<String>)> {
+            per_rank[r]
+                .iter()
+                .filter(|b| b.set == si)
+                .map(|b| {
+                    let names = b
+                        .tensors
+                        .iter()
+                        .map(|&t| plan.ranks[r].tensors[t].name.clone())
+                        .collect();
+                    (b.root, b.bytes, names)
+                })
+                .collect()
+        };
+        let first = view(members[0]);
+        for &m in members {
+            assert_eq!(view(m), first, "set {si} rank {m}");
+        }
+        for (root, bytes, names) in &first {
+            assert!(names.len() == 1 || *bytes <= limit);
+            batched += names.len();
+            let owner = members[*root];
+            for b in per_rank[owner]
+                .iter()
+                .filter(|b| b.set == si && b.root == *root)
+            {
+                assert!(b.is_root);
+            }
+        }
+    }
+    assert_eq!(batched, s.shared.len());
 }
 
 #[test]

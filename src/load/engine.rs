@@ -380,6 +380,8 @@ struct Window {
 /// Windows of one file closer than this are mapped as one mapping (unused pages of a mapping
 /// cost address space only; they are never read).
 const MERGE_GAP: u64 = 16 << 20;
+/// Bytes per `madvise(WILLNEED)` call (see [`Mapped::map`]).
+const WILLNEED_CALL: usize = 8 << 20;
 
 /// A strided pattern is dense when the pages its chunks touch cover at least a quarter of its
 /// span: then reading the whole span sequentially (gaps included) beats one synchronous
@@ -390,9 +392,11 @@ fn dense(p: &Strided, page: u64) -> bool {
 }
 
 impl Mapped {
-    /// Maps the page-aligned windows that the runs `wanted` selects from `copies` cover and
-    /// advises the kernel: `WillNeed` for densely read spans, exactly the touched pages for
-    /// sparse strided ones, so pages a rank does not need are not read. Every run is checked
+    /// Maps the page-aligned windows that the runs `wanted` selects from `copies` cover and,
+    /// with `advise`, advises the kernel: `WillNeed` for densely read spans, exactly the
+    /// touched pages for sparse strided ones, so pages a rank does not need are not read
+    /// (in calls of at most 8 MiB: the kernel reads ahead at most about that much per call,
+    /// max(`read_ahead_kb`, `max_sectors_kb`), and drops the rest). Every run is checked
     /// against its file's planned length first, so no window extends past the file's end by
     /// more than the last page.
     pub(crate) fn map(
@@ -400,6 +404,7 @@ impl Mapped {
         open: &[Option<File>],
         copies: &[CopyRun],
         wanted: impl Fn(&CopyRun) -> bool,
+        advise: bool,
     ) -> Result<Mapped> {
         let page = page_size();
         let mut spans: Vec<Vec<(u64, u64)>> = vec![Vec::new(); files.len()];
@@ -465,12 +470,21 @@ impl Mapped {
                 });
             }
             // Hints only; failure changes speed, never results.
-            merge_intervals(&mut adv, 0);
+            if advise {
+                merge_intervals(&mut adv, 0);
+            } else {
+                adv.clear();
+            }
             for (s, e) in adv {
-                if let Some(w) = find_window(&ws, s, e - s) {
-                    let off = (s - w.start) as usize;
-                    let len = ((e - s) as usize).min(w.map.len() - off);
-                    let _ = w.map.advise_range(Advice::WillNeed, off, len);
+                let Some(w) = find_window(&ws, s, e - s) else {
+                    continue;
+                };
+                let mut off = (s - w.start) as usize;
+                let end = ((e - w.start) as usize).min(w.map.len());
+                while off < end {
+                    let n = (end - off).min(WILLNEED_CALL);
+                    let _ = w.map.advise_range(Advice::WillNeed, off, n);
+                    off += n;
                 }
             }
             windows.push(ws);
@@ -509,6 +523,38 @@ impl Mapped {
             w.map
                 .unchecked_advise_range(UncheckedAdvice::DontNeed, off, (e - s) as usize)
         };
+    }
+
+    /// Whether at least half of the pages of `[src, end)` of file `file` are in the page
+    /// cache (`mincore`; `false` when unknown).
+    fn mostly_resident(&self, file: u32, src: u64, end: u64) -> bool {
+        let page = page_size();
+        let (s, e) = (src / page * page, end.div_ceil(page) * page);
+        let Some(w) = self
+            .windows
+            .get(file as usize)
+            .and_then(|ws| find_window(ws, s, e.saturating_sub(s)))
+        else {
+            return false;
+        };
+        let off = (s - w.start) as usize;
+        let len = ((e - s) as usize).min(w.map.len() - off);
+        let pages = len.div_ceil(page as usize);
+        let mut vec: Vec<u8> = Vec::new();
+        if vec.try_reserve_exact(pages).is_err() {
+            return false;
+        }
+        vec.resize(pages, 0);
+        // SAFETY: `[ptr + off, + len)` lies inside a live mapping (page-aligned start, as
+        // windows start on pages) and `vec` holds one byte per page of it.
+        let rc = unsafe {
+            libc::mincore(
+                w.map.as_ptr().add(off) as *mut libc::c_void,
+                len,
+                vec.as_mut_ptr(),
+            )
+        };
+        rc == 0 && vec.iter().filter(|&&b| b & 1 == 1).count() * 2 >= pages
     }
 
     /// The file of the first window that hit a page past its file's end, if any.
@@ -585,7 +631,8 @@ pub(crate) fn map_for(
 ) -> Result<Option<Mapped>> {
     let want = |r: &CopyRun| needs_mapping(opts.io, opts.pread_contiguous, r);
     if runs.copies.iter().any(want) {
-        Mapped::map(runs.files, open, runs.copies, want).map(Some)
+        // Auto decides per task from what is cached, so it must not prefetch first.
+        Mapped::map(runs.files, open, runs.copies, want, opts.io != IoMode::Auto).map(Some)
     } else {
         Ok(None)
     }
@@ -758,7 +805,15 @@ pub(crate) fn run(
         else {
             return Err(bad_plan(format!("file #{} was not opened", r.file)));
         };
-        if needs_mapping(opts.io, opts.pread_contiguous, &r) {
+        // Auto gathers a strided task from the mapping only when its pages are mostly in the
+        // page cache (one copy, no staging); a cold one is read with large positioned reads
+        // instead (many requests in flight, instead of one synchronous page-in per fault).
+        let gather = needs_mapping(opts.io, opts.pread_contiguous, &r)
+            && (opts.io != IoMode::Auto
+                || mapped.is_some_and(|m| {
+                    m.mostly_resident(r.file, r.src, r.src_pattern().end_saturating())
+                }));
+        if gather {
             let Some(m) = mapped else {
                 return Err(bad_plan(format!("{}: not mapped", pf.path.display())));
             };

@@ -14,7 +14,8 @@
 //! 3. **I/O.** [`IoMode::Auto`] (the default) reads contiguous runs with positioned reads
 //!    straight into the arena (at least 8 workers taking tasks of about 8 MiB in file order,
 //!    so several reads are in flight and the fresh arena's page faults are paid during them)
-//!    and gathers strided runs from mapped windows, dropping their pages once copied.
+//!    and gathers strided runs from mapped windows when cached (dropping their pages once
+//!    copied), else reads their spans with large positioned reads and scatters them.
 //!    [`IoMode::Mmap`] maps only the page-aligned windows the runs cover (nearby windows
 //!    merged), advises `WillNeed` on dense spans and exactly the touched pages of sparse
 //!    strided ones, and copies from the mapping. [`IoMode::Pread`] uses positioned reads,
@@ -24,7 +25,7 @@
 //!    whose bytes are one contiguous span of a file is not copied: [`RankTensors`] hands out a
 //!    slice of the mapping instead, valid only while no one truncates or writes the file.
 //!
-//! [`Job`] bundles the steps before that (open, spec, resolve, plan) for library users, and
+//! [`crate::Job`] bundles the steps before that (open, spec, resolve, plan) for library users, and
 //! [`verify_rank`] checks loaded tensors against an independent slow path.
 
 mod arena;
@@ -39,7 +40,8 @@ use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats};
-pub use verify::{layout_for, read_tensor, slice_layout};
+pub use verify::read_tensor;
+pub(crate) use verify::{layout_for, slice_layout};
 
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::plan::{CopyRun, Plan, RankPlan, TensorPlan};
@@ -51,8 +53,9 @@ use crate::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IoMode {
     /// Contiguous runs with positioned reads straight into the arena (no file pages mapped,
-    /// several reads in flight), strided runs gathered from a mapping: the fastest measured
-    /// path warm and cold (`docs/performance.md`).
+    /// several reads in flight); strided runs gathered from a mapping when their pages are
+    /// in the page cache (`mincore`), else read in large positioned reads and scattered
+    /// (`docs/performance.md` has the measurements behind the choice).
     #[default]
     Auto,
     /// Memory-map the planned windows and copy from the page cache.
@@ -517,7 +520,7 @@ fn load_rank_impl(
     let views_on = opts.views && opts.io != IoMode::Pread;
     let (exec, mapped) = if views_on {
         let all = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
-        let mapped = engine::Mapped::map(&plan.files, &open, all.copies(), |_| true)?;
+        let mapped = engine::Mapped::map(&plan.files, &open, all.copies(), |_| true, true)?;
         let cands = view_candidates(rp);
         let mut cut: Vec<(u64, u64)> = Vec::with_capacity(cands.len());
         for &(i, file, src) in &cands {

@@ -656,7 +656,7 @@ impl Env<'_> {
     /// straight from config.json or `--set`.
     fn wrong_type(&self, e: &Expr, expected: &str, got: &Value) -> EvalError {
         let source = match self.config_source(e, 8) {
-            Some(n) => format!(" from config key `{n}` (config.json or --set)"),
+            Some(n) => format!(" from config key `{n}` (config.json or an override)"),
             None => String::new(),
         };
         EvalError::Other {

@@ -199,6 +199,18 @@ pub(crate) fn located(origin: &str, line_no: usize, col: usize, msg: &str, line:
     )
 }
 
+/// A typed spec error at `origin:line_no:col` with the source line and a caret (what
+/// [`located`] formats as a string; resolution errors can switch to this one).
+pub(crate) fn spec_at(origin: &str, line_no: usize, col: usize, msg: &str, line: &str) -> Error {
+    Error::SpecAt {
+        file: origin.to_string(),
+        line: line_no,
+        col: col.max(1),
+        message: msg.to_string(),
+        excerpt: excerpt(line, col),
+    }
+}
+
 /// `\n    source line\n    ^` under column `col` (1-based, characters), with a window of a
 /// long line around the column and control characters in the line escaped.
 pub(crate) fn excerpt(line: &str, col: usize) -> String {
@@ -253,13 +265,7 @@ impl Ctx<'_> {
         }
     }
     fn err(&self, col: usize, msg: impl AsRef<str>) -> Error {
-        Error::SpecAt {
-            file: self.origin.to_string(),
-            line: self.line_no,
-            col: col.max(1),
-            message: msg.as_ref().to_string(),
-            excerpt: excerpt(self.line, col),
-        }
+        spec_at(self.origin, self.line_no, col, msg.as_ref(), self.line)
     }
 }
 

@@ -256,18 +256,23 @@ fn reshard_refuses_an_output_overlapping_its_input_before_writing() {
         assert_eq!(listing(root.path()), before, "{out:?} changed the tree");
     }
     // An index file as the checkpoint: its directory is still the input directory.
-    // (A whole one-file checkpoint: one part of a two-file one is refused as incomplete.)
     let single = root.path().join("single");
-    let opts = SynthOptions::preset("llama-tiny")
-        .unwrap()
-        .with_max_file_bytes(u64::MAX);
-    synth::write_checkpoint(&single, &opts).unwrap();
-    let file = std::fs::read_dir(&single)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .unwrap();
-    let o = reshard(&file, &single, "1").output().unwrap();
+    std::fs::create_dir(&single).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, single.join(p.file_name().unwrap())).unwrap();
+    }
+    let index = single.join(safeshard::checkpoint::INDEX_NAME);
+    let named = if index.exists() {
+        index
+    } else {
+        std::fs::read_dir(&single)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .unwrap()
+    };
+    let o = reshard(&named, &single, "1").output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
 }
 
@@ -407,4 +412,49 @@ fn verify_after_truncation_is_a_short_read() {
         }
         other => panic!("not a short read: {other:?}"),
     }
+}
+
+/// A Hugging Face cache snapshot links its files into `blobs/`: neither the snapshot (which
+/// holds config.json and the links) nor `blobs/` may be the output.
+#[test]
+fn reshard_guards_both_sides_of_a_linked_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let made = root.path().join("made");
+    tiny(&made);
+    let blobs = root.path().join("blobs");
+    let snap = root.path().join("snapshots/rev");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(&made).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let blob = blobs.join(format!("blob-{}", name.to_string_lossy()));
+            std::fs::rename(&p, &blob).unwrap();
+            std::os::unix::fs::symlink(&blob, snap.join(&name)).unwrap();
+        } else {
+            std::fs::rename(&p, snap.join(&name)).unwrap();
+        }
+    }
+    let before = listing(root.path());
+    for out in [snap.clone(), blobs.clone(), snap.join("out")] {
+        let o = reshard(&snap, &out, "2").output().unwrap();
+        one_clean_error(&o, 2, &["--out", "input directory"]);
+        assert_eq!(listing(root.path()), before, "{out:?} changed the tree");
+    }
+    let out = root.path().join("out");
+    let o = reshard(&snap, &out, "2").output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    manifest_matches_parts(&out);
+}
+
+#[test]
+fn demo_keep_over_a_file_is_refused_before_any_work() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("f");
+    std::fs::write(&file, b"keep me").unwrap();
+    let o = bin().arg("demo").arg("--keep").arg(&file).output().unwrap();
+    one_clean_error(&o, 2, &["--keep", "not a directory"]);
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
 }
