@@ -659,7 +659,7 @@ fn gptq_awq_splits() {
     let t = topo(2, 1, 1, 1);
     let d1 = |parts: Vec<Part>| RefSlice::Cat { dim: 1, parts };
     // GPTQ column q_proj: qweight [16, 128] dim 1 → 64 columns; qzeros [4, 16] → 8 packed
-    // columns; scales [4, 128] → 64 columns; g_idx [128] whole.
+    // columns; scales [4, 128] → 64 columns.
     let p = "model.layers.0.self_attn.q_proj";
     let g = "llama-tiny-gptq";
     assert_eq!(
@@ -674,7 +674,8 @@ fn gptq_awq_splits() {
         exp(g, &t, &format!("{p}.scales"))[1].1,
         d1(vec![take(64, 64)])
     );
-    assert_eq!(exp(g, &t, &format!("{p}.g_idx"))[1].1, RefSlice::Full);
+    // vLLM 0.33 loads no GPTQ g_idx.
+    assert!(exp(g, &t, &format!("{p}.g_idx")).is_empty());
     // GQA k_proj at tp 2 = nkv: head 1 = columns 16..32, qzeros packed columns 2..4.
     let k = "model.layers.1.self_attn.k_proj";
     assert_eq!(
@@ -686,7 +687,7 @@ fn gptq_awq_splits() {
         d1(vec![take(2, 2)])
     );
     // GPTQ row down_proj: in 256 → 128 per rank; qweight [32, 128] rows 16..32 (packed),
-    // qzeros/scales [8, ..] rows 4..8 (groups), g_idx [256] 128..256.
+    // qzeros/scales [8, ..] rows 4..8 (groups).
     let dp = "model.layers.0.mlp.down_proj";
     assert_eq!(
         exp(g, &t, &format!("{dp}.qweight"))[1].1,
@@ -700,10 +701,7 @@ fn gptq_awq_splits() {
         exp(g, &t, &format!("{dp}.scales"))[1].1,
         cat0(vec![take(4, 4)])
     );
-    assert_eq!(
-        exp(g, &t, &format!("{dp}.g_idx"))[1].1,
-        cat0(vec![take(128, 128)])
-    );
+    assert!(exp(g, &t, &format!("{dp}.g_idx")).is_empty());
     // AWQ column up_proj: qweight [128, 32] dim 1 packed → 16 packed columns; scales [4, 256]
     // → 128 columns. AWQ row o_proj: qweight [128, 16] rows 64..128; scales [4, 128] rows 2..4.
     let a = "llama-tiny-awq";

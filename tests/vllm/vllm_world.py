@@ -43,7 +43,25 @@ def main() -> None:
     from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.utils.torch_utils import set_default_torch_dtype
 
+    # vLLM's NewGELU needs the compiled `_C.gelu_new` at construction, which a CPU install
+    # without vLLM's C extension lacks; the activation does not change which weights load.
+    overrides = {}
+    with open(os.path.join(ckpt, "config.json")) as f:
+        cfg = json.load(f)
+    model_type = cfg.get("model_type")
+    # vLLM's CPU platform turns a float32 model into bfloat16; keep the checkpoint's dtype so
+    # that the bytes compare (safeshard never converts).
+    disk_dtype = cfg.get("torch_dtype")
+    if disk_dtype in ("float32", "float16", "bfloat16"):
+        extra_dtype = {"dtype": disk_dtype}
+    else:
+        extra_dtype = {}
+    if model_type == "gpt2" and not hasattr(torch.ops._C, "gelu_new"):
+        overrides["activation_function"] = "gelu"
+    extra = {"hf_overrides": overrides} if overrides else {}
+    extra.update(extra_dtype)
     args = EngineArgs(
+        **extra,
         model=ckpt,
         load_format="safetensors",
         tensor_parallel_size=tp,

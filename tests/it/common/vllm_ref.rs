@@ -576,9 +576,9 @@ fn in_units(parts: Vec<Part>, unit: u64, what: &str) -> Result<Vec<Part>, String
 
 /// GPTQ / AWQ tensors of Llama-like linears (vLLM `gptq.py`, `awq.py`):
 /// column layers split the output dim (dim 1; packed units for GPTQ qzeros and all AWQ
-/// packed tensors), `g_idx` is copied whole; row layers split the input dim (dim 0; packed
-/// units for the GPTQ qweight, group units for qzeros/scales, copied whole with desc_act),
-/// and GPTQ `g_idx` is split.
+/// packed tensors); row layers split the input dim (dim 0; packed units for the GPTQ
+/// qweight, group units for qzeros/scales, copied whole with desc_act). vLLM 0.33 loads no
+/// GPTQ `g_idx`.
 #[allow(clippy::too_many_arguments)]
 fn quantized_rule(
     cfg: &Value,
@@ -592,7 +592,11 @@ fn quantized_rule(
     let Some((module, kind)) = tail.rsplit_once('.') else {
         return Ok(None);
     };
-    if !matches!(kind, "qweight" | "qzeros" | "scales" | "g_idx") {
+    // vLLM 0.33's GPTQ (AutoGPTQ) has no g_idx parameter: a stored one is not loaded.
+    if kind == "g_idx" {
+        return Ok(Some(skip()));
+    }
+    if !matches!(kind, "qweight" | "qzeros" | "scales") {
         return Ok(None);
     }
     let q = cfg
