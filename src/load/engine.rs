@@ -15,6 +15,7 @@ use memmap2::{Advice, Mmap, MmapOptions, UncheckedAdvice};
 use super::sigbus;
 use super::{IoMode, LoadOptions};
 use crate::checkpoint::FileIdentity;
+use crate::error::FileChange;
 use crate::plan::{merge_intervals, page_size, read_bytes, CopyRun, PlanFile, Strided, ZeroRun};
 use crate::{Error, Result};
 
@@ -60,28 +61,23 @@ pub(crate) fn open_checked(files: &[PlanFile], copies: &[CopyRun]) -> Result<Vec
 
 fn check_identity(pf: &PlanFile, now: &FileIdentity) -> Result<()> {
     let want = &pf.identity;
-    let path = pf.path.display();
-    if now.len != want.len {
-        let how = if now.len < want.len {
-            "truncated"
-        } else {
-            "grown"
-        };
-        return Err(Error::Load(format!(
-            "{path}: file {how} since planning: {} bytes, plan expects {}",
-            now.len, want.len
-        )));
-    }
-    let changed = (want.mtime_ns != 0 && now.mtime_ns != want.mtime_ns)
+    let change = if now.len != want.len {
+        FileChange::Length {
+            now: now.len,
+            planned: want.len,
+        }
+    } else if (want.mtime_ns != 0 && now.mtime_ns != want.mtime_ns)
         || (want.dev != 0 && now.dev != want.dev)
-        || (want.ino != 0 && now.ino != want.ino);
-    if changed {
-        return Err(Error::Load(format!(
-            "{path}: file replaced or modified since planning (modification time or inode \
-             changed); plan again"
-        )));
-    }
-    Ok(())
+        || (want.ino != 0 && now.ino != want.ino)
+    {
+        FileChange::Replaced
+    } else {
+        return Ok(());
+    };
+    Err(Error::FileChanged {
+        file: pf.path.clone(),
+        change,
+    })
 }
 
 fn bad_plan(msg: String) -> Error {
@@ -90,10 +86,10 @@ fn bad_plan(msg: String) -> Error {
 
 /// The message of a load whose input shrank under it (a short read or a recovered `SIGBUS`).
 fn truncated(pf: &PlanFile, detail: impl std::fmt::Display) -> Error {
-    Error::Load(format!(
-        "{}: file truncated during load ({detail})",
-        pf.path.display()
-    ))
+    Error::Truncated {
+        file: pf.path.clone(),
+        detail: detail.to_string(),
+    }
 }
 
 /// The arena as a raw pointer, shared by the copy threads. Only [`validate`] makes one, and
