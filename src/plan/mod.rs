@@ -300,12 +300,9 @@ impl RankPlan {
         for v in [c.rank, c.tp_rank, c.pp_rank, c.dp_rank, c.ep_rank] {
             f.usize(v);
         }
-        for v in [
-            self.bytes,
-            self.read_bytes,
-            self.arena_bytes,
-            self.staging_bytes,
-        ] {
+        // read_bytes and staging_bytes are page-rounded accounting (the OS page size): ranks
+        // on 4 KiB and 64 KiB-page hosts compute the same runs, so they must agree.
+        for v in [self.bytes, self.arena_bytes] {
             f.u64(v);
         }
         f.usize(self.tensors.len());
@@ -351,12 +348,14 @@ impl Plan {
     /// SHA-256 of a canonical binary encoding: a version tag, the topology, the spec name,
     /// every file's name and length (not its path, device, inode or mtime, which differ
     /// between nodes mounting the same checkpoint), then the SHA-256 of every rank's own
-    /// encoding ([`RankPlan::hash`]: every field of the rank, integers as little-endian u64,
-    /// strings and lists length-prefixed). Ranks are hashed in parallel.
+    /// encoding ([`RankPlan::hash`]: every field of the rank except the page-rounded
+    /// accounting `read_bytes`/`staging_bytes`, which depend on the host's page size;
+    /// integers as little-endian u64, strings and lists length-prefixed). Ranks are hashed in
+    /// parallel.
     pub fn hash(&self) -> [u8; 32] {
         let rank_hashes: Vec<[u8; 32]> = self.ranks.par_iter().map(RankPlan::hash).collect();
         let mut f = Feed::new();
-        f.str("safeshard-plan-v1");
+        f.str("safeshard-plan-v2");
         let t = &self.topology;
         for v in [t.tp, t.pp, t.dp, t.ep] {
             f.usize(v);

@@ -490,6 +490,15 @@ fn hash_ignores_where_files_live_but_not_contents() {
     let mut changed = pa.clone();
     changed.files[1].identity.len += 1;
     assert_ne!(pa.hash(), changed.hash());
+    // Page-rounded accounting depends on the host's page size (4 KiB vs 64 KiB); hosts with
+    // different page sizes compute the same runs and must agree on the plan.
+    let mut other_pages = pa.clone();
+    other_pages.ranks[2].read_bytes += 60 << 10;
+    other_pages.ranks[2].staging_bytes += 60 << 10;
+    assert_eq!(pa.hash(), other_pages.hash());
+    let mut changed = pa.clone();
+    changed.ranks[2].bytes += 1;
+    assert_ne!(pa.hash(), changed.hash());
     // Serializable: a plan survives a JSON round trip unchanged.
     let json = serde_json::to_string(&pa).unwrap();
     let back: plan::Plan = serde_json::from_str(&json).unwrap();
