@@ -75,34 +75,7 @@ pub trait Communicator {
         recv: &mut [u8],
         recv_counts: &[usize],
     ) -> Result<()> {
-        let mut bufs = Vec::with_capacity(send_counts.len());
-        let mut off = 0usize;
-        for &c in send_counts {
-            let part = off
-                .checked_add(c)
-                .and_then(|end| send.get(off..end))
-                .ok_or_else(|| {
-                    Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
-                })?;
-            bufs.push(part.to_vec());
-            off += c;
-        }
-        let got = self.all_to_all_v(bufs)?;
-        let mut off = 0usize;
-        for (i, (g, &c)) in got.iter().zip(recv_counts).enumerate() {
-            if g.len() != c {
-                return Err(Error::Comm(format!(
-                    "all_to_all_packed: rank {i} sent {} bytes, {c} expected",
-                    g.len()
-                )));
-            }
-            off.checked_add(c)
-                .and_then(|end| recv.get_mut(off..end))
-                .ok_or_else(|| Error::Comm("all_to_all_packed: receive buffer too small".into()))?
-                .copy_from_slice(g);
-            off += c;
-        }
-        Ok(())
+        packed_through_vectors(self, send, send_counts, recv, recv_counts, |i| i)
     }
     /// Ends the whole job because of an unrecoverable error on this rank. The MPI backend
     /// prints `msg` and calls `MPI_Abort` (it does not return); the thread backend makes every
@@ -304,4 +277,46 @@ pub fn host_name() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(buf.get(..end).unwrap_or(&[])).into_owned()
+}
+
+/// [`Communicator::all_to_all_packed`] through [`Communicator::all_to_all_v`]: the default,
+/// and the MPI backend's path for transfers too large for one call. `world_rank` names a
+/// communicator rank in errors (the global rank where the backend knows it).
+pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
+    comm: &C,
+    send: &[u8],
+    send_counts: &[usize],
+    recv: &mut [u8],
+    recv_counts: &[usize],
+    world_rank: impl Fn(usize) -> usize,
+) -> Result<()> {
+    let mut bufs = Vec::with_capacity(send_counts.len());
+    let mut off = 0usize;
+    for &c in send_counts {
+        let part = off
+            .checked_add(c)
+            .and_then(|end| send.get(off..end))
+            .ok_or_else(|| {
+                Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
+            })?;
+        bufs.push(part.to_vec());
+        off += c;
+    }
+    let got = comm.all_to_all_v(bufs)?;
+    let mut off = 0usize;
+    for (i, (g, &c)) in got.iter().zip(recv_counts).enumerate() {
+        if g.len() != c {
+            return Err(Error::Comm(format!(
+                "all_to_all_packed: rank {} sent {} bytes, {c} expected",
+                world_rank(i),
+                g.len()
+            )));
+        }
+        off.checked_add(c)
+            .and_then(|end| recv.get_mut(off..end))
+            .ok_or_else(|| Error::Comm("all_to_all_packed: receive buffer too small".into()))?
+            .copy_from_slice(g);
+        off += c;
+    }
+    Ok(())
 }

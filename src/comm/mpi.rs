@@ -415,33 +415,14 @@ impl Communicator for MpiComm {
         self.comm.all_gather_into(&mine, &mut all[..]);
         if all.contains(&0) {
             // Too large for one call somewhere: the chunked rounds of all_to_all_v.
-            let mut fallback = || -> Result<()> {
-                let mut bufs = Vec::with_capacity(n);
-                let mut off = 0usize;
-                for &c in send_counts {
-                    bufs.push(send.get(off..off + c).unwrap_or(&[]).to_vec());
-                    off += c;
-                }
-                let got = self.all_to_all_v(bufs)?;
-                let mut off = 0usize;
-                for (i, (g, &c)) in got.iter().zip(recv_counts).enumerate() {
-                    if g.len() != c {
-                        return Err(Error::Comm(format!(
-                            "all_to_all_packed: rank {} sent {} bytes, {c} expected",
-                            self.world_rank(i),
-                            g.len()
-                        )));
-                    }
-                    recv.get_mut(off..off + c)
-                        .ok_or_else(|| {
-                            Error::Comm("all_to_all_packed: receive buffer too small".into())
-                        })?
-                        .copy_from_slice(g);
-                    off += c;
-                }
-                Ok(())
-            };
-            return fallback();
+            return super::packed_through_vectors(
+                self,
+                send,
+                send_counts,
+                recv,
+                recv_counts,
+                |i| self.world_rank(i),
+            );
         }
         let (sc, sd) = counts_displs(send_counts)?;
         let (rc, rd) = counts_displs(recv_counts)?;

@@ -363,8 +363,8 @@ impl RankTensors {
 }
 
 impl RankTensors {
-    /// The tensors of `rp` held in `arena` (laid out as `rp.tensors` says, no views): how a
-    /// distributed load ([`crate::dist`]) hands back the same type as a local one.
+    /// The tensors of `rp` held in `arena` (laid out as `rp.tensors` says, no views): how both
+    /// a local load and a distributed one ([`crate::dist`]) hand back the same type.
     pub(crate) fn from_arena(rp: &RankPlan, arena: Arena, stats: LoadStats) -> RankTensors {
         let by_name = rp
             .tensors
@@ -541,30 +541,19 @@ fn load_rank_impl(
         let mapped = engine::map_for(&runs, &open, opts)?;
         (engine::run(&runs, &open, mapped.as_ref(), opts)?, None)
     };
-    let by_name = rp
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
-    Ok(RankTensors {
-        coords: rp.coords,
-        tensors: rp.tensors.clone(),
-        by_name,
-        arena,
-        views,
-        mapped,
-        taken: vec![false; rp.tensors.len()],
-        stats: LoadStats {
-            rank,
-            tensors: rp.tensors.len(),
-            bytes: rp.bytes,
-            read_bytes: exec.read_bytes,
-            view_bytes,
-            peak_staging: exec.peak_staging,
-            seconds: start.elapsed().as_secs_f64(),
-        },
-    })
+    let stats = LoadStats {
+        rank,
+        tensors: rp.tensors.len(),
+        bytes: rp.bytes,
+        read_bytes: exec.read_bytes,
+        view_bytes,
+        peak_staging: exec.peak_staging,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    let mut loaded = RankTensors::from_arena(rp, arena, stats);
+    loaded.views = views;
+    loaded.mapped = mapped;
+    Ok(loaded)
 }
 
 /// Checks every tensor of a loaded rank against the independent slow path: the whole source
