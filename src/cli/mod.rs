@@ -118,6 +118,34 @@ pub fn exit_code(e: &Error) -> i32 {
     }
 }
 
+/// Library hints name options as "the `spec` option"; on the command line that is `--spec`.
+fn options_as_flags(text: &str) -> String {
+    const OPEN: &str = "the `";
+    const CLOSE: &str = "` option";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(OPEN) {
+        let after = &rest[i + OPEN.len()..];
+        match after.find(CLOSE) {
+            Some(j)
+                if after[..j]
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_') =>
+            {
+                out.push_str(&rest[..i]);
+                out.push_str(&flag(&after[..j]));
+                rest = &after[j + CLOSE.len()..];
+            }
+            _ => {
+                out.push_str(&rest[..i + OPEN.len()]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The command-line flag of a library option field: `pp_layers` → `--pp-layers`.
 fn flag(option: &str) -> String {
     format!("--{}", option.replace('_', "-"))
@@ -131,7 +159,7 @@ pub fn message(e: &Error) -> String {
     use safeshard::error::{Escaped, WithContext};
     let text = match e {
         Error::InvalidArgument { option, message } => format!("{} {message}", flag(option)),
-        other => other.to_string(),
+        other => options_as_flags(&other.to_string()),
     };
     if matches!(
         e,
@@ -223,6 +251,20 @@ fn init_tracing(filter: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn option_hints_become_flags() {
+        let e = Error::Config(
+            "no spec; name one (the `spec` option: a name; the `set` option: k=v)".into(),
+        );
+        assert_eq!(
+            message(&e),
+            "config: no spec; name one (--spec: a name; --set: k=v)"
+        );
+        // Only option-like words are rewritten.
+        let e = Error::Config("the `Weird Name` option".into());
+        assert_eq!(message(&e), "config: the `Weird Name` option");
+    }
 
     #[test]
     fn options_are_printed_as_flags_and_decide_the_exit_code() {

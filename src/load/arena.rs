@@ -31,9 +31,10 @@ impl std::str::FromStr for ArenaInit {
             "lazy" => Ok(ArenaInit::Lazy),
             "populate" => Ok(ArenaInit::Populate),
             "hugepages" => Ok(ArenaInit::HugePages),
-            other => Err(Error::Usage(format!(
-                "--arena: unknown value {other:?} (expected lazy, populate or hugepages)"
-            ))),
+            other => Err(Error::invalid_argument(
+                "arena",
+                format!("unknown value {other:?} (expected lazy, populate or hugepages)"),
+            )),
         }
     }
 }

@@ -168,15 +168,17 @@ impl Config {
         };
         for o in overrides {
             let Some((key, raw)) = o.split_once('=') else {
-                return Err(Error::Usage(format!(
-                    "--set {o}: expected KEY=VALUE, e.g. --set num_key_value_heads=8"
-                )));
+                return Err(Error::invalid_argument(
+                    "set",
+                    format!("{o}: expected KEY=VALUE, e.g. num_key_value_heads=8"),
+                ));
             };
             let key = key.trim();
             if key.is_empty() || key.split('.').any(str::is_empty) {
-                return Err(Error::Usage(format!(
-                    "--set {o}: the key is empty or has an empty part"
-                )));
+                return Err(Error::invalid_argument(
+                    "set",
+                    format!("{o}: the key is empty or has an empty part"),
+                ));
             }
             // JSON if it parses (numbers, true, null, "..."), else the raw text as a string.
             let value = serde_json::from_str(raw.trim())
@@ -194,10 +196,13 @@ impl Config {
                 match entry {
                     serde_json::Value::Object(m) => cur = m,
                     _ => {
-                        return Err(Error::Usage(format!(
-                            "--set {o}: `{}` is not an object in config.json",
-                            parts[..=i].join(".")
-                        )))
+                        return Err(Error::invalid_argument(
+                            "set",
+                            format!(
+                                "{o}: `{}` is not an object in config.json",
+                                parts[..=i].join(".")
+                            ),
+                        ))
                     }
                 }
             }
@@ -329,7 +334,7 @@ impl Spec {
         };
         if archs.is_empty() {
             return Err(Error::Config(
-                "no `architectures` in config.json (or no config.json beside the checkpoint), so no spec can be picked; pass --spec NAME or --spec FILE.shard (see `safeshard spec list`)".into(),
+                "no `architectures` in config.json (or no config.json beside the checkpoint), so no spec can be picked; name one (the `spec` option: a shipped name or a .shard file; `safeshard spec list`)".into(),
             ));
         }
         for arch in &archs {
@@ -341,7 +346,7 @@ impl Spec {
             }
         }
         Err(Error::Config(format!(
-            "no shipped spec for architecture {}; pass --spec NAME or --spec FILE.shard (see `safeshard spec list`)",
+            "no shipped spec for architecture {}; name one (the `spec` option: a shipped name or a .shard file; `safeshard spec list`)",
             archs.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
         )))
     }

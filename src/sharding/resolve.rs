@@ -424,7 +424,7 @@ impl Resolver<'_> {
                     format!("{}:{line}:{col}: ", self.spec.origin)
                 };
                 Error::Config(format!(
-                    "{loc}spec `{}` needs `{name}`, which config.json does not have{hint}; add it or pass --set {name}=VALUE{}",
+                    "{loc}spec `{}` needs `{name}`, which config.json does not have{hint}; add it or override it (the `set` option: {name}=VALUE){}",
                     self.spec.name,
                     if line == 0 { String::new() } else { format!("\n    {src}") }
                 ))

@@ -113,7 +113,9 @@ fn shipped_specs_parse_and_declare_their_architectures() {
     .unwrap();
     let err = Spec::detect(&cfg).unwrap_err().to_string();
     assert!(
-        err.contains("FalconForCausalLM") && err.contains("--spec") && err.contains("spec list"),
+        err.contains("FalconForCausalLM")
+            && err.contains("`spec` option")
+            && err.contains("spec list"),
         "{err}"
     );
     assert!(Spec::load("lamma")

@@ -154,7 +154,11 @@ fn missing_config_values_are_named_with_a_suggestion() {
     // The location is the `let` that reads it (line 1, column of the name).
     assert!(msg.starts_with("config: t.shard:1:11: "), "{msg}");
     assert!(msg.contains("did you mean `num_key_value_head`?"), "{msg}");
-    assert!(msg.contains("--set num_key_value_heads="), "{msg}");
+    assert!(msg.contains("`set` option: num_key_value_heads="), "{msg}");
+    assert!(
+        !msg.contains("--"),
+        "library messages name options, not flags: {msg}"
+    );
     // Defaults: `??` falls back; a let may default the config value of the same name.
     let src = "let head_dim = head_dim ?? hidden_size / num_attention_heads\nq.w  fused(dim=0, parts=[head_dim, head_dim])\n";
     let r = run(
