@@ -19,7 +19,13 @@ fi
 py=$venv/bin/python
 "$py" -m pip install -q --disable-pip-version-check \
   "maturin>=1.5,<2" numpy safetensors ml_dtypes pytest mypy tqdm huggingface_hub
-if [[ ${SAFESHARD_PY_TORCH:-1} == 1 ]] && ! "$py" -c 'import torch' 2>/dev/null; then
+# The vLLM differential (run-all.sh, SAFESHARD_VLLM_DIFF, default on) needs vLLM 0.33.0 in
+# this same venv; vLLM brings its own torch, so one download serves both (5 min 21 s here).
+if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]] && ! "$py" -c 'import vllm' 2>/dev/null; then
+  t=$SECONDS
+  "$py" -m pip install -q --disable-pip-version-check "vllm==0.33.0"
+  echo "vllm 0.33.0 (with torch) installed in $((SECONDS - t)) s" >&2
+elif [[ ${SAFESHARD_PY_TORCH:-1} == 1 ]] && ! "$py" -c 'import torch' 2>/dev/null; then
   t=$SECONDS
   "$py" -m pip install -q --disable-pip-version-check torch
   echo "torch installed in $((SECONDS - t)) s" >&2

@@ -38,12 +38,16 @@ SAFESHARD_FEATURES=mpi,nccl,cuda step bash tests/mpi_jobs.sh
 step cargo clippy -p safeshard-python --all-targets -- -D warnings
 step bash tests/python.sh
 
-# vLLM differential (issue 12): every shipped architecture at tp=2, pp=2 against vLLM 0.33.0's
-# own loader on CPU. Opt-in (SAFESHARD_VLLM_DIFF=1): vLLM is a 5-minute, multi-GB install and
-# the run takes 1-3 minutes per case on 2 cores; the full matrix is `python
-# tests/vllm/differential.py` (docs/vllm.md). SAFESHARD_VLLM_PYTHON names a Python with vLLM.
-if [[ ${SAFESHARD_VLLM_DIFF:-0} == 1 ]]; then
-  vpy=${SAFESHARD_VLLM_PYTHON:-python3}
-  step "$vpy" tests/vllm/differential.py --case "${SAFESHARD_VLLM_CASES:-*-tp2-pp2}"
+# vLLM differential (issue 12): vLLM 0.33.0's own loader on CPU against safeshard's ranks, at
+# tp=2 x pp=2, for one case of every family whose rules differ (tied head that differs, fused
+# Phi-3, Mixtral and Qwen2-MoE stages, DeepSeek MLA, GPT-2, GPTQ): about a minute a case on
+# 2 cores. vLLM lives in the Python package's venv (tests/python.sh installs it). The whole
+# matrix (140 cases) is `python tests/vllm/differential.py` (docs/vllm.md);
+# SAFESHARD_VLLM_DIFF=0 skips this step, SAFESHARD_VLLM_CASES picks other cases.
+if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]]; then
+  vpy=${SAFESHARD_VLLM_PYTHON:-${SAFESHARD_PY_VENV:-$HOME/.cache/safeshard/py-venv}/bin/python}
+  cases=llama-tied-head-differs-tp2-pp2,phi3-tp2-pp2,mixtral-tp2-pp2,qwen2-moe-tp2-pp2
+  cases+=,deepseek-v2-tp2-pp2,gpt2-tp2-pp2,llama-gptq-tp2-pp2
+  step "$vpy" tests/vllm/differential.py --case "${SAFESHARD_VLLM_CASES:-$cases}"
 fi
 echo "all test steps passed in $SECONDS s"

@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 
-use super::segments::{rank_segments, Segment};
+use super::segments::rank_segments;
 use crate::checkpoint::Dtype;
-use crate::plan::{Plan, RankPlan};
+use crate::plan::{merge_intervals, CopyRun, Plan, RankPlan};
 
 // ---------------------------------------------------------------------------------------
 // broadcast
@@ -16,8 +16,8 @@ use crate::plan::{Plan, RankPlan};
 /// A rank's segments split at tensor boundaries: per tensor (arena offsets relative to the
 /// tensor), and the segments that fall in no tensor (read privately).
 pub(crate) struct Split {
-    pub(crate) per_tensor: Vec<Vec<Segment>>,
-    pub(crate) orphans: Vec<Segment>,
+    pub(crate) per_tensor: Vec<Vec<CopyRun>>,
+    pub(crate) orphans: Vec<CopyRun>,
 }
 
 pub(crate) fn split_by_tensor(rp: &RankPlan) -> Split {
@@ -44,24 +44,15 @@ pub(crate) fn split_by_tensor(rp: &RankPlan) -> Split {
                 Some((ti, t)) => {
                     let take = (t.offset + t.bytes).min(end) - pos;
                     if let Some(v) = out.per_tensor.get_mut(ti) {
-                        v.push(Segment {
-                            file: seg.file,
-                            src,
-                            len: take,
-                            dst: pos - t.offset,
-                        });
+                        v.push(CopyRun::contiguous(seg.file, src, pos - t.offset, take));
                     }
                     take
                 }
                 None => {
                     let next = starts.get(k).copied().unwrap_or(end).min(end);
                     let take = next.saturating_sub(pos).max(1).min(end - pos);
-                    out.orphans.push(Segment {
-                        file: seg.file,
-                        src,
-                        len: take,
-                        dst: pos,
-                    });
+                    out.orphans
+                        .push(CopyRun::contiguous(seg.file, src, pos, take));
                     take
                 }
             };
@@ -145,8 +136,8 @@ impl BroadcastSchedule {
 
     /// The segments `rank` reads from storage itself (arena offsets): its bytes outside any
     /// tensor, its unshared tensors and the shared tensors it owns.
-    pub fn own_reads(&self, plan: &Plan, rank: usize) -> Vec<Segment> {
-        let mut segs: Vec<Segment> = Vec::new();
+    pub fn own_reads(&self, plan: &Plan, rank: usize) -> Vec<CopyRun> {
+        let mut segs: Vec<CopyRun> = Vec::new();
         let Some(rp) = plan.ranks.get(rank) else {
             return segs;
         };
@@ -167,7 +158,7 @@ impl BroadcastSchedule {
                         .get(ti)
                         .into_iter()
                         .flatten()
-                        .map(|s| Segment {
+                        .map(|s| CopyRun {
                             dst: s.dst + t.offset,
                             ..*s
                         }),
@@ -284,7 +275,7 @@ fn plan_broadcast(plan: &Plan, splits: &[Split]) -> (Vec<SharedTensor>, Vec<Vec<
         dtype: Dtype,
         shape: &'a [u64],
         bytes: u64,
-        segments: &'a [Segment],
+        segments: &'a [CopyRun],
     }
     let mut index: HashMap<Content<'_>, usize> = HashMap::new();
     let mut groups: Vec<Vec<(usize, usize)>> = Vec::new();
@@ -387,12 +378,12 @@ pub(crate) struct Piece {
 /// each split evenly among `n` owners. Pieces come sorted by (file, start).
 pub(crate) fn cut_pieces(mut segs: Vec<(u32, u64, u64)>, n: usize, round_bytes: u64) -> Vec<Piece> {
     segs.sort_unstable();
+    // The plan's one interval union, file by file.
     let mut union: Vec<(u32, u64, u64)> = Vec::new();
-    for (f, s, e) in segs {
-        match union.last_mut() {
-            Some(last) if last.0 == f && s <= last.2 => last.2 = last.2.max(e),
-            _ => union.push((f, s, e)),
-        }
+    for same_file in segs.chunk_by(|a, b| a.0 == b.0) {
+        let mut v: Vec<(u64, u64)> = same_file.iter().map(|&(_, s, e)| (s, e)).collect();
+        merge_intervals(&mut v, 0);
+        union.extend(v.into_iter().map(|(s, e)| (same_file[0].0, s, e)));
     }
     let total: u64 = union.iter().map(|u| u.2 - u.1).sum();
     let round_bytes = round_bytes.max(1);
@@ -477,7 +468,7 @@ impl ReadOnceSchedule {
     /// order), cutting the union of their bytes into rounds of at most `round_bytes`.
     pub fn new(plan: &Plan, members: &[usize], me: usize, round_bytes: u64) -> ReadOnceSchedule {
         let n = members.len();
-        let member_segs: Vec<Vec<Segment>> = members
+        let member_segs: Vec<Vec<CopyRun>> = members
             .iter()
             .map(|&r| plan.ranks.get(r).map(rank_segments).unwrap_or_default())
             .collect();
@@ -537,16 +528,11 @@ impl ReadOnceSchedule {
     }
 
     /// What this member reads in `round`: its pieces, as segments into its staging buffer.
-    pub(crate) fn own_pieces(&self, round: usize) -> Vec<Segment> {
+    pub(crate) fn own_pieces(&self, round: usize) -> Vec<CopyRun> {
         self.pieces
             .iter()
             .filter(|p| p.round == round && p.owner == self.me)
-            .map(|p| Segment {
-                file: p.file,
-                src: p.start,
-                len: p.end - p.start,
-                dst: p.buf_off,
-            })
+            .map(|p| CopyRun::contiguous(p.file, p.start, p.buf_off, p.end - p.start))
             .collect()
     }
 

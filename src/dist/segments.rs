@@ -1,46 +1,21 @@
-//! Byte segments of a plan, and the one place where the share modes touch the plan's run
-//! type and the loader's engine.
+//! A plan's runs as single-chunk copies, and the one place where the share modes touch the
+//! loader's engine.
 //!
-//! The share modes work on [`Segment`]s: one contiguous file range copied to one buffer range
-//! (a plan [`CopyRun`] of `count` chunks is `count` segments). Reading goes through
-//! [`read_segments`], which hands them to the loader's engine ([`crate::load::execute`]) as
-//! contiguous runs.
+//! The share modes cut and move bytes as contiguous copies: the plan's own run type
+//! ([`CopyRun`]) with `count == 1` (a run of `count` chunks is `count` of them, see
+//! [`rank_segments`]). Reading goes through [`read_segments`], which hands them to the
+//! loader's engine ([`crate::load::execute`]).
 
 use crate::load::{execute, LoadOptions};
 use crate::plan::{CopyRun, Plan, RankPlan};
 use crate::{Error, Result};
 
-/// One contiguous copy: `len` bytes from file `file` at `src` to arena offset `dst`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Segment {
-    /// Index into [`Plan::files`].
-    pub file: u32,
-    /// File offset.
-    pub src: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// Arena offset.
-    pub dst: u64,
-}
-
-/// The segments of one copy run, chunk by chunk.
-fn run_segments(run: &CopyRun) -> impl Iterator<Item = Segment> + '_ {
-    (0..run.count).map(move |i| {
-        let chunk = run.rows(i, 1);
-        Segment {
-            file: run.file,
-            src: chunk.src,
-            len: run.len,
-            dst: chunk.dst,
-        }
-    })
-}
-
-/// All segments of a rank, in plan order; empty chunks are dropped.
-pub fn rank_segments(rank: &RankPlan) -> Vec<Segment> {
+/// All chunks of a rank's copy runs as single-chunk runs, in plan order; empty chunks are
+/// dropped.
+pub fn rank_segments(rank: &RankPlan) -> Vec<CopyRun> {
     rank.copies
         .iter()
-        .flat_map(run_segments)
+        .flat_map(|run| (0..run.count).map(move |i| run.rows(i, 1)))
         .filter(|s| s.len > 0)
         .collect()
 }
@@ -80,30 +55,15 @@ pub fn check_rank(plan: &Plan, rank: &RankPlan) -> Result<()> {
     Ok(())
 }
 
-/// Reads `segs` from the plan's files into `buf` (each segment to `buf[dst..dst + len]`) with
-/// the loader's engine; returns the bytes read from storage.
+/// Reads `segs` (single-chunk runs) from the plan's files into `buf` (each to
+/// `buf[dst..dst + len]`) with the loader's engine; returns the bytes read from storage.
 pub fn read_segments(
     plan: &Plan,
-    segs: &[Segment],
+    segs: &[CopyRun],
     buf: &mut [u8],
     opts: &LoadOptions,
 ) -> Result<u64> {
-    Ok(execute(&plan.files, &segment_runs(segs), &[], buf, opts)?.read_bytes)
-}
-
-/// Contiguous copy runs (count 1) for segments.
-fn segment_runs(segs: &[Segment]) -> Vec<CopyRun> {
-    segs.iter()
-        .map(|s| CopyRun {
-            file: s.file,
-            src: s.src,
-            dst: s.dst,
-            len: s.len,
-            count: 1,
-            src_stride: 0,
-            dst_stride: 0,
-        })
-        .collect()
+    Ok(execute(&plan.files, segs, &[], buf, opts)?.read_bytes)
 }
 
 /// `start..start + len` as a usize range checked against `limit`.

@@ -111,6 +111,19 @@ pub struct CopyRun {
 }
 
 impl CopyRun {
+    /// One contiguous copy: `len` bytes of file `file` at `src` to arena offset `dst`.
+    pub fn contiguous(file: u32, src: u64, dst: u64, len: u64) -> CopyRun {
+        CopyRun {
+            file,
+            src,
+            dst,
+            len,
+            count: 1,
+            src_stride: len,
+            dst_stride: len,
+        }
+    }
+
     /// The chunks read from the file.
     pub fn src_pattern(&self) -> Strided {
         Strided {
