@@ -23,9 +23,8 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use safeshard::comm::Communicator;
 use safeshard::dist::{load_shared_with, SharedPlan};
 use safeshard::load::LoadControl;
-use safeshard::plan::{Plan, TensorPlan};
+use safeshard::plan::TensorPlan;
 use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, Topology};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 mod comm;
@@ -77,82 +76,6 @@ fn usage(py: Python<'_>, msg: String) -> PyErr {
 #[pyclass(frozen, module = "safeshard._safeshard")]
 struct NativePlan {
     job: Arc<Job>,
-}
-
-fn json_text<T: Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_default()
-}
-
-#[derive(Serialize)]
-struct JsonPlan<'a> {
-    world_size: usize,
-    tp: usize,
-    pp: usize,
-    dp: usize,
-    ep: usize,
-    spec: &'a str,
-    hash: String,
-    ranks: Vec<JsonRank<'a>>,
-}
-
-#[derive(Serialize)]
-struct JsonRank<'a> {
-    rank: usize,
-    tp_rank: usize,
-    pp_rank: usize,
-    dp_rank: usize,
-    ep_rank: usize,
-    bytes: u64,
-    read_bytes: u64,
-    staging_bytes: u64,
-    tensors: Vec<JsonTensor<'a>>,
-}
-
-#[derive(Serialize)]
-struct JsonTensor<'a> {
-    name: &'a str,
-    dtype: &'static str,
-    shape: &'a [u64],
-    bytes: u64,
-}
-
-/// The document of `safeshard plan --json` (the same keys in the same order; a test compares
-/// the two byte for byte).
-fn plan_json(plan: &Plan) -> String {
-    let t = &plan.topology;
-    json_text(&JsonPlan {
-        world_size: plan.ranks.len(),
-        tp: t.tp,
-        pp: t.pp,
-        dp: t.dp,
-        ep: t.ep,
-        spec: &plan.spec,
-        hash: plan.hash_hex(),
-        ranks: plan
-            .ranks
-            .iter()
-            .map(|r| JsonRank {
-                rank: r.coords.rank,
-                tp_rank: r.coords.tp_rank,
-                pp_rank: r.coords.pp_rank,
-                dp_rank: r.coords.dp_rank,
-                ep_rank: r.coords.ep_rank,
-                bytes: r.bytes,
-                read_bytes: r.read_bytes,
-                staging_bytes: r.staging_bytes,
-                tensors: r
-                    .tensors
-                    .iter()
-                    .map(|t| JsonTensor {
-                        name: &t.name,
-                        dtype: t.dtype.name(),
-                        shape: &t.shape,
-                        bytes: t.bytes,
-                    })
-                    .collect(),
-            })
-            .collect(),
-    })
 }
 
 fn parse_io(py: Python<'_>, io: &str) -> PyResult<IoMode> {
@@ -300,7 +223,7 @@ impl NativePlan {
 
     fn to_json(&self, py: Python<'_>) -> String {
         let job = Arc::clone(&self.job);
-        py.detach(move || plan_json(&job.plan))
+        py.detach(move || cli::plan::json_document(&job.plan))
     }
 
     /// One rank's summary: a dict with the coordinates, `bytes`, `read_bytes`,

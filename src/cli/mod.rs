@@ -8,7 +8,8 @@ mod demo;
 mod dist;
 mod inspect;
 mod load;
-mod plan;
+/// Public so the Python binding prints the same `plan --json` document.
+pub mod plan;
 mod report;
 mod reshard;
 mod spec;

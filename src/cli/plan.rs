@@ -135,7 +135,8 @@ struct JsonTensor<'a> {
     bytes: u64,
 }
 
-fn write_json(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
+/// The `plan --json` document (one line, no newline); the Python binding's `Plan.to_json()`.
+pub fn json_document(plan: &Plan) -> String {
     let t = &plan.topology;
     let doc = JsonPlan {
         world_size: plan.ranks.len(),
@@ -170,8 +171,12 @@ fn write_json(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
             })
             .collect(),
     };
-    serde_json::to_writer(&mut *out, &doc).map_err(io::Error::other)?;
-    writeln!(out)
+    // Plain structs of strings and integers: serializing cannot fail.
+    serde_json::to_string(&doc).unwrap_or_default()
+}
+
+fn write_json(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
+    writeln!(out, "{}", json_document(plan))
 }
 
 /// Writes `header` and `rows` as right-aligned columns two spaces apart, each as wide as its
