@@ -426,10 +426,10 @@ fn aliases_rewrite_prefixes() {
     assert!(matches!(&r.tensors[2], Resolved::Held { stages, .. } if *stages == [1]));
 }
 
-/// Appends to `tensors` every tensor of a one-layer packed Llama checkpoint that it lacks
-/// (placeholder shapes that divide by tp up to 4), so that the checkpoint is complete; the
-/// tensors under test keep their indices.
-fn complete_packed_llama(tensors: &mut Vec<(String, Vec<u64>)>) {
+/// Appends to `tensors` every tensor of a one-layer Llama checkpoint that it lacks, each
+/// projection with the tensor names `suffixes` (placeholder shapes that divide by tp up to 4),
+/// so that the checkpoint is complete; the tensors under test keep their indices.
+fn complete_llama(tensors: &mut Vec<(String, Vec<u64>)>, suffixes: &[&str]) {
     let mut want = vec![
         ("model.embed_tokens.weight".to_string(), vec![64, 8]),
         ("lm_head.weight".to_string(), vec![64, 8]),
@@ -449,7 +449,7 @@ fn complete_packed_llama(tensors: &mut Vec<(String, Vec<u64>)>) {
         "mlp.up",
         "mlp.down",
     ] {
-        for t in ["qweight", "qzeros", "scales"] {
+        for t in suffixes {
             want.push((format!("model.layers.0.{p}_proj.{t}"), vec![8, 8]));
         }
     }
@@ -479,7 +479,7 @@ fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
     .into_iter()
     .map(|(n, s)| (format!("{l}{n}"), s))
     .collect();
-    complete_packed_llama(&mut gptq);
+    complete_llama(&mut gptq, &["qweight", "qzeros", "scales"]);
     let tensors: Vec<(&str, &[u64])> = gptq
         .iter()
         .map(|(n, s)| (n.as_str(), s.as_slice()))
@@ -535,7 +535,7 @@ fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
     .into_iter()
     .map(|(n, s)| (format!("{l}{n}"), s))
     .collect();
-    complete_packed_llama(&mut awq);
+    complete_llama(&mut awq, &["qweight", "qzeros", "scales"]);
     let tensors: Vec<(&str, &[u64])> = awq
         .iter()
         .map(|(n, s)| (n.as_str(), s.as_slice()))
@@ -556,26 +556,8 @@ fn shipped_llama_spec_places_gptq_and_awq_like_vllm() {
             vec![],
         ),
         ("model.layers.0.mlp.down_proj.input_scale".into(), vec![]),
-        ("model.embed_tokens.weight".into(), vec![64, 8]),
-        ("lm_head.weight".into(), vec![64, 8]),
-        ("model.norm.weight".into(), vec![8]),
-        ("model.layers.0.input_layernorm.weight".into(), vec![8]),
-        (
-            "model.layers.0.post_attention_layernorm.weight".into(),
-            vec![8],
-        ),
     ];
-    for p in [
-        "self_attn.q",
-        "self_attn.k",
-        "self_attn.v",
-        "self_attn.o",
-        "mlp.gate",
-        "mlp.up",
-        "mlp.down",
-    ] {
-        fp8.push((format!("model.layers.0.{p}_proj.weight"), vec![8, 8]));
-    }
+    complete_llama(&mut fp8, &["weight"]);
     let t: Vec<(&str, &[u64])> = fp8
         .iter()
         .map(|(n, s)| (n.as_str(), s.as_slice()))
