@@ -601,6 +601,10 @@ fn vllm_rank(
             buffer: None,
         });
     }
+    // Of names vLLM lists twice for one parameter, ShardedStateLoader keeps the smallest.
+    for o in &mut outs {
+        o.name = map.kept_alias(&o.name);
+    }
     // 4. Buffers, once per distinct module the rank holds.
     let mut buffer_names: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for (bi, b) in map.buffers.iter().enumerate() {
