@@ -298,7 +298,7 @@ pub fn vllm_plan(
     map: &VllmMap,
 ) -> Result<(Plan, BufferFill)> {
     let qm = quant_method(config);
-    if !map.quantization.iter().any(|q| *q == qm) {
+    if !map.quantization.contains(&qm) {
         return Err(Error::Unsupported {
             what: format!("quantization method `{qm}`"),
             why: format!(
