@@ -426,6 +426,19 @@ fn vllm_rank(
                 .push(member);
         }
     }
+    // A rule marked `if_complete` leaves an incomplete group's parts unfused.
+    groups.retain(|_, (rule, members)| {
+        let (Rule::Fuse(r, _) | Rule::Stack(r, _)) = rule;
+        let complete = members.len() % r.parts.len() == 0
+            && (0..r.parts.len()).all(|j| members.iter().any(|m| m.slot.1 == j));
+        if !r.if_complete || complete {
+            return true;
+        }
+        for m in members.iter() {
+            grouped[m.tensor] = false;
+        }
+        false
+    });
     // 3. Output tensors and each plan tensor's placement.
     let mut outs: Vec<OutTensor> = Vec::new();
     let mut place: Vec<Option<Placement>> = vec![None; rp.tensors.len()];

@@ -166,6 +166,9 @@ pub struct FuseRule {
     /// The concatenation dimension per value of the `{S}` capture (the suffix), or for every
     /// suffix when the key is `*`.
     pub dims: Vec<(String, usize)>,
+    /// Fuse only when every part is present; otherwise the parts keep their names (DeepSeek
+    /// without `q_lora_rank` has no `q_a_proj`, and vLLM keeps `kv_a_proj_with_mqa` alone).
+    pub if_complete: bool,
 }
 
 impl FuseRule {
@@ -278,6 +281,8 @@ struct RawFuse {
     into: String,
     parts: Vec<String>,
     dim: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    if_complete: bool,
 }
 
 #[derive(Deserialize)]
@@ -408,7 +413,12 @@ impl VllmMap {
                         })?;
                         dims.push((suffix.clone(), d as usize));
                     }
-                    out.push(FuseRule { into, parts, dims });
+                    out.push(FuseRule {
+                        into,
+                        parts,
+                        dims,
+                        if_complete: r.if_complete,
+                    });
                 }
                 Ok(out)
             };
