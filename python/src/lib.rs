@@ -170,7 +170,7 @@ impl NativePlan {
     /// Opens the checkpoint, resolves the spec and plans every rank (headers only; the GIL is
     /// released meanwhile).
     #[new]
-    #[pyo3(signature = (path, tp, pp, dp, ep, spec=None, overrides=Vec::new(), pp_layers=None))]
+    #[pyo3(signature = (path, tp, pp, dp, ep, spec=None, overrides=Vec::new(), pp_layers=None, names="checkpoint"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -182,7 +182,17 @@ impl NativePlan {
         spec: Option<String>,
         overrides: Vec<String>,
         pp_layers: Option<Vec<usize>>,
+        names: &str,
     ) -> PyResult<Self> {
+        if names != "checkpoint" {
+            return Err(to_py(
+                py,
+                Error::invalid_argument(
+                    "names",
+                    format!("{names:?}: expected \"checkpoint\" (vLLM names are not in this build)"),
+                ),
+            ));
+        }
         let job = py
             .detach(|| {
                 let mut topology = Topology::new(tp, pp, dp, ep)?;
