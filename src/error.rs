@@ -154,6 +154,16 @@ pub enum Error {
     /// A failure while loading a rank's tensors.
     #[error("{}", Escaped(.0))]
     Load(String),
+    /// Something this build cannot do for this input (an architecture or quantization method
+    /// without a vLLM name map, a tensor the map cannot place): a caller with another path
+    /// (the vLLM plugin's default loader) can fall back to it.
+    #[error("{}: {}", Escaped(what), Escaped(why))]
+    Unsupported {
+        /// What is unsupported (an architecture, a quantization method, a tensor).
+        what: String,
+        /// Why, and what would make it work.
+        why: String,
+    },
     /// A failure of the communicator (launcher environment, MPI, NCCL).
     #[error("{}", Escaped(.0))]
     Comm(String),
@@ -308,6 +318,7 @@ impl Error {
             Error::Placement(_) => "placement",
             Error::Plan(_) => "plan",
             Error::Load(_) => "load",
+            Error::Unsupported { .. } => "unsupported",
             Error::Comm(_) => "comm",
             Error::Usage(_) => "usage",
             Error::InvalidArgument { .. } => "invalid_argument",

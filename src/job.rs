@@ -7,8 +7,10 @@ use crate::checkpoint::Checkpoint;
 use crate::comm::Communicator;
 use crate::dist::{self, ShareOptions};
 use crate::load::{load_rank, load_rank_views, verify_rank, LoadOptions, RankTensors};
+use crate::plan::names::{vllm_plan, BufferFill, TensorNames};
 use crate::plan::{self, Plan};
 use crate::reshard::{ReshardOptions, ReshardSummary};
+use crate::sharding::vllm::VllmMap;
 use crate::sharding::{self, Config, Resolution, Spec};
 use crate::topology::Topology;
 use crate::Result;
@@ -40,8 +42,10 @@ pub struct Job {
     pub topology: Topology,
     /// Every tensor's placement.
     pub resolution: Resolution,
-    /// Per-rank copy runs.
+    /// Per-rank copy runs (under the names of [`Job::names`]).
     pub plan: Plan,
+    names: TensorNames,
+    buffers: BufferFill,
 }
 
 /// Options of [`Job::builder`]: a checkpoint plus, optionally, a topology (default: one
@@ -66,6 +70,7 @@ pub struct JobBuilder {
     topology: Topology,
     spec: Option<String>,
     overrides: Vec<String>,
+    names: TensorNames,
 }
 
 impl JobBuilder {
@@ -88,14 +93,47 @@ impl JobBuilder {
         self
     }
 
+    /// The names ranks hold (default: [`TensorNames::Checkpoint`]). With
+    /// [`TensorNames::Vllm`] every rank holds exactly its vLLM `model.state_dict()` entries
+    /// (see [`crate::plan::names`]); an architecture or quantization method without a vLLM
+    /// name map is [`crate::Error::Unsupported`].
+    ///
+    /// ```
+    /// # fn main() -> safeshard::Result<()> {
+    /// use safeshard::{Job, LoadOptions, TensorNames, Topology};
+    /// # let dir = tempfile::tempdir().map_err(|e| safeshard::Error::io("tmp", e))?;
+    /// # safeshard::synth::write_checkpoint(dir.path(), &safeshard::synth::SynthOptions::preset("llama-tiny")?)?;
+    /// let job = Job::builder(dir.path())
+    ///     .topology(Topology::new(2, 1, 1, 1)?)
+    ///     .names(TensorNames::Vllm)
+    ///     .open()?;
+    /// let rank = job.load_rank(1, &LoadOptions::default())?;
+    /// assert!(rank.get("model.layers.0.self_attn.qkv_proj.weight").is_some());
+    /// assert!(rank.get("model.layers.0.self_attn.q_proj.weight").is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn names(mut self, names: TensorNames) -> Self {
+        self.names = names;
+        self
+    }
+
     /// Opens, resolves and plans.
     pub fn open(self) -> Result<Job> {
-        Job::open(
+        let mut job = Job::open(
             &self.checkpoint,
             self.topology,
             self.spec.as_deref(),
             &self.overrides,
-        )
+        )?;
+        if self.names == TensorNames::Vllm {
+            let map = VllmMap::for_spec(&job.spec)?;
+            let (plan, buffers) = vllm_plan(&job.plan, &job.ckpt, &job.config, &map)?;
+            job.plan = plan;
+            job.buffers = buffers;
+            job.names = TensorNames::Vllm;
+        }
+        Ok(job)
     }
 }
 
@@ -124,6 +162,8 @@ impl Job {
             topology,
             resolution,
             plan,
+            names: TensorNames::Checkpoint,
+            buffers: BufferFill::default(),
         })
     }
 
@@ -140,7 +180,45 @@ impl Job {
             },
             spec: None,
             overrides: Vec::new(),
+            names: TensorNames::Checkpoint,
         }
+    }
+
+    /// The names the ranks hold.
+    pub fn names(&self) -> TensorNames {
+        self.names
+    }
+
+    /// Writes the values of the buffers a vLLM-named plan holds without a file source
+    /// (attention `_k_scale` ...) into a loaded rank; [`Job::load_rank`], [`Job::load_shared`]
+    /// and [`Job::load_rank_views`] do it themselves, a caller that loads [`Job::plan`]
+    /// through the lower layers calls it. Nothing to do for checkpoint names.
+    pub fn fill_buffers(&self, loaded: &mut RankTensors) -> Result<()> {
+        let rank = loaded.coords().rank;
+        let Some(fills) = self.buffers.ranks.get(rank) else {
+            return Ok(());
+        };
+        for &(i, value) in fills {
+            let Some(t) = self.plan.ranks.get(rank).and_then(|r| r.tensors.get(i)) else {
+                continue;
+            };
+            let elem = BufferFill::element(t.dtype, value).ok_or_else(|| {
+                crate::Error::Plan(format!(
+                    "rank {rank}: buffer {:?}: {value} is not exact in {}",
+                    t.name, t.dtype
+                ))
+            })?;
+            let Some(dst) = loaded.arena_tensor_mut(i) else {
+                return Err(crate::Error::Load(format!(
+                    "rank {rank}: buffer {:?} is not in the arena",
+                    t.name
+                )));
+            };
+            for chunk in dst.chunks_exact_mut(elem.len()) {
+                chunk.copy_from_slice(&elem);
+            }
+        }
+        Ok(())
     }
 
     /// Number of ranks.
@@ -155,7 +233,9 @@ impl Job {
 
     /// Loads one rank into memory it owns (see [`crate::load::load_rank`]).
     pub fn load_rank(&self, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
-        load_rank(&self.plan, rank, opts)
+        let mut loaded = load_rank(&self.plan, rank, opts)?;
+        self.fill_buffers(&mut loaded)?;
+        Ok(loaded)
     }
 
     /// Loads this communicator rank's tensors together with the other ranks of `world`, under
@@ -182,7 +262,9 @@ impl Job {
         world: &dyn Communicator,
         opts: &ShareOptions,
     ) -> Result<RankTensors> {
-        dist::load_shared(&self.plan, world, opts)
+        let mut loaded = dist::load_shared(&self.plan, world, opts)?;
+        self.fill_buffers(&mut loaded)?;
+        Ok(loaded)
     }
 
     /// Loads one rank with zero-copy views of the file mapping where
@@ -194,7 +276,9 @@ impl Job {
     /// written while the result is alive.
     pub unsafe fn load_rank_views(&self, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
         // SAFETY: the caller upholds load_rank_views' contract.
-        unsafe { load_rank_views(&self.plan, rank, opts) }
+        let mut loaded = unsafe { load_rank_views(&self.plan, rank, opts) }?;
+        self.fill_buffers(&mut loaded)?;
+        Ok(loaded)
     }
 
     /// Checks a loaded rank against the independent slow path (see [`verify_rank`]); returns
@@ -210,6 +294,12 @@ impl Job {
     /// # }
     /// ```
     pub fn verify(&self, loaded: &RankTensors) -> Result<usize> {
+        if self.names == TensorNames::Vllm {
+            return Err(crate::Error::Unsupported {
+                what: "verify".into(),
+                why: "the independent slow path checks checkpoint names; open the job with checkpoint names to verify".into(),
+            });
+        }
         verify_rank(&self.ckpt, &self.resolution, loaded)
     }
 

@@ -61,5 +61,6 @@ pub use dist::{ShareMode, ShareOptions};
 pub use error::{Error, Result};
 pub use job::{Job, JobBuilder};
 pub use load::{IoMode, LoadOptions, LoadStats, OwnedTensor, RankTensors, TensorRef};
+pub use plan::names::TensorNames;
 pub use reshard::{ReshardOptions, ReshardSummary};
 pub use topology::{Coords, Topology};

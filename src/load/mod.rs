@@ -301,6 +301,18 @@ impl RankTensors {
         })
     }
 
+    /// The arena bytes of tensor `i` (plan order), unless it is a view of the file mapping:
+    /// how a job writes buffers that have no file source.
+    pub(crate) fn arena_tensor_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        if self.views.contains_key(&i) {
+            return None;
+        }
+        let t = self.tensors.get(i)?;
+        let s = usize::try_from(t.offset).ok()?;
+        let e = s.checked_add(usize::try_from(t.bytes).ok()?)?;
+        self.arena.get_mut(s..e)
+    }
+
     /// The tensor with this checkpoint name.
     pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
         self.tensor_at(*self.by_name.get(name)?)

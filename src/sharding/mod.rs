@@ -22,6 +22,7 @@ mod expr;
 mod parse;
 mod pattern;
 mod resolve;
+pub mod vllm;
 
 /// One piece of a rank-local tensor.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -222,6 +223,8 @@ pub struct Spec {
     pub origin: String,
     def: Arc<parse::SpecDef>,
     source: Arc<str>,
+    /// Embedded in the binary (its vLLM name map is too), not read from a path.
+    shipped: bool,
 }
 
 /// Largest `.shard` file read (shipped specs are a few KB): a bigger file, or a device such as
@@ -284,6 +287,7 @@ impl Spec {
             origin: origin.to_string(),
             def: Arc::new(def),
             source: Arc::from(source),
+            shipped: false,
         })
     }
 
@@ -303,6 +307,7 @@ impl Spec {
         };
         let mut spec = Spec::parse(src, &format!("{n}.shard"))?;
         spec.name = n.to_string();
+        spec.shipped = true;
         Ok(spec)
     }
 

@@ -1,0 +1,574 @@
+//! vLLM name maps (`shard-specs/<spec>.vllm.json`): how a rank's checkpoint tensors become
+//! the entries of vLLM's `model.state_dict()`, as data next to the specs.
+//!
+//! A map says, for one architecture family and one vLLM version:
+//! - `prefixes`: renames by name prefix (GPT-2's `transformer.`), the first match wins;
+//! - `fuse`: checkpoint parts concatenated into one vLLM parameter (`q/k/v_proj` →
+//!   `qkv_proj`), along a dimension that may depend on the suffix (GPTQ `qweight` is
+//!   `[in/8, out]`, so its parts join on dim 1);
+//! - `experts`: FusedMoE stacking, per local expert (in expert-id order) the parts fused as
+//!   above, then the experts stacked on a new leading dimension;
+//! - `transpose`: 2-D tensors vLLM holds transposed (GPT-2's Conv1D weights);
+//! - `tie`: the names tied embeddings go under (vLLM's `ShardedStateLoader` keeps the
+//!   smallest name of tensors sharing storage);
+//! - `buffers`: persistent buffers vLLM's model has that no checkpoint provides, with the
+//!   value vLLM's default load leaves in them.
+//!
+//! Names are templates of dot-separated segments; a segment may hold one `{capture}` with a
+//! literal prefix and suffix (`w13_{S}`); a capture matches one non-empty segment part.
+//! The format is docs/vllm.md's "Name maps".
+
+use serde::Deserialize;
+
+use super::Spec;
+use crate::checkpoint::Dtype;
+use crate::{Error, Result};
+
+/// One dot-separated segment of a [`Template`]: `prefix{capture}suffix` or a literal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Segment {
+    prefix: String,
+    capture: Option<String>,
+    suffix: String,
+}
+
+/// A tensor-name template such as `model.layers.{L}.self_attn.qkv_proj.{S}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+/// Captured values by capture name, in template order.
+pub type Captures = Vec<(String, String)>;
+
+impl Template {
+    /// Parses a template; `key` names it in errors.
+    fn parse(text: &str, origin: &str, key: &str) -> Result<Template> {
+        let bad = |why: &str| Error::Spec(format!("{origin}: `{key}`: {text:?}: {why}"));
+        if text.is_empty() {
+            return Err(bad("empty name"));
+        }
+        let mut segments = Vec::new();
+        for seg in text.split('.') {
+            if seg.is_empty() {
+                return Err(bad("empty segment (two dots, or a dot at an end)"));
+            }
+            let segment = match seg.find('{') {
+                None if seg.contains('}') => return Err(bad("`}` without `{`")),
+                None => Segment {
+                    prefix: seg.to_string(),
+                    capture: None,
+                    suffix: String::new(),
+                },
+                Some(open) => {
+                    let Some(close) = seg[open..].find('}').map(|c| c + open) else {
+                        return Err(bad("`{` without `}`"));
+                    };
+                    let name = &seg[open + 1..close];
+                    let suffix = &seg[close + 1..];
+                    if name.is_empty()
+                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        return Err(bad("a capture name is letters, digits or `_`"));
+                    }
+                    if suffix.contains('{') || suffix.contains('}') {
+                        return Err(bad("at most one capture per segment"));
+                    }
+                    Segment {
+                        prefix: seg[..open].to_string(),
+                        capture: Some(name.to_string()),
+                        suffix: suffix.to_string(),
+                    }
+                }
+            };
+            segments.push(segment);
+        }
+        let t = Template {
+            text: text.to_string(),
+            segments,
+        };
+        let names = t.capture_names();
+        for (i, n) in names.iter().enumerate() {
+            if names[..i].contains(n) {
+                return Err(bad(&format!("capture `{{{n}}}` appears twice")));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Capture names, in order.
+    pub fn capture_names(&self) -> Vec<&str> {
+        self.segments
+            .iter()
+            .filter_map(|s| s.capture.as_deref())
+            .collect()
+    }
+
+    /// The captures if `name` matches.
+    pub fn matches(&self, name: &str) -> Option<Captures> {
+        let mut caps = Vec::new();
+        let mut parts = name.split('.');
+        for seg in &self.segments {
+            let part = parts.next()?;
+            match &seg.capture {
+                None => {
+                    if part != seg.prefix {
+                        return None;
+                    }
+                }
+                Some(c) => {
+                    let inner = part
+                        .strip_prefix(seg.prefix.as_str())?
+                        .strip_suffix(seg.suffix.as_str())?;
+                    if inner.is_empty() {
+                        return None;
+                    }
+                    caps.push((c.clone(), inner.to_string()));
+                }
+            }
+        }
+        parts.next().is_none().then_some(caps)
+    }
+
+    /// The name with every capture filled from `caps` (`None` if one is missing).
+    pub fn render(&self, caps: &[(String, String)]) -> Option<String> {
+        let mut out = String::with_capacity(self.text.len() + 16);
+        for (i, seg) in self.segments.iter().enumerate() {
+            if i > 0 {
+                out.push('.');
+            }
+            out.push_str(&seg.prefix);
+            if let Some(c) = &seg.capture {
+                out.push_str(&caps.iter().find(|(n, _)| n == c)?.1);
+            }
+            out.push_str(&seg.suffix);
+        }
+        Some(out)
+    }
+}
+
+/// Parts concatenated into one vLLM parameter.
+#[derive(Clone, Debug)]
+pub struct FuseRule {
+    /// The vLLM name.
+    pub into: Template,
+    /// The checkpoint parts (after `prefixes`), in vLLM's order.
+    pub parts: Vec<Template>,
+    /// The concatenation dimension per value of the `{S}` capture (the suffix), or for every
+    /// suffix when the key is `*`.
+    pub dims: Vec<(String, usize)>,
+}
+
+impl FuseRule {
+    /// The concatenation dimension for these captures, if the rule covers the suffix.
+    pub fn dim(&self, caps: &[(String, String)]) -> Option<usize> {
+        let suffix = caps.iter().find(|(n, _)| n == "S").map(|(_, v)| v.as_str());
+        self.dims
+            .iter()
+            .find(|(s, _)| s == "*" || Some(s.as_str()) == suffix)
+            .map(|&(_, d)| d)
+    }
+}
+
+/// Which pipeline stages build the LM head that tied embeddings share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadStages {
+    /// Only the last stage (Llama-family classes: `PPMissingLayer` elsewhere).
+    Last,
+    /// Every stage (Mixtral, Qwen2-MoE, GPT-2).
+    All,
+}
+
+/// Tied word embeddings.
+#[derive(Clone, Debug)]
+pub struct TieRule {
+    /// The embedding's vLLM name.
+    pub embedding: String,
+    /// The head's vLLM name (also its checkpoint name: a stored head unties).
+    pub head: String,
+    /// `tie_word_embeddings` when config.json does not say.
+    pub default: bool,
+    /// Stages whose model builds the head.
+    pub head_stages: HeadStages,
+}
+
+/// A persistent buffer no checkpoint provides.
+#[derive(Clone, Debug)]
+pub struct BufferRule {
+    /// The buffer's vLLM name.
+    pub name: Template,
+    /// A rank holds the buffer once for every distinct capture of `with` among its tensors
+    /// (vLLM names): the module the buffer belongs to.
+    pub with: Template,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Every element's value, as vLLM's load leaves it.
+    pub value: f64,
+}
+
+/// A parsed, checked vLLM name map.
+#[derive(Clone, Debug)]
+pub struct VllmMap {
+    /// Where the map came from, for messages.
+    pub origin: String,
+    /// The vLLM version the map matches.
+    pub vllm: String,
+    /// `quantization_config.quant_method` values the map covers (`none`: unquantized).
+    pub quantization: Vec<String>,
+    /// Prefix renames, first match wins.
+    pub prefixes: Vec<(String, String)>,
+    /// Fused parameters.
+    pub fuse: Vec<FuseRule>,
+    /// FusedMoE expert stacking (parts hold `{E}`).
+    pub experts: Vec<FuseRule>,
+    /// Tensors vLLM holds transposed (vLLM names, 2-D).
+    pub transpose: Vec<Template>,
+    /// Tied embeddings.
+    pub tie: Option<TieRule>,
+    /// Buffers no checkpoint provides.
+    pub buffers: Vec<BufferRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMap {
+    vllm: String,
+    #[serde(default)]
+    about: Option<String>,
+    quantization: Vec<String>,
+    #[serde(default)]
+    prefixes: Vec<RawPrefix>,
+    #[serde(default)]
+    fuse: Vec<RawFuse>,
+    #[serde(default)]
+    experts: Vec<RawFuse>,
+    #[serde(default)]
+    transpose: Vec<String>,
+    #[serde(default)]
+    tie: Option<RawTie>,
+    #[serde(default)]
+    buffers: Vec<RawBuffer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrefix {
+    from: String,
+    to: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFuse {
+    into: String,
+    parts: Vec<String>,
+    dim: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTie {
+    embedding: String,
+    head: String,
+    default: bool,
+    head_stages: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuffer {
+    name: String,
+    with: String,
+    dtype: String,
+    shape: Vec<u64>,
+    value: f64,
+}
+
+/// Largest map file read (shipped maps are a few KB).
+const MAX_MAP_FILE: u64 = 1 << 20;
+
+/// Shipped maps, by spec name.
+const SHIPPED: [(&str, &str); 7] = [
+    ("llama", include_str!("../../shard-specs/llama.vllm.json")),
+    ("qwen2", include_str!("../../shard-specs/qwen2.vllm.json")),
+    ("phi3", include_str!("../../shard-specs/phi3.vllm.json")),
+    (
+        "mixtral",
+        include_str!("../../shard-specs/mixtral.vllm.json"),
+    ),
+    (
+        "qwen2_moe",
+        include_str!("../../shard-specs/qwen2_moe.vllm.json"),
+    ),
+    (
+        "deepseek_v3",
+        include_str!("../../shard-specs/deepseek_v3.vllm.json"),
+    ),
+    ("gpt2", include_str!("../../shard-specs/gpt2.vllm.json")),
+];
+
+impl VllmMap {
+    /// Parses a map; `origin` names it in errors (`file: \`key\`: what is wrong`).
+    pub fn parse(source: &str, origin: &str) -> Result<VllmMap> {
+        let raw: RawMap = serde_json::from_str(source).map_err(|e| {
+            Error::Spec(format!(
+                "{origin}:{}:{}: {}",
+                e.line(),
+                e.column(),
+                strip_position(&e.to_string())
+            ))
+        })?;
+        let _ = raw.about;
+        let t = |text: &str, key: &str| Template::parse(text, origin, key);
+        let bad = |key: &str, why: String| Error::Spec(format!("{origin}: `{key}`: {why}"));
+        if raw.vllm.trim().is_empty() {
+            return Err(bad(
+                "vllm",
+                "the vLLM version the map matches is empty".into(),
+            ));
+        }
+        if raw.quantization.is_empty() {
+            return Err(bad(
+                "quantization",
+                "lists no quant_method (`none` for unquantized checkpoints)".into(),
+            ));
+        }
+        let prefixes = raw
+            .prefixes
+            .into_iter()
+            .map(|p| (p.from, p.to))
+            .collect::<Vec<_>>();
+        let fuse_rules =
+            |raws: Vec<RawFuse>, section: &str, experts: bool| -> Result<Vec<FuseRule>> {
+                let mut out = Vec::new();
+                for (i, r) in raws.into_iter().enumerate() {
+                    let key = format!("{section}[{i}]");
+                    let into = t(&r.into, &format!("{key}.into"))?;
+                    if r.parts.is_empty() {
+                        return Err(bad(&format!("{key}.parts"), "lists no parts".into()));
+                    }
+                    let mut parts = Vec::new();
+                    for (j, p) in r.parts.iter().enumerate() {
+                        let pk = format!("{key}.parts[{j}]");
+                        let part = t(p, &pk)?;
+                        let mut need: Vec<&str> = into.capture_names();
+                        if experts {
+                            if into.capture_names().contains(&"E") {
+                                return Err(bad(
+                                    &format!("{key}.into"),
+                                    "the stacked name cannot hold the expert capture `{E}`".into(),
+                                ));
+                            }
+                            need.push("E");
+                        }
+                        let mut have = part.capture_names();
+                        have.sort_unstable();
+                        need.sort_unstable();
+                        if have != need {
+                            return Err(bad(
+                                &pk,
+                                format!(
+                                    "captures {{{}}} must be those of `into`{} ({{{}}})",
+                                    have.join("}, {"),
+                                    if experts { " plus `{E}`" } else { "" },
+                                    need.join("}, {")
+                                ),
+                            ));
+                        }
+                        parts.push(part);
+                    }
+                    if r.dim.is_empty() {
+                        return Err(bad(
+                            &format!("{key}.dim"),
+                            "maps no suffix to a dimension (e.g. {\"weight\": 0})".into(),
+                        ));
+                    }
+                    let mut dims = Vec::new();
+                    for (suffix, v) in &r.dim {
+                        let d = v.as_u64().filter(|&d| d < 8).ok_or_else(|| {
+                            bad(
+                                &format!("{key}.dim.{suffix}"),
+                                format!("{v} is not a dimension (0..8)"),
+                            )
+                        })?;
+                        dims.push((suffix.clone(), d as usize));
+                    }
+                    out.push(FuseRule { into, parts, dims });
+                }
+                Ok(out)
+            };
+        let fuse = fuse_rules(raw.fuse, "fuse", false)?;
+        let experts = fuse_rules(raw.experts, "experts", true)?;
+        let transpose = raw
+            .transpose
+            .iter()
+            .enumerate()
+            .map(|(i, s)| t(s, &format!("transpose[{i}]")))
+            .collect::<Result<Vec<_>>>()?;
+        let tie = match raw.tie {
+            None => None,
+            Some(r) => {
+                let head_stages = match r.head_stages.as_str() {
+                    "last" => HeadStages::Last,
+                    "all" => HeadStages::All,
+                    other => {
+                        return Err(bad(
+                            "tie.head_stages",
+                            format!("{other:?} is not \"last\" or \"all\""),
+                        ))
+                    }
+                };
+                Some(TieRule {
+                    embedding: r.embedding,
+                    head: r.head,
+                    default: r.default,
+                    head_stages,
+                })
+            }
+        };
+        let mut buffers = Vec::new();
+        for (i, b) in raw.buffers.into_iter().enumerate() {
+            let key = format!("buffers[{i}]");
+            let name = t(&b.name, &format!("{key}.name"))?;
+            let with = t(&b.with, &format!("{key}.with"))?;
+            let dtype = b.dtype.parse::<Dtype>().map_err(|_| {
+                bad(
+                    &format!("{key}.dtype"),
+                    format!("{:?} is not a safetensors dtype (F32, BF16, ...)", b.dtype),
+                )
+            })?;
+            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+                return Err(bad(
+                    &format!("{key}.dtype"),
+                    format!("{dtype}: buffers are floating point (F64, F32, F16, BF16)"),
+                ));
+            }
+            for c in name.capture_names() {
+                if !with.capture_names().contains(&c) {
+                    return Err(bad(
+                        &format!("{key}.name"),
+                        format!("capture `{{{c}}}` is not in `with`"),
+                    ));
+                }
+            }
+            if b.shape.iter().product::<u64>() > 1 << 20 {
+                return Err(bad(
+                    &format!("{key}.shape"),
+                    "more than 2^20 elements".into(),
+                ));
+            }
+            buffers.push(BufferRule {
+                name,
+                with,
+                dtype,
+                shape: b.shape,
+                value: b.value,
+            });
+        }
+        Ok(VllmMap {
+            origin: origin.to_string(),
+            vllm: raw.vllm,
+            quantization: raw.quantization,
+            prefixes,
+            fuse,
+            experts,
+            transpose,
+            tie,
+            buffers,
+        })
+    }
+
+    /// The map beside `spec`: the shipped map of a shipped spec, `<dir>/<stem>.vllm.json` for
+    /// a spec read from `<dir>/<stem>.shard`. A spec without one is [`Error::Unsupported`].
+    pub fn for_spec(spec: &Spec) -> Result<VllmMap> {
+        if spec.shipped {
+            let Some((_, src)) = SHIPPED.iter().find(|(n, _)| *n == spec.name) else {
+                return Err(Error::Unsupported {
+                    what: format!("spec `{}`", spec.name),
+                    why: "no vLLM name map is shipped for it".into(),
+                });
+            };
+            return VllmMap::parse(src, &format!("{}.vllm.json", spec.name));
+        }
+        let shard = std::path::Path::new(&spec.origin);
+        let path = shard.with_extension("vllm.json");
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Unsupported {
+                what: format!("spec {}", crate::error::escaped_path(shard)),
+                why: format!(
+                    "no vLLM name map beside it ({} does not exist)",
+                    crate::error::escaped_path(&path)
+                ),
+            }),
+            Err(e) => Err(Error::io(&path, e)),
+            Ok(m) if !m.is_file() || m.len() > MAX_MAP_FILE => Err(Error::InvalidFile {
+                file: path.to_string_lossy().into_owned(),
+                reason: format!(
+                    "a name map must be a regular file of at most {MAX_MAP_FILE} bytes"
+                ),
+            }),
+            Ok(_) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                VllmMap::parse(&text, &path.to_string_lossy())
+            }
+        }
+    }
+
+    /// The vLLM name of a checkpoint tensor after `prefixes` (before fusion).
+    pub fn renamed(&self, name: &str) -> String {
+        for (from, to) in &self.prefixes {
+            if let Some(rest) = name.strip_prefix(from.as_str()) {
+                return format!("{to}{rest}");
+            }
+        }
+        name.to_string()
+    }
+}
+
+/// serde_json's message without its trailing " at line L column C" (the caller puts the
+/// position first, as `file:line:col:`).
+fn strip_position(msg: &str) -> &str {
+    match msg.rfind(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_match_and_render() {
+        let t = Template::parse("model.layers.{L}.mlp.experts.w13_{S}", "m", "k").unwrap();
+        let caps = t.matches("model.layers.3.mlp.experts.w13_weight").unwrap();
+        assert_eq!(
+            caps,
+            vec![("L".into(), "3".into()), ("S".into(), "weight".into())]
+        );
+        assert_eq!(
+            t.render(&caps).unwrap(),
+            "model.layers.3.mlp.experts.w13_weight"
+        );
+        assert!(t.matches("model.layers.3.mlp.experts.w13_").is_none());
+        assert!(t
+            .matches("model.layers.3.mlp.experts.w13_weight.x")
+            .is_none());
+        assert!(t.matches("model.layers.3.mlp.experts").is_none());
+    }
+
+    #[test]
+    fn every_shipped_map_parses() {
+        for (name, src) in SHIPPED {
+            VllmMap::parse(src, &format!("{name}.vllm.json")).unwrap();
+        }
+    }
+}
