@@ -6,8 +6,9 @@ plugins (so the loader comes through the package's real `vllm.general_plugins` e
 builds the engine config with `load_format="safeshard"` once, then forks one process per
 rank. Each rank builds the model vLLM picks twice: one loaded by vLLM's own
 `DefaultModelLoader`, one by `get_model_loader(load_config)`, i.e. the plugin. Before loading,
-every parameter and buffer of both models is set to the same byte pattern, so that a tensor
-one loader writes and the other does not is a difference too (never uninitialized memory).
+every parameter of both models is set to the same byte pattern (buffers keep their
+constructed values), so that a tensor one loader writes and the other does not is a
+difference too, never uninitialized memory.
 After loading and vLLM's re-tying of embeddings, every `state_dict()` entry must be equal in
 name, dtype, shape and bytes, and the same names must share storage. Each rank writes what
 the plugin did (safeshard or the default, and why) and the differences into OUT.json.
@@ -99,10 +100,12 @@ def main() -> None:
 
 
 def fill_pattern(model) -> None:
+    """Sets every parameter (torch.empty at construction: whatever memory held) to one byte
+    pattern; buffers keep the values the model's constructor gave them, as in vLLM."""
     import torch
 
     with torch.no_grad():
-        for t in model.state_dict().values():
+        for t in model.parameters():
             if t.numel() == 0:
                 continue
             flat = t.reshape(-1)
