@@ -317,6 +317,76 @@ impl Job {
     /// # }
     /// ```
     pub fn reshard(&self, out: impl AsRef<Path>, opts: &ReshardOptions) -> Result<ReshardSummary> {
-        crate::reshard::reshard(&self.plan, &[&self.ckpt.root], out.as_ref(), opts)
+        let files = match opts.format {
+            TensorNames::Checkpoint => Vec::new(),
+            TensorNames::Vllm if self.names != TensorNames::Vllm => {
+                return Err(crate::Error::invalid_argument(
+                    "format",
+                    "vllm needs a job opened with vLLM names (JobBuilder::names(TensorNames::Vllm))",
+                ))
+            }
+            TensorNames::Vllm => self.vllm_side_files()?,
+        };
+        let finish = |r: &mut RankTensors| self.fill_buffers(r);
+        let extras = crate::reshard::Extras {
+            files,
+            finish: &finish,
+        };
+        crate::reshard::reshard(&self.plan, &[&self.ckpt.root], out.as_ref(), opts, &extras)
+    }
+
+    /// Files a vLLM model directory needs beside the weights: config.json (with
+    /// `tie_word_embeddings` false when the checkpoint stores a head vLLM would untie for:
+    /// the `sharded_state` loader never unties), generation and tokenizer files as they are.
+    fn vllm_side_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        const COPIED: [&str; 9] = [
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+            "vocab.json",
+            "merges.txt",
+            "added_tokens.json",
+            "chat_template.jinja",
+        ];
+        let mut files = Vec::new();
+        if let Some(config) = &self.ckpt.config {
+            let mut config = config.clone();
+            let map = VllmMap::for_spec(&self.spec)?;
+            let stored_head = map.tie.as_ref().is_some_and(|t| {
+                self.ckpt
+                    .tensors
+                    .iter()
+                    .any(|x| map.renamed(&x.name) == t.head)
+            });
+            let declared = map.tie.as_ref().is_some_and(|t| {
+                self.config
+                    .values
+                    .get("tie_word_embeddings")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(t.default)
+            });
+            if stored_head && declared {
+                if let Some(obj) = config.as_object_mut() {
+                    obj.insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
+                }
+            }
+            let mut bytes = serde_json::to_vec_pretty(&config)
+                .map_err(|e| crate::Error::Config(format!("config.json: {e}")))?;
+            bytes.push(b'\n');
+            files.push(("config.json".to_string(), bytes));
+        }
+        for name in COPIED {
+            let path = self.ckpt.root.join(name);
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => {
+                    let bytes = std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))?;
+                    files.push((name.to_string(), bytes));
+                }
+                _ => {}
+            }
+        }
+        Ok(files)
     }
 }

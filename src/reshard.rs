@@ -1,6 +1,16 @@
-//! Resharding: write every rank's tensors as safetensors files named as vLLM's
-//! `sharded_state` loader expects (`model-rank-{rank}-part-{part}.safetensors`), plus
-//! [`MANIFEST`], the plan as JSON.
+//! Resharding: write every rank's tensors as safetensors files, plus [`MANIFEST`], the plan
+//! as JSON.
+//!
+//! Two formats ([`ReshardOptions::format`]):
+//! - [`TensorNames::Checkpoint`] (the default): checkpoint names, unfused, one file set per
+//!   global rank, `model-rank-{rank}-part-{part}.safetensors`;
+//! - [`TensorNames::Vllm`]: what vLLM's `sharded_state` loader reads: the plan already holds
+//!   vLLM's `state_dict()` names (see [`crate::plan::names`]); files are named by the loader's
+//!   patterns, `model-rank-{tp_rank}-part-{part}.safetensors` when pp = 1 and
+//!   `model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors` when pp > 1, and the caller's
+//!   extra files (config.json, tokenizer files) are written beside them so the directory is a
+//!   model vLLM opens with `load_format="sharded_state"`. vLLM has no files per data- or
+//!   expert-parallel rank, so dp and ep must be 1.
 //!
 //! Outputs are safe:
 //! - the output directory may not be, contain or lie inside a directory holding an input file
@@ -18,7 +28,8 @@ use std::io::{BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
 
 use crate::checkpoint::header_bytes;
-use crate::load::{self, LoadOptions, TensorRef};
+use crate::load::{self, LoadOptions, RankTensors, TensorRef};
+use crate::plan::names::TensorNames;
 use crate::plan::Plan;
 use crate::{Error, Result};
 
@@ -33,6 +44,9 @@ pub struct ReshardOptions {
     pub max_shard_size: u64,
     /// How each rank is loaded (views are never used).
     pub load: LoadOptions,
+    /// File names and layout: [`TensorNames::Vllm`] writes vLLM `sharded_state` files and
+    /// needs a plan with vLLM names ([`crate::JobBuilder::names`]).
+    pub format: TensorNames,
 }
 
 impl Default for ReshardOptions {
@@ -40,8 +54,18 @@ impl Default for ReshardOptions {
         ReshardOptions {
             max_shard_size: 5_000_000_000,
             load: LoadOptions::default(),
+            format: TensorNames::Checkpoint,
         }
     }
+}
+
+/// What a reshard writes besides the parts: files copied or edited next to them, and a step
+/// run on every loaded rank before it is written.
+pub(crate) struct Extras<'a> {
+    /// (file name, bytes) written beside the parts.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Finishes a loaded rank (writes buffers without a file source).
+    pub finish: &'a dyn Fn(&mut RankTensors) -> Result<()>,
 }
 
 /// What a reshard wrote.
@@ -133,6 +157,7 @@ fn write_parts(
     plan: &Plan,
     out: &Path,
     opts: &ReshardOptions,
+    extras: &Extras<'_>,
     names: &mut Vec<String>,
 ) -> Result<u64> {
     let load_opts = LoadOptions {
@@ -141,11 +166,23 @@ fn write_parts(
     };
     let mut written = 0u64;
     for rank in 0..plan.ranks.len() {
-        let loaded = load::load_rank(plan, rank, &load_opts)?;
+        let mut loaded = load::load_rank(plan, rank, &load_opts)?;
+        (extras.finish)(&mut loaded)?;
         let tensors: Vec<TensorRef<'_>> = loaded.iter().collect();
         let sizes: Vec<u64> = tensors.iter().map(|t| t.data.len() as u64).collect();
+        let c = loaded.coords();
         for (part, range) in parts(&sizes, opts.max_shard_size).into_iter().enumerate() {
-            let name = format!("model-rank-{rank}-part-{part}.safetensors");
+            let name = match opts.format {
+                TensorNames::Checkpoint => format!("model-rank-{rank}-part-{part}.safetensors"),
+                // ShardedStateLoader's TP_ONLY_PATTERN and PP_AND_TP_PATTERN.
+                TensorNames::Vllm if plan.topology.pp == 1 => {
+                    format!("model-rank-{}-part-{part}.safetensors", c.tp_rank)
+                }
+                TensorNames::Vllm => format!(
+                    "model-pp-{}-tp-{}-part-{part}.safetensors",
+                    c.pp_rank, c.tp_rank
+                ),
+            };
             let slice = tensors.get(range).unwrap_or(&[]);
             written += write_part(&out.join(&name), slice)?;
             names.push(name);
@@ -154,15 +191,16 @@ fn write_parts(
     Ok(written)
 }
 
-/// Removes `model-rank-*-part-*.safetensors` files of an earlier run that this run did not
-/// write (another topology or shard size), so the directory holds exactly this plan's parts.
+/// Removes `model-rank-*-part-*.safetensors` and `model-pp-*-tp-*-part-*.safetensors` files
+/// of an earlier run that this run did not write (another topology, shard size or format), so
+/// the directory holds exactly this plan's parts.
 fn remove_stale_parts(out: &Path, written: &[String]) -> Result<()> {
     let entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(out, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let ours = name.starts_with("model-rank-")
+        let ours = (name.starts_with("model-rank-") || name.starts_with("model-pp-"))
             && name.contains("-part-")
             && name.ends_with(".safetensors");
         if ours && !written.iter().any(|w| w == name) {
@@ -301,7 +339,26 @@ pub(crate) fn reshard(
     inputs: &[&Path],
     out: &Path,
     opts: &ReshardOptions,
+    extras: &Extras<'_>,
 ) -> Result<ReshardSummary> {
+    if opts.format == TensorNames::Vllm {
+        let t = &plan.topology;
+        if t.dp != 1 || t.ep != 1 {
+            return Err(Error::invalid_argument(
+                "format",
+                format!(
+                    "vllm with dp = {} and ep = {}: vLLM's sharded_state files are per (pp, tp) rank only (every data-parallel replica reads the same files); reshard with dp = 1 and ep = 1",
+                    t.dp, t.ep
+                ),
+            ));
+        }
+        if !plan.spec.contains("+vllm-") {
+            return Err(Error::invalid_argument(
+                "format",
+                "vllm needs a plan with vLLM names (JobBuilder::names(TensorNames::Vllm))",
+            ));
+        }
+    }
     check_disjoint(plan, inputs, out)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let _lock = DirLock::acquire(out)?;
@@ -315,13 +372,16 @@ pub(crate) fn reshard(
         _ => {}
     }
     let mut names = Vec::new();
-    let written = write_parts(plan, out, opts, &mut names).inspect_err(|_| {
+    let written = write_parts(plan, out, opts, extras, &mut names).inspect_err(|_| {
         // Parts of a failed run are removed: with no manifest they would still look whole.
         for n in &names {
             let _ = std::fs::remove_file(out.join(n));
         }
     })?;
     remove_stale_parts(out, &names)?;
+    for (name, bytes) in &extras.files {
+        write_atomic(&out.join(name), |w| w.write_all(bytes))?;
+    }
     write_atomic(&manifest, |w| {
         serde_json::to_writer_pretty(&mut *w, plan).map_err(std::io::Error::other)?;
         w.write_all(b"\n")

@@ -85,7 +85,14 @@ impl PlanFlags {
     /// The one place where the planning flags meet the library: a [`Job`] (open, spec,
     /// resolve, plan) for `checkpoint`, its warnings printed.
     pub fn job(&self, checkpoint: &Path) -> Result<Job> {
-        let mut builder = Job::builder(checkpoint).topology(self.topology()?);
+        self.job_named(checkpoint, safeshard::TensorNames::Checkpoint)
+    }
+
+    /// [`PlanFlags::job`] with the names the ranks hold.
+    pub fn job_named(&self, checkpoint: &Path, names: safeshard::TensorNames) -> Result<Job> {
+        let mut builder = Job::builder(checkpoint)
+            .topology(self.topology()?)
+            .names(names);
         if let Some(spec) = &self.spec {
             builder = builder.spec(spec.clone());
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use safeshard::reshard::MANIFEST;
-use safeshard::{ReshardOptions, Result};
+use safeshard::{ReshardOptions, Result, TensorNames};
 
 use super::common::{human_bytes, printable, PlanFlags};
 use super::load::parse_size;
@@ -23,15 +23,22 @@ pub struct Args {
     /// its own.
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     pub max_shard_size: u64,
+    /// `checkpoint`: checkpoint tensor names, one file set per global rank; `vllm`: what vLLM's
+    /// `sharded_state` loader reads (its state_dict names, fused and stacked parameters,
+    /// buffers, per-(pp, tp) file names, config.json and tokenizer files beside them).
+    #[arg(long, default_value = "checkpoint", value_parser = ["checkpoint", "vllm"])]
+    pub format: String,
 }
 
 /// Runs `safeshard reshard`.
 pub fn run(args: Args) -> Result<()> {
-    let job = args.plan.job(&args.checkpoint)?;
+    let format: TensorNames = args.format.parse()?;
+    let job = args.plan.job_named(&args.checkpoint, format)?;
     let done = job.reshard(
         &args.out,
         &ReshardOptions {
             max_shard_size: args.max_shard_size,
+            format,
             ..ReshardOptions::default()
         },
     )?;

@@ -737,6 +737,20 @@ fn vllm_rank(
             Ok(())
         };
     for r in &rp.copies {
+        // Fast path: a run inside one tensor that lands contiguously (renamed, or a dim-0
+        // part) moves as a whole; a strided run of a big expert would be millions of chunks.
+        let first = r.dst;
+        let last_end = r.dst + r.count.saturating_sub(1) * r.dst_stride + r.len;
+        let k = bounds.partition_point(|b| b.1 <= first);
+        if let Some(&(ts, _, ti)) = bounds.get(k).filter(|b| b.0 <= first && last_end <= b.1) {
+            if let Some(p) = place[ti].as_ref().filter(|p| p.block().1.is_none()) {
+                sink.copies.push(CopyRun {
+                    dst: offsets[p.out] + p.base + (first - ts),
+                    ..*r
+                });
+                continue;
+            }
+        }
         for c in 0..r.count {
             emit(
                 r.file,

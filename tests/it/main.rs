@@ -32,3 +32,4 @@ mod spec_vllm_ref;
 mod synth_generator;
 mod synth_spec_vs_ref;
 mod synth_vllm_ref;
+mod vllm_names;

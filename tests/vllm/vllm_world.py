@@ -1,6 +1,6 @@
 """vLLM's own load on CPU, every rank of a tp x pp gloo world: the differential's ground truth.
 
-Run as `python vllm_world.py CKPT OUT TP PP PORT`. The parent imports vLLM and builds the
+Run as `python vllm_world.py CKPT OUT TP PP PORT [LOADER]`. The parent imports vLLM and builds the
 engine config once, then forks one process per rank (imports dominate the run time). Each
 rank builds the model vLLM picks from CKPT/config.json, loads it with vLLM's
 `DefaultModelLoader.load_weights`, re-ties embeddings as vLLM does after loading, and
@@ -8,6 +8,9 @@ writes this rank's `state_dict()` to OUT/rank{RANK}.safetensors plus OUT/rank{RA
 the names `load_weights` reported as loaded, which names share storage, and for every
 fused parameter the checkpoint parts (vLLM's `packed_modules_mapping`) and for every
 FusedMoE layer its local-to-global expert ids.
+
+LOADER `sharded_state` loads CKPT (a `safeshard reshard --format vllm` output) with vLLM's
+`ShardedStateLoader.load_weights` instead (no re-tying: vLLM's sharded path never unties).
 """
 
 import json
@@ -24,6 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def main() -> None:
     ckpt, out, tp, pp, port = sys.argv[1:6]
+    loader_name = sys.argv[6] if len(sys.argv) > 6 else "safetensors"
     tp, pp = int(tp), int(pp)
     import torch
     from safetensors.torch import save_file
@@ -63,7 +67,7 @@ def main() -> None:
     args = EngineArgs(
         **extra,
         model=ckpt,
-        load_format="safetensors",
+        load_format=loader_name,
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         skip_tokenizer_init=True,
@@ -84,7 +88,7 @@ def main() -> None:
                 import ctypes
 
                 ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-                load_rank(vllm_config, out, tp, pp, rank, port)
+                load_rank(vllm_config, out, tp, pp, rank, port, loader_name)
                 code = 0
             except BaseException:
                 import traceback
@@ -108,7 +112,7 @@ def main() -> None:
         sys.exit(f"vLLM load failed on rank(s) {sorted(failed)}")
 
 
-def load_rank(vllm_config, out, tp, pp, rank, port) -> None:
+def load_rank(vllm_config, out, tp, pp, rank, port, loader_name="safetensors") -> None:
     import torch
     from safetensors.torch import save_file
     from vllm.config import set_current_vllm_config
@@ -134,7 +138,14 @@ def load_rank(vllm_config, out, tp, pp, rank, port) -> None:
             backend="gloo",
         )
         initialize_model_parallel(tp, pp)
-        loader = DefaultModelLoader(vllm_config.load_config)
+        if loader_name == "sharded_state":
+            from vllm.model_executor.model_loader.sharded_state_loader import (
+                ShardedStateLoader,
+            )
+
+            loader = ShardedStateLoader(vllm_config.load_config)
+        else:
+            loader = DefaultModelLoader(vllm_config.load_config)
         with set_default_torch_dtype(model_config.dtype), torch.device("cpu"):
             model = initialize_model(vllm_config=vllm_config, model_config=model_config)
         # DefaultModelLoader.load_weights drops the set of names the model reports as
@@ -150,7 +161,8 @@ def load_rank(vllm_config, out, tp, pp, rank, port) -> None:
         model.load_weights = recording_load
         loader.load_weights(model, model_config)
         loaded = sorted(loaded_sets[0]) if loaded_sets and loaded_sets[0] is not None else None
-        maybe_retie_word_embeddings(model, model_config)
+        if loader_name != "sharded_state":
+            maybe_retie_word_embeddings(model, model_config)
 
     state = model.state_dict()
     tensors = {}
