@@ -63,19 +63,22 @@ CASES = [f"{v.name}-tp2-pp2" for v in VARIANTS] + [
     "llama-tp4-pp1",
     "qwen2-moe-tp4-pp1",
     "unknown-arch-tp1-pp1",
+    # vLLM's expert parallelism: whole experts per rank (safeshard's ep = tp).
+    "mixtral-tp2-pp1-ep",
+    "qwen2-moe-tp2-pp2-ep",
 ]
 
 
-def parse_case(case: str) -> tuple[Variant, int, int]:
+def parse_case(case: str) -> tuple[Variant, int, int, bool]:
     import re
 
-    m = re.fullmatch(r"(.+)-tp(\d+)-pp(\d+)", case)
+    m = re.fullmatch(r"(.+)-tp(\d+)-pp(\d+)(-ep)?", case)
     if not m:
-        raise ValueError(f"case {case!r} is not NAME-tpN-ppM")
+        raise ValueError(f"case {case!r} is not NAME-tpN-ppM or NAME-tpN-ppM-ep")
     by_name = {v.name: v for v in VARIANTS}
     if m.group(1) not in by_name:
         raise ValueError(f"unknown variant {m.group(1)!r}; known: {', '.join(by_name)}")
-    return by_name[m.group(1)], int(m.group(2)), int(m.group(3))
+    return by_name[m.group(1)], int(m.group(2)), int(m.group(3)), m.group(4) is not None
 
 
 def make_checkpoint(variant: Variant, root: Path) -> Path:
@@ -101,12 +104,12 @@ def make_checkpoint(variant: Variant, root: Path) -> Path:
 
 def run_case(case: str, root: Path) -> tuple[str, list[str]]:
     """Runs one case; returns ("pass"|"fail"|"vllm-cpu-unsupported", details)."""
-    variant, tp, pp = parse_case(case)
+    variant, tp, pp, ep = parse_case(case)
     ckpt = make_checkpoint(variant, root)
     out = root / f"{case}.json"
     r = differential.run(
         [differential.PYTHON, str(HERE / "plugin_world.py"), str(ckpt), str(out), str(tp), str(pp),
-         str(differential.free_port())],
+         str(differential.free_port())] + (["ep"] if ep else []),
         1200,
     )
     if r.returncode != 0:
@@ -144,7 +147,11 @@ def main() -> int:
     ap.add_argument("--keep", type=Path)
     a = ap.parse_args()
     every = CASES + [
-        f"{v.name}-tp{tp}-pp{pp}" for v in VARIANTS for tp in (1, 2, 4) for pp in (1, 2)
+        f"{v.name}-tp{tp}-pp{pp}{ep}"
+        for v in VARIANTS
+        for tp in (1, 2, 4)
+        for pp in (1, 2)
+        for ep in ("", "-ep")
     ]
     every = list(dict.fromkeys(every))
     names = [c for g in a.case.split(",") for c in every if fnmatch.fnmatch(c, g)]

@@ -1,7 +1,8 @@
 """`--load-format safeshard` against vLLM's default loader, on CPU, every rank of a tp x pp
 gloo world (the setup of vllm_world.py).
 
-Run as `python plugin_world.py CKPT OUT.json TP PP PORT`. The parent loads vLLM's general
+Run as `python plugin_world.py CKPT OUT.json TP PP PORT [ep]` (`ep`: vLLM's
+`enable_expert_parallel`). The parent loads vLLM's general
 plugins (so the loader comes through the package's real `vllm.general_plugins` entry point),
 builds the engine config with `load_format="safeshard"` once, then forks one process per
 rank. Each rank builds the model vLLM picks twice: one loaded by vLLM's own
@@ -30,6 +31,7 @@ PATTERN = 0xA5
 def main() -> None:
     ckpt, out, tp, pp, port = sys.argv[1:6]
     tp, pp = int(tp), int(pp)
+    ep = sys.argv[6:7] == ["ep"]
     import torch
 
     torch.set_num_threads(1)
@@ -56,6 +58,7 @@ def main() -> None:
         enforce_eager=True,
         max_model_len=32,
         distributed_executor_backend="mp",
+        enable_expert_parallel=ep,
     )
     vllm_config = args.create_engine_config()
     children = {}
