@@ -38,6 +38,10 @@ class Variant:
     edit: str | None = None
     # A variant safeshard must not load: the plugin must fall back, its reason containing this.
     fallback: str | None = None
+    # Rank 1 reads a copy whose files differ in length: every rank must raise, naming both.
+    skew: bool = False
+    # vLLM serves the model in this dtype (not the checkpoint's): copies convert.
+    dtype: str | None = None
 
 
 VARIANTS = [
@@ -54,6 +58,8 @@ VARIANTS = [
     Variant("llama-awq", "llama-tiny-awq"),
     # vLLM builds its LlamaForCausalLM for this architecture; safeshard ships no spec for it.
     Variant("unknown-arch", "llama-tiny", edit="internlm3", fallback="InternLM3ForCausalLM"),
+    Variant("llama-skewed", "llama-tiny", skew=True),
+    Variant("llama-as-f32", "llama-tiny", dtype="float32"),
 ]
 
 CASES = [f"{v.name}-tp2-pp2" for v in VARIANTS] + [
@@ -66,6 +72,8 @@ CASES = [f"{v.name}-tp2-pp2" for v in VARIANTS] + [
     # vLLM's expert parallelism: whole experts per rank (safeshard's ep = tp).
     "mixtral-tp2-pp1-ep",
     "qwen2-moe-tp2-pp2-ep",
+    "llama-skewed-tp2-pp1",
+    "llama-as-f32-tp2-pp1",
 ]
 
 
@@ -102,14 +110,41 @@ def make_checkpoint(variant: Variant, root: Path) -> Path:
     return out
 
 
+def make_skewed_copy(ckpt: Path) -> Path:
+    """A copy of `ckpt` whose first safetensors file carries extra header metadata: the same
+    tensors, a different file length (which the plan hash covers)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = ckpt.parent / (ckpt.name + "-skewed")
+    if out.exists():
+        return out
+    tmp = ckpt.parent / (ckpt.name + "-skewed.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp)
+    first = sorted(tmp.glob("*.safetensors"))[0]
+    with safe_open(first, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata() or {})
+    meta["skewed"] = "x" * 100
+    save_file(tensors, first, metadata=meta)
+    tmp.rename(out)
+    return out
+
+
 def run_case(case: str, root: Path) -> tuple[str, list[str]]:
     """Runs one case; returns ("pass"|"fail"|"vllm-cpu-unsupported", details)."""
     variant, tp, pp, ep = parse_case(case)
     ckpt = make_checkpoint(variant, root)
     out = root / f"{case}.json"
+    flags = ["ep"] if ep else []
+    if variant.skew:
+        flags.append(f"skew={make_skewed_copy(ckpt)}")
+    if variant.dtype:
+        flags.append(f"dtype={variant.dtype}")
     r = differential.run(
         [differential.PYTHON, str(HERE / "plugin_world.py"), str(ckpt), str(out), str(tp), str(pp),
-         str(differential.free_port())] + (["ep"] if ep else []),
+         str(differential.free_port())] + flags,
         1200,
     )
     if r.returncode != 0:
@@ -119,7 +154,17 @@ def run_case(case: str, root: Path) -> tuple[str, list[str]]:
     ranks = json.loads(out.read_text())
     problems: list[str] = []
     details: list[str] = []
+    if variant.skew:
+        for rk in ranks:
+            err = rk.get("error") or ""
+            if not ("plan hashes differ" in err and "0:" in err and "1:" in err):
+                problems.append(f"rank {rk['rank']}: expected a plan-hash error naming ranks 0 and 1, got {err or 'a load'}")
+            details.append(f"rank {rk['rank']}: {err}")
+        return ("fail" if problems else "pass"), problems or details
     for rk in ranks:
+        if "error" in rk:
+            problems.append(f"rank {rk['rank']}: the plugin raised {rk['error']}")
+            continue
         if rk["loader"] != "SafeshardModelLoader":
             problems.append(f"rank {rk['rank']}: vLLM chose {rk['loader']}, not the plugin")
         problems += rk["problems"]

@@ -31,7 +31,11 @@ PATTERN = 0xA5
 def main() -> None:
     ckpt, out, tp, pp, port = sys.argv[1:6]
     tp, pp = int(tp), int(pp)
-    ep = sys.argv[6:7] == ["ep"]
+    flags = sys.argv[6:]
+    ep = "ep" in flags
+    # skew=DIR: rank 1's plugin reads DIR, a copy of CKPT whose files differ in length only
+    # (the plan hashes must disagree, and every rank must say so).
+    skew = next((f[len("skew="):] for f in flags if f.startswith("skew=")), None)
     import torch
 
     torch.set_num_threads(1)
@@ -46,6 +50,10 @@ def main() -> None:
     # into bfloat16) and GPT-2's activation without vLLM's C extension.
     if cfg.get("torch_dtype") in ("float32", "float16", "bfloat16"):
         extra["dtype"] = cfg["torch_dtype"]
+    # dtype=X: serve in X instead (both loaders convert while copying).
+    for f in flags:
+        if f.startswith("dtype="):
+            extra["dtype"] = f[len("dtype="):]
     if cfg.get("model_type") == "gpt2" and not hasattr(torch.ops._C, "gelu_new"):
         extra["hf_overrides"] = {"activation_function": "gelu"}
     args = EngineArgs(
@@ -70,7 +78,7 @@ def main() -> None:
                 import ctypes
 
                 ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-                result = load_rank(vllm_config, tp, pp, rank, port)
+                result = load_rank(vllm_config, tp, pp, rank, port, skew if rank == 1 else None)
                 with open(f"{out}.rank{rank}", "w") as f:
                     json.dump(result, f)
                 code = 0
@@ -118,7 +126,7 @@ def fill_pattern(model) -> None:
                 t.zero_()
 
 
-def load_rank(vllm_config, tp, pp, rank, port) -> dict:
+def load_rank(vllm_config, tp, pp, rank, port, skew) -> dict:
     import dataclasses
 
     import torch
@@ -159,7 +167,13 @@ def load_rank(vllm_config, tp, pp, rank, port) -> dict:
 
         loader = get_model_loader(vllm_config.load_config)
         got_model = build()
-        loader.load_weights(got_model, model_config)
+        if skew is not None:
+            # The default loader above read model_config.model; the plugin reads this.
+            model_config.model_weights = skew
+        try:
+            loader.load_weights(got_model, model_config)
+        except Exception as e:  # noqa: BLE001 - reported to the driver, which expects it or not
+            return {"rank": rank, "loader": type(loader).__name__, "error": f"{type(e).__name__}: {e}"}
         maybe_retie_word_embeddings(got_model, model_config)
         got = snapshot(got_model)
 
