@@ -44,7 +44,7 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from . import SafeshardError, _dtypes
+from . import SafeshardError, _dtypes, _error
 from . import plan as plan_checkpoint
 
 if TYPE_CHECKING:
@@ -161,9 +161,10 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             groups = "; ".join(
                 f"{_ranks(r)}: {h[:12]}" for h, r in sorted(hashes.items(), key=lambda x: x[1])
             )
-            raise SafeshardError(
-                f"vLLM ranks planned different checkpoints or layouts (plan hashes differ: "
-                f"{groups}); every rank must see the same files and options"
+            raise _error(
+                "comm",
+                f"vLLM ranks planned different checkpoints or layouts (plan hashes differ, "
+                f"ranks: hash: {groups}); every rank must see the same files and options",
             )
         t1 = time.perf_counter()
         loaded = plan.load(where.plan_rank, io=self.io, threads=self.threads, progress=False)
