@@ -1,7 +1,7 @@
 """GPU check of the vLLM plugin (`--load-format safeshard`); not part of the CPU suite.
 
     python python/tests/vllm_gpu_check.py [--preset llama3-8b] [--layers 4] [--repeat 2]
-                                          [--serve]
+                                          [--serve] [--device cpu]
 
 Needs CUDA, vLLM 0.33 and this package installed (its `vllm.general_plugins` entry point).
 One process, world size 1 on the current GPU: writes a synthetic checkpoint (bf16 shapes of
@@ -12,7 +12,8 @@ after the first read); then checks every `state_dict()` tensor equal bit for bit
 per load: seconds, GB/s of the rank's bytes, the plugin's plan/read/copy split, and a plain
 host-to-device copy of the same bytes (pinned and pageable) as the bar. `--serve` also starts
 `vllm.LLM(load_format="safeshard")` and the default once each and compares 8 greedy tokens.
-Prints one line per check and exits 1 on a failure.
+Prints one line per check and exits 1 on a failure. `--device cpu` runs the same on the CPU
+(vLLM's CPU build; the bar is then a memcpy into touched memory).
 """
 
 from __future__ import annotations
@@ -64,11 +65,17 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", help="use this checkpoint instead of writing one")
     ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda (default) or cpu: the same run on the CPU (VLLM_TARGET_DEVICE=cpu)")
     a = ap.parse_args()
+    cpu = a.device == "cpu"
+    if cpu:
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not cpu and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     import safeshard
@@ -80,6 +87,11 @@ def main() -> int:
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.model_executor.model_loader.weight_tying import maybe_retie_word_embeddings
     from vllm.utils.torch_utils import set_default_torch_dtype
+
+    def sync() -> None:
+        if not cpu:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
     vllm.plugins.load_general_plugins()
     tmp = tempfile.TemporaryDirectory(prefix="safeshard-vgpu-")
@@ -95,7 +107,7 @@ def main() -> int:
         skip_tokenizer_init=True,
         enforce_eager=True,
         max_model_len=64,
-        gpu_memory_utilization=0.5,
+        **({"distributed_executor_backend": "mp"} if cpu else {"gpu_memory_utilization": 0.5}),
     )
     vllm_config = args.create_engine_config()
     model_config = vllm_config.model_config
@@ -106,13 +118,13 @@ def main() -> int:
             rank=0,
             distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
             local_rank=0,
-            backend="nccl",
+            backend="gloo" if cpu else "nccl",
         )
         initialize_model_parallel(1, 1)
 
         def build() -> torch.nn.Module:
             vllm_config.compilation_config.static_forward_context.clear()
-            with set_default_torch_dtype(model_config.dtype), torch.device("cuda"):
+            with set_default_torch_dtype(model_config.dtype), torch.device(a.device):
                 return initialize_model(vllm_config=vllm_config, model_config=model_config)
 
         plugin = get_model_loader(vllm_config.load_config)
@@ -126,12 +138,12 @@ def main() -> int:
         for _ in range(a.repeat):
             for name, loader in (("safeshard", plugin), ("default", default)):
                 kept.pop(name, None)
-                torch.cuda.empty_cache()
+                sync()
                 model = build()
-                torch.cuda.synchronize()
+                sync()
                 t = time.perf_counter()
                 loader.load_weights(model, model_config)
-                torch.cuda.synchronize()
+                sync()
                 times[name].append(time.perf_counter() - t)
                 maybe_retie_word_embeddings(model, model_config)
                 kept[name] = model
@@ -153,13 +165,23 @@ def main() -> int:
         results.append(check(f"state_dict equal to the default loader's ({len(want)} tensors)", same))
         nbytes = sum(t.numel() * t.element_size() for t in got.values())
         del kept, want, got
-        torch.cuda.empty_cache()
-        pinned, pageable = h2d_bar(nbytes)
+        sync()
         gb = nbytes / 1e9
         for name, ts in times.items():
             print(f"{name:9}: " + ", ".join(f"{x:.2f} s ({gb / x:.1f} GB/s)" for x in ts), flush=True)
-        print(f"bar      : H2D of {gb:.2f} GB: pinned {pinned:.2f} s ({gb / pinned:.1f} GB/s), "
-              f"pageable {pageable:.2f} s ({gb / pageable:.1f} GB/s)", flush=True)
+        if cpu:
+            src = torch.ones(nbytes, dtype=torch.uint8)
+            dst = torch.zeros(nbytes, dtype=torch.uint8)
+            t = time.perf_counter()
+            dst.copy_(src)
+            x = time.perf_counter() - t
+            print(f"bar      : memcpy of {gb:.2f} GB into touched memory {x:.2f} s ({gb / x:.1f} GB/s)",
+                  flush=True)
+            del src, dst
+        else:
+            pinned, pageable = h2d_bar(nbytes)
+            print(f"bar      : H2D of {gb:.2f} GB: pinned {pinned:.2f} s ({gb / pinned:.1f} GB/s), "
+                  f"pageable {pageable:.2f} s ({gb / pageable:.1f} GB/s)", flush=True)
     if a.serve:
         from vllm import LLM, SamplingParams
 
