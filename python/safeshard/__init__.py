@@ -269,6 +269,7 @@ def plan(
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
+    names: str = "checkpoint",
 ) -> Plan:
     """Plans every rank of a job from the checkpoint's headers (no tensor data is read).
 
@@ -276,7 +277,10 @@ def plan(
     either (a Hugging Face cache snapshot works), or a repo id found in the local Hugging
     Face cache. ``spec``: a shipped spec name or a ``.shard`` file (default: detected from
     ``config.json``). ``set``: config overrides, ``["key=value", ...]`` or a dict.
-    ``pp_layers``: explicit layers per pipeline stage.
+    ``pp_layers``: explicit layers per pipeline stage. ``names``: ``"checkpoint"`` (each
+    rank's tensors under the checkpoint's names) or ``"vllm"`` (as vLLM's
+    ``model.state_dict()`` names them: fused ``qkv_proj``/``gate_up_proj``, FusedMoE experts
+    stacked in ``w13_*``/``w2_*``, ...; from the name maps next to the specs).
     """
     overrides: list[str]
     if set is None:
@@ -294,6 +298,7 @@ def plan(
         spec=spec,
         overrides=overrides,
         pp_layers=None if pp_layers is None else [int(x) for x in pp_layers],
+        names=names,
     )
     return Plan(native)
 
@@ -520,6 +525,7 @@ def load(
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
+    names: str = "checkpoint",
     io: str = "auto",
     threads: int | None = None,
     progress: bool | None = None,
@@ -533,9 +539,11 @@ def load(
     exchanged with all-to-all); the last two need ``torch.distributed`` initialized (gloo
     for CPU, NCCL for CUDA) and ``process_group`` (default: the world group) must have
     exactly the job's ranks. ``device``: ``"cpu"`` (views of the arena), ``"cuda"`` (the
-    ``LOCAL_RANK`` device) or any torch device.
+    ``LOCAL_RANK`` device) or any torch device. ``names``: as for :func:`plan`.
     """
-    p = plan(path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers)
+    p = plan(
+        path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers, names=names
+    )
     if share not in ("none", "broadcast", "read-once"):
         raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
     if share != "none":

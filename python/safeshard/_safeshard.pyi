@@ -63,6 +63,7 @@ class NativePlan:
         spec: str | None = None,
         overrides: list[str] = ...,
         pp_layers: list[int] | None = None,
+        names: str = "checkpoint",
     ) -> NativePlan: ...
     @property
     def world_size(self) -> int: ...

@@ -24,7 +24,7 @@ use safeshard::comm::Communicator;
 use safeshard::dist::{load_shared_with, SharedPlan};
 use safeshard::load::LoadControl;
 use safeshard::plan::TensorPlan;
-use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, Topology};
+use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, TensorNames, Topology};
 use sha2::{Digest, Sha256};
 
 mod comm;
@@ -66,6 +66,14 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Ok(PyErr::from_value(inst))
     })();
     made.unwrap_or_else(|err| err)
+}
+
+/// The library names the option `format` (the CLI's flag); Python calls it `names`.
+fn names_error(e: Error) -> Error {
+    match e {
+        Error::InvalidArgument { message, .. } => Error::invalid_argument("names", message),
+        other => other,
+    }
 }
 
 fn usage(py: Python<'_>, msg: String) -> PyErr {
@@ -170,7 +178,7 @@ impl NativePlan {
     /// Opens the checkpoint, resolves the spec and plans every rank (headers only; the GIL is
     /// released meanwhile).
     #[new]
-    #[pyo3(signature = (path, tp, pp, dp, ep, spec=None, overrides=Vec::new(), pp_layers=None))]
+    #[pyo3(signature = (path, tp, pp, dp, ep, spec=None, overrides=Vec::new(), pp_layers=None, names="checkpoint"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -182,12 +190,21 @@ impl NativePlan {
         spec: Option<String>,
         overrides: Vec<String>,
         pp_layers: Option<Vec<usize>>,
+        names: &str,
     ) -> PyResult<Self> {
+        let names: TensorNames = names.parse().map_err(|e| to_py(py, names_error(e)))?;
         let job = py
             .detach(|| {
                 let mut topology = Topology::new(tp, pp, dp, ep)?;
                 topology.pp_layers = pp_layers;
-                Job::open(&path, topology, spec.as_deref(), &overrides)
+                let mut builder = Job::builder(&path).topology(topology).names(names);
+                if let Some(spec) = spec {
+                    builder = builder.spec(spec);
+                }
+                for kv in overrides {
+                    builder = builder.set(kv);
+                }
+                builder.open()
             })
             .map_err(|e| to_py(py, e))?;
         Ok(NativePlan { job: Arc::new(job) })
@@ -309,7 +326,11 @@ impl NativePlan {
         };
         let job = Arc::clone(&self.job);
         let (loaded, traffic) = run_interruptible(py, &control, progress, move || {
-            load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)
+            let (mut loaded, traffic) =
+                load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)?;
+            // Buffers without a file source (vLLM names: `_k_scale` ...), as Job::load_shared.
+            job.fill_buffers(&mut loaded)?;
+            Ok((loaded, traffic))
         })?;
         let stats = *loaded.stats();
         let (arena, tensors) = loaded.into_parts();
