@@ -62,15 +62,17 @@ pub struct Args {
     /// (only safe while no one truncates or writes the checkpoint files).
     #[arg(long)]
     pub views: bool,
-    /// I/O engine: `auto` (positioned reads for contiguous runs, mapped gathers for strided
-    /// ones), `mmap` or `pread`.
+    /// I/O engine: `auto` (by what the page cache holds: cached contiguous runs with
+    /// positioned reads, cached strided ones gathered from a mapping, uncached spans with
+    /// direct I/O), `mmap`, `pread` or `direct` (`O_DIRECT`, bypassing the page cache).
     #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Staging memory budget of the pread engine, e.g. `256MiB`.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub staging_budget: u64,
-    /// How fresh arenas are prepared: `hugepages`, `populate` or `lazy`.
-    #[arg(long, default_value = "hugepages")]
+    /// How fresh arenas are prepared: `ahead` (a helper thread faults pages in ahead of the
+    /// readers), `lazy`, `populate` or `hugepages`.
+    #[arg(long, default_value = "ahead")]
     pub arena: ArenaInit,
     /// One JSON object per rank per line.
     #[arg(long)]

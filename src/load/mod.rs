@@ -52,9 +52,11 @@ use crate::{Error, Result};
 /// Which I/O engine reads the files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IoMode {
-    /// Contiguous runs with positioned reads straight into the arena (no file pages mapped,
-    /// several reads in flight); strided runs gathered from a mapping when their pages are
-    /// in the page cache (`mincore`), else read in large positioned reads and scattered
+    /// Decided per task by what the page cache holds (`mincore`): cached contiguous runs
+    /// with positioned reads straight into the arena (no file pages mapped, several reads
+    /// in flight), cached strided runs gathered from a mapping; uncached spans with direct
+    /// I/O (large aligned reads, no page-cache pages to allocate, fill and keep), falling
+    /// back to buffered positioned reads where the filesystem refuses `O_DIRECT`
     /// (`docs/performance.md` has the measurements behind the choice).
     #[default]
     Auto,
@@ -62,15 +64,20 @@ pub enum IoMode {
     Mmap,
     /// Positioned reads (`pread`) only, for network filesystems where mmap is slow.
     Pread,
+    /// Direct I/O (`O_DIRECT`) only: aligned reads into reused bounce buffers, copied into
+    /// the arena; nothing goes through (or stays in) the page cache. `Auto` does this for
+    /// spans that are not cached.
+    Direct,
 }
 
 impl IoMode {
-    /// The name `FromStr` accepts: `auto`, `mmap` or `pread`.
+    /// The name `FromStr` accepts: `auto`, `mmap`, `pread` or `direct`.
     pub fn name(self) -> &'static str {
         match self {
             IoMode::Auto => "auto",
             IoMode::Mmap => "mmap",
             IoMode::Pread => "pread",
+            IoMode::Direct => "direct",
         }
     }
 }
@@ -89,9 +96,10 @@ impl std::str::FromStr for IoMode {
             "auto" => Ok(IoMode::Auto),
             "mmap" => Ok(IoMode::Mmap),
             "pread" => Ok(IoMode::Pread),
+            "direct" => Ok(IoMode::Direct),
             other => Err(Error::invalid_argument(
                 "io",
-                format!("{other:?}: unknown engine (expected auto, mmap or pread)"),
+                format!("{other:?}: unknown engine (expected auto, mmap, pread or direct)"),
             )),
         }
     }
@@ -517,7 +525,7 @@ fn load_rank_impl(
     let mut views = HashMap::new();
     let mut view_bytes = 0;
     // Views need a mapping of every contiguous tensor, whatever the engine.
-    let views_on = opts.views && opts.io != IoMode::Pread;
+    let views_on = opts.views && matches!(opts.io, IoMode::Auto | IoMode::Mmap);
     let (exec, mapped) = if views_on {
         let all = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
         let mapped = engine::Mapped::map(&plan.files, &open, all.copies(), |_| true, true)?;
@@ -537,7 +545,9 @@ fn load_rank_impl(
         exec.read_bytes = engine::touched_pages(&rp.copies);
         (exec, Some(Arc::new(mapped)))
     } else {
-        let runs = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
+        let ahead = arena.is_fresh() && opts.arena == ArenaInit::Ahead;
+        let runs =
+            engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?.populate_ahead(ahead);
         let mapped = engine::map_for(&runs, &open, opts)?;
         (engine::run(&runs, &open, mapped.as_ref(), opts)?, None)
     };
