@@ -485,6 +485,85 @@ pub fn load_rank_into(
     load_rank_impl(plan, rank, opts, arena)
 }
 
+/// Loads rank `rank` of `plan` into `buf`, memory the caller owns (for example pinned host
+/// memory for a later device copy), laid out as the rank's arena: tensor `t` at
+/// `t.offset`, the gaps between tensors zeroed, bytes past the arena's length untouched.
+/// `buf` must hold at least [`RankPlan::arena_bytes`]. Refuses `opts.views` like
+/// [`load_rank`].
+pub fn load_rank_into_buffer(
+    plan: &Plan,
+    rank: usize,
+    opts: &LoadOptions,
+    buf: &mut [u8],
+) -> Result<LoadStats> {
+    if opts.views {
+        return Err(Error::invalid_argument(
+            "views",
+            "true: a load into a caller's buffer copies every tensor",
+        ));
+    }
+    let start = Instant::now();
+    let rp = rank_plan(plan, rank)?;
+    let need = rp.arena_bytes;
+    let Some(arena) = usize::try_from(need).ok().and_then(|n| buf.get_mut(..n)) else {
+        return Err(Error::invalid_argument(
+            "out",
+            format!("{} bytes: rank {rank} needs {need} (its arena)", buf.len()),
+        ));
+    };
+    zero_gaps(rp, arena);
+    let open = engine::open_checked(&plan.files, &rp.copies)?;
+    let runs = engine::validate(&plan.files, &rp.copies, &rp.zeros, arena)?;
+    let mapped = engine::map_for(&runs, &open, opts)?;
+    let exec = engine::run(&runs, &open, mapped.as_ref(), opts)?;
+    Ok(LoadStats {
+        rank,
+        tensors: rp.tensors.len(),
+        bytes: rp.bytes,
+        read_bytes: exec.read_bytes,
+        view_bytes: 0,
+        peak_staging: exec.peak_staging,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Zeroes the arena bytes no tensor covers (alignment gaps and the tail), which a fresh
+/// arena has as zeros already and a caller's buffer may not.
+fn zero_gaps(rp: &RankPlan, arena: &mut [u8]) {
+    let mut spans: Vec<(u64, u64)> = rp
+        .tensors
+        .iter()
+        .map(|t| (t.offset, t.offset.saturating_add(t.bytes)))
+        .collect();
+    spans.sort_unstable();
+    let mut cursor = 0u64;
+    for (s, e) in spans
+        .into_iter()
+        .chain([(arena.len() as u64, arena.len() as u64)])
+    {
+        if s > cursor {
+            let (a, b) = (cursor as usize, (s as usize).min(arena.len()));
+            if let Some(gap) = arena.get_mut(a..b) {
+                gap.fill(0);
+            }
+        }
+        cursor = cursor.max(e);
+    }
+}
+
+fn rank_plan(plan: &Plan, rank: usize) -> Result<&RankPlan> {
+    plan.ranks.get(rank).ok_or_else(|| {
+        Error::invalid_argument(
+            "rank",
+            format!(
+                "{rank}: the plan has {} ranks (0..{})",
+                plan.ranks.len(),
+                plan.ranks.len()
+            ),
+        )
+    })
+}
+
 /// [`load_rank`] with [`LoadOptions::views`] honoured: tensors that are one contiguous span of
 /// a file are not copied; [`RankTensors`] hands out slices of the file mapping instead.
 ///
@@ -507,16 +586,7 @@ fn load_rank_impl(
     arena: Option<Arena>,
 ) -> Result<RankTensors> {
     let start = Instant::now();
-    let rp = plan.ranks.get(rank).ok_or_else(|| {
-        Error::invalid_argument(
-            "rank",
-            format!(
-                "{rank}: the plan has {} ranks (0..{})",
-                plan.ranks.len(),
-                plan.ranks.len()
-            ),
-        )
-    })?;
+    let rp = rank_plan(plan, rank)?;
     let open = engine::open_checked(&plan.files, &rp.copies)?;
     let mut arena = match arena {
         Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
