@@ -74,6 +74,10 @@ pub struct Args {
     /// readers), `lazy`, `populate` or `hugepages`.
     #[arg(long, default_value = "ahead")]
     pub arena: ArenaInit,
+    /// Reader threads of a `--rank`/`--all-ranks` load (default: the cores, at least 8, so
+    /// that several reads are in flight).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
     /// One JSON object per rank per line.
     #[arg(long)]
     pub json: bool,
@@ -308,6 +312,7 @@ impl From<super::dist::Args> for Args {
             io: a.io,
             staging_budget: d.staging_budget,
             arena: d.arena,
+            threads: None,
             json: a.json,
             // dist-load always printed the digest.
             digest: true,
@@ -334,7 +339,7 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
         views: args.views,
         staging_budget: args.staging_budget,
         arena: args.arena,
-        threads: None,
+        threads: args.threads.map(usize::from),
         pread_contiguous: false,
         control: None,
     };

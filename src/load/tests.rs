@@ -280,6 +280,32 @@ fn a_fresh_arena_is_filled_ahead_and_a_reused_one_is_not_fresh() {
 }
 
 #[test]
+fn a_caller_buffer_gets_the_arena_layout_and_nothing_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.arena_bytes as usize);
+    let n = rp.arena_bytes as usize;
+    let mut buf = vec![0xABu8; n + 100];
+    for io in [IoMode::Auto, IoMode::Pread, IoMode::Direct] {
+        let opts = LoadOptions {
+            io,
+            ..LoadOptions::default()
+        };
+        let st = load_rank_into_buffer(&plan, 0, &opts, &mut buf).unwrap();
+        assert!(buf[..n] == want[..], "{io:?}");
+        assert!(buf[n..].iter().all(|&b| b == 0xAB), "{io:?}");
+        assert_eq!(st.bytes, rp.bytes);
+    }
+    let e =
+        load_rank_into_buffer(&plan, 0, &LoadOptions::default(), &mut buf[..n - 1]).unwrap_err();
+    assert!(
+        e.is_usage() && e.to_string().contains(&format!("needs {n}")),
+        "{e}"
+    );
+}
+
+#[test]
 fn execute_on_a_sub_list_of_runs() {
     let dir = tempfile::tempdir().unwrap();
     let (plan, data) = sample(dir.path());
