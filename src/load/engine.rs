@@ -709,9 +709,7 @@ impl DirectFiles {
         let map = self.probes.get(file as usize)?.as_ref()?;
         (!mostly_resident(map, 0, src, end)).then_some(h)
     }
-}
 
-impl DirectFiles {
     /// Whether most of the bytes will be read directly from storage: under `Direct` always,
     /// under `Auto` when fewer than half the pages of the files with a direct handle are
     /// cached.
