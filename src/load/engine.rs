@@ -623,6 +623,39 @@ fn mostly_resident(map: &Mmap, map_start: u64, src: u64, end: u64) -> bool {
     rc == 0 && vec.iter().filter(|&&b| b & 1 == 1).count() * 2 >= pages
 }
 
+/// Bytes per residency flag of [`DirectFiles`]: a task's size, so a task's decision reads
+/// one or two flags.
+const RESIDENCY_CHUNK: u64 = TASK_BYTES;
+
+/// Per [`RESIDENCY_CHUNK`] of the file `map` maps (from byte 0), whether at least half its
+/// pages are in the page cache: one `mincore` for the whole file at the start of a load
+/// (per-task calls contended with the page faults and cost seconds at tp 1), `None` when
+/// unknown.
+fn residency(map: &Mmap) -> Option<Vec<bool>> {
+    let page = page_size() as usize;
+    let pages = map.len().div_ceil(page);
+    let mut vec: Vec<u8> = Vec::new();
+    vec.try_reserve_exact(pages).ok()?;
+    vec.resize(pages, 0);
+    // SAFETY: the whole live mapping, one byte per page in `vec`.
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            vec.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let per = (RESIDENCY_CHUNK as usize / page).max(1);
+    Some(
+        vec.chunks(per)
+            .map(|c| c.iter().filter(|&&b| b & 1 == 1).count() * 2 >= c.len())
+            .collect(),
+    )
+}
+
 fn find_window(ws: &[Window], src: u64, len: u64) -> Option<&Window> {
     let i = ws.partition_point(|w| w.start <= src).checked_sub(1)?;
     let w = ws.get(i)?;
@@ -664,7 +697,8 @@ const DIRECT_ALIGN: u64 = 4096;
 /// truncation cannot fault through it).
 pub(crate) struct DirectFiles {
     handles: Vec<Option<File>>,
-    probes: Vec<Option<Mmap>>,
+    /// Per file, [`residency`] flags (`Auto` only).
+    cached: Vec<Option<Vec<bool>>>,
 }
 
 impl DirectFiles {
@@ -674,27 +708,28 @@ impl DirectFiles {
     fn open(files: &[PlanFile], open: &[Option<File>], mode: IoMode) -> Result<DirectFiles> {
         let mut d = DirectFiles {
             handles: Vec::new(),
-            probes: Vec::new(),
+            cached: Vec::new(),
         };
         if !matches!(mode, IoMode::Auto | IoMode::Direct) {
             return Ok(d);
         }
         for (pf, f) in files.iter().zip(open) {
-            let (mut handle, mut probe) = (None, None);
+            let (mut handle, mut cached) = (None, None);
             if let Some(f) = f {
                 match open_direct(pf) {
                     Ok(h) => handle = Some(h),
                     Err(e) if mode == IoMode::Direct => return Err(e),
                     Err(_) => {}
                 }
-                if mode == IoMode::Auto && handle.is_some() && pf.identity.len > 0 {
+                if mode == IoMode::Auto && pf.identity.len > 0 {
                     // SAFETY: read-only private mapping that is only passed to mincore,
-                    // never dereferenced.
-                    probe = unsafe { MmapOptions::new().map(f) }.ok();
+                    // never dereferenced, and unmapped right after.
+                    let probe = unsafe { MmapOptions::new().map(f) }.ok();
+                    cached = probe.as_ref().and_then(residency);
                 }
             }
             d.handles.push(handle);
-            d.probes.push(probe);
+            d.cached.push(cached);
         }
         Ok(d)
     }
@@ -706,8 +741,20 @@ impl DirectFiles {
         if mode == IoMode::Direct {
             return Some(h);
         }
-        let map = self.probes.get(file as usize)?.as_ref()?;
-        (!mostly_resident(map, 0, src, end)).then_some(h)
+        (self.is_cached(file, src, end) == Some(false)).then_some(h)
+    }
+
+    /// Whether at least half of the residency chunks `[src, end)` overlaps are cached
+    /// (`None`: unknown).
+    fn is_cached(&self, file: u32, src: u64, end: u64) -> Option<bool> {
+        let flags = self.cached.get(file as usize)?.as_ref()?;
+        let (a, b) = (
+            (src / RESIDENCY_CHUNK) as usize,
+            (end.div_ceil(RESIDENCY_CHUNK) as usize)
+                .max(src as usize / RESIDENCY_CHUNK as usize + 1),
+        );
+        let span = flags.get(a..b.min(flags.len()))?;
+        Some(span.iter().filter(|&&c| c).count() * 2 >= span.len())
     }
 
     /// Whether most of the bytes will be read directly from storage: under `Direct` always,
@@ -717,12 +764,14 @@ impl DirectFiles {
         if mode == IoMode::Direct {
             return self.handles.iter().any(Option::is_some);
         }
-        let cached = self
-            .probes
-            .iter()
-            .flatten()
-            .all(|m| mostly_resident(m, 0, 0, m.len() as u64));
-        self.probes.iter().any(Option::is_some) && !cached
+        let (mut cached, mut all) = (0usize, 0usize);
+        for (flags, h) in self.cached.iter().zip(&self.handles) {
+            if let (Some(flags), Some(_)) = (flags, h) {
+                cached += flags.iter().filter(|&&c| c).count();
+                all += flags.len();
+            }
+        }
+        cached * 2 < all
     }
 }
 
@@ -1078,9 +1127,13 @@ pub(crate) fn run(
         // instead (many requests in flight, instead of one synchronous page-in per fault).
         let gather = needs_mapping(opts.io, opts.pread_contiguous, &r)
             && (opts.io != IoMode::Auto
-                || mapped.is_some_and(|m| {
-                    m.mostly_resident(r.file, r.src, r.src_pattern().end_saturating())
-                }));
+                || direct
+                    .is_cached(r.file, r.src, r.src_pattern().end_saturating())
+                    .unwrap_or_else(|| {
+                        mapped.is_some_and(|m| {
+                            m.mostly_resident(r.file, r.src, r.src_pattern().end_saturating())
+                        })
+                    }));
         if gather {
             let Some(m) = mapped else {
                 return Err(bad_plan(format!("{}: not mapped", pf.path.display())));
