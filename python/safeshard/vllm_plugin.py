@@ -99,16 +99,18 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
         extra = dict(load_config.model_loader_extra_config or {})
-        self.io = str(extra.pop("io", "auto"))
-        threads = extra.pop("threads", None)
-        self.threads = None if threads is None else int(threads)
-        spec = extra.pop("spec", None)
-        self.spec = None if spec is None else str(spec)
+        where = f"model_loader_extra_config for load format {LOAD_FORMAT}"
+        self.io = extra.pop("io", "auto")
+        if self.io not in ("auto", "mmap", "pread"):
+            raise ValueError(f"{where}: io={self.io!r}: expected auto, mmap or pread")
+        self.threads = extra.pop("threads", None)
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads > 0):
+            raise ValueError(f"{where}: threads={self.threads!r}: expected a positive integer")
+        self.spec = extra.pop("spec", None)
+        if self.spec is not None and not isinstance(self.spec, str):
+            raise ValueError(f"{where}: spec={self.spec!r}: expected a spec name or .shard file")
         if extra:
-            raise ValueError(
-                f"model_loader_extra_config for load format {LOAD_FORMAT}: unexpected "
-                f"key(s) {sorted(extra)}; expected io, threads, spec"
-            )
+            raise ValueError(f"{where}: unexpected key(s) {sorted(extra)}; expected io, threads, spec")
         # The fallback: vLLM's own loader as `--load-format auto` would run it.
         self.default = DefaultModelLoader(
             dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
@@ -133,6 +135,11 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             _check_rank(plan, where.plan_rank, model, model_config)
         except (Fallback, SafeshardError) as e:
             reason = _one_line(str(e))
+        except Exception as e:  # noqa: BLE001
+            # Anything else (a vLLM internal this version does not have, ...) must not leave
+            # the other ranks waiting in the all-gather below: this rank cannot prove its
+            # load, so every rank falls back.
+            reason = _one_line(f"{type(e).__name__}: {e}")
         verdicts = _all_gather(
             {
                 "rank": _world_rank(),
@@ -167,7 +174,20 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
                 f"ranks: hash: {groups}); every rank must see the same files and options",
             )
         t1 = time.perf_counter()
-        loaded = plan.load(where.plan_rank, io=self.io, threads=self.threads, progress=False)
+        try:
+            loaded = plan.load(where.plan_rank, io=self.io, threads=self.threads, progress=False)
+        except SafeshardError as e:
+            # Nothing is copied yet and the default loader needs no other rank: this rank
+            # alone can still load as vLLM would (it reads the files again, so a checkpoint
+            # that is truly broken fails there too).
+            self.used, self.fallback_reason = "default", _one_line(str(e))
+            logger.warning(
+                "safeshard: loading with vLLM's default loader instead: rank %d: %s",
+                where.world_rank,
+                self.fallback_reason,
+            )
+            self.default.load_weights(model, model_config)
+            return
         t2 = time.perf_counter()
         _copy_into(model, loaded.torch())
         t3 = time.perf_counter()
@@ -223,9 +243,12 @@ def _all_gather(mine: dict[str, Any]) -> list[dict[str, Any]]:
 
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or parallel_state._WORLD is None:
+    if not (dist.is_available() and dist.is_initialized()):
         return [mine]
-    world = parallel_state.get_world_group()
+    try:
+        world = parallel_state.get_world_group()
+    except AssertionError:  # vLLM's way of saying its world group is not initialized
+        return [mine]
     if world.world_size == 1:
         return [mine]
     out: list[Any] = [None] * world.world_size
