@@ -49,6 +49,15 @@ if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]]; then
   cases=llama-tied-head-differs-tp2-pp2,phi3-tp2-pp2,mixtral-tp2-pp2,qwen2-moe-tp2-pp2
   cases+=,deepseek-v2-tp2-pp2,gpt2-tp2-pp2,llama-gptq-tp2-pp2
   step "$vpy" tests/vllm/differential.py --case "${SAFESHARD_VLLM_CASES:-$cases}"
+  # `reshard --format vllm` loaded by vLLM's own ShardedStateLoader equals its default load
+  # (sharded_state.py: two vLLM loads a case): PP file names and an untied config, DeepSeek's
+  # fusions, aliases and expert stacking, GPT-2's transposes and tie, GPTQ's column fusion.
+  # SAFESHARD_VLLM_SHARDED_CASES picks other cases ('' skips them).
+  scases=llama-tied-head-differs-tp2-pp2,deepseek-v2-tp2-pp1,gpt2-tp2-pp1,llama-gptq-tp2-pp1
+  scases=${SAFESHARD_VLLM_SHARDED_CASES-$scases}
+  if [[ -n $scases ]]; then
+    step "$vpy" tests/vllm/sharded_state.py --case "$scases"
+  fi
   # The vLLM plugin (`--load-format safeshard`, python/safeshard/vllm_plugin.py, installed
   # with its entry point by tests/python.sh): every rank's state_dict equals vLLM's default
   # loader's, and an architecture without a spec falls back (docs/vllm.md; about 1-2 min a

@@ -84,6 +84,16 @@ class NativePlan:
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
     ) -> NativeRank: ...
+    def load_into(
+        self,
+        rank: int,
+        address: int,
+        nbytes: int,
+        keep: Any,
+        io: str = "auto",
+        threads: int | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> NativeRank: ...
     def load_shared(
         self,
         comm: Any,

@@ -297,6 +297,57 @@ impl NativePlan {
         })
     }
 
+    /// Loads one rank into caller memory: `nbytes` writable bytes at `address`, owned by
+    /// `keep` (kept alive while any view exists). `safeshard.Plan.load(out=...)` derives all
+    /// three from a contiguous, writable CPU tensor or array it has checked; the rank's
+    /// tensors are views of that memory.
+    #[pyo3(signature = (rank, address, nbytes, keep, io="auto", threads=None, progress=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn load_into(
+        &self,
+        py: Python<'_>,
+        rank: usize,
+        address: usize,
+        nbytes: usize,
+        keep: Py<PyAny>,
+        io: &str,
+        threads: Option<usize>,
+        progress: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<NativeRank> {
+        if address == 0 && nbytes > 0 {
+            return Err(usage(py, "out: null buffer address".into()));
+        }
+        let control = Arc::new(LoadControl::default());
+        let opts = load_options(py, io, threads, &control)?;
+        let job = Arc::clone(&self.job);
+        let stats = run_interruptible(py, &control, progress, move || {
+            let bytes: &mut [u8] = if nbytes == 0 {
+                &mut []
+            } else {
+                // SAFETY: the caller (`Plan.load`) passes the address and length of a
+                // writable, contiguous CPU buffer that `keep` owns and that stays alive and
+                // unused by Python code until this returns.
+                unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) }
+            };
+            safeshard::load::load_rank_into_buffer(&job.plan, rank, &opts, bytes)
+        })?;
+        let rp = self.job.plan.ranks.get(rank);
+        let tensors = rp.map(|rp| rp.tensors.clone()).unwrap_or_default();
+        let used = rp.map_or(0, |rp| rp.arena_bytes) as usize;
+        // SAFETY: the first `used` bytes (the load checked they fit in `nbytes`) of memory
+        // `keep` owns, which the owner keeps alive.
+        let owner = unsafe { dlpack::Owner::from_external(address as *mut u8, used, keep) };
+        Ok(NativeRank {
+            rank,
+            tensors,
+            arena: owner,
+            read_bytes: stats.read_bytes,
+            sent_bytes: 0,
+            received_bytes: 0,
+            seconds: stats.seconds,
+        })
+    }
+
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
     /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
     #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None))]

@@ -298,7 +298,7 @@ pub fn vllm_plan(
     map: &VllmMap,
 ) -> Result<(Plan, BufferFill)> {
     let qm = quant_method(config);
-    if !map.quantization.iter().any(|q| *q == qm) {
+    if !map.quantization.contains(&qm) {
         return Err(Error::Unsupported {
             what: format!("quantization method `{qm}`"),
             why: format!(
@@ -426,6 +426,19 @@ fn vllm_rank(
                 .push(member);
         }
     }
+    // A rule marked `if_complete` leaves an incomplete group's parts unfused.
+    groups.retain(|_, (rule, members)| {
+        let (Rule::Fuse(r, _) | Rule::Stack(r, _)) = rule;
+        let complete = members.len() % r.parts.len() == 0
+            && (0..r.parts.len()).all(|j| members.iter().any(|m| m.slot.1 == j));
+        if !r.if_complete || complete {
+            return true;
+        }
+        for m in members.iter() {
+            grouped[m.tensor] = false;
+        }
+        false
+    });
     // 3. Output tensors and each plan tensor's placement.
     let mut outs: Vec<OutTensor> = Vec::new();
     let mut place: Vec<Option<Placement>> = vec![None; rp.tensors.len()];
@@ -600,6 +613,10 @@ fn vllm_rank(
             order: members.iter().map(|m| m.tensor).min().unwrap_or(0),
             buffer: None,
         });
+    }
+    // Of names vLLM lists twice for one parameter, ShardedStateLoader keeps the smallest.
+    for o in &mut outs {
+        o.name = map.kept_alias(&o.name);
     }
     // 4. Buffers, once per distinct module the rank holds.
     let mut buffer_names: BTreeMap<String, (usize, usize)> = BTreeMap::new();

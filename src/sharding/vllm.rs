@@ -9,6 +9,9 @@
 //! - `experts`: FusedMoE stacking, per local expert (in expert-id order) the parts fused as
 //!   above, then the experts stacked on a new leading dimension;
 //! - `transpose`: 2-D tensors vLLM holds transposed (GPT-2's Conv1D weights);
+//! - `aliases`: groups of names vLLM's `state_dict()` lists for one parameter (a module
+//!   registered twice, e.g. DeepSeek's `self_attn.o_proj` and `self_attn.mla_attn.o_proj`);
+//!   like `ShardedStateLoader`, the smallest name of the group is kept;
 //! - `tie`: the names tied embeddings go under (vLLM's `ShardedStateLoader` keeps the
 //!   smallest name of tensors sharing storage);
 //! - `buffers`: persistent buffers vLLM's model has that no checkpoint provides, with the
@@ -163,6 +166,9 @@ pub struct FuseRule {
     /// The concatenation dimension per value of the `{S}` capture (the suffix), or for every
     /// suffix when the key is `*`.
     pub dims: Vec<(String, usize)>,
+    /// Fuse only when every part is present; otherwise the parts keep their names (DeepSeek
+    /// without `q_lora_rank` has no `q_a_proj`, and vLLM keeps `kv_a_proj_with_mqa` alone).
+    pub if_complete: bool,
 }
 
 impl FuseRule {
@@ -231,6 +237,8 @@ pub struct VllmMap {
     pub experts: Vec<FuseRule>,
     /// Tensors vLLM holds transposed (vLLM names, 2-D).
     pub transpose: Vec<Template>,
+    /// Names of one parameter (same captures in every template of a group).
+    pub aliases: Vec<Vec<Template>>,
     /// Tied embeddings.
     pub tie: Option<TieRule>,
     /// Buffers no checkpoint provides.
@@ -253,6 +261,8 @@ struct RawMap {
     #[serde(default)]
     transpose: Vec<String>,
     #[serde(default)]
+    aliases: Vec<Vec<String>>,
+    #[serde(default)]
     tie: Option<RawTie>,
     #[serde(default)]
     buffers: Vec<RawBuffer>,
@@ -271,6 +281,8 @@ struct RawFuse {
     into: String,
     parts: Vec<String>,
     dim: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    if_complete: bool,
 }
 
 #[derive(Deserialize)]
@@ -401,7 +413,12 @@ impl VllmMap {
                         })?;
                         dims.push((suffix.clone(), d as usize));
                     }
-                    out.push(FuseRule { into, parts, dims });
+                    out.push(FuseRule {
+                        into,
+                        parts,
+                        dims,
+                        if_complete: r.if_complete,
+                    });
                 }
                 Ok(out)
             };
@@ -413,6 +430,36 @@ impl VllmMap {
             .enumerate()
             .map(|(i, s)| t(s, &format!("transpose[{i}]")))
             .collect::<Result<Vec<_>>>()?;
+        let mut aliases = Vec::new();
+        for (i, group) in raw.aliases.iter().enumerate() {
+            if group.len() < 2 {
+                return Err(bad(
+                    &format!("aliases[{i}]"),
+                    "a group names one parameter at least twice".into(),
+                ));
+            }
+            let group = group
+                .iter()
+                .enumerate()
+                .map(|(j, n)| t(n, &format!("aliases[{i}][{j}]")))
+                .collect::<Result<Vec<_>>>()?;
+            let mut first = group[0].capture_names();
+            first.sort_unstable();
+            for (j, g) in group.iter().enumerate().skip(1) {
+                let mut c = g.capture_names();
+                c.sort_unstable();
+                if c != first {
+                    return Err(bad(
+                        &format!("aliases[{i}][{j}]"),
+                        format!(
+                            "captures differ from aliases[{i}][0] ({})",
+                            group[0].as_str()
+                        ),
+                    ));
+                }
+            }
+            aliases.push(group);
+        }
         let tie = match raw.tie {
             None => None,
             Some(r) => {
@@ -481,6 +528,7 @@ impl VllmMap {
             fuse,
             experts,
             transpose,
+            aliases,
             tie,
             buffers,
         })
@@ -520,6 +568,23 @@ impl VllmMap {
                 VllmMap::parse(&text, &path.to_string_lossy())
             }
         }
+    }
+
+    /// The name `ShardedStateLoader` keeps for a parameter named `name`: the smallest of its
+    /// alias group, or `name` itself.
+    pub fn kept_alias(&self, name: &str) -> String {
+        for group in &self.aliases {
+            for t in group {
+                if let Some(caps) = t.matches(name) {
+                    return group
+                        .iter()
+                        .filter_map(|g| g.render(&caps))
+                        .min()
+                        .unwrap_or_else(|| name.to_string());
+                }
+            }
+        }
+        name.to_string()
     }
 
     /// The vLLM name of a checkpoint tensor after `prefixes` (before fusion).

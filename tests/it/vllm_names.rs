@@ -345,6 +345,33 @@ fn a_user_spec_carries_its_own_map_and_its_errors_name_file_and_key() {
     let e = open().unwrap_err().to_string();
     assert!(e.contains("model.layers.0.self_attn.qko.weight"), "{e}");
     assert!(e.contains("missing"), "{e}");
+    // ... unless the rule fuses only complete groups: then the parts keep their names.
+    write(
+        &map,
+        r#"{"vllm": "0.33.0", "quantization": ["none"], "fuse": [{"into": "model.layers.{L}.self_attn.qko.{S}", "parts": ["model.layers.{L}.self_attn.q_proj.{S}", "model.layers.{L}.self_attn.nothing.{S}"], "dim": {"weight": 0}, "if_complete": true}]}"#,
+    );
+    let rank = open()
+        .unwrap()
+        .load_rank(0, &LoadOptions::default())
+        .unwrap();
+    assert!(rank.get("model.layers.0.self_attn.q_proj.weight").is_some());
+    assert!(rank.get("model.layers.0.self_attn.qko.weight").is_none());
+    // Of two names of one parameter, the smaller is kept (as ShardedStateLoader does).
+    write(
+        &map,
+        r#"{"vllm": "0.33.0", "quantization": ["none"], "aliases": [["model.layers.{L}.self_attn.o_proj.{S}", "model.layers.{L}.self_attn.attn_o.{S}"], ["model.norm.weight", "model.z.weight"]]}"#,
+    );
+    let job = open().unwrap();
+    let rank = job.load_rank(0, &LoadOptions::default()).unwrap();
+    assert!(rank.get("model.layers.2.self_attn.attn_o.weight").is_some());
+    assert!(rank.get("model.layers.2.self_attn.o_proj.weight").is_none());
+    assert!(rank.get("model.norm.weight").is_some());
+    write(
+        &map,
+        r#"{"vllm": "0.33.0", "quantization": ["none"], "aliases": [["a.{L}.b", "a.{X}.c"]]}"#,
+    );
+    let e = open().unwrap_err().to_string();
+    assert!(e.contains("`aliases[0][1]`"), "{e}");
     // A minimal valid map: only the names it mentions change.
     write(&map, r#"{"vllm": "0.33.0", "quantization": ["none"]}"#);
     let job = open().unwrap();
