@@ -20,12 +20,15 @@ What a load does, on every rank of vLLM's world group:
    cannot prove its load equal to vLLM's default, every rank falls back to vLLM's
    ``DefaultModelLoader`` with one log line saying why; ranks whose plan hashes differ are one
    error naming them.
-4. Loads only this rank's bytes (the GIL released) into one arena and copies each tensor into
-   its parameter or buffer (narrowed where vLLM padded the parameter, as vLLM's
-   ``ShardedStateLoader`` does).
+4. Loads only this rank's bytes (the GIL released) into one arena (pinned host memory when
+   the model is on a GPU) and copies each tensor into its parameter or buffer (narrowed
+   where vLLM padded the parameter, as vLLM's ``ShardedStateLoader`` does).
 
-``model_loader_extra_config`` may set ``io`` (``auto``, ``mmap``, ``pread``), ``threads`` and
-``spec`` (a shipped spec name or a ``.shard`` file). See docs/vllm.md.
+``model_loader_extra_config`` may set ``io`` (``auto``, ``mmap``, ``pread``, ``direct``),
+``threads``, ``spec`` (a shipped spec name or a ``.shard`` file) and ``pinned`` (default true:
+for a model on the GPU, read the rank into pinned host memory and copy each tensor to the
+device asynchronously; false: a pageable arena and two pinned staging buffers). See
+docs/vllm.md.
 """
 
 from __future__ import annotations
@@ -101,8 +104,11 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
         extra = dict(load_config.model_loader_extra_config or {})
         where = f"model_loader_extra_config for load format {LOAD_FORMAT}"
         self.io = extra.pop("io", "auto")
-        if self.io not in ("auto", "mmap", "pread"):
-            raise ValueError(f"{where}: io={self.io!r}: expected auto, mmap or pread")
+        if self.io not in ("auto", "mmap", "pread", "direct"):
+            raise ValueError(f"{where}: io={self.io!r}: expected auto, mmap, pread or direct")
+        self.pinned = extra.pop("pinned", True)
+        if not isinstance(self.pinned, bool):
+            raise ValueError(f"{where}: pinned={self.pinned!r}: expected true or false")
         self.threads = extra.pop("threads", None)
         if self.threads is not None and not (isinstance(self.threads, int) and self.threads > 0):
             raise ValueError(f"{where}: threads={self.threads!r}: expected a positive integer")
@@ -110,7 +116,9 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
         if self.spec is not None and not isinstance(self.spec, str):
             raise ValueError(f"{where}: spec={self.spec!r}: expected a spec name or .shard file")
         if extra:
-            raise ValueError(f"{where}: unexpected key(s) {sorted(extra)}; expected io, threads, spec")
+            raise ValueError(
+                f"{where}: unexpected key(s) {sorted(extra)}; expected io, threads, spec, pinned"
+            )
         # The fallback: vLLM's own loader as `--load-format auto` would run it.
         self.default = DefaultModelLoader(
             dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
@@ -174,8 +182,17 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
                 f"ranks: hash: {groups}); every rank must see the same files and options",
             )
         t1 = time.perf_counter()
+        # Into GPU parameters: the rank is read straight into pinned host memory, so every
+        # tensor goes to the device by one asynchronous copy (no staging pass).
+        to_gpu = any(p.device.type == "cuda" for p in model.parameters())
+        out = None
         try:
-            loaded = plan.load(where.plan_rank, io=self.io, threads=self.threads, progress=False)
+            if to_gpu and self.pinned:
+                size = plan.rank(where.plan_rank).arena_bytes
+                out = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            loaded = plan.load(
+                where.plan_rank, io=self.io, threads=self.threads, progress=False, out=out
+            )
         except SafeshardError as e:
             # Nothing is copied yet and the default loader needs no other rank: this rank
             # alone can still load as vLLM would (it reads the files again, so a checkpoint
@@ -189,11 +206,13 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             self.default.load_weights(model, model_config)
             return
         t2 = time.perf_counter()
-        _copy_into(model, loaded.torch())
+        _copy_into(model, loaded.torch(), pinned=out is not None)
+        stats = loaded.stats
+        del loaded, out  # the arena goes now, not when this loader does
         t3 = time.perf_counter()
         self.used, self.fallback_reason = "safeshard", None
         self.stats = {
-            **loaded.stats,
+            **stats,
             "plan_seconds": t1 - t0,
             "load_seconds": t2 - t1,
             "copy_seconds": t3 - t2,
@@ -201,7 +220,7 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
         logger.info(
             "safeshard: rank %d loaded %.1f MiB in %.2f s (plan %.2f s, read %.2f s, copy %.2f s)",
             where.world_rank,
-            loaded.stats["bytes"] / 2**20,
+            stats["bytes"] / 2**20,
             t3 - t0,
             t1 - t0,
             t2 - t1,
@@ -392,26 +411,36 @@ def _check_rank(plan: Plan, rank: int, model: nn.Module, model_config: ModelConf
 _STAGE_BYTES = 64 << 20
 
 
-def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], pinned: bool) -> None:
     """Copies every loaded tensor (CPU views of the arena, in arena order) into the model's
     parameter or buffer of that name, narrowed to the tensor's shape where vLLM padded the
-    parameter (as ShardedStateLoader does). Into device memory, byte-identical contiguous
-    copies go through two pinned staging buffers, so host-to-device transfers run at pinned
-    speed and overlap the host copies, without a device copy of the whole arena."""
+    parameter (as ShardedStateLoader does). Into device memory from a `pinned` arena, one
+    asynchronous copy per tensor; from a pageable one, byte-identical contiguous copies go
+    through two pinned staging buffers (pinned transfer speed, host copies overlapping them,
+    no device copy of the whole arena)."""
     state = model.state_dict()
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    devices = set()
     with torch.no_grad():
         for name, src in tensors.items():
             dst = state[name]
             for dim, size in enumerate(src.shape):
                 if size < dst.shape[dim]:
                     dst = dst.narrow(dim, 0, size)
-            if dst.device.type == "cuda" and dst.dtype == src.dtype and dst.is_contiguous():
+            if dst.device.type != "cuda":
+                dst.copy_(src)
+            elif pinned:
+                dst.copy_(src, non_blocking=True)
+                devices.add(dst.device)
+            elif dst.dtype == src.dtype and dst.is_contiguous():
                 staged.append((dst, src))
             else:
                 dst.copy_(src)
         if staged:
             _staged_to_device(staged)
+        for device in devices:
+            # The pinned arena must outlive the copies reading it.
+            torch.cuda.current_stream(device).synchronize()
 
 
 def _staged_to_device(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
