@@ -297,7 +297,9 @@ def _where(model_config: ModelConfig) -> _Where:
     dp, dp_rank, ep = 1, 0, 1
     if pc is not None and pc.enable_expert_parallel and model_config.is_moe:
         if pc.enable_eplb:
-            raise Fallback("expert parallelism with EPLB (redundant experts) is not planned by safeshard")
+            raise Fallback(
+                "expert parallelism with EPLB (redundant experts) is not planned by safeshard"
+            )
         if pc.expert_placement_strategy != "linear":
             raise Fallback(
                 f"expert placement {pc.expert_placement_strategy!r} is not planned by "
