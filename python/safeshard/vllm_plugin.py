@@ -20,12 +20,15 @@ What a load does, on every rank of vLLM's world group:
    cannot prove its load equal to vLLM's default, every rank falls back to vLLM's
    ``DefaultModelLoader`` with one log line saying why; ranks whose plan hashes differ are one
    error naming them.
-4. Loads only this rank's bytes (the GIL released) into one arena and copies each tensor into
-   its parameter or buffer (narrowed where vLLM padded the parameter, as vLLM's
-   ``ShardedStateLoader`` does).
+4. Loads only this rank's bytes (the GIL released) into one arena (pinned host memory when
+   the model is on a GPU) and copies each tensor into its parameter or buffer (narrowed
+   where vLLM padded the parameter, as vLLM's ``ShardedStateLoader`` does).
 
-``model_loader_extra_config`` may set ``io`` (``auto``, ``mmap``, ``pread``), ``threads`` and
-``spec`` (a shipped spec name or a ``.shard`` file). See docs/vllm.md.
+``model_loader_extra_config`` may set ``io`` (``auto``, ``mmap``, ``pread``, ``direct``),
+``threads``, ``spec`` (a shipped spec name or a ``.shard`` file) and ``pinned`` (default true:
+for a model on the GPU, read the rank into pinned host memory and copy each tensor to the
+device asynchronously; false: a pageable arena and two pinned staging buffers). See
+docs/vllm.md.
 """
 
 from __future__ import annotations
@@ -99,15 +102,22 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
         extra = dict(load_config.model_loader_extra_config or {})
-        self.io = str(extra.pop("io", "auto"))
-        threads = extra.pop("threads", None)
-        self.threads = None if threads is None else int(threads)
-        spec = extra.pop("spec", None)
-        self.spec = None if spec is None else str(spec)
+        where = f"model_loader_extra_config for load format {LOAD_FORMAT}"
+        self.io = extra.pop("io", "auto")
+        if self.io not in ("auto", "mmap", "pread", "direct"):
+            raise ValueError(f"{where}: io={self.io!r}: expected auto, mmap, pread or direct")
+        self.pinned = extra.pop("pinned", True)
+        if not isinstance(self.pinned, bool):
+            raise ValueError(f"{where}: pinned={self.pinned!r}: expected true or false")
+        self.threads = extra.pop("threads", None)
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads > 0):
+            raise ValueError(f"{where}: threads={self.threads!r}: expected a positive integer")
+        self.spec = extra.pop("spec", None)
+        if self.spec is not None and not isinstance(self.spec, str):
+            raise ValueError(f"{where}: spec={self.spec!r}: expected a spec name or .shard file")
         if extra:
             raise ValueError(
-                f"model_loader_extra_config for load format {LOAD_FORMAT}: unexpected "
-                f"key(s) {sorted(extra)}; expected io, threads, spec"
+                f"{where}: unexpected key(s) {sorted(extra)}; expected io, threads, spec, pinned"
             )
         # The fallback: vLLM's own loader as `--load-format auto` would run it.
         self.default = DefaultModelLoader(
@@ -133,6 +143,11 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             _check_rank(plan, where.plan_rank, model, model_config)
         except (Fallback, SafeshardError) as e:
             reason = _one_line(str(e))
+        except Exception as e:  # noqa: BLE001
+            # Anything else (a vLLM internal this version does not have, ...) must not leave
+            # the other ranks waiting in the all-gather below: this rank cannot prove its
+            # load, so every rank falls back.
+            reason = _one_line(f"{type(e).__name__}: {e}")
         verdicts = _all_gather(
             {
                 "rank": _world_rank(),
@@ -167,13 +182,37 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
                 f"ranks: hash: {groups}); every rank must see the same files and options",
             )
         t1 = time.perf_counter()
-        loaded = plan.load(where.plan_rank, io=self.io, threads=self.threads, progress=False)
+        # Into GPU parameters: the rank is read straight into pinned host memory, so every
+        # tensor goes to the device by one asynchronous copy (no staging pass).
+        to_gpu = any(p.device.type == "cuda" for p in model.parameters())
+        out = None
+        try:
+            if to_gpu and self.pinned:
+                size = plan.rank(where.plan_rank).arena_bytes
+                out = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            loaded = plan.load(
+                where.plan_rank, io=self.io, threads=self.threads, progress=False, out=out
+            )
+        except SafeshardError as e:
+            # Nothing is copied yet and the default loader needs no other rank: this rank
+            # alone can still load as vLLM would (it reads the files again, so a checkpoint
+            # that is truly broken fails there too).
+            self.used, self.fallback_reason = "default", _one_line(str(e))
+            logger.warning(
+                "safeshard: loading with vLLM's default loader instead: rank %d: %s",
+                where.world_rank,
+                self.fallback_reason,
+            )
+            self.default.load_weights(model, model_config)
+            return
         t2 = time.perf_counter()
-        _copy_into(model, loaded.torch())
+        _copy_into(model, loaded.torch(), pinned=out is not None)
+        stats = loaded.stats
+        del loaded, out  # the arena goes now, not when this loader does
         t3 = time.perf_counter()
         self.used, self.fallback_reason = "safeshard", None
         self.stats = {
-            **loaded.stats,
+            **stats,
             "plan_seconds": t1 - t0,
             "load_seconds": t2 - t1,
             "copy_seconds": t3 - t2,
@@ -181,7 +220,7 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
         logger.info(
             "safeshard: rank %d loaded %.1f MiB in %.2f s (plan %.2f s, read %.2f s, copy %.2f s)",
             where.world_rank,
-            loaded.stats["bytes"] / 2**20,
+            stats["bytes"] / 2**20,
             t3 - t0,
             t1 - t0,
             t2 - t1,
@@ -223,9 +262,12 @@ def _all_gather(mine: dict[str, Any]) -> list[dict[str, Any]]:
 
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or parallel_state._WORLD is None:
+    if not (dist.is_available() and dist.is_initialized()):
         return [mine]
-    world = parallel_state.get_world_group()
+    try:
+        world = parallel_state.get_world_group()
+    except AssertionError:  # vLLM's way of saying its world group is not initialized
+        return [mine]
     if world.world_size == 1:
         return [mine]
     out: list[Any] = [None] * world.world_size
@@ -255,7 +297,9 @@ def _where(model_config: ModelConfig) -> _Where:
     dp, dp_rank, ep = 1, 0, 1
     if pc is not None and pc.enable_expert_parallel and model_config.is_moe:
         if pc.enable_eplb:
-            raise Fallback("expert parallelism with EPLB (redundant experts) is not planned by safeshard")
+            raise Fallback(
+                "expert parallelism with EPLB (redundant experts) is not planned by safeshard"
+            )
         if pc.expert_placement_strategy != "linear":
             raise Fallback(
                 f"expert placement {pc.expert_placement_strategy!r} is not planned by "
@@ -369,26 +413,36 @@ def _check_rank(plan: Plan, rank: int, model: nn.Module, model_config: ModelConf
 _STAGE_BYTES = 64 << 20
 
 
-def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], pinned: bool) -> None:
     """Copies every loaded tensor (CPU views of the arena, in arena order) into the model's
     parameter or buffer of that name, narrowed to the tensor's shape where vLLM padded the
-    parameter (as ShardedStateLoader does). Into device memory, byte-identical contiguous
-    copies go through two pinned staging buffers, so host-to-device transfers run at pinned
-    speed and overlap the host copies, without a device copy of the whole arena."""
+    parameter (as ShardedStateLoader does). Into device memory from a `pinned` arena, one
+    asynchronous copy per tensor; from a pageable one, byte-identical contiguous copies go
+    through two pinned staging buffers (pinned transfer speed, host copies overlapping them,
+    no device copy of the whole arena)."""
     state = model.state_dict()
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    devices = set()
     with torch.no_grad():
         for name, src in tensors.items():
             dst = state[name]
             for dim, size in enumerate(src.shape):
                 if size < dst.shape[dim]:
                     dst = dst.narrow(dim, 0, size)
-            if dst.device.type == "cuda" and dst.dtype == src.dtype and dst.is_contiguous():
+            if dst.device.type != "cuda":
+                dst.copy_(src)
+            elif pinned:
+                dst.copy_(src, non_blocking=True)
+                devices.add(dst.device)
+            elif dst.dtype == src.dtype and dst.is_contiguous():
                 staged.append((dst, src))
             else:
                 dst.copy_(src)
         if staged:
             _staged_to_device(staged)
+        for device in devices:
+            # The pinned arena must outlive the copies reading it.
+            torch.cuda.current_stream(device).synchronize()
 
 
 def _staged_to_device(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

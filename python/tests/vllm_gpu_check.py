@@ -5,9 +5,10 @@
 
 Needs CUDA, vLLM 0.33 and this package installed (its `vllm.general_plugins` entry point).
 One process, world size 1 on the current GPU: writes a synthetic checkpoint (bf16 shapes of
-the preset), builds the model vLLM picks twice on the GPU and loads one with vLLM's default
-loader and one with the plugin (through `vllm.plugins.load_general_plugins()` and
-`get_model_loader`), alternating, `--repeat` times each (the files are in the page cache
+the preset), builds the model vLLM picks on the GPU and loads it with the plugin (through
+`vllm.plugins.load_general_plugins()` and `get_model_loader`: pinned arena), with the plugin
+set to `pinned=false` (pageable arena, staged copies) and with vLLM's default loader,
+alternating, `--repeat` times each (the files are in the page cache
 after the first read); then checks every `state_dict()` tensor equal bit for bit and prints
 per load: seconds, GB/s of the rank's bytes, the plugin's plan/read/copy split, and a plain
 host-to-device copy of the same bytes (pinned and pageable) as the bar. `--serve` also starts
@@ -133,10 +134,16 @@ def main() -> int:
         default = DefaultModelLoader(
             dataclasses.replace(vllm_config.load_config, load_format="safetensors")
         )
-        times: dict[str, list[float]] = {"default": [], "safeshard": []}
+        loaders = [("safeshard", plugin), ("default", default)]
+        if not cpu:
+            # The pageable arena + pinned staging path (model_loader_extra_config pinned=false).
+            staged = type(plugin)(dataclasses.replace(
+                vllm_config.load_config, model_loader_extra_config={"pinned": False}))
+            loaders.insert(1, ("staged", staged))
+        times: dict[str, list[float]] = {name: [] for name, _ in loaders}
         kept: dict[str, torch.nn.Module] = {}
         for _ in range(a.repeat):
-            for name, loader in (("safeshard", plugin), ("default", default)):
+            for name, loader in loaders:
                 kept.pop(name, None)
                 sync()
                 model = build()
@@ -147,24 +154,27 @@ def main() -> int:
                 times[name].append(time.perf_counter() - t)
                 maybe_retie_word_embeddings(model, model_config)
                 kept[name] = model
-                if name == "safeshard":
-                    s = plugin.stats
-                    print(f"  safeshard: plan {s.get('plan_seconds', 0):.3f} s, read "
+                if name != "default":
+                    s = loader.stats
+                    print(f"  {name}: plan {s.get('plan_seconds', 0):.3f} s, read "
                           f"{s.get('load_seconds', 0):.3f} s, copy {s.get('copy_seconds', 0):.3f} s",
                           flush=True)
-        results.append(check(f"the plugin loaded with safeshard ({plugin.fallback_reason or 'no fallback'})",
-                             plugin.used == "safeshard"))
         want = kept["default"].state_dict()
-        got = kept["safeshard"].state_dict()
-        same = want.keys() == got.keys() and all(
-            want[k].dtype == got[k].dtype
-            and want[k].shape == got[k].shape
-            and torch.equal(want[k].reshape(-1).view(torch.uint8), got[k].reshape(-1).view(torch.uint8))
-            for k in want
-        )
-        results.append(check(f"state_dict equal to the default loader's ({len(want)} tensors)", same))
-        nbytes = sum(t.numel() * t.element_size() for t in got.values())
-        del kept, want, got
+        for name, loader in loaders:
+            if name == "default":
+                continue
+            results.append(check(f"{name}: the plugin loaded with safeshard "
+                                 f"({loader.fallback_reason or 'no fallback'})", loader.used == "safeshard"))
+            got = kept[name].state_dict()
+            same = want.keys() == got.keys() and all(
+                want[k].dtype == got[k].dtype
+                and want[k].shape == got[k].shape
+                and torch.equal(want[k].reshape(-1).view(torch.uint8), got[k].reshape(-1).view(torch.uint8))
+                for k in want
+            )
+            results.append(check(f"{name}: state_dict equal to the default loader's ({len(want)} tensors)", same))
+        nbytes = sum(t.numel() * t.element_size() for t in want.values())
+        del kept, want
         sync()
         gb = nbytes / 1e9
         for name, ts in times.items():
