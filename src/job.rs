@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Dtype};
 use crate::comm::Communicator;
 use crate::dist::{self, ShareOptions};
 use crate::load::{load_rank, load_rank_views, verify_rank, LoadOptions, RankTensors};
@@ -370,6 +370,30 @@ impl Job {
             if stored_head && declared {
                 if let Some(obj) = config.as_object_mut() {
                     obj.insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
+                }
+            }
+            // vLLM's GPTQ config, when config.json does not list the quantized modules, reads
+            // them off the checkpoint's files: every module with a non-float tensor. Off the
+            // output's fused names that would miss gate_up_proj; write the list the original
+            // checkpoint gives (vLLM maps checkpoint module names to its fused layers).
+            if let Some(q) = config
+                .get_mut("quantization_config")
+                .and_then(|q| q.as_object_mut())
+            {
+                let gptq = q.get("quant_method").and_then(|m| m.as_str()) == Some("gptq");
+                if gptq && !q.contains_key("modules_in_block_to_quantize") {
+                    let floats = [Dtype::F16, Dtype::BF16, Dtype::F32];
+                    let modules: std::collections::BTreeSet<&str> = self
+                        .ckpt
+                        .tensors
+                        .iter()
+                        .filter(|t| !floats.contains(&t.dtype))
+                        .filter_map(|t| t.name.rsplit_once('.').map(|(m, _)| m))
+                        .collect();
+                    q.insert(
+                        "modules_in_block_to_quantize".into(),
+                        serde_json::Value::from(modules.into_iter().collect::<Vec<_>>()),
+                    );
                 }
             }
             let mut bytes = serde_json::to_vec_pretty(&config)

@@ -516,3 +516,61 @@ fn a_stored_head_under_a_tied_config_is_written_untied() {
     let names: Vec<&str> = t.iter().map(|t| t.name.as_str()).collect();
     assert!(names.contains(&"lm_head.weight") && names.contains(&"model.embed_tokens.weight"));
 }
+
+/// Cost of vLLM names, printed (`cargo test --test it vllm_names_cost -- --ignored
+/// --nocapture`, best with `--release`): planning a real-size sparse Mixtral-8x7B at tp 8
+/// with and without the transform, and loading real-size GPT-2 (every Conv1D weight
+/// transposed through strided runs) under both names.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn vllm_names_cost() {
+    use std::time::Instant;
+    let mut opts = SynthOptions::preset("mixtral-8x7b").unwrap();
+    opts.sparse = true;
+    let dir = common::write_preset(&opts);
+    let topo = Topology::new(8, 1, 1, 1).unwrap();
+    for names in [
+        TensorNames::Checkpoint,
+        TensorNames::Vllm,
+        TensorNames::Checkpoint,
+        TensorNames::Vllm,
+    ] {
+        let t = Instant::now();
+        let job = Job::builder(dir.path())
+            .topology(topo.clone())
+            .names(names)
+            .open()
+            .unwrap();
+        let runs: usize = job.plan.ranks.iter().map(|r| r.copies.len()).sum();
+        println!(
+            "mixtral-8x7b tp8 plan {names:?}: {:.3} s, {} tensors on rank 0, {runs} copy runs",
+            t.elapsed().as_secs_f64(),
+            job.plan.ranks[0].tensors.len()
+        );
+    }
+    let dir = common::write_preset(&SynthOptions::preset("gpt2").unwrap());
+    for tp in [1, 4] {
+        let topo = Topology::new(tp, 1, 1, 1).unwrap();
+        for names in [
+            TensorNames::Checkpoint,
+            TensorNames::Vllm,
+            TensorNames::Checkpoint,
+            TensorNames::Vllm,
+        ] {
+            let job = Job::builder(dir.path())
+                .topology(topo.clone())
+                .names(names)
+                .open()
+                .unwrap();
+            let t = Instant::now();
+            let rank = job.load_rank(tp - 1, &LoadOptions::default()).unwrap();
+            println!(
+                "gpt2 tp{tp} load rank {} {names:?}: {:.3} s, {} bytes, {} copy runs",
+                tp - 1,
+                t.elapsed().as_secs_f64(),
+                rank.stats().bytes,
+                job.plan.ranks[tp - 1].copies.len()
+            );
+        }
+    }
+}
