@@ -2,12 +2,13 @@
 """Peer benchmark: one rank of a Llama checkpoint loaded by safeshard and by the peer loaders.
 
     python3 bench/peers.py CKPT [--tp 1,4,8] [--reps 5] [--modes warm,cold]
-        [--loaders safeshard,safeshard-pread,safeshard-mmap,safeshard-py,st-torch,st-numpy,runai,
+        [--loaders safeshard,safeshard-pread,safeshard-mmap,safeshard-direct,safeshard-py,
+                   st-torch,st-numpy,runai,
                    fastsafetensors,instanttensor]
         [--safeshard target/release/safeshard] [--out results.json]
 
-`safeshard` is the CLI (`load --rank R --json --digest`, default engine; `-pread`/`-mmap`
-force one), `safeshard-py` the library through the Python binding (`safeshard.load`, when
+`safeshard` is the CLI (`load --rank R --json --digest`, default engine; `-pread`/`-mmap`/
+`-direct` force one), `safeshard-py` the library through the Python binding (`safeshard.load`, when
 importable). Every measurement is a fresh process (loaders interleaved; repetition outermost, then mode, tp and
 loader; a 1 s pause before each). Ranks: tp 1 rank 0, tp 4 rank 1, tp 8 rank 3. Cold runs first
 drop every checkpoint file from the page cache (`sync`, then `posix_fadvise(DONTNEED)` per
@@ -273,11 +274,16 @@ def warm_cache(paths):
                 pass
 
 
+# CLI loaders: the default engine and each forced one.
+SAFESHARD_CLI_IO = {"safeshard": "auto", "safeshard-pread": "pread", "safeshard-mmap": "mmap",
+                    "safeshard-direct": "direct"}
+
+
 def run_one(args, loader, tp, rank):
     io0 = io_read_bytes()
     t0 = time.perf_counter()
-    if loader in ("safeshard", "safeshard-pread", "safeshard-mmap"):
-        io = {"safeshard": "auto", "safeshard-pread": "pread", "safeshard-mmap": "mmap"}[loader]
+    if loader in SAFESHARD_CLI_IO:
+        io = SAFESHARD_CLI_IO[loader]
         # GNU time reports its child's peak RSS; a child forked straight from this harness
         # would inherit the harness's own peak in ru_maxrss.
         cmd = ["/usr/bin/time", "-f", "maxrss_kib %M", args.safeshard, "load", args.ckpt, "--tp", str(tp), "--rank", str(rank),
@@ -312,31 +318,46 @@ def run_one(args, loader, tp, rank):
 
 
 def limits(paths):
-    """Physical limits measured in the same run: single-thread memcpy into touched memory
-    (numpy copyto, 1 GiB, best of 3) and a cold sequential read (first 2 GiB of the largest
-    file, 16 MiB reads, after dropping the cache), both in bytes per second."""
+    """Physical limits measured in the same run, in bytes per second: single-thread memcpy
+    into touched memory (numpy copyto, 1 GiB, best of 3) and into fresh memory (a new 1 GiB
+    array each time: page faults included, which every fresh-process loader pays; best of
+    3), and a cold sequential read of the first 2 GiB of the largest file with 16 MiB reads,
+    buffered (through the page cache) and with O_DIRECT, each after dropping the cache."""
+    import mmap
+
     import numpy as np
 
     n = 1 << 30
     src = np.ones(n, dtype=np.uint8)
     dst = np.zeros(n, dtype=np.uint8)
     best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(3))
-    del src, dst
+    del dst
+    fresh = min(_timed(lambda: np.copyto(np.empty(n, dtype=np.uint8), src)) for _ in range(3))
+    del src
     big = max(paths, key=os.path.getsize)
+    want = min(2 << 30, os.path.getsize(big)) // (16 << 20) * (16 << 20)
+    seq = {}
+    for kind, flags in (("buffered", 0), ("direct", getattr(os, "O_DIRECT", 0))):
+        drop_cache([big])
+        try:
+            fd = os.open(big, os.O_RDONLY | flags)
+        except OSError:
+            continue
+        buf = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
+        t0 = time.perf_counter()
+        got = 0
+        try:
+            while got < want:
+                k = os.preadv(fd, [buf], got)
+                if not k:
+                    break
+                got += k
+        finally:
+            os.close(fd)
+        seq[kind] = got / (time.perf_counter() - t0)
     drop_cache([big])
-    want = min(2 << 30, os.path.getsize(big))
-    fd = os.open(big, os.O_RDONLY)
-    buf = bytearray(16 << 20)
-    t0 = time.perf_counter()
-    got = 0
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        while got < want:
-            k = f.readinto(buf)
-            if not k:
-                break
-            got += k
-    seq = got / (time.perf_counter() - t0)
-    return {"memcpy_Bps": n / best, "seq_read_Bps": seq}
+    return {"memcpy_Bps": n / best, "fresh_memcpy_Bps": n / fresh,
+            "seq_read_Bps": seq.get("buffered"), "seq_read_direct_Bps": seq.get("direct")}
 
 
 def _timed(f):
@@ -392,8 +413,11 @@ def main():
     print(f"# load average at start: {open('/proc/loadavg').read().strip()}", flush=True)
     lim = limits(paths) if args.limits else None
     if lim:
-        print(f"# limits: memcpy {lim['memcpy_Bps'] / 1e9:.2f} GB/s (1 thread, touched), "
-              f"cold sequential read {lim['seq_read_Bps'] / 1e9:.2f} GB/s", flush=True)
+        gb = lambda k: f"{lim[k] / 1e9:.2f}" if lim.get(k) else "n/a"  # noqa: E731
+        print(f"# limits: memcpy {gb('memcpy_Bps')} GB/s (1 thread, touched), "
+              f"{gb('fresh_memcpy_Bps')} GB/s (1 thread, fresh memory); cold sequential read "
+              f"{gb('seq_read_Bps')} GB/s buffered, {gb('seq_read_direct_Bps')} GB/s O_DIRECT",
+              flush=True)
         print(f"# limits json {json.dumps(lim)}", flush=True)
     # Repetitions outermost: a run cut short still covers every (mode, tp) equally.
     for rep in range(args.reps):
@@ -448,8 +472,9 @@ def summarize(results, loaders, lim=None):
         print(f"| {mode} tp {tp} | " + " | ".join(cells) + " |")
     # Goal ratios: safeshard (auto) against the best peer and the physical limits.
     peers = [l for l in loaders if not l.startswith("safeshard")]
-    print("\n| mode tp | safeshard s | best peer (s) | ratio | floor s (limit) | ratio to floor |")
-    print("|---|---|---|---|---|---|")
+    print("\n| mode tp | safeshard s | best peer (s) | ratio | floor s (limit) | ratio to floor "
+          "| second floor s (limit) | ratio to it |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, tp in keys:
         def med(l, key="seconds"):
             v = [r[key] for r in results if r["mode"] == mode and r["tp"] == tp
@@ -457,19 +482,26 @@ def summarize(results, loaders, lim=None):
             return statistics.median(v) if v else None
         me = med("safeshard")
         best = min(((med(l), l) for l in peers if med(l) is not None), default=(None, None))
-        floor = None
+        # The issue's floors (memcpy into touched memory warm, buffered sequential read
+        # cold) and a second one each: memcpy into fresh memory (the page faults a fresh
+        # process pays) and an O_DIRECT sequential read.
+        floor = second = None
         if lim and me:
+            def fl(b, key, label):
+                return (b / lim[key], label) if b and lim.get(key) else None
             if mode == "warm":
                 b = med("safeshard", "bytes")
-                floor = (b / lim["memcpy_Bps"], "memcpy") if b else None
+                floor = fl(b, "memcpy_Bps", "memcpy")
+                second = fl(b, "fresh_memcpy_Bps", "fresh memcpy")
             else:
                 b = med("safeshard", "plan_read_bytes")
-                floor = (b / lim["seq_read_Bps"], "seq read") if b else None
+                floor = fl(b, "seq_read_Bps", "seq read")
+                second = fl(b, "seq_read_direct_Bps", "O_DIRECT seq read")
         cells = [f"{me:.2f}" if me else "n/a",
                  f"{best[0]:.2f} ({best[1]})" if best[0] else "n/a",
-                 f"{me / best[0]:.2f}" if me and best[0] else "n/a",
-                 f"{floor[0]:.2f} ({floor[1]})" if floor else "n/a",
-                 f"{floor[0] / me:.2f}" if floor and me else "n/a"]
+                 f"{me / best[0]:.2f}" if me and best[0] else "n/a"]
+        for f in (floor, second):
+            cells += [f"{f[0]:.2f} ({f[1]})" if f else "n/a", f"{f[0] / me:.2f}" if f and me else "n/a"]
         print(f"| {mode} tp {tp} | " + " | ".join(cells) + " |")
 
 

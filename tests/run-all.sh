@@ -58,5 +58,11 @@ if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]]; then
   if [[ -n $scases ]]; then
     step "$vpy" tests/vllm/sharded_state.py --case "$scases"
   fi
+  # The vLLM plugin (`--load-format safeshard`, python/safeshard/vllm_plugin.py, installed
+  # with its entry point by tests/python.sh): every rank's state_dict equals vLLM's default
+  # loader's, and an architecture without a spec falls back (docs/vllm.md; about 1-2 min a
+  # case on 2 cores). SAFESHARD_VLLM_PLUGIN_CASES picks other cases.
+  pcases=llama-tied-head-differs-tp2-pp2,mixtral-tp2-pp2,unknown-arch-tp1-pp1
+  step "$vpy" tests/vllm/plugin_differential.py --case "${SAFESHARD_VLLM_PLUGIN_CASES:-$pcases}"
 fi
 echo "all test steps passed in $SECONDS s"

@@ -164,19 +164,33 @@ class Plan:
         io: str = "auto",
         threads: int | None = None,
         progress: bool | None = None,
+        out: Any = None,
     ) -> Rank:
         """Loads ``rank`` in this process, reading only its own slices, into one arena.
 
-        ``io`` is ``"auto"`` (the default, as the CLI's: positioned reads for contiguous
-        runs, mapped gathers for cached strided ones), ``"mmap"`` or ``"pread"``; ``threads``
-        the copy threads (default: the cores, at least 8 so that several reads are in
-        flight). ``progress``: a bar (tqdm) on stderr; ``None`` shows it for rank 0 when
-        stderr is a terminal and tqdm is installed. Ctrl-C stops the load between chunks
-        and raises ``KeyboardInterrupt``.
+        ``io`` is ``"auto"`` (the default, as the CLI's: decided per read by what the page
+        cache holds), ``"mmap"``, ``"pread"`` or ``"direct"``; ``threads`` the copy threads
+        (default: the cores, at least 8 so that several reads are in flight). ``progress``:
+        a bar (tqdm) on stderr; ``None`` shows it for rank 0 when stderr is a terminal and
+        tqdm is installed. Ctrl-C stops the load between chunks and raises
+        ``KeyboardInterrupt``.
+
+        ``out``: load into this memory instead of a fresh arena: a contiguous, writable CPU
+        ``torch.Tensor`` (e.g. ``torch.empty(n, dtype=torch.uint8, pin_memory=True)`` for a
+        fast device copy), numpy array or other writable buffer of at least
+        ``plan.rank(rank).arena_bytes`` bytes, reused across loads without new page faults.
+        The rank's tensors are views of it (at their arena offsets); do not use ``out``
+        while the load runs.
         """
         cb, close = _progress(self, rank, progress)
         try:
-            native = self._native.load(rank, io=io, threads=threads, progress=cb)
+            if out is None:
+                native = self._native.load(rank, io=io, threads=threads, progress=cb)
+            else:
+                address, nbytes, keep = _out_buffer(out)
+                native = self._native.load_into(
+                    rank, address, nbytes, keep, io=io, threads=threads, progress=cb
+                )
         finally:
             close()
         return Rank(native)
@@ -230,6 +244,28 @@ class Plan:
         )
 
 
+def _out_buffer(out: Any) -> tuple[int, int, Any]:
+    """``(address, nbytes, owner)`` of ``out``'s memory, checked to be CPU memory that is
+    contiguous and writable."""
+    if hasattr(out, "data_ptr") and hasattr(out, "untyped_storage"):  # torch.Tensor
+        if out.device.type != "cpu":
+            raise _error("usage", f"out: a {out.device} tensor; pass CPU (pinned) memory")
+        if not out.is_contiguous():
+            raise _error("usage", "out: the tensor is not contiguous")
+        if out.requires_grad:
+            raise _error("usage", "out: the tensor requires grad")
+        return out.data_ptr(), out.numel() * out.element_size(), out
+    try:
+        arr = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise _error("usage", f"out: not a tensor, array or buffer ({exc})") from None
+    if not arr.flags.writeable:
+        raise _error("usage", "out: the buffer is read-only")
+    if not arr.flags.c_contiguous:
+        raise _error("usage", "out: the array is not contiguous")
+    return arr.__array_interface__["data"][0], arr.nbytes, arr
+
+
 def _progress(
     plan: Plan, rank: int, want: bool | None
 ) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
@@ -269,6 +305,7 @@ def plan(
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
+    names: str = "checkpoint",
 ) -> Plan:
     """Plans every rank of a job from the checkpoint's headers (no tensor data is read).
 
@@ -276,7 +313,10 @@ def plan(
     either (a Hugging Face cache snapshot works), or a repo id found in the local Hugging
     Face cache. ``spec``: a shipped spec name or a ``.shard`` file (default: detected from
     ``config.json``). ``set``: config overrides, ``["key=value", ...]`` or a dict.
-    ``pp_layers``: explicit layers per pipeline stage.
+    ``pp_layers``: explicit layers per pipeline stage. ``names``: ``"checkpoint"`` (each
+    rank's tensors under the checkpoint's names) or ``"vllm"`` (as vLLM's
+    ``model.state_dict()`` names them: fused ``qkv_proj``/``gate_up_proj``, FusedMoE experts
+    stacked in ``w13_*``/``w2_*``, ...; from the name maps next to the specs).
     """
     overrides: list[str]
     if set is None:
@@ -294,6 +334,7 @@ def plan(
         spec=spec,
         overrides=overrides,
         pp_layers=None if pp_layers is None else [int(x) for x in pp_layers],
+        names=names,
     )
     return Plan(native)
 
@@ -520,6 +561,7 @@ def load(
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
+    names: str = "checkpoint",
     io: str = "auto",
     threads: int | None = None,
     progress: bool | None = None,
@@ -533,9 +575,11 @@ def load(
     exchanged with all-to-all); the last two need ``torch.distributed`` initialized (gloo
     for CPU, NCCL for CUDA) and ``process_group`` (default: the world group) must have
     exactly the job's ranks. ``device``: ``"cpu"`` (views of the arena), ``"cuda"`` (the
-    ``LOCAL_RANK`` device) or any torch device.
+    ``LOCAL_RANK`` device) or any torch device. ``names``: as for :func:`plan`.
     """
-    p = plan(path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers)
+    p = plan(
+        path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers, names=names
+    )
     if share not in ("none", "broadcast", "read-once"):
         raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
     if share != "none":

@@ -63,6 +63,7 @@ class NativePlan:
         spec: str | None = None,
         overrides: list[str] = ...,
         pp_layers: list[int] | None = None,
+        names: str = "checkpoint",
     ) -> NativePlan: ...
     @property
     def world_size(self) -> int: ...
@@ -79,6 +80,16 @@ class NativePlan:
     def load(
         self,
         rank: int,
+        io: str = "auto",
+        threads: int | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> NativeRank: ...
+    def load_into(
+        self,
+        rank: int,
+        address: int,
+        nbytes: int,
+        keep: Any,
         io: str = "auto",
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,

@@ -21,10 +21,19 @@ use crate::{dangling, CAPSULE_NAME};
 /// The bytes of one loaded rank. Python may write through exported views, so the bytes are
 /// only ever reached through the raw pointer taken once at construction.
 pub(crate) struct Owner {
-    /// Held only to own (and finally free) the memory behind `ptr`.
-    _arena: Arena,
+    /// Held only to keep the memory behind `ptr` alive (and finally free it).
+    _storage: Storage,
     ptr: *mut u8,
     len: usize,
+}
+
+/// Whose memory the bytes are.
+enum Storage {
+    /// The rank's own arena.
+    Arena(#[allow(dead_code)] Arena),
+    /// A caller's buffer (`Plan.load(out=...)`): the Python object exporting it, kept alive
+    /// while any view exists (dropped without the GIL, pyo3 defers the decref).
+    External(#[allow(dead_code)] Py<PyAny>),
 }
 
 // SAFETY: the arena is owned memory (an anonymous mapping) that never moves;
@@ -52,7 +61,21 @@ impl Owner {
         let (ptr, len) = (arena.as_mut_ptr(), arena.len());
         LIVE.fetch_add(1, Ordering::Relaxed);
         Arc::new(Owner {
-            _arena: arena,
+            _storage: Storage::Arena(arena),
+            ptr,
+            len,
+        })
+    }
+
+    /// The first `len` bytes at `ptr`, memory of the Python object `keep` (a writable,
+    /// C-contiguous buffer checked by the caller), which lives as long as the owner.
+    ///
+    /// # Safety
+    /// `[ptr, ptr + len)` must stay valid and not move while `keep` is alive.
+    pub(crate) unsafe fn from_external(ptr: *mut u8, len: usize, keep: Py<PyAny>) -> Arc<Owner> {
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Owner {
+            _storage: Storage::External(keep),
             ptr,
             len,
         })

@@ -24,7 +24,7 @@ use safeshard::comm::Communicator;
 use safeshard::dist::{load_shared_with, SharedPlan};
 use safeshard::load::LoadControl;
 use safeshard::plan::TensorPlan;
-use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, Topology};
+use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, TensorNames, Topology};
 use sha2::{Digest, Sha256};
 
 mod comm;
@@ -66,6 +66,14 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Ok(PyErr::from_value(inst))
     })();
     made.unwrap_or_else(|err| err)
+}
+
+/// The library names the option `format` (the CLI's flag); Python calls it `names`.
+fn names_error(e: Error) -> Error {
+    match e {
+        Error::InvalidArgument { message, .. } => Error::invalid_argument("names", message),
+        other => other,
+    }
 }
 
 fn usage(py: Python<'_>, msg: String) -> PyErr {
@@ -170,7 +178,7 @@ impl NativePlan {
     /// Opens the checkpoint, resolves the spec and plans every rank (headers only; the GIL is
     /// released meanwhile).
     #[new]
-    #[pyo3(signature = (path, tp, pp, dp, ep, spec=None, overrides=Vec::new(), pp_layers=None))]
+    #[pyo3(signature = (path, tp, pp, dp, ep, spec=None, overrides=Vec::new(), pp_layers=None, names="checkpoint"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -182,12 +190,21 @@ impl NativePlan {
         spec: Option<String>,
         overrides: Vec<String>,
         pp_layers: Option<Vec<usize>>,
+        names: &str,
     ) -> PyResult<Self> {
+        let names: TensorNames = names.parse().map_err(|e| to_py(py, names_error(e)))?;
         let job = py
             .detach(|| {
                 let mut topology = Topology::new(tp, pp, dp, ep)?;
                 topology.pp_layers = pp_layers;
-                Job::open(&path, topology, spec.as_deref(), &overrides)
+                let mut builder = Job::builder(&path).topology(topology).names(names);
+                if let Some(spec) = spec {
+                    builder = builder.spec(spec);
+                }
+                for kv in overrides {
+                    builder = builder.set(kv);
+                }
+                builder.open()
             })
             .map_err(|e| to_py(py, e))?;
         Ok(NativePlan { job: Arc::new(job) })
@@ -280,6 +297,57 @@ impl NativePlan {
         })
     }
 
+    /// Loads one rank into caller memory: `nbytes` writable bytes at `address`, owned by
+    /// `keep` (kept alive while any view exists). `safeshard.Plan.load(out=...)` derives all
+    /// three from a contiguous, writable CPU tensor or array it has checked; the rank's
+    /// tensors are views of that memory.
+    #[pyo3(signature = (rank, address, nbytes, keep, io="auto", threads=None, progress=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn load_into(
+        &self,
+        py: Python<'_>,
+        rank: usize,
+        address: usize,
+        nbytes: usize,
+        keep: Py<PyAny>,
+        io: &str,
+        threads: Option<usize>,
+        progress: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<NativeRank> {
+        if address == 0 && nbytes > 0 {
+            return Err(usage(py, "out: null buffer address".into()));
+        }
+        let control = Arc::new(LoadControl::default());
+        let opts = load_options(py, io, threads, &control)?;
+        let job = Arc::clone(&self.job);
+        let stats = run_interruptible(py, &control, progress, move || {
+            let bytes: &mut [u8] = if nbytes == 0 {
+                &mut []
+            } else {
+                // SAFETY: the caller (`Plan.load`) passes the address and length of a
+                // writable, contiguous CPU buffer that `keep` owns and that stays alive and
+                // unused by Python code until this returns.
+                unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) }
+            };
+            safeshard::load::load_rank_into_buffer(&job.plan, rank, &opts, bytes)
+        })?;
+        let rp = self.job.plan.ranks.get(rank);
+        let tensors = rp.map(|rp| rp.tensors.clone()).unwrap_or_default();
+        let used = rp.map_or(0, |rp| rp.arena_bytes) as usize;
+        // SAFETY: the first `used` bytes (the load checked they fit in `nbytes`) of memory
+        // `keep` owns, which the owner keeps alive.
+        let owner = unsafe { dlpack::Owner::from_external(address as *mut u8, used, keep) };
+        Ok(NativeRank {
+            rank,
+            tensors,
+            arena: owner,
+            read_bytes: stats.read_bytes,
+            sent_bytes: 0,
+            received_bytes: 0,
+            seconds: stats.seconds,
+        })
+    }
+
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
     /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
     #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
@@ -309,7 +377,11 @@ impl NativePlan {
         };
         let job = Arc::clone(&self.job);
         let (loaded, traffic) = run_interruptible(py, &control, progress, move || {
-            load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)
+            let (mut loaded, traffic) =
+                load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)?;
+            // Buffers without a file source (vLLM names: `_k_scale` ...), as Job::load_shared.
+            job.fill_buffers(&mut loaded)?;
+            Ok((loaded, traffic))
         })?;
         let stats = *loaded.stats();
         let (arena, tensors) = loaded.into_parts();

@@ -62,16 +62,22 @@ pub struct Args {
     /// (only safe while no one truncates or writes the checkpoint files).
     #[arg(long)]
     pub views: bool,
-    /// I/O engine: `auto` (positioned reads for contiguous runs, mapped gathers for strided
-    /// ones), `mmap` or `pread`.
+    /// I/O engine: `auto` (by what the page cache holds: cached contiguous runs with
+    /// positioned reads, cached strided ones gathered from a mapping, uncached spans with
+    /// direct I/O), `mmap`, `pread` or `direct` (`O_DIRECT`, bypassing the page cache).
     #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Staging memory budget of the pread engine, e.g. `256MiB`.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub staging_budget: u64,
-    /// How fresh arenas are prepared: `hugepages`, `populate` or `lazy`.
-    #[arg(long, default_value = "hugepages")]
+    /// How fresh arenas are prepared: `ahead` (a helper thread faults pages in ahead of the
+    /// readers), `lazy`, `populate` or `hugepages`.
+    #[arg(long, default_value = "ahead")]
     pub arena: ArenaInit,
+    /// Reader threads of a `--rank`/`--all-ranks` load (default: the cores, at least 8, so
+    /// that several reads are in flight).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
     /// One JSON object per rank per line.
     #[arg(long)]
     pub json: bool,
@@ -306,6 +312,7 @@ impl From<super::dist::Args> for Args {
             io: a.io,
             staging_budget: d.staging_budget,
             arena: d.arena,
+            threads: None,
             json: a.json,
             // dist-load always printed the digest.
             digest: true,
@@ -332,7 +339,7 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
         views: args.views,
         staging_budget: args.staging_budget,
         arena: args.arena,
-        threads: None,
+        threads: args.threads.map(usize::from),
         pread_contiguous: false,
         control: None,
     };

@@ -18,9 +18,14 @@ pub enum ArenaInit {
     Lazy,
     /// `MAP_POPULATE`: the kernel allocates and zeroes every page at map time, in one call.
     Populate,
-    /// `madvise(MADV_HUGEPAGE)`: transparent huge pages, one fault per 2 MiB.
-    #[default]
+    /// `madvise(MADV_HUGEPAGE)`: transparent huge pages, one fault per 2 MiB (with THP
+    /// `defrag=madvise`, a fault may first compact memory: measured slowest here).
     HugePages,
+    /// Lazy pages, made resident by a helper thread running ahead of the readers
+    /// (`MADV_POPULATE_WRITE` on the tasks they will take next), so the faults overlap the
+    /// reads instead of stalling them.
+    #[default]
+    Ahead,
 }
 
 impl std::str::FromStr for ArenaInit {
@@ -31,9 +36,10 @@ impl std::str::FromStr for ArenaInit {
             "lazy" => Ok(ArenaInit::Lazy),
             "populate" => Ok(ArenaInit::Populate),
             "hugepages" => Ok(ArenaInit::HugePages),
+            "ahead" => Ok(ArenaInit::Ahead),
             other => Err(Error::invalid_argument(
                 "arena",
-                format!("unknown value {other:?} (expected lazy, populate or hugepages)"),
+                format!("unknown value {other:?} (expected ahead, lazy, populate or hugepages)"),
             )),
         }
     }
@@ -46,6 +52,7 @@ impl std::str::FromStr for ArenaInit {
 pub struct Arena {
     map: Option<MmapMut>,
     len: usize,
+    fresh: bool,
 }
 
 impl std::fmt::Debug for Arena {
@@ -53,6 +60,7 @@ impl std::fmt::Debug for Arena {
         f.debug_struct("Arena")
             .field("len", &self.len)
             .field("capacity", &self.capacity())
+            .field("fresh", &self.fresh)
             .finish()
     }
 }
@@ -63,7 +71,11 @@ impl Arena {
         let len = usize::try_from(len)
             .map_err(|_| Error::Load(format!("arena of {len} bytes does not fit in memory")))?;
         if len == 0 {
-            return Ok(Arena { map: None, len: 0 });
+            return Ok(Arena {
+                map: None,
+                len: 0,
+                fresh: false,
+            });
         }
         let mut opts = MmapOptions::new();
         opts.len(len);
@@ -81,6 +93,8 @@ impl Arena {
         Ok(Arena {
             map: Some(map),
             len,
+            // A populated arena is already resident.
+            fresh: init != ArenaInit::Populate,
         })
     }
 
@@ -91,9 +105,16 @@ impl Arena {
             Ok(n) if n <= self.capacity() => Ok(Arena {
                 map: self.map,
                 len: n,
+                fresh: false,
             }),
             _ => Arena::new(len, init),
         }
+    }
+
+    /// Whether the pages were never touched (a new arena, not populated at map time): a load
+    /// into it pays one page fault per page, which [`ArenaInit::Ahead`] moves off the readers.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// Bytes of the underlying mapping.

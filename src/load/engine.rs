@@ -125,12 +125,21 @@ pub(crate) struct ValidatedRuns<'a> {
     copies: &'a [CopyRun],
     zeros: &'a [ZeroRun],
     arena: ArenaPtr<'a>,
+    /// Populate the arena's pages on a helper thread ahead of the readers.
+    ahead: bool,
 }
 
 impl ValidatedRuns<'_> {
     /// The copy runs that were validated.
     pub(crate) fn copies(&self) -> &[CopyRun] {
         self.copies
+    }
+
+    /// With `on`, a helper thread makes the destination pages of the tasks the readers take
+    /// next resident while they read ([`crate::load::ArenaInit::Ahead`] on a fresh arena).
+    pub(crate) fn populate_ahead(mut self, on: bool) -> Self {
+        self.ahead = on;
+        self
     }
 }
 
@@ -206,6 +215,7 @@ pub(crate) fn validate<'a>(
             len: arena.len(),
             _arena: PhantomData,
         },
+        ahead: false,
     })
 }
 
@@ -249,14 +259,38 @@ pub(crate) enum Task {
 }
 
 impl Task {
-    /// Arena bytes this task fills (what progress counts).
-    fn arena_bytes(&self) -> u64 {
-        let d = match self {
+    fn dst_pattern(&self) -> Strided {
+        match self {
             Task::Copy(c) => c.dst_pattern(),
             Task::Zero(z) => z.dst_pattern(),
-        };
+        }
+    }
+
+    /// Arena bytes this task fills (what progress counts).
+    fn arena_bytes(&self) -> u64 {
+        let d = self.dst_pattern();
         d.len.saturating_mul(d.count)
     }
+}
+
+/// Makes the whole pages under task `t`'s destination span resident without changing a byte
+/// (`MADV_POPULATE_WRITE`; partial pages at the ends are left to the readers, so nothing
+/// outside the arena is touched). `false` when the kernel cannot (before Linux 5.14), which
+/// ends the helper; the readers then fault the pages themselves.
+fn populate(arena: ArenaPtr<'_>, t: &Task) -> bool {
+    let d = t.dst_pattern();
+    let page = page_size() as usize;
+    let base = arena.ptr as usize;
+    // Validated: the span lies inside the arena.
+    let (s, e) = (base + d.start as usize, base + d.end_saturating() as usize);
+    let (s, e) = (s.div_ceil(page) * page, e / page * page);
+    if e <= s {
+        return true;
+    }
+    // SAFETY: `[s, e)` lies inside the arena mapping; MADV_POPULATE_WRITE faults pages in
+    // as a write would but leaves their contents alone, so it races with no reader's write.
+    let rc = unsafe { libc::madvise(s as *mut libc::c_void, e - s, libc::MADV_POPULATE_WRITE) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
 }
 
 /// How a run of `count` chunks of `len` bytes is cut into tasks of about [`TASK_BYTES`].
@@ -533,24 +567,7 @@ impl Mapped {
         else {
             return false;
         };
-        let off = (s - w.start) as usize;
-        let len = ((e - s) as usize).min(w.map.len() - off);
-        let pages = len.div_ceil(page as usize);
-        let mut vec: Vec<u8> = Vec::new();
-        if vec.try_reserve_exact(pages).is_err() {
-            return false;
-        }
-        vec.resize(pages, 0);
-        // SAFETY: `[ptr + off, + len)` lies inside a live mapping (page-aligned start, as
-        // windows start on pages) and `vec` holds one byte per page of it.
-        let rc = unsafe {
-            libc::mincore(
-                w.map.as_ptr().add(off) as *mut libc::c_void,
-                len,
-                vec.as_mut_ptr(),
-            )
-        };
-        rc == 0 && vec.iter().filter(|&&b| b & 1 == 1).count() * 2 >= pages
+        mostly_resident(&w.map, w.start, s, e)
     }
 
     /// The file of the first window that hit a page past its file's end, if any.
@@ -570,6 +587,40 @@ impl Mapped {
             },
         }
     }
+}
+
+/// Whether at least half of the pages of file bytes `[src, end)` are in the page cache, asked
+/// through `map`, a mapping of the file from byte `map_start` (page-aligned) that covers
+/// `src` (`false` when unknown).
+fn mostly_resident(map: &Mmap, map_start: u64, src: u64, end: u64) -> bool {
+    let page = page_size();
+    let (s, e) = (src / page * page, end.div_ceil(page) * page);
+    let Some(off) = s
+        .checked_sub(map_start)
+        .and_then(|o| usize::try_from(o).ok())
+        .filter(|&o| o < map.len())
+    else {
+        return false;
+    };
+    let len = usize::try_from(e.saturating_sub(s))
+        .unwrap_or(usize::MAX)
+        .min(map.len() - off);
+    let pages = len.div_ceil(page as usize);
+    let mut vec: Vec<u8> = Vec::new();
+    if vec.try_reserve_exact(pages).is_err() {
+        return false;
+    }
+    vec.resize(pages, 0);
+    // SAFETY: `[ptr + off, + len)` lies inside a live mapping (page-aligned start, as
+    // mappings start on pages) and `vec` holds one byte per page of it.
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr().add(off) as *mut libc::c_void,
+            len,
+            vec.as_mut_ptr(),
+        )
+    };
+    rc == 0 && vec.iter().filter(|&&b| b & 1 == 1).count() * 2 >= pages
 }
 
 fn find_window(ws: &[Window], src: u64, len: u64) -> Option<&Window> {
@@ -597,10 +648,183 @@ pub(crate) fn touched_pages(copies: &[CopyRun]) -> u64 {
 pub(crate) fn needs_mapping(mode: IoMode, pread_contiguous: bool, r: &CopyRun) -> bool {
     let contiguous = r.src_pattern().is_contiguous() && r.dst_pattern().is_contiguous();
     match mode {
-        IoMode::Pread => false,
+        IoMode::Pread | IoMode::Direct => false,
         IoMode::Mmap => !(contiguous && pread_contiguous),
         IoMode::Auto => !contiguous,
     }
+}
+
+/// Alignment of direct I/O offsets, lengths and buffers: the largest logical block size in
+/// use (4 KiB disks; 512-byte ones accept it too).
+const DIRECT_ALIGN: u64 = 4096;
+
+/// Per plan file, what direct I/O needs: a second handle opened with `O_DIRECT` (checked
+/// against the planned identity like the first) and, for [`IoMode::Auto`], a mapping of the
+/// whole file used only to ask `mincore` which pages are cached (never read, so a
+/// truncation cannot fault through it).
+pub(crate) struct DirectFiles {
+    handles: Vec<Option<File>>,
+    probes: Vec<Option<Mmap>>,
+}
+
+impl DirectFiles {
+    /// Opens what `mode` needs: nothing for `Mmap`/`Pread`; for `Direct` every file the
+    /// runs read (an error naming the file if its filesystem refuses `O_DIRECT`); for `Auto`
+    /// the same where possible (a file without it is read buffered).
+    fn open(files: &[PlanFile], open: &[Option<File>], mode: IoMode) -> Result<DirectFiles> {
+        let mut d = DirectFiles {
+            handles: Vec::new(),
+            probes: Vec::new(),
+        };
+        if !matches!(mode, IoMode::Auto | IoMode::Direct) {
+            return Ok(d);
+        }
+        for (pf, f) in files.iter().zip(open) {
+            let (mut handle, mut probe) = (None, None);
+            if let Some(f) = f {
+                match open_direct(pf) {
+                    Ok(h) => handle = Some(h),
+                    Err(e) if mode == IoMode::Direct => return Err(e),
+                    Err(_) => {}
+                }
+                if mode == IoMode::Auto && handle.is_some() && pf.identity.len > 0 {
+                    // SAFETY: read-only private mapping that is only passed to mincore,
+                    // never dereferenced.
+                    probe = unsafe { MmapOptions::new().map(f) }.ok();
+                }
+            }
+            d.handles.push(handle);
+            d.probes.push(probe);
+        }
+        Ok(d)
+    }
+
+    /// The direct handle of file `file`, when the span `[src, end)` should be read with it:
+    /// always under `Direct`; under `Auto` when fewer than half its pages are cached.
+    fn for_span(&self, mode: IoMode, file: u32, src: u64, end: u64) -> Option<&File> {
+        let h = self.handles.get(file as usize)?.as_ref()?;
+        if mode == IoMode::Direct {
+            return Some(h);
+        }
+        let map = self.probes.get(file as usize)?.as_ref()?;
+        (!mostly_resident(map, 0, src, end)).then_some(h)
+    }
+}
+
+impl DirectFiles {
+    /// Whether most of the bytes will be read directly from storage: under `Direct` always,
+    /// under `Auto` when fewer than half the pages of the files with a direct handle are
+    /// cached.
+    fn mostly_uncached(&self, mode: IoMode) -> bool {
+        if mode == IoMode::Direct {
+            return self.handles.iter().any(Option::is_some);
+        }
+        let cached = self
+            .probes
+            .iter()
+            .flatten()
+            .all(|m| mostly_resident(m, 0, 0, m.len() as u64));
+        self.probes.iter().any(Option::is_some) && !cached
+    }
+}
+
+fn open_direct(pf: &PlanFile) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&pf.path)
+        .map_err(|e| Error::io(&pf.path, e))?;
+    check_identity(pf, &FileIdentity::of(&f, &pf.path)?)?;
+    Ok(f)
+}
+
+/// Page-aligned buffers for direct reads, reused across tasks so that their pages are
+/// faulted once per load, not once per read. Buffers in use are counted by the staging
+/// [`Budget`]; the pool keeps at most as many bytes as that budget.
+struct BouncePool {
+    free: Mutex<Vec<memmap2::MmapMut>>,
+}
+
+impl BouncePool {
+    /// A buffer of at least `n` bytes (page-aligned: an anonymous mapping); a kept buffer
+    /// too small for it is dropped, so the pool holds one buffer per concurrent reader.
+    fn take(&self, n: u64) -> Result<memmap2::MmapMut> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = free.iter().position(|b| b.len() as u64 >= n) {
+            return Ok(free.swap_remove(i));
+        }
+        let small = free.pop();
+        drop(free);
+        drop(small);
+        let len = usize::try_from(n)
+            .map_err(|_| Error::Load(format!("cannot allocate a bounce buffer of {n} bytes")))?;
+        MmapOptions::new()
+            .len(len.max(1))
+            .map_anon()
+            .map_err(|e| Error::Load(format!("cannot allocate a bounce buffer of {n} bytes: {e}")))
+    }
+
+    /// Keeps `b` for the next reader unless the pool already holds `limit` bytes.
+    fn give(&self, b: memmap2::MmapMut, limit: u64) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let kept: u64 = free.iter().map(|b| b.len() as u64).sum();
+        if kept + b.len() as u64 <= limit {
+            free.push(b);
+        }
+    }
+}
+
+/// Reads bytes `[off, off + len)` of `file` (opened with `O_DIRECT`) by reading the
+/// enclosing [`DIRECT_ALIGN`]ed range into `buf`, and returns the wanted bytes and the bytes
+/// read. A file that ends before `off + len` is a truncation error naming it.
+fn read_direct<'b>(
+    file: &File,
+    pf: &PlanFile,
+    buf: &'b mut [u8],
+    off: u64,
+    len: u64,
+) -> Result<(&'b [u8], u64)> {
+    let start = off / DIRECT_ALIGN * DIRECT_ALIGN;
+    let want_end = off
+        .checked_add(len)
+        .ok_or_else(|| bad_plan(format!("{}: offsets overflow", pf.path.display())))?;
+    let n = (want_end.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN - start) as usize;
+    let need = (want_end - start) as usize;
+    let buf = buf
+        .get_mut(..n)
+        .ok_or_else(|| Error::Load(format!("bounce buffer smaller than {n} bytes")))?;
+    let mut got = 0;
+    while got < need {
+        let Some(rest) = buf.get_mut(got..) else {
+            break;
+        };
+        match file.read_at(rest, start + got as u64) {
+            Ok(0) => break,
+            Ok(k) => {
+                got += k;
+                // Only the file's last block comes back short; reading on from an
+                // unaligned offset would be refused.
+                if k as u64 % DIRECT_ALIGN != 0 {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(&pf.path, e)),
+        }
+    }
+    if got < need {
+        return Err(truncated(
+            pf,
+            format_args!(
+                "short read at offset {}: file ended {} bytes early",
+                start + got as u64,
+                need - got
+            ),
+        ));
+    }
+    let s = (off - start) as usize;
+    Ok((&buf[s..need], got as u64))
 }
 
 /// Runs the copies (and zero fills) into `arena` with the engine `opts.io` selects.
@@ -634,14 +858,15 @@ pub(crate) fn map_for(
     }
 }
 
-/// Worker threads: `opts.threads`, or enough to keep several reads in flight on a cold
-/// cache (I/O-bound threads mostly wait) and every core busy on a warm one.
-fn workers(opts: &LoadOptions) -> usize {
+/// Worker threads: `opts.threads`, or enough to keep several reads in flight (I/O-bound
+/// threads mostly wait) and every core busy; a load that reads mostly from storage gets
+/// more, for more requests in flight (measured: 32 beat 8 cold at tp 1, docs/performance.md).
+fn workers(opts: &LoadOptions, cold: bool) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match opts.threads {
         Some(n) if n > 0 => n,
-        _ => std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(8, 64),
+        _ if cold => cores.saturating_mul(2).clamp(32, 64),
+        _ => cores.clamp(8, 64),
     }
 }
 
@@ -654,6 +879,7 @@ fn run_tasks(
     tasks: &[Task],
     opts: &LoadOptions,
     work: &(dyn Fn(&Task) -> Result<()> + Sync),
+    ahead: Option<&(dyn Fn(&Task) -> bool + Sync)>,
 ) -> Result<()> {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -671,8 +897,23 @@ fn run_tasks(
             }
         }
     };
+    // The helper prepares tasks not yet taken, skipping forward when the workers catch up,
+    // and stops once every task is taken.
+    let helper = |prepare: &(dyn Fn(&Task) -> bool + Sync)| {
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            i = i.max(next.load(Ordering::Relaxed));
+            match tasks.get(i) {
+                Some(t) if prepare(t) => i += 1,
+                _ => break,
+            }
+        }
+    };
     let n = n.clamp(1, tasks.len().max(1));
     std::thread::scope(|s| {
+        if let Some(prepare) = ahead {
+            let _ = std::thread::Builder::new().spawn_scoped(s, move || helper(prepare));
+        }
         for _ in 1..n {
             // A thread that cannot be spawned just leaves more work to the others.
             let _ = std::thread::Builder::new().spawn_scoped(s, worker);
@@ -695,14 +936,23 @@ struct Budget {
 }
 
 impl Budget {
-    fn acquire(&self, n: u64) -> Result<Vec<u8>> {
+    /// Waits until `n` more bytes fit, then counts them as held and returns the count to
+    /// give back (at most the whole budget: a single larger piece waits for all others to
+    /// finish instead of forever).
+    fn reserve(&self, n: u64) -> u64 {
+        let n = n.min(self.limit);
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         while *used + n > self.limit {
             used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
         }
         *used += n;
         self.peak.fetch_max(*used, Ordering::Relaxed);
-        drop(used);
+        n
+    }
+
+    fn acquire(&self, n: u64) -> Result<Vec<u8>> {
+        // Callers size pieces within the budget (rows per read come from it).
+        self.reserve(n);
         let mut buf = Vec::new();
         let ok = usize::try_from(n)
             .ok()
@@ -719,7 +969,7 @@ impl Budget {
 
     fn give_back(&self, n: u64) {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used -= n;
+        *used = used.saturating_sub(n);
         self.freed.notify_all();
     }
 
@@ -770,7 +1020,8 @@ pub(crate) fn run(
     let files = runs.files;
     let ptr = runs.arena;
     let tasks = tasks(runs.copies, runs.zeros);
-    let threads = workers(opts);
+    let direct = DirectFiles::open(files, open, opts.io)?;
+    let threads = workers(opts, direct.mostly_uncached(opts.io));
     if opts.io != IoMode::Mmap || opts.pread_contiguous {
         // Streaming hint: a larger readahead window for the positioned reads.
         for f in open.iter().flatten() {
@@ -786,6 +1037,29 @@ pub(crate) fn run(
     };
     let per_thread = (opts.staging_budget / threads as u64).min(TASK_BYTES * 4);
     let preads = AtomicU64::new(0);
+    let bounce = BouncePool {
+        free: Mutex::new(Vec::new()),
+    };
+    // A direct read of `len` bytes at `off`, through a pooled buffer, handed to `use_bytes`.
+    let via_bounce = |h: &File,
+                      pf: &PlanFile,
+                      off: u64,
+                      len: u64,
+                      use_bytes: &mut dyn FnMut(&[u8])|
+     -> Result<u64> {
+        let size = len + 2 * DIRECT_ALIGN;
+        let held = budget.reserve(size);
+        let res = bounce.take(size).and_then(|mut buf| {
+            let res = read_direct(h, pf, &mut buf, off, len).map(|(bytes, n)| {
+                use_bytes(bytes);
+                n
+            });
+            bounce.give(buf, opts.staging_budget);
+            res
+        });
+        budget.give_back(held);
+        res
+    };
     let work = |t: &Task| -> Result<()> {
         let r = match *t {
             Task::Zero(z) => {
@@ -831,10 +1105,16 @@ pub(crate) fn run(
             }
             return Ok(());
         }
+        let src_end = r.src_pattern().end_saturating();
+        let direct_file = direct.for_span(opts.io, r.file, r.src, src_end);
         if r.count == 1 {
             // SAFETY: validated in bounds and disjoint.
             let dst = unsafe { ptr.chunk(r.dst, r.len) };
-            preads.fetch_add(read_full(file, pf, dst, r.src)?, Ordering::Relaxed);
+            let n = match direct_file {
+                Some(h) => via_bounce(h, pf, r.src, r.len, &mut |b| dst.copy_from_slice(b))?,
+                None => read_full(file, pf, dst, r.src)?,
+            };
+            preads.fetch_add(n, Ordering::Relaxed);
             return Ok(());
         }
         // Strided under pread. Rows per staged read: as many whole rows as fit in this
@@ -852,7 +1132,10 @@ pub(crate) fn run(
                 let at = r.rows(k, 1);
                 // SAFETY: validated in bounds and disjoint.
                 let dst = unsafe { ptr.chunk(at.dst, r.len) };
-                n += read_full(file, pf, dst, at.src)?;
+                n += match direct_file {
+                    Some(h) => via_bounce(h, pf, at.src, r.len, &mut |b| dst.copy_from_slice(b))?,
+                    None => read_full(file, pf, dst, at.src)?,
+                };
             }
             preads.fetch_add(n, Ordering::Relaxed);
             return Ok(());
@@ -862,6 +1145,22 @@ pub(crate) fn run(
             let n = (r.count - row).min(rows_per);
             let group = r.rows(row, n);
             let span = group.src_pattern().end_saturating() - group.src;
+            if let Some(h) = direct_file {
+                let scatter = &mut |buf: &[u8]| {
+                    for k in 0..n {
+                        let s = (k * r.src_stride) as usize;
+                        // SAFETY: validated in bounds and disjoint.
+                        let dst = unsafe { ptr.chunk(group.rows(k, 1).dst, r.len) };
+                        dst.copy_from_slice(&buf[s..s + r.len as usize]);
+                    }
+                };
+                preads.fetch_add(
+                    via_bounce(h, pf, group.src, span, scatter)?,
+                    Ordering::Relaxed,
+                );
+                row += n;
+                continue;
+            }
             let mut buf = budget.acquire(span)?;
             let res = read_full(file, pf, &mut buf, group.src);
             if let Err(e) = res {
@@ -880,14 +1179,16 @@ pub(crate) fn run(
         }
         Ok(())
     };
-    let res = run_tasks(threads, &tasks, opts, &work);
+    let ahead = |t: &Task| populate(ptr, t);
+    let ahead: Option<&(dyn Fn(&Task) -> bool + Sync)> = runs.ahead.then_some(&ahead);
+    let res = run_tasks(threads, &tasks, opts, &work, ahead);
     // A truncation seen through a mapping is the cause of whatever else went wrong.
     if let Some(m) = mapped {
         m.check(files)?;
     }
     res?;
     let read_bytes = match opts.io {
-        IoMode::Pread => preads.load(Ordering::Relaxed),
+        IoMode::Pread | IoMode::Direct => preads.load(Ordering::Relaxed),
         _ => touched_pages(runs.copies),
     };
     Ok(ExecStats {

@@ -52,9 +52,11 @@ use crate::{Error, Result};
 /// Which I/O engine reads the files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IoMode {
-    /// Contiguous runs with positioned reads straight into the arena (no file pages mapped,
-    /// several reads in flight); strided runs gathered from a mapping when their pages are
-    /// in the page cache (`mincore`), else read in large positioned reads and scattered
+    /// Decided per task by what the page cache holds (`mincore`): cached contiguous runs
+    /// with positioned reads straight into the arena (no file pages mapped, several reads
+    /// in flight), cached strided runs gathered from a mapping; uncached spans with direct
+    /// I/O (large aligned reads, no page-cache pages to allocate, fill and keep), falling
+    /// back to buffered positioned reads where the filesystem refuses `O_DIRECT`
     /// (`docs/performance.md` has the measurements behind the choice).
     #[default]
     Auto,
@@ -62,15 +64,20 @@ pub enum IoMode {
     Mmap,
     /// Positioned reads (`pread`) only, for network filesystems where mmap is slow.
     Pread,
+    /// Direct I/O (`O_DIRECT`) only: aligned reads into reused bounce buffers, copied into
+    /// the arena; nothing goes through (or stays in) the page cache. `Auto` does this for
+    /// spans that are not cached.
+    Direct,
 }
 
 impl IoMode {
-    /// The name `FromStr` accepts: `auto`, `mmap` or `pread`.
+    /// The name `FromStr` accepts: `auto`, `mmap`, `pread` or `direct`.
     pub fn name(self) -> &'static str {
         match self {
             IoMode::Auto => "auto",
             IoMode::Mmap => "mmap",
             IoMode::Pread => "pread",
+            IoMode::Direct => "direct",
         }
     }
 }
@@ -89,9 +96,10 @@ impl std::str::FromStr for IoMode {
             "auto" => Ok(IoMode::Auto),
             "mmap" => Ok(IoMode::Mmap),
             "pread" => Ok(IoMode::Pread),
+            "direct" => Ok(IoMode::Direct),
             other => Err(Error::invalid_argument(
                 "io",
-                format!("{other:?}: unknown engine (expected auto, mmap or pread)"),
+                format!("{other:?}: unknown engine (expected auto, mmap, pread or direct)"),
             )),
         }
     }
@@ -489,6 +497,85 @@ pub fn load_rank_into(
     load_rank_impl(plan, rank, opts, arena)
 }
 
+/// Loads rank `rank` of `plan` into `buf`, memory the caller owns (for example pinned host
+/// memory for a later device copy), laid out as the rank's arena: tensor `t` at
+/// `t.offset`, the gaps between tensors zeroed, bytes past the arena's length untouched.
+/// `buf` must hold at least [`RankPlan::arena_bytes`]. Refuses `opts.views` like
+/// [`load_rank`].
+pub fn load_rank_into_buffer(
+    plan: &Plan,
+    rank: usize,
+    opts: &LoadOptions,
+    buf: &mut [u8],
+) -> Result<LoadStats> {
+    if opts.views {
+        return Err(Error::invalid_argument(
+            "views",
+            "true: a load into a caller's buffer copies every tensor",
+        ));
+    }
+    let start = Instant::now();
+    let rp = rank_plan(plan, rank)?;
+    let need = rp.arena_bytes;
+    let Some(arena) = usize::try_from(need).ok().and_then(|n| buf.get_mut(..n)) else {
+        return Err(Error::invalid_argument(
+            "out",
+            format!("{} bytes: rank {rank} needs {need} (its arena)", buf.len()),
+        ));
+    };
+    zero_gaps(rp, arena);
+    let open = engine::open_checked(&plan.files, &rp.copies)?;
+    let runs = engine::validate(&plan.files, &rp.copies, &rp.zeros, arena)?;
+    let mapped = engine::map_for(&runs, &open, opts)?;
+    let exec = engine::run(&runs, &open, mapped.as_ref(), opts)?;
+    Ok(LoadStats {
+        rank,
+        tensors: rp.tensors.len(),
+        bytes: rp.bytes,
+        read_bytes: exec.read_bytes,
+        view_bytes: 0,
+        peak_staging: exec.peak_staging,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Zeroes the arena bytes no tensor covers (alignment gaps and the tail), which a fresh
+/// arena has as zeros already and a caller's buffer may not.
+fn zero_gaps(rp: &RankPlan, arena: &mut [u8]) {
+    let mut spans: Vec<(u64, u64)> = rp
+        .tensors
+        .iter()
+        .map(|t| (t.offset, t.offset.saturating_add(t.bytes)))
+        .collect();
+    spans.sort_unstable();
+    let mut cursor = 0u64;
+    for (s, e) in spans
+        .into_iter()
+        .chain([(arena.len() as u64, arena.len() as u64)])
+    {
+        if s > cursor {
+            let (a, b) = (cursor as usize, (s as usize).min(arena.len()));
+            if let Some(gap) = arena.get_mut(a..b) {
+                gap.fill(0);
+            }
+        }
+        cursor = cursor.max(e);
+    }
+}
+
+fn rank_plan(plan: &Plan, rank: usize) -> Result<&RankPlan> {
+    plan.ranks.get(rank).ok_or_else(|| {
+        Error::invalid_argument(
+            "rank",
+            format!(
+                "{rank}: the plan has {} ranks (0..{})",
+                plan.ranks.len(),
+                plan.ranks.len()
+            ),
+        )
+    })
+}
+
 /// [`load_rank`] with [`LoadOptions::views`] honoured: tensors that are one contiguous span of
 /// a file are not copied; [`RankTensors`] hands out slices of the file mapping instead.
 ///
@@ -511,16 +598,7 @@ fn load_rank_impl(
     arena: Option<Arena>,
 ) -> Result<RankTensors> {
     let start = Instant::now();
-    let rp = plan.ranks.get(rank).ok_or_else(|| {
-        Error::invalid_argument(
-            "rank",
-            format!(
-                "{rank}: the plan has {} ranks (0..{})",
-                plan.ranks.len(),
-                plan.ranks.len()
-            ),
-        )
-    })?;
+    let rp = rank_plan(plan, rank)?;
     let open = engine::open_checked(&plan.files, &rp.copies)?;
     let mut arena = match arena {
         Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
@@ -529,7 +607,7 @@ fn load_rank_impl(
     let mut views = HashMap::new();
     let mut view_bytes = 0;
     // Views need a mapping of every contiguous tensor, whatever the engine.
-    let views_on = opts.views && opts.io != IoMode::Pread;
+    let views_on = opts.views && matches!(opts.io, IoMode::Auto | IoMode::Mmap);
     let (exec, mapped) = if views_on {
         let all = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
         let mapped = engine::Mapped::map(&plan.files, &open, all.copies(), |_| true, true)?;
@@ -549,7 +627,9 @@ fn load_rank_impl(
         exec.read_bytes = engine::touched_pages(&rp.copies);
         (exec, Some(Arc::new(mapped)))
     } else {
-        let runs = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
+        let ahead = arena.is_fresh() && opts.arena == ArenaInit::Ahead;
+        let runs =
+            engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?.populate_ahead(ahead);
         let mapped = engine::map_for(&runs, &open, opts)?;
         (engine::run(&runs, &open, mapped.as_ref(), opts)?, None)
     };

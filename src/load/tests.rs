@@ -182,8 +182,14 @@ fn both_engines_match_the_naive_copy() {
         (IoMode::Mmap, false),
         (IoMode::Mmap, true),
         (IoMode::Pread, false),
+        (IoMode::Direct, false),
     ] {
-        for arena in [ArenaInit::Lazy, ArenaInit::Populate, ArenaInit::HugePages] {
+        for arena in [
+            ArenaInit::Ahead,
+            ArenaInit::Lazy,
+            ArenaInit::Populate,
+            ArenaInit::HugePages,
+        ] {
             let opts = LoadOptions {
                 io,
                 arena,
@@ -198,6 +204,107 @@ fn both_engines_match_the_naive_copy() {
     }
 }
 
+/// Fraction of `path`'s pages in the page cache (`mincore` over a mapping), computed here
+/// independently of the engine's own probe.
+fn cached_fraction(path: &Path) -> f64 {
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+    let page = 4096;
+    let mut v = vec![0u8; len.div_ceil(page)];
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, v.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    v.iter().filter(|&&b| b & 1 == 1).count() as f64 / v.len() as f64
+}
+
+/// Writes the files to disk and drops them from the page cache; `false` when the kernel
+/// kept them (then the cold path cannot be observed here).
+fn drop_from_cache(plan: &Plan) -> bool {
+    use std::os::unix::io::AsRawFd;
+    plan.files.iter().all(|pf| {
+        let f = std::fs::File::open(&pf.path).unwrap();
+        f.sync_all().unwrap();
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        cached_fraction(&pf.path) < 0.05
+    })
+}
+
+#[test]
+fn auto_reads_uncached_files_directly_and_leaves_them_uncached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
+    if !drop_from_cache(&plan) {
+        eprintln!("skipped: the page cache kept the files");
+        return;
+    }
+    let rt = load_rank(&plan, 0, &LoadOptions::default()).unwrap();
+    assert!(arena_of(&rt) == want);
+    // Direct reads bypass the page cache; a buffered read would have left the whole
+    // 17 MiB run of a.safetensors (of 20 MiB) cached.
+    let cached = cached_fraction(&plan.files[0].path);
+    assert!(cached < 0.25, "{cached}");
+    // Once cached, the same load reads through the page cache (and leaves it there).
+    let forced = LoadOptions {
+        io: IoMode::Pread,
+        ..LoadOptions::default()
+    };
+    assert!(arena_of(&load_rank(&plan, 0, &forced).unwrap()) == want);
+    assert!(cached_fraction(&plan.files[0].path) > 0.8);
+    assert!(arena_of(&load_rank(&plan, 0, &LoadOptions::default()).unwrap()) == want);
+    assert!(cached_fraction(&plan.files[0].path) > 0.8);
+}
+
+#[test]
+fn a_fresh_arena_is_filled_ahead_and_a_reused_one_is_not_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
+    for threads in [1, 2, 8] {
+        let opts = LoadOptions {
+            arena: ArenaInit::Ahead,
+            threads: Some(threads),
+            ..LoadOptions::default()
+        };
+        let rt = load_rank(&plan, 0, &opts).unwrap();
+        assert!(arena_of(&rt) == want, "{threads} threads");
+        let (arena, _) = rt.into_parts();
+        assert!(arena.is_fresh());
+        let again = load_rank_into(&plan, 0, &opts, Some(arena)).unwrap();
+        assert!(arena_of(&again) == want);
+        assert!(!again.into_parts().0.is_fresh());
+    }
+    assert!(!Arena::new(1 << 20, ArenaInit::Populate).unwrap().is_fresh());
+}
+
+#[test]
+fn a_caller_buffer_gets_the_arena_layout_and_nothing_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = sample(dir.path());
+    let rp = &plan.ranks[0];
+    let want = naive(&data, &rp.copies, &rp.zeros, rp.arena_bytes as usize);
+    let n = rp.arena_bytes as usize;
+    let mut buf = vec![0xABu8; n + 100];
+    for io in [IoMode::Auto, IoMode::Pread, IoMode::Direct] {
+        let opts = LoadOptions {
+            io,
+            ..LoadOptions::default()
+        };
+        let st = load_rank_into_buffer(&plan, 0, &opts, &mut buf).unwrap();
+        assert!(buf[..n] == want[..], "{io:?}");
+        assert!(buf[n..].iter().all(|&b| b == 0xAB), "{io:?}");
+        assert_eq!(st.bytes, rp.bytes);
+    }
+    let e =
+        load_rank_into_buffer(&plan, 0, &LoadOptions::default(), &mut buf[..n - 1]).unwrap_err();
+    assert!(
+        e.is_usage() && e.to_string().contains(&format!("needs {n}")),
+        "{e}"
+    );
+}
+
 #[test]
 fn execute_on_a_sub_list_of_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -205,7 +312,7 @@ fn execute_on_a_sub_list_of_runs() {
     let rp = &plan.ranks[0];
     let sub = &rp.copies[1..3];
     let want = naive(&data, sub, &[], rp.bytes as usize);
-    for io in [IoMode::Auto, IoMode::Mmap, IoMode::Pread] {
+    for io in [IoMode::Auto, IoMode::Mmap, IoMode::Pread, IoMode::Direct] {
         let mut arena = vec![0xAAu8; rp.bytes as usize];
         let opts = LoadOptions {
             io,
@@ -329,7 +436,7 @@ fn truncated_or_replaced_files_are_clean_errors() {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.set_len(1 << 20).unwrap();
     drop(f);
-    for io in [IoMode::Auto, IoMode::Mmap, IoMode::Pread] {
+    for io in [IoMode::Auto, IoMode::Mmap, IoMode::Pread, IoMode::Direct] {
         let e = load_err(&plan, io);
         assert!(
             e.contains("b.safetensors") && e.contains("truncated"),
@@ -341,7 +448,7 @@ fn truncated_or_replaced_files_are_clean_errors() {
     let tmp = dir.path().join("new");
     std::fs::write(&tmp, &data[1]).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-    for io in [IoMode::Mmap, IoMode::Pread] {
+    for io in [IoMode::Mmap, IoMode::Pread, IoMode::Direct] {
         let e = load_err(&plan, io);
         assert!(e.contains("b.safetensors") && e.contains("replaced"), "{e}");
     }
@@ -504,7 +611,7 @@ mod props {
                 }
             }
             let want = naive(&[data], &copies, &zeros, cursor as usize);
-            for (io, pread_contiguous) in [(IoMode::Auto, false), (IoMode::Mmap, false), (IoMode::Mmap, true), (IoMode::Pread, false)] {
+            for (io, pread_contiguous) in [(IoMode::Auto, false), (IoMode::Mmap, false), (IoMode::Mmap, true), (IoMode::Pread, false), (IoMode::Direct, false)] {
                 let mut arena = vec![0xAAu8; cursor as usize];
                 let opts = LoadOptions { io, pread_contiguous, staging_budget: budget, ..LoadOptions::default() };
                 let st = execute(&files, &copies, &zeros, &mut arena, &opts).unwrap();

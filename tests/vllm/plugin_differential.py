@@ -1,0 +1,228 @@
+"""`--load-format safeshard` (the vLLM plugin) against vLLM's own default loader, on CPU.
+
+One case (checkpoint variant, tp, pp) writes the checkpoint (`safeshard.synth`, variants
+edited as in differential.py), runs plugin_world.py in a tp x pp gloo world and requires, on
+every rank, that
+- the plugin loaded with safeshard (for a variant marked `fallback`: that it fell back to
+  vLLM's default loader with the expected reason), and
+- the model's `state_dict()` equals the default loader's: names, dtypes, shapes, bytes and
+  which names share storage.
+
+Driver: `python tests/vllm/plugin_differential.py [--case GLOB,...] [--list]` (needs the
+safeshard package installed with its entry points, e.g. `pip install .`, and vLLM 0.33.0);
+pytest: `pytest tests/vllm/plugin_test.py` (SAFESHARD_VLLM_PLUGIN_CASES=GLOB limits cases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import differential
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    preset: str
+    edit: str | None = None
+    # A variant safeshard must not load: the plugin must fall back, its reason containing this.
+    fallback: str | None = None
+    # Rank 1 reads a copy whose files differ in length: every rank must raise, naming both.
+    skew: bool = False
+    # vLLM serves the model in this dtype (not the checkpoint's): copies convert.
+    dtype: str | None = None
+
+
+VARIANTS = [
+    Variant("llama", "llama-tiny"),
+    Variant("llama-tied", "llama-tiny-tied"),
+    Variant("llama-tied-head-differs", "llama-tiny-tied", edit="head-differs"),
+    Variant("qwen2", "qwen2-tiny"),
+    Variant("phi3", "phi3-tiny"),
+    Variant("mixtral", "mixtral-tiny"),
+    Variant("qwen2-moe", "qwen2-moe-tiny"),
+    Variant("deepseek-v2", "deepseek-v3-tiny", edit="deepseek-v2"),
+    Variant("gpt2", "gpt2-tiny"),
+    Variant("llama-gptq", "llama-tiny-gptq"),
+    Variant("llama-awq", "llama-tiny-awq"),
+    # vLLM builds its LlamaForCausalLM for this architecture; safeshard ships no spec for it.
+    Variant("unknown-arch", "llama-tiny", edit="internlm3", fallback="InternLM3ForCausalLM"),
+    Variant("llama-skewed", "llama-tiny", skew=True),
+    Variant("llama-as-f32", "llama-tiny", dtype="float32"),
+]
+
+CASES = [f"{v.name}-tp2-pp2" for v in VARIANTS] + [
+    "llama-tp1-pp1",
+    "mixtral-tp1-pp1",
+    "gpt2-tp1-pp1",
+    "llama-tp4-pp1",
+    "qwen2-moe-tp4-pp1",
+    "unknown-arch-tp1-pp1",
+    # vLLM's expert parallelism: whole experts per rank (safeshard's ep = tp).
+    "mixtral-tp2-pp1-ep",
+    "qwen2-moe-tp2-pp2-ep",
+    "llama-skewed-tp2-pp1",
+    "llama-as-f32-tp2-pp1",
+]
+
+
+def parse_case(case: str) -> tuple[Variant, int, int, bool]:
+    import re
+
+    m = re.fullmatch(r"(.+)-tp(\d+)-pp(\d+)(-ep)?", case)
+    if not m:
+        raise ValueError(f"case {case!r} is not NAME-tpN-ppM or NAME-tpN-ppM-ep")
+    by_name = {v.name: v for v in VARIANTS}
+    if m.group(1) not in by_name:
+        raise ValueError(f"unknown variant {m.group(1)!r}; known: {', '.join(by_name)}")
+    return by_name[m.group(1)], int(m.group(2)), int(m.group(3)), m.group(4) is not None
+
+
+def make_checkpoint(variant: Variant, root: Path) -> Path:
+    import safeshard
+
+    out = root / "ckpt" / variant.name
+    if (out / "config.json").exists():
+        return out
+    tmp = root / "ckpt" / (variant.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    safeshard.synth(tmp, variant.preset)
+    if variant.edit == "internlm3":
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["architectures"] = ["InternLM3ForCausalLM"]
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    elif variant.edit:
+        differential.edit_checkpoint(tmp, variant.edit)
+    tmp.rename(out)
+    return out
+
+
+def make_skewed_copy(ckpt: Path) -> Path:
+    """A copy of `ckpt` whose first safetensors file carries extra header metadata: the same
+    tensors, a different file length (which the plan hash covers)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = ckpt.parent / (ckpt.name + "-skewed")
+    if out.exists():
+        return out
+    tmp = ckpt.parent / (ckpt.name + "-skewed.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp)
+    first = sorted(tmp.glob("*.safetensors"))[0]
+    with safe_open(first, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata() or {})
+    meta["skewed"] = "x" * 100
+    save_file(tensors, first, metadata=meta)
+    tmp.rename(out)
+    return out
+
+
+def run_case(case: str, root: Path) -> tuple[str, list[str]]:
+    """Runs one case; returns ("pass"|"fail"|"vllm-cpu-unsupported", details)."""
+    variant, tp, pp, ep = parse_case(case)
+    ckpt = make_checkpoint(variant, root)
+    out = root / f"{case}.json"
+    flags = ["ep"] if ep else []
+    if variant.skew:
+        flags.append(f"skew={make_skewed_copy(ckpt)}")
+    if variant.dtype:
+        flags.append(f"dtype={variant.dtype}")
+    r = differential.run(
+        [differential.PYTHON, str(HERE / "plugin_world.py"), str(ckpt), str(out), str(tp), str(pp),
+         str(differential.free_port())] + flags,
+        1200,
+    )
+    if r.returncode != 0:
+        if any(p in r.stderr for p in differential.CPU_CANNOT):
+            return "vllm-cpu-unsupported", [f"vLLM (CPU): {differential.last_error(r.stderr)}"]
+        return "fail", [f"plugin_world failed: {differential.last_error(r.stderr)}"]
+    ranks = json.loads(out.read_text())
+    problems: list[str] = []
+    details: list[str] = []
+    if variant.skew:
+        for rk in ranks:
+            err = rk.get("error") or ""
+            if not ("plan hashes differ" in err and "0:" in err and "1:" in err):
+                problems.append(f"rank {rk['rank']}: expected a plan-hash error naming ranks 0 and 1, got {err or 'a load'}")
+            details.append(f"rank {rk['rank']}: {err}")
+        return ("fail" if problems else "pass"), problems or details
+    for rk in ranks:
+        if "error" in rk:
+            problems.append(f"rank {rk['rank']}: the plugin raised {rk['error']}")
+            continue
+        if rk["loader"] != "SafeshardModelLoader":
+            problems.append(f"rank {rk['rank']}: vLLM chose {rk['loader']}, not the plugin")
+        problems += rk["problems"]
+        if variant.fallback is None:
+            if rk["used"] != "safeshard":
+                problems.append(f"rank {rk['rank']}: fell back to the default loader: {rk['reason']}")
+        elif rk["used"] != "default" or variant.fallback not in (rk["reason"] or ""):
+            problems.append(
+                f"rank {rk['rank']}: expected a fallback naming {variant.fallback}, got "
+                f"{rk['used']} ({rk['reason']})"
+            )
+        s = rk["stats"]
+        details.append(
+            f"rank {rk['rank']}: {rk['used']}, {rk['tensors']} tensors, {rk['bytes']} bytes"
+            + (f", read {s.get('read_bytes')} B in {s.get('load_seconds', 0):.3f} s" if s else "")
+            + (f" ({rk['reason']})" if rk["reason"] else "")
+        )
+    return ("fail" if problems else "pass"), problems or details
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", default="*", help="case names or globs, comma-separated")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--keep", type=Path)
+    a = ap.parse_args()
+    every = CASES + [
+        f"{v.name}-tp{tp}-pp{pp}{ep}"
+        for v in VARIANTS
+        for tp in (1, 2, 4)
+        for pp in (1, 2)
+        for ep in ("", "-ep")
+    ]
+    every = list(dict.fromkeys(every))
+    names = [c for g in a.case.split(",") for c in every if fnmatch.fnmatch(c, g)]
+    names = list(dict.fromkeys(names)) if a.case != "*" else CASES
+    if a.list:
+        print("\n".join(names))
+        return 0
+    if not names:
+        print(f"no case matches {a.case!r}", file=sys.stderr)
+        return 2
+    root = a.keep or Path(tempfile.mkdtemp(prefix="safeshard-vplug-"))
+    failed = 0
+    t0 = time.monotonic()
+    for c in names:
+        t = time.monotonic()
+        status, details = run_case(c, root)
+        failed += status == "fail"
+        print(f"{status:11} {c} ({time.monotonic() - t:.0f} s)", flush=True)
+        for d in details[:12]:
+            print(f"    {d}", flush=True)
+    print(f"{len(names) - failed}/{len(names)} cases: the plugin's load equals vLLM "
+          f"{differential.VLLM_VERSION}'s default, in {time.monotonic() - t0:.0f} s")
+    if not a.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
