@@ -189,12 +189,60 @@ impl Job {
         self.names
     }
 
-    /// Writes the values of the buffers a vLLM-named plan holds without a file source
-    /// (attention `_k_scale` ...) into a loaded rank; [`Job::load_rank`], [`Job::load_shared`]
-    /// and [`Job::load_rank_views`] do it themselves, a caller that loads [`Job::plan`]
-    /// through the lower layers calls it. Nothing to do for checkpoint names.
+    /// [`Job::fill_buffers`] for a rank loaded into a caller's buffer
+    /// ([`crate::load::load_rank_into_buffer`]): `arena` laid out as the rank's plan says.
+    pub fn finish_buffer(&self, rank: usize, arena: &mut [u8]) -> Result<()> {
+        let Some(rp) = self.plan.ranks.get(rank) else {
+            return Ok(());
+        };
+        let slice = |arena: &mut [u8], i: usize| -> Result<std::ops::Range<usize>> {
+            let t = rp.tensors.get(i).ok_or_else(|| {
+                crate::Error::Load(format!("rank {rank}: no tensor {i} to finish"))
+            })?;
+            let s = usize::try_from(t.offset).ok();
+            let e = s.and_then(|s| s.checked_add(usize::try_from(t.bytes).ok()?));
+            match (s, e) {
+                (Some(s), Some(e)) if e <= arena.len() => Ok(s..e),
+                _ => Err(crate::Error::Load(format!(
+                    "rank {rank}: tensor {:?} lies outside the {}-byte buffer",
+                    t.name,
+                    arena.len()
+                ))),
+            }
+        };
+        for tr in self.buffers.transposes.get(rank).into_iter().flatten() {
+            let r = slice(arena, tr.tensor)?;
+            tr.apply(&mut arena[r])?;
+        }
+        for &(i, value) in self.buffers.ranks.get(rank).into_iter().flatten() {
+            let r = slice(arena, i)?;
+            fill_value(rank, &rp.tensors[i], value, &mut arena[r])?;
+        }
+        Ok(())
+    }
+
+    /// Finishes a loaded rank of a vLLM-named plan: writes the values of the buffers it holds
+    /// without a file source (attention `_k_scale` ...) and transposes the tensors vLLM holds
+    /// transposed (GPT-2's Conv1D weights; with views, the rank is materialized first).
+    /// [`Job::load_rank`], [`Job::load_shared`] and [`Job::load_rank_views`] do it themselves;
+    /// a caller that loads [`Job::plan`] through the lower layers calls it once per load.
+    /// Nothing to do for checkpoint names.
     pub fn fill_buffers(&self, loaded: &mut RankTensors) -> Result<()> {
         let rank = loaded.coords().rank;
+        if let Some(transposes) = self.buffers.transposes.get(rank) {
+            for tr in transposes {
+                if loaded.arena_tensor_mut(tr.tensor).is_none() {
+                    loaded.materialize();
+                }
+                let Some(data) = loaded.arena_tensor_mut(tr.tensor) else {
+                    return Err(crate::Error::Load(format!(
+                        "rank {rank}: tensor {} to transpose is not in the arena",
+                        tr.tensor
+                    )));
+                };
+                tr.apply(data)?;
+            }
+        }
         let Some(fills) = self.buffers.ranks.get(rank) else {
             return Ok(());
         };
@@ -202,21 +250,13 @@ impl Job {
             let Some(t) = self.plan.ranks.get(rank).and_then(|r| r.tensors.get(i)) else {
                 continue;
             };
-            let elem = BufferFill::element(t.dtype, value).ok_or_else(|| {
-                crate::Error::Plan(format!(
-                    "rank {rank}: buffer {:?}: {value} is not exact in {}",
-                    t.name, t.dtype
-                ))
-            })?;
             let Some(dst) = loaded.arena_tensor_mut(i) else {
                 return Err(crate::Error::Load(format!(
                     "rank {rank}: buffer {:?} is not in the arena",
                     t.name
                 )));
             };
-            for chunk in dst.chunks_exact_mut(elem.len()) {
-                chunk.copy_from_slice(&elem);
-            }
+            fill_value(rank, t, value, dst)?;
         }
         Ok(())
     }
@@ -413,4 +453,18 @@ impl Job {
         }
         Ok(files)
     }
+}
+
+/// Writes `value` into every element of buffer `t`'s bytes.
+fn fill_value(rank: usize, t: &crate::plan::TensorPlan, value: f64, dst: &mut [u8]) -> Result<()> {
+    let elem = BufferFill::element(t.dtype, value).ok_or_else(|| {
+        crate::Error::Plan(format!(
+            "rank {rank}: buffer {:?}: {value} is not exact in {}",
+            t.name, t.dtype
+        ))
+    })?;
+    for chunk in dst.chunks_exact_mut(elem.len()) {
+        chunk.copy_from_slice(&elem);
+    }
+    Ok(())
 }

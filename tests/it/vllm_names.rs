@@ -218,12 +218,49 @@ fn mixtral_experts_stack_w1_w3_and_w2_in_expert_order() {
 
 #[test]
 fn every_load_path_gives_the_same_vllm_tensors() {
-    let dir = common::write_preset(&SynthOptions::preset("mixtral-tiny").unwrap());
+    for preset in ["gpt2-tiny", "mixtral-tiny"] {
+        every_load_path_agrees(preset);
+    }
+}
+
+fn every_load_path_agrees(preset: &str) {
+    let dir = common::write_preset(&SynthOptions::preset(preset).unwrap());
     // tp 2 x dp 2: a share mode moves the relocated runs between ranks.
     let job = vllm_job(dir.path(), Topology::new(2, 1, 2, 1).unwrap());
     let local: Vec<_> = (0..job.world())
         .map(|r| job.load_rank(r, &LoadOptions::default()).unwrap())
         .collect();
+    // A caller's buffer, finished by the job (buffers, transposes).
+    for (r, mine) in local.iter().enumerate() {
+        let mut buf = vec![0xa5u8; job.plan.ranks[r].arena_bytes as usize];
+        safeshard::load::load_rank_into_buffer(&job.plan, r, &LoadOptions::default(), &mut buf)
+            .unwrap();
+        job.finish_buffer(r, &mut buf).unwrap();
+        for (t, plan) in mine.iter().zip(mine.plans()) {
+            let at = plan.offset as usize;
+            assert!(
+                buf[at..at + t.data.len()] == *t.data,
+                "{preset} buffer {}",
+                t.name
+            );
+        }
+    }
+    // Zero-copy views where possible; the transposed tensors are materialized.
+    for (r, mine) in local.iter().enumerate() {
+        let opts = LoadOptions {
+            views: true,
+            ..LoadOptions::default()
+        };
+        // SAFETY: nothing writes the checkpoint while the views live.
+        let viewed = unsafe { job.load_rank_views(r, &opts) }.unwrap();
+        for t in mine.iter() {
+            assert!(
+                viewed.get(t.name).unwrap().data == t.data,
+                "{preset} views {}",
+                t.name
+            );
+        }
+    }
     for mode in [ShareMode::Broadcast, ShareMode::ReadOnce] {
         let opts = ShareOptions {
             mode,
