@@ -828,6 +828,7 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
                 continue;
             }
         }
+        let start = sink.copies.len();
         for c in 0..r.count {
             emit(
                 r.file,
@@ -837,6 +838,11 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
                 &mut sink,
             )?;
         }
+        // Rejoin the pieces of this one run into strided runs; never across runs, which
+        // could make a two-chunk run spanning a whole file (a huge gather window).
+        let mut pieces = sink.copies.split_off(start);
+        merge_strided(&mut pieces);
+        sink.copies.extend(pieces);
     }
     for z in &rp.zeros {
         for c in 0..z.count {
@@ -845,7 +851,6 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
     }
     copies.sort_by_key(|c| (c.file, c.src));
     coalesce_copies(&mut copies);
-    merge_strided(&mut copies);
     zeros.sort_by_key(|z| z.dst);
     coalesce_zeros(&mut zeros);
     let bytes = tensors.iter().map(|t| t.bytes).sum();
@@ -875,8 +880,8 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
     ))
 }
 
-/// Joins runs sorted by `(file, src)` that form one strided pattern (equal lengths, constant
-/// source and destination strides), which relocation produces chunk by chunk.
+/// Joins consecutive runs (in source order) that form one strided pattern (equal lengths,
+/// constant source and destination strides), which relocation produces chunk by chunk.
 fn merge_strided(runs: &mut Vec<CopyRun>) {
     let mut out: Vec<CopyRun> = Vec::with_capacity(runs.len());
     for r in runs.drain(..) {
