@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Dtype};
 use crate::comm::Communicator;
 use crate::dist::{self, ShareOptions};
 use crate::load::{load_rank, load_rank_views, verify_rank, LoadOptions, RankTensors};
@@ -189,12 +189,60 @@ impl Job {
         self.names
     }
 
-    /// Writes the values of the buffers a vLLM-named plan holds without a file source
-    /// (attention `_k_scale` ...) into a loaded rank; [`Job::load_rank`], [`Job::load_shared`]
-    /// and [`Job::load_rank_views`] do it themselves, a caller that loads [`Job::plan`]
-    /// through the lower layers calls it. Nothing to do for checkpoint names.
+    /// [`Job::fill_buffers`] for a rank loaded into a caller's buffer
+    /// ([`crate::load::load_rank_into_buffer`]): `arena` laid out as the rank's plan says.
+    pub fn finish_buffer(&self, rank: usize, arena: &mut [u8]) -> Result<()> {
+        let Some(rp) = self.plan.ranks.get(rank) else {
+            return Ok(());
+        };
+        let slice = |arena: &mut [u8], i: usize| -> Result<std::ops::Range<usize>> {
+            let t = rp.tensors.get(i).ok_or_else(|| {
+                crate::Error::Load(format!("rank {rank}: no tensor {i} to finish"))
+            })?;
+            let s = usize::try_from(t.offset).ok();
+            let e = s.and_then(|s| s.checked_add(usize::try_from(t.bytes).ok()?));
+            match (s, e) {
+                (Some(s), Some(e)) if e <= arena.len() => Ok(s..e),
+                _ => Err(crate::Error::Load(format!(
+                    "rank {rank}: tensor {:?} lies outside the {}-byte buffer",
+                    t.name,
+                    arena.len()
+                ))),
+            }
+        };
+        for tr in self.buffers.transposes.get(rank).into_iter().flatten() {
+            let r = slice(arena, tr.tensor)?;
+            tr.apply(&mut arena[r])?;
+        }
+        for &(i, value) in self.buffers.ranks.get(rank).into_iter().flatten() {
+            let r = slice(arena, i)?;
+            fill_value(rank, &rp.tensors[i], value, &mut arena[r])?;
+        }
+        Ok(())
+    }
+
+    /// Finishes a loaded rank of a vLLM-named plan: writes the values of the buffers it holds
+    /// without a file source (attention `_k_scale` ...) and transposes the tensors vLLM holds
+    /// transposed (GPT-2's Conv1D weights; with views, the rank is materialized first).
+    /// [`Job::load_rank`], [`Job::load_shared`] and [`Job::load_rank_views`] do it themselves;
+    /// a caller that loads [`Job::plan`] through the lower layers calls it once per load.
+    /// Nothing to do for checkpoint names.
     pub fn fill_buffers(&self, loaded: &mut RankTensors) -> Result<()> {
         let rank = loaded.coords().rank;
+        if let Some(transposes) = self.buffers.transposes.get(rank) {
+            for tr in transposes {
+                if loaded.arena_tensor_mut(tr.tensor).is_none() {
+                    loaded.materialize();
+                }
+                let Some(data) = loaded.arena_tensor_mut(tr.tensor) else {
+                    return Err(crate::Error::Load(format!(
+                        "rank {rank}: tensor {} to transpose is not in the arena",
+                        tr.tensor
+                    )));
+                };
+                tr.apply(data)?;
+            }
+        }
         let Some(fills) = self.buffers.ranks.get(rank) else {
             return Ok(());
         };
@@ -202,21 +250,13 @@ impl Job {
             let Some(t) = self.plan.ranks.get(rank).and_then(|r| r.tensors.get(i)) else {
                 continue;
             };
-            let elem = BufferFill::element(t.dtype, value).ok_or_else(|| {
-                crate::Error::Plan(format!(
-                    "rank {rank}: buffer {:?}: {value} is not exact in {}",
-                    t.name, t.dtype
-                ))
-            })?;
             let Some(dst) = loaded.arena_tensor_mut(i) else {
                 return Err(crate::Error::Load(format!(
                     "rank {rank}: buffer {:?} is not in the arena",
                     t.name
                 )));
             };
-            for chunk in dst.chunks_exact_mut(elem.len()) {
-                chunk.copy_from_slice(&elem);
-            }
+            fill_value(rank, t, value, dst)?;
         }
         Ok(())
     }
@@ -372,6 +412,30 @@ impl Job {
                     obj.insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
                 }
             }
+            // vLLM's GPTQ config, when config.json does not list the quantized modules, reads
+            // them off the checkpoint's files: every module with a non-float tensor. Off the
+            // output's fused names that would miss gate_up_proj; write the list the original
+            // checkpoint gives (vLLM maps checkpoint module names to its fused layers).
+            if let Some(q) = config
+                .get_mut("quantization_config")
+                .and_then(|q| q.as_object_mut())
+            {
+                let gptq = q.get("quant_method").and_then(|m| m.as_str()) == Some("gptq");
+                if gptq && !q.contains_key("modules_in_block_to_quantize") {
+                    let floats = [Dtype::F16, Dtype::BF16, Dtype::F32];
+                    let modules: std::collections::BTreeSet<&str> = self
+                        .ckpt
+                        .tensors
+                        .iter()
+                        .filter(|t| !floats.contains(&t.dtype))
+                        .filter_map(|t| t.name.rsplit_once('.').map(|(m, _)| m))
+                        .collect();
+                    q.insert(
+                        "modules_in_block_to_quantize".into(),
+                        serde_json::Value::from(modules.into_iter().collect::<Vec<_>>()),
+                    );
+                }
+            }
             let mut bytes = serde_json::to_vec_pretty(&config)
                 .map_err(|e| crate::Error::Config(format!("config.json: {e}")))?;
             bytes.push(b'\n');
@@ -389,4 +453,18 @@ impl Job {
         }
         Ok(files)
     }
+}
+
+/// Writes `value` into every element of buffer `t`'s bytes.
+fn fill_value(rank: usize, t: &crate::plan::TensorPlan, value: f64, dst: &mut [u8]) -> Result<()> {
+    let elem = BufferFill::element(t.dtype, value).ok_or_else(|| {
+        crate::Error::Plan(format!(
+            "rank {rank}: buffer {:?}: {value} is not exact in {}",
+            t.name, t.dtype
+        ))
+    })?;
+    for chunk in dst.chunks_exact_mut(elem.len()) {
+        chunk.copy_from_slice(&elem);
+    }
+    Ok(())
 }

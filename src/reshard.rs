@@ -352,12 +352,6 @@ pub(crate) fn reshard(
                 ),
             ));
         }
-        if !plan.spec.contains("+vllm-") {
-            return Err(Error::invalid_argument(
-                "format",
-                "vllm needs a plan with vLLM names (JobBuilder::names(TensorNames::Vllm))",
-            ));
-        }
     }
     check_disjoint(plan, inputs, out)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

@@ -329,7 +329,10 @@ impl NativePlan {
                 // unused by Python code until this returns.
                 unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) }
             };
-            safeshard::load::load_rank_into_buffer(&job.plan, rank, &opts, bytes)
+            let stats = safeshard::load::load_rank_into_buffer(&job.plan, rank, &opts, bytes)?;
+            // Buffers and transposes of vLLM names, as Job::load_rank does.
+            job.finish_buffer(rank, bytes)?;
+            Ok(stats)
         })?;
         let rp = self.job.plan.ranks.get(rank);
         let tensors = rp.map(|rp| rp.tensors.clone()).unwrap_or_default();

@@ -5,9 +5,12 @@
 //! [`VllmMap`]: each fused or stacked parameter is one [`TensorPlan`] and every part's copy
 //! runs are relocated into it (a dim-0 fusion moves a part to an offset; an inner-dim fusion
 //! or a transpose turns its runs into strided ones through `dst_stride`). So every loader,
-//! share mode and the plan hash see vLLM names with no extra copy pass. Buffers no checkpoint
-//! provides (attention `_k_scale` ...) are arena tensors without copy runs whose value
-//! [`BufferFill`] writes after a load (the plan has no run kind for constants).
+//! share mode and the plan hash see vLLM names with no extra copy pass. Two things the runs
+//! cannot say are done after a load ([`BufferFill`]): buffers no checkpoint provides
+//! (attention `_k_scale` ...) are arena tensors without copy runs whose value is written then
+//! (the plan has no run kind for constants), and transposes (GPT-2's Conv1D weights) are
+//! loaded in the checkpoint's layout and transposed in place: as strided runs they would be
+//! one element per chunk, measured 500x slower than the copy pass.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -43,11 +46,64 @@ impl std::str::FromStr for TensorNames {
     }
 }
 
-/// The buffers of every rank of a vLLM-named plan: (tensor index in the rank, value).
+/// What a load of a vLLM-named plan leaves to do, per global rank: buffers to fill and 2-D
+/// tensors to transpose.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BufferFill {
-    /// Per global rank.
+    /// Per global rank: (tensor index in the rank, value of every element).
     pub ranks: Vec<Vec<(usize, f64)>>,
+    /// Per global rank: tensors loaded as `[rows, cols]` (the checkpoint's layout) whose plan
+    /// shape is vLLM's `[cols, rows]`.
+    pub transposes: Vec<Vec<Transpose>>,
+}
+
+/// A tensor to transpose after loading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transpose {
+    /// Tensor index in the rank.
+    pub tensor: usize,
+    /// Rows as loaded.
+    pub rows: u64,
+    /// Columns as loaded.
+    pub cols: u64,
+    /// Element size in bytes.
+    pub elem: u64,
+}
+
+impl Transpose {
+    /// Transposes `data` (`rows x cols` elements, row-major) in place, through a copy.
+    pub fn apply(&self, data: &mut [u8]) -> Result<()> {
+        let e = self.elem as usize;
+        let (r, c) = (self.rows as usize, self.cols as usize);
+        if r.checked_mul(c).and_then(|n| n.checked_mul(e)) != Some(data.len()) {
+            return Err(Error::Load(format!(
+                "transpose of {r} x {c} elements of {e} bytes over {} bytes",
+                data.len()
+            )));
+        }
+        let mut src = Vec::new();
+        src.try_reserve_exact(data.len())
+            .map_err(|_| Error::OutOfMemory {
+                bytes: data.len() as u64,
+                what: "a transpose's copy".into(),
+                rank: None,
+            })?;
+        src.extend_from_slice(data);
+        // Tiles keep both sides in cache.
+        const TILE: usize = 32;
+        for i0 in (0..r).step_by(TILE) {
+            for j0 in (0..c).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(r) {
+                    for j in j0..(j0 + TILE).min(c) {
+                        let s = (i * c + j) * e;
+                        let d = (j * r + i) * e;
+                        data[d..d + e].copy_from_slice(&src[s..s + e]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl BufferFill {
@@ -313,9 +369,10 @@ pub fn vllm_plan(
     let mut ranks = Vec::with_capacity(plan.ranks.len());
     let mut fill = BufferFill::default();
     for rp in &plan.ranks {
-        let (r, f) = vllm_rank(rp, plan.topology.pp, map, tied)?;
+        let (r, f, t) = vllm_rank(rp, plan.topology.pp, map, tied)?;
         ranks.push(r);
         fill.ranks.push(f);
+        fill.transposes.push(t);
     }
     Ok((
         Plan {
@@ -337,12 +394,10 @@ struct Member {
     slot: (u64, usize),
 }
 
-fn vllm_rank(
-    rp: &RankPlan,
-    pp: usize,
-    map: &VllmMap,
-    tied: bool,
-) -> Result<(RankPlan, Vec<(usize, f64)>)> {
+/// One rank's plan with vLLM names, its buffers and its transposes.
+type VllmRank = (RankPlan, Vec<(usize, f64)>, Vec<Transpose>);
+
+fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<VllmRank> {
     let rank = rp.coords.rank;
     let plain_err = |t: &str, why: String| Error::Plan(format!("rank {rank}: {t}: {why}"));
     // 1. Names after prefixes and tying.
@@ -442,6 +497,7 @@ fn vllm_rank(
     // 3. Output tensors and each plan tensor's placement.
     let mut outs: Vec<OutTensor> = Vec::new();
     let mut place: Vec<Option<Placement>> = vec![None; rp.tensors.len()];
+    let mut transposes: Vec<(usize, u64, u64, u64)> = Vec::new();
     for (i, t) in rp.tensors.iter().enumerate() {
         if grouped[i] {
             continue;
@@ -461,7 +517,9 @@ fn vllm_rank(
                     why: "a transpose of a sub-byte dtype".into(),
                 });
             }
-            (vec![c, r], vec![elem, r * elem])
+            // Loaded as stored; transposed in place after the load (see the module docs).
+            transposes.push((outs.len(), r, c, elem));
+            (vec![c, r], row_major_strides(&t.shape, elem))
         } else {
             (t.shape.clone(), row_major_strides(&t.shape, elem))
         };
@@ -670,7 +728,9 @@ fn vllm_rank(
     let mut buffers = Vec::new();
     let mut cursor = 0u64;
     let mut offsets = vec![0u64; outs.len()];
+    let mut position = vec![0usize; outs.len()];
     for (pos, &oi) in order.iter().enumerate() {
+        position[oi] = pos;
         let o = &outs[oi];
         let offset = cursor.div_ceil(ALIGN) * ALIGN;
         if offset > cursor {
@@ -768,6 +828,7 @@ fn vllm_rank(
                 continue;
             }
         }
+        let start = sink.copies.len();
         for c in 0..r.count {
             emit(
                 r.file,
@@ -777,6 +838,11 @@ fn vllm_rank(
                 &mut sink,
             )?;
         }
+        // Rejoin the pieces of this one run into strided runs; never across runs, which
+        // could make a two-chunk run spanning a whole file (a huge gather window).
+        let mut pieces = sink.copies.split_off(start);
+        merge_strided(&mut pieces);
+        sink.copies.extend(pieces);
     }
     for z in &rp.zeros {
         for c in 0..z.count {
@@ -785,7 +851,6 @@ fn vllm_rank(
     }
     copies.sort_by_key(|c| (c.file, c.src));
     coalesce_copies(&mut copies);
-    merge_strided(&mut copies);
     zeros.sort_by_key(|z| z.dst);
     coalesce_zeros(&mut zeros);
     let bytes = tensors.iter().map(|t| t.bytes).sum();
@@ -803,11 +868,20 @@ fn vllm_rank(
             staging_bytes: rp.staging_bytes,
         },
         buffers,
+        transposes
+            .into_iter()
+            .map(|(oi, rows, cols, elem)| Transpose {
+                tensor: position[oi],
+                rows,
+                cols,
+                elem,
+            })
+            .collect(),
     ))
 }
 
-/// Joins runs sorted by `(file, src)` that form one strided pattern (equal lengths, constant
-/// source and destination strides), which relocation produces chunk by chunk.
+/// Joins consecutive runs (in source order) that form one strided pattern (equal lengths,
+/// constant source and destination strides), which relocation produces chunk by chunk.
 fn merge_strided(runs: &mut Vec<CopyRun>) {
     let mut out: Vec<CopyRun> = Vec::with_capacity(runs.len());
     for r in runs.drain(..) {

@@ -218,12 +218,49 @@ fn mixtral_experts_stack_w1_w3_and_w2_in_expert_order() {
 
 #[test]
 fn every_load_path_gives_the_same_vllm_tensors() {
-    let dir = common::write_preset(&SynthOptions::preset("mixtral-tiny").unwrap());
+    for preset in ["gpt2-tiny", "mixtral-tiny"] {
+        every_load_path_agrees(preset);
+    }
+}
+
+fn every_load_path_agrees(preset: &str) {
+    let dir = common::write_preset(&SynthOptions::preset(preset).unwrap());
     // tp 2 x dp 2: a share mode moves the relocated runs between ranks.
     let job = vllm_job(dir.path(), Topology::new(2, 1, 2, 1).unwrap());
     let local: Vec<_> = (0..job.world())
         .map(|r| job.load_rank(r, &LoadOptions::default()).unwrap())
         .collect();
+    // A caller's buffer, finished by the job (buffers, transposes).
+    for (r, mine) in local.iter().enumerate() {
+        let mut buf = vec![0xa5u8; job.plan.ranks[r].arena_bytes as usize];
+        safeshard::load::load_rank_into_buffer(&job.plan, r, &LoadOptions::default(), &mut buf)
+            .unwrap();
+        job.finish_buffer(r, &mut buf).unwrap();
+        for (t, plan) in mine.iter().zip(mine.plans()) {
+            let at = plan.offset as usize;
+            assert!(
+                buf[at..at + t.data.len()] == *t.data,
+                "{preset} buffer {}",
+                t.name
+            );
+        }
+    }
+    // Zero-copy views where possible; the transposed tensors are materialized.
+    for (r, mine) in local.iter().enumerate() {
+        let opts = LoadOptions {
+            views: true,
+            ..LoadOptions::default()
+        };
+        // SAFETY: nothing writes the checkpoint while the views live.
+        let viewed = unsafe { job.load_rank_views(r, &opts) }.unwrap();
+        for t in mine.iter() {
+            assert!(
+                viewed.get(t.name).unwrap().data == t.data,
+                "{preset} views {}",
+                t.name
+            );
+        }
+    }
     for mode in [ShareMode::Broadcast, ShareMode::ReadOnce] {
         let opts = ShareOptions {
             mode,
@@ -515,4 +552,62 @@ fn a_stored_head_under_a_tied_config_is_written_untied() {
     let (_, t, _) = common::read_file(&o.join("model-rank-0-part-0.safetensors"));
     let names: Vec<&str> = t.iter().map(|t| t.name.as_str()).collect();
     assert!(names.contains(&"lm_head.weight") && names.contains(&"model.embed_tokens.weight"));
+}
+
+/// Cost of vLLM names, printed (`cargo test --test it vllm_names_cost -- --ignored
+/// --nocapture`, best with `--release`): planning a real-size sparse Mixtral-8x7B at tp 8
+/// with and without the transform, and loading real-size GPT-2 (every Conv1D weight
+/// transposed through strided runs) under both names.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn vllm_names_cost() {
+    use std::time::Instant;
+    let mut opts = SynthOptions::preset("mixtral-8x7b").unwrap();
+    opts.sparse = true;
+    let dir = common::write_preset(&opts);
+    let topo = Topology::new(8, 1, 1, 1).unwrap();
+    for names in [
+        TensorNames::Checkpoint,
+        TensorNames::Vllm,
+        TensorNames::Checkpoint,
+        TensorNames::Vllm,
+    ] {
+        let t = Instant::now();
+        let job = Job::builder(dir.path())
+            .topology(topo.clone())
+            .names(names)
+            .open()
+            .unwrap();
+        let runs: usize = job.plan.ranks.iter().map(|r| r.copies.len()).sum();
+        println!(
+            "mixtral-8x7b tp8 plan {names:?}: {:.3} s, {} tensors on rank 0, {runs} copy runs",
+            t.elapsed().as_secs_f64(),
+            job.plan.ranks[0].tensors.len()
+        );
+    }
+    let dir = common::write_preset(&SynthOptions::preset("gpt2").unwrap());
+    for tp in [1, 4] {
+        let topo = Topology::new(tp, 1, 1, 1).unwrap();
+        for names in [
+            TensorNames::Checkpoint,
+            TensorNames::Vllm,
+            TensorNames::Checkpoint,
+            TensorNames::Vllm,
+        ] {
+            let job = Job::builder(dir.path())
+                .topology(topo.clone())
+                .names(names)
+                .open()
+                .unwrap();
+            let t = Instant::now();
+            let rank = job.load_rank(tp - 1, &LoadOptions::default()).unwrap();
+            println!(
+                "gpt2 tp{tp} load rank {} {names:?}: {:.3} s, {} bytes, {} copy runs",
+                tp - 1,
+                t.elapsed().as_secs_f64(),
+                rank.stats().bytes,
+                job.plan.ranks[tp - 1].copies.len()
+            );
+        }
+    }
 }
