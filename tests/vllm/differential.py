@@ -361,15 +361,22 @@ def last_error(stderr: str) -> str:
     return (errs or lines or ["(no output)"])[-1][:400]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def drive(doc: str, every: list[str], run_case, prefix: str, what: str, default: list[str] | None = None) -> int:
+    """The command line every vLLM driver shares (this one, sharded_state.py,
+    plugin_differential.py): pick cases by comma-separated globs, run each with
+    `run_case(case, root) -> (status, details)`, print one line a case and a summary saying
+    `what` held, optionally write JSON; exit 1 if a case failed, 2 if none matched. `default`
+    is the list `--case '*'` runs when it is not every case."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--case", default="*", help="case names or globs, comma-separated (see --list); default all")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     a = ap.parse_args()
-    globs = a.case.split(",")
-    names = [c for g in globs for c in cases() if fnmatch.fnmatch(c, g)]
+    if a.case == "*" and default is not None:
+        names = list(default)
+    else:
+        names = [c for g in a.case.split(",") for c in every if fnmatch.fnmatch(c, g)]
     names = list(dict.fromkeys(names))
     if a.list:
         print("\n".join(names))
@@ -377,7 +384,7 @@ def main() -> int:
     if not names:
         print(f"no case matches {a.case!r}", file=sys.stderr)
         return 2
-    root = a.keep or Path(tempfile.mkdtemp(prefix="safeshard-vllm-"))
+    root = a.keep or Path(tempfile.mkdtemp(prefix=prefix))
     results, failed = {}, 0
     t0 = time.monotonic()
     for c in names:
@@ -387,17 +394,21 @@ def main() -> int:
         results[c] = {"status": status, "seconds": round(dt, 1), "details": details[:20], "count": len(details)}
         failed += status == "fail"
         print(f"{status:11} {c} ({dt:.0f} s)", flush=True)
-        for d in details[:10]:
-            print(f"    {d}", flush=True)
+        for line in details[:10]:
+            print(f"    {line}", flush=True)
         if len(details) > 10:
             print(f"    ... and {len(details) - 10} more", flush=True)
     total = time.monotonic() - t0
-    print(f"{len(names) - failed}/{len(names)} cases agree with vLLM {VLLM_VERSION} in {total:.0f} s")
+    print(f"{len(names) - failed}/{len(names)} cases: {what}, in {total:.0f} s")
     if a.json:
         a.json.write_text(json.dumps({"vllm": VLLM_VERSION, "seconds": round(total), "cases": results}, indent=1))
     if not a.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 1 if failed else 0
+
+
+def main() -> int:
+    return drive(__doc__, cases(), run_case, "safeshard-vllm-", f"safeshard's ranks agree with vLLM {VLLM_VERSION}")
 
 
 if __name__ == "__main__":

@@ -15,15 +15,10 @@ pytest: `pytest tests/vllm/plugin_test.py` (SAFESHARD_VLLM_PLUGIN_CASES=GLOB lim
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
 import json
 import re
-import os
 import shutil
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,11 +182,6 @@ def run_case(case: str, root: Path) -> tuple[str, list[str]]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", default="*", help="case names or globs, comma-separated")
-    ap.add_argument("--list", action="store_true")
-    ap.add_argument("--keep", type=Path)
-    a = ap.parse_args()
     every = CASES + [
         f"{v.name}-tp{tp}-pp{pp}{ep}"
         for v in VARIANTS
@@ -199,30 +189,14 @@ def main() -> int:
         for pp in (1, 2)
         for ep in ("", "-ep")
     ]
-    every = list(dict.fromkeys(every))
-    names = [c for g in a.case.split(",") for c in every if fnmatch.fnmatch(c, g)]
-    names = list(dict.fromkeys(names)) if a.case != "*" else CASES
-    if a.list:
-        print("\n".join(names))
-        return 0
-    if not names:
-        print(f"no case matches {a.case!r}", file=sys.stderr)
-        return 2
-    root = a.keep or Path(tempfile.mkdtemp(prefix="safeshard-vplug-"))
-    failed = 0
-    t0 = time.monotonic()
-    for c in names:
-        t = time.monotonic()
-        status, details = run_case(c, root)
-        failed += status == "fail"
-        print(f"{status:11} {c} ({time.monotonic() - t:.0f} s)", flush=True)
-        for d in details[:12]:
-            print(f"    {d}", flush=True)
-    print(f"{len(names) - failed}/{len(names)} cases: the plugin's load equals vLLM "
-          f"{differential.VLLM_VERSION}'s default, in {time.monotonic() - t0:.0f} s")
-    if not a.keep:
-        shutil.rmtree(root, ignore_errors=True)
-    return 1 if failed else 0
+    return differential.drive(
+        __doc__,
+        list(dict.fromkeys(every)),
+        run_case,
+        "safeshard-vplug-",
+        f"the plugin's load equals vLLM {differential.VLLM_VERSION}'s default",
+        default=CASES,
+    )
 
 
 if __name__ == "__main__":

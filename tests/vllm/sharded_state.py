@@ -15,15 +15,11 @@ pytest: `pytest tests/vllm/test_sharded_state.py` (SAFESHARD_VLLM_CASES picks ca
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -108,42 +104,13 @@ def run_case(case: str, root: Path) -> tuple[str, list[str]]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", default="*", help="case names or globs, comma-separated (see --list)")
-    ap.add_argument("--list", action="store_true", help="list the cases and exit")
-    ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
-    ap.add_argument("--json", type=Path, help="write the results as JSON here")
-    a = ap.parse_args()
-    names = [c for g in a.case.split(",") for c in d.cases() if fnmatch.fnmatch(c, g)]
-    names = list(dict.fromkeys(names))
-    if a.list:
-        print("\n".join(names))
-        return 0
-    if not names:
-        print(f"no case matches {a.case!r}", file=sys.stderr)
-        return 2
-    root = a.keep or Path(tempfile.mkdtemp(prefix="safeshard-sharded-"))
-    results, failed = {}, 0
-    t0 = time.monotonic()
-    for c in names:
-        t = time.monotonic()
-        status, details = run_case(c, root)
-        dt = time.monotonic() - t
-        results[c] = {"status": status, "seconds": round(dt, 1), "details": details[:20], "count": len(details)}
-        failed += status == "fail"
-        print(f"{status:11} {c} ({dt:.0f} s)", flush=True)
-        for line in details[:10]:
-            print(f"    {line}", flush=True)
-        if len(details) > 10:
-            print(f"    ... and {len(details) - 10} more", flush=True)
-    total = time.monotonic() - t0
-    print(f"{len(names) - failed}/{len(names)} cases: vLLM {d.VLLM_VERSION}'s sharded_state load of "
-          f"`reshard --format vllm` equals its default load, in {total:.0f} s")
-    if a.json:
-        a.json.write_text(json.dumps({"vllm": d.VLLM_VERSION, "seconds": round(total), "cases": results}, indent=1))
-    if not a.keep:
-        shutil.rmtree(root, ignore_errors=True)
-    return 1 if failed else 0
+    return d.drive(
+        __doc__,
+        d.cases(),
+        run_case,
+        "safeshard-sharded-",
+        f"vLLM {d.VLLM_VERSION}'s sharded_state load of `reshard --format vllm` equals its default load",
+    )
 
 
 if __name__ == "__main__":
