@@ -25,6 +25,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from vllm_world import fork_ranks  # noqa: E402  (after the environment above)
+
 PATTERN = 0xA5
 
 
@@ -69,38 +71,12 @@ def main() -> None:
         enable_expert_parallel=ep,
     )
     vllm_config = args.create_engine_config()
-    children = {}
-    for rank in range(tp * pp):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                import ctypes
+    def run_rank(rank: int) -> None:
+        result = load_rank(vllm_config, tp, pp, rank, port, skew if rank == 1 else None)
+        with open(f"{out}.rank{rank}", "w") as f:
+            json.dump(result, f)
 
-                ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-                result = load_rank(vllm_config, tp, pp, rank, port, skew if rank == 1 else None)
-                with open(f"{out}.rank{rank}", "w") as f:
-                    json.dump(result, f)
-                code = 0
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = rank
-    failed = []
-    while children:
-        pid, status = os.wait()
-        rank = children.pop(pid)
-        if os.waitstatus_to_exitcode(status) != 0:
-            failed.append(rank)
-            for other in children:
-                os.kill(other, 9)
-    if failed:
-        sys.exit(f"load failed on rank(s) {sorted(failed)}")
+    fork_ranks(tp * pp, run_rank)
     ranks = []
     for rank in range(tp * pp):
         with open(f"{out}.rank{rank}") as f:

@@ -77,8 +77,14 @@ def main() -> None:
     )
     vllm_config = args.create_engine_config()
     os.makedirs(out, exist_ok=True)
+    fork_ranks(tp * pp, lambda rank: load_rank(vllm_config, out, tp, pp, rank, port, loader_name))
+
+
+def fork_ranks(world: int, run_rank) -> None:
+    """Runs `run_rank(rank)` in one forked process per rank of `world` and waits for all;
+    exits naming the ranks that failed. Shared with plugin_world.py."""
     children = {}
-    for rank in range(tp * pp):
+    for rank in range(world):
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -88,7 +94,7 @@ def main() -> None:
                 import ctypes
 
                 ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-                load_rank(vllm_config, out, tp, pp, rank, port, loader_name)
+                run_rank(rank)
                 code = 0
             except BaseException:
                 import traceback
