@@ -450,8 +450,19 @@ impl Plan {
     }
 }
 
-fn align_up(x: u64, a: u64) -> u64 {
-    x.div_ceil(a) * a
+/// The arena offset of the next tensor after `cursor`: rounded up to [`ALIGN`], with the gap
+/// zeroed (so a rank's arena bytes, and its digest, never depend on what memory held before).
+pub(crate) fn place_next(cursor: u64, zeros: &mut Vec<ZeroRun>) -> u64 {
+    let offset = cursor.div_ceil(ALIGN) * ALIGN;
+    if offset > cursor {
+        zeros.push(ZeroRun {
+            dst: cursor,
+            len: offset - cursor,
+            count: 1,
+            dst_stride: offset - cursor,
+        });
+    }
+    offset
 }
 
 /// Builds the plan. Deterministic: the same inputs give the same plan on every rank.
@@ -583,15 +594,7 @@ fn build_rank(
         };
         // `build` checked that the file index fits u32.
         let runs = tensor_runs(&t.name, t.dtype, &t.shape, t.file as u32, t.offset, layout)?;
-        let offset = align_up(cursor, ALIGN);
-        if offset > cursor {
-            zeros.push(ZeroRun {
-                dst: cursor,
-                len: offset - cursor,
-                count: 1,
-                dst_stride: offset - cursor,
-            });
-        }
+        let offset = place_next(cursor, &mut zeros);
         staging = staging.max(span_bytes(&runs.copies));
         copies.extend(runs.copies.into_iter().map(|mut c| {
             c.dst += offset;

@@ -14,8 +14,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use super::ZeroRun;
 use super::{coalesce_copies, coalesce_zeros, read_bytes, CopyRun, Plan, RankPlan, TensorPlan};
-use super::{ZeroRun, ALIGN};
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::sharding::vllm::{HeadStages, VllmMap};
 use crate::sharding::{Config, TensorKind};
@@ -732,15 +732,7 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
     for (pos, &oi) in order.iter().enumerate() {
         position[oi] = pos;
         let o = &outs[oi];
-        let offset = cursor.div_ceil(ALIGN) * ALIGN;
-        if offset > cursor {
-            zeros.push(ZeroRun {
-                dst: cursor,
-                len: offset - cursor,
-                count: 1,
-                dst_stride: offset - cursor,
-            });
-        }
+        let offset = super::place_next(cursor, &mut zeros);
         offsets[oi] = offset;
         if let Some(v) = o.buffer {
             zeros.push(ZeroRun {
