@@ -423,13 +423,23 @@ fn safeshard(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs the CLI and requires success, showing its stderr otherwise.
+fn safeshard_ok(args: &[&str]) {
+    let run = safeshard(args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
 #[test]
 fn reshard_format_vllm_writes_sharded_state_files_and_the_config() {
     let dir = common::write_preset(&SynthOptions::preset("llama-tiny").unwrap());
     let ck = dir.path().to_str().unwrap();
     let out = tempfile::tempdir().unwrap();
     let o = out.path().join("pp2");
-    let run = safeshard(&[
+    safeshard_ok(&[
         "reshard",
         ck,
         "--format",
@@ -441,11 +451,6 @@ fn reshard_format_vllm_writes_sharded_state_files_and_the_config() {
         "--out",
         o.to_str().unwrap(),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
     let mut names: Vec<String> = std::fs::read_dir(&o)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -475,7 +480,7 @@ fn reshard_format_vllm_writes_sharded_state_files_and_the_config() {
     );
     assert!(last.contains(&"model.layers.3.self_attn.attn._k_scale"));
     // pp = 1: one file set per TP rank under the TP-only pattern; the pp = 2 files are removed.
-    let run = safeshard(&[
+    safeshard_ok(&[
         "reshard",
         ck,
         "--format",
@@ -485,11 +490,6 @@ fn reshard_format_vllm_writes_sharded_state_files_and_the_config() {
         "--out",
         o.to_str().unwrap(),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
     let parts: Vec<String> = common::safetensors_files(&o)
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -533,7 +533,7 @@ fn a_stored_head_under_a_tied_config_is_written_untied() {
     std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
     let out = tempfile::tempdir().unwrap();
     let o = out.path().join("o");
-    let run = safeshard(&[
+    safeshard_ok(&[
         "reshard",
         dir.path().to_str().unwrap(),
         "--format",
@@ -541,11 +541,6 @@ fn a_stored_head_under_a_tied_config_is_written_untied() {
         "--out",
         o.to_str().unwrap(),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(o.join("config.json")).unwrap()).unwrap();
     assert_eq!(written["tie_word_embeddings"], false);
