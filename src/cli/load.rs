@@ -70,8 +70,8 @@ pub struct Args {
     /// Staging memory budget of the pread engine, e.g. `256MiB`.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub staging_budget: u64,
-    /// How fresh arenas are prepared: `ahead` (a helper thread faults pages in ahead of the
-    /// readers), `lazy`, `populate` or `hugepages`.
+    /// How fresh arenas are prepared: `ahead` (each reader faults a task's pages in with one
+    /// call before reading into them), `lazy`, `populate` or `hugepages`.
     #[arg(long, default_value = "ahead")]
     pub arena: ArenaInit,
     /// Reader threads of a `--rank`/`--all-ranks` load (default: the cores, at least 8, so

@@ -21,9 +21,9 @@ pub enum ArenaInit {
     /// `madvise(MADV_HUGEPAGE)`: transparent huge pages, one fault per 2 MiB (with THP
     /// `defrag=madvise`, a fault may first compact memory: measured slowest here).
     HugePages,
-    /// Lazy pages, made resident by a helper thread running ahead of the readers
-    /// (`MADV_POPULATE_WRITE` on the tasks they will take next), so the faults overlap the
-    /// reads instead of stalling them.
+    /// Lazy pages, made resident by each reader just before it reads into them
+    /// (`MADV_POPULATE_WRITE` on the task's destination): one batched call per task instead
+    /// of one fault per page inside the copy, on every reader thread.
     #[default]
     Ahead,
 }
@@ -112,7 +112,7 @@ impl Arena {
     }
 
     /// Whether the pages were never touched (a new arena, not populated at map time): a load
-    /// into it pays one page fault per page, which [`ArenaInit::Ahead`] moves off the readers.
+    /// into it pays one page fault per page, which [`ArenaInit::Ahead`] batches.
     pub fn is_fresh(&self) -> bool {
         self.fresh
     }
