@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{Checkpoint, Dtype};
 use crate::comm::Communicator;
 use crate::dist::{self, ShareOptions};
-use crate::load::{load_rank, load_rank_views, verify_rank, LoadOptions, RankTensors};
+use crate::load::{
+    load_rank, load_rank_scattered, load_rank_views, verify_rank, LoadOptions, RankTensors,
+};
 use crate::plan::names::{vllm_plan, BufferFill, TensorNames};
 use crate::plan::{self, Plan};
 use crate::reshard::{ReshardOptions, ReshardSummary};
@@ -195,30 +197,21 @@ impl Job {
         let Some(rp) = self.plan.ranks.get(rank) else {
             return Ok(());
         };
-        let slice = |arena: &mut [u8], i: usize| -> Result<std::ops::Range<usize>> {
+        self.finish(rank, &mut |i, f| {
             let t = rp.tensors.get(i).ok_or_else(|| {
                 crate::Error::Load(format!("rank {rank}: no tensor {i} to finish"))
             })?;
             let s = usize::try_from(t.offset).ok();
             let e = s.and_then(|s| s.checked_add(usize::try_from(t.bytes).ok()?));
+            let len = arena.len();
             match (s, e) {
-                (Some(s), Some(e)) if e <= arena.len() => Ok(s..e),
+                (Some(s), Some(e)) if e <= len => f(&mut arena[s..e]),
                 _ => Err(crate::Error::Load(format!(
-                    "rank {rank}: tensor {:?} lies outside the {}-byte buffer",
-                    t.name,
-                    arena.len()
+                    "rank {rank}: tensor {:?} lies outside the {len}-byte buffer",
+                    t.name
                 ))),
             }
-        };
-        for tr in self.buffers.transposes.get(rank).into_iter().flatten() {
-            let r = slice(arena, tr.tensor)?;
-            tr.apply(&mut arena[r])?;
-        }
-        for &(i, value) in self.buffers.ranks.get(rank).into_iter().flatten() {
-            let r = slice(arena, i)?;
-            fill_value(rank, &rp.tensors[i], value, &mut arena[r])?;
-        }
-        Ok(())
+        })
     }
 
     /// Finishes a loaded rank of a vLLM-named plan: writes the values of the buffers it holds
@@ -229,34 +222,40 @@ impl Job {
     /// Nothing to do for checkpoint names.
     pub fn fill_buffers(&self, loaded: &mut RankTensors) -> Result<()> {
         let rank = loaded.coords().rank;
-        if let Some(transposes) = self.buffers.transposes.get(rank) {
-            for tr in transposes {
-                if loaded.arena_tensor_mut(tr.tensor).is_none() {
-                    loaded.materialize();
-                }
-                let Some(data) = loaded.arena_tensor_mut(tr.tensor) else {
-                    return Err(crate::Error::Load(format!(
-                        "rank {rank}: tensor {} to transpose is not in the arena",
-                        tr.tensor
-                    )));
-                };
-                tr.apply(data)?;
+        self.finish(rank, &mut |i, f| {
+            if loaded.arena_tensor_mut(i).is_none() {
+                loaded.materialize();
             }
+            match loaded.arena_tensor_mut(i) {
+                Some(data) => f(data),
+                None => Err(crate::Error::Load(format!(
+                    "rank {rank}: tensor {i} to finish is not in the arena"
+                ))),
+            }
+        })
+    }
+
+    /// The finishing steps of rank `rank` (transposes, then buffer values), each applied by
+    /// `with(i, step)` to tensor `i`'s bytes wherever the caller holds them.
+    #[allow(clippy::type_complexity)]
+    fn finish(
+        &self,
+        rank: usize,
+        with: &mut dyn FnMut(usize, &mut dyn FnMut(&mut [u8]) -> Result<()>) -> Result<()>,
+    ) -> Result<()> {
+        for tr in self.buffers.transposes.get(rank).into_iter().flatten() {
+            with(tr.tensor, &mut |d| tr.apply(d))?;
         }
-        let Some(fills) = self.buffers.ranks.get(rank) else {
-            return Ok(());
-        };
-        for &(i, value) in fills {
-            let Some(t) = self.plan.ranks.get(rank).and_then(|r| r.tensors.get(i)) else {
+        let tensors = self
+            .plan
+            .ranks
+            .get(rank)
+            .map_or(&[][..], |r| &r.tensors[..]);
+        for &(i, value) in self.buffers.ranks.get(rank).into_iter().flatten() {
+            let Some(t) = tensors.get(i) else {
                 continue;
             };
-            let Some(dst) = loaded.arena_tensor_mut(i) else {
-                return Err(crate::Error::Load(format!(
-                    "rank {rank}: buffer {:?} is not in the arena",
-                    t.name
-                )));
-            };
-            fill_value(rank, t, value, dst)?;
+            with(i, &mut |d| fill_value(rank, t, value, d))?;
         }
         Ok(())
     }
@@ -275,6 +274,36 @@ impl Job {
     pub fn load_rank(&self, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
         let mut loaded = load_rank(&self.plan, rank, opts)?;
         self.fill_buffers(&mut loaded)?;
+        Ok(loaded)
+    }
+
+    /// Loads one rank with the tensors named in `into` written straight into caller memory
+    /// and the rest into memory it owns (see [`crate::load::load_rank_scattered`]); finished
+    /// like [`Job::load_rank`] wherever each tensor lands.
+    pub fn load_rank_scattered(
+        &self,
+        rank: usize,
+        opts: &LoadOptions,
+        into: &mut [(&str, &mut [u8])],
+    ) -> Result<RankTensors> {
+        let mut loaded = load_rank_scattered(&self.plan, rank, opts, into)?;
+        let names = self
+            .plan
+            .ranks
+            .get(rank)
+            .map_or(&[][..], |r| &r.tensors[..]);
+        self.finish(rank, &mut |i, f| {
+            let name = names.get(i).map(|t| t.name.as_str());
+            if let Some((_, buf)) = into.iter_mut().find(|(n, _)| Some(*n) == name) {
+                return f(buf);
+            }
+            match loaded.arena_tensor_mut(i) {
+                Some(data) => f(data),
+                None => Err(crate::Error::Load(format!(
+                    "rank {rank}: tensor {i} to finish is not loaded"
+                ))),
+            }
+        })?;
         Ok(loaded)
     }
 

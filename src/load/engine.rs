@@ -92,14 +92,34 @@ fn truncated(pf: &PlanFile, detail: impl std::fmt::Display) -> Error {
     }
 }
 
-/// The arena as a raw pointer, shared by the copy threads. Only [`validate`] makes one, and
-/// only inside a [`ValidatedRuns`] that borrows the arena mutably for `'a`, so nothing else
-/// can read or write the arena while the copy threads write through it.
+/// Caller memory that takes the place of one span of the arena: arena bytes
+/// `[start, start + dst.len())` are written to `dst` instead (a tensor loaded straight into
+/// its final buffer, see [`crate::load::load_rank_scattered`]).
+pub(crate) struct Redirect<'a> {
+    /// First arena byte of the span.
+    pub(crate) start: u64,
+    /// Where the span's bytes go.
+    pub(crate) dst: &'a mut [u8],
+}
+
+/// A [`Redirect`] as raw parts, shared by the copy threads.
 #[derive(Clone, Copy)]
-struct ArenaPtr<'a> {
+struct RawRedirect {
+    start: u64,
+    len: u64,
+    ptr: *mut u8,
+}
+
+/// The arena (and the caller buffers replacing spans of it) as raw pointers, shared by the
+/// copy threads. Only [`ValidatedRuns::arena`] makes one, from the parts [`validate`] checked
+/// while borrowing the arena and the buffers mutably for `'a`, so nothing else can read or
+/// write them while the copy threads write through it.
+#[derive(Clone, Copy)]
+struct ArenaPtr<'r> {
     ptr: *mut u8,
     len: usize,
-    _arena: PhantomData<&'a mut [u8]>,
+    /// Sorted by `start`, disjoint.
+    redirects: &'r [RawRedirect],
 }
 // SAFETY: threads write disjoint ranges only (proved by `validate`, see `ValidatedRuns`).
 unsafe impl Send for ArenaPtr<'_> {}
@@ -107,12 +127,31 @@ unsafe impl Send for ArenaPtr<'_> {}
 unsafe impl Sync for ArenaPtr<'_> {}
 
 impl ArenaPtr<'_> {
+    /// The memory holding arena bytes `[off, off + len)`: a caller buffer when a redirect
+    /// covers `off`, else the arena.
+    ///
     /// # Safety
-    /// `[off, off + len)` must lie inside the arena and be written by no other thread now.
+    /// `[off, off + len)` must lie inside the arena and either inside one redirect or outside
+    /// all (checked by `validate` for every run, so for every task cut from one), and be
+    /// written by no other thread now.
     #[allow(clippy::mut_from_ref)]
     unsafe fn chunk(&self, off: u64, len: u64) -> &mut [u8] {
         debug_assert!(off + len <= self.len as u64);
-        std::slice::from_raw_parts_mut(self.ptr.add(off as usize), len as usize)
+        std::slice::from_raw_parts_mut(self.address(off, len), len as usize)
+    }
+
+    /// The address of arena byte `off` of a span `[off, off + len)` that `validate` checked
+    /// (see [`ArenaPtr::chunk`]).
+    fn address(&self, off: u64, len: u64) -> *mut u8 {
+        let i = self.redirects.partition_point(|r| r.start <= off);
+        if let Some(r) = i.checked_sub(1).and_then(|i| self.redirects.get(i)) {
+            if off < r.start + r.len {
+                debug_assert!(off + len <= r.start + r.len);
+                return r.ptr.wrapping_add((off - r.start) as usize);
+            }
+        }
+        debug_assert!(off + len <= self.len as u64);
+        self.ptr.wrapping_add(off as usize)
     }
 }
 
@@ -124,7 +163,10 @@ pub(crate) struct ValidatedRuns<'a> {
     files: &'a [PlanFile],
     copies: &'a [CopyRun],
     zeros: &'a [ZeroRun],
-    arena: ArenaPtr<'a>,
+    arena: *mut u8,
+    arena_len: usize,
+    redirects: Vec<RawRedirect>,
+    _borrows: PhantomData<&'a mut [u8]>,
     /// Each reader populates a task's destination pages in one call before reading into it.
     ahead: bool,
 }
@@ -133,6 +175,14 @@ impl ValidatedRuns<'_> {
     /// The copy runs that were validated.
     pub(crate) fn copies(&self) -> &[CopyRun] {
         self.copies
+    }
+
+    fn arena(&self) -> ArenaPtr<'_> {
+        ArenaPtr {
+            ptr: self.arena,
+            len: self.arena_len,
+            redirects: &self.redirects,
+        }
     }
 
     /// With `on`, each reader makes a task's destination pages resident in one
@@ -173,7 +223,62 @@ pub(crate) fn validate<'a>(
     zeros: &'a [ZeroRun],
     arena: &'a mut [u8],
 ) -> Result<ValidatedRuns<'a>> {
+    validate_redirected(files, copies, zeros, arena, Vec::new())
+}
+
+/// [`validate`] with spans of the arena written to caller buffers instead: every redirect
+/// must lie inside the arena, no two may overlap, and every run must lie inside one redirect
+/// or outside all of them (so a task, cut from one run, never straddles two buffers).
+pub(crate) fn validate_redirected<'a>(
+    files: &'a [PlanFile],
+    copies: &'a [CopyRun],
+    zeros: &'a [ZeroRun],
+    arena: &'a mut [u8],
+    mut redirects: Vec<Redirect<'a>>,
+) -> Result<ValidatedRuns<'a>> {
     let arena_len = arena.len() as u64;
+    redirects.sort_by_key(|r| r.start);
+    let mut raw: Vec<RawRedirect> = Vec::new();
+    raw.try_reserve_exact(redirects.len()).map_err(|_| {
+        bad_plan(format!(
+            "{} redirects do not fit in memory",
+            redirects.len()
+        ))
+    })?;
+    for r in redirects {
+        let len = r.dst.len() as u64;
+        let end = r.start.checked_add(len).filter(|&e| e <= arena_len);
+        if end.is_none() {
+            return Err(bad_plan(format!(
+                "a caller buffer of {len} bytes at arena byte {} ends past the arena ({arena_len} bytes)",
+                r.start
+            )));
+        }
+        if let Some(prev) = raw.last() {
+            if r.start < prev.start + prev.len {
+                return Err(bad_plan(format!(
+                    "caller buffers overlap in the arena at byte {}",
+                    r.start
+                )));
+            }
+        }
+        if len > 0 {
+            raw.push(RawRedirect {
+                start: r.start,
+                len,
+                ptr: r.dst.as_mut_ptr(),
+            });
+        }
+    }
+    let straddles = |p: &Strided| {
+        let (s, e) = (p.start, p.end_saturating());
+        let i = raw.partition_point(|r| r.start <= s);
+        match i.checked_sub(1).and_then(|i| raw.get(i)) {
+            Some(r) if s < r.start + r.len => e > r.start + r.len,
+            // Outside every redirect unless one starts inside the span.
+            _ => raw.get(i).is_some_and(|r| r.start < e),
+        }
+    };
     let mut pats = Vec::new();
     pats.try_reserve_exact(copies.len() + zeros.len())
         .map_err(|_| bad_plan(format!("{} runs do not fit in memory", copies.len())))?;
@@ -199,24 +304,35 @@ pub(crate) fn validate<'a>(
                 pf.identity.len
             )));
         }
-        pats.push(checked_dst("copy", i, r.dst_pattern(), arena_len)?);
+        let p = checked_dst("copy", i, r.dst_pattern(), arena_len)?;
+        if straddles(&p) {
+            return Err(bad_plan(format!(
+                "copy run {i} straddles a caller buffer's edge"
+            )));
+        }
+        pats.push(p);
     }
     for (i, z) in zeros.iter().enumerate() {
         if z.count == 0 || z.len == 0 {
             continue;
         }
-        pats.push(checked_dst("zero", i, z.dst_pattern(), arena_len)?);
+        let p = checked_dst("zero", i, z.dst_pattern(), arena_len)?;
+        if straddles(&p) {
+            return Err(bad_plan(format!(
+                "zero run {i} straddles a caller buffer's edge"
+            )));
+        }
+        pats.push(p);
     }
     check_disjoint(&mut pats)?;
     Ok(ValidatedRuns {
         files,
         copies,
         zeros,
-        arena: ArenaPtr {
-            ptr: arena.as_mut_ptr(),
-            len: arena.len(),
-            _arena: PhantomData,
-        },
+        arena: arena.as_mut_ptr(),
+        arena_len: arena.len(),
+        redirects: raw,
+        _borrows: PhantomData,
         ahead: false,
     })
 }
@@ -282,14 +398,15 @@ impl Task {
 fn populate(arena: ArenaPtr<'_>, t: &Task) {
     let d = t.dst_pattern();
     let page = page_size() as usize;
-    let base = arena.ptr as usize;
-    // Validated: the span lies inside the arena.
-    let (s, e) = (base + d.start as usize, base + d.end_saturating() as usize);
+    let len = d.end_saturating() - d.start;
+    // Validated: the span lies inside the arena or inside one caller buffer.
+    let s = arena.address(d.start, len) as usize;
+    let e = s + len as usize;
     let (s, e) = (s.div_ceil(page) * page, e / page * page);
     if e <= s {
         return;
     }
-    // SAFETY: `[s, e)` lies inside the arena mapping; MADV_POPULATE_WRITE faults pages in
+    // SAFETY: `[s, e)` lies inside the arena or a caller's writable buffer; MADV_POPULATE_WRITE faults pages in
     // as a write would but leaves their contents alone, so it races with no reader's write.
     unsafe { libc::madvise(s as *mut libc::c_void, e - s, libc::MADV_POPULATE_WRITE) };
 }
@@ -1060,7 +1177,7 @@ pub(crate) fn run(
     opts: &LoadOptions,
 ) -> Result<ExecStats> {
     let files = runs.files;
-    let ptr = runs.arena;
+    let ptr = runs.arena();
     let tasks = tasks(runs.copies, runs.zeros);
     let direct = DirectFiles::open(files, open, opts.io)?;
     let threads = workers(opts, direct.mostly_uncached(opts.io));

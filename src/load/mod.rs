@@ -30,6 +30,7 @@
 
 mod arena;
 mod engine;
+mod scatter;
 mod sigbus;
 mod verify;
 
@@ -40,6 +41,7 @@ use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats};
+pub use scatter::load_rank_scattered;
 pub use verify::read_tensor;
 pub(crate) use verify::{layout_for, slice_layout};
 
@@ -270,14 +272,14 @@ impl RankTensors {
         self.coords
     }
 
-    /// Number of tensors.
+    /// Number of tensors held (not taken out, not loaded elsewhere).
     pub fn len(&self) -> usize {
-        self.tensors.len()
+        self.taken.iter().filter(|&&t| !t).count()
     }
 
     /// Whether the rank holds no tensors.
     pub fn is_empty(&self) -> bool {
-        self.tensors.is_empty()
+        self.len() == 0
     }
 
     /// What the load did.
@@ -383,6 +385,22 @@ impl RankTensors {
 }
 
 impl RankTensors {
+    /// Drops tensor `i` from the table (as [`RankTensors::take`] does, without copying it).
+    pub(crate) fn leave_out(&mut self, i: usize) {
+        if let Some(t) = self.tensors.get(i) {
+            self.by_name.remove(&t.name);
+        }
+        self.views.remove(&i);
+        if let Some(t) = self.taken.get_mut(i) {
+            *t = true;
+        }
+    }
+
+    /// Whether tensor `i` was taken out or loaded elsewhere.
+    pub(crate) fn is_left_out(&self, i: usize) -> bool {
+        self.taken.get(i).copied().unwrap_or(false)
+    }
+
     /// The tensors of `rp` held in `arena` (laid out as `rp.tensors` says, no views): how both
     /// a local load and a distributed one ([`crate::dist`]) hand back the same type.
     pub(crate) fn from_arena(rp: &RankPlan, arena: Arena, stats: LoadStats) -> RankTensors {
@@ -563,7 +581,7 @@ fn zero_gaps(rp: &RankPlan, arena: &mut [u8]) {
     }
 }
 
-fn rank_plan(plan: &Plan, rank: usize) -> Result<&RankPlan> {
+pub(crate) fn rank_plan(plan: &Plan, rank: usize) -> Result<&RankPlan> {
     plan.ranks.get(rank).ok_or_else(|| {
         Error::invalid_argument(
             "rank",
@@ -660,6 +678,9 @@ pub fn verify_rank(
     let coords = loaded.coords();
     let mut n = 0;
     for (i, t) in loaded.plans().iter().enumerate() {
+        if loaded.is_left_out(i) {
+            continue;
+        }
         let Some(got) = loaded.tensor_at(i) else {
             return Err(Error::Load(format!("verify: tensor {:?} missing", t.name)));
         };

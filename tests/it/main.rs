@@ -12,6 +12,7 @@ mod comm_cli;
 mod comm_share;
 mod inspect_cli;
 mod load_cli;
+mod load_scattered;
 mod load_truncate;
 mod plan_build;
 mod plan_cli;
