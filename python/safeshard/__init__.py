@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -165,6 +165,7 @@ class Plan:
         threads: int | None = None,
         progress: bool | None = None,
         out: Any = None,
+        into: Mapping[str, Any] | None = None,
     ) -> Rank:
         """Loads ``rank`` in this process, reading only its own slices, into one arena.
 
@@ -181,10 +182,24 @@ class Plan:
         ``plan.rank(rank).arena_bytes`` bytes, reused across loads without new page faults.
         The rank's tensors are views of it (at their arena offsets); do not use ``out``
         while the load runs.
+
+        ``into``: ``{name: buffer}``, tensors written straight into their final memory (a
+        model's parameters: each byte is copied once, from the file to its place, with no
+        arena in between). Each buffer is a contiguous, writable CPU ``torch.Tensor`` of the
+        tensor's dtype and shape, or a numpy array or writable buffer of exactly its bytes;
+        buffers may not overlap. The returned rank holds the other tensors only. Not with
+        ``out``; do not use the buffers while the load runs.
         """
+        if into is not None and out is not None:
+            raise _error("usage", "out and into: pass one of them")
+        targets = None if into is None else _into_buffers(self.rank(rank), into)
         cb, close = _progress(self, rank, progress)
         try:
-            if out is None:
+            if targets is not None:
+                native = self._native.load_scattered(
+                    rank, targets, io=io, threads=threads, progress=cb
+                )
+            elif out is None:
                 native = self._native.load(rank, io=io, threads=threads, progress=cb)
             else:
                 address, nbytes, keep = _out_buffer(out)
@@ -244,25 +259,61 @@ class Plan:
         )
 
 
-def _out_buffer(out: Any) -> tuple[int, int, Any]:
+def _into_buffers(info: RankInfo, into: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """``(name, address, nbytes)`` per entry of ``into``, each checked against the rank's
+    tensor of that name (dtype and shape for torch tensors, bytes for any buffer)."""
+    if not isinstance(into, Mapping):
+        kind = type(into).__name__
+        raise _error("usage", f"into: expected a mapping of tensor names to buffers, got {kind}")
+    held = {t.name: t for t in info.tensors}
+    out = []
+    for name, buf in into.items():
+        t = held.get(name)
+        if t is None:
+            raise _error(
+                "usage", f"into: {name!r}: rank {info.rank} holds no tensor of that name"
+            )
+        if hasattr(buf, "data_ptr") and hasattr(buf, "untyped_storage"):
+            want = _dtypes.torch_dtype(t.dtype)
+            if want is not None and buf.dtype != want:
+                raise _error(
+                    "usage", f"into: {name!r}: a {buf.dtype} tensor; the checkpoint holds {t.dtype}"
+                )
+            if tuple(buf.shape) != t.shape:
+                raise _error(
+                    "usage",
+                    f"into: {name!r}: shape {list(buf.shape)}; the tensor's is {list(t.shape)}",
+                )
+        address, nbytes, _ = _out_buffer(buf, what=f"into: {name!r}")
+        if nbytes != t.nbytes:
+            raise _error(
+                "usage",
+                f"into: {name!r}: a buffer of {nbytes} bytes; the tensor "
+                f"({t.dtype} {list(t.shape)}) has {t.nbytes}",
+            )
+        out.append((name, address, nbytes))
+    return out
+
+
+def _out_buffer(out: Any, what: str = "out") -> tuple[int, int, Any]:
     """``(address, nbytes, owner)`` of ``out``'s memory, checked to be CPU memory that is
     contiguous and writable."""
     if hasattr(out, "data_ptr") and hasattr(out, "untyped_storage"):  # torch.Tensor
         if out.device.type != "cpu":
-            raise _error("usage", f"out: a {out.device} tensor; pass CPU (pinned) memory")
+            raise _error("usage", f"{what}: a {out.device} tensor; pass CPU (pinned) memory")
         if not out.is_contiguous():
-            raise _error("usage", "out: the tensor is not contiguous")
+            raise _error("usage", f"{what}: the tensor is not contiguous")
         if out.requires_grad:
-            raise _error("usage", "out: the tensor requires grad")
+            raise _error("usage", f"{what}: the tensor requires grad")
         return out.data_ptr(), out.numel() * out.element_size(), out
     try:
         arr = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
     except (TypeError, ValueError) as exc:
-        raise _error("usage", f"out: not a tensor, array or buffer ({exc})") from None
+        raise _error("usage", f"{what}: not a tensor, array or buffer ({exc})") from None
     if not arr.flags.writeable:
-        raise _error("usage", "out: the buffer is read-only")
+        raise _error("usage", f"{what}: the buffer is read-only")
     if not arr.flags.c_contiguous:
-        raise _error("usage", "out: the array is not contiguous")
+        raise _error("usage", f"{what}: the array is not contiguous")
     return arr.__array_interface__["data"][0], arr.nbytes, arr
 
 

@@ -94,6 +94,14 @@ class NativePlan:
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
     ) -> NativeRank: ...
+    def load_scattered(
+        self,
+        rank: int,
+        into: list[tuple[str, int, int]],
+        io: str = "auto",
+        threads: int | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> NativeRank: ...
     def load_shared(
         self,
         comm: Any,

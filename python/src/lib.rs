@@ -11,6 +11,7 @@
 //! and releases it in its deleter, so the bytes live until the last tensor viewing them is
 //! gone, whatever happens to the Python `Rank` object.
 
+use std::collections::HashSet;
 use std::ffi::{c_void, CStr};
 use std::ptr::NonNull;
 use std::sync::{mpsc, Arc};
@@ -344,6 +345,75 @@ impl NativePlan {
             rank,
             tensors,
             arena: owner,
+            read_bytes: stats.read_bytes,
+            sent_bytes: 0,
+            received_bytes: 0,
+            seconds: stats.seconds,
+        })
+    }
+
+    /// Loads one rank with the tensors in `into` (`(name, address, nbytes)`: writable,
+    /// contiguous CPU memory of exactly the tensor's bytes, checked by
+    /// `safeshard.Plan.load(into=...)`, which keeps the owners alive) written straight into
+    /// those buffers; the returned rank holds the other tensors in a fresh arena.
+    #[pyo3(signature = (rank, into, io="auto", threads=None, progress=None))]
+    fn load_scattered(
+        &self,
+        py: Python<'_>,
+        rank: usize,
+        into: Vec<(String, usize, usize)>,
+        io: &str,
+        threads: Option<usize>,
+        progress: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<NativeRank> {
+        // Writes through overlapping buffers would race: refuse them before any write.
+        let mut spans: Vec<(usize, usize, &str)> = into
+            .iter()
+            .map(|(n, a, len)| (*a, a.saturating_add(*len), n.as_str()))
+            .collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(usage(
+                    py,
+                    format!("into: the buffers of {:?} and {:?} overlap", w[0].2, w[1].2),
+                ));
+            }
+        }
+        if let Some((n, _, _)) = into.iter().find(|(_, a, len)| *a == 0 && *len > 0) {
+            return Err(usage(py, format!("into: {n:?}: null buffer address")));
+        }
+        let control = Arc::new(LoadControl::default());
+        let opts = load_options(py, io, threads, &control)?;
+        let job = Arc::clone(&self.job);
+        let names: HashSet<String> = into.iter().map(|(n, _, _)| n.clone()).collect();
+        let loaded = run_interruptible(py, &control, progress, move || {
+            let mut bufs: Vec<(&str, &mut [u8])> = into
+                .iter()
+                .map(|(n, a, len)| {
+                    let b: &mut [u8] = if *len == 0 {
+                        &mut []
+                    } else {
+                        // SAFETY: `Plan.load` passes the address and length of writable,
+                        // contiguous CPU buffers (checked above not to overlap) whose owners
+                        // it keeps alive, unused by Python code, until this returns.
+                        unsafe { std::slice::from_raw_parts_mut(*a as *mut u8, *len) }
+                    };
+                    (n.as_str(), b)
+                })
+                .collect();
+            job.load_rank_scattered(rank, &opts, &mut bufs)
+        })?;
+        let stats = *loaded.stats();
+        let (arena, tensors) = loaded.into_parts();
+        let tensors = tensors
+            .into_iter()
+            .filter(|t| !names.contains(&t.name))
+            .collect();
+        Ok(NativeRank {
+            rank,
+            tensors,
+            arena: dlpack::Owner::from_arena(arena),
             read_bytes: stats.read_bytes,
             sent_bytes: 0,
             received_bytes: 0,
