@@ -20,9 +20,11 @@ What a load does, on every rank of vLLM's world group:
    cannot prove its load equal to vLLM's default, every rank falls back to vLLM's
    ``DefaultModelLoader`` with one log line saying why; ranks whose plan hashes differ are one
    error naming them.
-4. Loads only this rank's bytes (the GIL released) into one arena (pinned host memory when
-   the model is on a GPU) and copies each tensor into its parameter or buffer (narrowed
-   where vLLM padded the parameter, as vLLM's ``ShardedStateLoader`` does).
+4. Loads only this rank's bytes (the GIL released). On the CPU, every tensor that has its
+   parameter's exact dtype and shape is read straight into the parameter (one copy); the
+   rest, and on a GPU every tensor, go into one arena (pinned host memory for a GPU) and are
+   copied into their parameter or buffer (narrowed where vLLM padded the parameter, as
+   vLLM's ``ShardedStateLoader`` does).
 
 ``model_loader_extra_config`` may set ``io`` (``auto``, ``mmap``, ``pread``, ``direct``),
 ``threads``, ``spec`` (a shipped spec name or a ``.shard`` file) and ``pinned`` (default true:
@@ -186,12 +188,20 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
         # tensor goes to the device by one asynchronous copy (no staging pass).
         to_gpu = any(p.device.type == "cuda" for p in model.parameters())
         out = None
+        # Into CPU parameters: every tensor that fits its parameter exactly is read straight
+        # into it (one copy, from the file); only the rest go through an arena.
+        into = None if to_gpu else _in_place(plan, where.plan_rank, model)
         try:
             if to_gpu and self.pinned:
                 size = plan.rank(where.plan_rank).arena_bytes
                 out = torch.empty(size, dtype=torch.uint8, pin_memory=True)
             loaded = plan.load(
-                where.plan_rank, io=self.io, threads=self.threads, progress=False, out=out
+                where.plan_rank,
+                io=self.io,
+                threads=self.threads,
+                progress=False,
+                out=out,
+                into=into,
             )
         except SafeshardError as e:
             # Nothing is copied yet and the default loader needs no other rank: this rank
@@ -216,6 +226,7 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             "plan_seconds": t1 - t0,
             "load_seconds": t2 - t1,
             "copy_seconds": t3 - t2,
+            "in_place_tensors": len(into or ()),
         }
         logger.info(
             "safeshard: rank %d loaded %.1f MiB in %.2f s (plan %.2f s, read %.2f s, copy %.2f s)",
@@ -407,6 +418,31 @@ def _check_rank(plan: Plan, rank: int, model: nn.Module, model_config: ModelConf
                 f"rank {rank}: safeshard plans no tensor for {name}, which vLLM loads "
                 f"into {type(model).__name__}"
             )
+
+
+def _in_place(plan: Plan, rank: int, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers a CPU load can write straight into: those whose tensor
+    has exactly their dtype and shape and that are contiguous, and whose memory no other
+    chosen one overlaps (tied names share storage; those go through the arena)."""
+    state = model.state_dict(keep_vars=True)
+    spans: list[tuple[int, int, str, torch.Tensor]] = []
+    for t in plan.rank(rank).tensors:
+        p = state.get(t.name)
+        if p is None or p.device.type != "cpu" or not p.is_contiguous() or p.numel() == 0:
+            continue
+        if p.dtype != _dtypes.torch_dtype(t.dtype) or tuple(p.shape) != t.shape:
+            continue
+        start = p.data_ptr()
+        spans.append((start, start + t.nbytes, t.name, p))
+    spans.sort(key=lambda x: (x[0], x[1]))
+    out: dict[str, torch.Tensor] = {}
+    end = 0
+    for i, (start, stop, name, p) in enumerate(spans):
+        nxt = spans[i + 1][0] if i + 1 < len(spans) else stop
+        if start >= end and nxt >= stop:
+            out[name] = p.detach()
+        end = max(end, stop)
+    return out
 
 
 # Pinned staging buffer size for copies into device parameters (two of them).

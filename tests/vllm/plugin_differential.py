@@ -173,8 +173,14 @@ def run_case(case: str, root: Path) -> tuple[str, list[str]]:
                 f"{rk['used']} ({rk['reason']})"
             )
         s = rk["stats"]
+        # On the CPU, tensors of the parameter's own dtype are read straight into it (a model
+        # served in another dtype converts the others through the arena).
+        if rk["used"] == "safeshard" and s and variant.dtype is None:
+            if s.get("in_place_tensors", 0) == 0:
+                problems.append(f"rank {rk['rank']}: no tensor was read into its parameter")
         details.append(
             f"rank {rk['rank']}: {rk['used']}, {rk['tensors']} tensors, {rk['bytes']} bytes"
+            + (f", {s.get('in_place_tensors')} in place" if s else "")
             + (f", read {s.get('read_bytes')} B in {s.get('load_seconds', 0):.3f} s" if s else "")
             + (f" ({rk['reason']})" if rk["reason"] else "")
         )
