@@ -63,8 +63,9 @@ pub struct Args {
     #[arg(long)]
     pub views: bool,
     /// I/O engine: `auto` (by what the page cache holds: cached contiguous runs with
-    /// positioned reads, cached strided ones gathered from a mapping, uncached spans with
-    /// direct I/O), `mmap`, `pread` or `direct` (`O_DIRECT`, bypassing the page cache).
+    /// positioned reads, cached strided ones gathered from a mapping, uncached spans with many
+    /// buffered reads in flight, or with direct I/O when the files exceed half the available
+    /// memory), `mmap`, `pread` or `direct` (`O_DIRECT`, bypassing the page cache).
     #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Staging memory budget of the pread engine, e.g. `256MiB`.
@@ -340,8 +341,7 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
         staging_budget: args.staging_budget,
         arena: args.arena,
         threads: args.threads.map(usize::from),
-        pread_contiguous: false,
-        control: None,
+        ..LoadOptions::default()
     };
     let progress = std::io::stderr().is_terminal().then(|| {
         let p = indicatif::ProgressBar::new(ranks.len() as u64);

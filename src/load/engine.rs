@@ -811,6 +811,16 @@ pub(crate) fn needs_mapping(mode: IoMode, pread_contiguous: bool, r: &CopyRun) -
     }
 }
 
+/// `MemAvailable` of `/proc/meminfo` in bytes: what the kernel estimates can be allocated
+/// without swapping (free memory plus reclaimable cache). `None` where it cannot be read
+/// (then files are taken to fit in the page cache).
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Alignment of direct I/O offsets, lengths and buffers: the largest logical block size in
 /// use (4 KiB disks; 512-byte ones accept it too).
 const DIRECT_ALIGN: u64 = 4096;
@@ -820,6 +830,8 @@ const DIRECT_ALIGN: u64 = 4096;
 /// whole file used only to ask `mincore` which pages are cached (never read, so a
 /// truncation cannot fault through it).
 pub(crate) struct DirectFiles {
+    /// Per file, the `O_DIRECT` handle uncached spans are read with (none where the files
+    /// fit in the page cache under `Auto`: they are read buffered and stay cached).
     handles: Vec<Option<File>>,
     /// Per file, [`residency`] flags (`Auto` only).
     cached: Vec<Option<Vec<bool>>>,
@@ -829,7 +841,12 @@ impl DirectFiles {
     /// Opens what `mode` needs: nothing for `Mmap`/`Pread`; for `Direct` every file the
     /// runs read (an error naming the file if its filesystem refuses `O_DIRECT`); for `Auto`
     /// the same where possible (a file without it is read buffered).
-    fn open(files: &[PlanFile], open: &[Option<File>], mode: IoMode) -> Result<DirectFiles> {
+    fn open(
+        files: &[PlanFile],
+        open: &[Option<File>],
+        mode: IoMode,
+        page_cache_limit: Option<u64>,
+    ) -> Result<DirectFiles> {
         let mut d = DirectFiles {
             handles: Vec::new(),
             cached: Vec::new(),
@@ -837,13 +854,25 @@ impl DirectFiles {
         if !matches!(mode, IoMode::Auto | IoMode::Direct) {
             return Ok(d);
         }
+        let direct = mode == IoMode::Direct || {
+            let total: u64 = files
+                .iter()
+                .zip(open)
+                .filter(|(_, f)| f.is_some())
+                .map(|(pf, _)| pf.identity.len)
+                .sum();
+            let limit = page_cache_limit.or_else(|| mem_available().map(|m| m / 2));
+            limit.is_some_and(|l| total > l)
+        };
         for (pf, f) in files.iter().zip(open) {
             let (mut handle, mut cached) = (None, None);
             if let Some(f) = f {
-                match open_direct(pf) {
-                    Ok(h) => handle = Some(h),
-                    Err(e) if mode == IoMode::Direct => return Err(e),
-                    Err(_) => {}
+                if direct {
+                    match open_direct(pf) {
+                        Ok(h) => handle = Some(h),
+                        Err(e) if mode == IoMode::Direct => return Err(e),
+                        Err(_) => {}
+                    }
                 }
                 if mode == IoMode::Auto && pf.identity.len > 0 {
                     // SAFETY: read-only private mapping that is only passed to mincore,
@@ -1179,7 +1208,7 @@ pub(crate) fn run(
     let files = runs.files;
     let ptr = runs.arena();
     let tasks = tasks(runs.copies, runs.zeros);
-    let direct = DirectFiles::open(files, open, opts.io)?;
+    let direct = DirectFiles::open(files, open, opts.io, opts.page_cache_limit)?;
     let threads = workers(opts, direct.mostly_uncached(opts.io));
     if opts.io != IoMode::Mmap || opts.pread_contiguous {
         // Streaming hint: a larger readahead window for the positioned reads.

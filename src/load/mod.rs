@@ -56,9 +56,11 @@ use crate::{Error, Result};
 pub enum IoMode {
     /// Decided per task by what the page cache holds (`mincore`): cached contiguous runs
     /// with positioned reads straight into the arena (no file pages mapped, several reads
-    /// in flight), cached strided runs gathered from a mapping; uncached spans with direct
-    /// I/O (large aligned reads, no page-cache pages to allocate, fill and keep), falling
-    /// back to buffered positioned reads where the filesystem refuses `O_DIRECT`
+    /// in flight), cached strided runs gathered from a mapping. Uncached spans are read with
+    /// many buffered positioned reads in flight when the files fit in the page cache (see
+    /// [`LoadOptions::page_cache_limit`]: the next load finds them cached), else with direct
+    /// I/O (large aligned reads, no page-cache pages to allocate, fill and evict), falling
+    /// back to buffered reads where the filesystem refuses `O_DIRECT`
     /// (`docs/performance.md` has the measurements behind the choice).
     #[default]
     Auto,
@@ -68,7 +70,7 @@ pub enum IoMode {
     Pread,
     /// Direct I/O (`O_DIRECT`) only: aligned reads into reused bounce buffers, copied into
     /// the arena; nothing goes through (or stays in) the page cache. `Auto` does this for
-    /// spans that are not cached.
+    /// spans that are not cached when the files do not fit in the page cache.
     Direct,
 }
 
@@ -131,6 +133,11 @@ pub struct LoadOptions {
     /// Cancellation and progress shared with the caller (the Python binding's Ctrl-C and
     /// progress bar); `None`: neither.
     pub control: Option<Arc<LoadControl>>,
+    /// [`IoMode::Auto`]: uncached spans go through the page cache (and stay there for the
+    /// next load) when the files the rank reads total at most this many bytes, else they
+    /// are read with direct I/O, which neither fills the cache nor evicts what it holds.
+    /// `None`: half of the memory available when the load starts (`MemAvailable`).
+    pub page_cache_limit: Option<u64>,
 }
 
 /// Shared between a running load and whoever watches it: [`LoadControl::cancel`] stops the
@@ -187,6 +194,7 @@ impl Default for LoadOptions {
             threads: None,
             pread_contiguous: false,
             control: None,
+            page_cache_limit: None,
         }
     }
 }

@@ -230,7 +230,7 @@ fn drop_from_cache(plan: &Plan) -> bool {
 }
 
 #[test]
-fn auto_reads_uncached_files_directly_and_leaves_them_uncached() {
+fn auto_reads_uncached_files_directly_only_when_they_do_not_fit_the_page_cache() {
     let dir = tempfile::tempdir().unwrap();
     let (plan, data) = sample(dir.path());
     let rp = &plan.ranks[0];
@@ -239,21 +239,27 @@ fn auto_reads_uncached_files_directly_and_leaves_them_uncached() {
         eprintln!("skipped: the page cache kept the files");
         return;
     }
-    let rt = load_rank(&plan, 0, &LoadOptions::default()).unwrap();
-    assert!(arena_of(&rt) == want);
-    // Direct reads bypass the page cache; a buffered read would have left the whole
-    // 17 MiB run of a.safetensors (of 20 MiB) cached.
+    // Files larger than the limit: direct reads bypass the page cache; a buffered read
+    // would have left the whole 17 MiB run of a.safetensors (of 20 MiB) cached.
+    let too_big = LoadOptions {
+        page_cache_limit: Some(1 << 20),
+        ..LoadOptions::default()
+    };
+    assert!(arena_of(&load_rank(&plan, 0, &too_big).unwrap()) == want);
     let cached = cached_fraction(&plan.files[0].path);
     assert!(cached < 0.25, "{cached}");
-    // Once cached, the same load reads through the page cache (and leaves it there).
+    // Files that fit (the default limit here: half the available memory) are read through
+    // the page cache and stay there for the next load.
+    assert!(arena_of(&load_rank(&plan, 0, &LoadOptions::default()).unwrap()) == want);
+    assert!(cached_fraction(&plan.files[0].path) > 0.8);
+    // Once cached, the same load reads them from the cache (and leaves them there).
+    assert!(arena_of(&load_rank(&plan, 0, &too_big).unwrap()) == want);
+    assert!(cached_fraction(&plan.files[0].path) > 0.8);
     let forced = LoadOptions {
         io: IoMode::Pread,
         ..LoadOptions::default()
     };
     assert!(arena_of(&load_rank(&plan, 0, &forced).unwrap()) == want);
-    assert!(cached_fraction(&plan.files[0].path) > 0.8);
-    assert!(arena_of(&load_rank(&plan, 0, &LoadOptions::default()).unwrap()) == want);
-    assert!(cached_fraction(&plan.files[0].path) > 0.8);
 }
 
 #[test]
