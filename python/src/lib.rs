@@ -287,15 +287,12 @@ impl NativePlan {
         let loaded = run_interruptible(py, &control, progress, move || job.load_rank(rank, &opts))?;
         let stats = *loaded.stats();
         let (arena, tensors) = loaded.into_parts();
-        Ok(NativeRank {
+        Ok(NativeRank::local(
             rank,
             tensors,
-            arena: dlpack::Owner::from_arena(arena),
-            read_bytes: stats.read_bytes,
-            sent_bytes: 0,
-            received_bytes: 0,
-            seconds: stats.seconds,
-        })
+            dlpack::Owner::from_arena(arena),
+            &stats,
+        ))
     }
 
     /// Loads one rank into caller memory: `nbytes` writable bytes at `address`, owned by
@@ -341,15 +338,7 @@ impl NativePlan {
         // SAFETY: the first `used` bytes (the load checked they fit in `nbytes`) of memory
         // `keep` owns, which the owner keeps alive.
         let owner = unsafe { dlpack::Owner::from_external(address as *mut u8, used, keep) };
-        Ok(NativeRank {
-            rank,
-            tensors,
-            arena: owner,
-            read_bytes: stats.read_bytes,
-            sent_bytes: 0,
-            received_bytes: 0,
-            seconds: stats.seconds,
-        })
+        Ok(NativeRank::local(rank, tensors, owner, &stats))
     }
 
     /// Loads one rank with the tensors in `into` (`(name, address, nbytes)`: writable,
@@ -410,15 +399,12 @@ impl NativePlan {
             .into_iter()
             .filter(|t| !names.contains(&t.name))
             .collect();
-        Ok(NativeRank {
+        Ok(NativeRank::local(
             rank,
             tensors,
-            arena: dlpack::Owner::from_arena(arena),
-            read_bytes: stats.read_bytes,
-            sent_bytes: 0,
-            received_bytes: 0,
-            seconds: stats.seconds,
-        })
+            dlpack::Owner::from_arena(arena),
+            &stats,
+        ))
     }
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
@@ -516,6 +502,26 @@ struct NativeRank {
     sent_bytes: u64,
     received_bytes: u64,
     seconds: f64,
+}
+
+impl NativeRank {
+    /// A rank loaded by this process alone (nothing sent or received).
+    fn local(
+        rank: usize,
+        tensors: Vec<TensorPlan>,
+        arena: Arc<dlpack::Owner>,
+        stats: &safeshard::LoadStats,
+    ) -> NativeRank {
+        NativeRank {
+            rank,
+            tensors,
+            arena,
+            read_bytes: stats.read_bytes,
+            sent_bytes: 0,
+            received_bytes: 0,
+            seconds: stats.seconds,
+        }
+    }
 }
 
 #[pymethods]

@@ -451,29 +451,12 @@ pub(crate) fn tasks(copies: &[CopyRun], zeros: &[ZeroRun]) -> Vec<Task> {
             continue;
         }
         // Back-to-back chunks on both sides are one contiguous run (validated: no overflow).
-        if r.src_pattern().is_contiguous() && r.dst_pattern().is_contiguous() {
-            r = CopyRun {
-                len: r.len * r.count,
-                count: 1,
-                src_stride: r.len * r.count,
-                dst_stride: r.len * r.count,
-                ..r
-            };
+        if let Some(one) = r.as_one_chunk() {
+            r = one;
         }
         cut(r.len, r.count, &mut |c| {
             out.push(Task::Copy(match c {
-                Cut::Part { row, off, len } => {
-                    let at = r.rows(row, 1);
-                    CopyRun {
-                        src: at.src + off,
-                        dst: at.dst + off,
-                        len,
-                        count: 1,
-                        src_stride: len,
-                        dst_stride: len,
-                        ..r
-                    }
-                }
+                Cut::Part { row, off, len } => r.part(row, off, len),
                 Cut::Rows { first, n } => r.rows(first, n),
             }))
         });
@@ -483,27 +466,13 @@ pub(crate) fn tasks(copies: &[CopyRun], zeros: &[ZeroRun]) -> Vec<Task> {
         if z.len == 0 || z.count == 0 {
             continue;
         }
-        if z.dst_pattern().is_contiguous() {
-            z = ZeroRun {
-                len: z.len * z.count,
-                count: 1,
-                dst_stride: z.len * z.count,
-                ..z
-            };
+        if let Some(one) = z.as_one_chunk() {
+            z = one;
         }
         cut(z.len, z.count, &mut |c| {
             out.push(Task::Zero(match c {
-                Cut::Part { row, off, len } => ZeroRun {
-                    dst: z.dst_pattern().chunk_start(row) + off,
-                    len,
-                    count: 1,
-                    dst_stride: len,
-                },
-                Cut::Rows { first, n } => ZeroRun {
-                    dst: z.dst_pattern().chunk_start(first),
-                    count: n,
-                    ..z
-                },
+                Cut::Part { row, off, len } => z.part(row, off, len),
+                Cut::Rows { first, n } => z.rows(first, n),
             }))
         });
     }

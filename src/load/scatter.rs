@@ -205,41 +205,14 @@ fn pieces(p: Strided, edges: &[u64]) -> Option<Vec<Piece>> {
 fn split_copies(copies: &[CopyRun], edges: &[u64]) -> Vec<CopyRun> {
     let mut out = Vec::with_capacity(copies.len());
     for r in copies {
-        let mut r = *r;
-        if r.count > 1 && r.src_pattern().is_contiguous() && r.dst_pattern().is_contiguous() {
-            // Both sides back to back: one run of one chunk, which the edges may cut.
-            let Some(n) = r.len.checked_mul(r.count) else {
-                out.push(r);
-                continue;
-            };
-            r = CopyRun {
-                len: n,
-                count: 1,
-                src_stride: n,
-                dst_stride: n,
-                ..r
-            };
-        }
-        let Some(ps) = pieces(r.dst_pattern(), edges) else {
-            out.push(r);
-            continue;
-        };
-        for p in ps {
-            out.push(match p {
+        // Both sides back to back: one run of one chunk, which the edges may cut.
+        let r = r.as_one_chunk().unwrap_or(*r);
+        match pieces(r.dst_pattern(), edges) {
+            None => out.push(r),
+            Some(ps) => out.extend(ps.into_iter().map(|p| match p {
                 Piece::Rows { first, n } => r.rows(first, n),
-                Piece::Part { row, off, len } => {
-                    let at = r.rows(row, 1);
-                    CopyRun {
-                        src: at.src + off,
-                        dst: at.dst + off,
-                        len,
-                        count: 1,
-                        src_stride: len,
-                        dst_stride: len,
-                        ..r
-                    }
-                }
-            });
+                Piece::Part { row, off, len } => r.part(row, off, len),
+            })),
         }
     }
     out
@@ -248,38 +221,13 @@ fn split_copies(copies: &[CopyRun], edges: &[u64]) -> Vec<CopyRun> {
 fn split_zeros(zeros: &[ZeroRun], edges: &[u64]) -> Vec<ZeroRun> {
     let mut out = Vec::with_capacity(zeros.len());
     for z in zeros {
-        let mut z = *z;
-        if z.count > 1 && z.dst_pattern().is_contiguous() {
-            let Some(n) = z.len.checked_mul(z.count) else {
-                out.push(z);
-                continue;
-            };
-            z = ZeroRun {
-                len: n,
-                count: 1,
-                dst_stride: n,
-                ..z
-            };
-        }
-        let Some(ps) = pieces(z.dst_pattern(), edges) else {
-            out.push(z);
-            continue;
-        };
-        let d = z.dst_pattern();
-        for p in ps {
-            out.push(match p {
-                Piece::Rows { first, n } => ZeroRun {
-                    dst: d.chunk_start(first),
-                    count: n,
-                    ..z
-                },
-                Piece::Part { row, off, len } => ZeroRun {
-                    dst: d.chunk_start(row) + off,
-                    len,
-                    count: 1,
-                    dst_stride: len,
-                },
-            });
+        let z = z.as_one_chunk().unwrap_or(*z);
+        match pieces(z.dst_pattern(), edges) {
+            None => out.push(z),
+            Some(ps) => out.extend(ps.into_iter().map(|p| match p {
+                Piece::Rows { first, n } => z.rows(first, n),
+                Piece::Part { row, off, len } => z.part(row, off, len),
+            })),
         }
     }
     out

@@ -154,6 +154,36 @@ impl CopyRun {
             ..*self
         }
     }
+
+    /// `len` bytes at byte `off` of chunk `row`, as a run of one chunk.
+    pub fn part(&self, row: u64, off: u64, len: u64) -> CopyRun {
+        let at = self.rows(row, 1);
+        CopyRun {
+            src: at.src + off,
+            dst: at.dst + off,
+            len,
+            count: 1,
+            src_stride: len,
+            dst_stride: len,
+            ..*self
+        }
+    }
+
+    /// The same bytes as one chunk when the chunks are back to back on both sides; `None`
+    /// when they are not, or when the length overflows.
+    pub fn as_one_chunk(&self) -> Option<CopyRun> {
+        if !(self.src_pattern().is_contiguous() && self.dst_pattern().is_contiguous()) {
+            return None;
+        }
+        let n = self.len.checked_mul(self.count)?;
+        Some(CopyRun {
+            len: n,
+            count: 1,
+            src_stride: n,
+            dst_stride: n,
+            ..*self
+        })
+    }
 }
 
 /// Fill `count` chunks of `len` bytes with zeros, chunk `i` at `dst + i * dst_stride`.
@@ -178,6 +208,40 @@ impl ZeroRun {
             count: self.count,
             stride: self.dst_stride,
         }
+    }
+
+    /// Chunks `first..first + n` as a run of their own.
+    pub fn rows(&self, first: u64, n: u64) -> ZeroRun {
+        ZeroRun {
+            dst: self.dst_pattern().chunk_start(first),
+            count: n,
+            ..*self
+        }
+    }
+
+    /// `len` bytes at byte `off` of chunk `row`, as a run of one chunk.
+    pub fn part(&self, row: u64, off: u64, len: u64) -> ZeroRun {
+        ZeroRun {
+            dst: self.dst_pattern().chunk_start(row) + off,
+            len,
+            count: 1,
+            dst_stride: len,
+        }
+    }
+
+    /// The same bytes as one chunk when the chunks are back to back; `None` when they are
+    /// not, or when the length overflows.
+    pub fn as_one_chunk(&self) -> Option<ZeroRun> {
+        if !self.dst_pattern().is_contiguous() {
+            return None;
+        }
+        let n = self.len.checked_mul(self.count)?;
+        Some(ZeroRun {
+            len: n,
+            count: 1,
+            dst_stride: n,
+            ..*self
+        })
     }
 }
 
