@@ -147,3 +147,29 @@ fn a_wrong_name_size_or_repeat_is_an_invalid_argument_naming_into() {
         Err(Error::InvalidArgument { .. })
     ));
 }
+
+#[test]
+fn a_reused_arena_holds_the_same_bytes_as_a_fresh_one_for_another_plan() {
+    // The arena of a tp 1 load (every byte written) reused for tp 2 ranks: alignment gaps
+    // and the tail must be zero again, so the whole arena (its digest) matches a fresh load.
+    let dir = common::write_preset(&SynthOptions::preset("llama-tiny").unwrap());
+    let one = Job::builder(dir.path()).open().unwrap();
+    let two = Job::builder(dir.path())
+        .topology(Topology::new(2, 1, 1, 1).unwrap())
+        .open()
+        .unwrap();
+    let opts = LoadOptions::default();
+    for rank in 0..2 {
+        let (mut arena, _) = load_rank(&one.plan, 0, &opts).unwrap().into_parts();
+        arena.fill(0xEE);
+        let reused = safeshard::load::load_rank_into(&two.plan, rank, &opts, Some(arena)).unwrap();
+        let fresh = load_rank(&two.plan, rank, &opts).unwrap();
+        let (a, _) = reused.into_parts();
+        let (b, _) = fresh.into_parts();
+        assert_eq!(a.len(), b.len());
+        assert!(
+            a[..] == b[..],
+            "rank {rank}: a reused arena differs from a fresh one"
+        );
+    }
+}
