@@ -53,7 +53,8 @@ fn message(e: &Error) -> String {
         Error::InvalidArgument { option, message } => {
             cli::message(&Error::Usage(format!("{option} {message}")))
         }
-        other => cli::message(other),
+        // Hints name options as keyword arguments (`spec=`), not as CLI flags.
+        other => cli::message_with(other, &|o| format!("`{o}=`")),
     }
 }
 

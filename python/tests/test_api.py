@@ -85,6 +85,17 @@ def test_error_kinds(checkpoints, tmp_path):
     with pytest.raises(safeshard.SafeshardError) as e:
         safeshard.plan(bad, spec=str(_replicate_spec(tmp_path)))
     assert e.value.kind == "invalid_file" and str(bad.name) in str(e.value)
+    # A checkpoint without config.json: the hint names the keyword argument, not `--spec`.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "config.json":
+            (bare / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(safeshard.SafeshardError) as e:
+        safeshard.plan(bare)
+    assert "`spec=`" in str(e.value) and "--spec" not in str(e.value), str(e.value)
+    cli = run_cli("plan", str(bare), check=False)
+    assert "--spec" in cli.stderr
 
 
 def test_truncated_file_is_an_error_not_a_crash(checkpoints, tmp_path):

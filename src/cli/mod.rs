@@ -119,8 +119,9 @@ pub fn exit_code(e: &Error) -> i32 {
     }
 }
 
-/// Library hints name options as "the `spec` option"; on the command line that is `--spec`.
-fn options_as_flags(text: &str) -> String {
+/// Library hints name options as "the `spec` option"; each front spells the option its own
+/// way (`--spec` on the command line, `spec=` in Python).
+fn options_as_flags(text: &str, spell: &dyn Fn(&str) -> String) -> String {
     const OPEN: &str = "the `";
     const CLOSE: &str = "` option";
     let mut out = String::with_capacity(text.len());
@@ -134,7 +135,7 @@ fn options_as_flags(text: &str) -> String {
                     .all(|c| c.is_ascii_lowercase() || c == '_') =>
             {
                 out.push_str(&rest[..i]);
-                out.push_str(&flag(&after[..j]));
+                out.push_str(&spell(&after[..j]));
                 rest = &after[j + CLOSE.len()..];
             }
             _ => {
@@ -157,10 +158,16 @@ fn flag(option: &str) -> String {
 /// keep their source and caret lines (indented by four spaces); any other line break is
 /// escaped, so a name cannot forge a second `error:` line.
 pub fn message(e: &Error) -> String {
+    message_with(e, &flag)
+}
+
+/// [`message`] with options spelled by `spell` (a front other than the command line: the
+/// Python module names them as its keyword arguments).
+pub fn message_with(e: &Error, spell: &dyn Fn(&str) -> String) -> String {
     use safeshard::error::{Escaped, WithContext};
     let text = match e {
-        Error::InvalidArgument { option, message } => format!("{} {message}", flag(option)),
-        other => options_as_flags(&other.to_string()),
+        Error::InvalidArgument { option, message } => format!("{} {message}", spell(option)),
+        other => options_as_flags(&other.to_string(), spell),
     };
     if matches!(
         e,
