@@ -287,13 +287,13 @@ impl Job {
         into: &mut [(&str, &mut [u8])],
     ) -> Result<RankTensors> {
         let mut loaded = load_rank_scattered(&self.plan, rank, opts, into)?;
-        let names = self
+        let tensors = self
             .plan
             .ranks
             .get(rank)
             .map_or(&[][..], |r| &r.tensors[..]);
         self.finish(rank, &mut |i, f| {
-            let name = names.get(i).map(|t| t.name.as_str());
+            let name = tensors.get(i).map(|t| t.name.as_str());
             if let Some((_, buf)) = into.iter_mut().find(|(n, _)| Some(*n) == name) {
                 return f(buf);
             }

@@ -63,8 +63,8 @@ pub struct Args {
     #[arg(long)]
     pub views: bool,
     /// I/O engine: `auto` (by what the page cache holds: cached contiguous runs with
-    /// positioned reads, cached strided ones gathered from a mapping, uncached spans with many
-    /// buffered reads in flight, or with direct I/O when the files exceed half the available
+    /// positioned reads, cached strided ones gathered from a mapping, uncached spans with
+    /// buffered reads, or with direct I/O when the files exceed half the available
     /// memory), `mmap`, `pread` or `direct` (`O_DIRECT`, bypassing the page cache).
     #[arg(long, default_value = "auto")]
     pub io: IoMode,

@@ -406,8 +406,9 @@ fn populate(arena: ArenaPtr<'_>, t: &Task) {
     if e <= s {
         return;
     }
-    // SAFETY: `[s, e)` lies inside the arena or a caller's writable buffer; MADV_POPULATE_WRITE faults pages in
-    // as a write would but leaves their contents alone, so it races with no reader's write.
+    // SAFETY: `[s, e)` lies inside the arena or a caller's writable buffer;
+    // MADV_POPULATE_WRITE faults pages in as a write would but leaves their contents alone,
+    // so it races with no reader's write.
     unsafe { libc::madvise(s as *mut libc::c_void, e - s, libc::MADV_POPULATE_WRITE) };
 }
 
@@ -881,7 +882,7 @@ impl DirectFiles {
 
     /// Whether most of the bytes will be read directly from storage: under `Direct` always,
     /// under `Auto` when fewer than half the pages of the files with a direct handle are
-    /// cached.
+    /// cached (files that fit in the page cache have none: they are read buffered).
     fn mostly_uncached(&self, mode: IoMode) -> bool {
         if mode == IoMode::Direct {
             return self.handles.iter().any(Option::is_some);
@@ -1028,8 +1029,9 @@ pub(crate) fn map_for(
 }
 
 /// Worker threads: `opts.threads`, or enough to keep several reads in flight (I/O-bound
-/// threads mostly wait) and every core busy; a load that reads mostly from storage gets
-/// more, for more requests in flight (measured: 32 beat 8 cold at tp 1, docs/performance.md).
+/// threads mostly wait) and every core busy; a load that reads mostly from storage with
+/// direct I/O gets more, for more requests in flight (measured: 32 beat 8 cold at tp 1,
+/// docs/performance.md; buffered reads have the kernel's readahead instead).
 fn workers(opts: &LoadOptions, cold: bool) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match opts.threads {

@@ -57,7 +57,7 @@ pub enum IoMode {
     /// Decided per task by what the page cache holds (`mincore`): cached contiguous runs
     /// with positioned reads straight into the arena (no file pages mapped, several reads
     /// in flight), cached strided runs gathered from a mapping. Uncached spans are read with
-    /// many buffered positioned reads in flight when the files fit in the page cache (see
+    /// buffered positioned reads when the files fit in the page cache (see
     /// [`LoadOptions::page_cache_limit`]: the next load finds them cached), else with direct
     /// I/O (large aligned reads, no page-cache pages to allocate, fill and evict), falling
     /// back to buffered reads where the filesystem refuses `O_DIRECT`
@@ -514,12 +514,10 @@ pub fn load_rank_into(
     opts: &LoadOptions,
     arena: Option<Arena>,
 ) -> Result<RankTensors> {
-    if opts.views {
-        return Err(Error::invalid_argument(
-            "views",
-            "true: zero-copy views of a file mapping are only handed out by the unsafe load_rank_views",
-        ));
-    }
+    refuse_views(
+        opts,
+        "zero-copy views of a file mapping are only handed out by the unsafe load_rank_views",
+    )?;
     load_rank_impl(plan, rank, opts, arena)
 }
 
@@ -534,12 +532,7 @@ pub fn load_rank_into_buffer(
     opts: &LoadOptions,
     buf: &mut [u8],
 ) -> Result<LoadStats> {
-    if opts.views {
-        return Err(Error::invalid_argument(
-            "views",
-            "true: a load into a caller's buffer copies every tensor",
-        ));
-    }
+    refuse_views(opts, "a load into a caller's buffer copies every tensor")?;
     let start = Instant::now();
     let rp = rank_plan(plan, rank)?;
     let need = rp.arena_bytes;
@@ -563,6 +556,14 @@ pub fn load_rank_into_buffer(
         peak_staging: exec.peak_staging,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The error of a safe loader given [`LoadOptions::views`], saying `why` it copies instead.
+pub(crate) fn refuse_views(opts: &LoadOptions, why: &str) -> Result<()> {
+    if opts.views {
+        return Err(Error::invalid_argument("views", format!("true: {why}")));
+    }
+    Ok(())
 }
 
 /// Zeroes the arena bytes no tensor covers (alignment gaps and the tail), which a fresh

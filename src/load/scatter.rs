@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::{engine, rank_plan, Arena, ArenaInit, LoadOptions, LoadStats, RankTensors};
+use super::{
+    engine, rank_plan, refuse_views, Arena, ArenaInit, LoadOptions, LoadStats, RankTensors,
+};
 use crate::plan::{CopyRun, Plan, Strided, ZeroRun};
 use crate::{Error, Result};
 
@@ -46,12 +48,7 @@ pub fn load_rank_scattered(
     opts: &LoadOptions,
     into: &mut [(&str, &mut [u8])],
 ) -> Result<RankTensors> {
-    if opts.views {
-        return Err(Error::invalid_argument(
-            "views",
-            "true: a load into caller buffers copies every tensor",
-        ));
-    }
+    refuse_views(opts, "a load into caller buffers copies every tensor")?;
     let start = Instant::now();
     let rp = rank_plan(plan, rank)?;
     let index: HashMap<&str, usize> = rp
