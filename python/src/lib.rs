@@ -169,6 +169,9 @@ fn run_interruptible<T: Send>(
     if let Some(e) = interrupted {
         return Err(e);
     }
+    // A Ctrl-C after the last poll, while the load finished, raises here: from the load it
+    // interrupted, not at whatever bytecode runs next (outside the caller's `try`).
+    py.check_signals()?;
     if let Some(p) = &progress {
         p.call1(py, (control.done_bytes(),))?;
     }
