@@ -41,8 +41,8 @@ pub(crate) fn open_checked(files: &[PlanFile], copies: &[CopyRun]) -> Result<Vec
     for run in copies {
         let idx = run.file as usize;
         let Some(pf) = files.get(idx) else {
-            return Err(Error::Load(format!(
-                "plan: copy run names file #{idx}, but the plan has {} files",
+            return Err(Error::plan(format!(
+                "copy run names file #{idx}, but the plan has {} files",
                 files.len()
             )));
         };
@@ -81,7 +81,7 @@ fn check_identity(pf: &PlanFile, now: &FileIdentity) -> Result<()> {
 }
 
 fn bad_plan(msg: String) -> Error {
-    Error::Load(format!("plan: {msg}"))
+    Error::plan(msg)
 }
 
 /// The message of a load whose input shrank under it (a short read or a recovered `SIGBUS`).
@@ -298,11 +298,14 @@ pub(crate) fn validate_redirected<'a>(
             .end()
             .ok_or_else(|| bad_plan(format!("copy run {i}: source offsets overflow")))?;
         if src_end > pf.identity.len {
-            return Err(Error::Load(format!(
-                "{}: copy run {i} reads up to byte {src_end} but the file has {} bytes",
-                pf.path.display(),
-                pf.identity.len
-            )));
+            return Err(Error::Load {
+                rank: None,
+                file: Some(pf.path.clone()),
+                reason: format!(
+                    "copy run {i} reads up to byte {src_end} but the file has {} bytes",
+                    pf.identity.len
+                ),
+            });
         }
         let p = checked_dst("copy", i, r.dst_pattern(), arena_len)?;
         if straddles(&p) {
@@ -567,19 +570,20 @@ impl Mapped {
             };
             merge_intervals(&mut v, MERGE_GAP);
             for (s, e) in v {
-                let len = usize::try_from(e - s)
-                    .map_err(|_| Error::Load(format!("{}: window too large", pf.path.display())))?;
+                let len = usize::try_from(e - s).map_err(|_| Error::Load {
+                    rank: None,
+                    file: Some(pf.path.clone()),
+                    reason: "window too large".into(),
+                })?;
                 // SAFETY: read-only private mapping of a file whose identity was just
                 // checked; a page that vanishes under a concurrent truncation faults into
                 // the SIGBUS guard registered next, never kills the process.
                 let map = unsafe { MmapOptions::new().offset(s).len(len).map(file) }
                     .map_err(|e| Error::io(&pf.path, e))?;
                 let guard = sigbus::register(map.as_ptr(), map.len()).ok_or_else(|| {
-                    Error::Load(format!(
-                        "{}: cannot guard the file mapping against truncation (SIGBUS handler \
-                         unavailable or too many mappings at once); use --io pread",
-                        pf.path.display()
-                    ))
+                    Error::NoSigbusGuard {
+                        file: pf.path.clone(),
+                    }
                 })?;
                 ws.push(Window {
                     start: s,
@@ -927,12 +931,19 @@ impl BouncePool {
         let small = free.pop();
         drop(free);
         drop(small);
-        let len = usize::try_from(n)
-            .map_err(|_| Error::Load(format!("cannot allocate a bounce buffer of {n} bytes")))?;
+        let len = usize::try_from(n).map_err(|_| Error::OutOfMemory {
+            bytes: n,
+            what: "a bounce buffer".into(),
+            rank: None,
+        })?;
         MmapOptions::new()
             .len(len.max(1))
             .map_anon()
-            .map_err(|e| Error::Load(format!("cannot allocate a bounce buffer of {n} bytes: {e}")))
+            .map_err(|_| Error::OutOfMemory {
+                bytes: n,
+                what: "a bounce buffer".into(),
+                rank: None,
+            })
     }
 
     /// Keeps `b` for the next reader unless the pool already holds `limit` bytes.
@@ -963,7 +974,7 @@ fn read_direct<'b>(
     let need = (want_end - start) as usize;
     let buf = buf
         .get_mut(..n)
-        .ok_or_else(|| Error::Load(format!("bounce buffer smaller than {n} bytes")))?;
+        .ok_or_else(|| Error::load(None, format!("bounce buffer smaller than {n} bytes")))?;
     let mut got = 0;
     while got < need {
         let Some(rest) = buf.get_mut(got..) else {
@@ -1118,9 +1129,11 @@ impl Budget {
             .is_some_and(|n| buf.try_reserve_exact(n).is_ok());
         if !ok {
             self.give_back(n);
-            return Err(Error::Load(format!(
-                "cannot allocate a staging buffer of {n} bytes"
-            )));
+            return Err(Error::OutOfMemory {
+                bytes: n,
+                what: "a staging buffer".into(),
+                rank: None,
+            });
         }
         buf.resize(n as usize, 0);
         Ok(buf)
