@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use safeshard::checkpoint::Dtype;
-use safeshard::synth::{self, Arch, SynthOptions};
+use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 use safeshard::{Error, Result};
 use safeshard::{Job, LoadOptions};
@@ -103,12 +103,10 @@ pub fn run(args: Args) -> Result<()> {
     let n = synth::write_checkpoint(
         &dir,
         &SynthOptions {
-            arch: Arch::Llama,
-            config: config(),
             dtype: Dtype::F16,
             max_file_bytes: 40 << 20,
-            sparse: false,
             seed: 7,
+            ..SynthOptions::from_config(config())?
         },
     )?;
     println!(
