@@ -45,6 +45,8 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod comm;
 pub mod dist;
 pub mod error;
