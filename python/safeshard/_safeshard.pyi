@@ -11,6 +11,9 @@ __all__ = [
     "NativeArena",
     "cli_main",
     "error",
+    "check_share",
+    "launch_env",
+    "launcher_variables",
     "synth",
     "synth_presets",
     "live_arenas",
@@ -116,6 +119,9 @@ class NativePlan:
 
 def cli_main(argv: list[str]) -> int: ...
 def error(kind: str, message: str) -> SafeshardError: ...
+def check_share(share: str) -> None: ...
+def launch_env() -> tuple[str, int, int, int] | None: ...
+def launcher_variables() -> list[tuple[str, str, str, str]]: ...
 def synth(
     dir: str | PathLike[str],
     preset: str,
