@@ -247,6 +247,19 @@ pub enum Error {
         /// The directory.
         path: PathBuf,
     },
+    /// A rank waited longer than its deadline for the others (a collective, MPI start-up or
+    /// finalize); `message` is the whole line, naming the phase and the missing ranks.
+    #[error("{}", Escaped(message))]
+    Timeout {
+        /// The rank that gave up waiting.
+        rank: usize,
+        /// The phase it was waiting in.
+        phase: String,
+        /// The ranks it names as missing (empty when it cannot tell).
+        missing: Vec<usize>,
+        /// The message.
+        message: String,
+    },
     /// One rank of a job failed; `message` is its error.
     #[error("rank {rank}: {message}")]
     RankFailed {
@@ -329,6 +342,7 @@ impl Error {
             Error::OutOfMemory { .. } => "out_of_memory",
             Error::Locked { .. } => "locked",
             Error::RankFailed { .. } => "rank_failed",
+            Error::Timeout { .. } => "timeout",
         }
     }
 

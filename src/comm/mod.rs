@@ -15,17 +15,22 @@
 //! - Agreement: [`agree`] all-gathers every rank's status after a local phase, so a rank that
 //!   failed never leaves the others blocked in a later collective; [`agree_fields`] compares
 //!   named values (a job fingerprint) across ranks and names the first that differs.
-//! - Timeouts: [`Communicator::set_timeout`] bounds every later collective; a rank still
-//!   waiting after it ends the job with a message naming the phase
-//!   ([`Communicator::set_phase`]) and, where the backend can tell, the ranks that did not
-//!   arrive.
+//! - Deadlines: [`Communicator::set_timeout`] bounds every later collective; a rank still
+//!   waiting after it ends the job with one line naming the phase
+//!   ([`Communicator::set_phase`]) and the ranks that kept it waiting ([`Stragglers`]: those
+//!   that did not arrive, and, on MPI, those that do not answer a liveness probe, so a rank
+//!   that arrived and then stopped inside a broadcast or all-to-all is named too). Waits that
+//!   cannot be polled (`MPI_Init`, `MPI_Finalize`, `MPI_Comm_split`, NCCL set-up) are bounded
+//!   by the process [`watchdog`], armed before `MPI_Init`.
 
 use std::time::Duration;
 
 use crate::{Error, Result};
 
+pub mod deadline;
 pub mod launch;
 mod threads;
+pub mod watchdog;
 
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -86,25 +91,106 @@ pub trait Communicator {
     /// out of time ends the job: the thread backend aborts the thread world and returns
     /// [`Error::Comm`]; the MPI backend prints the message and calls `MPI_Abort`.
     fn set_timeout(&self, timeout: Option<Duration>);
+    /// The timeout set by [`Communicator::set_timeout`] (`None`: none, or the backend keeps
+    /// its own, as torch.distributed does).
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
     /// Names the phase that later collectives belong to, for the timeout message.
     fn set_phase(&self, phase: &str);
 }
 
-/// The message of a collective that timed out: the phase, the wait and who did not arrive.
-pub fn timeout_message(
-    rank: usize,
-    phase: &str,
-    timeout: Duration,
-    missing: Option<&[usize]>,
-) -> String {
-    let who = match missing {
-        Some(m) if !m.is_empty() => format!("rank {} did not arrive", rank_list(m)),
-        _ => "some ranks of this group did not arrive".to_string(),
-    };
-    format!(
-        "rank {rank}: timed out after {} in phase {phase:?}: {who}",
-        human_duration(timeout)
-    )
+/// Who kept a collective from finishing, as far as the rank that timed out can tell.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stragglers {
+    /// Ranks of the group that did not arrive at the collective (`None`: not known, e.g. in
+    /// the middle of a transfer).
+    pub absent: Option<Vec<usize>>,
+    /// Ranks of the job that did not answer a liveness probe within a grace period (`None`:
+    /// no probe was made). A rank answers while it waits in any collective, so a rank that
+    /// is absent but answers waits elsewhere, and one that does not answer is stopped, hung
+    /// or busy outside collectives.
+    pub silent: Option<Vec<usize>>,
+}
+
+impl Stragglers {
+    /// The ranks named as missing: absent ones that do not answer, else the absent ones,
+    /// else the silent ones.
+    pub fn missing(&self) -> Vec<usize> {
+        let absent = self.absent.clone().unwrap_or_default();
+        let silent = self.silent.clone().unwrap_or_default();
+        let both: Vec<usize> = absent
+            .iter()
+            .copied()
+            .filter(|r| silent.contains(r))
+            .collect();
+        if !both.is_empty() {
+            both
+        } else if !absent.is_empty() {
+            absent
+        } else {
+            silent
+        }
+    }
+
+    /// What the timeout message says about them, e.g. `rank 2 did not arrive`.
+    pub fn describe(&self) -> String {
+        let silent = self.silent.as_deref();
+        let responds = |r: &usize| silent.is_some_and(|s| !s.contains(r));
+        let mut parts = Vec::new();
+        let absent = self.absent.as_deref().unwrap_or(&[]);
+        let (waiting, gone): (Vec<usize>, Vec<usize>) = absent.iter().partition(|r| responds(r));
+        if !gone.is_empty() {
+            parts.push(format!("rank {} did not arrive", rank_list(&gone)));
+        }
+        if !waiting.is_empty() {
+            parts.push(format!(
+                "rank {} did not arrive but {} (waiting in another collective)",
+                rank_list(&waiting),
+                if waiting.len() == 1 {
+                    "answers"
+                } else {
+                    "answer"
+                }
+            ));
+        }
+        let others: Vec<usize> = silent
+            .unwrap_or(&[])
+            .iter()
+            .copied()
+            .filter(|r| !absent.contains(r))
+            .collect();
+        if !others.is_empty() {
+            parts.push(format!(
+                "rank {} {} not answer (stopped or hung)",
+                rank_list(&others),
+                if others.len() == 1 { "does" } else { "do" },
+            ));
+        }
+        if parts.is_empty() {
+            parts.push(match (&self.absent, silent) {
+                (_, Some(_)) => "every rank answers, but the transfer did not finish".into(),
+                (Some(_), None) => "every rank arrived, but the collective did not finish".into(),
+                (None, None) => "some ranks of this group did not arrive".into(),
+            });
+        }
+        parts.join("; ")
+    }
+}
+
+/// The error of a rank that waited longer than `timeout` in `phase`: [`Error::Timeout`] with
+/// the line `rank 1: timed out after 3s in phase "broadcast": rank 2 did not arrive`.
+pub fn timeout_error(rank: usize, phase: &str, timeout: Duration, who: &Stragglers) -> Error {
+    Error::Timeout {
+        rank,
+        phase: phase.to_string(),
+        missing: who.missing(),
+        message: format!(
+            "rank {rank}: timed out after {} in phase {phase:?}: {}",
+            human_duration(timeout),
+            who.describe()
+        ),
+    }
 }
 
 /// `30s`, `2m`, `1m30s`, `250ms`: a duration as the `--timeout` flag spells it.
@@ -319,4 +405,71 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
         off += c;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(absent: Option<Vec<usize>>, silent: Option<Vec<usize>>) -> (String, Vec<usize>) {
+        let who = Stragglers { absent, silent };
+        let e = timeout_error(1, "broadcast", Duration::from_secs(3), &who);
+        let missing = match &e {
+            Error::Timeout { missing, .. } => missing.clone(),
+            other => panic!("{other:?}"),
+        };
+        (e.to_string(), missing)
+    }
+
+    #[test]
+    fn timeout_lines_name_the_missing_ranks_first() {
+        let head = "rank 1: timed out after 3s in phase \"broadcast\": ";
+        // Absent and silent: stopped before the collective.
+        let (l, m) = line(Some(vec![2]), Some(vec![2]));
+        assert_eq!(l, format!("{head}rank 2 did not arrive"));
+        assert_eq!(m, vec![2]);
+        // Absent but answering: waiting elsewhere, a victim; the silent one is the cause.
+        let (l, m) = line(Some(vec![0, 2]), Some(vec![2]));
+        assert_eq!(
+            l,
+            format!(
+                "{head}rank 2 did not arrive; rank 0 did not arrive but answers (waiting in \
+                 another collective)"
+            )
+        );
+        assert_eq!(m, vec![2]);
+        // Absent, all answering; a rank of another group does not answer.
+        let (l, m) = line(Some(vec![0, 3]), Some(vec![5]));
+        assert_eq!(
+            l,
+            format!(
+                "{head}rank 0,3 did not arrive but answer (waiting in another collective); \
+                 rank 5 does not answer (stopped or hung)"
+            )
+        );
+        assert_eq!(m, vec![0, 3]);
+        // In the middle of a transfer: every rank arrived, rank 2 stopped answering.
+        let (l, m) = line(None, Some(vec![2, 3]));
+        assert_eq!(l, format!("{head}rank 2,3 do not answer (stopped or hung)"));
+        assert_eq!(m, vec![2, 3]);
+        let (l, m) = line(None, Some(vec![]));
+        assert_eq!(
+            l,
+            format!("{head}every rank answers, but the transfer did not finish")
+        );
+        assert!(m.is_empty());
+        // Without a probe (the thread backend): the absent ranks.
+        let (l, _) = line(Some(vec![3]), None);
+        assert_eq!(l, format!("{head}rank 3 did not arrive"));
+        let (l, _) = line(None, None);
+        assert_eq!(l, format!("{head}some ranks of this group did not arrive"));
+    }
+
+    #[test]
+    fn durations_read_as_the_flag_spells_them() {
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(human_duration(Duration::from_secs(3)), "3s");
+        assert_eq!(human_duration(Duration::from_secs(600)), "10m");
+        assert_eq!(human_duration(Duration::from_secs(90)), "1m30s");
+    }
 }

@@ -11,14 +11,24 @@
 //! the point of NCCL; the [`Communicator`] methods on host bytes stage broadcasts through
 //! the device and delegate the small control collectives to the host communicator.
 //!
-//! Untested here (no GPU in CI): it compiles against cudarc 0.19 with dynamic loading.
+//! Deadlines, as on every backend: each device collective starts with an arrival barrier on
+//! the host communicator (naming the ranks that do not come), and its device work is polled
+//! (a CUDA event) against the timeout; past it the NCCL communicator is aborted and the ranks
+//! meet once more on the host, so the missing ones are named
+//! ([`super::deadline::wait_offloaded`], tested without a GPU). NCCL's set-up
+//! (`ncclCommInitRank`) blocks until every rank joins: the process watchdog bounds it.
+//!
+//! The device paths are untested here (no GPU in CI): they compile against cudarc 0.19 with
+//! dynamic loading.
 
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id};
 
-use super::Communicator;
+use super::{deadline, watchdog, Communicator};
 use crate::{Error, Result};
 
 fn dl_loadable(name: &str) -> Option<String> {
@@ -78,10 +88,13 @@ fn cu(e: impl std::fmt::Debug) -> Error {
 
 /// An NCCL communicator on one GPU, with the host communicator it was made from.
 pub struct NcclComm {
-    comm: Comm,
+    /// `None` once aborted after a timeout (dropping a cudarc `Comm` aborts it).
+    comm: RefCell<Option<Comm>>,
     stream: Arc<CudaStream>,
     host: Box<dyn Communicator>,
     device: usize,
+    phase: RefCell<String>,
+    timeout: Cell<Option<Duration>>,
 }
 
 impl NcclComm {
@@ -107,6 +120,8 @@ impl NcclComm {
         for (d, s) in internal.iter_mut().zip(id) {
             *d = s as std::ffi::c_char;
         }
+        // Blocks until every rank joins: bounded by the watchdog (armed by MPI start-up).
+        let joined = watchdog::watch("NCCL start-up", host.timeout());
         let comm = Comm::from_rank(
             stream.clone(),
             host.rank(),
@@ -114,12 +129,38 @@ impl NcclComm {
             Id::uninit(internal),
         )
         .map_err(cu)?;
+        drop(joined);
+        let timeout = host.timeout();
         Ok(NcclComm {
-            comm,
+            comm: RefCell::new(Some(comm)),
             stream,
             host,
             device,
+            phase: RefCell::new("start".into()),
+            timeout: Cell::new(timeout),
         })
+    }
+
+    /// Runs `op` on the NCCL communicator, then waits for the stream's work under the
+    /// deadline: every rank arrives first (on the host), and a transfer that does not finish
+    /// in time aborts the communicator and names the missing ranks.
+    fn collective(&self, op: impl FnOnce(&Comm) -> Result<()>) -> Result<()> {
+        let phase = self.phase.borrow().clone();
+        self.host.barrier()?;
+        {
+            let comm = self.comm.borrow();
+            let comm = comm.as_ref().ok_or_else(|| {
+                Error::Comm("the NCCL communicator was aborted after a timeout".into())
+            })?;
+            op(comm)?;
+        }
+        let event = self.stream.record_event(None).map_err(cu)?;
+        deadline::wait_offloaded(
+            self.host.as_ref(),
+            &phase,
+            || event.try_is_complete().map_err(cu),
+            || drop(self.comm.borrow_mut().take()),
+        )
     }
 
     /// The CUDA stream the collectives run on.
@@ -127,11 +168,11 @@ impl NcclComm {
         &self.stream
     }
 
-    /// Broadcasts a device buffer from `root` (in place) and waits for it.
+    /// Broadcasts a device buffer from `root` (in place) and waits for it, under the
+    /// communicator's deadline.
     pub fn broadcast_device(&self, root: usize, buf: &mut CudaSlice<u8>) -> Result<()> {
         let root = i32::try_from(root).map_err(|_| Error::Comm("root too large".into()))?;
-        self.comm.broadcast_in_place(buf, root).map_err(cu)?;
-        self.stream.synchronize().map_err(cu)
+        self.collective(|c| c.broadcast_in_place(buf, root).map(|_| ()).map_err(cu))
     }
 }
 
@@ -157,6 +198,7 @@ impl Communicator for NcclComm {
         }
         let mut dev = self.stream.clone_htod(buf).map_err(cu)?;
         self.broadcast_device(root, &mut dev)?;
+        // A local copy: no peer can stall it.
         self.stream.memcpy_dtoh(&dev, buf).map_err(cu)?;
         self.stream.synchronize().map_err(cu)
     }
@@ -179,12 +221,16 @@ impl Communicator for NcclComm {
     fn abort(&self, code: i32, msg: &str) {
         self.host.abort(code, msg)
     }
-    fn set_timeout(&self, timeout: Option<std::time::Duration>) {
-        // NCCL kernels run on the device and are not polled here: the timeout bounds the
-        // host communicator's collectives (the agreement steps around every phase).
+    fn set_timeout(&self, timeout: Option<Duration>) {
+        // Bounds the host's collectives and the device work of NCCL's (polled).
+        self.timeout.set(timeout);
         self.host.set_timeout(timeout)
     }
+    fn timeout(&self) -> Option<Duration> {
+        self.timeout.get()
+    }
     fn set_phase(&self, phase: &str) {
+        phase.clone_into(&mut self.phase.borrow_mut());
         self.host.set_phase(phase)
     }
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{timeout_message, Communicator};
+use super::{timeout_error, Communicator, Stragglers};
 use crate::{Error, Result};
 
 /// Job-wide abort flag shared by every communicator of one thread world.
@@ -154,16 +154,19 @@ impl ThreadComm {
                             .filter(|(_, d)| d.is_none())
                             .map(|(r, _)| g.world_ranks.get(r).copied().unwrap_or(r))
                             .collect();
-                        let msg = timeout_message(
+                        let err = timeout_error(
                             self.world_rank(),
                             &self.phase.borrow(),
                             timeout,
-                            Some(&missing),
+                            &Stragglers {
+                                absent: Some(missing),
+                                silent: None,
+                            },
                         );
                         drop(slot);
                         // Every other rank still waiting anywhere in this world fails too.
-                        g.abort.set(msg.clone());
-                        return Err(Error::Comm(msg));
+                        g.abort.set(err.to_string());
+                        return Err(err);
                     }
                 }
             }
@@ -318,6 +321,10 @@ impl Communicator for ThreadComm {
 
     fn set_timeout(&self, timeout: Option<Duration>) {
         self.timeout.set(timeout);
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.timeout.get()
     }
 
     fn set_phase(&self, phase: &str) {
