@@ -65,6 +65,10 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
         let inst = py.get_type::<SafeshardError>().call1((msg.clone(),))?;
         inst.setattr("kind", e.kind())?;
         inst.setattr("exit_code", if e.is_usage() { 2 } else { 1 })?;
+        if let Error::Timeout { phase, missing, .. } = &e {
+            inst.setattr("phase", phase)?;
+            inst.setattr("missing", missing.clone())?;
+        }
         Ok(PyErr::from_value(inst))
     })();
     made.unwrap_or_else(|err| err)
@@ -413,7 +417,7 @@ impl NativePlan {
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
     /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
-    #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
+    #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None, timeout=600.0))]
     #[allow(clippy::too_many_arguments)]
     fn load_shared(
         &self,
@@ -425,8 +429,22 @@ impl NativePlan {
         per_node: bool,
         round_bytes: u64,
         progress: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
     ) -> PyResult<NativeRank> {
         let mode: ShareMode = share.parse().map_err(|e| to_py(py, e))?;
+        let timeout = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(to_py(
+                    py,
+                    Error::invalid_argument(
+                        "timeout",
+                        format!("{t}: expected a positive number of seconds, or None"),
+                    ),
+                ))
+            }
+        };
         let control = Arc::new(LoadControl::default());
         let load = load_options(py, io, threads, &control)?;
         let world = comm::PyComm::new(py, comm.unbind())?;
@@ -435,6 +453,7 @@ impl NativePlan {
             mode,
             per_node,
             round_bytes: round_bytes.max(1),
+            timeout,
             load,
             ..ShareOptions::default()
         };

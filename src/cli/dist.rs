@@ -229,7 +229,7 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
         // Every error above is known to every rank (each phase ends in an agreement, a
         // timeout ends the job itself): each rank reports and exits, nobody waits.
         Err(e) => {
-            eprintln!("error: rank {rank}: {}", super::message(&e));
+            comm::eprint_line(&format!("error: rank {rank}: {}", super::message(&e)));
             std::process::exit(super::exit_code(&e));
         }
     }

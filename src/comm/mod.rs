@@ -207,6 +207,16 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// Writes `line` and a line break to stderr in one `write`, so that the lines of the ranks of
+/// a job, which share the launcher's stderr, never interleave mid-line.
+pub fn eprint_line(line: &str) {
+    use std::io::Write;
+    let mut whole = String::with_capacity(line.len() + 1);
+    whole.push_str(line);
+    whole.push('\n');
+    let _ = std::io::stderr().lock().write_all(whole.as_bytes());
+}
+
 /// `0,2,3`: ranks joined by commas.
 pub fn rank_list(ranks: &[usize]) -> String {
     ranks

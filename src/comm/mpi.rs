@@ -156,7 +156,7 @@ impl MpiComm {
                 timeout,
                 gap,
             );
-            eprintln!("error: {e}");
+            super::eprint_line(&format!("error: {e}"));
             self.comm.abort(1)
         }
         let silent = silent_ranks(probe_grace(timeout));
@@ -170,7 +170,7 @@ impl MpiComm {
             timeout,
             &who,
         );
-        eprintln!("error: {e}");
+        super::eprint_line(&format!("error: {e}"));
         self.comm.abort(1)
     }
 
@@ -631,7 +631,10 @@ impl Communicator for MpiComm {
     }
 
     fn abort(&self, code: i32, msg: &str) {
-        eprintln!("error: rank {}: {msg}", self.world_rank(self.rank()));
+        super::eprint_line(&format!(
+            "error: rank {}: {msg}",
+            self.world_rank(self.rank())
+        ));
         self.comm.abort(code)
     }
 
