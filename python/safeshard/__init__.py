@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _dtypes
 from ._safeshard import NativePlan, NativeRank, SafeshardError, __version__
+from ._safeshard import error as _native_error
 from ._safeshard import synth as _synth
 
 if TYPE_CHECKING:
@@ -72,10 +73,9 @@ class RankInfo:
 
 
 def _error(kind: str, message: str) -> SafeshardError:
-    e = SafeshardError(message)
-    e.kind = kind
-    e.exit_code = 2 if kind == "usage" else 1
-    return e
+    """A ``SafeshardError`` found by this module; ``kind`` and ``exit_code`` as the library's
+    errors of that kind have them (the mapping is the Rust library's, not repeated here)."""
+    return _native_error(kind, message)
 
 
 def _resolve_path(path: PathLike) -> str:
@@ -233,8 +233,8 @@ class Plan:
         ranks in the same order. A rank that fails makes every rank raise, naming it.
 
         ``timeout`` (seconds, ``None``: forever) bounds every collective, on every group: a
-        rank still waiting after it raises ``SafeshardError`` (``kind == "timeout"``) naming
-        the phase and the ranks that did not arrive (``.phase``, ``.missing``).
+        rank still waiting after it raises ``SafeshardError`` (``kind == "comm"``) naming the
+        phase and the ranks that did not arrive (also as ``.phase`` and ``.missing``).
         """
         if share not in ("none", "broadcast", "read-once"):
             raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")

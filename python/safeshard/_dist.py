@@ -36,8 +36,9 @@ _MEETING_TAG = 0x5AFE
 
 
 class CollectiveTimeout(TimeoutError):
-    """A collective outlived the deadline. ``rank`` (global) gave up in ``phase``;
-    ``missing``: the global ranks that did not come to the meeting after it."""
+    """A collective outlived the deadline: ``rank`` (global) gave up in ``phase`` after
+    ``after`` seconds; ``missing``: the global ranks that did not come to the meeting after
+    it."""
 
     def __init__(self, rank: int, phase: str, after: float, missing: list[int]) -> None:
         who = (
@@ -48,7 +49,7 @@ class CollectiveTimeout(TimeoutError):
         super().__init__(
             f"rank {rank}: timed out after {_seconds(after)} in phase {json.dumps(phase)}: {who}"
         )
-        self.rank, self.phase, self.missing = rank, phase, missing
+        self.rank, self.phase, self.after, self.missing = rank, phase, after, missing
 
 
 def _seconds(t: float) -> str:

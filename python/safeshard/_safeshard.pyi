@@ -10,6 +10,7 @@ __all__ = [
     "NativeRank",
     "NativeArena",
     "cli_main",
+    "error",
     "synth",
     "synth_presets",
     "live_arenas",
@@ -23,7 +24,7 @@ class SafeshardError(ValueError):
 
     kind: str
     exit_code: int
-    # Only on ``kind == "timeout"``: the phase and the ranks that did not arrive.
+    # Only on a timeout: the phase and the ranks that did not arrive.
     phase: str
     missing: list[int]
 
@@ -118,6 +119,7 @@ class NativePlan:
     ) -> NativeRank: ...
 
 def cli_main(argv: list[str]) -> int: ...
+def error(kind: str, message: str) -> SafeshardError: ...
 def synth(
     dir: str | PathLike[str],
     preset: str,

@@ -1,7 +1,8 @@
 """Run under torchrun (gloo), 4 ranks, tp=2 x pp=2, timeout 3 s: rank 2 stops itself with
 SIGSTOP (as a debugger or `kill -STOP` would) when it reaches the given collective of the
 shared load (``all_gather``: the first agreement; ``broadcast``: inside the broadcast mode).
-Every other rank must raise SafeshardError (kind "timeout") naming rank 2, by the deadline.
+Every other rank must raise SafeshardError (kind "comm", with .phase and .missing) naming
+rank 2, by the deadline.
 Writes OUT/pid-2.txt (so the test can end the stopped rank) and OUT/stop-R.txt."""
 
 import os

@@ -97,7 +97,7 @@ def test_torchrun_stopped_rank_ends_the_load_by_its_deadline(checkpoints, tmp_pa
     log = p.stdout.read() if p.stdout else ""
     for r in live:
         took, msg = (tmp_path / f"stop-{r}.txt").read_text().split(" ", 1)
-        assert msg.startswith(f"timeout: {phase}: [2]: "), (msg, log[-2000:])
+        assert msg.startswith(f"comm: {phase}: [2]: "), (msg, log[-2000:])
         assert f'timed out after 3s in phase "{phase}": rank 2 did not arrive' in msg, msg
         assert float(took) < 3 + 15, (took, msg)
     for r in set((0, 1, 3)) - set(live):

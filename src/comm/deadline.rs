@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{human_duration, timeout_error, Communicator, Stragglers};
+use super::{timeout_error, Communicator};
 use crate::Error;
 use crate::Result;
 
@@ -111,13 +111,10 @@ pub fn stopped_error(rank: usize, phase: &str, timeout: Duration, gap: Duration)
     Error::Timeout {
         rank,
         phase: phase.to_string(),
-        missing: vec![rank],
-        message: format!(
-            "rank {rank}: this process was stopped for {} (SIGSTOP or a debugger?) while \
-             waiting in phase {phase:?} (deadline {}): the other ranks have given up on it",
-            human_duration(Duration::from_secs(gap.as_secs().max(1))),
-            human_duration(timeout)
-        ),
+        after: timeout,
+        missing: None,
+        silent: None,
+        stopped_for: Some(gap),
     }
 }
 
@@ -151,15 +148,7 @@ pub fn wait_offloaded(
     let met = host.barrier();
     host.set_timeout(timeout);
     met?;
-    Err(timeout_error(
-        host.rank(),
-        phase,
-        t,
-        &Stragglers {
-            absent: Some(Vec::new()),
-            silent: None,
-        },
-    ))
+    Err(timeout_error(host.rank(), phase, t, Some(&[])))
 }
 
 #[cfg(test)]
@@ -189,7 +178,7 @@ mod tests {
         assert!(out.iter().all(Result::is_ok), "{out:?}");
         assert_eq!(aborted.load(Ordering::SeqCst), 0);
         assert_eq!(poll_until(None, || Ok(true)).unwrap(), Expiry::Pending);
-        let e = poll_until(None, || Err(Error::Comm("device error".into()))).unwrap_err();
+        let e = poll_until(None, || Err(Error::comm("NCCL", "device error"))).unwrap_err();
         assert!(e.to_string().contains("device error"), "{e}");
     }
 
@@ -224,16 +213,14 @@ mod tests {
             .iter()
             .take(2)
             .filter_map(|r| match r {
-                Err(Error::Timeout { phase, missing, .. }) => {
-                    Some((phase.clone(), missing.clone()))
-                }
+                Err(e @ Error::Timeout { phase, .. }) => Some((phase.clone(), e.missing_ranks())),
                 _ => None,
             })
             .collect::<Vec<_>>();
         assert!(!named.is_empty(), "{out:?}");
         for (phase, missing) in named {
             assert_eq!(phase, "broadcast");
-            assert_eq!(missing, vec![2]);
+            assert_eq!(missing, Some(vec![2]));
         }
         for r in out.iter().take(2) {
             let msg = r.as_ref().unwrap_err().to_string();
@@ -252,16 +239,14 @@ mod tests {
         });
         for r in out {
             match r {
-                Err(Error::Timeout {
-                    phase,
-                    missing,
-                    message,
-                    ..
-                }) => {
-                    assert_eq!(phase, "read-once round 1 of 1");
-                    assert!(missing.is_empty());
+                Err(e @ Error::Timeout { .. }) => {
+                    assert_eq!(e.missing_ranks(), Some(vec![]));
+                    let message = e.to_string();
                     assert!(
-                        message.contains("timed out after 200ms in phase \"read-once round 1 of 1\": every rank arrived, but the collective did not finish"),
+                        message.contains(
+                            "timed out after 200ms in phase \"read-once round 1 of 1\": every \
+                             rank arrived, but the collective did not finish"
+                        ),
                         "{message}"
                     );
                 }

@@ -17,8 +17,8 @@
 //!   named values (a job fingerprint) across ranks and names the first that differs.
 //! - Deadlines: [`Communicator::set_timeout`] bounds every later collective; a rank still
 //!   waiting after it ends the job with one line naming the phase
-//!   ([`Communicator::set_phase`]) and the ranks that kept it waiting ([`Stragglers`]: those
-//!   that did not arrive, and, on MPI, those that do not answer a liveness probe, so a rank
+//!   ([`Communicator::set_phase`]) and the ranks that kept it waiting ([`Error::Timeout`]:
+//!   those that did not arrive, and, on MPI, those that do not answer a liveness probe, so a rank
 //!   that arrived and then stopped inside a broadcast or all-to-all is named too). Waits that
 //!   cannot be polled (`MPI_Init`, `MPI_Finalize`, `MPI_Comm_split`, NCCL set-up) are bounded
 //!   by the process [`watchdog`], armed before `MPI_Init`.
@@ -89,7 +89,7 @@ pub trait Communicator {
     /// Bounds how long each later collective of this communicator (and of communicators split
     /// from it afterwards) waits for the other ranks; `None` waits forever. A rank that runs
     /// out of time ends the job: the thread backend aborts the thread world and returns
-    /// [`Error::Comm`]; the MPI backend prints the message and calls `MPI_Abort`.
+    /// [`Error::Timeout`]; the MPI backend prints the message and calls `MPI_Abort`.
     fn set_timeout(&self, timeout: Option<Duration>);
     /// The timeout set by [`Communicator::set_timeout`] (`None`: none, or the backend keeps
     /// its own, as torch.distributed does).
@@ -100,112 +100,24 @@ pub trait Communicator {
     fn set_phase(&self, phase: &str);
 }
 
-/// Who kept a collective from finishing, as far as the rank that timed out can tell.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stragglers {
-    /// Ranks of the group that did not arrive at the collective (`None`: not known, e.g. in
-    /// the middle of a transfer).
-    pub absent: Option<Vec<usize>>,
-    /// Ranks of the job that did not answer a liveness probe within a grace period (`None`:
-    /// no probe was made). A rank answers while it waits in any collective, so a rank that
-    /// is absent but answers waits elsewhere, and one that does not answer is stopped, hung
-    /// or busy outside collectives.
-    pub silent: Option<Vec<usize>>,
-}
-
-impl Stragglers {
-    /// The ranks named as missing: absent ones that do not answer, else the absent ones,
-    /// else the silent ones.
-    pub fn missing(&self) -> Vec<usize> {
-        let absent = self.absent.clone().unwrap_or_default();
-        let silent = self.silent.clone().unwrap_or_default();
-        let both: Vec<usize> = absent
-            .iter()
-            .copied()
-            .filter(|r| silent.contains(r))
-            .collect();
-        if !both.is_empty() {
-            both
-        } else if !absent.is_empty() {
-            absent
-        } else {
-            silent
-        }
-    }
-
-    /// What the timeout message says about them, e.g. `rank 2 did not arrive`.
-    pub fn describe(&self) -> String {
-        let silent = self.silent.as_deref();
-        let responds = |r: &usize| silent.is_some_and(|s| !s.contains(r));
-        let mut parts = Vec::new();
-        let absent = self.absent.as_deref().unwrap_or(&[]);
-        let (waiting, gone): (Vec<usize>, Vec<usize>) = absent.iter().partition(|r| responds(r));
-        if !gone.is_empty() {
-            parts.push(format!("rank {} did not arrive", rank_list(&gone)));
-        }
-        if !waiting.is_empty() {
-            parts.push(format!(
-                "rank {} did not arrive but {} (waiting in another collective)",
-                rank_list(&waiting),
-                if waiting.len() == 1 {
-                    "answers"
-                } else {
-                    "answer"
-                }
-            ));
-        }
-        let others: Vec<usize> = silent
-            .unwrap_or(&[])
-            .iter()
-            .copied()
-            .filter(|r| !absent.contains(r))
-            .collect();
-        if !others.is_empty() {
-            parts.push(format!(
-                "rank {} {} not answer (stopped or hung)",
-                rank_list(&others),
-                if others.len() == 1 { "does" } else { "do" },
-            ));
-        }
-        if parts.is_empty() {
-            parts.push(match (&self.absent, silent) {
-                (_, Some(_)) => "every rank answers, but the transfer did not finish".into(),
-                (Some(_), None) => "every rank arrived, but the collective did not finish".into(),
-                (None, None) => "some ranks of this group did not arrive".into(),
-            });
-        }
-        parts.join("; ")
-    }
-}
-
-/// The error of a rank that waited longer than `timeout` in `phase`: [`Error::Timeout`] with
-/// the line `rank 1: timed out after 3s in phase "broadcast": rank 2 did not arrive`.
-pub fn timeout_error(rank: usize, phase: &str, timeout: Duration, who: &Stragglers) -> Error {
+/// The error of a collective that timed out: the phase, the wait and who did not arrive.
+pub fn timeout_error(
+    rank: usize,
+    phase: &str,
+    timeout: Duration,
+    missing: Option<&[usize]>,
+) -> Error {
     Error::Timeout {
         rank,
         phase: phase.to_string(),
-        missing: who.missing(),
-        message: format!(
-            "rank {rank}: timed out after {} in phase {phase:?}: {}",
-            human_duration(timeout),
-            who.describe()
-        ),
+        after: timeout,
+        missing: missing.map(<[usize]>::to_vec),
+        silent: None,
+        stopped_for: None,
     }
 }
 
-/// `30s`, `2m`, `1m30s`, `250ms`: a duration as the `--timeout` flag spells it.
-pub fn human_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 1000 != 0 {
-        return format!("{ms}ms");
-    }
-    let s = d.as_secs();
-    match (s / 60, s % 60) {
-        (0, s) => format!("{s}s"),
-        (m, 0) => format!("{m}m"),
-        (m, s) => format!("{m}m{s}s"),
-    }
-}
+pub use crate::error::{human_duration, rank_list};
 
 /// Writes `line` and a line break to stderr in one `write`, so that the lines of the ranks of
 /// a job, which share the launcher's stderr, never interleave mid-line.
@@ -217,19 +129,10 @@ pub fn eprint_line(line: &str) {
     let _ = std::io::stderr().lock().write_all(whole.as_bytes());
 }
 
-/// `0,2,3`: ranks joined by commas.
-pub fn rank_list(ranks: &[usize]) -> String {
-    ranks
-        .iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// Agrees on the outcome of a local phase: all-gathers every rank's status on `comm`.
 ///
 /// Returns `Ok(value)` only when every rank succeeded. When this rank failed it returns its own
-/// error; when another failed, [`Error::Comm`] naming the lowest failed rank and its message.
+/// error; when another failed, [`Error::PeerFailed`] naming the lowest failed rank and its message.
 /// Call it on the world communicator after every step that can fail on one rank only, before
 /// the next collective, so that no rank waits forever for a rank that gave up.
 pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
@@ -249,10 +152,10 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
         Err(e) => Err(e),
         Ok(v) => match all.iter().enumerate().find(|(_, s)| !s.is_empty()) {
             None => Ok(v),
-            Some((rank, msg)) => Err(Error::Comm(format!(
-                "rank {rank} failed: {}",
-                String::from_utf8_lossy(msg)
-            ))),
+            Some((rank, msg)) => Err(Error::PeerFailed {
+                rank,
+                message: String::from_utf8_lossy(msg).into_owned(),
+            }),
         },
     }
 }
@@ -260,7 +163,7 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
 /// Checks that every rank holds the same value for every named field (a job fingerprint):
 /// all-gathers `fields` and compares them field by field, in order.
 ///
-/// The first field whose values differ gives [`Error::Usage`], the same on every rank, naming
+/// The first field whose values differ gives [`Error::Disagree`], the same on every rank, naming
 /// the field, each distinct value and the ranks holding it, e.g.
 /// `ranks disagree on mode: rank 0,2,3 broadcast, rank 1 none`. Fields are compared in the
 /// order given, so put the ones that explain the others first (a version, then options).
@@ -276,9 +179,10 @@ pub fn agree_fields(comm: &dyn Communicator, fields: &[(&str, String)]) -> Resul
     let decoded: Vec<Option<Vec<(String, String)>>> =
         all.iter().map(|b| decode_fields(b)).collect();
     if let Some(bad) = decoded.iter().position(Option::is_none) {
-        return Err(Error::Comm(format!(
-            "rank {bad} sent a malformed job fingerprint (a different safeshard version?)"
-        )));
+        return Err(Error::comm(
+            "job fingerprint",
+            format!("rank {bad} sent a malformed one (a different safeshard version?)"),
+        ));
     }
     let decoded: Vec<Vec<(String, String)>> = decoded.into_iter().flatten().collect();
     let longest = decoded.iter().map(Vec::len).max().unwrap_or(0);
@@ -305,14 +209,10 @@ pub fn agree_fields(comm: &dyn Communicator, fields: &[(&str, String)]) -> Resul
                 None => groups.push((v, vec![rank])),
             }
         }
-        let list: Vec<String> = groups
-            .iter()
-            .map(|(v, ranks)| format!("rank {} {v}", rank_list(ranks)))
-            .collect();
-        return Err(Error::Usage(format!(
-            "ranks disagree on {name}: {}",
-            list.join(", ")
-        )));
+        return Err(Error::Disagree {
+            option: name,
+            values: groups,
+        });
     }
     Ok(())
 }
@@ -354,11 +254,15 @@ pub fn node_comm(
         .filter(|(_, n)| n.as_slice() == node.as_bytes())
         .map(|(r, _)| r)
         .collect();
-    let color = u32::try_from(first)
-        .map_err(|_| Error::Comm(format!("rank index {first} does not fit a color")))?;
+    let color = u32::try_from(first).map_err(|_| {
+        Error::comm(
+            "node split",
+            format!("rank index {first} does not fit a color"),
+        )
+    })?;
     let comm = world
         .split(Some(color), world.rank())?
-        .ok_or_else(|| Error::Comm("node split returned no communicator".into()))?;
+        .ok_or_else(|| Error::comm("node split", "no communicator returned"))?;
     Ok((comm, members))
 }
 
@@ -392,9 +296,7 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
         let part = off
             .checked_add(c)
             .and_then(|end| send.get(off..end))
-            .ok_or_else(|| {
-                Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
-            })?;
+            .ok_or_else(|| Error::comm("all_to_all_packed", "send counts exceed the buffer"))?;
         bufs.push(part.to_vec());
         off += c;
     }
@@ -402,15 +304,18 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
     let mut off = 0usize;
     for (i, (g, &c)) in got.iter().zip(recv_counts).enumerate() {
         if g.len() != c {
-            return Err(Error::Comm(format!(
-                "all_to_all_packed: rank {} sent {} bytes, {c} expected",
-                world_rank(i),
-                g.len()
-            )));
+            return Err(Error::comm(
+                "all_to_all_packed",
+                format!(
+                    "rank {} sent {} bytes, {c} expected",
+                    world_rank(i),
+                    g.len()
+                ),
+            ));
         }
         off.checked_add(c)
             .and_then(|end| recv.get_mut(off..end))
-            .ok_or_else(|| Error::Comm("all_to_all_packed: receive buffer too small".into()))?
+            .ok_or_else(|| Error::comm("all_to_all_packed", "receive buffer too small"))?
             .copy_from_slice(g);
         off += c;
     }
@@ -422,13 +327,15 @@ mod tests {
     use super::*;
 
     fn line(absent: Option<Vec<usize>>, silent: Option<Vec<usize>>) -> (String, Vec<usize>) {
-        let who = Stragglers { absent, silent };
-        let e = timeout_error(1, "broadcast", Duration::from_secs(3), &who);
-        let missing = match &e {
-            Error::Timeout { missing, .. } => missing.clone(),
-            other => panic!("{other:?}"),
+        let e = Error::Timeout {
+            rank: 1,
+            phase: "broadcast".into(),
+            after: Duration::from_secs(3),
+            missing: absent,
+            silent: silent.map(Vec::into_boxed_slice),
+            stopped_for: None,
         };
-        (e.to_string(), missing)
+        (e.to_string(), e.missing_ranks().unwrap_or_default())
     }
 
     #[test]
@@ -471,6 +378,11 @@ mod tests {
         // Without a probe (the thread backend): the absent ranks.
         let (l, _) = line(Some(vec![3]), None);
         assert_eq!(l, format!("{head}rank 3 did not arrive"));
+        let (l, _) = line(Some(vec![]), None);
+        assert_eq!(
+            l,
+            format!("{head}every rank arrived, but the collective did not finish")
+        );
         let (l, _) = line(None, None);
         assert_eq!(l, format!("{head}some ranks of this group did not arrive"));
     }

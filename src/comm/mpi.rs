@@ -29,7 +29,7 @@ use mpi::topology::{Color, Communicator as _, Group as _, SimpleCommunicator};
 use mpi::Count;
 
 use super::deadline::{probe_grace, stopped_error, Deadline, Expiry};
-use super::{timeout_error, watchdog, Communicator, Stragglers};
+use super::{watchdog, Communicator};
 use crate::{Error, Result};
 
 /// Largest single MPI transfer, bytes (well under `i32::MAX`).
@@ -70,9 +70,8 @@ impl MpiUniverse {
             watchdog::arm()?;
         }
         let start = watchdog::watch("MPI start-up", timeout);
-        let universe = mpi::initialize().ok_or_else(|| {
-            Error::Comm("MPI is already initialized (or failed to initialize)".into())
-        })?;
+        let universe = mpi::initialize()
+            .ok_or_else(|| Error::comm("MPI", "already initialized (or failed to initialize)"))?;
         drop(start);
         Ok(MpiUniverse {
             universe: ManuallyDrop::new(universe),
@@ -159,17 +158,14 @@ impl MpiComm {
             super::eprint_line(&format!("error: {e}"));
             self.comm.abort(1)
         }
-        let silent = silent_ranks(probe_grace(timeout));
-        let who = Stragglers {
-            absent: absent.map(|m| m.iter().map(|&r| self.world_rank(r)).collect()),
-            silent: Some(silent),
+        let e = Error::Timeout {
+            rank: self.world_rank(self.rank()),
+            phase: self.phase.borrow().clone(),
+            after: timeout,
+            missing: absent.map(|m| m.iter().map(|&r| self.world_rank(r)).collect()),
+            silent: Some(silent_ranks(probe_grace(timeout)).into()),
+            stopped_for: None,
         };
-        let e = timeout_error(
-            self.world_rank(self.rank()),
-            &self.phase.borrow(),
-            timeout,
-            &who,
-        );
         super::eprint_line(&format!("error: {e}"));
         self.comm.abort(1)
     }
@@ -357,7 +353,8 @@ fn silent_ranks(grace: Duration) -> Vec<usize> {
 }
 
 fn count(n: usize) -> Result<Count> {
-    Count::try_from(n).map_err(|_| Error::Comm(format!("MPI message of {n} bytes is too large")))
+    Count::try_from(n)
+        .map_err(|_| Error::comm("MPI", format!("a message of {n} bytes is too large")))
 }
 
 /// MPI counts and displacements (running offsets) of packed blocks of lengths `v`.
@@ -379,7 +376,11 @@ fn nonempty(len: usize) -> Result<Vec<u8>> {
     let mut v = Vec::new();
     // Sized by what peers announce: allocated fallibly.
     v.try_reserve_exact(len.max(1))
-        .map_err(|_| Error::Comm(format!("cannot allocate {len} bytes to receive into")))?;
+        .map_err(|_| Error::OutOfMemory {
+            bytes: len as u64,
+            what: "an MPI receive buffer".into(),
+            rank: None,
+        })?;
     v.resize(len, 0);
     Ok(v)
 }
@@ -396,11 +397,13 @@ impl Communicator for MpiComm {
     fn split(&self, color: Option<u32>, key: usize) -> Result<Option<Box<dyn Communicator>>> {
         let c = match color {
             Some(c) => Color::with_value(
-                i32::try_from(c).map_err(|_| Error::Comm(format!("color {c} too large")))?,
+                i32::try_from(c)
+                    .map_err(|_| Error::comm("MPI split", format!("color {c} too large")))?,
             ),
             None => Color::undefined(),
         };
-        let key = i32::try_from(key).map_err(|_| Error::Comm(format!("key {key} too large")))?;
+        let key = i32::try_from(key)
+            .map_err(|_| Error::comm("MPI split", format!("key {key} too large")))?;
         // The world ranks of the new communicator's members, in its rank order.
         let me = self.world_rank(self.rank()) as u64;
         self.arrive();
@@ -458,7 +461,7 @@ impl Communicator for MpiComm {
         let root = i32::try_from(root)
             .ok()
             .filter(|&r| r < self.comm.size())
-            .ok_or_else(|| Error::Comm(format!("broadcast root {root} out of range")))?;
+            .ok_or_else(|| Error::comm("broadcast", format!("root {root} out of range")))?;
         let p = self.comm.process_at_rank(root);
         self.arrive();
         for chunk in buf.chunks_mut(self.chunk) {
@@ -505,10 +508,10 @@ impl Communicator for MpiComm {
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let n = self.size();
         if send.len() != n {
-            return Err(Error::Comm(format!(
-                "all_to_all_v: {} buffers for {n} ranks",
-                send.len()
-            )));
+            return Err(Error::comm(
+                "all_to_all_v",
+                format!("{} buffers for {n} ranks", send.len()),
+            ));
         }
         // Sizes first (u64, so no count limit), then rounds of bounded chunks.
         let send_lens: Vec<u64> = send.iter().map(|s| s.len() as u64).collect();
@@ -536,12 +539,10 @@ impl Communicator for MpiComm {
             usize::try_from(l)
                 .ok()
                 .and_then(|l| v.try_reserve_exact(l).ok())
-                .ok_or_else(|| {
-                    Error::Comm(format!(
-                        "rank {}: cannot allocate {l} bytes to receive from rank {}",
-                        self.world_rank(self.rank()),
-                        self.world_rank(i)
-                    ))
+                .ok_or_else(|| Error::OutOfMemory {
+                    bytes: l,
+                    what: format!("receiving from rank {}", self.world_rank(i)),
+                    rank: Some(self.world_rank(self.rank())),
                 })?;
             recv.push(v);
         }

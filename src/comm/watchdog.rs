@@ -97,7 +97,7 @@ impl Watchdog {
         let thread = std::thread::Builder::new()
             .name("safeshard-watchdog".into())
             .spawn(move || run(&s, &handler))
-            .map_err(|e| Error::Comm(format!("cannot start the watchdog thread: {e}")))?;
+            .map_err(|e| Error::comm("watchdog", format!("cannot start its thread: {e}")))?;
         Ok(Watchdog {
             shared,
             thread: Some(thread),
@@ -206,7 +206,7 @@ pub fn arm() -> Result<&'static Watchdog> {
     let _ = GLOBAL.set(dog);
     GLOBAL
         .get()
-        .ok_or_else(|| Error::Comm("the watchdog could not be installed".into()))
+        .ok_or_else(|| Error::comm("watchdog", "could not be installed"))
 }
 
 /// The line of an overrun wait: `error: rank 0: timed out after 3s in phase "MPI start-up":
