@@ -242,8 +242,8 @@ pub fn overrun_line(
     }
     if parts.is_empty() {
         parts.push(
-            "the other ranks did not all arrive (no rank on this node is stopped; they cannot \
-             be named while MPI is not up: look at the other nodes)"
+            "the other ranks did not all arrive (no rank on this node is stopped; ranks on \
+             other nodes cannot be named in this phase: look at them)"
                 .into(),
         );
     }
@@ -354,7 +354,10 @@ mod tests {
             "{line}"
         );
         let line = overrun_line(Some(5), &o, &[]);
-        assert!(line.contains("look at the other nodes"), "{line}");
+        assert!(
+            line.contains("ranks on other nodes cannot be named"),
+            "{line}"
+        );
         // The stopped process itself, continued after the deadline, says so.
         o.frozen = Some(Duration::from_secs(20));
         let line = overrun_line(Some(2), &o, &[(3, Stall::Stopped)]);
