@@ -223,6 +223,7 @@ class Plan:
         per_node: bool = False,
         round_bytes: int = 1 << 30,
         progress: bool | None = None,
+        timeout: float | None = 600.0,
     ) -> Rank:
         """Loads this process's rank of the job with reads shared between ranks, over
         ``torch.distributed`` (collective: every rank of ``process_group``, default the world
@@ -233,11 +234,15 @@ class Plan:
         read once per job, or per node with ``per_node``, in rounds of ``round_bytes``, and
         exchanged with all-to-all). Sub-groups come from ``dist.new_group``, created by all
         ranks in the same order. A rank that fails makes every rank raise, naming it.
+
+        ``timeout`` (seconds, ``None``: forever) bounds every collective, on every group: a
+        rank still waiting after it raises ``SafeshardError`` (``kind == "comm"``) naming the
+        phase and the ranks that did not arrive (also as ``.phase`` and ``.missing``).
         """
         _check_share(share)
         from ._dist import TorchComm
 
-        comm = TorchComm(process_group)
+        comm = TorchComm(process_group, timeout=timeout)
         want = progress if progress is not None else (comm.rank() == 0 and sys.stderr.isatty())
         cb, close = _progress(self, comm.rank(), want)
         try:
@@ -249,6 +254,7 @@ class Plan:
                 per_node=per_node,
                 round_bytes=round_bytes,
                 progress=cb,
+                timeout=timeout,
             )
         finally:
             close()

@@ -27,6 +27,9 @@ class SafeshardError(ValueError):
 
     kind: str
     exit_code: int
+    # Only on a timeout: the phase and the ranks that did not arrive.
+    phase: str
+    missing: list[int]
 
 @final
 class NativeArena:
@@ -115,6 +118,7 @@ class NativePlan:
         per_node: bool = False,
         round_bytes: int = 1073741824,
         progress: Callable[[int], object] | None = None,
+        timeout: float | None = 600.0,
     ) -> NativeRank: ...
 
 def cli_main(argv: list[str]) -> int: ...

@@ -72,7 +72,14 @@ fn py_error(py: Python<'_>, kind: ErrorKind, msg: String) -> PyErr {
 /// Turns a library error into `SafeshardError(message)` with `kind` and `exit_code` set; the
 /// message is the CLI's line with options named as keyword arguments.
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
-    py_error(py, e.kind(), e.render(&Keywords))
+    let err = py_error(py, e.kind(), e.render(&Keywords));
+    // A timeout also carries its phase and the ranks it names as missing.
+    if let (Error::Timeout { phase, .. }, Some(missing)) = (&e, e.missing_ranks()) {
+        let v = err.value(py);
+        let _ = v.setattr("phase", phase);
+        let _ = v.setattr("missing", missing);
+    }
+    err
 }
 
 /// The `SafeshardError` of kind `kind` (`usage`, ...) with `message`, for errors the Python
@@ -423,7 +430,7 @@ impl NativePlan {
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
     /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
-    #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
+    #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None, timeout=600.0))]
     #[allow(clippy::too_many_arguments)]
     fn load_shared(
         &self,
@@ -435,8 +442,22 @@ impl NativePlan {
         per_node: bool,
         round_bytes: u64,
         progress: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
     ) -> PyResult<NativeRank> {
         let mode: ShareMode = share.parse().map_err(|e| to_py(py, e))?;
+        let timeout = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(to_py(
+                    py,
+                    Error::invalid_argument(
+                        "timeout",
+                        format!("{t}: expected a positive number of seconds, or None"),
+                    ),
+                ))
+            }
+        };
         let control = Arc::new(LoadControl::default());
         let load = load_options(py, io, threads, &control)?;
         let world = comm::PyComm::new(py, comm.unbind())?;
@@ -445,6 +466,7 @@ impl NativePlan {
             mode,
             per_node,
             round_bytes: round_bytes.max(1),
+            timeout,
             load,
             ..ShareOptions::default()
         };

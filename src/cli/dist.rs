@@ -171,10 +171,10 @@ pub fn run(req: &Request<'_>, launched: Option<launch::LaunchInfo>) -> Result<()
 
 #[cfg(feature = "mpi")]
 fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
-    let universe = comm::MpiUniverse::init()?;
+    // Every wait of the job has a deadline, from before MPI_Init (which waits for every
+    // process: a stopped one would keep this one there forever) to MPI_Finalize.
+    let universe = comm::MpiUniverse::init_with_timeout(Some(req.timeout))?;
     let world = universe.world();
-    // The first collectives (the agreement on planning) are bounded too.
-    world.set_timeout(Some(req.timeout));
     world.set_phase("planning");
     let prepared = launch::check_mpi_world(Some(&l), world.rank(), world.size())
         .and_then(|_| prepare_plan(req.checkpoint, req.plan))
@@ -184,20 +184,24 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
         });
     let result = agree(&world, prepared)
         .and_then(|(prep, plan)| rank_job(req, &prep, &SharedPlan::new(&plan), &world));
+    // Before finalize: every rank has finished. A rank that stopped after its last collective
+    // would otherwise leave the others in MPI_Finalize, having printed their lines already.
+    world.set_phase("finish");
+    let result = agree(&world, result.map(|line| line.render(req.json)));
+    let rank = world.rank();
+    drop(world);
+    // MPI_Finalize, under the watchdog; lines are printed only after it: a job that did not
+    // end within its deadlines prints no result that looks complete.
+    drop(universe);
     match result {
-        Ok(line) => print_lines([line.render(req.json)])?,
-        // Every error of rank_job is known to every rank (each phase ends in an agreement,
-        // a timeout aborts the job itself): each rank reports and exits, nobody waits.
+        Ok(line) => print_lines([line]),
+        // Every error above is known to every rank (each phase ends in an agreement, a
+        // timeout ends the job itself): each rank reports and exits, nobody waits.
         Err(e) => {
-            eprintln!("error: rank {}: {}", world.rank(), super::message(&e));
-            drop(world);
-            drop(universe);
+            comm::eprint_line(&format!("error: rank {rank}: {}", super::message(&e)));
             std::process::exit(super::exit_code(&e));
         }
     }
-    drop(world);
-    drop(universe);
-    Ok(())
 }
 
 #[cfg(not(feature = "mpi"))]

@@ -50,8 +50,9 @@ pub struct Args {
     /// at least 64KiB.
     #[arg(long, default_value = "1GiB", value_parser = parse_round)]
     pub round: u64,
-    /// With `--share`: how long a rank waits for the others in any collective before it ends
-    /// the job naming the ranks that did not arrive, e.g. `30s`, `2m`.
+    /// With `--share` or under a launcher: how long a rank waits for the others in any phase
+    /// (MPI start-up and finalize included) before it ends the job naming the phase and the
+    /// ranks that did not arrive, e.g. `30s`, `2m`.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Check every tensor against an independent slow path (whole tensor read with pread,
