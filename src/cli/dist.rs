@@ -49,8 +49,8 @@ pub struct Request<'a> {
     pub checkpoint: &'a PathBuf,
     /// Topology and spec flags.
     pub plan: &'a PlanFlags,
-    /// `--share`.
-    pub share: ShareMode,
+    /// `--share`; `None`: the default for the job's node count ([`dist::choose_share`]).
+    pub share: Option<ShareMode>,
     /// `--per-node`.
     pub per_node: bool,
     /// `--round`.
@@ -74,11 +74,11 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
-    fn share_options(&self) -> ShareOptions {
+    fn share_options(&self, mode: ShareMode) -> ShareOptions {
         ShareOptions {
-            mode: self.share,
+            mode,
             per_node: self.per_node,
-            node: std::env::var("SAFESHARD_NODE").ok(),
+            node: node_name(),
             round_bytes: self.round,
             timeout: Some(self.timeout),
             load: LoadOptions {
@@ -92,6 +92,23 @@ impl Request<'_> {
                 ("verify".into(), self.verify.to_string()),
                 ("digest".into(), self.digest.to_string()),
             ],
+        }
+    }
+}
+
+/// This rank's node name from `SAFESHARD_NODE` (else the library takes the host name).
+fn node_name() -> Option<String> {
+    std::env::var("SAFESHARD_NODE").ok()
+}
+
+/// The share mode: `--share`, else the default for the job's node count (collective).
+fn share_mode(req: &Request<'_>, world: &dyn Communicator) -> Result<(ShareMode, Option<String>)> {
+    match req.share {
+        Some(mode) => Ok((mode, None)),
+        None => {
+            world.set_timeout(Some(req.timeout));
+            let choice = dist::choose_share(world, node_name().as_deref())?;
+            Ok((choice.mode, Some(choice.why)))
         }
     }
 }
@@ -135,7 +152,8 @@ fn rank_job(
     shared: &SharedPlan<'_>,
     world: &dyn Communicator,
 ) -> Result<RankLine> {
-    let opts = req.share_options();
+    let (mode, share_why) = share_mode(req, world)?;
+    let opts = req.share_options(mode);
     let plan = shared.plan();
     let (tensors, traffic) =
         dist::load_shared_with(shared, world, &opts).map_err(with_flag_names)?;
@@ -154,7 +172,8 @@ fn rank_job(
     Ok(RankLine {
         rank: stats.rank,
         coords: rp.map(|r| r.coords),
-        share: req.share,
+        share: mode,
+        share_why,
         io: req.io,
         tensors: stats.tensors,
         bytes: stats.bytes,
@@ -237,7 +256,7 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
         "--share {} under {} (rank {} of {}) needs MPI, but this safeshard was built \
          without it: rebuild with `cargo build --release --features mpi`, or use --share \
          none (every process reads its own rank)",
-        req.share,
+        req.share.map_or("(default)".to_string(), |m| m.to_string()),
         l.launcher.name(),
         l.rank,
         l.size

@@ -1,0 +1,72 @@
+//! The share mode a job gets when its user names none, chosen by measurement
+//! (docs/performance.md, "Whole node" and "Several nodes"):
+//!
+//! - **one node:** `none`. Ranks of one node share its page cache, so each byte comes from
+//!   storage once whatever the mode; exchanging bytes between ranks only adds copies (in the
+//!   whole-node runs `read-once` over gloo/MPI took 1.3-3.9x as long as `none`).
+//! - **several nodes:** `read-once` (per job). Every byte is read from storage once for the
+//!   whole job and exchanged, instead of once per node or more: storage is what several nodes
+//!   contend for.
+//!
+//! The nodes are counted collectively: every rank's node name (`node`, else the host name)
+//! is all-gathered and the distinct names counted, so a launcher's variables need not say.
+
+use super::ShareMode;
+use crate::comm::{host_name, Communicator};
+use crate::Result;
+
+/// The share mode chosen for a job and why (one line, for `--json`/reports).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareChoice {
+    /// The mode the job runs with.
+    pub mode: ShareMode,
+    /// Distinct nodes of the job.
+    pub nodes: usize,
+    /// Why this mode, in a few words.
+    pub why: String,
+}
+
+impl ShareChoice {
+    /// The rule: `none` on one node, `read-once` across several.
+    pub fn for_nodes(nodes: usize) -> ShareChoice {
+        if nodes <= 1 {
+            ShareChoice {
+                mode: ShareMode::None,
+                nodes,
+                why: "default for 1 node: its ranks share one page cache, so each reads its own \
+                      slices"
+                    .into(),
+            }
+        } else {
+            ShareChoice {
+                mode: ShareMode::ReadOnce,
+                nodes,
+                why: format!(
+                    "default for {nodes} nodes: every byte read from storage once per job, then \
+                     exchanged"
+                ),
+            }
+        }
+    }
+
+    /// The choice when the ranks cannot talk (a front built without a transport): every
+    /// process reads its own rank.
+    pub fn without_transport(why: &str) -> ShareChoice {
+        ShareChoice {
+            mode: ShareMode::None,
+            nodes: 0,
+            why: format!("default: {why}"),
+        }
+    }
+}
+
+/// Collective on `world`: counts the job's nodes by name (`node`, else this machine's host
+/// name; `SAFESHARD_NODE` is how the fronts pass one) and returns [`ShareChoice::for_nodes`].
+pub fn choose_share(world: &dyn Communicator, node: Option<&str>) -> Result<ShareChoice> {
+    let mine = node.map_or_else(host_name, str::to_string);
+    world.set_phase("share default: node names");
+    let mut names = world.all_gather(mine.as_bytes())?;
+    names.sort();
+    names.dedup();
+    Ok(ShareChoice::for_nodes(names.len()))
+}
