@@ -6,10 +6,10 @@
                    torchrun:ss-none,torchrun:ss-broadcast,torchrun:ss-read-once,torchrun:ss-default,
                    torchrun:st,torchrun:fst-dist,torchrun:runai,torchrun:runai-dist]
         [--python /work/venvs/bench/bin/python] [--safeshard target/release/safeshard]
-        [--nodes 2 --node-dirs DIR_A,DIR_B] [--cgroup /sys/fs/cgroup/blkio/NAME]
+        [--dp 1] [--nodes 2 --node-dirs DIR_A,DIR_B] [--cgroup /sys/fs/cgroup/blkio/NAME]
         [--out results.json] [--summarize LOG]
 
-A loader is LAUNCHER:NAME. `cli-*` is the safeshard CLI under mpirun (`safeshard load CKPT
+The job is tp = W (or tp = W/dp with `--dp` replicas). A loader is LAUNCHER:NAME. `cli-*` is the safeshard CLI under mpirun (`safeshard load CKPT
 --tp W --share MODE --json --digest`; `cli-default` without `--share`, `cli-read-once-per-node`
 adds `--per-node`), each rank wrapped by bench/job_rank.py --wrap to read its /proc/self/io;
 every other name is a Python rank of bench/job_rank.py (see its docstring: safeshard.load with
@@ -92,8 +92,14 @@ def node_dirs(args, world: int) -> list[str]:
     return [dirs[min(r // per, len(dirs) - 1)] for r in range(world)]
 
 
+def topo(args, world: int) -> list[str]:
+    """The job's topology flags: tp = W / dp."""
+    return ["--tp", str(world // args.dp), "--dp", str(args.dp)]
+
+
 def command(args, launcher: str, name: str, world: int) -> tuple[list[str], dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               JOB_TP=str(world // args.dp))
     rank_py = os.path.join(HERE, "job_rank.py")
     dirs = node_dirs(args, world)
     if launcher == "torchrun":
@@ -111,7 +117,7 @@ def command(args, launcher: str, name: str, world: int) -> tuple[list[str], dict
         ckpt = dirs[k * per]
         if name in CLI_SHARE:
             argv = [args.python, "-S", rank_py, "--wrap", args.safeshard, "load", ckpt,
-                    "--tp", str(world), "--json", "--digest", *CLI_SHARE[name]]
+                    *topo(args, world), "--json", "--digest", *CLI_SHARE[name]]
         else:
             argv = [args.python, rank_py, name, ckpt]
         if k:
@@ -155,7 +161,7 @@ def run_job(args, launcher: str, name: str, world: int, stat_path: str) -> dict:
         out.update(seconds=max(d["seconds"] for d in ranks),
                    rank_read_bytes=sum(d["proc_read_bytes"] for d in ranks),
                    plan_read_bytes=sum(d["read_bytes"] for d in ranks),
-                   share=ranks[0].get("share"), share_why=ranks[0].get("share_why"),
+                   share=ranks[0].get("share"), share_default=ranks[0].get("share_default"),
                    maxrss=max(d["maxrss"] for d in ranks),
                    sha256=[d["sha256"] for d in ranks])
     else:
@@ -164,14 +170,14 @@ def run_job(args, launcher: str, name: str, world: int, stat_path: str) -> dict:
         out.update(seconds=max(d["end"] for d in ranks) - min(d["start"] for d in ranks),
                    rank_read_bytes=sum(d["read_bytes"] for d in ranks),
                    maxrss=max(d["maxrss"] for d in ranks),
-                   sha256=[d["sha256"] for d in ranks])
+                   said=ranks[0].get("said"), sha256=[d["sha256"] for d in ranks])
     return out
 
 
 def reference(args, world: int) -> list[str]:
     """Every rank's digest by `safeshard load --all-ranks --digest` (threads, no launcher)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "PMIX"))}
-    p = subprocess.run([args.safeshard, "load", args.ckpt, "--tp", str(world), "--all-ranks",
+    p = subprocess.run([args.safeshard, "load", args.ckpt, *topo(args, world), "--all-ranks",
                         "--json", "--digest"], capture_output=True, text=True, check=True, env=env)
     lines = sorted((json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")),
                    key=lambda d: d["rank"])
@@ -179,7 +185,7 @@ def reference(args, world: int) -> list[str]:
 
 
 def job_bytes(args, world: int) -> int:
-    p = subprocess.run([args.safeshard, "plan", args.ckpt, "--tp", str(world), "--json"],
+    p = subprocess.run([args.safeshard, "plan", args.ckpt, *topo(args, world), "--json"],
                        capture_output=True, text=True, check=True)
     return sum(r["bytes"] for r in json.loads(p.stdout)["ranks"])
 
@@ -193,6 +199,7 @@ def main() -> None:
     ap.add_argument("--loaders", default=DEFAULT_LOADERS)
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--safeshard", default="target/release/safeshard")
+    ap.add_argument("--dp", type=int, default=1, help="DP replicas: the job is tp = W/dp x dp")
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--node-dirs")
     ap.add_argument("--cgroup")

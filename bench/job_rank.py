@@ -4,7 +4,7 @@
     mpirun -n W -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT=P python bench/job_rank.py LOADER CKPT
     mpirun -n W python bench/job_rank.py --wrap safeshard load CKPT --tp W --share M --json --digest
 
-Python loaders (the job is tp = W, vLLM's Llama rules, every rank's bytes digested in
+Python loaders (the job is tp = W, or tp = JOB_TP with dp = W / tp; vLLM's Llama rules, every rank's bytes digested in
 safeshard's arena layout by bench/peers.py's `digest`):
 
 - `ss-none`, `ss-broadcast`, `ss-read-once`: `safeshard.load(CKPT, tp=W, share=...)` over the
@@ -51,16 +51,33 @@ PREIMPORT = {
 }
 
 
-def load_safeshard(root: str, world: int, rank: int, share: str | None) -> dict:
+SAID: list[str] = []  # what safeshard logged about the share mode it chose
+
+
+def load_safeshard(root: str, tp: int, world: int, share: str | None) -> dict:
+    import logging
+
     import safeshard
 
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            SAID.append(record.getMessage())
+
+    log = logging.getLogger("safeshard")
+    log.setLevel(logging.INFO)
+    log.addHandler(Keep())
     kw = {} if share is None else {"share": share}
-    return safeshard.load(root, tp=world, progress=False, **kw)
+    return safeshard.load(root, tp=tp, dp=world // tp, progress=False, **kw)
 
 
-def load_fst_dist(root: str, world: int, rank: int) -> dict:
+def load_fst_dist(root: str, tp: int, tp_rank: int) -> dict:
+    """fastsafetensors' distributed loader: files dealt to the world's ranks; with tp = world
+    `get_sharded` scatters each split tensor, with DP replicas (tp < world) every rank gets
+    whole tensors by broadcast and keeps its slice."""
     import torch.distributed as dist
     from fastsafetensors import SafeTensorsFileLoader
+
+    world = dist.get_world_size()
 
     loader = SafeTensorsFileLoader(dist.group.WORLD, "cpu", nogds=True)
     files = [os.path.join(root, f) for f in peers.files_of(root)]
@@ -69,11 +86,13 @@ def load_fst_dist(root: str, world: int, rank: int) -> dict:
     out = {}
     try:
         for _, name, e in peers.plan_order(root):
-            cut = peers.split(name, e["shape"], world, rank)
+            cut = peers.split(name, e["shape"], tp, tp_rank)
             if cut is None:
                 t = fb.get_tensor(name)
-            else:
+            elif tp == world:
                 t = fb.get_sharded(name, cut[0])
+            else:
+                t = peers.narrow(fb.get_tensor(name), name, tp, tp_rank)
             out[name] = t.contiguous() if not t.is_contiguous() else t.clone()
     finally:
         fb.close()
@@ -81,7 +100,7 @@ def load_fst_dist(root: str, world: int, rank: int) -> dict:
     return out
 
 
-def load_runai_dist(root: str, world: int, rank: int) -> dict:
+def load_runai_dist(root: str, tp: int, tp_rank: int) -> dict:
     """Run:ai's streamer in distributed mode (the ranks of the gloo world split the reading),
     each rank keeping its slice as peers.load_runai does."""
     from runai_model_streamer import SafetensorsStreamer
@@ -91,7 +110,7 @@ def load_runai_dist(root: str, world: int, rank: int) -> dict:
     with SafetensorsStreamer() as s:
         s.stream_files(paths, None, "cpu", True)
         for name, t in s.get_tensors():
-            r = peers.narrow(t, name, world, rank)
+            r = peers.narrow(t, name, tp, tp_rank)
             out[name] = r.clone() if r.data_ptr() == t.data_ptr() else r
     return out
 
@@ -133,6 +152,7 @@ def rank_main(loader: str, root: str) -> None:
     if loader == "runai-dist":
         os.environ["RUNAI_STREAMER_DIST"] = "1"
     rank, world = init_world()
+    tp = int(os.environ.get("JOB_TP", world))  # the job is tp x dp, dp = world / tp
     dirs = os.environ.get("JOB_NODE_DIRS")
     if dirs:  # multi-node simulation: this rank's node reads its own copy
         d = dirs.split(",")
@@ -146,16 +166,16 @@ def rank_main(loader: str, root: str) -> None:
     io0 = peers.io_read_bytes()
     t0 = time.time()
     if loader in SS_MODES:
-        tensors = load_safeshard(root, world, rank, SS_MODES[loader])
+        tensors = load_safeshard(root, tp, world, SS_MODES[loader])
     else:
-        tensors = LOADERS[loader](root, world, rank)
+        tensors = LOADERS[loader](root, tp, rank % tp)
     t1 = time.time()
     io1 = peers.io_read_bytes()
     hwm = peers.vm_hwm()
     bufs = {name: peers.torch_bytes(t) for name, t in tensors.items()}
     sha, total = peers.digest(order, bufs)
     mine = {"rank": rank, "start": t0, "end": t1, "read_bytes": io1 - io0, "maxrss": hwm,
-            "rss_before": rss0, "sha256": sha, "bytes": total}
+            "rss_before": rss0, "sha256": sha, "bytes": total, "said": SAID}
     every: list = [None] * world
     dist.all_gather_object(every, mine)
     if rank == 0:

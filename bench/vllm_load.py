@@ -125,8 +125,8 @@ def run_rank(args, vllm_config, tp: int, rank: int, port: int, out_path: str) ->
                             peers.drop_cache(paths)
                         else:
                             peers.warm_cache(paths)
-                    cold_ok = peers.resident_fraction(paths) <= 0.01 if mode == "cold" else True
                     dist.barrier()
+                    cold_ok = peers.resident_fraction(paths) <= 0.01 if mode == "cold" else True
                     model = build()
                     row = {"rep": rep, "mode": mode, "tp": tp, "format": fmt, "rank": rank,
                            "cold_ok": cold_ok, "load": open("/proc/loadavg").read().split()[0]}
@@ -194,6 +194,8 @@ def summarize(rows: list[dict]) -> None:
             rss = max(r["extra_rss"] for v in ok for r in v)
             same = all(r.get("sha256") == ref.get(r["rank"]) for v in ok for r in v)
             cold = "" if all(r.get("cold_ok", True) for v in ok for r in v) else " (not all cold)"
+            if fmt == "safeshard" and any(r.get("used") != "safeshard" for v in ok for r in v):
+                cold += " (FELL BACK to the default loader)"
             cells.append(f"{statistics.median(s):.2f} ({s[0]:.2f}-{s[-1]:.2f}) "
                          f"rss +{rss / 1e9:.2f} GB{'' if same else ' DIGEST MISMATCH'}{cold}")
         fl = [max(r["seconds_all"]) for r in rows if r["mode"] == mode and r["tp"] == tp
