@@ -170,11 +170,11 @@ else
 fi
 
 # Without --share the job gets the default for its node count and says so: none on one node,
-# read-once on two simulated nodes (issue 21 item 5).
+# broadcast on two simulated nodes (issue 21 item 5).
 for nodes in 1 2; do
   timeout 120 mpirun -n 2 -x SAFESHARD_NODE=a "$safeshard" load llama --tp 2 --dp 2 --digest --json \
     : -n 2 -x SAFESHARD_NODE=$([[ $nodes == 1 ]] && echo a || echo b) "$safeshard" load llama --tp 2 --dp 2 --digest --json > out.jsonl
-  want=$([[ $nodes == 1 ]] && echo none || echo read-once)
+  want=$([[ $nodes == 1 ]] && echo none || echo broadcast)
   if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
     echo "FAIL: no --share on $nodes node(s): bytes differ"; fail=1
   elif ! python3 -c "

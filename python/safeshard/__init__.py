@@ -232,7 +232,7 @@ class Plan:
         and broadcast in a sub-group of exactly its holders) or ``"read-once"`` (every byte
         read once per job, or per node with ``per_node``, in rounds of ``round_bytes``, and
         exchanged with all-to-all); ``None`` (the default): chosen by the job's node count,
-        ``"none"`` on one node and ``"read-once"`` across several (nodes named by
+        ``"none"`` on one node and ``"broadcast"`` across several (nodes named by
         ``SAFESHARD_NODE``, else the host name), reported as ``stats["share"]`` and
         ``stats["share_default"]``. Sub-groups come from ``dist.new_group``, created by all
         ranks in the same order. A rank that fails makes every rank raise, naming it.
@@ -633,7 +633,7 @@ def load(
     for CPU, NCCL for CUDA) and ``process_group`` (default: the world group) must have
     exactly the job's ranks. ``share=None`` (the default) chooses by measurement: with
     ``torch.distributed`` initialized on the job's ranks, ``"none"`` on one node and
-    ``"read-once"`` across several (see :meth:`Plan.load_shared`); without it, this process
+    ``"broadcast"`` across several (see :meth:`Plan.load_shared`); without it, this process
     reads its own rank. The choice is logged (logger ``safeshard``, INFO). ``device``: ``"cpu"`` (views of the arena), ``"cuda"`` (the
     ``LOCAL_RANK`` device) or any torch device. ``names``: as for :func:`plan`.
     """

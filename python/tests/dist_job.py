@@ -21,7 +21,7 @@ for share in ("none", "broadcast", "read-once"):
     res[share + "_read"] = rank.stats["read_bytes"]
     res[share + "_sent"] = rank.stats["sent_bytes"]
 # Without share=: the default for the node count (one node here: none), then with two
-# simulated nodes (SAFESHARD_NODE): read-once. Same bytes either way.
+# simulated nodes (SAFESHARD_NODE): broadcast. Same bytes either way.
 chosen = plan.load_shared()
 res["default"] = [chosen.stats["share"], chosen.stats["share_default"], chosen.digest()]
 os.environ["SAFESHARD_NODE"] = f"node{dist.get_rank() // 2}"

@@ -40,7 +40,7 @@ pub struct Args {
     /// holding them) or `read-once` (every byte read once per job, then scattered). One
     /// process per rank under mpirun/srun, else every rank on threads. Under a launcher
     /// without `--share`, the mode is chosen by the job's node count (`none` on one node,
-    /// `read-once` across several; nodes counted by `SAFESHARD_NODE`, else the host name)
+    /// `broadcast` across several; nodes counted by `SAFESHARD_NODE`, else the host name)
     /// and the output says why (`share_default` in `--json`).
     #[arg(long, conflicts_with_all = ["rank", "all_ranks"])]
     pub share: Option<ShareMode>,
