@@ -73,3 +73,45 @@ pub fn choose_share(world: &dyn Communicator, node: Option<&str>) -> Result<Shar
     names.dedup();
     Ok(ShareChoice::for_nodes(names.len()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::run_threads;
+
+    /// Every rank's choice for a world whose rank `r` is on node `names[r]`.
+    fn choices(names: &[Option<&str>]) -> Vec<ShareChoice> {
+        run_threads(names.len(), |c| choose_share(c, names[c.rank()]))
+            .into_iter()
+            .collect::<Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn one_node_gets_none_and_several_get_broadcast() {
+        for (names, mode, nodes) in [
+            (vec![Some("a"); 4], ShareMode::None, 1),
+            // No name: the host name, the same for every thread of this process.
+            (vec![None; 3], ShareMode::None, 1),
+            (
+                vec![Some("a"), Some("a"), Some("b"), Some("b")],
+                ShareMode::Broadcast,
+                2,
+            ),
+            (
+                vec![Some("x"), Some("y"), Some("z")],
+                ShareMode::Broadcast,
+                3,
+            ),
+        ] {
+            let got = choices(&names);
+            assert!(got.iter().all(|c| c == &got[0]), "{got:?}");
+            assert_eq!((got[0].mode, got[0].nodes), (mode, nodes), "{names:?}");
+            assert!(
+                got[0].why.contains(&format!("{nodes} node")),
+                "{}",
+                got[0].why
+            );
+        }
+    }
+}
