@@ -447,11 +447,13 @@ impl NativePlan {
         };
         let job = Arc::clone(&self.job);
         let (loaded, traffic, share_why) = run_interruptible(py, &control, progress, move || {
+            // Every rank counts the nodes, given a mode or not, so that ranks whose options
+            // differ run the same collectives up to the agreement that names the difference.
+            world.set_timeout(opts.timeout);
+            let choice = choose_share(&world, node.as_deref())?;
             let why = match mode {
                 Some(_) => None,
                 None => {
-                    world.set_timeout(opts.timeout);
-                    let choice = choose_share(&world, node.as_deref())?;
                     opts.mode = choice.mode;
                     Some(choice.why)
                 }

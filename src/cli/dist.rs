@@ -101,16 +101,16 @@ fn node_name() -> Option<String> {
     std::env::var("SAFESHARD_NODE").ok()
 }
 
-/// The share mode: `--share`, else the default for the job's node count (collective).
+/// The share mode: `--share`, else the default for the job's node count. Collective: every
+/// rank counts the nodes whether or not it was given `--share`, so ranks whose flags differ
+/// still run the same collectives and reach the agreement that names the difference.
 fn share_mode(req: &Request<'_>, world: &dyn Communicator) -> Result<(ShareMode, Option<String>)> {
-    match req.share {
-        Some(mode) => Ok((mode, None)),
-        None => {
-            world.set_timeout(Some(req.timeout));
-            let choice = dist::choose_share(world, node_name().as_deref())?;
-            Ok((choice.mode, Some(choice.why)))
-        }
-    }
+    world.set_timeout(Some(req.timeout));
+    let choice = dist::choose_share(world, node_name().as_deref())?;
+    Ok(match req.share {
+        Some(mode) => (mode, None),
+        None => (choice.mode, Some(choice.why)),
+    })
 }
 
 /// The library names options by their fields; here they are flags.
