@@ -10,6 +10,7 @@ __all__ = [
     "NativeRank",
     "NativeArena",
     "cli_main",
+    "error",
     "synth",
     "synth_presets",
     "live_arenas",
@@ -114,6 +115,7 @@ class NativePlan:
     ) -> NativeRank: ...
 
 def cli_main(argv: list[str]) -> int: ...
+def error(kind: str, message: str) -> SafeshardError: ...
 def synth(
     dir: str | PathLike[str],
     preset: str,
