@@ -28,6 +28,7 @@ reported with its error instead of a time.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -62,6 +63,15 @@ def status(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _malloc_trim() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def state_digest(model) -> tuple[str, int]:
@@ -146,6 +156,11 @@ def run_rank(args, vllm_config, tp: int, rank: int, port: int, out_path: str) ->
                     except Exception as e:  # noqa: BLE001 - a refused format is a result
                         row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
                     del model
+                    # Free the model's memory before the next build (a leak would show as a
+                    # growing `rss_after` and end in the OOM killer: see docs).
+                    gc.collect()
+                    _malloc_trim()
+                    row["rss_after"] = status("VmRSS")
                     every = gather(row)
                     if rank == 0:
                         rows.extend(every)
