@@ -244,6 +244,25 @@ else
   echo "ok: read-once --per-node on 2 simulated nodes: read $total bytes (data $llama_data, once per node)"
 fi
 
+# Without --share the job gets the default for its node count and says so: none on one node,
+# broadcast on two simulated nodes (issue 21 item 5).
+for nodes in 1 2; do
+  timeout 120 mpirun -n 2 -x SAFESHARD_NODE=a "$safeshard" load llama --tp 2 --dp 2 --digest --json \
+    : -n 2 -x SAFESHARD_NODE=$([[ $nodes == 1 ]] && echo a || echo b) "$safeshard" load llama --tp 2 --dp 2 --digest --json > out.jsonl
+  want=$([[ $nodes == 1 ]] && echo none || echo broadcast)
+  if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
+    echo "FAIL: no --share on $nodes node(s): bytes differ"; fail=1
+  elif ! python3 -c "
+import json
+ls = [json.loads(l) for l in open('out.jsonl')]
+assert all(l['share'] == '$want' and '$nodes node' in l['share_default'] for l in ls), ls
+"; then
+    echo "FAIL: no --share on $nodes node(s): not $want with its reason"; cat out.jsonl; fail=1
+  else
+    echo "ok: no --share on $nodes simulated node(s): $want, said why"
+  fi
+done
+
 # Issue 9 item 1: ranks that disagree on an option fail together, fast, exit 2, each with
 # one line naming the option, the values and the ranks (MPMD: rank 0 differs from 1-3).
 agree_case() { # expected message, rank 0's flags, ranks 1-3's flags

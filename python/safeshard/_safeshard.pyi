@@ -112,7 +112,7 @@ class NativePlan:
     def load_shared(
         self,
         comm: Any,
-        share: str = "none",
+        share: str | None = None,
         io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,

@@ -37,6 +37,11 @@ def test_torchrun_share_modes_agree(checkpoints, tmp_path, tp, pp, dp):
         assert res["rank"] == r and res["hash"] == plan["hash"]
         assert res["none"] == res["broadcast"] == res["read-once"] == cli[r], r
         assert res["load_names"] == sorted(t["name"] for t in plan["ranks"][r]["tensors"])
+        # Without share=: none on one node, broadcast across (simulated) nodes, said why.
+        mode, why, digest = res["default"]
+        assert (mode, digest) == ("none", cli[r]) and "1 node" in why, res["default"]
+        mode, why, digest = res["default_2_nodes"]
+        assert (mode, digest) == ("broadcast", cli[r]) and "2 nodes" in why, res["default_2_nodes"]
     # The shared modes moved bytes through torch.distributed, and read-once read less in
     # total than every rank reading its own slices (broadcast too once DP replicas exist;
     # with tp x pp only small replicated tensors are shared, within the same pages).

@@ -36,6 +36,7 @@
 //! - **No abort on memory.** Arenas, staging and receive buffers are allocated fallibly; a
 //!   failure names the rank, the size and what the buffer was for.
 
+mod default;
 mod exchange;
 mod schedule;
 mod segments;
@@ -45,6 +46,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use default::{choose_share, ShareChoice};
 pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
