@@ -9,12 +9,12 @@ use crate::dist::{self, ShareOptions};
 use crate::load::{
     load_rank, load_rank_scattered, load_rank_views, verify_rank, LoadOptions, RankTensors,
 };
-use crate::plan::names::{vllm_plan, BufferFill, TensorNames};
 use crate::plan::{self, Plan};
 use crate::reshard::{ReshardOptions, ReshardSummary};
-use crate::sharding::vllm::VllmMap;
 use crate::sharding::{self, Config, Resolution, Spec};
 use crate::topology::Topology;
+use crate::vllm::map::VllmMap;
+use crate::vllm::transform::{vllm_plan, BufferFill, TensorNames};
 use crate::Result;
 
 /// Everything needed to load any rank of a job: the steps from opening a checkpoint to the
@@ -97,7 +97,7 @@ impl JobBuilder {
 
     /// The names ranks hold (default: [`TensorNames::Checkpoint`]). With
     /// [`TensorNames::Vllm`] every rank holds exactly its vLLM `model.state_dict()` entries
-    /// (see [`crate::plan::names`]); an architecture or quantization method without a vLLM
+    /// (see [`crate::vllm`]); an architecture or quantization method without a vLLM
     /// name map is [`crate::Error::Unsupported`].
     ///
     /// ```

@@ -55,12 +55,13 @@ pub mod reshard;
 pub mod sharding;
 pub mod synth;
 pub mod topology;
+pub mod vllm;
 
 pub use checkpoint::{Checkpoint, Dtype};
 pub use dist::{ShareMode, ShareOptions};
 pub use error::{Error, Result};
 pub use job::{Job, JobBuilder};
 pub use load::{IoMode, LoadOptions, LoadStats, OwnedTensor, RankTensors, TensorRef};
-pub use plan::names::TensorNames;
 pub use reshard::{ReshardOptions, ReshardSummary};
 pub use topology::{Coords, Topology};
+pub use vllm::TensorNames;

@@ -5,7 +5,7 @@
 //! - [`TensorNames::Checkpoint`] (the default): checkpoint names, unfused, one file set per
 //!   global rank, `model-rank-{rank}-part-{part}.safetensors`;
 //! - [`TensorNames::Vllm`]: what vLLM's `sharded_state` loader reads: the plan already holds
-//!   vLLM's `state_dict()` names (see [`crate::plan::names`]); files are named by the loader's
+//!   vLLM's `state_dict()` names (see [`crate::vllm`]); files are named by the loader's
 //!   patterns, `model-rank-{tp_rank}-part-{part}.safetensors` when pp = 1 and
 //!   `model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors` when pp > 1, and the caller's
 //!   extra files (config.json, tokenizer files) are written beside them so the directory is a
@@ -29,8 +29,8 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::checkpoint::header_bytes;
 use crate::load::{self, LoadOptions, RankTensors, TensorRef};
-use crate::plan::names::TensorNames;
 use crate::plan::Plan;
+use crate::vllm::TensorNames;
 use crate::{Error, Result};
 
 /// Name of the manifest written beside the parts; it marks a complete output.

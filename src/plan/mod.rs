@@ -45,7 +45,6 @@ use crate::sharding::{Resolution, Resolved, Shards, TensorKind};
 use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
-pub mod names;
 mod runs;
 mod strided;
 mod svg;

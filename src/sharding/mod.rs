@@ -22,7 +22,6 @@ mod expr;
 mod parse;
 mod pattern;
 mod resolve;
-pub mod vllm;
 
 /// One piece of a rank-local tensor.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -289,6 +288,12 @@ impl Spec {
             source: Arc::from(source),
             shipped: false,
         })
+    }
+
+    /// Whether the spec is embedded in the binary (its vLLM name map is too), not read from
+    /// a path.
+    pub fn is_shipped(&self) -> bool {
+        self.shipped
     }
 
     /// Names of the shipped specs.

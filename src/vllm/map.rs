@@ -23,8 +23,8 @@
 
 use serde::Deserialize;
 
-use super::Spec;
 use crate::checkpoint::Dtype;
+use crate::sharding::Spec;
 use crate::{Error, Result};
 
 /// One dot-separated segment of a [`Template`]: `prefix{capture}suffix` or a literal.
@@ -537,7 +537,7 @@ impl VllmMap {
     /// The map beside `spec`: the shipped map of a shipped spec, `<dir>/<stem>.vllm.json` for
     /// a spec read from `<dir>/<stem>.shard`. A spec without one is [`Error::Unsupported`].
     pub fn for_spec(spec: &Spec) -> Result<VllmMap> {
-        if spec.shipped {
+        if spec.is_shipped() {
             let Some((_, src)) = SHIPPED.iter().find(|(n, _)| *n == spec.name) else {
                 return Err(Error::Unsupported {
                     what: format!("spec `{}`", spec.name),

@@ -14,10 +14,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::ZeroRun;
-use super::{coalesce_copies, coalesce_zeros, read_bytes, CopyRun, Plan, RankPlan, TensorPlan};
+use super::map::{HeadStages, VllmMap};
 use crate::checkpoint::{Checkpoint, Dtype};
-use crate::sharding::vllm::{HeadStages, VllmMap};
+use crate::plan::{
+    coalesce_copies, coalesce_zeros, read_bytes, CopyRun, Plan, RankPlan, TensorPlan, ZeroRun,
+};
 use crate::sharding::{Config, TensorKind};
 use crate::{Error, Result};
 
@@ -421,8 +422,8 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
         .collect();
     // 2. Groups: output name -> (rule, dim, members).
     enum Rule<'a> {
-        Fuse(&'a crate::sharding::vllm::FuseRule, usize),
-        Stack(&'a crate::sharding::vllm::FuseRule, usize),
+        Fuse(&'a super::map::FuseRule, usize),
+        Stack(&'a super::map::FuseRule, usize),
     }
     let mut groups: BTreeMap<String, (Rule<'_>, Vec<Member>)> = BTreeMap::new();
     let mut grouped = vec![false; names.len()];
@@ -732,7 +733,7 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
     for (pos, &oi) in order.iter().enumerate() {
         position[oi] = pos;
         let o = &outs[oi];
-        let offset = super::place_next(cursor, &mut zeros);
+        let offset = crate::plan::place_next(cursor, &mut zeros);
         offsets[oi] = offset;
         if let Some(v) = o.buffer {
             zeros.push(ZeroRun {
