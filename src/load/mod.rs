@@ -585,10 +585,10 @@ pub fn load_rank_into_buffer(
         ));
     };
     zero_gaps(rp, arena);
-    let open = engine::open_checked(&plan.files, &rp.copies)?;
-    let runs = engine::validate(&plan.files, &rp.copies, &rp.zeros, arena)?;
-    let mapped = engine::map_for(&runs, &open, opts)?;
-    let exec = engine::run(&runs, &open, mapped.as_ref(), opts)?;
+    let exec = engine::Request::new(&plan.files, &rp.copies, &rp.zeros)
+        .prepare()?
+        .run(arena, opts)?
+        .stats;
     Ok(LoadStats {
         rank,
         tensors: rp.tensors.len(),
@@ -668,18 +668,12 @@ fn load_rank_impl(
 ) -> Result<RankTensors> {
     let start = Instant::now();
     let rp = rank_plan(plan, rank)?;
-    let open = engine::open_checked(&plan.files, &rp.copies)?;
-    let mut arena = match arena {
-        Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
-        None => Arena::new(rp.arena_bytes, opts.arena)?,
-    };
     let mut views = HashMap::new();
     let mut view_bytes = 0;
     // Views need a mapping of every contiguous tensor, whatever the engine.
     let views_on = opts.views && matches!(opts.io, IoMode::Auto | IoMode::Mmap);
-    let (exec, mapped) = if views_on {
-        let all = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
-        let mapped = engine::Mapped::map(&plan.files, &open, all.copies(), |_| true, true)?;
+    let clipped;
+    let request = if views_on {
         let cands = view_candidates(rp);
         let mut cut: Vec<(u64, u64)> = Vec::with_capacity(cands.len());
         for &(i, file, src) in &cands {
@@ -690,18 +684,19 @@ fn load_rank_impl(
             }
         }
         cut.sort_unstable();
-        let copies = clip_runs(&rp.copies, &cut);
-        let runs = engine::validate(&plan.files, &copies, &rp.zeros, &mut arena)?;
-        let mut exec = engine::run(&runs, &open, Some(&mapped), opts)?;
-        exec.read_bytes = engine::touched_pages(&rp.copies);
-        (exec, Some(Arc::new(mapped)))
+        clipped = clip_runs(&rp.copies, &cut);
+        engine::Request::new(&plan.files, &clipped, &rp.zeros).views_of(&rp.copies)
     } else {
-        let ahead = arena.is_fresh() && opts.arena == ArenaInit::Ahead;
-        let runs =
-            engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?.populate_ahead(ahead);
-        let mapped = engine::map_for(&runs, &open, opts)?;
-        (engine::run(&runs, &open, mapped.as_ref(), opts)?, None)
+        engine::Request::new(&plan.files, &rp.copies, &rp.zeros)
     };
+    let prepared = request.prepare()?;
+    let mut arena = match arena {
+        Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
+        None => Arena::new(rp.arena_bytes, opts.arena)?,
+    };
+    let ahead = !views_on && arena.is_fresh() && opts.arena == ArenaInit::Ahead;
+    let executed = prepared.populate_ahead(ahead).run(&mut arena, opts)?;
+    let (exec, mapped) = (executed.stats, executed.mapped.map(Arc::new));
     let stats = LoadStats {
         rank,
         tensors: rp.tensors.len(),
