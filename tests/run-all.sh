@@ -42,7 +42,7 @@ step bash tests/python.sh
 # tp=2 x pp=2, for one case of every family whose rules differ (tied head that differs, fused
 # Phi-3, Mixtral and Qwen2-MoE stages, DeepSeek MLA, GPT-2, GPTQ): about a minute a case on
 # 2 cores. vLLM lives in the Python package's venv (tests/python.sh installs it). The whole
-# matrix (140 cases) is `python tests/vllm/differential.py` (docs/vllm.md);
+# matrix (156 cases) is `python tests/vllm/differential.py` (docs/vllm.md);
 # SAFESHARD_VLLM_DIFF=0 skips this step, SAFESHARD_VLLM_CASES picks other cases.
 if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]]; then
   vpy=${SAFESHARD_VLLM_PYTHON:-${SAFESHARD_PY_VENV:-$HOME/.cache/safeshard/py-venv}/bin/python}
