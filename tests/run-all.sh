@@ -53,7 +53,10 @@ if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]]; then
   # (sharded_state.py: two vLLM loads a case): PP file names and an untied config, DeepSeek's
   # fusions, aliases and expert stacking, GPT-2's transposes and tie, GPTQ's column fusion.
   # SAFESHARD_VLLM_SHARDED_CASES picks other cases ('' skips them).
+  # llama-tied-head-copy: vLLM re-ties a stored head equal to the embedding on every rank;
+  # the output keeps the config tied and the head's name only (issue 18 item 2).
   scases=llama-tied-head-differs-tp2-pp2,deepseek-v2-tp2-pp1,gpt2-tp2-pp1,llama-gptq-tp2-pp1
+  scases+=,llama-tied-head-copy-tp2-pp1
   scases=${SAFESHARD_VLLM_SHARDED_CASES-$scases}
   if [[ -n $scases ]]; then
     step "$vpy" tests/vllm/sharded_state.py --case "$scases"
@@ -62,7 +65,9 @@ if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]]; then
   # with its entry point by tests/python.sh): every rank's state_dict equals vLLM's default
   # loader's, and an architecture without a spec falls back (docs/vllm.md; about 1-2 min a
   # case on 2 cores). SAFESHARD_VLLM_PLUGIN_CASES picks other cases.
+  # llama-tied-head-copy-as-f32: a re-tied pair through the arena; both parameters filled.
   pcases=llama-tied-head-differs-tp2-pp2,mixtral-tp2-pp2,unknown-arch-tp1-pp1
+  pcases+=,llama-tied-head-copy-as-f32-tp2-pp1
   step "$vpy" tests/vllm/plugin_differential.py --case "${SAFESHARD_VLLM_PLUGIN_CASES:-$pcases}"
 fi
 echo "all test steps passed in $SECONDS s"

@@ -6,7 +6,7 @@
 //!
 //! - [`map`]: the name maps (`shard-specs/<spec>.vllm.json`), data next to the specs; no
 //!   architecture-specific code anywhere else;
-//! - [`transform`]: the plan transform, as separate passes (tie, fuse, stack, transpose,
+//! - `transform`: the plan transform, as separate passes (tie, fuse, stack, transpose,
 //!   buffers) over each rank, then the runs relocated into vLLM's tensors;
 //! - `finish`: what the runs cannot say, applied once to a loaded rank (transposes, buffer
 //!   values, and the re-tie of a stored head, which depends on the loaded bytes).
@@ -17,9 +17,10 @@
 mod files;
 mod finish;
 pub mod map;
-pub mod transform;
+pub(crate) mod transform;
 
-pub use transform::{quant_method, tie_facts, TensorNames, TieFacts};
+pub use transform::TensorNames;
+use transform::{tie_facts, TieFacts};
 
 use crate::checkpoint::Checkpoint;
 use crate::load::RankTensors;

@@ -42,7 +42,7 @@ use super::map::VllmMap;
 use relocate::{relocate_runs, row_major_strides, Placement};
 use transpose::Transpose;
 
-pub use tie::{tie_facts, TieFacts};
+pub(crate) use tie::{tie_facts, TieFacts};
 
 /// Which names a job's ranks hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,7 +70,7 @@ impl std::str::FromStr for TensorNames {
 }
 
 /// The quantization method config.json names (`none` when unquantized).
-pub fn quant_method(config: &Config) -> String {
+fn quant_method(config: &Config) -> String {
     config
         .values
         .get("quantization_config")

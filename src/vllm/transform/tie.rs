@@ -14,7 +14,7 @@ use crate::vllm::map::{HeadStages, VllmMap};
 
 /// What config and checkpoint say about tied embeddings, for a map with a `tie` rule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TieFacts {
+pub(crate) struct TieFacts {
     /// `tie_word_embeddings` (the map's default when config.json does not say).
     pub declared: bool,
     /// The checkpoint stores the head (a tensor named the map's head after its prefixes).
@@ -23,19 +23,19 @@ pub struct TieFacts {
 
 impl TieFacts {
     /// Whether vLLM builds the model tied: declared, and no stored head.
-    pub fn tied(self) -> bool {
+    pub(crate) fn tied(self) -> bool {
         self.declared && !self.stored_head
     }
 
     /// Whether vLLM builds the head untied and re-ties it after loading where it equals the
     /// embedding (its `word_embeddings_untied_by_checkpoint`).
-    pub fn untied_by_checkpoint(self) -> bool {
+    pub(crate) fn untied_by_checkpoint(self) -> bool {
         self.declared && self.stored_head
     }
 }
 
 /// The tie facts of a checkpoint under `map` (all false without a `tie` rule).
-pub fn tie_facts(map: &VllmMap, ckpt: &Checkpoint, config: &Config) -> TieFacts {
+pub(crate) fn tie_facts(map: &VllmMap, ckpt: &Checkpoint, config: &Config) -> TieFacts {
     let Some(tie) = &map.tie else {
         return TieFacts::default();
     };
