@@ -55,7 +55,7 @@ pub(crate) fn side_files(ckpt: &Checkpoint, untie: bool) -> Result<Vec<(String, 
             }
         }
         let mut bytes = serde_json::to_vec_pretty(&config)
-            .map_err(|e| Error::Config(format!("config.json: {e}")))?;
+            .map_err(|e| Error::io("config.json", std::io::Error::other(e)))?;
         bytes.push(b'\n');
         files.push(("config.json".to_string(), bytes));
     }

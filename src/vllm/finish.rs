@@ -103,9 +103,10 @@ impl Finishing {
         let rank = loaded.coords().rank;
         let rp = rank_plan(plan, rank)?;
         if loaded.plans() != rp.tensors.as_slice() {
-            return Err(Error::Load(format!(
-                "rank {rank}: the loaded tensors are not this plan's (finish a rank with the job that loaded it)"
-            )));
+            return Err(Error::load(
+                Some(rank),
+                "the loaded tensors are not this plan's (finish a rank with the job that loaded it)",
+            ));
         }
         let retied = self.apply(rp, &mut ArenaTensors { loaded, rp }, names)?;
         loaded.mark_finished();
@@ -159,11 +160,10 @@ impl Finishing {
         }
         for &(i, value) in &f.buffers {
             let tensor = tensor(rp, i)?;
-            let elem = element(tensor.dtype, value).ok_or_else(|| {
-                Error::Plan(format!(
-                    "rank {rank}: buffer {:?}: {value} is not exact in {}",
-                    tensor.name, tensor.dtype
-                ))
+            let elem = element(tensor.dtype, value).ok_or_else(|| Error::Plan {
+                rank: Some(rank),
+                tensor: Some(tensor.name.clone()),
+                reason: format!("buffer value {value} is not exact in {}", tensor.dtype),
             })?;
             for chunk in t.data_mut(i)?.chunks_exact_mut(elem.len()) {
                 chunk.copy_from_slice(&elem);
@@ -211,18 +211,15 @@ fn retie(rp: &RankPlan, r: Retie, t: &mut dyn Tensors, names: Names) -> Result<R
 }
 
 fn rank_plan(plan: &Plan, rank: usize) -> Result<&RankPlan> {
-    plan.ranks.get(rank).ok_or_else(|| {
-        Error::Load(format!(
-            "rank {rank}: the plan has {} ranks",
-            plan.ranks.len()
-        ))
-    })
+    plan.ranks
+        .get(rank)
+        .ok_or_else(|| Error::plan_rank(rank, format!("the plan has {} ranks", plan.ranks.len())))
 }
 
 fn tensor(rp: &RankPlan, i: usize) -> Result<&TensorPlan> {
     rp.tensors
         .get(i)
-        .ok_or_else(|| Error::Load(format!("rank {}: no tensor {i} to finish", rp.coords.rank)))
+        .ok_or_else(|| Error::plan_rank(rp.coords.rank, format!("no tensor {i} to finish")))
 }
 
 /// A rank in its own arena (or views of the files, materialized before a write).
@@ -313,12 +310,11 @@ impl Buffer<'_> {
         let e = s.and_then(|s| s.checked_add(usize::try_from(t.bytes).ok()?));
         match (s, e) {
             (Some(s), Some(e)) if e <= self.arena.len() => Ok(s..e),
-            _ => Err(Error::Load(format!(
-                "rank {}: tensor {:?} lies outside the {}-byte buffer",
-                self.rp.coords.rank,
-                t.name,
-                self.arena.len()
-            ))),
+            _ => Err(Error::Plan {
+                rank: Some(self.rp.coords.rank),
+                tensor: Some(t.name.clone()),
+                reason: format!("lies outside the {}-byte buffer", self.arena.len()),
+            }),
         }
     }
 }
@@ -341,10 +337,10 @@ impl Tensors for Buffer<'_> {
 
 fn missing(rp: &RankPlan, i: usize) -> Error {
     let name = rp.tensors.get(i).map_or("?", |t| t.name.as_str());
-    Error::Load(format!(
-        "rank {}: tensor {name:?} to finish is not loaded",
-        rp.coords.rank
-    ))
+    Error::plan_rank(
+        rp.coords.rank,
+        format!("tensor {name:?} to finish is not loaded"),
+    )
 }
 
 /// How a float format marks NaN and zero, for [`values_equal`].

@@ -167,7 +167,11 @@ struct Draft<'a> {
 impl Draft<'_> {
     /// A plan error naming the rank and tensor.
     fn err(&self, tensor: &str, why: String) -> Error {
-        Error::Plan(format!("rank {}: {tensor}: {why}", self.rp.coords.rank))
+        Error::Plan {
+            rank: Some(self.rp.coords.rank),
+            tensor: Some(tensor.to_string()),
+            reason: why,
+        }
     }
 
     /// Numbers `outputs` after the ones already there and places their parts.
@@ -291,10 +295,11 @@ fn layout(d: Draft<'_>) -> Result<(RankPlan, RankFinish)> {
     let mut seen: HashSet<&str> = HashSet::new();
     for o in &outs {
         if !seen.insert(&o.name) {
-            return Err(Error::Plan(format!(
-                "rank {rank}: {}: {}: two tensors get this vLLM name",
-                o.name, map.origin
-            )));
+            return Err(Error::Plan {
+                rank: Some(rank),
+                tensor: Some(o.name.clone()),
+                reason: format!("{}: two tensors get this vLLM name", map.origin),
+            });
         }
     }
     let mut tensors = Vec::with_capacity(outs.len());

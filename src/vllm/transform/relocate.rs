@@ -196,9 +196,10 @@ pub(super) fn relocate_runs(
                 let Some(&(ts, te, ti)) = bounds.get(k).filter(|b| b.0 <= x) else {
                     // Alignment gaps hold zeros only; a copy there is a plan inconsistency.
                     if src.is_some() {
-                        return Err(Error::Plan(format!(
-                            "rank {rank}: a copy run at arena offset {x} lies outside every tensor"
-                        )));
+                        return Err(Error::plan_rank(
+                            rank,
+                            format!("a copy run at arena offset {x} lies outside every tensor"),
+                        ));
                     }
                     let next = bounds.get(k).map(|b| b.0).unwrap_or(end).min(end);
                     x = next.max(x + 1).min(end);
@@ -206,9 +207,10 @@ pub(super) fn relocate_runs(
                 };
                 let piece_end = end.min(te);
                 let Some(p) = &place[ti] else {
-                    return Err(Error::Plan(format!(
-                        "rank {rank}: tensor {ti} has no placement"
-                    )));
+                    return Err(Error::plan_rank(
+                        rank,
+                        format!("tensor {ti} has no placement"),
+                    ));
                 };
                 let out_offset = offsets[p.out];
                 relocate(

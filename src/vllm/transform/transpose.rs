@@ -24,7 +24,7 @@ impl Transpose {
         let e = self.elem as usize;
         let (r, c) = (self.rows as usize, self.cols as usize);
         if r.checked_mul(c).and_then(|n| n.checked_mul(e)) != Some(data.len()) {
-            return Err(Error::Load(format!(
+            return Err(Error::plan(format!(
                 "transpose of {r} x {c} elements of {e} bytes over {} bytes",
                 data.len()
             )));
