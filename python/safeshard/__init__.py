@@ -460,6 +460,13 @@ class Rank:
         """Tensor names, in arena order."""
         return list(self._table)
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        """``{name: holder}``: tensors of the plan this rank leaves out because its tensor
+        ``holder`` holds their values (with ``names="vllm"``, an embedding vLLM re-ties to
+        the stored head it equals: ``{"model.embed_tokens.weight": "lm_head.weight"}``)."""
+        return dict(self._native.aliases)
+
     # torch
 
     def _torch_cpu_base(self) -> torch.Tensor:

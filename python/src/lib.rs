@@ -26,7 +26,9 @@ use safeshard::dist::{choose_share, load_shared_with, SharedPlan};
 use safeshard::error::{ErrorKind, OptionNames};
 use safeshard::load::LoadControl;
 use safeshard::plan::TensorPlan;
-use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, TensorNames, Topology};
+use safeshard::{
+    Error, IoMode, Job, LoadOptions, RankTensors, ShareMode, ShareOptions, TensorNames, Topology,
+};
 
 mod comm;
 mod dlpack;
@@ -305,14 +307,7 @@ impl NativePlan {
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || job.load_rank(rank, &opts))?;
-        let stats = *loaded.stats();
-        let (arena, tensors) = loaded.into_parts();
-        Ok(NativeRank::local(
-            rank,
-            tensors,
-            dlpack::Owner::from_arena(arena),
-            &stats,
-        ))
+        Ok(NativeRank::loaded(rank, loaded))
     }
 
     /// Loads one rank into caller memory: `nbytes` writable bytes at `address`, owned by
@@ -338,7 +333,7 @@ impl NativePlan {
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
-        let stats = run_interruptible(py, &control, progress, move || {
+        let loaded = run_interruptible(py, &control, progress, move || {
             let bytes: &mut [u8] = if nbytes == 0 {
                 &mut []
             } else {
@@ -347,18 +342,16 @@ impl NativePlan {
                 // unused by Python code until this returns.
                 unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) }
             };
-            let stats = safeshard::load::load_rank_into_buffer(&job.plan, rank, &opts, bytes)?;
-            // Buffers and transposes of vLLM names, as Job::load_rank does.
-            job.finish_buffer(rank, bytes)?;
-            Ok(stats)
+            // Finished (vLLM names: transposes, buffers, re-ties) as Job::load_rank does.
+            job.load_rank_into_buffer(rank, &opts, bytes)
         })?;
-        let rp = self.job.plan.ranks.get(rank);
-        let tensors = rp.map(|rp| rp.tensors.clone()).unwrap_or_default();
-        let used = rp.map_or(0, |rp| rp.arena_bytes) as usize;
+        let used = self.job.plan.ranks.get(rank).map_or(0, |rp| rp.arena_bytes) as usize;
         // SAFETY: the first `used` bytes (the load checked they fit in `nbytes`) of memory
         // `keep` owns, which the owner keeps alive.
         let owner = unsafe { dlpack::Owner::from_external(address as *mut u8, used, keep) };
-        Ok(NativeRank::local(rank, tensors, owner, &stats))
+        let mut native = NativeRank::local(rank, loaded.tensors, owner, &loaded.stats);
+        native.aliases = loaded.aliases;
+        Ok(native)
     }
 
     /// Loads one rank with the tensors in `into` (`(name, address, nbytes)`: writable,
@@ -396,7 +389,6 @@ impl NativePlan {
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
-        let names: HashSet<String> = into.iter().map(|(n, _, _)| n.clone()).collect();
         let loaded = run_interruptible(py, &control, progress, move || {
             let mut bufs: Vec<(&str, &mut [u8])> = into
                 .iter()
@@ -414,18 +406,7 @@ impl NativePlan {
                 .collect();
             job.load_rank_scattered(rank, &opts, &mut bufs)
         })?;
-        let stats = *loaded.stats();
-        let (arena, tensors) = loaded.into_parts();
-        let tensors = tensors
-            .into_iter()
-            .filter(|t| !names.contains(&t.name))
-            .collect();
-        Ok(NativeRank::local(
-            rank,
-            tensors,
-            dlpack::Owner::from_arena(arena),
-            &stats,
-        ))
+        Ok(NativeRank::loaded(rank, loaded))
     }
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
@@ -492,26 +473,19 @@ impl NativePlan {
             };
             let (mut loaded, traffic) =
                 load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)?;
-            // Buffers without a file source (vLLM names: `_k_scale` ...), as Job::load_shared.
-            job.fill_buffers(&mut loaded)?;
+            // vLLM names' transposes, buffers and re-ties, as Job::load_shared.
+            job.finish(&mut loaded)?;
             Ok((loaded, traffic, why.map(|w| (opts.mode, w))))
         })?;
-        let stats = *loaded.stats();
-        let (arena, tensors) = loaded.into_parts();
-        Ok(NativeRank {
-            rank,
-            tensors,
-            arena: dlpack::Owner::from_arena(arena),
-            read_bytes: stats.read_bytes,
-            sent_bytes: traffic.sent_bytes,
-            received_bytes: traffic.received_bytes,
-            seconds: stats.seconds,
-            share: share_why
-                .as_ref()
-                .map_or_else(|| mode.unwrap_or_default(), |(m, _)| *m)
-                .to_string(),
-            share_default: share_why.map(|(_, w)| w),
-        })
+        let mut native = NativeRank::loaded(rank, loaded);
+        native.sent_bytes = traffic.sent_bytes;
+        native.received_bytes = traffic.received_bytes;
+        native.share = share_why
+            .as_ref()
+            .map_or_else(|| mode.unwrap_or_default(), |(m, _)| *m)
+            .to_string();
+        native.share_default = share_why.map(|(_, w)| w);
+        Ok(native)
     }
 }
 
@@ -556,6 +530,8 @@ fn tensor_table<'py>(
 struct NativeRank {
     rank: usize,
     tensors: Vec<TensorPlan>,
+    /// (name, holder) of tensors left out because `holder` holds their values.
+    aliases: Vec<(String, String)>,
     arena: Arc<dlpack::Owner>,
     read_bytes: u64,
     sent_bytes: u64,
@@ -577,6 +553,7 @@ impl NativeRank {
         NativeRank {
             rank,
             tensors,
+            aliases: Vec::new(),
             arena,
             read_bytes: stats.read_bytes,
             sent_bytes: 0,
@@ -585,6 +562,22 @@ impl NativeRank {
             share: ShareMode::None.to_string(),
             share_default: None,
         }
+    }
+
+    /// A rank loaded into its own arena, which the result owns: the tensors it holds (not
+    /// those loaded into caller buffers or left out as aliases).
+    fn loaded(rank: usize, loaded: RankTensors) -> NativeRank {
+        let stats = *loaded.stats();
+        let aliases = loaded.aliases().to_vec();
+        let held: HashSet<String> = loaded.iter().map(|t| t.name.to_string()).collect();
+        let (arena, tensors) = loaded.into_parts();
+        let tensors = tensors
+            .into_iter()
+            .filter(|t| held.contains(&t.name))
+            .collect();
+        let mut native = NativeRank::local(rank, tensors, dlpack::Owner::from_arena(arena), &stats);
+        native.aliases = aliases;
+        native
     }
 }
 
@@ -598,6 +591,13 @@ impl NativeRank {
     /// `(name, dtype, shape, nbytes, offset)` per tensor, in arena order.
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         tensor_table(py, &self.tensors, true)
+    }
+
+    /// `(name, holder)` of the plan's tensors the rank leaves out because `holder` holds
+    /// their values (vLLM's re-tied embeddings).
+    #[getter]
+    fn aliases(&self) -> Vec<(String, String)> {
+        self.aliases.clone()
     }
 
     /// The arena, exportable once or more through DLPack (each export shares the bytes).

@@ -234,6 +234,11 @@ pub struct RankTensors {
     mapped: Option<Arc<engine::Mapped>>,
     taken: Vec<bool>,
     stats: LoadStats,
+    /// Whether the steps its plan leaves until after the load ran (see
+    /// [`RankTensors::is_finished`]).
+    finished: bool,
+    /// (name, holder) of tensors left out because another tensor holds their values.
+    aliases: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for RankTensors {
@@ -390,6 +395,22 @@ impl RankTensors {
         self.materialize();
         (self.arena, self.tensors)
     }
+
+    /// Whether the steps its plan leaves until after the load ran: for vLLM names
+    /// ([`crate::TensorNames::Vllm`]) the transposes, the buffer values and the embeddings
+    /// vLLM re-ties (see [`crate::vllm`]). Every [`crate::Job`] load is finished; a load of
+    /// the lower layers is not, until [`crate::Job::finish`]. A finished rank is never
+    /// finished again, so no step (a transpose) is applied twice.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// `(name, holder)` for every tensor of the plan this rank leaves out because its tensor
+    /// `holder` holds the same values under the name vLLM keeps (vLLM's re-tied embeddings:
+    /// `("model.embed_tokens.weight", "lm_head.weight")`). Empty for checkpoint names.
+    pub fn aliases(&self) -> &[(String, String)] {
+        &self.aliases
+    }
 }
 
 impl RankTensors {
@@ -402,6 +423,25 @@ impl RankTensors {
         if let Some(t) = self.taken.get_mut(i) {
             *t = true;
         }
+    }
+
+    /// Leaves tensor `i` out because tensor `holder` holds its values (see
+    /// [`RankTensors::aliases`]).
+    pub(crate) fn alias(&mut self, i: usize, holder: &str) {
+        if let Some(t) = self.tensors.get(i) {
+            self.aliases.push((t.name.clone(), holder.to_string()));
+        }
+        self.leave_out(i);
+    }
+
+    /// Records that the plan's post-load steps ran (see [`RankTensors::is_finished`]).
+    pub(crate) fn mark_finished(&mut self) {
+        self.finished = true;
+    }
+
+    /// The bytes of tensor `i` (plan order), wherever they are (arena or view).
+    pub(crate) fn tensor_data(&self, i: usize) -> Option<&[u8]> {
+        self.tensor_at(i).map(|t| t.data)
     }
 
     /// Whether tensor `i` was taken out or loaded elsewhere.
@@ -427,6 +467,8 @@ impl RankTensors {
             mapped: None,
             taken: vec![false; rp.tensors.len()],
             stats,
+            finished: false,
+            aliases: Vec::new(),
         }
     }
 }

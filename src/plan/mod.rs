@@ -46,7 +46,6 @@ use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
 mod json;
-pub mod names;
 mod runs;
 mod strided;
 mod svg;

@@ -58,6 +58,13 @@ VARIANTS = [
     # (vLLM re-ties) or different from it (vLLM loads it as the head).
     Variant("llama-tied-head-equal", "llama-tiny-tied", edit="head-equal"),
     Variant("llama-tied-head-differs", "llama-tiny-tied", edit="head-differs"),
+    # vLLM re-ties a stored head per rank where it equals the embedding (torch.equal over the
+    # rank's rows, padding included): an exact copy of a NaN-free embedding re-ties on every
+    # rank; with vocab 65 (padded to 128) ranks holding only padding re-tie even though the
+    # head differs (tp 4: rank 3, tp 8: ranks 5-7). The head-equal copy above holds NaNs, so
+    # vLLM never re-ties it.
+    Variant("llama-tied-head-copy", "llama-tiny-tied", edit="finite,head-equal"),
+    Variant("llama-tied-v65-head-differs", "llama-tiny-tied", edit="vocab65,head-differs"),
     Variant("mistral", "mistral-tiny"),
     Variant("qwen2", "qwen2-tiny"),
     Variant("qwen2-untied", "qwen2-tiny-untied"),
@@ -128,13 +135,42 @@ def make_checkpoint(variant: Variant, root: Path) -> Path:
     return out
 
 
-def edit_checkpoint(ckpt: Path, edit: str) -> None:
+def edit_checkpoint(ckpt: Path, edits: str) -> None:
+    """Applies the comma-separated `edits` in order."""
+    for edit in edits.split(","):
+        edit_once(ckpt, edit)
+
+
+def edit_embedding(ckpt: Path, change) -> None:
+    """Rewrites the file holding `model.embed_tokens.weight` with `change(tensor)` in its place."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.embed_tokens.weight"
+    index_path = ckpt / "model.safetensors.index.json"
+    if index_path.exists():
+        files = [json.loads(index_path.read_text())["weight_map"][name]]
+    else:
+        files = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    for f in files:
+        tensors = load_file(ckpt / f)
+        if name in tensors:
+            tensors[name] = change(tensors[name]).contiguous()
+            save_file(tensors, ckpt / f, metadata={"format": "pt"})
+
+
+def edit_once(ckpt: Path, edit: str) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
     cfg_path = ckpt / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    if edit in ("head-equal", "head-differs"):
+    if edit == "finite":
+        # NaNs (random bits) replaced by zeros: torch.equal never equals a NaN.
+        edit_embedding(ckpt, lambda t: torch.nan_to_num(t, nan=0.0))
+    elif edit == "vocab65":
+        edit_embedding(ckpt, lambda t: t[:65].clone())
+        cfg["vocab_size"] = 65
+    elif edit in ("head-equal", "head-differs"):
         # Add lm_head.weight in a file of its own and list it in the index.
         emb_name = "wte.weight" if cfg["model_type"] == "gpt2" else "model.embed_tokens.weight"
         index_path = ckpt / "model.safetensors.index.json"
@@ -321,6 +357,15 @@ def compare_rank(vdir: Path, sdir: Path, rank: int) -> list[str]:
             problems.append(f"rank {rank}: {key}: shape {tuple(exp.shape)} (safeshard) != {tuple(t.shape)} (vLLM)")
         elif not torch.equal(exp.contiguous().view(torch.uint8), t.contiguous().view(torch.uint8)):
             problems.append(f"rank {rank}: {key}: bytes differ")
+    # A name vLLM ties to another (a stored head it re-tied to the embedding it equals): the
+    # checkpoint-named rank keeps the stored head, which must equal what vLLM holds for both.
+    for alias, holder in sorted(meta["aliases"].items()):
+        if alias in ss and alias not in used and holder in vt:
+            used.add(alias)
+            a, b = ss[alias], vt[holder]
+            same = a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
+            if not (same and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))):
+                problems.append(f"rank {rank}: {alias}: differs from {holder}, which vLLM ties it to")
     for extra in sorted(set(ss) - used):
         problems.append(f"rank {rank}: safeshard holds {extra} {tuple(ss[extra].shape)}, vLLM does not")
     return problems

@@ -44,6 +44,11 @@ VARIANTS = [
     Variant("llama", "llama-tiny"),
     Variant("llama-tied", "llama-tiny-tied"),
     Variant("llama-tied-head-differs", "llama-tiny-tied", edit="head-differs"),
+    # Stored heads vLLM re-ties (differential.py): on every rank, only on padding-only ranks,
+    # and through the arena (a float32 model takes no bfloat16 tensor in place).
+    Variant("llama-tied-head-copy", "llama-tiny-tied", edit="finite,head-equal"),
+    Variant("llama-tied-v65-head-differs", "llama-tiny-tied", edit="vocab65,head-differs"),
+    Variant("llama-tied-head-copy-as-f32", "llama-tiny-tied", edit="finite,head-equal", dtype="float32"),
     Variant("qwen2", "qwen2-tiny"),
     Variant("phi3", "phi3-tiny"),
     Variant("mixtral", "mixtral-tiny"),
@@ -70,6 +75,9 @@ CASES = [f"{v.name}-tp2-pp2" for v in VARIANTS] + [
     "qwen2-moe-tp2-pp2-ep",
     "llama-skewed-tp2-pp1",
     "llama-as-f32-tp2-pp1",
+    "llama-tied-head-copy-tp2-pp1",
+    "llama-tied-v65-head-differs-tp4-pp1",
+    "llama-tied-head-copy-as-f32-tp2-pp1",
 ]
 
 
