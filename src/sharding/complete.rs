@@ -4,7 +4,10 @@
 //! Data-driven, no per-architecture knowledge: a non-optional rule that holds data
 //! - and matched a tensor of layer `l` must match the same name in every layer its condition
 //!   allows (`model.layers.{layer}.mlp.down_proj.weight` seen in layers 0, 1, 3 of 4 → layer 2
-//!   is missing);
+//!   is missing), and, with `experts(count=N)`, for every expert `0..N` of those layers (an
+//!   expert missing from every layer is missing too); a condition that reads `layer` (a
+//!   config list such as `mlp_only_layers`, `layer % moe_layer_freq`) says which layers those
+//!   are, as the model class decides it;
 //! - and matched nothing must match every name its pattern spells out (`model.norm.weight`,
 //!   `lm_head.weight if !tie`, `{layer}` over all layers, `{expert}` over `experts(count=..)`),
 //!   unless the pattern has wildcards (then it stays a warning).
@@ -25,31 +28,59 @@ const MAX_LISTED: usize = 10;
 /// one-layer checkpoint is refused after this many without enumerating them all.
 const MAX_CHECKED: u64 = 1 << 20;
 
-/// Names seen per (rule, name around its `{layer}` number).
+/// Names seen per (rule, name with its `{layer}` and `{expert}` numbers cut out).
 #[derive(Default)]
 pub(super) struct Completeness {
     templates: BTreeMap<(usize, Template), Seen>,
 }
 
-/// A tensor name with its layer number cut out: `head` + layer + `tail`, as in the file
-/// (`shown`) and after aliases (`normalized`, what rules and `has` see).
+/// A tensor name with its layer (and expert) number cut out, as in the file (`shown`) and
+/// after aliases (`normalized`, what rules and `has` see): segments with the holes empty.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Template {
-    shown: (String, String),
-    normalized: (String, String),
+    shown: Vec<String>,
+    normalized: Vec<String>,
+    /// Where the layer number goes: (index in `shown`, index in `normalized`).
+    layer: (usize, usize),
+    /// Where the expert number goes, for a rule with `experts(...)`.
+    expert: Option<(usize, usize)>,
 }
 
 impl Template {
-    fn name(parts: &(String, String), layer: u64) -> String {
-        format!("{}{layer}{}", parts.0, parts.1)
+    fn name(segs: &[String], layer: (usize, u64), expert: Option<(usize, u64)>) -> String {
+        let mut v = segs.to_vec();
+        for (i, n) in std::iter::once(layer).chain(expert) {
+            if let Some(s) = v.get_mut(i) {
+                *s = n.to_string();
+            }
+        }
+        v.join(".")
+    }
+
+    fn shown(&self, layer: u64, expert: u64) -> String {
+        Template::name(
+            &self.shown,
+            (self.layer.0, layer),
+            self.expert.map(|e| (e.0, expert)),
+        )
+    }
+
+    fn normalized(&self, layer: u64, expert: u64) -> String {
+        Template::name(
+            &self.normalized,
+            (self.layer.1, layer),
+            self.expert.map(|e| (e.1, expert)),
+        )
     }
 }
 
 struct Seen {
-    layers: Vec<u64>,
-    /// The captures of one matching tensor (the layer slot is overwritten per layer).
+    /// (layer, expert) of every matching tensor (expert 0 without an expert hole).
+    seen: Vec<(u64, u64)>,
+    /// The captures of one matching tensor (the layer and expert slots are overwritten).
     caps: Vec<u64>,
-    slot: usize,
+    layer_slot: usize,
+    expert_slot: Option<usize>,
 }
 
 /// What is missing, capped.
@@ -61,18 +92,21 @@ pub(super) struct Missing {
     rules: BTreeSet<usize>,
 }
 
-/// `segs` joined with dots around position `i`: ("a.b.", ".d") for ["a","b","3","d"], i = 2.
-fn around(segs: &[&str], i: usize) -> (String, String) {
-    let mut head = segs[..i].join(".");
-    if i > 0 {
-        head.push('.');
+/// The segment of `segs` that holds capture `slot` (= `value`): the one equal to it, or,
+/// with several equal numbers (layer 1, expert 1), the one whose change changes the capture.
+fn hole(rule: &Rule, segs: &[&str], caps: &[u64], slot: usize, value: u64) -> Option<usize> {
+    let vs = value.to_string();
+    let candidates: Vec<usize> = (0..segs.len()).filter(|&i| segs[i] == vs).collect();
+    if candidates.len() == 1 {
+        return candidates.first().copied();
     }
-    let mut tail = String::new();
-    if i + 1 < segs.len() {
-        tail.push('.');
-        tail.push_str(&segs[i + 1..].join("."));
-    }
-    (head, tail)
+    let other = value.saturating_add(1).to_string();
+    candidates.into_iter().find(|&i| {
+        let mut v = segs.to_vec();
+        v[i] = &other;
+        let mut c = vec![0; caps.len()];
+        rule.pattern.matches(&v, &mut c) && c.get(slot) == Some(&(value + 1))
+    })
 }
 
 impl Completeness {
@@ -89,40 +123,50 @@ impl Completeness {
         segs: &[&str],
         caps: &[u64],
     ) {
-        let ls = layer.to_string();
-        let candidates: Vec<usize> = (0..segs.len()).filter(|&i| segs[i] == ls).collect();
-        // With several equal numbers (layer 1, expert 1) the layer is the one whose change
-        // changes the capture.
-        let pos = if candidates.len() == 1 {
-            candidates.first().copied()
-        } else {
-            let other = layer.saturating_add(1).to_string();
-            candidates.into_iter().find(|&i| {
-                let mut v = segs.to_vec();
-                v[i] = &other;
-                let mut c = vec![0; caps.len()];
-                rule.pattern.matches(&v, &mut c) && c.get(slot) == Some(&(layer + 1))
-            })
-        };
-        // A layer number inside a segment (`h3`) cannot be swapped: not checked.
-        let Some(i) = pos else { return };
         let orig: Vec<&str> = name.split('.').collect();
-        let Some(j) = orig.len().checked_sub(segs.len() - i) else {
+        // The same position counted from the end in the file's name (aliases change the
+        // front); a number inside a segment (`h3`) cannot be swapped: not checked.
+        let place = |slot: usize, value: u64| -> Option<(usize, usize)> {
+            let i = hole(rule, segs, caps, slot, value)?;
+            let j = orig.len().checked_sub(segs.len() - i)?;
+            (orig.get(j) == Some(&value.to_string().as_str())).then_some((j, i))
+        };
+        let Some(at_layer) = place(slot, layer) else {
             return;
         };
-        if orig.get(j) != Some(&ls.as_str()) {
-            return;
-        }
+        let expert = rule.expert_slot.and_then(|s| Some((s, *caps.get(s)?)));
+        let at_expert = match expert {
+            Some((s, e)) => match place(s, e) {
+                Some(p) if p != at_layer => Some(p),
+                _ => return,
+            },
+            None => None,
+        };
+        let blank = |v: &[&str], holes: &[usize]| -> Vec<String> {
+            v.iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    if holes.contains(&k) {
+                        String::new()
+                    } else {
+                        s.to_string()
+                    }
+                })
+                .collect()
+        };
         let key = Template {
-            shown: around(&orig, j),
-            normalized: around(segs, i),
+            shown: blank(&orig, &[at_layer.0, at_expert.map_or(usize::MAX, |e| e.0)]),
+            normalized: blank(segs, &[at_layer.1, at_expert.map_or(usize::MAX, |e| e.1)]),
+            layer: at_layer,
+            expert: at_expert,
         };
         let seen = self.templates.entry((ri, key)).or_insert_with(|| Seen {
-            layers: Vec::new(),
+            seen: Vec::new(),
             caps: caps.to_vec(),
-            slot,
+            layer_slot: slot,
+            expert_slot: expert.map(|e| e.0),
         });
-        seen.layers.push(layer);
+        seen.seen.push((layer, expert.map_or(0, |e| e.1)));
     }
 
     /// Every tensor the spec implies that the checkpoint lacks. `hits[ri]`: tensors rule
@@ -141,26 +185,46 @@ impl Completeness {
         if let Some(n) = n_layers {
             for ((ri, t), seen) in &self.templates {
                 let Some(rule) = rules.get(*ri) else { continue };
-                let mut layers = seen.layers.clone();
-                layers.sort_unstable();
-                layers.dedup();
+                let mut pairs = seen.seen.clone();
+                pairs.sort_unstable();
+                pairs.dedup();
+                // Every expert of the rule's count in every layer its condition allows (an
+                // expert missing from all layers too); the experts seen if the count is unknown.
+                let experts: Vec<u64> = match (t.expert, &rule.experts) {
+                    (None, _) => vec![0],
+                    (Some(_), Some(ex)) => match r.int_at(rule.line, &ex.count, &[]) {
+                        Ok(c) => (0..u64::try_from(c).unwrap_or(0)).collect(),
+                        Err(_) => {
+                            let mut v: Vec<u64> = pairs.iter().map(|p| p.1).collect();
+                            v.sort_unstable();
+                            v.dedup();
+                            v
+                        }
+                    },
+                    (Some(_), None) => vec![0],
+                };
                 let mut caps = seen.caps.clone();
-                for l in 0..n as u64 {
-                    if layers.binary_search(&l).is_ok() {
-                        continue;
+                'layers: for l in 0..n as u64 {
+                    for &e in &experts {
+                        if pairs.binary_search(&(l, e)).is_ok() {
+                            continue;
+                        }
+                        if budget == 0 {
+                            m.at_least = true;
+                            break 'layers;
+                        }
+                        budget -= 1;
+                        if let Some(c) = caps.get_mut(seen.layer_slot) {
+                            *c = l;
+                        }
+                        if let Some(c) = seen.expert_slot.and_then(|s| caps.get_mut(s)) {
+                            *c = e;
+                        }
+                        if !applies(r, rule, &caps) || has(&t.normalized(l, e)) {
+                            continue;
+                        }
+                        m.add(*ri, t.shown(l, e));
                     }
-                    if budget == 0 {
-                        m.at_least = true;
-                        break;
-                    }
-                    budget -= 1;
-                    if let Some(c) = caps.get_mut(seen.slot) {
-                        *c = l;
-                    }
-                    if !applies(r, rule, &caps) || has(&Template::name(&t.normalized, l)) {
-                        continue;
-                    }
-                    m.add(*ri, Template::name(&t.shown, l));
                 }
             }
         }
@@ -192,6 +256,25 @@ impl Completeness {
         }
         Ok(m)
     }
+}
+
+/// Whether a rule whose condition reads captures holds in no layer `0..n` (other captures
+/// at 0): a rule for a layer kind the config has none of. Unknown (no layer count, no
+/// `{layer}`, too many layers): false.
+pub(super) fn off_in_every_layer(r: &Resolver<'_>, rule: &Rule, n_layers: Option<usize>) -> bool {
+    let (Some(n), Some(slot)) = (n_layers, rule.layer_slot) else {
+        return false;
+    };
+    if n as u64 > MAX_CHECKED {
+        return false;
+    }
+    let mut caps = vec![0u64; rule.pattern.captures.len()];
+    (0..n as u64).all(|l| {
+        if let Some(c) = caps.get_mut(slot) {
+            *c = l;
+        }
+        !applies(r, rule, &caps)
+    })
 }
 
 /// Whether `rule`'s condition holds for these captures (an evaluation error counts as "does

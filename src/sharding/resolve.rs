@@ -293,9 +293,11 @@ pub(crate) fn resolve_tensors(
         if hits[ri] > 0 || rule.optional || missing.explained(ri) {
             continue;
         }
-        // A rule switched off by its condition is not a mistake.
+        // A rule switched off by its condition is not a mistake (one that reads `layer`:
+        // off in every layer, e.g. the dense MLP of a model without dense layers).
         let off = match (&rule.cond, rule.cond_uses_captures) {
             (Some(c), false) => conds[ri].or_else(|| r.eval_bool(rule, c, &[]).ok()) == Some(false),
+            (Some(_), true) => super::complete::off_in_every_layer(&r, rule, n_layers),
             _ => false,
         };
         if !off {
@@ -395,6 +397,7 @@ impl Resolver<'_> {
             memo: self.memo,
             depth: Cell::new(0),
             stack: RefCell::new(Vec::new()),
+            read_capture: Cell::new(false),
         }
     }
 

@@ -419,6 +419,11 @@ pub fn expected_placed(
             topo.tp
         ));
     }
+    // Qwen2MoeSparseMoeBlock: "Tensor parallel size ... is greater than the number of
+    // experts".
+    if arch == Arch::Qwen2Moe && topo.tp as u64 > num_experts(arch, cfg)? {
+        return Err(format!("tp {} is more than num_experts", topo.tp));
+    }
     let stage = match layer_of(local) {
         Some(l) if l >= layers => {
             if arch == Arch::DeepseekV3 {
@@ -456,7 +461,7 @@ pub fn expected_placed(
     }
     let rule: Rule = match arch {
         Arch::Gpt2 => gpt2_rule(cfg, local, shape)?,
-        Arch::DeepseekV3 => deepseek_rule(local, shape)?,
+        Arch::DeepseekV3 => deepseek_rule(cfg, local, shape)?,
         _ => llama_family_rule(arch, cfg, local, shape)?,
     };
     let expert = expert_of(local);
@@ -704,8 +709,14 @@ fn quantized_rule(
     }))
 }
 
-/// DeepSeek-V3 (main model layers; the MTP layer is skipped before this).
-fn deepseek_rule(name: &str, shape: &[u64]) -> Result<Rule, String> {
+/// DeepSeek-V2/V3 (main model layers; the MTP layer is skipped before this). FP8 block
+/// quantization (`quant_method` "fp8") needs whole 128-blocks per partition; bf16 does not.
+fn deepseek_rule(cfg: &Value, name: &str, shape: &[u64]) -> Result<Rule, String> {
+    let fp8 = cfg
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(Value::as_str)
+        == Some("fp8");
     if matches!(name, "model.embed_tokens.weight" | "lm_head.weight") {
         return Ok(vocab(shape));
     }
@@ -738,7 +749,8 @@ fn deepseek_rule(name: &str, shape: &[u64]) -> Result<Rule, String> {
         | "self_attn.kv_a_proj_with_mqa"
         | "mlp.gate"
         | "mlp.gate.e_score_correction_bias" => K::Rep,
-        "self_attn.q_b_proj" | "self_attn.kv_b_proj" => K::Col,
+        // q_proj: DeepSeek-V2-Lite style, without q_lora_rank.
+        "self_attn.q_b_proj" | "self_attn.kv_b_proj" | "self_attn.q_proj" => K::Col,
         "self_attn.o_proj" => K::Row,
         "mlp.gate_proj"
         | "mlp.up_proj"
@@ -761,6 +773,8 @@ fn deepseek_rule(name: &str, shape: &[u64]) -> Result<Rule, String> {
     }
     Ok(match (kind, is_scale) {
         (K::Rep, _) => replicate(),
+        (K::Col, false) if !fp8 => column(shape, name),
+        (K::Row, false) if !fp8 => split_dim(shape, 1, name),
         (K::Col, false) => block_checked(shape, 0, name),
         (K::Row, false) => block_checked(shape, 1, name),
         // The scale's extent comes from the weight: ceil(out/128) rows, so the partition
