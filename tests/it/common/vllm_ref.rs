@@ -16,8 +16,9 @@
 //!   - `LlamaModel` (Llama, Mistral, Phi-3), `Qwen2Model`: embeddings on the first stage,
 //!     final norm and lm_head on the last (`PPMissingLayer` elsewhere), the embeddings also
 //!     on the last when tied.
-//!   - `MixtralModel`, `Qwen2MoeModel`, GPT-2 (`wte`, `wpe`, `ln_f`, `lm_head`): embeddings,
-//!     final norm and lm_head on every stage.
+//!   - `Qwen3Model` is a `Qwen2Model` (Qwen3: q_norm/k_norm replicated).
+//!   - `MixtralModel`, `Qwen2MoeModel`, `Qwen3MoeModel`, GPT-2 (`wte`, `wpe`, `ln_f`,
+//!     `lm_head`): embeddings, final norm and lm_head on every stage.
 //!   - `DeepseekV2Model`: embeddings first, norm and lm_head last, never tied.
 //!   - Tied config with a stored `lm_head.weight` (the config key `_checkpoint_has_lm_head`
 //!     says so; synthetic tied checkpoints store none): vLLM unties and loads the head.
@@ -39,6 +40,10 @@ pub enum Arch {
     Mixtral,
     /// `Qwen2MoeForCausalLM`.
     Qwen2Moe,
+    /// `Qwen3ForCausalLM` (`qwen3.py`: Qwen2Model with q_norm/k_norm).
+    Qwen3,
+    /// `Qwen3MoeForCausalLM` (`qwen3_moe.py`).
+    Qwen3Moe,
     /// `DeepseekV2ForCausalLM`, `DeepseekV3ForCausalLM`.
     DeepseekV3,
     /// `GPT2LMHeadModel`.
@@ -59,6 +64,8 @@ impl Arch {
             "Phi3ForCausalLM" => Arch::Phi3,
             "MixtralForCausalLM" => Arch::Mixtral,
             "Qwen2MoeForCausalLM" => Arch::Qwen2Moe,
+            "Qwen3ForCausalLM" => Arch::Qwen3,
+            "Qwen3MoeForCausalLM" => Arch::Qwen3Moe,
             "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM" => Arch::DeepseekV3,
             "GPT2LMHeadModel" => Arch::Gpt2,
             other => return Err(format!("no reference for {other}")),
@@ -403,7 +410,10 @@ pub fn expected_placed(
         .unwrap_or(false);
     // vLLM 0.33 unties a tied config whose checkpoint stores lm_head; DeepSeek never ties.
     let tied = cfg_tied(cfg, gpt2) && !stored_head && arch != Arch::DeepseekV3;
-    let everywhere = matches!(arch, Arch::Mixtral | Arch::Qwen2Moe | Arch::Gpt2);
+    let everywhere = matches!(
+        arch,
+        Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Gpt2
+    );
     // vLLM: "Total number of attention heads must be divisible by tensor parallel size".
     let heads = cfg_u(
         cfg,
@@ -419,9 +429,9 @@ pub fn expected_placed(
             topo.tp
         ));
     }
-    // Qwen2MoeSparseMoeBlock: "Tensor parallel size ... is greater than the number of
-    // experts".
-    if arch == Arch::Qwen2Moe && topo.tp as u64 > num_experts(arch, cfg)? {
+    // Qwen2MoeSparseMoeBlock / Qwen3MoeSparseMoeBlock: "Tensor parallel size ... is greater
+    // than the number of experts".
+    if matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe) && topo.tp as u64 > num_experts(arch, cfg)? {
         return Err(format!("tp {} is more than num_experts", topo.tp));
     }
     let stage = match layer_of(local) {
@@ -514,13 +524,13 @@ pub fn expected_placed(
 fn num_experts(arch: Arch, cfg: &Value) -> Result<u64, String> {
     match arch {
         Arch::Mixtral => cfg_u(cfg, "num_local_experts"),
-        Arch::Qwen2Moe => cfg_u(cfg, "num_experts"),
+        Arch::Qwen2Moe | Arch::Qwen3Moe => cfg_u(cfg, "num_experts"),
         Arch::DeepseekV3 => cfg_u(cfg, "n_routed_experts"),
         _ => Err(format!("{arch:?} has no experts")),
     }
 }
 
-/// Llama, Mistral, Qwen2, Phi-3, Mixtral, Qwen2-MoE.
+/// Llama, Mistral, Qwen2, Phi-3, Mixtral, Qwen2-MoE, Qwen3, Qwen3-MoE.
 fn llama_family_rule(arch: Arch, cfg: &Value, name: &str, shape: &[u64]) -> Result<Rule, String> {
     let (nh, nkv, hd) = attn(cfg)?;
     let tail = match layer_of(name) {
@@ -539,7 +549,18 @@ fn llama_family_rule(arch: Arch, cfg: &Value, name: &str, shape: &[u64]) -> Resu
     if let Some(r) = quantized_rule(cfg, tail, name, shape, nh, nkv, hd)? {
         return Ok(r);
     }
+    let qwen3 = matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe);
+    let attention_bias = cfg
+        .get("attention_bias")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let rule: Rule = match tail {
+        // Qwen3 without attention_bias: no bias parameter; AutoWeightsLoader ignores ".bias".
+        "self_attn.q_proj.bias" | "self_attn.k_proj.bias" | "self_attn.v_proj.bias"
+            if qwen3 && !attention_bias =>
+        {
+            skip()
+        }
         "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => column(shape, name),
         "self_attn.k_proj.weight"
         | "self_attn.k_proj.bias"
@@ -548,6 +569,12 @@ fn llama_family_rule(arch: Arch, cfg: &Value, name: &str, shape: &[u64]) -> Resu
             Box::new(move |tp, r| Ok(Some(cat(0, vec![kv_part(nkv, hd, tp, r, 0)?]))))
         }
         "self_attn.o_proj.weight" => split_dim(shape, 1, name),
+        // Qwen3: an RMSNorm over each head's dims, the same weights on every rank.
+        "self_attn.q_norm.weight" | "self_attn.k_norm.weight"
+            if matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe) =>
+        {
+            replicate()
+        }
         "self_attn.qkv_proj.weight" if arch == Arch::Phi3 => Box::new(move |tp, r| {
             // Fused on disk: cut by the global part sizes, then the qkv rule per part.
             let q = nh * hd;
