@@ -35,26 +35,34 @@ pub(super) struct Completeness {
 }
 
 /// A tensor name with its layer (and expert) number cut out, as in the file (`shown`) and
-/// after aliases (`normalized`, what rules and `has` see): segments with the holes empty.
+/// after aliases (`normalized`, what rules and `has` see): the name with the hole segments
+/// empty, and which segments the holes are (two strings per tensor: the key is built for
+/// every tensor of a large checkpoint).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Template {
-    shown: Vec<String>,
-    normalized: Vec<String>,
-    /// Where the layer number goes: (index in `shown`, index in `normalized`).
+    shown: String,
+    normalized: String,
+    /// The layer number's segment: (index in `shown`, index in `normalized`).
     layer: (usize, usize),
-    /// Where the expert number goes, for a rule with `experts(...)`.
+    /// The expert number's segment, for a rule with `experts(...)`.
     expert: Option<(usize, usize)>,
 }
 
 impl Template {
-    fn name(segs: &[String], layer: (usize, u64), expert: Option<(usize, u64)>) -> String {
-        let mut v = segs.to_vec();
-        for (i, n) in std::iter::once(layer).chain(expert) {
-            if let Some(s) = v.get_mut(i) {
-                *s = n.to_string();
+    /// `blank` with segment `layer.0` set to `layer.1` (and the expert's likewise).
+    fn name(blank: &str, layer: (usize, u64), expert: Option<(usize, u64)>) -> String {
+        let mut out = String::with_capacity(blank.len() + 8);
+        for (k, seg) in blank.split('.').enumerate() {
+            if k > 0 {
+                out.push('.');
+            }
+            match (layer, expert) {
+                ((i, v), _) if i == k => out.push_str(&v.to_string()),
+                (_, Some((i, v))) if i == k => out.push_str(&v.to_string()),
+                _ => out.push_str(seg),
             }
         }
-        v.join(".")
+        out
     }
 
     fn shown(&self, layer: u64, expert: u64) -> String {
@@ -74,6 +82,20 @@ impl Template {
     }
 }
 
+/// `segs` joined with dots, the segments at `holes` empty.
+fn blank(segs: &[&str], holes: [Option<usize>; 2]) -> String {
+    let mut out = String::with_capacity(segs.iter().map(|s| s.len() + 1).sum());
+    for (k, s) in segs.iter().enumerate() {
+        if k > 0 {
+            out.push('.');
+        }
+        if !holes.contains(&Some(k)) {
+            out.push_str(s);
+        }
+    }
+    out
+}
+
 struct Seen {
     /// (layer, expert) of every matching tensor (expert 0 without an expert hole).
     seen: Vec<(u64, u64)>,
@@ -81,6 +103,23 @@ struct Seen {
     caps: Vec<u64>,
     layer_slot: usize,
     expert_slot: Option<usize>,
+}
+
+/// The experts a template requires in each layer.
+enum Experts {
+    /// `0 .. count`.
+    Count(u64),
+    /// These (the ones seen when the count cannot be evaluated; `[0]` without an expert).
+    Seen(Vec<u64>),
+}
+
+impl Experts {
+    fn iter(&self) -> Box<dyn Iterator<Item = u64> + '_> {
+        match self {
+            Experts::Count(n) => Box::new(0..*n),
+            Experts::Seen(v) => Box::new(v.iter().copied()),
+        }
+    }
 }
 
 /// What is missing, capped.
@@ -142,21 +181,9 @@ impl Completeness {
             },
             None => None,
         };
-        let blank = |v: &[&str], holes: &[usize]| -> Vec<String> {
-            v.iter()
-                .enumerate()
-                .map(|(k, s)| {
-                    if holes.contains(&k) {
-                        String::new()
-                    } else {
-                        s.to_string()
-                    }
-                })
-                .collect()
-        };
         let key = Template {
-            shown: blank(&orig, &[at_layer.0, at_expert.map_or(usize::MAX, |e| e.0)]),
-            normalized: blank(segs, &[at_layer.1, at_expert.map_or(usize::MAX, |e| e.1)]),
+            shown: blank(&orig, [Some(at_layer.0), at_expert.map(|e| e.0)]),
+            normalized: blank(segs, [Some(at_layer.1), at_expert.map(|e| e.1)]),
             layer: at_layer,
             expert: at_expert,
         };
@@ -190,22 +217,23 @@ impl Completeness {
                 pairs.dedup();
                 // Every expert of the rule's count in every layer its condition allows (an
                 // expert missing from all layers too); the experts seen if the count is unknown.
-                let experts: Vec<u64> = match (t.expert, &rule.experts) {
-                    (None, _) => vec![0],
+                // A range, not a list: the count comes from input (the budget bounds the work).
+                let seen_experts = || {
+                    let mut v: Vec<u64> = pairs.iter().map(|p| p.1).collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v
+                };
+                let experts: Experts = match (t.expert, &rule.experts) {
                     (Some(_), Some(ex)) => match r.int_at(rule.line, &ex.count, &[]) {
-                        Ok(c) => (0..u64::try_from(c).unwrap_or(0)).collect(),
-                        Err(_) => {
-                            let mut v: Vec<u64> = pairs.iter().map(|p| p.1).collect();
-                            v.sort_unstable();
-                            v.dedup();
-                            v
-                        }
+                        Ok(c) => Experts::Count(u64::try_from(c).unwrap_or(0)),
+                        Err(_) => Experts::Seen(seen_experts()),
                     },
-                    (Some(_), None) => vec![0],
+                    _ => Experts::Seen(vec![0]),
                 };
                 let mut caps = seen.caps.clone();
                 'layers: for l in 0..n as u64 {
-                    for &e in &experts {
+                    for e in experts.iter() {
                         if pairs.binary_search(&(l, e)).is_ok() {
                             continue;
                         }

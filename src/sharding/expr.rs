@@ -510,11 +510,12 @@ pub(crate) struct Env<'a> {
     pub captures: &'a [(String, u64)],
     pub config: &'a serde_json::Map<String, serde_json::Value>,
     pub has: &'a dyn Fn(&str) -> bool,
-    pub memo: &'a RefCell<HashMap<String, Option<Value>>>,
+    /// Values of the `let`s that read no capture, computed once.
+    pub memo: &'a RefCell<HashMap<String, Value>>,
     /// Current evaluation depth (see [`MAX_EVAL_DEPTH`]).
     pub depth: Cell<usize>,
     /// The `let`s being evaluated, outermost first (to name a cycle).
-    pub stack: RefCell<Vec<String>>,
+    pub stack: RefCell<Vec<&'a str>>,
     /// Whether the evaluation read a capture (`layer`): a `let` that did is evaluated again
     /// for every tensor instead of being remembered.
     pub read_capture: Cell<bool>,
@@ -539,30 +540,33 @@ impl Env<'_> {
         if let Some((_, v)) = self.builtins.iter().find(|(n, _)| *n == name) {
             return Ok(Value::Int(*v));
         }
-        if let Some((e, let_line)) = self.lets.get(name) {
-            let cached = self.memo.borrow().get(name).cloned();
-            match cached {
-                Some(Some(v)) => return Ok(v),
-                // Inside its own definition a name means the config value:
-                // `let head_dim = head_dim ?? hidden_size / num_attention_heads`.
-                Some(None) => {
-                    return self.config_lookup(name).ok_or_else(|| {
-                        let stack = self.stack.borrow();
-                        let from = stack.iter().position(|n| n == name).unwrap_or(0);
-                        let mut chain: Vec<String> = stack.get(from..).unwrap_or(&[]).to_vec();
-                        chain.push(name.to_string());
-                        EvalError::Cyclic {
-                            name: name.to_string(),
-                            col,
-                            chain,
-                        }
-                    })
-                }
-                None => {}
+        if let Some((key, (e, let_line))) = self.lets.get_key_value(name) {
+            // Inside its own definition a name means the config value:
+            // `let head_dim = head_dim ?? hidden_size / num_attention_heads`.
+            if self.stack.borrow().contains(&name) {
+                return self.config_lookup(name).ok_or_else(|| {
+                    let stack = self.stack.borrow();
+                    let from = stack.iter().position(|n| *n == name).unwrap_or(0);
+                    let mut chain: Vec<String> = stack
+                        .get(from..)
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect();
+                    chain.push(name.to_string());
+                    EvalError::Cyclic {
+                        name: name.to_string(),
+                        col,
+                        chain,
+                    }
+                });
             }
-            // None marks "being evaluated" to catch cycles.
-            self.memo.borrow_mut().insert(name.to_string(), None);
-            self.stack.borrow_mut().push(name.to_string());
+            if let Some(v) = self.memo.borrow().get(name) {
+                return Ok(v.clone());
+            }
+            // No allocation on this path: a `let` read per tensor (it uses `layer`) is
+            // evaluated for every tensor of a large checkpoint.
+            self.stack.borrow_mut().push(key.as_str());
             let outer = self.read_capture.replace(false);
             let r = self.eval(e);
             let per_tensor = self.read_capture.get();
@@ -575,16 +579,9 @@ impl Env<'_> {
                     inner: Box::new(err),
                 },
             });
-            match &r {
-                // A `let` that reads `layer` (say) has a value per tensor: not remembered.
-                Ok(v) if !per_tensor => {
-                    self.memo
-                        .borrow_mut()
-                        .insert(name.to_string(), Some(v.clone()));
-                }
-                _ => {
-                    self.memo.borrow_mut().remove(name);
-                }
+            // A `let` that reads `layer` (say) has a value per tensor: not remembered.
+            if let (Ok(v), false) = (&r, per_tensor) {
+                self.memo.borrow_mut().insert(name.to_string(), v.clone());
             }
             return r;
         }

@@ -379,7 +379,7 @@ pub(super) struct Resolver<'a> {
     topo: &'a Topology,
     builtins: [(&'static str, i64); 4],
     has: &'a dyn Fn(&str) -> bool,
-    memo: &'a RefCell<HashMap<String, Option<Value>>>,
+    memo: &'a RefCell<HashMap<String, Value>>,
 }
 
 fn cdiv(a: u64, b: u64) -> u64 {

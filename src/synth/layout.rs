@@ -415,7 +415,7 @@ enum Quant {
 struct Lister<'a> {
     layout: &'a Layout,
     cfg: &'a serde_json::Map<String, Json>,
-    memo: &'a RefCell<HashMap<String, Option<Value>>>,
+    memo: &'a RefCell<HashMap<String, Value>>,
     dtype: Dtype,
     quant: Quant,
     vars: Vec<(String, u64)>,
