@@ -734,3 +734,21 @@ fn layer_kinds_from_config_values_decide_completeness() {
         "{e}"
     );
 }
+
+/// An expert count from input far beyond any checkpoint (spec_props found i64::MAX
+/// overflowing a list of the experts to check) is refused as incomplete, within the check
+/// budget, not a panic.
+#[test]
+fn a_huge_expert_count_is_bounded() {
+    let src = "layers 2\nmodel.layers.{layer}.mlp.experts.{expert}.w1.weight  replicate experts(count=9223372036854775807)\n";
+    let e = run(
+        src,
+        &[("model.layers.0.mlp.experts.0.w1.weight", &[2])],
+        json!({}),
+        topo(1, 1),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tensor(s) it needs are missing"), "{e}");
+    assert!(e.contains(" and at least "), "{e}");
+}
