@@ -85,7 +85,7 @@ fn run() -> Result<(), String> {
             side(SIDE[1])?
         );
     }
-    out.push_str("];\n\n/// (preset, spec name) of every synthetic preset, in registry then file order.\npub(crate) static PRESETS: &[(&str, &str)] = &[\n");
+    out.push_str("];\n\n/// (preset, spec name) of every synthetic preset, in registry then file order.\n#[cfg_attr(not(feature = \"synth\"), allow(dead_code))]\npub(crate) static PRESETS: &[(&str, &str)] = &[\n");
     let mut seen = std::collections::BTreeMap::new();
     let mut preset_names = String::new();
     for name in &names {

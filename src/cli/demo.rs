@@ -2,11 +2,11 @@
 
 use std::time::Instant;
 
-use safeshard::checkpoint::Dtype;
-use safeshard::synth::{self, SynthOptions};
-use safeshard::topology::Topology;
-use safeshard::{Error, Result};
-use safeshard::{Job, LoadOptions};
+use crate::checkpoint::Dtype;
+use crate::synth::{self, SynthOptions};
+use crate::topology::Topology;
+use crate::{Error, Result};
+use crate::{Job, LoadOptions};
 
 use super::common::{human_bytes, printable};
 use super::load::{human_line, load_one, load_ranks};

@@ -31,6 +31,7 @@ pub fn get(name: &str) -> Option<&'static Shipped> {
 }
 
 /// Every synthetic preset (the `presets` of each `NAME.synth.json`) with its entry's name.
+#[cfg(feature = "synth")]
 pub(crate) fn presets() -> &'static [(&'static str, &'static str)] {
     PRESETS
 }

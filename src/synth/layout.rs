@@ -135,8 +135,20 @@ pub(crate) struct Layout {
     pub presets: Vec<(String, Json, u64)>,
 }
 
+fn block_size_error(b: &Json) -> Error {
+    Error::config(
+        "quantization_config.weight_block_size",
+        format!("must be two positive integers, got {b}"),
+    )
+}
+
 fn bad(origin: &str, msg: String) -> Error {
-    Error::Config(format!("synth: {origin}: {msg}"))
+    Error::Spec {
+        file: origin.to_string(),
+        line: None,
+        key: None,
+        reason: msg,
+    }
 }
 
 /// An expression: a string in the spec language, or a JSON integer or boolean.
@@ -351,10 +363,10 @@ impl Layout {
             keys.iter()
                 .find_map(|k| q.get(*k).and_then(Json::as_u64))
                 .ok_or_else(|| {
-                    Error::Config(format!(
-                        "synth: quantization_config needs a non-negative integer `{}`",
-                        keys[0]
-                    ))
+                    Error::config(
+                        format!("quantization_config.{}", keys[0]),
+                        "must be a non-negative integer",
+                    )
                 })
         };
         if method == "fp8" {
@@ -363,13 +375,9 @@ impl Layout {
                 Some(b) => match b.as_array().map(Vec::as_slice) {
                     Some([x, y]) => match (x.as_u64(), y.as_u64()) {
                         (Some(x), Some(y)) if x > 0 && y > 0 => (x, y),
-                        _ => return Err(Error::Config(format!(
-                            "synth: quantization_config.weight_block_size must be two positive integers, got {b}"
-                        ))),
+                        _ => return Err(block_size_error(b)),
                     },
-                    _ => return Err(Error::Config(format!(
-                        "synth: quantization_config.weight_block_size must be two positive integers, got {b}"
-                    ))),
+                    _ => return Err(block_size_error(b)),
                 },
             };
             return Ok(Quant::Fp8 { block });
@@ -377,9 +385,10 @@ impl Layout {
         let bits = uint(&["bits", "w_bit"])?;
         let g = uint(&["group_size", "q_group_size"])?;
         if bits == 0 || 32 % bits != 0 || g == 0 {
-            return Err(Error::Config(format!(
-                "synth: quantization_config: bits {bits} must divide 32 and group_size {g} be positive"
-            )));
+            return Err(Error::config(
+                "quantization_config",
+                format!("bits {bits} must divide 32 and group_size {g} be positive"),
+            ));
         }
         let pf = 32 / bits;
         Ok(if method == "gptq" {
@@ -562,9 +571,10 @@ impl Lister<'_> {
             if ok {
                 Ok(())
             } else {
-                Err(Error::Config(format!(
-                    "synth: {name}: [{out}, {inp}] does not divide into the quantization packing/groups"
-                )))
+                Err(Error::config(
+                    "quantization_config",
+                    format!("packing/groups do not divide {name}: [{out}, {inp}]"),
+                ))
             }
         };
         match self.quant {

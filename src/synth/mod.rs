@@ -58,11 +58,12 @@ pub struct SynthOptions {
 
 /// The layout of a shipped architecture (`shard-specs/NAME.synth.json`).
 fn layout(arch: &str) -> Result<Layout> {
-    let src = registry::get(arch).and_then(|s| s.synth).ok_or_else(|| {
-        Error::Config(format!(
-            "synth: no checkpoint layout is shipped for `{arch}` (shard-specs/{arch}.synth.json)"
-        ))
-    })?;
+    let src = registry::get(arch)
+        .and_then(|s| s.synth)
+        .ok_or_else(|| Error::Unsupported {
+            what: format!("synthetic checkpoints of `{arch}`"),
+            why: format!("no layout is shipped (shard-specs/{arch}.synth.json)"),
+        })?;
     Layout::parse(src, &format!("{arch}.synth.json"))
 }
 
@@ -72,9 +73,10 @@ fn dtype_of(config: &serde_json::Value) -> Result<Dtype> {
         None | Some("bfloat16") => Ok(Dtype::BF16),
         Some("float16") => Ok(Dtype::F16),
         Some("float32") => Ok(Dtype::F32),
-        Some(other) => Err(Error::Config(format!(
-            "synth: unsupported torch_dtype {other:?} (bfloat16, float16 or float32)"
-        ))),
+        Some(other) => Err(Error::config(
+            "torch_dtype",
+            format!("{other:?} is not one synth writes (bfloat16, float16 or float32)"),
+        )),
     }
 }
 
@@ -114,10 +116,13 @@ impl SynthOptions {
             known.extend(spec.architectures);
         }
         let arch = arch.ok_or_else(|| {
-            Error::Config(format!(
-                "synth: `architectures` {names:?} names no known architecture (known: {})",
-                known.join(", ")
-            ))
+            Error::config(
+                "architectures",
+                format!(
+                    "{names:?} names no architecture synth knows (known: {})",
+                    known.join(", ")
+                ),
+            )
         })?;
         Ok(SynthOptions {
             arch,
@@ -170,11 +175,9 @@ impl SynthOptions {
         let key = self.layers_key();
         match self.config.get(&key) {
             Some(v) => v.as_u64().ok_or_else(|| {
-                Error::Config(format!(
-                    "synth: `{key}` must be a non-negative integer, got {v}"
-                ))
+                Error::config(&key, format!("must be a non-negative integer, got {v}"))
             }),
-            None => Err(Error::Config(format!("synth: config has no `{key}`"))),
+            None => Err(Error::config(key, "is missing from the config")),
         }
     }
 
@@ -194,10 +197,9 @@ pub fn tensors(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
 /// The reader's own rule (`checkpoint` header validation), so that synth never writes a shape
 /// the reader would refuse.
 pub fn tensor_bytes(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64> {
-    crate::checkpoint::tensor_bytes(dtype, shape).map_err(|why| {
-        Error::Config(format!(
-            "synth: tensor {name:?}: {dtype} {shape:?} has no whole byte size ({why})"
-        ))
+    crate::checkpoint::tensor_bytes(dtype, shape).map_err(|why| Error::Unsupported {
+        what: format!("synthetic tensor {name:?}"),
+        why: format!("{dtype} {shape:?} has no whole byte size ({why})"),
     })
 }
 

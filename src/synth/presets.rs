@@ -16,17 +16,20 @@ pub(crate) fn preset(name: &str) -> Result<SynthOptions> {
         (name, None)
     };
     let Some(&(_, arch)) = registry::presets().iter().find(|(p, _)| *p == base) else {
-        return Err(Error::Usage(format!(
-            "unknown synthetic preset {name:?}; known: {} (each also with -tied or -untied)",
-            PRESETS.join(", ")
-        )));
+        return Err(Error::UnknownPreset {
+            name: name.to_string(),
+            known: PRESETS.iter().map(|p| p.to_string()).collect(),
+        });
     };
     let layout = layout(arch)?;
     let Some((_, config, max_file_bytes)) = layout.presets.into_iter().find(|(p, ..)| p == base)
     else {
-        return Err(Error::Config(format!(
-            "synth: preset {base:?} is not in {arch}.synth.json"
-        )));
+        return Err(Error::Spec {
+            file: format!("{arch}.synth.json"),
+            line: None,
+            key: Some("presets".into()),
+            reason: format!("has no preset {base:?}, which the registry lists"),
+        });
     };
     let mut o = SynthOptions {
         arch,
@@ -38,9 +41,10 @@ pub(crate) fn preset(name: &str) -> Result<SynthOptions> {
     };
     if let Some(t) = tie {
         if layout.always_tied && !t {
-            return Err(Error::Usage(format!(
-                "preset {name:?}: {arch} checkpoints always tie the LM head to the embedding"
-            )));
+            return Err(Error::invalid_argument(
+                "preset",
+                format!("{name:?}: {arch} checkpoints always tie the LM head to the embedding"),
+            ));
         }
         o = o.with_tied(t);
     }
