@@ -13,7 +13,7 @@ For one case (a differential.py variant, tp, pp) it
    writes such a model untied (docs/vllm.md).
 
 Driver: `python tests/vllm/sharded_state.py [--case GLOBS] [--list] [--keep DIR] [--json F]`;
-pytest: `pytest tests/vllm/test_sharded_state.py` (SAFESHARD_VLLM_CASES picks cases).
+outcomes and expected refusals as in differential.py.
 """
 
 from __future__ import annotations
