@@ -41,6 +41,10 @@
 //!    them over a communicator, returning the same [`load::RankTensors`] as a local load.
 //! 7. [`reshard`] writes a planned job back out as per-rank safetensors files.
 //!
+//! A trainer whose state dict already says what each rank holds (DTensors) loads it with a
+//! [`SliceJob`]: explicit [`SliceRequest`]s instead of a sharding spec, planned and loaded by
+//! the same layers.
+//!
 //! [`synth`] writes synthetic Hugging Face-layout checkpoints for tests, demos and benchmarks.
 #![deny(missing_docs)]
 
@@ -53,6 +57,7 @@ pub mod load;
 pub mod plan;
 pub mod reshard;
 pub mod sharding;
+mod slice_job;
 pub mod synth;
 pub mod topology;
 
@@ -62,5 +67,7 @@ pub use error::{Error, Result};
 pub use job::{Job, JobBuilder};
 pub use load::{IoMode, LoadOptions, LoadStats, OwnedTensor, RankTensors, TensorRef};
 pub use plan::names::TensorNames;
+pub use plan::requests::SliceRequest;
 pub use reshard::{ReshardOptions, ReshardSummary};
+pub use slice_job::{load_collective, SliceJob};
 pub use topology::{Coords, Topology};

@@ -46,6 +46,7 @@ use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
 pub mod names;
+pub mod requests;
 mod runs;
 mod strided;
 mod svg;
