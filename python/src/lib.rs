@@ -28,8 +28,10 @@ use safeshard::plan::TensorPlan;
 use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, TensorNames, Topology};
 use sha2::{Digest, Sha256};
 
+mod caller;
 mod comm;
 mod dlpack;
+mod slices;
 
 /// The CLI, compiled into the extension so that the `safeshard` console script of the wheel
 /// is exactly the Rust command (same flags, messages and exit codes) without shipping a
@@ -299,38 +301,28 @@ impl NativePlan {
         ))
     }
 
-    /// Loads one rank into caller memory: `nbytes` writable bytes at `address`, owned by
-    /// `keep` (kept alive while any view exists). `safeshard.Plan.load(out=...)` derives all
-    /// three from a contiguous, writable CPU tensor or array it has checked; the rank's
+    /// Loads one rank into caller memory: `out`, a writable, contiguous CPU tensor or array
+    /// (taken through DLPack and checked here), kept alive while any view exists; the rank's
     /// tensors are views of that memory.
-    #[pyo3(signature = (rank, address, nbytes, keep, io="auto", threads=None, progress=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (rank, out, io="auto", threads=None, progress=None))]
     fn load_into(
         &self,
         py: Python<'_>,
         rank: usize,
-        address: usize,
-        nbytes: usize,
-        keep: Py<PyAny>,
+        out: &Bound<'_, PyAny>,
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<NativeRank> {
-        if address == 0 && nbytes > 0 {
-            return Err(usage(py, "out: null buffer address".into()));
-        }
+        let mut mem = caller::CallerMemory::take(py, out, "out").map_err(|e| to_py(py, e))?;
+        let (keep, address) = (mem.keep(py), mem.ptr());
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
         let stats = run_interruptible(py, &control, progress, move || {
-            let bytes: &mut [u8] = if nbytes == 0 {
-                &mut []
-            } else {
-                // SAFETY: the caller (`Plan.load`) passes the address and length of a
-                // writable, contiguous CPU buffer that `keep` owns and that stays alive and
-                // unused by Python code until this returns.
-                unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) }
-            };
+            // SAFETY: the one buffer of this load; `Plan.load` documents that Python code
+            // leaves it alone until the load returns.
+            let bytes = unsafe { mem.bytes_mut() };
             let stats = safeshard::load::load_rank_into_buffer(&job.plan, rank, &opts, bytes)?;
             // Buffers and transposes of vLLM names, as Job::load_rank does.
             job.finish_buffer(rank, bytes)?;
@@ -339,63 +331,34 @@ impl NativePlan {
         let rp = self.job.plan.ranks.get(rank);
         let tensors = rp.map(|rp| rp.tensors.clone()).unwrap_or_default();
         let used = rp.map_or(0, |rp| rp.arena_bytes) as usize;
-        // SAFETY: the first `used` bytes (the load checked they fit in `nbytes`) of memory
-        // `keep` owns, which the owner keeps alive.
-        let owner = unsafe { dlpack::Owner::from_external(address as *mut u8, used, keep) };
+        // SAFETY: the first `used` bytes (the load checked they fit) of memory the capsule
+        // `keep` holds alive and in place.
+        let owner = unsafe { dlpack::Owner::from_external(address, used, keep) };
         Ok(NativeRank::local(rank, tensors, owner, &stats))
     }
 
-    /// Loads one rank with the tensors in `into` (`(name, address, nbytes)`: writable,
-    /// contiguous CPU memory of exactly the tensor's bytes, checked by
-    /// `safeshard.Plan.load(into=...)`, which keeps the owners alive) written straight into
-    /// those buffers; the returned rank holds the other tensors in a fresh arena.
+    /// Loads one rank with the tensors in `into` (`(name, buffer)`: writable, contiguous CPU
+    /// tensors or arrays of exactly the tensor's bytes, taken through DLPack and checked
+    /// here) written straight into those buffers; the returned rank holds the other tensors
+    /// in a fresh arena.
     #[pyo3(signature = (rank, into, io="auto", threads=None, progress=None))]
     fn load_scattered(
         &self,
         py: Python<'_>,
         rank: usize,
-        into: Vec<(String, usize, usize)>,
+        into: Vec<(String, Bound<'_, PyAny>)>,
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<NativeRank> {
-        // Writes through overlapping buffers would race: refuse them before any write.
-        let mut spans: Vec<(usize, usize, &str)> = into
-            .iter()
-            .map(|(n, a, len)| (*a, a.saturating_add(*len), n.as_str()))
-            .collect();
-        spans.sort_unstable();
-        for w in spans.windows(2) {
-            if w[1].0 < w[0].1 {
-                return Err(usage(
-                    py,
-                    format!("into: the buffers of {:?} and {:?} overlap", w[0].2, w[1].2),
-                ));
-            }
-        }
-        if let Some((n, _, _)) = into.iter().find(|(_, a, len)| *a == 0 && *len > 0) {
-            return Err(usage(py, format!("into: {n:?}: null buffer address")));
-        }
+        let mut bufs = caller::take_all(py, &into).map_err(|e| to_py(py, e))?;
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
-        let names: HashSet<String> = into.iter().map(|(n, _, _)| n.clone()).collect();
+        let names: HashSet<String> = bufs.iter().map(|(n, _)| n.clone()).collect();
         let loaded = run_interruptible(py, &control, progress, move || {
-            let mut bufs: Vec<(&str, &mut [u8])> = into
-                .iter()
-                .map(|(n, a, len)| {
-                    let b: &mut [u8] = if *len == 0 {
-                        &mut []
-                    } else {
-                        // SAFETY: `Plan.load` passes the address and length of writable,
-                        // contiguous CPU buffers (checked above not to overlap) whose owners
-                        // it keeps alive, unused by Python code, until this returns.
-                        unsafe { std::slice::from_raw_parts_mut(*a as *mut u8, *len) }
-                    };
-                    (n.as_str(), b)
-                })
-                .collect();
-            job.load_rank_scattered(rank, &opts, &mut bufs)
+            let mut slices = caller::slices(&mut bufs);
+            job.load_rank_scattered(rank, &opts, &mut slices)
         })?;
         let stats = *loaded.stats();
         let (arena, tensors) = loaded.into_parts();
@@ -626,6 +589,7 @@ fn _safeshard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativePlan>()?;
     m.add_class::<NativeRank>()?;
     m.add_class::<dlpack::NativeArena>()?;
+    slices::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(synth, m)?)?;
     m.add_function(wrap_pyfunction!(synth_presets, m)?)?;
