@@ -216,3 +216,44 @@ fn a_failure_on_one_rank_fails_every_rank_before_any_buffer_is_written() {
         }
     }
 }
+
+#[test]
+fn a_file_that_changes_before_the_read_fails_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SynthOptions::preset("llama-tiny").unwrap().with_tied(false);
+    safeshard::synth::write_checkpoint(dir.path(), &opts).unwrap();
+    let job = SliceJob::open(dir.path()).unwrap();
+    let head = job.checkpoint().tensor("lm_head.weight").unwrap().clone();
+    let file = job.checkpoint().files[head.file].path.clone();
+    // Shrunk after planning: only rank 3 reads the head, every rank must fail.
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let norm = job.checkpoint().tensor("model.norm.weight").unwrap().shape.clone();
+    for mode in [ShareMode::None, ShareMode::ReadOnce] {
+        let share = ShareOptions {
+            mode,
+            ..ShareOptions::default()
+        };
+        let results = run_threads(WORLD, |comm| {
+            let mut reqs = vec![SliceRequest::whole("norm", "model.norm.weight", &norm)];
+            if comm.rank() == 3 {
+                reqs.push(SliceRequest::whole("head", "lm_head.weight", &head.shape));
+            }
+            job.load_collective(comm, &reqs, &share, &mut [])
+                .map(|_| ())
+                .err()
+                .map(|e| e.to_string())
+                .ok_or_else(|| Error::Usage("no error".into()))
+        });
+        for (r, res) in results.into_iter().enumerate() {
+            let err = res.unwrap_or_else(|e| panic!("{mode}: rank {r}: {e}"));
+            let name = file.file_name().unwrap().to_string_lossy().to_string();
+            assert!(err.contains(&name), "{mode}: rank {r}: {err}");
+        }
+    }
+}
