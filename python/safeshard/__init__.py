@@ -35,6 +35,7 @@ __all__ = [
     "Plan",
     "Rank",
     "RankInfo",
+    "Reindex",
     "SafeshardError",
     "TensorInfo",
     "load",
@@ -648,4 +649,4 @@ def synth(
 
 
 # Last: it imports helpers defined above.
-from ._state_dict import LoadReport, load_state_dict  # noqa: E402
+from ._state_dict import LoadReport, Reindex, load_state_dict  # noqa: E402

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _dtypes, _placements
@@ -23,7 +24,24 @@ from ._safeshard import NativeCheckpoint, SafeshardError, load_slices
 if TYPE_CHECKING:
     import torch
 
-KeyMap = Mapping[str, str] | Callable[[str], "str | None"] | None
+
+
+@dataclass(frozen=True)
+class Reindex:
+    """A ``key_map`` value for a tensor whose layout reorders the checkpoint's along one
+    dimension: index ``i`` of the state-dict tensor along ``dim`` is index ``index[i]`` of
+    checkpoint tensor ``name`` (the other dimensions match). torchtitan's Llama ``wq``/``wk``
+    are the Hugging Face ``q_proj``/``k_proj`` with rows permuted this way (RoPE layout):
+    each rank still reads exactly the rows of its own shard."""
+
+    name: str
+    dim: int
+    index: Sequence[int]
+
+
+KeyMap = (
+    Mapping[str, "str | Reindex"] | Callable[[str], "str | Reindex | None"] | None
+)
 
 
 @dataclass(frozen=True)
@@ -64,16 +82,43 @@ def _label(key: str, name: str) -> str:
     return f"state dict key {key!r} (checkpoint tensor {name!r})"
 
 
-def _map_key(key: str, key_map: KeyMap) -> str | None:
+def _map_key(key: str, key_map: KeyMap) -> tuple[str, Reindex | None] | None:
+    """The checkpoint name of ``key`` and its reindexing, or ``None`` to skip it."""
     if key_map is None:
-        return key
-    name: object = key_map.get(key, key) if isinstance(key_map, Mapping) else key_map(key)
-    if name is not None and not isinstance(name, str):
+        return key, None
+    got: object = key_map.get(key, key) if isinstance(key_map, Mapping) else key_map(key)
+    if got is None or isinstance(got, str):
+        return None if got is None else (got, None)
+    if isinstance(got, Reindex) and isinstance(got.name, str):
+        return got.name, got
+    raise _Refused(
+        f"state dict key {key!r}: key_map gave a {type(got).__name__}, not a checkpoint "
+        "tensor name (str), a safeshard.Reindex or None"
+    )
+
+
+def _reindexed(
+    label: str, ranges: list[list[tuple[int, int]]], shape: Sequence[int], stored: Sequence[int],
+    r: Reindex,
+) -> list[list[tuple[int, int]]]:
+    """``ranges`` (in the state-dict tensor's indices) in the checkpoint tensor's indices."""
+    index = [int(i) for i in (r.index.tolist() if hasattr(r.index, "tolist") else r.index)]
+    d = r.dim + len(shape) if r.dim < 0 else r.dim
+    if not 0 <= d < len(shape) or len(stored) != len(shape):
+        raise _Refused(f"{label}: Reindex dim {r.dim} for shape {list(shape)}")
+    if len(index) != shape[d] or any(not 0 <= i < stored[d] for i in index):
         raise _Refused(
-            f"state dict key {key!r}: key_map gave a {type(name).__name__}, not a checkpoint "
-            "tensor name (str) or None"
+            f"{label}: Reindex along dim {d} needs {shape[d]} indices in [0, {stored[d]}), got "
+            f"{len(index)}"
         )
-    return name
+    mapped: list[tuple[int, int]] = []
+    for b, e in ranges[d]:
+        for i in index[b:e]:
+            if mapped and mapped[-1][1] == i:
+                mapped[-1] = (mapped[-1][0], i + 1)
+            else:
+                mapped.append((i, i + 1))
+    return [*ranges[:d], mapped, *ranges[d + 1 :]]
 
 
 def _shard_of(key: str, name: str, value: Any) -> tuple[Any, list[list[tuple[int, int]]]] | None:
@@ -147,10 +192,11 @@ def _plan(
                 raise _Refused(f"state dict key {key!r}: keys must be str")
             if not isinstance(value, torch.Tensor):
                 raise _Refused(f"state dict key {key!r}: a {type(value).__name__}, not a tensor")
-            name = _map_key(key, key_map)
-            if name is None:
+            mapped = _map_key(key, key_map)
+            if mapped is None:
                 out.skipped.append(key)
                 continue
+            name, reindex = mapped
             stored = catalog.get(name)
             shard = _shard_of(key, name, value)
             local = shard[0] if shard is not None else None
@@ -159,6 +205,16 @@ def _plan(
                 pending_missing.append((key, name, tie))
                 continue
             dtype, shape = stored
+            if reindex is not None:
+                whole = [[(0, int(n))] for n in value.shape]
+                ranges = _reindexed(
+                    _label(key, name), whole if shard is None else shard[1], value.shape, shape,
+                    reindex,
+                )
+                shard = None if shard is None else (shard[0], ranges)
+                # Checked above: the reindexed dimension has the state-dict tensor's size.
+                d = reindex.dim % len(shape)
+                shape = tuple(value.shape[i] if i == d else n for i, n in enumerate(shape))
             if tuple(value.shape) != tuple(shape):
                 raise _Refused(
                     f"{_label(key, name)}: shape {list(value.shape)}; the checkpoint's is "

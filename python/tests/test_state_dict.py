@@ -145,3 +145,17 @@ def test_dtensors_in_a_gloo_world_of_one(checkpoints: Any, tmp_path: Path) -> No
         assert not p.to_local().any()
     finally:
         dist.destroy_process_group()
+
+
+def test_reindex_reads_rows_in_another_order(checkpoints: Any) -> None:
+    ckpt = checkpoints("llama-tiny")
+    ref = reference(ckpt)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    rows = ref[name].shape[0]
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(5))
+    target = torch.empty_like(ref[name])
+    safeshard.load_state_dict({"wq": target}, ckpt, key_map={"wq": safeshard.Reindex(name, 0, order)})
+    assert same(target, ref[name][order])
+    with pytest.raises(safeshard.SafeshardError, match="Reindex along dim 0 needs"):
+        safeshard.load_state_dict(
+            {"wq": target}, ckpt, key_map={"wq": safeshard.Reindex(name, 0, [0, 1])})

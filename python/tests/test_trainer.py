@@ -58,7 +58,7 @@ def test_trainer_layouts_under_torchrun(tmp_path: Path) -> None:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     for case in ("ok fsdp bfloat16:", "ok tp bfloat16:", "ok 2d bfloat16:", "ok fsdp float32:",
                  "ok 2d float32:", "ok fsdp bfloat16 tied:", "ok tp bfloat16 tied:",
-                 "ok key_map", "ok lone _StridedShard", "ok missing tensor share=read-once",
+                 "ok key_map", "ok torchtitan", "ok lone _StridedShard", "ok missing tensor share=read-once",
                  "ok shape mismatch share=broadcast", "ok strict=False"):
         assert any(line.startswith(case) for line in lines), (case, proc.stdout)
     # The 2-D layout really exercised strided shards.

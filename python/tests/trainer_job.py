@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
@@ -204,6 +204,77 @@ def check_lone_strided(ckpt: Path, full: dict[str, torch.Tensor]) -> None:
     say(f"ok lone _StridedShard (dcp.load right: {dcp_right})")
 
 
+def titan_key_map(cfg: Any) -> Callable[[str], Any]:
+    """torchtitan Llama3 names -> Hugging Face names, wq/wk with their RoPE row order as a
+    safeshard.Reindex (docs/trainers.md has the same function)."""
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+
+    def rope_rows(heads: int) -> torch.Tensor:
+        return torch.arange(heads * head_dim).view(heads, 2, head_dim // 2).transpose(1, 2).reshape(-1)
+
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    layer = {"attention.wv.weight": "self_attn.v_proj.weight",
+             "attention.wo.weight": "self_attn.o_proj.weight",
+             "feed_forward.w1.weight": "mlp.gate_proj.weight",
+             "feed_forward.w3.weight": "mlp.up_proj.weight",
+             "feed_forward.w2.weight": "mlp.down_proj.weight",
+             "attention_norm.weight": "input_layernorm.weight",
+             "ffn_norm.weight": "post_attention_layernorm.weight"}
+    q, k = rope_rows(cfg.num_attention_heads), rope_rows(cfg.num_key_value_heads)
+
+    def key_map(key: str) -> Any:
+        if key in top:
+            return top[key]
+        _, i, rest = key.split(".", 2)
+        if rest == "attention.wq.weight":
+            return safeshard.Reindex(f"model.layers.{i}.self_attn.q_proj.weight", 0, q)
+        if rest == "attention.wk.weight":
+            return safeshard.Reindex(f"model.layers.{i}.self_attn.k_proj.weight", 0, k)
+        return f"model.layers.{i}.{layer[rest]}"
+
+    return key_map
+
+
+def check_torchtitan(ckpt: Path, full: dict[str, torch.Tensor]) -> None:
+    """A torchtitan-named state dict (FSDP-style Shard(0) DTensors): names through key_map,
+    wq/wk through a Reindex. The reference applies torchtitan's own from_hf transform
+    (its _reverse_permute, written here from its definition) to the full tensors."""
+    cfg = AutoConfig.from_pretrained(ckpt)
+    n_heads, n_kv, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+
+    def reverse_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        d1, d2 = w.shape
+        return w.view(heads, 2, d1 // heads // 2, d2).transpose(1, 2).reshape(d1, d2)
+
+    titan: dict[str, torch.Tensor] = {"tok_embeddings.weight": full["model.embed_tokens.weight"],
+                                      "norm.weight": full["model.norm.weight"],
+                                      "output.weight": full["lm_head.weight"]}
+    names = {"self_attn.v_proj.weight": "attention.wv.weight",
+             "self_attn.o_proj.weight": "attention.wo.weight",
+             "mlp.gate_proj.weight": "feed_forward.w1.weight",
+             "mlp.up_proj.weight": "feed_forward.w3.weight",
+             "mlp.down_proj.weight": "feed_forward.w2.weight",
+             "input_layernorm.weight": "attention_norm.weight",
+             "post_attention_layernorm.weight": "ffn_norm.weight"}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        titan[f"layers.{i}.attention.wq.weight"] = reverse_permute(full[p + "self_attn.q_proj.weight"], n_heads)
+        titan[f"layers.{i}.attention.wk.weight"] = reverse_permute(full[p + "self_attn.k_proj.weight"], n_kv)
+        for hf, t in names.items():
+            titan[f"layers.{i}.{t}"] = full[p + hf]
+    assert dim % n_heads == 0
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    want = {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in titan.items()}
+    got = {k: distribute_tensor(torch.full_like(v, -7), mesh, [Shard(0)], src_data_rank=None)
+           for k, v in titan.items()}
+    for share in SHARES:
+        report = safeshard.load_state_dict(got, ckpt, key_map=titan_key_map(cfg), share=share)
+        compare(f"torchtitan share={share}", got, want)
+        assert report.tensors == len(want)
+    say("ok torchtitan names via key_map, wq/wk via Reindex")
+
+
 def expect_failure_everywhere(case: str, call: Callable[[], Any], model: torch.nn.Module,
                               match: str) -> None:
     before = {k: local(v).clone() for k, v in model.state_dict().items()}
@@ -260,6 +331,7 @@ def main() -> None:
         check_layout(tied, tied_full, "fsdp", torch.bfloat16, tied=True)
         check_layout(tied, tied_full, "tp", torch.bfloat16, tied=True)
         check_key_map(ckpt, full)
+        check_torchtitan(ckpt, full)
         check_lone_strided(ckpt, full)
         check_failures(ckpt)
         say("all ok")
