@@ -13,7 +13,9 @@ with ``--world`` gloo processes, and prints a table (also written as JSON next t
 every file, checked with ``/proc/self/io``'s ``read_bytes``); warm runs read the files once
 first (untimed). Every rank's wall time is the
 barrier-to-barrier time of the load; the table has the median over ``--reps`` of the
-slowest rank. The first repetition checks that both loaders put the same bytes in every
+slowest rank, and the CPU time of each rank's process (all threads) during the load, which
+says more than wall time on a shared machine. Build the extension in release mode for
+numbers (``pip install .``; ``tests/python.sh`` builds the dev profile). The first repetition checks that both loaders put the same bytes in every
 local shard.
 """
 
@@ -162,12 +164,13 @@ def worker(a: argparse.Namespace) -> None:
                 elif rank == 0:
                     prewarm(files)
                 dist.barrier()
-                io0, t0 = io_read_bytes(), time.perf_counter()
+                io0, t0, c0 = io_read_bytes(), time.perf_counter(), time.process_time()
                 reported = load()
+                cpu = time.process_time() - c0
                 dist.barrier()
                 dt, io = time.perf_counter() - t0, io_read_bytes() - io0
                 rows.append({"rep": rep, "cache": cache, "loader": name, "rank": rank,
-                             "seconds": dt, "io_read_bytes": io,
+                             "seconds": dt, "cpu_seconds": cpu, "io_read_bytes": io,
                              "bytes_read": reported if isinstance(reported, int) else None})
                 if rep == 0:
                     # Same bytes from both loaders, every local shard.
@@ -196,9 +199,10 @@ def table(a: argparse.Namespace, res: dict[str, Any], load: tuple[float, ...]) -
         f"safeshard share={a.share}, {a.reps} reps; load average before "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         "",
-        "| cache | loader | median s (slowest rank) | min | max | read/rank (MiB, median) "
-        "| /proc read_bytes/rank (MiB) | local shard/rank (MiB) | read / shard |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cache | loader | median s (slowest rank) | min | max | CPU s/rank (median, all "
+        "threads) | read/rank (MiB, median) | /proc read_bytes/rank (MiB) "
+        "| local shard/rank (MiB) | read / shard |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     med: dict[tuple[str, str], float] = {}
     for cache in a.caches.split(","):
@@ -210,12 +214,13 @@ def table(a: argparse.Namespace, res: dict[str, Any], load: tuple[float, ...]) -
             med[(cache, loader)] = statistics.median(per_rep)
             rb = [r["bytes_read"] for r in sel if r["bytes_read"] is not None]
             io = [r["io_read_bytes"] for r in sel]
+            cpu = statistics.median(r.get("cpu_seconds", float("nan")) for r in sel)
             mib = 1 << 20
             read = statistics.median(rb) / mib if rb else float("nan")
             ratio = (statistics.median(rb) / statistics.median(shard)) if rb else float("nan")
             lines.append(
                 f"| {cache} | {loader} | {med[(cache, loader)]:.3f} | {min(per_rep):.3f} | "
-                f"{max(per_rep):.3f} | {read:.1f} | {statistics.median(io) / mib:.1f} | "
+                f"{max(per_rep):.3f} | {cpu:.3f} | {read:.1f} | {statistics.median(io) / mib:.1f} | "
                 f"{statistics.median(shard) / mib:.1f} | {ratio:.3f} |"
             )
     lines.append("")
