@@ -133,7 +133,7 @@ pub fn load_collective(
         let rp = plan
             .ranks
             .get(me)
-            .ok_or_else(|| Error::Comm(format!("rank {me} is not in the plan")))?;
+            .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
         check_buffers(rp, into)?;
         Ok(plan)
     });
@@ -157,10 +157,10 @@ fn gather_requests(
     let encoded = agree(
         world,
         serde_json::to_vec(mine).map_err(|e| {
-            Error::Comm(format!(
-                "rank {}: cannot encode its requests: {e}",
-                world.rank()
-            ))
+            Error::comm(
+                "slice requests",
+                format!("rank {} cannot encode its requests: {e}", world.rank()),
+            )
         }),
     )?;
     let all = world.all_gather(&encoded)?;
@@ -168,15 +168,22 @@ fn gather_requests(
         .enumerate()
         .map(|(r, bytes)| {
             if bytes.len() > MAX_REQUEST_BYTES {
-                return Err(Error::Comm(format!(
-                    "rank {r} sent {} bytes of slice requests, more than {MAX_REQUEST_BYTES}",
-                    bytes.len()
-                )));
+                return Err(Error::comm(
+                    "slice requests",
+                    format!(
+                        "rank {r} sent {} bytes of slice requests, more than {MAX_REQUEST_BYTES}",
+                        bytes.len()
+                    ),
+                ));
             }
             serde_json::from_slice(bytes).map_err(|e| {
-                Error::Comm(format!(
-                    "rank {r} sent malformed slice requests (a different safeshard version?): {e}"
-                ))
+                Error::comm(
+                    "slice requests",
+                    format!(
+                        "rank {r} sent malformed slice requests (a different safeshard \
+                         version?): {e}"
+                    ),
+                )
             })
         })
         .collect()
@@ -225,17 +232,20 @@ fn copy_out(loaded: &mut RankTensors, into: &mut [(&str, &mut [u8])]) -> Result<
             .plans()
             .iter()
             .position(|t| t.name == *name)
-            .ok_or_else(|| Error::Load(format!("tensor {name:?} was not loaded")))?;
+            .ok_or_else(|| Error::load(None, format!("tensor {name:?} was not loaded")))?;
         let data = loaded
             .get(name)
-            .ok_or_else(|| Error::Load(format!("tensor {name:?} was not loaded")))?
+            .ok_or_else(|| Error::load(None, format!("tensor {name:?} was not loaded")))?
             .data;
         if data.len() != buf.len() {
-            return Err(Error::Load(format!(
-                "tensor {name:?}: {} bytes loaded for a buffer of {}",
-                data.len(),
-                buf.len()
-            )));
+            return Err(Error::load(
+                None,
+                format!(
+                    "tensor {name:?}: {} bytes loaded for a buffer of {}",
+                    data.len(),
+                    buf.len()
+                ),
+            ));
         }
         buf.copy_from_slice(data);
         loaded.leave_out(i);

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _dtypes
 from ._safeshard import NativePlan, NativeRank, SafeshardError, __version__
+from ._safeshard import error as _native_error
 from ._safeshard import synth as _synth
 
 if TYPE_CHECKING:
@@ -76,10 +77,9 @@ class RankInfo:
 
 
 def _error(kind: str, message: str) -> SafeshardError:
-    e = SafeshardError(message)
-    e.kind = kind
-    e.exit_code = 2 if kind == "usage" else 1
-    return e
+    """A ``SafeshardError`` found by this module; ``kind`` and ``exit_code`` as the library's
+    errors of that kind have them (the mapping is the Rust library's, not repeated here)."""
+    return _native_error(kind, message)
 
 
 def _resolve_path(path: PathLike) -> str:

@@ -12,6 +12,7 @@ __all__ = [
     "NativeCheckpoint",
     "load_slices",
     "cli_main",
+    "error",
     "synth",
     "synth_presets",
     "live_arenas",
@@ -133,6 +134,7 @@ def load_slices(
     round_bytes: int = 1073741824,
 ) -> NativeRank: ...
 def cli_main(argv: list[str]) -> int: ...
+def error(kind: str, message: str) -> SafeshardError: ...
 def synth(
     dir: str | PathLike[str],
     preset: str,

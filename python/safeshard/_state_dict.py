@@ -357,12 +357,12 @@ def load_state_dict(
         if planned.errors:
             more = len(planned.errors) - 1
             tail = f" (and {more} more)" if more else ""
-            raise _error("state_dict", planned.errors[0] + tail)
+            raise _error("plan", planned.errors[0] + tail)
     except SafeshardError as e:
         local_error = e
         planned = _Planned()
     except Exception as e:  # noqa: BLE001 - whatever fails here must fail every rank
-        local_error = _error("state_dict", f"{type(e).__name__}: {e}")
+        local_error = _error("plan", f"{type(e).__name__}: {e}")
         planned = _Planned()
     requests = [(e.key, e.name, e.ranges) for e in planned.entries]
     into = [(e.key, e.buffer) for e in planned.entries if e.buffer is not None]

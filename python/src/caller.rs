@@ -53,14 +53,25 @@ unsafe impl Send for CallerMemory {}
 // SAFETY: as above; shared references only read `len` and the address.
 unsafe impl Sync for CallerMemory {}
 
-fn refuse(what: &str, why: impl std::fmt::Display) -> Error {
-    Error::Usage(format!("{what}: {why}"))
+/// `what` is the option (`out`) or the option and the buffer's name (`into` and `"w"`);
+/// `why` a predicate (`is read-only`).
+fn refuse(what: &(&str, Option<&str>), why: impl std::fmt::Display) -> Error {
+    match what.1 {
+        None => Error::invalid_argument(what.0, why.to_string()),
+        Some(name) => Error::invalid_argument(what.0, format!("{name:?} {why}")),
+    }
 }
 
 impl CallerMemory {
-    /// Takes `obj`'s memory, checked to be writable, contiguous host memory. `what` names the
-    /// argument in errors (`out`, `into: "x"`).
-    pub(crate) fn take(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> Result<Self, Error> {
+    /// Takes `obj`'s memory, checked to be writable, contiguous host memory. `option` names
+    /// the argument in errors (`out`, `into`), with the buffer's `name` when it has one.
+    pub(crate) fn take(
+        py: Python<'_>,
+        obj: &Bound<'_, PyAny>,
+        option: &str,
+        name: Option<&str>,
+    ) -> Result<Self, Error> {
+        let what = &(option, name);
         let py_err = |e: PyErr| {
             let msg = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
             refuse(
@@ -75,7 +86,8 @@ impl CallerMemory {
             return Err(refuse(
                 what,
                 format!(
-                    "a {} does not export its memory (pass a CPU torch.Tensor or numpy array)",
+                    "is a {} that does not export its memory (pass a CPU torch.Tensor or numpy \
+                     array)",
                     obj.get_type()
                         .name()
                         .map(|n| n.to_string())
@@ -111,7 +123,7 @@ impl CallerMemory {
                 let m = ffi::PyCapsule_GetPointer(raw, VERSIONED.as_ptr())
                     .cast::<DLManagedTensorVersioned>();
                 if m.is_null() {
-                    return Err(refuse(what, "an empty DLPack capsule"));
+                    return Err(refuse(what, "exported an empty DLPack capsule"));
                 }
                 if (*m).version.major != 1 {
                     return Err(refuse(
@@ -130,16 +142,16 @@ impl CallerMemory {
             } else if ffi::PyCapsule_IsValid(raw, LEGACY.as_ptr()) == 1 {
                 let m = ffi::PyCapsule_GetPointer(raw, LEGACY.as_ptr()).cast::<DLManagedTensor>();
                 if m.is_null() {
-                    return Err(refuse(what, "an empty DLPack capsule"));
+                    return Err(refuse(what, "exported an empty DLPack capsule"));
                 }
                 (&(*m).dl_tensor as *const DLTensor, false)
             } else {
                 ffi::PyErr_Clear();
-                return Err(refuse(what, "__dlpack__ returned no DLPack capsule"));
+                return Err(refuse(what, "returned no DLPack capsule from __dlpack__"));
             }
         };
         if read_only {
-            return Err(refuse(what, "the buffer is read-only"));
+            return Err(refuse(what, "is read-only"));
         }
         // SAFETY: the capsule (alive: `capsule` holds it) owns the managed tensor and so the
         // DLTensor, its shape and strides.
@@ -190,13 +202,13 @@ impl CallerMemory {
 unsafe fn describe(t: &DLTensor) -> Result<(*mut u8, usize), String> {
     let kind = t.device.device_type;
     if kind != KDL_CPU && kind != KDL_CUDA_HOST {
-        return Err("not in CPU memory (pass CPU or pinned memory)".into());
+        return Err("is not in CPU memory (pass CPU or pinned memory)".into());
     }
     let bits = u64::from(t.dtype.bits) * u64::from(t.dtype.lanes);
     if bits == 0 || bits % 8 != 0 {
-        return Err(format!("elements of {bits} bits are not whole bytes"));
+        return Err(format!("has elements of {bits} bits, not whole bytes"));
     }
-    let ndim = usize::try_from(t.ndim).map_err(|_| "a negative number of dimensions")?;
+    let ndim = usize::try_from(t.ndim).map_err(|_| "has a negative number of dimensions")?;
     let shape: &[i64] = if ndim == 0 || t.shape.is_null() {
         &[]
     } else {
@@ -211,8 +223,8 @@ unsafe fn describe(t: &DLTensor) -> Result<(*mut u8, usize), String> {
     };
     let mut elements = 1u64;
     for &n in shape {
-        let n = u64::try_from(n).map_err(|_| "a negative dimension")?;
-        elements = elements.checked_mul(n).ok_or("its size overflows")?;
+        let n = u64::try_from(n).map_err(|_| "has a negative dimension")?;
+        elements = elements.checked_mul(n).ok_or("has a size that overflows")?;
     }
     if let (Some(strides), true) = (strides, elements > 0) {
         // Row-major: each dimension's stride is the product of the sizes after it (a
@@ -220,7 +232,7 @@ unsafe fn describe(t: &DLTensor) -> Result<(*mut u8, usize), String> {
         let mut expect = 1i64;
         for d in (0..ndim).rev() {
             if shape[d] != 1 && strides[d] != expect {
-                return Err("the tensor is not contiguous".into());
+                return Err("is not contiguous".into());
             }
             expect = expect.saturating_mul(shape[d]);
         }
@@ -228,20 +240,20 @@ unsafe fn describe(t: &DLTensor) -> Result<(*mut u8, usize), String> {
     let len = elements
         .checked_mul(bits / 8)
         .and_then(|n| usize::try_from(n).ok())
-        .ok_or("its size overflows")?;
+        .ok_or("has a size that overflows")?;
     if len == 0 {
         return Ok((crate::dangling().cast(), 0));
     }
     let base = t.data.cast::<u8>();
     if base.is_null() {
-        return Err("a null data pointer".into());
+        return Err("has a null data pointer".into());
     }
-    let offset = usize::try_from(t.byte_offset).map_err(|_| "its byte offset overflows")?;
+    let offset = usize::try_from(t.byte_offset).map_err(|_| "has a byte offset that overflows")?;
     Ok((base.wrapping_add(offset), len))
 }
 
 /// Refuses buffers that share bytes: writes through them would race.
-pub(crate) fn refuse_overlaps(bufs: &[(String, CallerMemory)], what: &str) -> Result<(), Error> {
+pub(crate) fn refuse_overlaps(bufs: &[(String, CallerMemory)], option: &str) -> Result<(), Error> {
     let mut spans: Vec<(usize, usize, &str)> = bufs
         .iter()
         .filter(|(_, m)| m.len() > 0)
@@ -250,10 +262,10 @@ pub(crate) fn refuse_overlaps(bufs: &[(String, CallerMemory)], what: &str) -> Re
     spans.sort_unstable();
     for w in spans.windows(2) {
         if w[1].0 < w[0].1 {
-            return Err(Error::Usage(format!(
-                "{what}: the buffers of {:?} and {:?} overlap",
-                w[0].2, w[1].2
-            )));
+            return Err(Error::invalid_argument(
+                option,
+                format!("has overlapping buffers for {:?} and {:?}", w[0].2, w[1].2),
+            ));
         }
     }
     Ok(())
@@ -266,12 +278,7 @@ pub(crate) fn take_all(
 ) -> Result<Vec<(String, CallerMemory)>, Error> {
     let bufs = into
         .iter()
-        .map(|(n, obj)| {
-            Ok((
-                n.clone(),
-                CallerMemory::take(py, obj, &format!("into: {n:?}"))?,
-            ))
-        })
+        .map(|(n, obj)| Ok((n.clone(), CallerMemory::take(py, obj, "into", Some(n))?)))
         .collect::<Result<Vec<_>, Error>>()?;
     refuse_overlaps(&bufs, "into")?;
     Ok(bufs)

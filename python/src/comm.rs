@@ -27,14 +27,17 @@ pub(crate) struct PyComm {
 fn comm_err(what: &str, e: PyErr) -> Error {
     Python::attach(|py| {
         let msg = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
-        Error::Comm(format!(
-            "torch.distributed {what}: {}: {}",
-            e.get_type(py)
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-            msg.lines().next().unwrap_or("")
-        ))
+        Error::comm(
+            format!("torch.distributed {what}"),
+            format!(
+                "{}: {}",
+                e.get_type(py)
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+                msg.lines().next().unwrap_or("")
+            ),
+        )
     })
 }
 
@@ -118,11 +121,10 @@ impl Communicator for PyComm {
             r.extract::<Vec<Vec<u8>>>()
         })?;
         if got.len() != self.size {
-            return Err(Error::Comm(format!(
-                "torch.distributed all_gather: {} parts for {} ranks",
-                got.len(),
-                self.size
-            )));
+            return Err(Error::comm(
+                "torch.distributed all_gather",
+                format!("{} parts for {} ranks", got.len(), self.size),
+            ));
         }
         Ok(got)
     }
@@ -137,11 +139,10 @@ impl Communicator for PyComm {
                 .extract::<Vec<Vec<u8>>>()
         })?;
         if got.len() != self.size {
-            return Err(Error::Comm(format!(
-                "torch.distributed all_to_all_v: {} parts for {} ranks",
-                got.len(),
-                self.size
-            )));
+            return Err(Error::comm(
+                "torch.distributed all_to_all_v",
+                format!("{} parts for {} ranks", got.len(), self.size),
+            ));
         }
         Ok(got)
     }
@@ -156,8 +157,9 @@ impl Communicator for PyComm {
         if send_counts.iter().sum::<usize>() != send.len()
             || recv_counts.iter().sum::<usize>() != recv.len()
         {
-            return Err(Error::Comm(
-                "all_to_all_packed: counts do not add up to the buffers".into(),
+            return Err(Error::comm(
+                "all_to_all_packed",
+                "counts do not add up to the buffers",
             ));
         }
         self.call("all_to_all", |py, o| {

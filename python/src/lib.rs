@@ -23,6 +23,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use safeshard::comm::Communicator;
 use safeshard::dist::{load_shared_with, SharedPlan};
+use safeshard::error::{ErrorKind, OptionNames};
 use safeshard::load::LoadControl;
 use safeshard::plan::TensorPlan;
 use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, TensorNames, Topology};
@@ -48,40 +49,53 @@ create_exception!(
      error class (`io`, `invalid_file`, `spec`, `usage`, ...), `e.exit_code` the CLI's status."
 );
 
-/// The message the CLI prints for `e` (after `error: `), except that an option is named as
-/// the Python keyword (`tp`) rather than the flag (`--tp`).
-fn message(e: &Error) -> String {
-    match e {
-        Error::InvalidArgument { option, message } => {
-            cli::message(&Error::Usage(format!("{option} {message}")))
+/// The Python spelling of library options: the keyword argument (`tp`, `share`), and in hints
+/// `` `spec=` `` so it reads as one.
+struct Keywords;
+
+impl OptionNames for Keywords {
+    fn option(&self, field: &str) -> String {
+        match field {
+            "mode" => "share".into(),
+            // The library parses `TensorNames` as the CLI's `format`; Python calls it `names`.
+            "format" => "names".into(),
+            f => f.into(),
         }
-        // Hints name options as keyword arguments (`spec=`), not as CLI flags.
-        other => cli::message_with(other, &|o| format!("`{o}=`")),
+    }
+
+    fn hint(&self, field: &str) -> String {
+        format!("`{}=`", self.option(field))
     }
 }
 
-/// Turns a library error into `SafeshardError(message)` with `kind` and `exit_code` set.
-fn to_py(py: Python<'_>, e: Error) -> PyErr {
-    let msg = message(&e);
+/// `SafeshardError(message)` of kind `kind` (its exit code from the library's one mapping).
+fn py_error(py: Python<'_>, kind: ErrorKind, msg: String) -> PyErr {
     let made = (|| -> PyResult<PyErr> {
-        let inst = py.get_type::<SafeshardError>().call1((msg.clone(),))?;
-        inst.setattr("kind", e.kind())?;
-        inst.setattr("exit_code", if e.is_usage() { 2 } else { 1 })?;
+        let inst = py.get_type::<SafeshardError>().call1((msg,))?;
+        inst.setattr("kind", kind.name())?;
+        inst.setattr("exit_code", kind.exit_code())?;
         Ok(PyErr::from_value(inst))
     })();
     made.unwrap_or_else(|err| err)
 }
 
-/// The library names the option `format` (the CLI's flag); Python calls it `names`.
-fn names_error(e: Error) -> Error {
-    match e {
-        Error::InvalidArgument { message, .. } => Error::invalid_argument("names", message),
-        other => other,
-    }
+/// Turns a library error into `SafeshardError(message)` with `kind` and `exit_code` set; the
+/// message is the CLI's line with options named as keyword arguments.
+fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    py_error(py, e.kind(), e.render(&Keywords))
 }
 
-fn usage(py: Python<'_>, msg: String) -> PyErr {
-    to_py(py, Error::Usage(msg))
+/// The `SafeshardError` of kind `kind` (`usage`, ...) with `message`, for errors the Python
+/// layer (`safeshard/__init__.py`) finds itself: its exit code from the library's mapping.
+#[pyfunction]
+fn error(py: Python<'_>, kind: &str, message: String) -> PyResult<PyErr> {
+    let kind = ErrorKind::from_name(kind)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown error kind {kind:?}")))?;
+    Ok(py_error(py, kind, message))
+}
+
+fn usage(py: Python<'_>, option: &str, msg: String) -> PyErr {
+    to_py(py, Error::invalid_argument(option, msg))
 }
 
 /// A plan: every rank's tensors and copy runs, made from headers only.
@@ -101,7 +115,7 @@ fn load_options(
     control: &Arc<LoadControl>,
 ) -> PyResult<LoadOptions> {
     if threads == Some(0) {
-        return Err(usage(py, "threads: must be at least 1".into()));
+        return Err(usage(py, "threads", "must be at least 1".into()));
     }
     Ok(LoadOptions {
         io: parse_io(py, io)?,
@@ -137,7 +151,12 @@ fn run_interruptible<T: Send>(
                 });
             let worker = match worker {
                 Ok(w) => w,
-                Err(e) => return Err(Error::Load(format!("cannot start the loader thread: {e}"))),
+                Err(e) => {
+                    return Err(Error::load(
+                        None,
+                        format!("cannot start the loader thread: {e}"),
+                    ))
+                }
             };
             loop {
                 match rx.recv_timeout(Duration::from_millis(50)) {
@@ -165,7 +184,7 @@ fn run_interruptible<T: Send>(
             }
             worker
                 .join()
-                .unwrap_or_else(|_| Err(Error::Load("the loader thread panicked".into())))
+                .unwrap_or_else(|_| Err(Error::load(None, "the loader thread panicked")))
         })
     });
     if let Some(e) = interrupted {
@@ -199,7 +218,7 @@ impl NativePlan {
         pp_layers: Option<Vec<usize>>,
         names: &str,
     ) -> PyResult<Self> {
-        let names: TensorNames = names.parse().map_err(|e| to_py(py, names_error(e)))?;
+        let names: TensorNames = names.parse().map_err(|e| to_py(py, e))?;
         let job = py
             .detach(|| {
                 let mut topology = Topology::new(tp, pp, dp, ep)?;
@@ -256,10 +275,8 @@ impl NativePlan {
         let rp = self.job.plan.ranks.get(rank).ok_or_else(|| {
             usage(
                 py,
-                format!(
-                    "rank {rank}: the plan has {} ranks",
-                    self.job.plan.ranks.len()
-                ),
+                "rank",
+                format!("{rank}: the plan has {} ranks", self.job.plan.ranks.len()),
             )
         })?;
         let d = PyDict::new(py);
@@ -314,7 +331,7 @@ impl NativePlan {
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<NativeRank> {
-        let mut mem = caller::CallerMemory::take(py, out, "out").map_err(|e| to_py(py, e))?;
+        let mut mem = caller::CallerMemory::take(py, out, "out", None).map_err(|e| to_py(py, e))?;
         let (keep, address) = (mem.keep(py), mem.ptr());
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
@@ -591,6 +608,7 @@ fn _safeshard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dlpack::NativeArena>()?;
     slices::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(error, m)?)?;
     m.add_function(wrap_pyfunction!(synth, m)?)?;
     m.add_function(wrap_pyfunction!(synth_presets, m)?)?;
     m.add_function(wrap_pyfunction!(live_arenas, m)?)?;

@@ -72,13 +72,18 @@ fn share_options(
     let mode: ShareMode = share.parse()?;
     let io: IoMode = io.parse()?;
     if threads == Some(0) {
-        return Err(Error::Usage("threads: must be at least 1".into()));
+        return Err(Error::invalid_argument("threads", "must be at least 1"));
     }
     // Every collective's deadline, in seconds (infinite: none).
     let timeout = match timeout {
         s if s == f64::INFINITY => None,
         s if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
-        s => return Err(Error::Usage(format!("timeout={s}: must be positive"))),
+        s => {
+            return Err(Error::invalid_argument(
+                "timeout",
+                format!("{s} must be positive"),
+            ))
+        }
     };
     Ok(ShareOptions {
         mode,
@@ -134,7 +139,7 @@ pub(crate) fn load_slices(
     let (loaded, traffic) = run_interruptible(py, &control, None, move || {
         // This rank's state before the collective: its own failure, if any, goes first.
         let precheck = match precheck {
-            Some(m) => Err(Error::Usage(m)),
+            Some(m) => Err(Error::plan(m)),
             None => Ok(()),
         };
         let defaults = ShareOptions::default();
@@ -148,7 +153,7 @@ pub(crate) fn load_slices(
         };
         let job = precheck.and(opts_ok).and(bufs_ok).and_then(|()| {
             job.as_deref()
-                .ok_or_else(|| Error::Usage("no checkpoint".into()))
+                .ok_or_else(|| Error::plan("no checkpoint was opened"))
         });
         let mut slices = caller::slices(&mut bufs);
         match &world {
@@ -157,7 +162,7 @@ pub(crate) fn load_slices(
                 let solo = ThreadComm::world(1);
                 let w: &dyn Communicator = solo
                     .first()
-                    .ok_or_else(|| Error::Comm("no thread communicator".into()))?;
+                    .ok_or_else(|| Error::comm("threads", "no communicator for one rank"))?;
                 load_collective(job, w, &requests, &opts, &mut slices)
             }
         }

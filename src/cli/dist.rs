@@ -96,38 +96,6 @@ impl Request<'_> {
     }
 }
 
-/// The library names options by their fields; here they are flags.
-fn with_flag_names(e: Error) -> Error {
-    const FLAGS: [(&str, &str); 8] = [
-        ("mode", "--share"),
-        ("per_node", "--per-node"),
-        ("round_bytes", "--round"),
-        ("io", "--io"),
-        ("staging_budget", "--staging-budget"),
-        ("verify", "--verify"),
-        ("digest", "--digest"),
-        (
-            "plan",
-            "the plan (checkpoint files, topology or spec flags)",
-        ),
-    ];
-    match e {
-        Error::Usage(msg) => {
-            for (field, flag) in FLAGS {
-                let prefix = format!("ranks disagree on {field}: ");
-                if let Some(rest) = msg.strip_prefix(&prefix) {
-                    return Error::Usage(format!("ranks disagree on {flag}: {rest}"));
-                }
-            }
-            if let Some(rest) = msg.strip_prefix("round_bytes ") {
-                return Error::Usage(format!("--round {rest}"));
-            }
-            Error::Usage(msg)
-        }
-        e => e,
-    }
-}
-
 /// One rank's load, verification and line. Collective on `world`.
 fn rank_job(
     req: &Request<'_>,
@@ -137,8 +105,7 @@ fn rank_job(
 ) -> Result<RankLine> {
     let opts = req.share_options();
     let plan = shared.plan();
-    let (tensors, traffic) =
-        dist::load_shared_with(shared, world, &opts).map_err(with_flag_names)?;
+    let (tensors, traffic) = dist::load_shared_with(shared, world, &opts)?;
     let verified = if req.verify {
         world.set_phase("verify");
         Some(agree(
@@ -172,8 +139,9 @@ fn rank_job(
 /// Runs the distributed path; `launched` is what [`launch::detect_env`] found.
 pub fn run(req: &Request<'_>, launched: Option<launch::LaunchInfo>) -> Result<()> {
     if req.views {
-        return Err(Error::Usage(
-            "--views needs --rank R or --all-ranks (shared loads fill owned arenas)".into(),
+        return Err(Error::invalid_argument(
+            "views",
+            "needs --rank R or --all-ranks (shared loads fill owned arenas)",
         ));
     }
     match launched {
@@ -183,11 +151,12 @@ pub fn run(req: &Request<'_>, launched: Option<launch::LaunchInfo>) -> Result<()
                 .plan
                 .topology()?
                 .world_size()
-                .ok_or_else(|| Error::Usage("tp × pp × dp overflows".into()))?;
+                .ok_or_else(|| Error::invalid_argument("tp", "× pp × dp overflows"))?;
             if world > MAX_THREAD_WORLD {
-                return Err(Error::Usage(format!(
-                    "{world} ranks are too many to run on threads in one process (at most {MAX_THREAD_WORLD}); start the job under mpirun, srun or torchrun"
-                )));
+                return Err(Error::ThreadWorld {
+                    ranks: world,
+                    max: MAX_THREAD_WORLD,
+                });
             }
             // One process: plan once, and share the plan, its hash and the broadcast schedule
             // between the rank threads (each used to plan the whole job itself).
@@ -233,15 +202,18 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
 
 #[cfg(not(feature = "mpi"))]
 fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
-    Err(Error::Usage(format!(
-        "--share {} under {} (rank {} of {}) needs MPI, but this safeshard was built \
-         without it: rebuild with `cargo build --release --features mpi`, or use --share \
-         none (every process reads its own rank)",
-        req.share,
-        l.launcher.name(),
-        l.rank,
-        l.size
-    )))
+    Err(Error::invalid_argument(
+        "mode",
+        format!(
+            "{} under {} (rank {} of {}) needs MPI, but this safeshard was built without it: \
+             rebuild with `cargo build --release --features mpi`, or use --share none (every \
+             process reads its own rank)",
+            req.share,
+            l.launcher.name(),
+            l.rank,
+            l.size
+        ),
+    ))
 }
 
 /// Largest world run on threads in one process (without a launcher).

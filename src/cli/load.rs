@@ -209,14 +209,14 @@ fn load_ranks_with(
                             res
                         })
                         .map_err(|e| {
-                            Error::Load(format!("rank {r}: cannot start a loader thread: {e}"))
+                            Error::load(Some(r), format!("cannot start a loader thread: {e}"))
                         })
                 })
                 .collect();
             for h in handles {
                 results.push(h.and_then(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(Error::Load("a rank's loader thread panicked".into()))
+                        Err(Error::load(None, "a rank's loader thread panicked"))
                     })
                 }));
             }
@@ -237,13 +237,16 @@ pub fn run(args: Args) -> Result<()> {
         // well-formed launcher environment that contradicts --rank is refused.
         if let Ok(Some(l)) = launch::detect_env() {
             if l.size > 1 && l.rank != r {
-                return Err(Error::Usage(format!(
-                    "--rank {r}, but {} started this process as rank {} of {}: drop --rank \
-                     to let every process load its own rank",
-                    l.launcher.name(),
-                    l.rank,
-                    l.size
-                )));
+                return Err(Error::invalid_argument(
+                    "rank",
+                    format!(
+                        "{r}, but {} started this process as rank {} of {}: drop --rank to let \
+                         every process load its own rank",
+                        l.launcher.name(),
+                        l.rank,
+                        l.size
+                    ),
+                ));
             }
         }
         return run_single(args);
@@ -264,12 +267,19 @@ pub fn run(args: Args) -> Result<()> {
         }
         return super::dist::run(&request(&args), launched);
     }
-    Err(Error::Usage(
-        "say which ranks to load: --rank R (one rank), --all-ranks (every rank on threads) or \
-         --share none|broadcast|read-once (every rank, sharing reads; one process per rank \
-         under mpirun/srun)"
-            .into(),
-    ))
+    Err(Error::NeedsOneOf {
+        what: "which ranks to load".into(),
+        choices: vec![
+            ("rank".into(), " R (one rank)".into()),
+            ("all_ranks".into(), " (every rank on threads)".into()),
+            (
+                "share".into(),
+                " none|broadcast|read-once (every rank, sharing reads; one process per rank \
+                 under mpirun/srun)"
+                    .into(),
+            ),
+        ],
+    })
 }
 
 /// `--rank R` or `--all-ranks`: each rank reads its own slices, in this process.
@@ -327,10 +337,13 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
     let world = plan.ranks.len();
     let ranks: Vec<usize> = match rank {
         Some(r) if r >= world => {
-            return Err(Error::Usage(format!(
-                "--rank {r}: the topology has {world} ranks (0..{})",
-                world.saturating_sub(1)
-            )))
+            return Err(Error::invalid_argument(
+                "rank",
+                format!(
+                    "{r}: the topology has {world} ranks (0..{})",
+                    world.saturating_sub(1)
+                ),
+            ))
         }
         Some(r) => vec![r],
         None => (0..world).collect(),

@@ -14,7 +14,7 @@ use cudarc::driver::{
 use crate::{Error, Result};
 
 fn cu(e: impl std::fmt::Debug) -> Error {
-    Error::Comm(format!("CUDA: {e:?}"))
+    Error::comm("CUDA", format!("{e:?}"))
 }
 
 /// Uploads host bytes to one GPU through reused pinned staging buffers.
@@ -29,8 +29,9 @@ impl DeviceUploader {
     pub fn new(ordinal: usize, chunk: usize) -> Result<Self> {
         // SAFETY: only tries to dlopen candidate names.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Comm(
-                "the CUDA driver library (libcuda.so) cannot be loaded: no GPU driver here".into(),
+            return Err(Error::comm(
+                "CUDA",
+                "the driver library (libcuda.so) cannot be loaded: no GPU driver here",
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(cu)?;
@@ -65,7 +66,7 @@ impl DeviceUploader {
                 let (buf, done) = self
                     .staging
                     .get_mut(i % 2)
-                    .ok_or_else(|| Error::Comm("staging buffer missing".into()))?;
+                    .ok_or_else(|| Error::comm("CUDA upload", "staging buffer missing"))?;
                 // Wait until the GPU has finished reading this buffer's previous chunk.
                 if let Some(ev) = done.take() {
                     ev.synchronize().map_err(cu)?;
@@ -73,7 +74,7 @@ impl DeviceUploader {
                 let pinned = buf.as_mut_slice().map_err(cu)?;
                 let stage = pinned
                     .get_mut(..piece.len())
-                    .ok_or_else(|| Error::Comm("chunk larger than staging".into()))?;
+                    .ok_or_else(|| Error::comm("CUDA upload", "chunk larger than staging"))?;
                 stage.copy_from_slice(piece);
                 let offset = (i * self.chunk) as u64;
                 // SAFETY: `dst` has room for `host.len()` bytes from `base`; `stage` stays

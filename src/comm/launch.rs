@@ -77,10 +77,10 @@ const ORDER: [Launcher; 4] = [
 ];
 
 fn parse(var: &str, value: &str) -> Result<usize> {
-    value.trim().parse::<usize>().map_err(|_| {
-        Error::Comm(format!(
-            "environment variable {var}={value:?} is not a non-negative integer"
-        ))
+    value.trim().parse::<usize>().map_err(|_| Error::LaunchEnv {
+        var: var.to_string(),
+        value: Some(value.to_string()),
+        reason: "is not a non-negative integer".into(),
     })
 }
 
@@ -91,18 +91,25 @@ pub fn detect(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchInfo>
         let (rv, sv, lv) = launcher.variables();
         let Some(rank) = get(rv) else { continue };
         let rank = parse(rv, &rank)?;
-        let size = get(sv).ok_or_else(|| {
-            Error::Comm(format!(
-                "{rv} is set ({} launcher) but {sv} is not",
-                launcher.name()
-            ))
+        let size = get(sv).ok_or_else(|| Error::LaunchEnv {
+            var: sv.to_string(),
+            value: None,
+            reason: format!("is not set, but {rv} is ({} launcher)", launcher.name()),
         })?;
         let size = parse(sv, &size)?;
         if size == 0 {
-            return Err(Error::Comm(format!("{sv}=0: the world has no ranks")));
+            return Err(Error::LaunchEnv {
+                var: sv.to_string(),
+                value: Some("0".into()),
+                reason: "gives a world without ranks".into(),
+            });
         }
         if rank >= size {
-            return Err(Error::Comm(format!("{rv}={rank} is not below {sv}={size}")));
+            return Err(Error::LaunchEnv {
+                var: rv.to_string(),
+                value: Some(rank.to_string()),
+                reason: format!("is not below {sv}={size}"),
+            });
         }
         let local_rank = match get(lv) {
             Some(v) => parse(lv, &v)?,
@@ -127,13 +134,13 @@ pub fn detect_env() -> Result<Option<LaunchInfo>> {
 pub fn check_world(size: usize, topo: &Topology) -> Result<()> {
     let want = topo
         .world_size()
-        .ok_or_else(|| Error::Usage("tp × pp × dp overflows".into()))?;
+        .ok_or_else(|| Error::invalid_argument("tp", "× pp × dp overflows"))?;
     if size != want {
-        return Err(Error::Usage(format!(
-            "the job has {size} ranks but --tp {} × --pp {} × --dp {} = {want}; start it with \
-             `mpirun -n {want}` or change the flags",
-            topo.tp, topo.pp, topo.dp
-        )));
+        return Err(Error::WorldSize {
+            ranks: size,
+            planned: want,
+            topology: Some([topo.tp, topo.pp, topo.dp]),
+        });
     }
     Ok(())
 }
@@ -151,15 +158,18 @@ pub fn check_mpi_world(
     let Some(l) = launch else { return Ok(()) };
     if l.size != mpi_size || l.rank != mpi_rank {
         let (rv, sv, _) = l.launcher.variables();
-        return Err(Error::Comm(format!(
-            "{} says rank {} of {} ({rv}, {sv}) but MPI_COMM_WORLD says rank {mpi_rank} of \
-             {mpi_size}: safeshard was built against a different MPI library than the mpirun \
-             that started it (e.g. an Open MPI binary under MPICH's mpirun); use the matching \
-             mpirun",
-            l.launcher.name(),
-            l.rank,
-            l.size
-        )));
+        return Err(Error::comm(
+            "MPI",
+            format!(
+                "{} says rank {} of {} ({rv}, {sv}) but MPI_COMM_WORLD says rank {mpi_rank} of \
+                 {mpi_size}: safeshard was built against a different MPI library than the \
+                 mpirun that started it (e.g. an Open MPI binary under MPICH's mpirun); use the \
+                 matching mpirun",
+                l.launcher.name(),
+                l.rank,
+                l.size
+            ),
+        ));
     }
     Ok(())
 }

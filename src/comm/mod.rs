@@ -84,56 +84,33 @@ pub trait Communicator {
     /// Bounds how long each later collective of this communicator (and of communicators split
     /// from it afterwards) waits for the other ranks; `None` waits forever. A rank that runs
     /// out of time ends the job: the thread backend aborts the thread world and returns
-    /// [`Error::Comm`]; the MPI backend prints the message and calls `MPI_Abort`.
+    /// [`Error::Timeout`]; the MPI backend prints the message and calls `MPI_Abort`.
     fn set_timeout(&self, timeout: Option<Duration>);
     /// Names the phase that later collectives belong to, for the timeout message.
     fn set_phase(&self, phase: &str);
 }
 
-/// The message of a collective that timed out: the phase, the wait and who did not arrive.
-pub fn timeout_message(
+/// The error of a collective that timed out: the phase, the wait and who did not arrive.
+pub fn timeout_error(
     rank: usize,
     phase: &str,
     timeout: Duration,
     missing: Option<&[usize]>,
-) -> String {
-    let who = match missing {
-        Some(m) if !m.is_empty() => format!("rank {} did not arrive", rank_list(m)),
-        _ => "some ranks of this group did not arrive".to_string(),
-    };
-    format!(
-        "rank {rank}: timed out after {} in phase {phase:?}: {who}",
-        human_duration(timeout)
-    )
-}
-
-/// `30s`, `2m`, `1m30s`, `250ms`: a duration as the `--timeout` flag spells it.
-pub fn human_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 1000 != 0 {
-        return format!("{ms}ms");
-    }
-    let s = d.as_secs();
-    match (s / 60, s % 60) {
-        (0, s) => format!("{s}s"),
-        (m, 0) => format!("{m}m"),
-        (m, s) => format!("{m}m{s}s"),
+) -> Error {
+    Error::Timeout {
+        rank,
+        phase: phase.to_string(),
+        after: timeout,
+        missing: missing.map(<[usize]>::to_vec),
     }
 }
 
-/// `0,2,3`: ranks joined by commas.
-pub fn rank_list(ranks: &[usize]) -> String {
-    ranks
-        .iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
+pub use crate::error::{human_duration, rank_list};
 
 /// Agrees on the outcome of a local phase: all-gathers every rank's status on `comm`.
 ///
 /// Returns `Ok(value)` only when every rank succeeded. When this rank failed it returns its own
-/// error; when another failed, [`Error::Comm`] naming the lowest failed rank and its message.
+/// error; when another failed, [`Error::PeerFailed`] naming the lowest failed rank and its message.
 /// Call it on the world communicator after every step that can fail on one rank only, before
 /// the next collective, so that no rank waits forever for a rank that gave up.
 pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
@@ -153,10 +130,10 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
         Err(e) => Err(e),
         Ok(v) => match all.iter().enumerate().find(|(_, s)| !s.is_empty()) {
             None => Ok(v),
-            Some((rank, msg)) => Err(Error::Comm(format!(
-                "rank {rank} failed: {}",
-                String::from_utf8_lossy(msg)
-            ))),
+            Some((rank, msg)) => Err(Error::PeerFailed {
+                rank,
+                message: String::from_utf8_lossy(msg).into_owned(),
+            }),
         },
     }
 }
@@ -164,7 +141,7 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
 /// Checks that every rank holds the same value for every named field (a job fingerprint):
 /// all-gathers `fields` and compares them field by field, in order.
 ///
-/// The first field whose values differ gives [`Error::Usage`], the same on every rank, naming
+/// The first field whose values differ gives [`Error::Disagree`], the same on every rank, naming
 /// the field, each distinct value and the ranks holding it, e.g.
 /// `ranks disagree on mode: rank 0,2,3 broadcast, rank 1 none`. Fields are compared in the
 /// order given, so put the ones that explain the others first (a version, then options).
@@ -180,9 +157,10 @@ pub fn agree_fields(comm: &dyn Communicator, fields: &[(&str, String)]) -> Resul
     let decoded: Vec<Option<Vec<(String, String)>>> =
         all.iter().map(|b| decode_fields(b)).collect();
     if let Some(bad) = decoded.iter().position(Option::is_none) {
-        return Err(Error::Comm(format!(
-            "rank {bad} sent a malformed job fingerprint (a different safeshard version?)"
-        )));
+        return Err(Error::comm(
+            "job fingerprint",
+            format!("rank {bad} sent a malformed one (a different safeshard version?)"),
+        ));
     }
     let decoded: Vec<Vec<(String, String)>> = decoded.into_iter().flatten().collect();
     let longest = decoded.iter().map(Vec::len).max().unwrap_or(0);
@@ -209,14 +187,10 @@ pub fn agree_fields(comm: &dyn Communicator, fields: &[(&str, String)]) -> Resul
                 None => groups.push((v, vec![rank])),
             }
         }
-        let list: Vec<String> = groups
-            .iter()
-            .map(|(v, ranks)| format!("rank {} {v}", rank_list(ranks)))
-            .collect();
-        return Err(Error::Usage(format!(
-            "ranks disagree on {name}: {}",
-            list.join(", ")
-        )));
+        return Err(Error::Disagree {
+            option: name,
+            values: groups,
+        });
     }
     Ok(())
 }
@@ -258,11 +232,15 @@ pub fn node_comm(
         .filter(|(_, n)| n.as_slice() == node.as_bytes())
         .map(|(r, _)| r)
         .collect();
-    let color = u32::try_from(first)
-        .map_err(|_| Error::Comm(format!("rank index {first} does not fit a color")))?;
+    let color = u32::try_from(first).map_err(|_| {
+        Error::comm(
+            "node split",
+            format!("rank index {first} does not fit a color"),
+        )
+    })?;
     let comm = world
         .split(Some(color), world.rank())?
-        .ok_or_else(|| Error::Comm("node split returned no communicator".into()))?;
+        .ok_or_else(|| Error::comm("node split", "no communicator returned"))?;
     Ok((comm, members))
 }
 
@@ -296,9 +274,7 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
         let part = off
             .checked_add(c)
             .and_then(|end| send.get(off..end))
-            .ok_or_else(|| {
-                Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
-            })?;
+            .ok_or_else(|| Error::comm("all_to_all_packed", "send counts exceed the buffer"))?;
         bufs.push(part.to_vec());
         off += c;
     }
@@ -306,15 +282,18 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
     let mut off = 0usize;
     for (i, (g, &c)) in got.iter().zip(recv_counts).enumerate() {
         if g.len() != c {
-            return Err(Error::Comm(format!(
-                "all_to_all_packed: rank {} sent {} bytes, {c} expected",
-                world_rank(i),
-                g.len()
-            )));
+            return Err(Error::comm(
+                "all_to_all_packed",
+                format!(
+                    "rank {} sent {} bytes, {c} expected",
+                    world_rank(i),
+                    g.len()
+                ),
+            ));
         }
         off.checked_add(c)
             .and_then(|end| recv.get_mut(off..end))
-            .ok_or_else(|| Error::Comm("all_to_all_packed: receive buffer too small".into()))?
+            .ok_or_else(|| Error::comm("all_to_all_packed", "receive buffer too small"))?
             .copy_from_slice(g);
         off += c;
     }

@@ -22,7 +22,7 @@ use mpi::request::{Request, Scope};
 use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 use mpi::Count;
 
-use super::{timeout_message, Communicator};
+use super::{timeout_error, Communicator};
 use crate::{Error, Result};
 
 /// Largest single MPI transfer, bytes (well under `i32::MAX`).
@@ -40,9 +40,8 @@ pub struct MpiUniverse {
 impl MpiUniverse {
     /// Initializes MPI (once per process).
     pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().ok_or_else(|| {
-            Error::Comm("MPI is already initialized (or failed to initialize)".into())
-        })?;
+        let universe = mpi::initialize()
+            .ok_or_else(|| Error::comm("MPI", "already initialized (or failed to initialize)"))?;
         Ok(MpiUniverse { universe })
     }
 
@@ -88,13 +87,13 @@ impl MpiComm {
     fn timed_out(&self, timeout: Duration, missing: Option<&[usize]>) -> ! {
         let missing: Option<Vec<usize>> =
             missing.map(|m| m.iter().map(|&r| self.world_rank(r)).collect());
-        let msg = timeout_message(
+        let e = timeout_error(
             self.world_rank(self.rank()),
             &self.phase.borrow(),
             timeout,
             missing.as_deref(),
         );
-        eprintln!("error: {msg}");
+        eprintln!("error: {e}");
         self.comm.abort(1)
     }
 
@@ -191,7 +190,8 @@ fn backoff(spins: &mut u32) {
 }
 
 fn count(n: usize) -> Result<Count> {
-    Count::try_from(n).map_err(|_| Error::Comm(format!("MPI message of {n} bytes is too large")))
+    Count::try_from(n)
+        .map_err(|_| Error::comm("MPI", format!("a message of {n} bytes is too large")))
 }
 
 /// MPI counts and displacements (running offsets) of packed blocks of lengths `v`.
@@ -213,7 +213,11 @@ fn nonempty(len: usize) -> Result<Vec<u8>> {
     let mut v = Vec::new();
     // Sized by what peers announce: allocated fallibly.
     v.try_reserve_exact(len.max(1))
-        .map_err(|_| Error::Comm(format!("cannot allocate {len} bytes to receive into")))?;
+        .map_err(|_| Error::OutOfMemory {
+            bytes: len as u64,
+            what: "an MPI receive buffer".into(),
+            rank: None,
+        })?;
     v.resize(len, 0);
     Ok(v)
 }
@@ -230,11 +234,13 @@ impl Communicator for MpiComm {
     fn split(&self, color: Option<u32>, key: usize) -> Result<Option<Box<dyn Communicator>>> {
         let c = match color {
             Some(c) => Color::with_value(
-                i32::try_from(c).map_err(|_| Error::Comm(format!("color {c} too large")))?,
+                i32::try_from(c)
+                    .map_err(|_| Error::comm("MPI split", format!("color {c} too large")))?,
             ),
             None => Color::undefined(),
         };
-        let key = i32::try_from(key).map_err(|_| Error::Comm(format!("key {key} too large")))?;
+        let key = i32::try_from(key)
+            .map_err(|_| Error::comm("MPI split", format!("key {key} too large")))?;
         // The world ranks of the new communicator's members, in its rank order.
         let me = self.world_rank(self.rank()) as u64;
         let mut all = vec![0u64; self.size()];
@@ -286,7 +292,7 @@ impl Communicator for MpiComm {
         let root = i32::try_from(root)
             .ok()
             .filter(|&r| r < self.comm.size())
-            .ok_or_else(|| Error::Comm(format!("broadcast root {root} out of range")))?;
+            .ok_or_else(|| Error::comm("broadcast", format!("root {root} out of range")))?;
         let p = self.comm.process_at_rank(root);
         for chunk in buf.chunks_mut(self.chunk) {
             mpi::request::scope(|sc| self.wait(p.immediate_broadcast_into(sc, chunk)));
@@ -328,10 +334,10 @@ impl Communicator for MpiComm {
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let n = self.size();
         if send.len() != n {
-            return Err(Error::Comm(format!(
-                "all_to_all_v: {} buffers for {n} ranks",
-                send.len()
-            )));
+            return Err(Error::comm(
+                "all_to_all_v",
+                format!("{} buffers for {n} ranks", send.len()),
+            ));
         }
         // Sizes first (u64, so no count limit), then rounds of bounded chunks.
         let send_lens: Vec<u64> = send.iter().map(|s| s.len() as u64).collect();
@@ -355,12 +361,10 @@ impl Communicator for MpiComm {
             usize::try_from(l)
                 .ok()
                 .and_then(|l| v.try_reserve_exact(l).ok())
-                .ok_or_else(|| {
-                    Error::Comm(format!(
-                        "rank {}: cannot allocate {l} bytes to receive from rank {}",
-                        self.world_rank(self.rank()),
-                        self.world_rank(i)
-                    ))
+                .ok_or_else(|| Error::OutOfMemory {
+                    bytes: l,
+                    what: format!("receiving from rank {}", self.world_rank(i)),
+                    rank: Some(self.world_rank(self.rank())),
                 })?;
             recv.push(v);
         }

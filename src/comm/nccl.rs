@@ -48,10 +48,10 @@ fn dl_loadable(name: &str) -> Option<String> {
 pub fn nccl_available() -> Result<()> {
     // SAFETY: only tries to dlopen candidate names.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::Comm(
-            "NCCL needs the CUDA driver library (libcuda.so), which cannot be loaded: no GPU \
-             driver on this node? Use --share none|broadcast|read-once over MPI instead"
-                .into(),
+        return Err(Error::comm(
+            "NCCL",
+            "needs the CUDA driver library (libcuda.so), which cannot be loaded: no GPU driver \
+             on this node? Share over MPI instead",
         ));
     }
     // SAFETY: as above.
@@ -59,21 +59,24 @@ pub fn nccl_available() -> Result<()> {
         return Ok(());
     }
     match dl_loadable("libnccl.so.2") {
-        Some(path) => Err(Error::Comm(format!(
-            "found {path} (pip's NCCL name) but cudarc only loads libnccl.so: run \
+        Some(path) => Err(Error::comm(
+            "NCCL",
+            format!(
+                "found {path} (pip's NCCL name) but cudarc only loads libnccl.so: run \
              `mkdir -p ~/.safeshard-nccl && ln -sf {path} ~/.safeshard-nccl/libnccl.so` and \
              prepend ~/.safeshard-nccl to LD_LIBRARY_PATH (launch/mpirun.sh does this)"
-        ))),
-        None => Err(Error::Comm(
-            "NCCL (libnccl.so or libnccl.so.2) cannot be loaded: install it (e.g. `pip install \
-             nvidia-nccl-cu12`) and add its lib directory to LD_LIBRARY_PATH"
-                .into(),
+            ),
+        )),
+        None => Err(Error::comm(
+            "NCCL",
+            "libnccl.so or libnccl.so.2 cannot be loaded: install it (e.g. `pip install \
+             nvidia-nccl-cu12`) and add its lib directory to LD_LIBRARY_PATH",
         )),
     }
 }
 
 fn cu(e: impl std::fmt::Debug) -> Error {
-    Error::Comm(format!("CUDA/NCCL: {e:?}"))
+    Error::comm("CUDA/NCCL", format!("{e:?}"))
 }
 
 /// An NCCL communicator on one GPU, with the host communicator it was made from.
@@ -129,7 +132,8 @@ impl NcclComm {
 
     /// Broadcasts a device buffer from `root` (in place) and waits for it.
     pub fn broadcast_device(&self, root: usize, buf: &mut CudaSlice<u8>) -> Result<()> {
-        let root = i32::try_from(root).map_err(|_| Error::Comm("root too large".into()))?;
+        let root =
+            i32::try_from(root).map_err(|_| Error::comm("NCCL broadcast", "root too large"))?;
         self.comm.broadcast_in_place(buf, root).map_err(cu)?;
         self.stream.synchronize().map_err(cu)
     }

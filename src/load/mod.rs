@@ -6,7 +6,7 @@
 //! 1. **File safety.** Every file the runs read is opened and its length, modification time,
 //!    device and inode compared with the plan's [`crate::checkpoint::FileIdentity`]; every run
 //!    must lie inside the file. A file truncated or replaced since planning is an
-//!    [`Error::Load`] naming it, never a `SIGBUS`; so is a file truncated *while* it is
+//!    [`Error::Truncated`] naming it, never a `SIGBUS`; so is a file truncated *while* it is
 //!    loaded (short reads name the file; mapped windows are guarded by a `SIGBUS` handler
 //!    that recovers faults inside them and fails the load naming the file).
 //! 2. **Validation.** Runs must lie inside the arena and never overlap there, which is what
@@ -141,7 +141,7 @@ pub struct LoadOptions {
 }
 
 /// Shared between a running load and whoever watches it: [`LoadControl::cancel`] stops the
-/// load between copy tasks (about 8 MiB each) with an [`Error::Load`], and
+/// load between copy tasks (about 8 MiB each) with [`Error::Cancelled`], and
 /// [`LoadControl::done_bytes`] counts the arena bytes filled so far.
 #[derive(Debug, Default)]
 pub struct LoadControl {
@@ -177,7 +177,7 @@ pub(crate) fn controlled(
         return task();
     };
     if c.is_cancelled() {
-        return Err(Error::Load("load cancelled".into()));
+        return Err(Error::Cancelled);
     }
     task()?;
     c.done.fetch_add(bytes, Ordering::Relaxed);
@@ -543,10 +543,10 @@ pub fn load_rank_into_buffer(
         ));
     };
     zero_gaps(rp, arena);
-    let open = engine::open_checked(&plan.files, &rp.copies)?;
-    let runs = engine::validate(&plan.files, &rp.copies, &rp.zeros, arena)?;
-    let mapped = engine::map_for(&runs, &open, opts)?;
-    let exec = engine::run(&runs, &open, mapped.as_ref(), opts)?;
+    let exec = engine::Request::new(&plan.files, &rp.copies, &rp.zeros)
+        .prepare()?
+        .run(arena, opts)?
+        .stats;
     Ok(LoadStats {
         rank,
         tensors: rp.tensors.len(),
@@ -626,18 +626,12 @@ fn load_rank_impl(
 ) -> Result<RankTensors> {
     let start = Instant::now();
     let rp = rank_plan(plan, rank)?;
-    let open = engine::open_checked(&plan.files, &rp.copies)?;
-    let mut arena = match arena {
-        Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
-        None => Arena::new(rp.arena_bytes, opts.arena)?,
-    };
     let mut views = HashMap::new();
     let mut view_bytes = 0;
     // Views need a mapping of every contiguous tensor, whatever the engine.
     let views_on = opts.views && matches!(opts.io, IoMode::Auto | IoMode::Mmap);
-    let (exec, mapped) = if views_on {
-        let all = engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?;
-        let mapped = engine::Mapped::map(&plan.files, &open, all.copies(), |_| true, true)?;
+    let clipped;
+    let request = if views_on {
         let cands = view_candidates(rp);
         let mut cut: Vec<(u64, u64)> = Vec::with_capacity(cands.len());
         for &(i, file, src) in &cands {
@@ -648,18 +642,19 @@ fn load_rank_impl(
             }
         }
         cut.sort_unstable();
-        let copies = clip_runs(&rp.copies, &cut);
-        let runs = engine::validate(&plan.files, &copies, &rp.zeros, &mut arena)?;
-        let mut exec = engine::run(&runs, &open, Some(&mapped), opts)?;
-        exec.read_bytes = engine::touched_pages(&rp.copies);
-        (exec, Some(Arc::new(mapped)))
+        clipped = clip_runs(&rp.copies, &cut);
+        engine::Request::new(&plan.files, &clipped, &rp.zeros).views_of(&rp.copies)
     } else {
-        let ahead = arena.is_fresh() && opts.arena == ArenaInit::Ahead;
-        let runs =
-            engine::validate(&plan.files, &rp.copies, &rp.zeros, &mut arena)?.populate_ahead(ahead);
-        let mapped = engine::map_for(&runs, &open, opts)?;
-        (engine::run(&runs, &open, mapped.as_ref(), opts)?, None)
+        engine::Request::new(&plan.files, &rp.copies, &rp.zeros)
     };
+    let prepared = request.prepare()?;
+    let mut arena = match arena {
+        Some(a) => a.reuse(rp.arena_bytes, opts.arena)?,
+        None => Arena::new(rp.arena_bytes, opts.arena)?,
+    };
+    let ahead = !views_on && arena.is_fresh() && opts.arena == ArenaInit::Ahead;
+    let executed = prepared.populate_ahead(ahead).run(&mut arena, opts)?;
+    let (exec, mapped) = (executed.stats, executed.mapped.map(Arc::new));
     let stats = LoadStats {
         rank,
         tensors: rp.tensors.len(),
@@ -691,17 +686,20 @@ pub fn verify_rank(
             continue;
         }
         let Some(got) = loaded.tensor_at(i) else {
-            return Err(Error::Load(format!("verify: tensor {:?} missing", t.name)));
+            return Err(Error::plan_tensor(
+                &t.name,
+                "verify: missing from the loaded rank",
+            ));
         };
         let info = ckpt
             .tensors
             .get(t.source)
-            .ok_or_else(|| Error::Load(format!("verify: tensor {:?}: unknown source", t.name)))?;
+            .ok_or_else(|| Error::plan_tensor(&t.name, "verify: unknown source"))?;
         let layout = layout_for(resolution, t.source, &coords).ok_or_else(|| {
-            Error::Load(format!(
-                "verify: tensor {:?} is not held by rank {} in the resolution",
-                t.name, coords.rank
-            ))
+            Error::plan_tensor(
+                &t.name,
+                format!("verify: not held by rank {} in the resolution", coords.rank),
+            )
         })?;
         let on_rank = |e: Error| match e {
             Error::OutOfMemory {

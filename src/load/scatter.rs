@@ -13,7 +13,7 @@ use crate::{Error, Result};
 
 /// Loads rank `rank` of `plan` with some tensors written straight into caller memory (a
 /// model's parameters, say), so that they are copied once, from the files into their final
-/// place; the other tensors go into a fresh arena as with [`load_rank`].
+/// place; the other tensors go into a fresh arena as with [`load_rank`](super::load_rank).
 ///
 /// `into` pairs tensor names of the rank with buffers of exactly their byte size (row-major,
 /// as safetensors stores them); a name may appear once. The buffers are borrowed for the
@@ -22,7 +22,7 @@ use crate::{Error, Result};
 /// touched, so they cost no memory). A fresh arena's pages, and the caller buffers' pages,
 /// are made resident as [`LoadOptions::arena`] says (`Populate` acts like `Ahead` here, so
 /// that the redirected spans are not faulted in). Refuses [`LoadOptions::views`] like
-/// [`load_rank`].
+/// [`load_rank`](super::load_rank).
 ///
 /// ```
 /// # fn main() -> safeshard::Result<()> {
@@ -90,13 +90,10 @@ pub fn load_rank_scattered(
             dst: buf,
         });
     }
-    let open = engine::open_checked(&plan.files, &rp.copies)?;
     let init = match opts.arena {
         ArenaInit::Populate => ArenaInit::Ahead,
         other => other,
     };
-    let mut arena = Arena::new(rp.arena_bytes, init)?;
-    let ahead = init == ArenaInit::Ahead;
     // Runs may cross tensor boundaries (the plan merges back-to-back copies); each piece
     // must land in one buffer.
     let edges = edges(&redirects);
@@ -104,11 +101,14 @@ pub fn load_rank_scattered(
         split_copies(&rp.copies, &edges),
         split_zeros(&rp.zeros, &edges),
     );
-    let runs = engine::validate_redirected(&plan.files, &copies, &zeros, &mut arena, redirects)?
-        .populate_ahead(ahead);
-    let mapped = engine::map_for(&runs, &open, opts)?;
-    let exec = engine::run(&runs, &open, mapped.as_ref(), opts)?;
-    drop(runs);
+    let prepared = engine::Request::new(&plan.files, &copies, &zeros)
+        .redirect(redirects)
+        .prepare()?;
+    let mut arena = Arena::new(rp.arena_bytes, init)?;
+    let exec = prepared
+        .populate_ahead(init == ArenaInit::Ahead)
+        .run(&mut arena, opts)?
+        .stats;
     let stats = LoadStats {
         rank,
         tensors: rp.tensors.len(),

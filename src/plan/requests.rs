@@ -58,12 +58,18 @@ impl SliceRequest {
         }
     }
 
-    /// How errors name the request: its destination and, when it differs, its source.
-    fn label(&self) -> String {
-        if self.dest == self.source {
-            format!("tensor {:?}", self.dest)
+    /// An error about this request on `rank`: it names the destination as the tensor and,
+    /// when it differs, the checkpoint tensor in the reason.
+    fn error(&self, rank: usize, reason: impl std::fmt::Display) -> Error {
+        let reason = if self.dest == self.source {
+            reason.to_string()
         } else {
-            format!("{:?} (checkpoint tensor {:?})", self.dest, self.source)
+            format!("checkpoint tensor {:?}: {reason}", self.source)
+        };
+        Error::Plan {
+            rank: Some(rank),
+            tensor: Some(self.dest.clone()),
+            reason,
         }
     }
 }
@@ -112,17 +118,13 @@ fn build_rank(
     let mut dests = HashSet::with_capacity(reqs.len());
     for (i, req) in reqs.iter().enumerate() {
         if !dests.insert(req.dest.as_str()) {
-            return Err(Error::Plan(format!(
-                "rank {rank}: {} is requested twice",
-                req.label()
-            )));
+            return Err(req.error(rank, "requested twice"));
         }
         let Some(ci) = ckpt.tensor_index(&req.source) else {
-            return Err(Error::Plan(format!(
-                "rank {rank}: {}: the checkpoint has no tensor {:?}",
-                req.label(),
-                req.source
-            )));
+            return Err(req.error(
+                rank,
+                format_args!("the checkpoint has no tensor {:?}", req.source),
+            ));
         };
         order.push((ci, i));
     }
@@ -136,9 +138,9 @@ fn build_rank(
             continue;
         };
         let file = u32::try_from(t.file)
-            .map_err(|_| Error::Plan(format!("tensor {:?}: file index {}", t.name, t.file)))?;
-        let label = format!("rank {rank}: {}", req.label());
-        let (shape, runs) = slice_runs(&label, t.dtype, &t.shape, file, t.offset, &req.ranges)?;
+            .map_err(|_| req.error(rank, format_args!("file index {}", t.file)))?;
+        let fail = |reason: String| req.error(rank, reason);
+        let (shape, runs) = slice_runs(&fail, t.dtype, &t.shape, file, t.offset, &req.ranges)?;
         let offset = place_next(cursor, &mut zeros);
         staging = staging.max(span_bytes(&runs.copies));
         copies.extend(runs.copies.into_iter().map(|mut c| {

@@ -35,7 +35,7 @@ pub struct TensorRuns {
 type ElemRun = CopyRun;
 
 fn plan_err(name: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Plan(format!("tensor {name:?}: {msg}"))
+    Error::plan_tensor(name, msg.to_string())
 }
 
 /// Most dimensions a tensor may have (fixed-size scratch keeps planning allocation-free).
@@ -392,11 +392,6 @@ pub fn tensor_runs(
 /// Per dimension, a list of `[begin, end)` index ranges.
 type RangeLists = [Vec<(u64, u64)>];
 
-/// An error about a tensor that `label` names as the caller wants it named.
-fn fail(label: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Plan(format!("{label}: {msg}"))
-}
-
 /// Most boxes (one per combination of ranges, one range per dimension) that one slice
 /// request may make: a bound on planning work that hostile requests cannot exceed.
 pub const MAX_SLICE_BOXES: u64 = 1 << 20;
@@ -407,10 +402,10 @@ pub const MAX_SLICE_BOXES: u64 = 1 << 20;
 /// combination of one range per dimension, in row-major order of the combinations, so its
 /// size along dimension `d` is the sum of `ranges[d]`'s lengths.
 ///
-/// `label` starts every error message (e.g. `tensor "w"`). Ranges must lie inside the source; abutting ranges are
+/// `fail` makes the caller's error from a reason (naming the tensor its own way). Ranges must lie inside the source; abutting ranges are
 /// merged first (fewer, longer runs); empty ones are dropped. A scalar takes `ranges = []`.
 pub(crate) fn slice_runs(
-    label: &str,
+    fail: &dyn Fn(String) -> Error,
     dtype: Dtype,
     src_shape: &[u64],
     file: u32,
@@ -419,19 +414,15 @@ pub(crate) fn slice_runs(
 ) -> Result<(Vec<u64>, TensorRuns)> {
     let nd = src_shape.len();
     if nd > MAX_DIMS {
-        return Err(fail(
-            label,
-            format_args!("{nd} dimensions are more than the {MAX_DIMS} supported"),
-        ));
+        return Err(fail(format!(
+            "{nd} dimensions are more than the {MAX_DIMS} supported"
+        )));
     }
     if ranges.len() != nd {
-        return Err(fail(
-            label,
-            format_args!(
-                "{} dimensions of ranges for a tensor of {nd} dimensions {src_shape:?}",
-                ranges.len()
-            ),
-        ));
+        return Err(fail(format!(
+            "{} dimensions of ranges for a tensor of {nd} dimensions {src_shape:?}",
+            ranges.len()
+        )));
     }
     // Per dimension: the merged ranges and the local size.
     let mut merged: Vec<Vec<(u64, u64)>> = Vec::with_capacity(nd);
@@ -442,17 +433,14 @@ pub(crate) fn slice_runs(
         let mut size = 0u64;
         for &(b, e) in rs {
             if b > e || e > src_shape[d] {
-                return Err(fail(
-                    label,
-                    format_args!(
-                        "range [{b}, {e}) of dim {d} is outside its size {}",
-                        src_shape[d]
-                    ),
-                ));
+                return Err(fail(format!(
+                    "range [{b}, {e}) of dim {d} is outside its size {}",
+                    src_shape[d]
+                )));
             }
             size = size
                 .checked_add(e - b)
-                .ok_or_else(|| fail(label, "local shape overflows"))?;
+                .ok_or_else(|| fail("local shape overflows".into()))?;
             match m.last_mut() {
                 _ if b == e => {}
                 Some(last) if last.1 == b => last.1 = e,
@@ -466,13 +454,12 @@ pub(crate) fn slice_runs(
     let elements = local
         .iter()
         .try_fold(1u64, |acc, &n| acc.checked_mul(n))
-        .ok_or_else(|| fail(label, "local shape overflows"))?;
+        .ok_or_else(|| fail("local shape overflows".into()))?;
     let bits = dtype.bits();
     let bytes = to_bytes(elements, bits).ok_or_else(|| {
-        fail(
-            label,
-            format_args!("local shape {local:?} of {dtype} is not a whole number of bytes"),
-        )
+        fail(format!(
+            "local shape {local:?} of {dtype} is not a whole number of bytes"
+        ))
     })?;
     let mut out = TensorRuns {
         bytes,
@@ -483,10 +470,9 @@ pub(crate) fn slice_runs(
         return Ok((local, out));
     }
     if boxes > MAX_SLICE_BOXES {
-        return Err(fail(
-            label,
-            format_args!("{boxes} boxes of ranges are more than the {MAX_SLICE_BOXES} supported"),
-        ));
+        return Err(fail(format!(
+            "{boxes} boxes of ranges are more than the {MAX_SLICE_BOXES} supported"
+        )));
     }
     // A scalar is one element of a one-element vector.
     let one = [1u64];
@@ -520,11 +506,11 @@ pub(crate) fn slice_runs(
             &dst_origin[..nd],
             &mut scratch,
         )
-        .ok_or_else(|| fail(label, "offsets overflow"))?;
+        .ok_or_else(|| fail("offsets overflow".into()))?;
         for &r in &scratch {
             let run = byte_run(r, bits, file, src_offset).ok_or_else(|| {
                 let range = (src_origin[k], src_origin[k] + n[k]);
-                fail(label, sub_byte_msg(dtype, src_dims, k, range))
+                fail(sub_byte_msg(dtype, src_dims, k, range))
             })?;
             out.copies.push(run);
         }

@@ -155,16 +155,19 @@ impl Config {
             None => serde_json::Map::new(),
             Some(serde_json::Value::Object(m)) => m.clone(),
             Some(other) => {
-                return Err(Error::Config(format!(
-                    "config.json must hold a JSON object, not {}",
-                    match other {
-                        serde_json::Value::Array(_) => "an array",
-                        serde_json::Value::String(_) => "a string",
-                        serde_json::Value::Number(_) => "a number",
-                        serde_json::Value::Bool(_) => "a boolean",
-                        _ => "null",
-                    }
-                )))
+                return Err(Error::InvalidFile {
+                    file: "config.json".into(),
+                    reason: format!(
+                        "must hold a JSON object, not {}",
+                        match other {
+                            serde_json::Value::Array(_) => "an array",
+                            serde_json::Value::String(_) => "a string",
+                            serde_json::Value::Number(_) => "a number",
+                            serde_json::Value::Bool(_) => "a boolean",
+                            _ => "null",
+                        }
+                    ),
+                })
             }
         };
         for o in overrides {
@@ -299,11 +302,14 @@ impl Spec {
     /// A shipped spec by name (`llama`, `qwen2`, ...).
     pub fn shipped(name: &str) -> Result<Spec> {
         let Some((n, src)) = SHIPPED.iter().find(|(n, _)| *n == name) else {
-            return Err(Error::Usage(format!(
-                "no shipped spec named `{name}`{} (shipped: {}); pass a path to a .shard file instead",
-                parse::did_you_mean(name, Spec::shipped_names()),
-                Spec::shipped_names().join(", ")
-            )));
+            return Err(Error::UnknownSpec {
+                name: name.to_string(),
+                suggestion: parse::did_you_mean(name, Spec::shipped_names()),
+                shipped: Spec::shipped_names()
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect(),
+            });
         };
         let mut spec = Spec::parse(src, &format!("{n}.shard"))?;
         spec.name = n.to_string();
@@ -320,17 +326,20 @@ impl Spec {
             return Spec::shipped(name_or_path);
         }
         let bytes = read_spec_file(name_or_path)?;
-        let source = String::from_utf8(bytes).map_err(|e| {
-            Error::Spec(format!(
-                "{name_or_path}: not UTF-8 text (invalid byte at offset {})",
+        let source = String::from_utf8(bytes).map_err(|e| Error::Spec {
+            file: name_or_path.to_string(),
+            line: None,
+            key: None,
+            reason: format!(
+                "not UTF-8 text (invalid byte at offset {})",
                 e.utf8_error().valid_up_to()
-            ))
+            ),
         })?;
         Spec::parse(&source, name_or_path)
     }
 
     /// The shipped spec for a config's `architectures`; an unknown architecture is an error
-    /// that points to `--spec`.
+    /// ([`Error::NoSpec`]) whose hint names the `spec` option.
     pub fn detect(config: &Config) -> Result<Spec> {
         let archs: Vec<&str> = match config.values.get("architectures") {
             Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
@@ -338,9 +347,9 @@ impl Spec {
             _ => Vec::new(),
         };
         if archs.is_empty() {
-            return Err(Error::Config(
-                "no `architectures` in config.json (or no config.json beside the checkpoint), so no spec can be picked; name one (the `spec` option: a shipped name or a .shard file; `safeshard spec list`)".into(),
-            ));
+            return Err(Error::NoSpec {
+                architectures: Vec::new(),
+            });
         }
         for arch in &archs {
             for name in Spec::shipped_names() {
@@ -350,10 +359,9 @@ impl Spec {
                 }
             }
         }
-        Err(Error::Config(format!(
-            "no shipped spec for architecture {}; name one (the `spec` option: a shipped name or a .shard file; `safeshard spec list`)",
-            archs.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
-        )))
+        Err(Error::NoSpec {
+            architectures: archs.iter().map(|a| a.to_string()).collect(),
+        })
     }
 
     /// Number of rules.

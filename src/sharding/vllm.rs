@@ -48,7 +48,12 @@ pub type Captures = Vec<(String, String)>;
 impl Template {
     /// Parses a template; `key` names it in errors.
     fn parse(text: &str, origin: &str, key: &str) -> Result<Template> {
-        let bad = |why: &str| Error::Spec(format!("{origin}: `{key}`: {text:?}: {why}"));
+        let bad = |why: &str| Error::Spec {
+            file: origin.to_string(),
+            line: None,
+            key: Some(key.to_string()),
+            reason: format!("{text:?}: {why}"),
+        };
         if text.is_empty() {
             return Err(bad("empty name"));
         }
@@ -330,17 +335,21 @@ const SHIPPED: [(&str, &str); 7] = [
 impl VllmMap {
     /// Parses a map; `origin` names it in errors (`file: \`key\`: what is wrong`).
     pub fn parse(source: &str, origin: &str) -> Result<VllmMap> {
-        let raw: RawMap = serde_json::from_str(source).map_err(|e| {
-            Error::Spec(format!(
-                "{origin}:{}:{}: {}",
-                e.line(),
-                e.column(),
-                strip_position(&e.to_string())
-            ))
+        let raw: RawMap = serde_json::from_str(source).map_err(|e| Error::SpecAt {
+            file: origin.to_string(),
+            line: e.line(),
+            col: e.column(),
+            message: strip_position(&e.to_string()).to_string(),
+            excerpt: String::new(),
         })?;
         let _ = raw.about;
         let t = |text: &str, key: &str| Template::parse(text, origin, key);
-        let bad = |key: &str, why: String| Error::Spec(format!("{origin}: `{key}`: {why}"));
+        let bad = |key: &str, why: String| Error::Spec {
+            file: origin.to_string(),
+            line: None,
+            key: Some(key.to_string()),
+            reason: why,
+        };
         if raw.vllm.trim().is_empty() {
             return Err(bad(
                 "vllm",

@@ -126,19 +126,23 @@ impl SynthOptions {
             .iter()
             .find_map(|n| Arch::from_hf_architecture(n))
             .ok_or_else(|| {
-                Error::Config(format!(
-                    "synth: `architectures` {names:?} names no known architecture (known: {})",
-                    Arch::ALL.map(Arch::hf_architecture).join(", ")
-                ))
+                Error::config(
+                    "architectures",
+                    format!(
+                        "{names:?} names no architecture synth knows (known: {})",
+                        Arch::ALL.map(Arch::hf_architecture).join(", ")
+                    ),
+                )
             })?;
         let dtype = match config.get("torch_dtype").and_then(|d| d.as_str()) {
             None | Some("bfloat16") => Dtype::BF16,
             Some("float16") => Dtype::F16,
             Some("float32") => Dtype::F32,
             Some(other) => {
-                return Err(Error::Config(format!(
-                    "synth: unsupported torch_dtype {other:?} (bfloat16, float16 or float32)"
-                )))
+                return Err(Error::config(
+                    "torch_dtype",
+                    format!("{other:?} is not one synth writes (bfloat16, float16 or float32)"),
+                ))
             }
         };
         Ok(SynthOptions {
@@ -211,10 +215,9 @@ pub fn tensors(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
 /// The reader's own rule (`checkpoint` header validation), so that synth never writes a shape
 /// the reader would refuse.
 pub fn tensor_bytes(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64> {
-    crate::checkpoint::tensor_bytes(dtype, shape).map_err(|why| {
-        Error::Config(format!(
-            "synth: tensor {name:?}: {dtype} {shape:?} has no whole byte size ({why})"
-        ))
+    crate::checkpoint::tensor_bytes(dtype, shape).map_err(|why| Error::Unsupported {
+        what: format!("synthetic tensor {name:?}"),
+        why: format!("{dtype} {shape:?} has no whole byte size ({why})"),
     })
 }
 

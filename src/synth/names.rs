@@ -12,12 +12,10 @@ use crate::{Error, Result};
 /// Integer field of the config, or a `Config` error naming it.
 pub(crate) fn cfg_u64(cfg: &Value, key: &str) -> Result<u64> {
     match cfg.get(key) {
-        Some(v) => v.as_u64().ok_or_else(|| {
-            Error::Config(format!(
-                "synth: `{key}` must be a non-negative integer, got {v}"
-            ))
-        }),
-        None => Err(Error::Config(format!("synth: config has no `{key}`"))),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| Error::config(key, format!("must be a non-negative integer, got {v}"))),
+        None => Err(Error::config(key, "is missing from the config")),
     }
 }
 
@@ -34,15 +32,13 @@ fn cfg_bool(cfg: &Value, key: &str, default: bool) -> Result<bool> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(Error::Config(format!(
-            "synth: `{key}` must be a boolean, got {v}"
-        ))),
+        Some(v) => Err(Error::config(key, format!("must be a boolean, got {v}"))),
     }
 }
 
 fn mul(a: u64, b: u64, what: &str) -> Result<u64> {
     a.checked_mul(b)
-        .ok_or_else(|| Error::Config(format!("synth: {what} overflows")))
+        .ok_or_else(|| Error::config(what, "overflows"))
 }
 
 /// `ceil(n / 128)`: FP8 block-scale extent of a dimension of `n` (block 128).
@@ -65,9 +61,7 @@ fn attn_dims(cfg: &Value) -> Result<(u64, u64, u64, u64)> {
     let h = cfg_u64(cfg, "hidden_size")?;
     let nh = cfg_u64(cfg, "num_attention_heads")?;
     if nh == 0 {
-        return Err(Error::Config(
-            "synth: `num_attention_heads` must be at least 1".into(),
-        ));
+        return Err(Error::config("num_attention_heads", "must be at least 1"));
     }
     let nkv = cfg_opt_u64(cfg, "num_key_value_heads")?.unwrap_or(nh);
     let hd = match cfg_opt_u64(cfg, "head_dim")? {
@@ -120,9 +114,10 @@ fn quant_of(cfg: &Value) -> Result<Quant> {
     let bits = cfg_u64(q, "bits").or_else(|_| cfg_u64(q, "w_bit"))?;
     let g = cfg_u64(q, "group_size").or_else(|_| cfg_u64(q, "q_group_size"))?;
     if bits == 0 || 32 % bits != 0 || g == 0 {
-        return Err(Error::Config(format!(
-            "synth: quantization_config: bits {bits} must divide 32 and group_size {g} be positive"
-        )));
+        return Err(Error::config(
+            "quantization_config",
+            format!("bits {bits} must divide 32 and group_size {g} be positive"),
+        ));
     }
     let pf = 32 / bits;
     Ok(if method == "gptq" {
@@ -140,9 +135,10 @@ impl Out {
             if ok {
                 Ok(())
             } else {
-                Err(Error::Config(format!(
-                    "synth: {name}: [{out}, {inp}] does not divide into the quantization packing/groups"
-                )))
+                Err(Error::config(
+                    "quantization_config",
+                    format!("packing/groups do not divide {name}: [{out}, {inp}]"),
+                ))
             }
         };
         match q {
@@ -170,10 +166,13 @@ impl Out {
 fn dense_family(arch: Arch, cfg: &Value, dt: Dtype, o: &mut Out) -> Result<()> {
     let quant = quant_of(cfg)?;
     if quant != Quant::None && !matches!(arch, Arch::Llama | Arch::Mistral | Arch::Qwen2) {
-        return Err(Error::Config(format!(
-            "synth: GPTQ/AWQ checkpoints are generated for Llama, Mistral and Qwen2 only, not {}",
-            arch.hf_architecture()
-        )));
+        return Err(Error::config(
+            "quantization_config",
+            format!(
+                "GPTQ/AWQ checkpoints are generated for Llama, Mistral and Qwen2 only, not {}",
+                arch.hf_architecture()
+            ),
+        ));
     }
     let (h, nh, nkv, hd) = attn_dims(cfg)?;
     let v = cfg_u64(cfg, "vocab_size")?;
@@ -383,14 +382,17 @@ fn block_size(cfg: &Value) -> Result<(u64, u64)> {
     match b.as_array().map(|a| a.as_slice()) {
         Some([x, y]) => match (x.as_u64(), y.as_u64()) {
             (Some(x), Some(y)) if x > 0 && y > 0 => Ok((x, y)),
-            _ => Err(Error::Config(format!(
-                "synth: quantization_config.weight_block_size must be two positive integers, got {b}"
-            ))),
+            _ => Err(block_size_error(b)),
         },
-        _ => Err(Error::Config(format!(
-            "synth: quantization_config.weight_block_size must be two positive integers, got {b}"
-        ))),
+        _ => Err(block_size_error(b)),
     }
+}
+
+fn block_size_error(b: &Value) -> Error {
+    Error::config(
+        "quantization_config.weight_block_size",
+        format!("must be two positive integers, got {b}"),
+    )
 }
 
 /// GPT-2: Conv1D weights stored [in, out]; `attn.bias` causal-mask buffers; tied `wte`.

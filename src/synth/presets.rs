@@ -280,17 +280,18 @@ pub(crate) fn preset(name: &str) -> Result<SynthOptions> {
             REAL_SHARD,
         ),
         _ => {
-            return Err(Error::Usage(format!(
-                "unknown synthetic preset {name:?}; known: {} (each also with -tied or -untied)",
-                PRESETS.join(", ")
-            )))
+            return Err(Error::UnknownPreset {
+                name: name.to_string(),
+                known: PRESETS.iter().map(|p| p.to_string()).collect(),
+            })
         }
     };
     if let Some(t) = tie {
         if o.arch == Arch::Gpt2 && !t {
-            return Err(Error::Usage(format!(
-                "preset {name:?}: GPT-2 checkpoints always tie lm_head to wte"
-            )));
+            return Err(Error::invalid_argument(
+                "preset",
+                format!("{name:?}: GPT-2 checkpoints always tie lm_head to wte"),
+            ));
         }
         o = o.with_tied(t);
     }

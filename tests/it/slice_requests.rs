@@ -233,7 +233,12 @@ fn a_file_that_changes_before_the_read_fails_every_rank() {
         .unwrap()
         .set_len(len - 1)
         .unwrap();
-    let norm = job.checkpoint().tensor("model.norm.weight").unwrap().shape.clone();
+    let norm = job
+        .checkpoint()
+        .tensor("model.norm.weight")
+        .unwrap()
+        .shape
+        .clone();
     for mode in [ShareMode::None, ShareMode::ReadOnce] {
         let share = ShareOptions {
             mode,
