@@ -174,7 +174,7 @@ fn a_failure_on_one_rank_fails_every_rank_before_any_buffer_is_written() {
             let res = {
                 let mut into = [("norm", &mut buf[..])];
                 let j = if r == 1 {
-                    Err(Error::Usage("key \"x\": shape mismatch".into()))
+                    Err(Error::plan_tensor("x", "shape mismatch"))
                 } else {
                     Ok(&job)
                 };
@@ -253,7 +253,7 @@ fn a_file_that_changes_before_the_read_fails_every_rank() {
                 .map(|_| ())
                 .err()
                 .map(|e| e.to_string())
-                .ok_or_else(|| Error::Usage("no error".into()))
+                .ok_or_else(|| Error::plan("no error"))
         });
         for (r, res) in results.into_iter().enumerate() {
             let err = res.unwrap_or_else(|e| panic!("{mode}: rank {r}: {e}"));
