@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::checkpoint::Checkpoint;
 use crate::comm::{agree, agree_fields, Communicator};
-use crate::dist::{load_shared_with, ShareMode, ShareOptions, SharedPlan, Traffic};
+use crate::dist::{load_shared_into, ShareMode, ShareOptions, SharedPlan, Traffic};
 use crate::load::{load_rank_scattered, RankTensors};
 use crate::plan::requests::{build_requests, SliceRequest};
 use crate::plan::{Plan, RankPlan};
@@ -78,7 +78,7 @@ impl SliceJob {
     /// With [`ShareMode::None`] each rank plans and reads its own requests; with the other
     /// modes the ranks all-gather their requests, every rank builds the same plan of the
     /// whole job and the share mode reads shared bytes once ([`crate::dist`]: plan hashes
-    /// compared first), then the tensors of `into` are copied into their buffers. Ranks agree
+    /// compared first), writing the tensors of `into` straight into their buffers too. Ranks agree
     /// after every step that can fail on one of them (planning, the buffers, the reads), so
     /// a failure anywhere is an error on every rank and no caller buffer is written before
     /// every rank's plan and buffers were checked.
@@ -143,9 +143,7 @@ pub fn load_collective(
         let loaded = load_rank_scattered(&plan, me, &opts.load, into);
         return Ok((agree(world, loaded)?, Traffic::default()));
     }
-    let (mut loaded, traffic) = load_shared_with(&SharedPlan::new(&plan), world, opts)?;
-    copy_out(&mut loaded, into)?;
-    Ok((loaded, traffic))
+    load_shared_into(&SharedPlan::new(&plan), world, opts, into)
 }
 
 /// Every rank's requests, all-gathered (JSON: deterministic, and a malformed part from a
@@ -220,35 +218,6 @@ fn check_buffers(rp: &RankPlan, into: &[(&str, &mut [u8])]) -> Result<()> {
                 ),
             ));
         }
-    }
-    Ok(())
-}
-
-/// Copies the tensors of `into` out of a shared load's arena into their buffers and leaves
-/// them out of `loaded`.
-fn copy_out(loaded: &mut RankTensors, into: &mut [(&str, &mut [u8])]) -> Result<()> {
-    for (name, buf) in into.iter_mut() {
-        let i = loaded
-            .plans()
-            .iter()
-            .position(|t| t.name == *name)
-            .ok_or_else(|| Error::load(None, format!("tensor {name:?} was not loaded")))?;
-        let data = loaded
-            .get(name)
-            .ok_or_else(|| Error::load(None, format!("tensor {name:?} was not loaded")))?
-            .data;
-        if data.len() != buf.len() {
-            return Err(Error::load(
-                None,
-                format!(
-                    "tensor {name:?}: {} bytes loaded for a buffer of {}",
-                    data.len(),
-                    buf.len()
-                ),
-            ));
-        }
-        buf.copy_from_slice(data);
-        loaded.leave_out(i);
     }
     Ok(())
 }

@@ -262,3 +262,59 @@ fn a_file_that_changes_before_the_read_fails_every_rank() {
         }
     }
 }
+
+#[test]
+fn whole_replicas_into_buffers_cross_no_buffer_edge_wrongly() {
+    // Every rank holds every tensor whole (DDP, Replicate): runs of adjacent tensors are
+    // coalesced across tensor boundaries, and read-once's transfers follow those runs, so
+    // the writes into caller buffers must be cut at the buffers' edges.
+    let dir = tempfile::tempdir().unwrap();
+    safeshard::synth::write_checkpoint(dir.path(), &SynthOptions::preset("llama-tiny").unwrap())
+        .unwrap();
+    let job = SliceJob::open(dir.path()).unwrap();
+    let reqs: Vec<SliceRequest> = job
+        .checkpoint()
+        .tensors
+        .iter()
+        .map(|t| SliceRequest::whole(t.name.clone(), t.name.clone(), &t.shape))
+        .collect();
+    let plan = job.plan(std::slice::from_ref(&reqs)).unwrap();
+    let crossing = plan.ranks[0].copies.iter().any(|c| {
+        let end = c.dst + c.len * c.count;
+        plan.ranks[0]
+            .tensors
+            .iter()
+            .any(|t| c.dst < t.offset && t.offset < end)
+    });
+    assert!(
+        crossing,
+        "no run crosses a tensor boundary: the test would not test the cut"
+    );
+    for mode in [ShareMode::None, ShareMode::Broadcast, ShareMode::ReadOnce] {
+        let share = ShareOptions {
+            mode,
+            round_bytes: 64 << 10,
+            ..ShareOptions::default()
+        };
+        let results = run_threads(WORLD, |comm| {
+            let mut bufs: Vec<(String, Vec<u8>)> = plan.ranks[0]
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), vec![0xA5u8; t.bytes as usize]))
+                .collect();
+            let mut into: Vec<(&str, &mut [u8])> = bufs
+                .iter_mut()
+                .map(|(n, b)| (n.as_str(), &mut b[..]))
+                .collect();
+            let (rest, _) = job.load_collective(comm, &reqs, &share, &mut into)?;
+            assert!(rest.is_empty());
+            Ok(bufs)
+        });
+        for (r, res) in results.into_iter().enumerate() {
+            for (name, got) in res.unwrap() {
+                let (_, _, want) = reference(dir.path(), &name);
+                assert!(got == want, "{mode}: rank {r}: {name} differs");
+            }
+        }
+    }
+}
