@@ -777,24 +777,20 @@ impl Error {
     }
 
     fn write_message(&self, f: &mut dyn fmt::Write, names: &dyn OptionNames) -> fmt::Result {
+        match self.kind() {
+            ErrorKind::Config | ErrorKind::Spec | ErrorKind::Placement => {
+                self.write_spec_message(f, names)
+            }
+            ErrorKind::Comm | ErrorKind::Usage | ErrorKind::InvalidArgument => {
+                self.write_job_message(f, names)
+            }
+            _ => self.write_data_message(f, names),
+        }
+    }
+
+    /// Config, spec and placement errors.
+    fn write_spec_message(&self, f: &mut dyn fmt::Write, names: &dyn OptionNames) -> fmt::Result {
         match self {
-            Error::Io { path, source } => write!(f, "{}: {source}", escaped_path(path)),
-            Error::InvalidFile { file, reason } | Error::InvalidIndex { file, reason } => {
-                write!(f, "{}: {}", Escaped(file), Escaped(reason))
-            }
-            Error::InvalidTensor {
-                file,
-                tensor,
-                reason,
-            } => write!(
-                f,
-                "{}: tensor {tensor:?}: {}",
-                Escaped(file),
-                Escaped(reason)
-            ),
-            Error::NotACheckpoint { path, reason } => {
-                write!(f, "{}: {}", escaped_path(path), Escaped(reason))
-            }
             Error::Config { key, reason } => {
                 write!(f, "config: `{}` {}", Escaped(key), Escaped(reason))
             }
@@ -934,42 +930,14 @@ impl Error {
                         .join(", ")
                 )
             }
-            Error::Plan {
-                rank,
-                tensor,
-                reason,
-            } => {
-                if let Some(r) = rank {
-                    write!(f, "rank {r}: ")?;
-                }
-                if let Some(t) = tensor {
-                    write!(f, "tensor {t:?}: ")?;
-                }
-                if rank.is_none() && tensor.is_none() {
-                    f.write_str("plan: ")?;
-                }
-                write!(f, "{}", Escaped(reason))
-            }
-            Error::Load { rank, file, reason } => {
-                if let Some(r) = rank {
-                    write!(f, "rank {r}: ")?;
-                }
-                if let Some(p) = file {
-                    write!(f, "{}: ", escaped_path(p))?;
-                }
-                write!(f, "{}", Escaped(reason))
-            }
-            Error::NoSigbusGuard { file } => write!(
-                f,
-                "{}: cannot guard the file mapping against truncation (SIGBUS handler \
-                 unavailable or too many mappings at once); read without mappings ({}: pread)",
-                escaped_path(file),
-                names.hint("io")
-            ),
-            Error::Cancelled => f.write_str("load cancelled"),
-            Error::Unsupported { what, why } => {
-                write!(f, "{}: {}", Escaped(what), Escaped(why))
-            }
+            // Not of this family (never reached through write_message).
+            other => write!(f, "{other:?}"),
+        }
+    }
+
+    /// Errors of a job: its communicator, its ranks and its options.
+    fn write_job_message(&self, f: &mut dyn fmt::Write, names: &dyn OptionNames) -> fmt::Result {
+        match self {
             Error::Comm { op, reason } => write!(f, "{op}: {}", Escaped(reason)),
             Error::LaunchEnv { var, value, reason } => {
                 write!(f, "environment variable {var}")?;
@@ -1062,6 +1030,67 @@ impl Error {
             Error::InvalidArgument { option, message } => {
                 write!(f, "{} {message}", names.option(option))
             }
+            // Not of this family (never reached through write_message).
+            other => write!(f, "{other:?}"),
+        }
+    }
+
+    /// Errors of files, plans and loads.
+    fn write_data_message(&self, f: &mut dyn fmt::Write, names: &dyn OptionNames) -> fmt::Result {
+        match self {
+            Error::Io { path, source } => write!(f, "{}: {source}", escaped_path(path)),
+            Error::InvalidFile { file, reason } | Error::InvalidIndex { file, reason } => {
+                write!(f, "{}: {}", Escaped(file), Escaped(reason))
+            }
+            Error::InvalidTensor {
+                file,
+                tensor,
+                reason,
+            } => write!(
+                f,
+                "{}: tensor {tensor:?}: {}",
+                Escaped(file),
+                Escaped(reason)
+            ),
+            Error::NotACheckpoint { path, reason } => {
+                write!(f, "{}: {}", escaped_path(path), Escaped(reason))
+            }
+            Error::Plan {
+                rank,
+                tensor,
+                reason,
+            } => {
+                if let Some(r) = rank {
+                    write!(f, "rank {r}: ")?;
+                }
+                if let Some(t) = tensor {
+                    write!(f, "tensor {t:?}: ")?;
+                }
+                if rank.is_none() && tensor.is_none() {
+                    f.write_str("plan: ")?;
+                }
+                write!(f, "{}", Escaped(reason))
+            }
+            Error::Load { rank, file, reason } => {
+                if let Some(r) = rank {
+                    write!(f, "rank {r}: ")?;
+                }
+                if let Some(p) = file {
+                    write!(f, "{}: ", escaped_path(p))?;
+                }
+                write!(f, "{}", Escaped(reason))
+            }
+            Error::NoSigbusGuard { file } => write!(
+                f,
+                "{}: cannot guard the file mapping against truncation (SIGBUS handler \
+                 unavailable or too many mappings at once); read without mappings ({}: pread)",
+                escaped_path(file),
+                names.hint("io")
+            ),
+            Error::Cancelled => f.write_str("load cancelled"),
+            Error::Unsupported { what, why } => {
+                write!(f, "{}: {}", Escaped(what), Escaped(why))
+            }
             Error::FileChanged { file, change } => {
                 write!(f, "{}: {change}", escaped_path(file))
             }
@@ -1103,6 +1132,8 @@ impl Error {
                 escaped_path(path)
             ),
             Error::RankFailed { rank, message } => write!(f, "rank {rank}: {message}"),
+            // Not of this family (never reached through write_message).
+            other => write!(f, "{other:?}"),
         }
     }
 }

@@ -45,10 +45,13 @@
 //! [`SliceJob`]: explicit [`SliceRequest`]s instead of a sharding spec, planned and loaded by
 //! the same layers.
 //!
-//! [`synth`] writes synthetic Hugging Face-layout checkpoints for tests, demos and benchmarks.
+//! `synth` (feature `synth`, on with the default `cli`) writes synthetic Hugging Face-layout
+//! checkpoints for tests, demos and benchmarks.
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod comm;
 pub mod dist;
 pub mod error;
@@ -58,6 +61,7 @@ pub mod plan;
 pub mod reshard;
 pub mod sharding;
 mod slice_job;
+#[cfg(feature = "synth")]
 pub mod synth;
 pub mod topology;
 

@@ -25,7 +25,10 @@ import numpy as np
 
 from . import _dtypes
 from ._safeshard import NativePlan, NativeRank, SafeshardError, __version__
+from ._safeshard import check_share as _check_share
 from ._safeshard import error as _native_error
+from ._safeshard import launch_env as _launch_env
+from ._safeshard import launcher_variables as _launcher_variables
 from ._safeshard import synth as _synth
 
 if TYPE_CHECKING:
@@ -234,8 +237,7 @@ class Plan:
         exchanged with all-to-all). Sub-groups come from ``dist.new_group``, created by all
         ranks in the same order. A rank that fails makes every rank raise, naming it.
         """
-        if share not in ("none", "broadcast", "read-once"):
-            raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
+        _check_share(share)
         from ._dist import TorchComm
 
         comm = TorchComm(process_group)
@@ -556,12 +558,10 @@ def _to_device(base: torch.Tensor, dev: torch.device, non_blocking: bool) -> tor
     return out
 
 
-_LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
-
-
 def _default_rank(world: int, group: Any) -> int:
-    """``torch.distributed``'s rank when it is initialized, else ``RANK``; a job of one rank
-    is rank 0; anything else needs an explicit rank."""
+    """``torch.distributed``'s rank when it is initialized, else the launcher's (``RANK``
+    under torchrun, ``OMPI_COMM_WORLD_RANK`` under Open MPI, ...: the library's launcher
+    table); a job of one rank is rank 0; anything else needs an explicit rank."""
     try:
         import torch.distributed as dist
 
@@ -569,15 +569,17 @@ def _default_rank(world: int, group: Any) -> int:
             return int(dist.get_rank(group))
     except ImportError:
         pass
-    env = os.environ.get("RANK")
-    if env is not None:
-        if not env.isdigit():
-            raise _error("usage", f"RANK={env!r} is not a rank number")
-        return int(env)
+    launched = _launch_env()
+    if launched is not None:
+        return launched[1]
     if world == 1:
         return 0
-    launched = [v for v in _LAUNCHER_SIZE_VARS if os.environ.get(v, "1") not in ("", "1")]
-    where = f" (launcher sets {launched[0]} but neither RANK nor torch.distributed)" if launched else ""
+    sizes = [v[2] for v in _launcher_variables() if os.environ.get(v[2], "1") not in ("", "1")]
+    where = (
+        f" (launcher sets {sizes[0]} but neither its rank variable nor torch.distributed)"
+        if sizes
+        else ""
+    )
     raise _error(
         "usage",
         f"rank: the job has {world} ranks; pass rank=, set RANK, or initialize "
@@ -607,7 +609,8 @@ def load(
     """Loads this process's rank of a TP/PP/DP/EP job as ``{name: torch.Tensor}``.
 
     ``rank=None`` takes the rank from ``torch.distributed`` when it is initialized (in
-    ``process_group`` if given), else ``RANK``. ``share``: ``"none"`` (read your own
+    ``process_group`` if given), else the launcher's (``RANK``, ``OMPI_COMM_WORLD_RANK``,
+    ...). ``share``: ``"none"`` (read your own
     slices), ``"broadcast"`` (bytes several ranks hold are read by one and broadcast in the
     sub-group of exactly its holders) or ``"read-once"`` (every byte read once per job and
     exchanged with all-to-all); the last two need ``torch.distributed`` initialized (gloo
@@ -618,8 +621,7 @@ def load(
     p = plan(
         path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers, names=names
     )
-    if share not in ("none", "broadcast", "read-once"):
-        raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
+    _check_share(share)
     if share != "none":
         loaded = p.load_shared(
             share=share, process_group=process_group, io=io, threads=threads, progress=progress

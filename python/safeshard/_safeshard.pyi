@@ -13,6 +13,9 @@ __all__ = [
     "load_slices",
     "cli_main",
     "error",
+    "check_share",
+    "launch_env",
+    "launcher_variables",
     "synth",
     "synth_presets",
     "live_arenas",
@@ -135,6 +138,9 @@ def load_slices(
 ) -> NativeRank: ...
 def cli_main(argv: list[str]) -> int: ...
 def error(kind: str, message: str) -> SafeshardError: ...
+def check_share(share: str) -> None: ...
+def launch_env() -> tuple[str, int, int, int] | None: ...
+def launcher_variables() -> list[tuple[str, str, str, str]]: ...
 def synth(
     dir: str | PathLike[str],
     preset: str,

@@ -27,19 +27,11 @@ use safeshard::error::{ErrorKind, OptionNames};
 use safeshard::load::LoadControl;
 use safeshard::plan::TensorPlan;
 use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, TensorNames, Topology};
-use sha2::{Digest, Sha256};
 
 mod caller;
 mod comm;
 mod dlpack;
 mod slices;
-
-/// The CLI, compiled into the extension so that the `safeshard` console script of the wheel
-/// is exactly the Rust command (same flags, messages and exit codes) without shipping a
-/// second binary next to the extension.
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/cli/mod.rs"]
-mod cli;
 
 create_exception!(
     _safeshard,
@@ -266,7 +258,7 @@ impl NativePlan {
 
     fn to_json(&self, py: Python<'_>) -> String {
         let job = Arc::clone(&self.job);
-        py.detach(move || cli::plan::json_document(&job.plan))
+        py.detach(move || safeshard::plan::json_document(&job.plan))
     }
 
     /// One rank's summary: a dict with the coordinates, `bytes`, `read_bytes`,
@@ -542,20 +534,47 @@ impl NativeRank {
     /// SHA-256 (hex) of the whole arena, as `safeshard load --digest` prints it.
     fn digest(&self, py: Python<'_>) -> String {
         let owner = Arc::clone(&self.arena);
-        py.detach(move || {
-            Sha256::digest(owner.bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        })
+        py.detach(move || safeshard::load::digest_hex(owner.bytes()))
     }
 }
 
 /// Runs the `safeshard` command line with `argv` (`argv[0]` is the program name) and returns
-/// its exit status. The console script calls this.
+/// its exit status: the library's CLI ([`safeshard::cli::main_from`]), so the console script
+/// is exactly the Rust command (same flags, messages and exit codes) without a second binary
+/// next to the extension.
 #[pyfunction]
 fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
-    py.detach(move || cli::main_from(argv))
+    py.detach(move || safeshard::cli::main_from(argv))
+}
+
+/// Checks a share mode name (`none`, `broadcast`, `read-once`) the way the library parses it.
+#[pyfunction]
+fn check_share(py: Python<'_>, share: &str) -> PyResult<()> {
+    share
+        .parse::<ShareMode>()
+        .map(|_| ())
+        .map_err(|e| to_py(py, e))
+}
+
+/// What a launcher says about this process (`safeshard::comm::launch::detect_env`):
+/// `(launcher, rank, size, local_rank)`, or `None` when no launcher's rank variable is set.
+#[pyfunction]
+fn launch_env(py: Python<'_>) -> PyResult<Option<(&'static str, usize, usize, usize)>> {
+    let got = safeshard::comm::launch::detect_env().map_err(|e| to_py(py, e))?;
+    Ok(got.map(|l| (l.launcher.name(), l.rank, l.size, l.local_rank)))
+}
+
+/// Every launcher's `(name, rank variable, size variable, local rank variable)`, in the order
+/// detection checks them.
+#[pyfunction]
+fn launcher_variables() -> Vec<(&'static str, &'static str, &'static str, &'static str)> {
+    safeshard::comm::launch::Launcher::ALL
+        .iter()
+        .map(|l| {
+            let (r, s, lr) = l.variables();
+            (l.name(), r, s, lr)
+        })
+        .collect()
 }
 
 /// Writes a synthetic checkpoint of a named preset into `dir` (tests, examples, benchmarks).
@@ -609,6 +628,9 @@ fn _safeshard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     slices::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(error, m)?)?;
+    m.add_function(wrap_pyfunction!(check_share, m)?)?;
+    m.add_function(wrap_pyfunction!(launch_env, m)?)?;
+    m.add_function(wrap_pyfunction!(launcher_variables, m)?)?;
     m.add_function(wrap_pyfunction!(synth, m)?)?;
     m.add_function(wrap_pyfunction!(synth_presets, m)?)?;
     m.add_function(wrap_pyfunction!(live_arenas, m)?)?;

@@ -1,6 +1,6 @@
 //! The distributed path of `safeshard load` (`--share`, or a launcher with more than one
 //! process): every rank of the job loads with a share mode through
-//! [`safeshard::dist::load_shared_with`], as one process per rank under a launcher (`mpirun`,
+//! [`crate::dist::load_shared_with`], as one process per rank under a launcher (`mpirun`,
 //! `srun`; needs the `mpi` feature) or, without one, all ranks in this process on threads
 //! (planned once, the plan and the broadcast schedule shared by the rank threads). Also the
 //! hidden `dist-load` alias (its old name), kept so scripts that use it keep working.
@@ -8,10 +8,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use safeshard::comm::{self, agree, launch, Communicator};
-use safeshard::dist::{self, ShareMode, ShareOptions, SharedPlan};
-use safeshard::load::{self, ArenaInit, IoMode, LoadOptions};
-use safeshard::{Error, Result};
+use crate::comm::{self, agree, launch, Communicator};
+use crate::dist::{self, ShareMode, ShareOptions, SharedPlan};
+use crate::load::{self, ArenaInit, IoMode, LoadOptions};
+use crate::{Error, Result};
 
 use super::common::{PlanFlags, Prepared};
 use super::report::{parse_round, prepare_plan, print_lines, sha256_hex, RankLine};

@@ -9,13 +9,13 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use safeshard::checkpoint::Checkpoint;
-use safeshard::comm::launch;
-use safeshard::dist::{ShareMode, DEFAULT_TIMEOUT};
-use safeshard::load::{self, ArenaInit, IoMode, LoadOptions, LoadStats};
-use safeshard::plan::Plan;
-use safeshard::sharding::Resolution;
-use safeshard::{Error, Result};
+use crate::checkpoint::Checkpoint;
+use crate::comm::launch;
+use crate::dist::{ShareMode, DEFAULT_TIMEOUT};
+use crate::load::{self, ArenaInit, IoMode, LoadOptions, LoadStats};
+use crate::plan::Plan;
+use crate::sharding::Resolution;
+use crate::{Error, Result};
 
 use super::common::PlanFlags;
 use super::dist::Request;

@@ -1,16 +1,17 @@
-//! Command-line interface: argument parsing and output formatting only; the work is in the library.
+//! The `safeshard` command line (feature `cli`): argument parsing and output formatting only;
+//! the work is in the library. The binary and the Python package's console script both run
+//! [`main_from`], so they are one program.
 
+use crate::error::OptionNames;
+use crate::Error;
 use clap::{Parser, Subcommand};
-use safeshard::error::OptionNames;
-use safeshard::Error;
 
 mod common;
 mod demo;
 mod dist;
 mod inspect;
 mod load;
-/// Public so the Python binding prints the same `plan --json` document.
-pub mod plan;
+mod plan;
 mod report;
 mod reshard;
 mod spec;
@@ -69,9 +70,7 @@ where
             } else if e.use_stderr() {
                 eprintln!(
                     "{}",
-                    safeshard::error::escape_controls(&one_line_usage_error(
-                        &e.render().to_string()
-                    ))
+                    crate::error::escape_controls(&one_line_usage_error(&e.render().to_string()))
                 );
             } else {
                 let _ = e.print();
@@ -112,7 +111,7 @@ where
 }
 
 /// Exit status of a failed command: 2 for bad usage (flags, arguments, topology), 1 for bad
-/// data and failures of the system ([`safeshard::error::ErrorKind::exit_code`]).
+/// data and failures of the system ([`crate::error::ErrorKind::exit_code`]).
 pub fn exit_code(e: &Error) -> i32 {
     e.exit_code()
 }

@@ -6,12 +6,11 @@ use std::io::Write;
 
 use std::time::Duration;
 
-use safeshard::dist::{ShareMode, MIN_ROUND_BYTES};
-use safeshard::load::IoMode;
-use safeshard::plan::Plan;
-use safeshard::topology::Coords;
-use safeshard::{Error, Result};
-use sha2::{Digest, Sha256};
+use crate::dist::{ShareMode, MIN_ROUND_BYTES};
+use crate::load::IoMode;
+use crate::plan::Plan;
+use crate::topology::Coords;
+use crate::{Error, Result};
 
 use super::common::{human_bytes, PlanFlags, Prepared};
 
@@ -88,10 +87,7 @@ pub fn prepare_plan(checkpoint: &std::path::Path, flags: &PlanFlags) -> Result<(
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::load::digest_hex(bytes)
 }
 
 /// Gigabytes per second.

@@ -69,12 +69,15 @@ pub struct LaunchInfo {
     pub local_rank: usize,
 }
 
-const ORDER: [Launcher; 4] = [
-    Launcher::OpenMpi,
-    Launcher::Mpich,
-    Launcher::Slurm,
-    Launcher::Torchrun,
-];
+impl Launcher {
+    /// Every launcher, in the order detection checks them (the module's table).
+    pub const ALL: [Launcher; 4] = [
+        Launcher::OpenMpi,
+        Launcher::Mpich,
+        Launcher::Slurm,
+        Launcher::Torchrun,
+    ];
+}
 
 fn parse(var: &str, value: &str) -> Result<usize> {
     value.trim().parse::<usize>().map_err(|_| Error::LaunchEnv {
@@ -87,7 +90,7 @@ fn parse(var: &str, value: &str) -> Result<usize> {
 /// Detects the launcher from an environment lookup (`get(name)`), e.g.
 /// `detect(|k| std::env::var(k).ok())`. `Ok(None)` when no launcher variables are set.
 pub fn detect(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchInfo>> {
-    for launcher in ORDER {
+    for launcher in Launcher::ALL {
         let (rv, sv, lv) = launcher.variables();
         let Some(rank) = get(rv) else { continue };
         let rank = parse(rv, &rank)?;

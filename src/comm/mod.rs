@@ -1,4 +1,4 @@
-//! Transport: communicators (threads, MPI, NCCL), launcher detection and agreement.
+//! Transport: communicators (threads, MPI), launcher detection and agreement.
 //!
 //! A distributed job runs one process (or, in tests and single-node runs, one thread) per
 //! global rank. This module moves bytes between ranks and knows nothing about plans or
@@ -7,9 +7,9 @@
 //! - [`Communicator`] is the small byte-oriented interface every backend implements: rank,
 //!   size, split into sub-communicators, barrier, broadcast, all-gather, all-to-all-v, abort,
 //!   and a collective timeout with a phase name for its message.
-//!   Backends: [`ThreadComm`] (in-process, channels and condition variables), `MpiComm`
-//!   (feature `mpi`, rsmpi; large messages are chunked under MPI's 2 GiB `int` counts) and
-//!   `NcclComm` (feature `nccl`, cudarc loaded at run time; device buffers).
+//!   Backends: [`ThreadComm`] (in-process, channels and condition variables) and `MpiComm`
+//!   (feature `mpi`, rsmpi; large messages are chunked under MPI's 2 GiB `int` counts). The
+//!   Python package implements it over `torch.distributed` (gloo or NCCL).
 //! - [`launch`] reads rank, world size and local rank from the launcher's environment
 //!   (Open MPI, MPICH/Hydra, Slurm, torchrun) and checks it against the topology and MPI.
 //! - Agreement: [`agree`] all-gathers every rank's status after a local phase, so a rank that
@@ -31,12 +31,6 @@ mod threads;
 mod mpi;
 #[cfg(feature = "mpi")]
 pub use self::mpi::{MpiComm, MpiUniverse};
-
-#[cfg(feature = "nccl")]
-pub mod nccl;
-
-#[cfg(feature = "cuda")]
-pub mod device;
 
 pub use launch::{LaunchInfo, Launcher};
 pub use threads::{run_threads, ThreadComm};

@@ -738,3 +738,13 @@ pub fn verify_rank(
 
 #[cfg(test)]
 mod tests;
+
+/// SHA-256 (lower-case hex) of a loaded rank's arena: `safeshard load --digest` and the
+/// Python `Rank.digest()` print the same string.
+pub fn digest_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -45,12 +45,14 @@ use crate::sharding::{Resolution, Resolved, Shards, TensorKind};
 use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
+mod json;
 pub mod names;
 pub mod requests;
 mod runs;
 mod strided;
 mod svg;
 
+pub use json::json_document;
 pub use runs::{
     coalesce_copies, coalesce_zeros, read_bytes, span_bytes, tensor_runs, TensorRuns, MAX_DIMS,
 };

@@ -2,7 +2,7 @@
 //!
 //! A spec (`*.shard`) maps tensor names to tensor-, pipeline- and expert-parallel placements,
 //! as data. [`Spec::parse`] reads one; [`Spec::shipped`] returns the specs embedded in the
-//! binary (from `shard-specs/`); [`Spec::detect`] picks one from `config.json`'s
+//! binary (from `shard-specs/`, listed by [`registry`]); [`Spec::detect`] picks one from `config.json`'s
 //! `architectures`. [`resolve`] applies a spec to a checkpoint catalog and a topology and says,
 //! for every tensor, which pipeline stages hold it and what slice every TP (or EP) rank holds,
 //! as a [`Layout`]: a concatenation of source slices and zero blocks along one dimension.
@@ -18,9 +18,10 @@ use crate::topology::Topology;
 use crate::{Error, Result};
 
 mod complete;
-mod expr;
+pub(crate) mod expr;
 mod parse;
 mod pattern;
+pub mod registry;
 mod resolve;
 pub mod vllm;
 
@@ -258,23 +259,6 @@ fn read_spec_file(path: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Shipped specs: (name, file name, source).
-const SHIPPED: [(&str, &str); 7] = [
-    ("llama", include_str!("../../shard-specs/llama.shard")),
-    ("qwen2", include_str!("../../shard-specs/qwen2.shard")),
-    ("phi3", include_str!("../../shard-specs/phi3.shard")),
-    ("mixtral", include_str!("../../shard-specs/mixtral.shard")),
-    (
-        "qwen2_moe",
-        include_str!("../../shard-specs/qwen2_moe.shard"),
-    ),
-    (
-        "deepseek_v3",
-        include_str!("../../shard-specs/deepseek_v3.shard"),
-    ),
-    ("gpt2", include_str!("../../shard-specs/gpt2.shard")),
-];
-
 impl Spec {
     /// Parses a spec. `origin` names it in error messages (`file:line:col: ...`).
     pub fn parse(source: &str, origin: &str) -> Result<Spec> {
@@ -294,14 +278,15 @@ impl Spec {
         })
     }
 
-    /// Names of the shipped specs.
+    /// Names of the shipped specs, in name order (one per `shard-specs/NAME.shard`; see
+    /// [`registry`]).
     pub fn shipped_names() -> Vec<&'static str> {
-        SHIPPED.iter().map(|(n, _)| *n).collect()
+        registry::all().iter().map(|s| s.name).collect()
     }
 
     /// A shipped spec by name (`llama`, `qwen2`, ...).
     pub fn shipped(name: &str) -> Result<Spec> {
-        let Some((n, src)) = SHIPPED.iter().find(|(n, _)| *n == name) else {
+        let Some(shipped) = registry::get(name) else {
             return Err(Error::UnknownSpec {
                 name: name.to_string(),
                 suggestion: parse::did_you_mean(name, Spec::shipped_names()),
@@ -311,8 +296,8 @@ impl Spec {
                     .collect(),
             });
         };
-        let mut spec = Spec::parse(src, &format!("{n}.shard"))?;
-        spec.name = n.to_string();
+        let mut spec = Spec::parse(shipped.spec, &format!("{name}.shard"))?;
+        spec.name = name.to_string();
         spec.shipped = true;
         Ok(spec)
     }
