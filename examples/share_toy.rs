@@ -150,7 +150,8 @@ fn run(args: &[String]) -> Result<()> {
 fn mpi(args: &[String]) -> Result<()> {
     let run = parse(args)?;
     let launch = launch::detect_env()?;
-    let universe = safeshard::comm::MpiUniverse::init()?;
+    // Deadlines from before MPI_Init to MPI_Finalize, as `safeshard load` has them.
+    let universe = safeshard::comm::MpiUniverse::init_with_timeout(run.opts.timeout)?;
     let mut world = universe.world();
     // Tests: tiny MPI transfers to exercise the chunked broadcast/all-to-all paths.
     if let Some(c) = std::env::var("SHARE_TOY_MPI_CHUNK")
@@ -166,13 +167,17 @@ fn mpi(args: &[String]) -> Result<()> {
     let result = launch::check_mpi_world(launch.as_ref(), world.rank(), world.size())
         .and_then(|_| launch::check_world(world.size(), &run.topo))
         .and_then(|_| load(&run, &world));
-    match result {
-        Ok(l) => println!("{l}"),
+    // Every rank finished before any prints (see `safeshard load`).
+    world.set_phase("finish");
+    match safeshard::comm::agree(&world, result) {
+        Ok(l) => {
+            drop(world);
+            drop(universe);
+            println!("{l}");
+        }
         // Every failure ends the whole job (MPI_Abort), never a hang.
         Err(e) => world.abort(if e.is_usage() { 2 } else { 1 }, &e.to_string()),
     }
-    drop(world);
-    drop(universe);
     Ok(())
 }
 

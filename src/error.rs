@@ -444,7 +444,8 @@ pub enum Error {
         /// Its message.
         message: String,
     },
-    /// A collective that did not complete before its deadline.
+    /// A wait of a job (a collective, MPI start-up or finalize) that did not end before its
+    /// deadline. [`Error::missing_ranks`] gives the ranks the message names as missing.
     Timeout {
         /// The rank that waited (world rank).
         rank: usize,
@@ -452,8 +453,16 @@ pub enum Error {
         phase: String,
         /// How long it waited.
         after: std::time::Duration,
-        /// The ranks that did not arrive, when known.
+        /// The ranks of the group that did not arrive, when known (`None` in the middle of a
+        /// transfer, or before MPI is up).
         missing: Option<Vec<usize>>,
+        /// The ranks that did not answer a liveness probe within a grace period, when probed
+        /// (MPI). A rank answers while it waits in any collective: one that did not arrive
+        /// but answers waits elsewhere; one that does not answer is stopped, hung or busy.
+        silent: Option<Box<[usize]>>,
+        /// `Some(d)`: this rank's own process did not run for `d` during the wait (stopped
+        /// by SIGSTOP or a debugger): the other ranks have given up on it.
+        stopped_for: Option<std::time::Duration>,
     },
     /// The job was aborted by another rank (its message).
     Aborted {
@@ -607,6 +616,52 @@ impl fmt::Display for FileChange {
     }
 }
 
+/// What a timeout says about the ranks that kept it waiting (`missing`: the group's ranks
+/// that did not arrive; `silent`: those that do not answer a liveness probe), most telling
+/// first: `rank 2 did not arrive; rank 0 did not arrive but answers (waiting in another
+/// collective)`.
+fn stragglers(missing: Option<&[usize]>, silent: Option<&[usize]>) -> String {
+    let absent = missing.unwrap_or(&[]);
+    let answers = |r: &usize| silent.is_some_and(|s| !s.contains(r));
+    let (waiting, gone): (Vec<usize>, Vec<usize>) = absent.iter().partition(|r| answers(r));
+    let others: Vec<usize> = silent
+        .unwrap_or(&[])
+        .iter()
+        .copied()
+        .filter(|r| !absent.contains(r))
+        .collect();
+    let mut parts = Vec::new();
+    if !gone.is_empty() {
+        parts.push(format!("rank {} did not arrive", rank_list(&gone)));
+    }
+    if !waiting.is_empty() {
+        parts.push(format!(
+            "rank {} did not arrive but {} (waiting in another collective)",
+            rank_list(&waiting),
+            if waiting.len() == 1 {
+                "answers"
+            } else {
+                "answer"
+            }
+        ));
+    }
+    if !others.is_empty() {
+        parts.push(format!(
+            "rank {} {} not answer (stopped or hung)",
+            rank_list(&others),
+            if others.len() == 1 { "does" } else { "do" }
+        ));
+    }
+    if parts.is_empty() {
+        parts.push(match (missing, silent) {
+            (_, Some(_)) => "every rank answers, but the transfer did not finish".into(),
+            (Some(_), None) => "every rank arrived, but the collective did not finish".into(),
+            (None, None) => "some ranks of this group did not arrive".into(),
+        });
+    }
+    parts.join("; ")
+}
+
 /// `0,2,3`: ranks joined by commas.
 pub fn rank_list(ranks: &[usize]) -> String {
     ranks
@@ -709,6 +764,39 @@ impl Error {
             op: op.into(),
             reason: reason.into(),
         }
+    }
+
+    /// The ranks a [`Error::Timeout`] names as missing: those that did not arrive and do not
+    /// answer, else those that did not arrive, else those that do not answer, else this
+    /// rank itself when it was the one stopped (`None` for other errors).
+    pub fn missing_ranks(&self) -> Option<Vec<usize>> {
+        let Error::Timeout {
+            rank,
+            missing,
+            silent,
+            stopped_for,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        if stopped_for.is_some() {
+            return Some(vec![*rank]);
+        }
+        let absent = missing.clone().unwrap_or_default();
+        let silent: Vec<usize> = silent.as_deref().map(<[usize]>::to_vec).unwrap_or_default();
+        let both: Vec<usize> = absent
+            .iter()
+            .copied()
+            .filter(|r| silent.contains(r))
+            .collect();
+        Some(if !both.is_empty() {
+            both
+        } else if !absent.is_empty() {
+            absent
+        } else {
+            silent
+        })
     }
 
     /// The error's class: its name for bindings and its exit status.
@@ -956,18 +1044,28 @@ impl Error {
                 rank,
                 phase,
                 after,
+                stopped_for: Some(gap),
+                ..
+            } => write!(
+                f,
+                "rank {rank}: this process was stopped for {} (SIGSTOP or a debugger?) while \
+                 waiting in phase {phase:?} (deadline {}): the other ranks have given up on it",
+                human_duration(std::time::Duration::from_secs(gap.as_secs().max(1))),
+                human_duration(*after)
+            ),
+            Error::Timeout {
+                rank,
+                phase,
+                after,
                 missing,
-            } => {
-                let who = match missing {
-                    Some(m) if !m.is_empty() => format!("rank {} did not arrive", rank_list(m)),
-                    _ => "some ranks of this group did not arrive".to_string(),
-                };
-                write!(
-                    f,
-                    "rank {rank}: timed out after {} in phase {phase:?}: {who}",
-                    human_duration(*after)
-                )
-            }
+                silent,
+                stopped_for: None,
+            } => write!(
+                f,
+                "rank {rank}: timed out after {} in phase {phase:?}: {}",
+                human_duration(*after),
+                stragglers(missing.as_deref(), silent.as_deref())
+            ),
             Error::Aborted { message } => write!(f, "job aborted: {message}"),
             Error::Disagree { option, values } => {
                 let list: Vec<String> = values

@@ -15,6 +15,7 @@ view is gone. See docs/python.md.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,8 @@ from ._safeshard import error as _native_error
 from ._safeshard import launch_env as _launch_env
 from ._safeshard import launcher_variables as _launcher_variables
 from ._safeshard import synth as _synth
+
+_log = logging.getLogger("safeshard")
 
 if TYPE_CHECKING:
     import torch
@@ -219,13 +222,14 @@ class Plan:
     def load_shared(
         self,
         *,
-        share: str = "broadcast",
+        share: str | None = None,
         process_group: Any = None,
         io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1 << 30,
         progress: bool | None = None,
+        timeout: float | None = 600.0,
     ) -> Rank:
         """Loads this process's rank of the job with reads shared between ranks, over
         ``torch.distributed`` (collective: every rank of ``process_group``, default the world
@@ -234,13 +238,21 @@ class Plan:
         ``share``: ``"none"``, ``"broadcast"`` (a tensor several ranks hold is read by one
         and broadcast in a sub-group of exactly its holders) or ``"read-once"`` (every byte
         read once per job, or per node with ``per_node``, in rounds of ``round_bytes``, and
-        exchanged with all-to-all). Sub-groups come from ``dist.new_group``, created by all
+        exchanged with all-to-all); ``None`` (the default): chosen by the job's node count,
+        ``"none"`` on one node and ``"broadcast"`` across several (nodes named by
+        ``SAFESHARD_NODE``, else the host name), reported as ``stats["share"]`` and
+        ``stats["share_default"]``. Sub-groups come from ``dist.new_group``, created by all
         ranks in the same order. A rank that fails makes every rank raise, naming it.
+
+        ``timeout`` (seconds, ``None``: forever) bounds every collective, on every group: a
+        rank still waiting after it raises ``SafeshardError`` (``kind == "comm"``) naming the
+        phase and the ranks that did not arrive (also as ``.phase`` and ``.missing``).
         """
-        _check_share(share)
+        if share is not None:
+            _check_share(share)
         from ._dist import TorchComm
 
-        comm = TorchComm(process_group)
+        comm = TorchComm(process_group, timeout=timeout)
         want = progress if progress is not None else (comm.rank() == 0 and sys.stderr.isatty())
         cb, close = _progress(self, comm.rank(), want)
         try:
@@ -252,6 +264,7 @@ class Plan:
                 per_node=per_node,
                 round_bytes=round_bytes,
                 progress=cb,
+                timeout=timeout,
             )
         finally:
             close()
@@ -597,7 +610,7 @@ def load(
     rank: int | None = None,
     device: Any = "cpu",
     process_group: Any = None,
-    share: str = "none",
+    share: str | None = None,
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
@@ -615,14 +628,19 @@ def load(
     sub-group of exactly its holders) or ``"read-once"`` (every byte read once per job and
     exchanged with all-to-all); the last two need ``torch.distributed`` initialized (gloo
     for CPU, NCCL for CUDA) and ``process_group`` (default: the world group) must have
-    exactly the job's ranks. ``device``: ``"cpu"`` (views of the arena), ``"cuda"`` (the
+    exactly the job's ranks. ``share=None`` (the default) chooses by measurement: with
+    ``torch.distributed`` initialized on the job's ranks, ``"none"`` on one node and
+    ``"broadcast"`` across several (see :meth:`Plan.load_shared`); without it, this process
+    reads its own rank. The choice is logged (logger ``safeshard``, INFO). ``device``: ``"cpu"`` (views of the arena), ``"cuda"`` (the
     ``LOCAL_RANK`` device) or any torch device. ``names``: as for :func:`plan`.
     """
     p = plan(
         path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers, names=names
     )
-    _check_share(share)
-    if share != "none":
+    if share is not None:
+        _check_share(share)
+    chosen = share is None and _group_size(process_group) == p.world_size > 1
+    if chosen or share in ("broadcast", "read-once"):
         loaded = p.load_shared(
             share=share, process_group=process_group, io=io, threads=threads, progress=progress
         )
@@ -630,10 +648,30 @@ def load(
             raise _error(
                 "usage", f"rank={rank} but this process is rank {loaded.rank} of its process group"
             )
+        if chosen:
+            stats = loaded.stats
+            _log.info("rank %d: share %s (%s)", loaded.rank, stats["share"], stats["share_default"])
     else:
         r = _default_rank(p.world_size, process_group) if rank is None else rank
         loaded = p.load(r, io=io, threads=threads, progress=progress)
+        if share is None:
+            _log.info(
+                "rank %d: share none (default: torch.distributed is not initialized on the "
+                "job's ranks, so this process reads its own rank)",
+                r,
+            )
     return loaded.torch(device)
+
+
+def _group_size(process_group: Any) -> int:
+    """Size of ``process_group`` (default: the world), or 0 without torch.distributed."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return int(dist.get_world_size(process_group))
 
 
 def synth(

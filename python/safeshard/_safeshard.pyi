@@ -29,6 +29,9 @@ class SafeshardError(ValueError):
 
     kind: str
     exit_code: int
+    # Only on a timeout: the phase and the ranks that did not arrive.
+    phase: str
+    missing: list[int]
 
 @final
 class NativeArena:
@@ -109,12 +112,13 @@ class NativePlan:
     def load_shared(
         self,
         comm: Any,
-        share: str = "none",
+        share: str | None = None,
         io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1073741824,
         progress: Callable[[int], object] | None = None,
+        timeout: float | None = 600.0,
     ) -> NativeRank: ...
 
 @final

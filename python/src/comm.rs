@@ -27,6 +27,31 @@ pub(crate) struct PyComm {
 fn comm_err(what: &str, e: PyErr) -> Error {
     Python::attach(|py| {
         let msg = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
+        // A collective past the deadline (`safeshard._dist.CollectiveTimeout`): the phase and
+        // the ranks that did not arrive, typed.
+        let timeout = py
+            .import("safeshard._dist")
+            .and_then(|m| m.getattr("CollectiveTimeout"))
+            .is_ok_and(|cls| e.value(py).is_instance(&cls).unwrap_or(false));
+        if timeout {
+            let v = e.value(py);
+            let field = |name: &str| v.getattr(name).ok();
+            if let (Some(rank), Some(phase), Some(after), Some(missing)) = (
+                field("rank").and_then(|x| x.extract::<usize>().ok()),
+                field("phase").and_then(|x| x.extract::<String>().ok()),
+                field("after").and_then(|x| x.extract::<f64>().ok()),
+                field("missing").and_then(|x| x.extract::<Vec<usize>>().ok()),
+            ) {
+                return Error::Timeout {
+                    rank,
+                    phase,
+                    after: Duration::try_from_secs_f64(after).unwrap_or_default(),
+                    missing: Some(missing),
+                    silent: None,
+                    stopped_for: None,
+                };
+            }
+        }
         Error::comm(
             format!("torch.distributed {what}"),
             format!(

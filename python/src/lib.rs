@@ -22,7 +22,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use safeshard::comm::Communicator;
-use safeshard::dist::{load_shared_with, SharedPlan};
+use safeshard::dist::{choose_share, load_shared_with, SharedPlan};
 use safeshard::error::{ErrorKind, OptionNames};
 use safeshard::load::LoadControl;
 use safeshard::plan::TensorPlan;
@@ -74,7 +74,14 @@ fn py_error(py: Python<'_>, kind: ErrorKind, msg: String) -> PyErr {
 /// Turns a library error into `SafeshardError(message)` with `kind` and `exit_code` set; the
 /// message is the CLI's line with options named as keyword arguments.
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
-    py_error(py, e.kind(), e.render(&Keywords))
+    let err = py_error(py, e.kind(), e.render(&Keywords));
+    // A timeout also carries its phase and the ranks it names as missing.
+    if let (Error::Timeout { phase, .. }, Some(missing)) = (&e, e.missing_ranks()) {
+        let v = err.value(py);
+        let _ = v.setattr("phase", phase);
+        let _ = v.setattr("missing", missing);
+    }
+    err
 }
 
 /// The `SafeshardError` of kind `kind` (`usage`, ...) with `message`, for errors the Python
@@ -385,38 +392,71 @@ impl NativePlan {
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
     /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
-    #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
+    /// `share=None`: the default for the job's node count (`safeshard::dist::choose_share`,
+    /// nodes named by `SAFESHARD_NODE`, else the host name), reported in `stats()`.
+    #[pyo3(signature = (comm, share=None, io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None, timeout=600.0))]
     #[allow(clippy::too_many_arguments)]
     fn load_shared(
         &self,
         py: Python<'_>,
         comm: Bound<'_, PyAny>,
-        share: &str,
+        share: Option<&str>,
         io: &str,
         threads: Option<usize>,
         per_node: bool,
         round_bytes: u64,
         progress: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
     ) -> PyResult<NativeRank> {
-        let mode: ShareMode = share.parse().map_err(|e| to_py(py, e))?;
+        let mode: Option<ShareMode> = share
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| to_py(py, e))?;
+        let timeout = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(to_py(
+                    py,
+                    Error::invalid_argument(
+                        "timeout",
+                        format!("{t}: expected a positive number of seconds, or None"),
+                    ),
+                ))
+            }
+        };
+        let node = std::env::var("SAFESHARD_NODE").ok();
         let control = Arc::new(LoadControl::default());
         let load = load_options(py, io, threads, &control)?;
         let world = comm::PyComm::new(py, comm.unbind())?;
         let rank = world.rank();
-        let opts = ShareOptions {
-            mode,
+        let mut opts = ShareOptions {
+            mode: mode.unwrap_or_default(),
             per_node,
+            node: node.clone(),
             round_bytes: round_bytes.max(1),
+            timeout,
             load,
             ..ShareOptions::default()
         };
         let job = Arc::clone(&self.job);
-        let (loaded, traffic) = run_interruptible(py, &control, progress, move || {
+        let (loaded, traffic, share_why) = run_interruptible(py, &control, progress, move || {
+            // Every rank counts the nodes, given a mode or not, so that ranks whose options
+            // differ run the same collectives up to the agreement that names the difference.
+            world.set_timeout(opts.timeout);
+            let choice = choose_share(&world, node.as_deref())?;
+            let why = match mode {
+                Some(_) => None,
+                None => {
+                    opts.mode = choice.mode;
+                    Some(choice.why)
+                }
+            };
             let (mut loaded, traffic) =
                 load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)?;
             // Buffers without a file source (vLLM names: `_k_scale` ...), as Job::load_shared.
             job.fill_buffers(&mut loaded)?;
-            Ok((loaded, traffic))
+            Ok((loaded, traffic, why.map(|w| (opts.mode, w))))
         })?;
         let stats = *loaded.stats();
         let (arena, tensors) = loaded.into_parts();
@@ -428,6 +468,11 @@ impl NativePlan {
             sent_bytes: traffic.sent_bytes,
             received_bytes: traffic.received_bytes,
             seconds: stats.seconds,
+            share: share_why
+                .as_ref()
+                .map_or_else(|| mode.unwrap_or_default(), |(m, _)| *m)
+                .to_string(),
+            share_default: share_why.map(|(_, w)| w),
         })
     }
 }
@@ -478,6 +523,9 @@ struct NativeRank {
     sent_bytes: u64,
     received_bytes: u64,
     seconds: f64,
+    /// The share mode it loaded with, and why when it was the default.
+    share: String,
+    share_default: Option<String>,
 }
 
 impl NativeRank {
@@ -496,6 +544,8 @@ impl NativeRank {
             sent_bytes: 0,
             received_bytes: 0,
             seconds: stats.seconds,
+            share: ShareMode::None.to_string(),
+            share_default: None,
         }
     }
 }
@@ -528,6 +578,8 @@ impl NativeRank {
         d.set_item("sent_bytes", self.sent_bytes)?;
         d.set_item("received_bytes", self.received_bytes)?;
         d.set_item("seconds", self.seconds)?;
+        d.set_item("share", &self.share)?;
+        d.set_item("share_default", &self.share_default)?;
         Ok(d)
     }
 

@@ -49,8 +49,8 @@ pub struct Request<'a> {
     pub checkpoint: &'a PathBuf,
     /// Topology and spec flags.
     pub plan: &'a PlanFlags,
-    /// `--share`.
-    pub share: ShareMode,
+    /// `--share`; `None`: the default for the job's node count ([`dist::choose_share`]).
+    pub share: Option<ShareMode>,
     /// `--per-node`.
     pub per_node: bool,
     /// `--round`.
@@ -74,11 +74,11 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
-    fn share_options(&self) -> ShareOptions {
+    fn share_options(&self, mode: ShareMode) -> ShareOptions {
         ShareOptions {
-            mode: self.share,
+            mode,
             per_node: self.per_node,
-            node: std::env::var("SAFESHARD_NODE").ok(),
+            node: node_name(),
             round_bytes: self.round,
             timeout: Some(self.timeout),
             load: LoadOptions {
@@ -96,6 +96,23 @@ impl Request<'_> {
     }
 }
 
+/// This rank's node name from `SAFESHARD_NODE` (else the library takes the host name).
+fn node_name() -> Option<String> {
+    std::env::var("SAFESHARD_NODE").ok()
+}
+
+/// The share mode: `--share`, else the default for the job's node count. Collective: every
+/// rank counts the nodes whether or not it was given `--share`, so ranks whose flags differ
+/// still run the same collectives and reach the agreement that names the difference.
+fn share_mode(req: &Request<'_>, world: &dyn Communicator) -> Result<(ShareMode, Option<String>)> {
+    world.set_timeout(Some(req.timeout));
+    let choice = dist::choose_share(world, node_name().as_deref())?;
+    Ok(match req.share {
+        Some(mode) => (mode, None),
+        None => (choice.mode, Some(choice.why)),
+    })
+}
+
 /// One rank's load, verification and line. Collective on `world`.
 fn rank_job(
     req: &Request<'_>,
@@ -103,7 +120,8 @@ fn rank_job(
     shared: &SharedPlan<'_>,
     world: &dyn Communicator,
 ) -> Result<RankLine> {
-    let opts = req.share_options();
+    let (mode, share_why) = share_mode(req, world)?;
+    let opts = req.share_options(mode);
     let plan = shared.plan();
     let (tensors, traffic) = dist::load_shared_with(shared, world, &opts)?;
     let verified = if req.verify {
@@ -121,7 +139,8 @@ fn rank_job(
     Ok(RankLine {
         rank: stats.rank,
         coords: rp.map(|r| r.coords),
-        share: req.share,
+        share: mode,
+        share_why,
         io: req.io,
         tensors: stats.tensors,
         bytes: stats.bytes,
@@ -171,10 +190,10 @@ pub fn run(req: &Request<'_>, launched: Option<launch::LaunchInfo>) -> Result<()
 
 #[cfg(feature = "mpi")]
 fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
-    let universe = comm::MpiUniverse::init()?;
+    // Every wait of the job has a deadline, from before MPI_Init (which waits for every
+    // process: a stopped one would keep this one there forever) to MPI_Finalize.
+    let universe = comm::MpiUniverse::init_with_timeout(Some(req.timeout))?;
     let world = universe.world();
-    // The first collectives (the agreement on planning) are bounded too.
-    world.set_timeout(Some(req.timeout));
     world.set_phase("planning");
     let prepared = launch::check_mpi_world(Some(&l), world.rank(), world.size())
         .and_then(|_| prepare_plan(req.checkpoint, req.plan))
@@ -184,20 +203,24 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
         });
     let result = agree(&world, prepared)
         .and_then(|(prep, plan)| rank_job(req, &prep, &SharedPlan::new(&plan), &world));
+    // Before finalize: every rank has finished. A rank that stopped after its last collective
+    // would otherwise leave the others in MPI_Finalize, having printed their lines already.
+    world.set_phase("finish");
+    let result = agree(&world, result.map(|line| line.render(req.json)));
+    let rank = world.rank();
+    drop(world);
+    // MPI_Finalize, under the watchdog; lines are printed only after it: a job that did not
+    // end within its deadlines prints no result that looks complete.
+    drop(universe);
     match result {
-        Ok(line) => print_lines([line.render(req.json)])?,
-        // Every error of rank_job is known to every rank (each phase ends in an agreement,
-        // a timeout aborts the job itself): each rank reports and exits, nobody waits.
+        Ok(line) => print_lines([line]),
+        // Every error above is known to every rank (each phase ends in an agreement, a
+        // timeout ends the job itself): each rank reports and exits, nobody waits.
         Err(e) => {
-            eprintln!("error: rank {}: {}", world.rank(), super::message(&e));
-            drop(world);
-            drop(universe);
+            comm::eprint_line(&format!("error: rank {rank}: {}", super::message(&e)));
             std::process::exit(super::exit_code(&e));
         }
     }
-    drop(world);
-    drop(universe);
-    Ok(())
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -208,7 +231,7 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
             "{} under {} (rank {} of {}) needs MPI, but this safeshard was built without it: \
              rebuild with `cargo build --release --features mpi`, or use --share none (every \
              process reads its own rank)",
-            req.share,
+            req.share.map_or("(default)".to_string(), |m| m.to_string()),
             l.launcher.name(),
             l.rank,
             l.size

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::checkpoint::Checkpoint;
 use crate::comm::launch;
-use crate::dist::{ShareMode, DEFAULT_TIMEOUT};
+use crate::dist::{ShareChoice, ShareMode, DEFAULT_TIMEOUT};
 use crate::load::{self, ArenaInit, IoMode, LoadOptions, LoadStats};
 use crate::plan::Plan;
 use crate::sharding::Resolution;
@@ -38,8 +38,10 @@ pub struct Args {
     /// Load every rank of the job, sharing reads: `none` (each rank reads its own slices),
     /// `broadcast` (bytes held by several ranks are read by one and broadcast in the group
     /// holding them) or `read-once` (every byte read once per job, then scattered). One
-    /// process per rank under mpirun/srun (the default mode there is `none`), else every rank
-    /// on threads.
+    /// process per rank under mpirun/srun, else every rank on threads. Under a launcher
+    /// without `--share`, the mode is chosen by the job's node count (`none` on one node,
+    /// `broadcast` across several; nodes counted by `SAFESHARD_NODE`, else the host name)
+    /// and the output says why (`share_default` in `--json`).
     #[arg(long, conflicts_with_all = ["rank", "all_ranks"])]
     pub share: Option<ShareMode>,
     /// With `--share read-once`: read the checkpoint once per node instead of once per job
@@ -50,8 +52,9 @@ pub struct Args {
     /// at least 64KiB.
     #[arg(long, default_value = "1GiB", value_parser = parse_round)]
     pub round: u64,
-    /// With `--share`: how long a rank waits for the others in any collective before it ends
-    /// the job naming the ranks that did not arrive, e.g. `30s`, `2m`.
+    /// With `--share` or under a launcher: how long a rank waits for the others in any phase
+    /// (MPI start-up and finalize included) before it ends the job naming the phase and the
+    /// ranks that did not arrive, e.g. `30s`, `2m`.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Check every tensor against an independent slow path (whole tensor read with pread,
@@ -94,6 +97,7 @@ fn rank_line(plan: &Plan, r: &RankReport, io: IoMode) -> RankLine {
         rank: s.rank,
         coords: plan.ranks.get(s.rank).map(|p| p.coords),
         share: ShareMode::None,
+        share_why: None,
         io,
         tensors: s.tensors,
         bytes: s.bytes,
@@ -259,10 +263,17 @@ pub fn run(args: Args) -> Result<()> {
         // Without MPI the processes of a launcher cannot talk, but `--share none` needs no
         // talking: each process loads the rank the launcher gave it. A rank that fails exits
         // non-zero and the launcher ends the job; plans are not compared across processes.
+        // Without `--share` such a process gets `none` (the only mode it can run).
         if !cfg!(feature = "mpi") && args.share.unwrap_or_default() == ShareMode::None {
             if let Some(l) = launched.as_ref().filter(|l| l.size > 1) {
                 launch::check_world(l.size, &args.plan.topology()?)?;
-                return run_ranks(&args, Some(l.rank));
+                let why = args.share.is_none().then(|| {
+                    ShareChoice::without_transport(
+                        "built without MPI, so every process reads its own rank",
+                    )
+                    .why
+                });
+                return run_ranks(&args, Some(l.rank), why);
             }
         }
         return super::dist::run(&request(&args), launched);
@@ -284,7 +295,7 @@ pub fn run(args: Args) -> Result<()> {
 
 /// `--rank R` or `--all-ranks`: each rank reads its own slices, in this process.
 fn run_single(args: Args) -> Result<()> {
-    run_ranks(&args, args.rank)
+    run_ranks(&args, args.rank, None)
 }
 
 /// The distributed path's request, from the flags.
@@ -292,7 +303,7 @@ fn request(args: &Args) -> Request<'_> {
     Request {
         checkpoint: &args.checkpoint,
         plan: &args.plan,
-        share: args.share.unwrap_or_default(),
+        share: args.share,
         per_node: args.per_node,
         round: args.round,
         timeout: args.timeout,
@@ -332,7 +343,8 @@ impl From<super::dist::Args> for Args {
 }
 
 /// Loads `rank` (or every rank) in this process, each reading its own slices.
-fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
+/// `share_why`: why these ranks read their own slices when `--share` was not given.
+fn run_ranks(args: &Args, rank: Option<usize>, share_why: Option<String>) -> Result<()> {
     let (prep, plan) = prepare_plan(&args.checkpoint, &args.plan)?;
     let world = plan.ranks.len();
     let ranks: Vec<usize> = match rank {
@@ -381,9 +393,9 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
         p.finish_and_clear();
     }
     let reports = reports?;
-    print_lines(
-        reports
-            .iter()
-            .map(|r| rank_line(&plan, r, args.io).render(args.json)),
-    )
+    print_lines(reports.iter().map(|r| {
+        let mut line = rank_line(&plan, r, args.io);
+        line.share_why.clone_from(&share_why);
+        line.render(args.json)
+    }))
 }

@@ -107,6 +107,8 @@ pub struct RankLine {
     pub coords: Option<Coords>,
     /// Share mode (`none` for `--rank`/`--all-ranks`).
     pub share: ShareMode,
+    /// Why: set when the mode was the default rather than `--share` (JSON `share_default`).
+    pub share_why: Option<String>,
     /// I/O engine of the bytes read from storage.
     pub io: IoMode,
     /// Tensors held.
@@ -142,6 +144,10 @@ impl RankLine {
         } else {
             format!(", {} received", human_bytes(self.received_bytes))
         };
+        let why = self
+            .share_why
+            .as_ref()
+            .map_or(String::new(), |w| format!(", share {} ({w})", self.share));
         let verified = self
             .verified
             .map_or(String::new(), |n| format!(", verified {n} tensors"));
@@ -151,7 +157,7 @@ impl RankLine {
             .map_or(String::new(), |d| format!(", sha256 {d}"));
         format!(
             "rank {}{coords}: {} tensors, {} held, {} read{received}, {:.3} s, {:.2} GB/s\
-             {verified}{digest}",
+             {why}{verified}{digest}",
             self.rank,
             self.tensors,
             human_bytes(self.bytes),
@@ -170,6 +176,7 @@ impl RankLine {
             "pp_rank": c.map(|c| c.pp_rank),
             "dp_rank": c.map(|c| c.dp_rank),
             "share": self.share.to_string(),
+            "share_default": self.share_why,
             "io": self.io.name(),
             "tensors": self.tensors,
             "bytes": self.bytes,

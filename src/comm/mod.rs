@@ -15,17 +15,22 @@
 //! - Agreement: [`agree`] all-gathers every rank's status after a local phase, so a rank that
 //!   failed never leaves the others blocked in a later collective; [`agree_fields`] compares
 //!   named values (a job fingerprint) across ranks and names the first that differs.
-//! - Timeouts: [`Communicator::set_timeout`] bounds every later collective; a rank still
-//!   waiting after it ends the job with a message naming the phase
-//!   ([`Communicator::set_phase`]) and, where the backend can tell, the ranks that did not
-//!   arrive.
+//! - Deadlines: [`Communicator::set_timeout`] bounds every later collective; a rank still
+//!   waiting after it ends the job with one line naming the phase
+//!   ([`Communicator::set_phase`]) and the ranks that kept it waiting ([`Error::Timeout`]:
+//!   those that did not arrive, and, on MPI, those that do not answer a liveness probe, so a rank
+//!   that arrived and then stopped inside a broadcast or all-to-all is named too). Waits that
+//!   cannot be polled (`MPI_Init`, `MPI_Finalize`, `MPI_Comm_split`, NCCL set-up) are bounded
+//!   by the process [`watchdog`], armed before `MPI_Init`.
 
 use std::time::Duration;
 
 use crate::{Error, Result};
 
+pub mod deadline;
 pub mod launch;
 mod threads;
+pub mod watchdog;
 
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -80,6 +85,11 @@ pub trait Communicator {
     /// out of time ends the job: the thread backend aborts the thread world and returns
     /// [`Error::Timeout`]; the MPI backend prints the message and calls `MPI_Abort`.
     fn set_timeout(&self, timeout: Option<Duration>);
+    /// The timeout set by [`Communicator::set_timeout`] (`None`: none, or the backend keeps
+    /// its own, as torch.distributed does).
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
     /// Names the phase that later collectives belong to, for the timeout message.
     fn set_phase(&self, phase: &str);
 }
@@ -96,10 +106,22 @@ pub fn timeout_error(
         phase: phase.to_string(),
         after: timeout,
         missing: missing.map(<[usize]>::to_vec),
+        silent: None,
+        stopped_for: None,
     }
 }
 
 pub use crate::error::{human_duration, rank_list};
+
+/// Writes `line` and a line break to stderr in one `write`, so that the lines of the ranks of
+/// a job, which share the launcher's stderr, never interleave mid-line.
+pub fn eprint_line(line: &str) {
+    use std::io::Write;
+    let mut whole = String::with_capacity(line.len() + 1);
+    whole.push_str(line);
+    whole.push('\n');
+    let _ = std::io::stderr().lock().write_all(whole.as_bytes());
+}
 
 /// Agrees on the outcome of a local phase: all-gathers every rank's status on `comm`.
 ///
@@ -292,4 +314,78 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
         off += c;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(absent: Option<Vec<usize>>, silent: Option<Vec<usize>>) -> (String, Vec<usize>) {
+        let e = Error::Timeout {
+            rank: 1,
+            phase: "broadcast".into(),
+            after: Duration::from_secs(3),
+            missing: absent,
+            silent: silent.map(Vec::into_boxed_slice),
+            stopped_for: None,
+        };
+        (e.to_string(), e.missing_ranks().unwrap_or_default())
+    }
+
+    #[test]
+    fn timeout_lines_name_the_missing_ranks_first() {
+        let head = "rank 1: timed out after 3s in phase \"broadcast\": ";
+        // Absent and silent: stopped before the collective.
+        let (l, m) = line(Some(vec![2]), Some(vec![2]));
+        assert_eq!(l, format!("{head}rank 2 did not arrive"));
+        assert_eq!(m, vec![2]);
+        // Absent but answering: waiting elsewhere, a victim; the silent one is the cause.
+        let (l, m) = line(Some(vec![0, 2]), Some(vec![2]));
+        assert_eq!(
+            l,
+            format!(
+                "{head}rank 2 did not arrive; rank 0 did not arrive but answers (waiting in \
+                 another collective)"
+            )
+        );
+        assert_eq!(m, vec![2]);
+        // Absent, all answering; a rank of another group does not answer.
+        let (l, m) = line(Some(vec![0, 3]), Some(vec![5]));
+        assert_eq!(
+            l,
+            format!(
+                "{head}rank 0,3 did not arrive but answer (waiting in another collective); \
+                 rank 5 does not answer (stopped or hung)"
+            )
+        );
+        assert_eq!(m, vec![0, 3]);
+        // In the middle of a transfer: every rank arrived, rank 2 stopped answering.
+        let (l, m) = line(None, Some(vec![2, 3]));
+        assert_eq!(l, format!("{head}rank 2,3 do not answer (stopped or hung)"));
+        assert_eq!(m, vec![2, 3]);
+        let (l, m) = line(None, Some(vec![]));
+        assert_eq!(
+            l,
+            format!("{head}every rank answers, but the transfer did not finish")
+        );
+        assert!(m.is_empty());
+        // Without a probe (the thread backend): the absent ranks.
+        let (l, _) = line(Some(vec![3]), None);
+        assert_eq!(l, format!("{head}rank 3 did not arrive"));
+        let (l, _) = line(Some(vec![]), None);
+        assert_eq!(
+            l,
+            format!("{head}every rank arrived, but the collective did not finish")
+        );
+        let (l, _) = line(None, None);
+        assert_eq!(l, format!("{head}some ranks of this group did not arrive"));
+    }
+
+    #[test]
+    fn durations_read_as_the_flag_spells_them() {
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(human_duration(Duration::from_secs(3)), "3s");
+        assert_eq!(human_duration(Duration::from_secs(600)), "10m");
+        assert_eq!(human_duration(Duration::from_secs(90)), "1m30s");
+    }
 }

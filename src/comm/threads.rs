@@ -326,6 +326,10 @@ impl Communicator for ThreadComm {
         self.timeout.set(timeout);
     }
 
+    fn timeout(&self) -> Option<Duration> {
+        self.timeout.get()
+    }
+
     fn set_phase(&self, phase: &str) {
         phase.clone_into(&mut self.phase.borrow_mut());
     }

@@ -87,7 +87,14 @@ pub(super) fn broadcast(
     // Counts first: within every holder set, the members compare the sizes of the broadcasts
     // they are about to run (in order), so a peer expecting other sizes is an error naming
     // it, never a truncated or overrun buffer. Sets in one global order, as the broadcasts.
-    world.set_phase("broadcast: count check");
+    // Sub-communicators keep the phase they were split in: name each phase on them too.
+    let set_phase = |phase: &str| {
+        world.set_phase(phase);
+        for c in comms.values() {
+            c.set_phase(phase);
+        }
+    };
+    set_phase("broadcast: count check");
     let mut per_set: HashMap<usize, Vec<u64>> = HashMap::new();
     for b in schedule.broadcasts(me) {
         let bytes = rp.tensors.get(b.tensor).map_or(u64::MAX, |t| t.bytes);
@@ -128,7 +135,7 @@ pub(super) fn broadcast(
     // Broadcast in one global order, small tensors of a (set, root) packed into batches.
     // The packing buffer is allocated once, for the largest batch, and agreed on: no rank
     // may fail an allocation between two broadcasts while the others wait in one.
-    world.set_phase("broadcast: buffers");
+    set_phase("broadcast: buffers");
     let batches = schedule.batches(plan, me, BROADCAST_BATCH);
     let largest = batches
         .iter()
@@ -138,7 +145,7 @@ pub(super) fn broadcast(
         .unwrap_or(0);
     let mut packed: Vec<u8> = Vec::new();
     agree(world, buffer(&mut packed, largest, me, "broadcast batches"))?;
-    world.set_phase("broadcast");
+    set_phase("broadcast");
     for batch in batches {
         let comm = comms
             .get(&batch.set)

@@ -33,10 +33,13 @@
 //!   exchanged and compared before any broadcast or all-to-all, and no receive buffer is
 //!   written past its length whatever a peer sends.
 //! - **No hang on a stopped rank.** [`ShareOptions::timeout`] bounds every collective; the
-//!   rank that gives up names the phase and the ranks that did not arrive.
+//!   rank that gives up names the phase and the ranks that did not arrive
+//!   ([`Error::Timeout`]). MPI start-up and finalize are the caller's (the CLI arms
+//!   `MpiUniverse::init_with_timeout` with the same timeout).
 //! - **No abort on memory.** Arenas, staging and receive buffers are allocated fallibly; a
 //!   failure names the rank, the size and what the buffer was for.
 
+mod default;
 mod exchange;
 mod schedule;
 mod segments;
@@ -47,6 +50,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use default::{choose_share, ShareChoice};
 pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
