@@ -62,6 +62,11 @@ class LoadReport:
     """Bytes this rank received from other ranks (share modes)."""
 
 
+# Seconds any collective of a load may wait for the other ranks (ten minutes, like
+# torch.distributed's default).
+_TIMEOUT = 600.0
+
+
 class _Refused(Exception):
     """One entry that cannot be loaded: the message names the key and checkpoint name."""
 
@@ -280,7 +285,8 @@ def _comm(group: Any) -> Any:
         return None
     from ._dist import TorchComm
 
-    return TorchComm(group)
+    # Every collective of the load has this deadline (as Plan.load_shared's default).
+    return TorchComm(group, timeout=_TIMEOUT)
 
 
 def _finish(entries: list[_Entry], arena: dict[str, Any]) -> None:
@@ -374,6 +380,7 @@ def load_state_dict(
             into,
             precheck=None if local_error is None else str(local_error),
             share=share,
+            timeout=_TIMEOUT,
         )
     except SafeshardError:
         if local_error is not None:

@@ -120,6 +120,7 @@ pub(crate) fn load_slices(
     timeout: f64,
     round_bytes: u64,
 ) -> PyResult<NativeRank> {
+    let share_name = share.to_string();
     let control = Arc::new(LoadControl::default());
     let opts = share_options(share, io, threads, timeout, round_bytes, &control);
     let bufs = caller::take_all(py, &into);
@@ -183,6 +184,8 @@ pub(crate) fn load_slices(
         sent_bytes: traffic.sent_bytes,
         received_bytes: traffic.received_bytes,
         seconds: stats.seconds,
+        share: share_name,
+        share_default: None,
     })
 }
 
