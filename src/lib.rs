@@ -43,6 +43,10 @@
 //!    them over a communicator, returning the same [`load::RankTensors`] as a local load.
 //! 8. [`reshard`] writes a planned job back out as per-rank safetensors files.
 //!
+//! A trainer whose state dict already says what each rank holds (DTensors) loads it with a
+//! [`SliceJob`]: explicit [`SliceRequest`]s instead of a sharding spec, planned and loaded by
+//! the same layers.
+//!
 //! `synth` (feature `synth`, on with the default `cli`) writes synthetic Hugging Face-layout
 //! checkpoints for tests, demos and benchmarks.
 #![deny(missing_docs)]
@@ -58,6 +62,7 @@ pub mod load;
 pub mod plan;
 pub mod reshard;
 pub mod sharding;
+mod slice_job;
 #[cfg(feature = "synth")]
 pub mod synth;
 pub mod topology;
@@ -68,6 +73,8 @@ pub use dist::{ShareMode, ShareOptions};
 pub use error::{Error, Result};
 pub use job::{BufferRank, Job, JobBuilder};
 pub use load::{IoMode, LoadOptions, LoadStats, OwnedTensor, RankTensors, TensorRef};
+pub use plan::requests::SliceRequest;
 pub use reshard::{ReshardOptions, ReshardSummary};
+pub use slice_job::{load_collective, SliceJob};
 pub use topology::{Coords, Topology};
 pub use vllm::TensorNames;

@@ -30,8 +30,10 @@ use safeshard::{
     Error, IoMode, Job, LoadOptions, RankTensors, ShareMode, ShareOptions, TensorNames, Topology,
 };
 
+mod caller;
 mod comm;
 mod dlpack;
+mod slices;
 
 create_exception!(
     _safeshard,
@@ -310,101 +312,61 @@ impl NativePlan {
         Ok(NativeRank::loaded(rank, loaded))
     }
 
-    /// Loads one rank into caller memory: `nbytes` writable bytes at `address`, owned by
-    /// `keep` (kept alive while any view exists). `safeshard.Plan.load(out=...)` derives all
-    /// three from a contiguous, writable CPU tensor or array it has checked; the rank's
+    /// Loads one rank into caller memory: `out`, a writable, contiguous CPU tensor or array
+    /// (taken through DLPack and checked here), kept alive while any view exists; the rank's
     /// tensors are views of that memory.
-    #[pyo3(signature = (rank, address, nbytes, keep, io="auto", threads=None, progress=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (rank, out, io="auto", threads=None, progress=None))]
     fn load_into(
         &self,
         py: Python<'_>,
         rank: usize,
-        address: usize,
-        nbytes: usize,
-        keep: Py<PyAny>,
+        out: &Bound<'_, PyAny>,
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<NativeRank> {
-        if address == 0 && nbytes > 0 {
-            return Err(usage(py, "out", "has a null buffer address".into()));
-        }
+        let mut mem = caller::CallerMemory::take(py, out, "out", None).map_err(|e| to_py(py, e))?;
+        let (keep, address) = (mem.keep(py), mem.ptr());
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || {
-            let bytes: &mut [u8] = if nbytes == 0 {
-                &mut []
-            } else {
-                // SAFETY: the caller (`Plan.load`) passes the address and length of a
-                // writable, contiguous CPU buffer that `keep` owns and that stays alive and
-                // unused by Python code until this returns.
-                unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) }
-            };
+            // SAFETY: the one buffer of this load; `Plan.load` documents that Python code
+            // leaves it alone until the load returns.
+            let bytes = unsafe { mem.bytes_mut() };
             // Finished (vLLM names: transposes, buffers, re-ties) as Job::load_rank does.
             job.load_rank_into_buffer(rank, &opts, bytes)
         })?;
         let used = self.job.plan.ranks.get(rank).map_or(0, |rp| rp.arena_bytes) as usize;
-        // SAFETY: the first `used` bytes (the load checked they fit in `nbytes`) of memory
-        // `keep` owns, which the owner keeps alive.
-        let owner = unsafe { dlpack::Owner::from_external(address as *mut u8, used, keep) };
+        // SAFETY: the first `used` bytes (the load checked they fit) of memory the capsule
+        // `keep` holds alive and in place.
+        let owner = unsafe { dlpack::Owner::from_external(address, used, keep) };
         let mut native = NativeRank::local(rank, loaded.tensors, owner, &loaded.stats);
         native.aliases = loaded.aliases;
         Ok(native)
     }
 
-    /// Loads one rank with the tensors in `into` (`(name, address, nbytes)`: writable,
-    /// contiguous CPU memory of exactly the tensor's bytes, checked by
-    /// `safeshard.Plan.load(into=...)`, which keeps the owners alive) written straight into
-    /// those buffers; the returned rank holds the other tensors in a fresh arena.
+    /// Loads one rank with the tensors in `into` (`(name, buffer)`: writable, contiguous CPU
+    /// tensors or arrays of exactly the tensor's bytes, taken through DLPack and checked
+    /// here) written straight into those buffers; the returned rank holds the other tensors
+    /// in a fresh arena.
     #[pyo3(signature = (rank, into, io="auto", threads=None, progress=None))]
     fn load_scattered(
         &self,
         py: Python<'_>,
         rank: usize,
-        into: Vec<(String, usize, usize)>,
+        into: Vec<(String, Bound<'_, PyAny>)>,
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<NativeRank> {
-        // Writes through overlapping buffers would race: refuse them before any write.
-        let mut spans: Vec<(usize, usize, &str)> = into
-            .iter()
-            .map(|(n, a, len)| (*a, a.saturating_add(*len), n.as_str()))
-            .collect();
-        spans.sort_unstable();
-        for w in spans.windows(2) {
-            if w[1].0 < w[0].1 {
-                return Err(usage(
-                    py,
-                    "into",
-                    format!("has overlapping buffers for {:?} and {:?}", w[0].2, w[1].2),
-                ));
-            }
-        }
-        if let Some((n, _, _)) = into.iter().find(|(_, a, len)| *a == 0 && *len > 0) {
-            return Err(usage(py, "into", format!("{n:?}: null buffer address")));
-        }
+        let mut bufs = caller::take_all(py, &into).map_err(|e| to_py(py, e))?;
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || {
-            let mut bufs: Vec<(&str, &mut [u8])> = into
-                .iter()
-                .map(|(n, a, len)| {
-                    let b: &mut [u8] = if *len == 0 {
-                        &mut []
-                    } else {
-                        // SAFETY: `Plan.load` passes the address and length of writable,
-                        // contiguous CPU buffers (checked above not to overlap) whose owners
-                        // it keeps alive, unused by Python code, until this returns.
-                        unsafe { std::slice::from_raw_parts_mut(*a as *mut u8, *len) }
-                    };
-                    (n.as_str(), b)
-                })
-                .collect();
-            job.load_rank_scattered(rank, &opts, &mut bufs)
+            let mut slices = caller::slices(&mut bufs);
+            job.load_rank_scattered(rank, &opts, &mut slices)
         })?;
         Ok(NativeRank::loaded(rank, loaded))
     }
@@ -715,6 +677,7 @@ fn _safeshard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativePlan>()?;
     m.add_class::<NativeRank>()?;
     m.add_class::<dlpack::NativeArena>()?;
+    slices::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(error, m)?)?;
     m.add_function(wrap_pyfunction!(check_share, m)?)?;

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use super::schedule::{BroadcastSchedule, ReadOnceSchedule};
 use super::segments::{read_segments, slice_range};
+use super::target::Target;
 use super::{ShareOptions, Traffic};
 use crate::comm::{agree, node_comm, rank_list, Communicator};
 use crate::plan::Plan;
@@ -48,7 +49,7 @@ pub(super) fn broadcast(
     schedule: &BroadcastSchedule,
     world: &dyn Communicator,
     opts: &ShareOptions,
-    arena: &mut [u8],
+    target: &mut Target<'_>,
     traffic: &mut Traffic,
 ) -> Result<u64> {
     let me = world.rank();
@@ -59,7 +60,7 @@ pub(super) fn broadcast(
 
     world.set_phase("broadcast: own reads");
     let segs = schedule.own_reads(plan, me);
-    let read = agree(world, read_segments(plan, &segs, arena, &opts.load))?;
+    let read = agree(world, target.read(&plan.files, &segs, &opts.load))?;
 
     // One sub-communicator per distinct holder set; disjoint sets share a split.
     world.set_phase("broadcast: sub-communicators");
@@ -149,22 +150,23 @@ pub(super) fn broadcast(
         let comm = comms
             .get(&batch.set)
             .ok_or_else(|| Error::comm("broadcast", "missing sub-communicator"))?;
-        let ranges = batch
+        // Each tensor's (offset, bytes): a whole tensor lies in one caller buffer or in the
+        // arena.
+        let spans = batch
             .tensors
             .iter()
             .map(|&ti| {
-                let t = rp.tensors.get(ti).ok_or_else(|| {
-                    Error::plan_rank(me, "broadcast batch tensor index out of range")
-                })?;
-                slice_range(t.offset, t.bytes, arena.len())
+                rp.tensors
+                    .get(ti)
+                    .map(|t| (t.offset, t.bytes))
+                    .ok_or_else(|| {
+                        Error::plan_rank(me, "broadcast batch tensor index out of range")
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
-        if let [range] = ranges.as_slice() {
-            // One tensor: straight from and into the arena.
-            let buf = arena
-                .get_mut(range.clone())
-                .ok_or_else(|| Error::plan_rank(me, "broadcast tensor outside the arena"))?;
-            comm.broadcast(batch.root, buf)?;
+        if let [(offset, bytes)] = spans.as_slice() {
+            // One tensor: straight from and into its memory.
+            comm.broadcast(batch.root, target.span_mut(*offset, *bytes)?)?;
         } else {
             // Within the capacity reserved above: no allocation.
             let len = usize::try_from(batch.bytes)
@@ -173,23 +175,23 @@ pub(super) fn broadcast(
             packed.resize(len, 0);
             if batch.is_root {
                 let mut at = 0;
-                for r in &ranges {
-                    let n = r.len();
-                    if let (Some(d), Some(s)) = (packed.get_mut(at..at + n), arena.get(r.clone())) {
+                for &(offset, bytes) in &spans {
+                    let s = target.span_mut(offset, bytes)?;
+                    if let Some(d) = packed.get_mut(at..at + s.len()) {
                         d.copy_from_slice(s);
                     }
-                    at += n;
+                    at += s.len();
                 }
             }
             comm.broadcast(batch.root, &mut packed)?;
             if !batch.is_root {
                 let mut at = 0;
-                for r in &ranges {
-                    let n = r.len();
-                    if let (Some(d), Some(s)) = (arena.get_mut(r.clone()), packed.get(at..at + n)) {
+                for &(offset, bytes) in &spans {
+                    let d = target.span_mut(offset, bytes)?;
+                    if let Some(s) = packed.get(at..at + d.len()) {
                         d.copy_from_slice(s);
                     }
-                    at += n;
+                    at += d.len();
                 }
             }
         }
@@ -207,7 +209,7 @@ pub(super) fn read_once(
     plan: &Plan,
     world: &dyn Communicator,
     opts: &ShareOptions,
-    arena: &mut [u8],
+    target: &mut Target<'_>,
     traffic: &mut Traffic,
 ) -> Result<u64> {
     let me = world.rank();
@@ -300,14 +302,12 @@ pub(super) fn read_once(
             })();
             // Within the group only: other groups may have other round counts.
             read_total += agree(gcomm, r)?;
-            // This rank's own transfers go straight from the staging buffer to the arena.
+            // This rank's own transfers go straight from the staging buffer to their memory.
             for x in s.sends(round, my_idx) {
                 let base = s.pieces.get(x.piece).map_or(0, |p| p.buf_off);
                 let from = slice_range(base + x.off, x.len, staging.len())?;
-                let to = slice_range(x.dst, x.len, arena.len())?;
-                if let (Some(a), Some(b)) = (staging.get(from), arena.get_mut(to)) {
-                    b.copy_from_slice(a);
-                }
+                slice_range(x.dst, x.len, target.len())?;
+                target.write(x.dst, staging.get(from).unwrap_or(&[]))?;
             }
             // One packed send buffer, in destination order (nothing to self).
             for d in (0..n).filter(|&d| d != my_idx) {
@@ -337,10 +337,8 @@ pub(super) fn read_once(
             for o in (0..n).filter(|&o| o != my_idx) {
                 for x in s.receives(round, o) {
                     let from = slice_range(cursor, x.len, incoming.len())?;
-                    let to = slice_range(x.dst, x.len, arena.len())?;
-                    if let (Some(a), Some(b)) = (incoming.get(from), arena.get_mut(to)) {
-                        b.copy_from_slice(a);
-                    }
+                    slice_range(x.dst, x.len, target.len())?;
+                    target.write(x.dst, incoming.get(from).unwrap_or(&[]))?;
                     cursor += x.len;
                 }
             }

@@ -41,6 +41,7 @@ use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats};
+pub(crate) use scatter::execute_redirected;
 pub use scatter::load_rank_scattered;
 pub use verify::read_tensor;
 pub(crate) use verify::{layout_for, slice_layout};

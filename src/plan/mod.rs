@@ -46,6 +46,7 @@ use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
 mod json;
+pub mod requests;
 mod runs;
 mod strided;
 mod svg;
