@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
-use crate::load::{Arena, IoMode, LoadOptions, LoadStats, RankTensors};
+use crate::load::{Arena, ExecStats, IoMode, LoadOptions, LoadStats, RankTensors};
 use crate::plan::Plan;
 use crate::{Error, Result};
 
@@ -310,12 +310,16 @@ pub fn load_shared_with(
     });
     let mut arena = agree(world, arena)?;
     let mut traffic = Traffic::default();
+    // What the engine chose where this rank read everything itself (the other modes read
+    // in several calls; their stats say only the bytes).
+    let mut exec = ExecStats::default();
     let read_bytes = match opts.mode {
         ShareMode::None => {
             world.set_phase("read");
             let segs = segments::rank_segments(rp);
-            let r = segments::read_segments(plan, &segs, &mut arena, &opts.load);
-            agree(world, r)?
+            let r = segments::read_segments_stats(plan, &segs, &mut arena, &opts.load);
+            exec = agree(world, r)?;
+            exec.read_bytes
         }
         ShareMode::Broadcast => {
             world.set_phase("broadcast: schedule");
@@ -333,6 +337,8 @@ pub fn load_shared_with(
         view_bytes: 0,
         peak_staging: 0,
         seconds: start.elapsed().as_secs_f64(),
+        threads: exec.threads,
+        paths: exec.paths,
     };
     Ok((RankTensors::from_arena(rp, arena, stats), traffic))
 }
