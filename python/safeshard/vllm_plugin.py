@@ -229,13 +229,16 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             "in_place_tensors": len(into or ()),
         }
         logger.info(
-            "safeshard: rank %d loaded %.1f MiB in %.2f s (plan %.2f s, read %.2f s, copy %.2f s)",
+            "safeshard: rank %d loaded %.1f MiB in %.2f s (plan %.2f s, read %.2f s, copy %.2f s;"
+            " io %s on %d threads)",
             where.world_rank,
             stats["bytes"] / 2**20,
             t3 - t0,
             t1 - t0,
             t2 - t1,
             t3 - t2,
+            stats.get("io_chosen", "?"),
+            stats.get("threads", 0),
         )
 
     def _plan(self, model_config: ModelConfig, where: _Where) -> Plan:

@@ -456,6 +456,8 @@ impl NativePlan {
             sent_bytes: traffic.sent_bytes,
             received_bytes: traffic.received_bytes,
             seconds: stats.seconds,
+            threads: stats.threads,
+            paths: stats.paths,
         })
     }
 }
@@ -506,6 +508,8 @@ struct NativeRank {
     sent_bytes: u64,
     received_bytes: u64,
     seconds: f64,
+    threads: usize,
+    paths: safeshard::load::IoPaths,
 }
 
 impl NativeRank {
@@ -524,6 +528,8 @@ impl NativeRank {
             sent_bytes: 0,
             received_bytes: 0,
             seconds: stats.seconds,
+            threads: stats.threads,
+            paths: stats.paths,
         }
     }
 }
@@ -556,6 +562,15 @@ impl NativeRank {
         d.set_item("sent_bytes", self.sent_bytes)?;
         d.set_item("received_bytes", self.received_bytes)?;
         d.set_item("seconds", self.seconds)?;
+        // What the engine chose (as `safeshard load --json` says it).
+        d.set_item("io_chosen", self.paths.main())?;
+        let io = PyDict::new(py);
+        io.set_item("pread", self.paths.pread)?;
+        io.set_item("prefetched", self.paths.prefetched)?;
+        io.set_item("mmap", self.paths.mapped)?;
+        io.set_item("direct", self.paths.direct)?;
+        d.set_item("io_bytes", io)?;
+        d.set_item("threads", self.threads)?;
         Ok(d)
     }
 

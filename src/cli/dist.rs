@@ -156,6 +156,8 @@ fn rank_job(
         coords: rp.map(|r| r.coords),
         share: req.share,
         io: req.io,
+        threads: stats.threads,
+        paths: stats.paths,
         tensors: stats.tensors,
         bytes: stats.bytes,
         read_bytes: stats.read_bytes,

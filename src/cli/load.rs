@@ -95,6 +95,8 @@ fn rank_line(plan: &Plan, r: &RankReport, io: IoMode) -> RankLine {
         coords: plan.ranks.get(s.rank).map(|p| p.coords),
         share: ShareMode::None,
         io,
+        threads: s.threads,
+        paths: s.paths,
         tensors: s.tensors,
         bytes: s.bytes,
         read_bytes: s.read_bytes,
