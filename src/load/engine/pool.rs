@@ -11,7 +11,7 @@ use crate::{Error, Result};
 /// Worker threads: `opts.threads`, or enough to keep several reads in flight (I/O-bound
 /// threads mostly wait) and every core busy; a load that reads mostly from storage with
 /// direct I/O gets more, for more requests in flight (measured: 32 beat 8 cold at tp 1,
-/// docs/performance.md; buffered reads have the kernel's readahead instead).
+/// docs/performance.md; reads through the page cache have the prefetcher instead).
 pub(super) fn workers(opts: &LoadOptions, cold: bool) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match opts.threads {
