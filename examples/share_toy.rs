@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 fn usize_arg(args: &[String], i: usize, what: &str) -> Result<usize> {
     args.get(i)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::Usage(format!("argument {i} ({what}) must be a number")))
+        .ok_or_else(|| Error::invalid_argument(what, format!("(argument {i}) must be a number")))
 }
 
 /// The value after `--flag`, if given.
@@ -46,7 +46,7 @@ fn parse(args: &[String]) -> Result<Run> {
     let dir = args
         .get(2)
         .cloned()
-        .ok_or_else(|| Error::Usage("missing DIR".into()))?;
+        .ok_or_else(|| Error::invalid_argument("dir", "is missing"))?;
     let mut topo = Topology::new(
         usize_arg(args, 3, "TP")?,
         usize_arg(args, 4, "PP")?,
@@ -56,19 +56,21 @@ fn parse(args: &[String]) -> Result<Run> {
     if let Some(l) = flag(args, "--pp-layers") {
         let layers: std::result::Result<Vec<usize>, _> = l.split(',').map(str::parse).collect();
         topo.pp_layers =
-            Some(layers.map_err(|_| Error::Usage(format!("--pp-layers {l:?}: not numbers")))?);
+            Some(layers.map_err(|_| {
+                Error::invalid_argument("pp_layers", format!("{l:?}: not numbers"))
+            })?);
         topo.validate()?;
     }
     let mode: ShareMode = args.get(6).map(String::as_str).unwrap_or("none").parse()?;
     let round_bytes = match flag(args, "--round") {
-        Some(r) => r
-            .parse()
-            .map_err(|_| Error::Usage(format!("--round {r:?}: not a number of bytes")))?,
+        Some(r) => r.parse().map_err(|_| {
+            Error::invalid_argument("round", format!("{r:?}: not a number of bytes"))
+        })?,
         None => 64 << 10,
     };
     let timeout = match flag(args, "--timeout") {
         Some(t) => Some(Duration::from_secs(t.parse().map_err(|_| {
-            Error::Usage(format!("--timeout {t:?}: not a number of seconds"))
+            Error::invalid_argument("timeout", format!("{t:?}: not a number of seconds"))
         })?)),
         None => Some(Duration::from_secs(120)),
     };
@@ -117,7 +119,7 @@ fn run(args: &[String]) -> Result<()> {
         Some("write") => {
             let dir = args
                 .get(2)
-                .ok_or_else(|| Error::Usage("missing DIR".into()))?;
+                .ok_or_else(|| Error::invalid_argument("dir", "is missing"))?;
             let layers = args.get(3).and_then(|l| l.parse().ok()).unwrap_or(8);
             let opts = SynthOptions::preset("llama-tiny")?.with_layers(layers);
             synth::write_checkpoint(std::path::Path::new(dir), &opts).map(|_| ())
@@ -131,9 +133,16 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("mpi") => mpi(args),
-        _ => Err(Error::Usage(
-            "usage: share_toy write DIR [LAYERS] | threads|mpi DIR TP PP DP MODE [options]".into(),
-        )),
+        _ => Err(Error::NeedsOneOf {
+            what: "what to do (share_toy write DIR [LAYERS] | threads|mpi DIR TP PP DP MODE \
+                   [options])"
+                .into(),
+            choices: vec![
+                ("write".into(), String::new()),
+                ("threads".into(), String::new()),
+                ("mpi".into(), String::new()),
+            ],
+        }),
     }
 }
 
@@ -141,7 +150,8 @@ fn run(args: &[String]) -> Result<()> {
 fn mpi(args: &[String]) -> Result<()> {
     let run = parse(args)?;
     let launch = launch::detect_env()?;
-    let universe = safeshard::comm::MpiUniverse::init()?;
+    // Deadlines from before MPI_Init to MPI_Finalize, as `safeshard load` has them.
+    let universe = safeshard::comm::MpiUniverse::init_with_timeout(run.opts.timeout)?;
     let mut world = universe.world();
     // Tests: tiny MPI transfers to exercise the chunked broadcast/all-to-all paths.
     if let Some(c) = std::env::var("SHARE_TOY_MPI_CHUNK")
@@ -157,28 +167,45 @@ fn mpi(args: &[String]) -> Result<()> {
     let result = launch::check_mpi_world(launch.as_ref(), world.rank(), world.size())
         .and_then(|_| launch::check_world(world.size(), &run.topo))
         .and_then(|_| load(&run, &world));
-    match result {
-        Ok(l) => println!("{l}"),
+    // Every rank finished before any prints (see `safeshard load`).
+    world.set_phase("finish");
+    match safeshard::comm::agree(&world, result) {
+        Ok(l) => {
+            drop(world);
+            drop(universe);
+            println!("{l}");
+        }
         // Every failure ends the whole job (MPI_Abort), never a hang.
         Err(e) => world.abort(if e.is_usage() { 2 } else { 1 }, &e.to_string()),
     }
-    drop(world);
-    drop(universe);
     Ok(())
 }
 
 #[cfg(not(feature = "mpi"))]
 fn mpi(_: &[String]) -> Result<()> {
-    Err(Error::Usage(
-        "share_toy mpi needs the `mpi` feature (cargo build --features mpi --example share_toy)"
-            .into(),
+    Err(Error::invalid_argument(
+        "mpi",
+        "needs the `mpi` feature (cargo build --features mpi --example share_toy)",
     ))
+}
+
+/// Options as this example's arguments: `--pp-layers`, subcommands and positions by name.
+struct Words;
+
+impl safeshard::error::OptionNames for Words {
+    fn option(&self, field: &str) -> String {
+        match field {
+            "pp_layers" | "round" | "timeout" => format!("--{}", field.replace('_', "-")),
+            "write" | "threads" | "mpi" => field.into(),
+            f => f.to_uppercase(),
+        }
+    }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = run(&args) {
-        eprintln!("error: {e}");
-        std::process::exit(if e.is_usage() { 2 } else { 1 });
+        eprintln!("error: {}", e.render(&Words));
+        std::process::exit(e.exit_code());
     }
 }

@@ -35,13 +35,5 @@ flags=(-n "$np" --bind-to none -x SAFESHARD_LOG -x SAFESHARD_NODE -x LD_LIBRARY_
 [[ $(id -u) -eq 0 ]] && flags+=(--allow-run-as-root)
 [[ -n ${HOSTFILE:-} ]] && flags+=(--hostfile "$HOSTFILE")
 
-# pip's NCCL ships only libnccl.so.2, which cudarc does not look for: expose it as libnccl.so.
-nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib"))' 2> /dev/null || true)
-if [[ -n $nccl && -e $nccl/libnccl.so.2 && ! -e $nccl/libnccl.so ]]; then
-  shim=${XDG_CACHE_HOME:-$HOME/.cache}/safeshard-nccl
-  mkdir -p "$shim" && ln -sf "$nccl/libnccl.so.2" "$shim/libnccl.so"
-  export LD_LIBRARY_PATH=$shim${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
-
 # shellcheck disable=SC2086 # MPIRUN_ARGS is a list of flags
 exec mpirun "${flags[@]}" ${MPIRUN_ARGS:-} "$bin" load "$@"

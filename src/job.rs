@@ -198,18 +198,20 @@ impl Job {
             return Ok(());
         };
         self.finish(rank, &mut |i, f| {
-            let t = rp.tensors.get(i).ok_or_else(|| {
-                crate::Error::Load(format!("rank {rank}: no tensor {i} to finish"))
-            })?;
+            let t = rp
+                .tensors
+                .get(i)
+                .ok_or_else(|| crate::Error::plan_rank(rank, format!("no tensor {i} to finish")))?;
             let s = usize::try_from(t.offset).ok();
             let e = s.and_then(|s| s.checked_add(usize::try_from(t.bytes).ok()?));
             let len = arena.len();
             match (s, e) {
                 (Some(s), Some(e)) if e <= len => f(&mut arena[s..e]),
-                _ => Err(crate::Error::Load(format!(
-                    "rank {rank}: tensor {:?} lies outside the {len}-byte buffer",
-                    t.name
-                ))),
+                _ => Err(crate::Error::Plan {
+                    rank: Some(rank),
+                    tensor: Some(t.name.clone()),
+                    reason: format!("lies outside the {len}-byte buffer"),
+                }),
             }
         })
     }
@@ -228,9 +230,10 @@ impl Job {
             }
             match loaded.arena_tensor_mut(i) {
                 Some(data) => f(data),
-                None => Err(crate::Error::Load(format!(
-                    "rank {rank}: tensor {i} to finish is not in the arena"
-                ))),
+                None => Err(crate::Error::plan_rank(
+                    rank,
+                    format!("tensor {i} to finish is not in the arena"),
+                )),
             }
         })
     }
@@ -299,9 +302,10 @@ impl Job {
             }
             match loaded.arena_tensor_mut(i) {
                 Some(data) => f(data),
-                None => Err(crate::Error::Load(format!(
-                    "rank {rank}: tensor {i} to finish is not loaded"
-                ))),
+                None => Err(crate::Error::plan_rank(
+                    rank,
+                    format!("tensor {i} to finish is not loaded"),
+                )),
             }
         })?;
         Ok(loaded)
@@ -466,7 +470,7 @@ impl Job {
                 }
             }
             let mut bytes = serde_json::to_vec_pretty(&config)
-                .map_err(|e| crate::Error::Config(format!("config.json: {e}")))?;
+                .map_err(|e| crate::Error::io("config.json", std::io::Error::other(e)))?;
             bytes.push(b'\n');
             files.push(("config.json".to_string(), bytes));
         }
@@ -486,11 +490,10 @@ impl Job {
 
 /// Writes `value` into every element of buffer `t`'s bytes.
 fn fill_value(rank: usize, t: &crate::plan::TensorPlan, value: f64, dst: &mut [u8]) -> Result<()> {
-    let elem = BufferFill::element(t.dtype, value).ok_or_else(|| {
-        crate::Error::Plan(format!(
-            "rank {rank}: buffer {:?}: {value} is not exact in {}",
-            t.name, t.dtype
-        ))
+    let elem = BufferFill::element(t.dtype, value).ok_or_else(|| crate::Error::Plan {
+        rank: Some(rank),
+        tensor: Some(t.name.clone()),
+        reason: format!("buffer value {value} is not exact in {}", t.dtype),
     })?;
     for chunk in dst.chunks_exact_mut(elem.len()) {
         chunk.copy_from_slice(&elem);

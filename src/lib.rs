@@ -41,10 +41,13 @@
 //!    them over a communicator, returning the same [`load::RankTensors`] as a local load.
 //! 7. [`reshard`] writes a planned job back out as per-rank safetensors files.
 //!
-//! [`synth`] writes synthetic Hugging Face-layout checkpoints for tests, demos and benchmarks.
+//! `synth` (feature `synth`, on with the default `cli`) writes synthetic Hugging Face-layout
+//! checkpoints for tests, demos and benchmarks.
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod comm;
 pub mod dist;
 pub mod error;
@@ -53,6 +56,7 @@ pub mod load;
 pub mod plan;
 pub mod reshard;
 pub mod sharding;
+#[cfg(feature = "synth")]
 pub mod synth;
 pub mod topology;
 

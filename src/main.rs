@@ -1,7 +1,5 @@
-//! The `safeshard` command: a thin shell over the library.
-
-mod cli;
+//! The `safeshard` command: the library's command line ([`safeshard::cli`]).
 
 fn main() {
-    std::process::exit(cli::main());
+    std::process::exit(safeshard::cli::main());
 }

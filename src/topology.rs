@@ -184,8 +184,9 @@ impl Topology {
             return Ok(explicit.clone());
         }
         if layers == 0 {
-            return Err(Error::Config(
-                "the model has 0 layers (num_hidden_layers or the spec's `layers` value); nothing to place".into(),
+            return Err(Error::config(
+                "num_hidden_layers",
+                "gives 0 layers (or the spec's `layers` value does): nothing to place",
             ));
         }
         if self.pp > layers {

@@ -4,9 +4,12 @@
 # synthetic Llama checkpoint; a job with one rank's file broken must fail fast; a job whose
 # size does not match the topology must be refused; read-once --per-node with pipeline stages
 # on different nodes must not hang; ranks that disagree on an option fail with one message
-# (exit 2); a rank that never arrives ends the job after --timeout naming it.
+# (exit 2); a rank that never arrives ends the job after --timeout naming it; a rank stopped
+# (SIGSTOP) at any phase, from before MPI_Init to MPI_Finalize, ends the job by its --timeout
+# with one line naming the phase and the rank, and no rank prints a result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
 
@@ -141,6 +144,78 @@ assert all(all(k in l for k in ('rank', 'tensors', 'bytes', 'read_bytes', 'secon
 else
   echo "ok: mpirun -n 4 safeshard load --tp 2 --pp 2 --share broadcast --json"
 fi
+# Issue 18: no phase without a deadline. Rank 2 stops itself with SIGSTOP (as `kill -STOP`, a
+# debugger or a hung file system would stop it) at each phase of a real `safeshard load` job:
+# before MPI_Init (a shell that stops before it execs safeshard), inside MPI_Init (at the
+# launcher's fence), right after MPI_Init (the first arrival handshake), inside a broadcast and
+# inside a read-once all-to-all (after their handshakes, before data moves) and at
+# MPI_Finalize (tests/stop_rank.c, preloaded). The live ranks must end the job by --timeout (plus
+# the liveness probe's grace and the launcher's teardown) with exit != 0, no result on stdout and
+# a line naming the phase and the stopped rank.
+command -v mpicc > /dev/null || { echo "FAIL: mpicc not found (Debian: libopenmpi-dev)"; exit 1; }
+mpicc -shared -fPIC -O1 -o stop_rank.so "$repo/tests/stop_rank.c" -ldl
+stop_case() { # what, expected phase and ranks (extended regex), mpirun arguments...
+  local name=$1 want=$2 start=$SECONDS rc seen=0 ended="" how=""
+  local marker=safeshard-stop-$$-$RANDOM
+  shift 2
+  set +e
+  timeout -k 5 30 mpirun -n 4 -x SAFESHARD_TEST_JOB="$marker" "$@" > out.txt 2> err.txt &
+  local pid=$!
+  # When the job's rank processes (they carry the marker) are all gone: mpirun itself may
+  # still hang or crash in its PMIx teardown after a rank was stopped inside a PMIx fence
+  # (Open MPI 4.1 with PMIx 4.2, also with a plain C program), which is not the ranks' doing.
+  while kill -0 "$pid" 2> /dev/null; do
+    if grep -q -s -z "SAFESHARD_TEST_JOB=$marker" /proc/[0-9]*/environ; then
+      seen=1
+    elif [[ $seen -eq 1 ]]; then
+      ended=$((SECONDS - start))
+      break
+    fi
+    sleep 0.2
+  done
+  wait "$pid"
+  rc=$?
+  set -e
+  ended=${ended:-$((SECONDS - start))}
+  case $rc in
+    124 | 137) how=", then mpirun hung in its teardown and was killed" ;;
+    139) how=", then mpirun crashed in its teardown" ;;
+  esac
+  if [[ $rc -eq 0 ]]; then
+    echo "FAIL: a rank stopped $name: the job reported success"; fail=1
+  elif (( ended < 4 || ended > 4 + 20 )); then
+    echo "FAIL: a rank stopped $name: the ranks ended after $ended s with --timeout 4s (exit $rc)"; cat err.txt; fail=1
+  elif [[ -s out.txt ]]; then
+    echo "FAIL: a rank stopped $name: a rank printed a result"; cat out.txt; fail=1
+  elif ! grep -q -E "^error: rank [0-9]+: timed out after 4s in phase $want" err.txt; then
+    echo "FAIL: a rank stopped $name: no line naming the phase and the rank (exit $rc)"; cat err.txt; fail=1
+  else
+    echo "ok: a rank stopped $name: the ranks ended in $ended s (exit $rc$how): $(grep -m1 -o -E "phase $want" err.txt)"
+  fi
+}
+load4=("$safeshard" load llama --tp 2 --pp 2 --timeout 4s)
+stop_at() { # the rank to stop, where (tests/stop_rank.c)
+  echo -x LD_PRELOAD="$work/stop_rank.so" -x SAFESHARD_STOP_RANK="$1" -x SAFESHARD_STOP_AT="$2"
+}
+# A rank list holding rank R, e.g. "2" or "1,2".
+has() { echo "rank ([0-9]+,)*$1(,[0-9]+)*"; }
+stop_case "before MPI_Init" '"MPI start-up": rank 2 did not arrive \(stopped on this node\)' \
+  sh -c 'if [ "$OMPI_COMM_WORLD_RANK" = 2 ]; then kill -STOP $$; fi; exec "$0" "$@"' "${load4[@]}" --share broadcast
+stop_case "inside MPI_Init" '"MPI start-up": rank 2 did not arrive \(stopped on this node\)' \
+  $(stop_at 2 init) "${load4[@]}" --share broadcast
+stop_case "at the first handshake" "\"planning\": $(has 2) did not arrive" \
+  $(stop_at 2 handshake) "${load4[@]}" --share broadcast
+# Inside a collective, the ranks waiting in it name the stopped one as not answering their
+# liveness probe; ranks that went on name it as not arriving at the next phase (whichever
+# line comes first: the first rank to abort ends the others). In this plan rank 3 is the root
+# of its tensor-parallel pair's broadcasts.
+stop_case "inside a broadcast" "\"(broadcast|finish)\": $(has 3) (did not arrive|do(es)? not answer)" \
+  $(stop_at 3 broadcast) "${load4[@]}" --share broadcast
+stop_case "inside an all-to-all" "\"read-once( round 1 of 1|: done)\": $(has 2) (did not arrive|do(es)? not answer)" \
+  $(stop_at 2 alltoallv) "${load4[@]}" --share read-once
+stop_case "before MPI_Finalize" '"MPI finalize": rank 2 did not arrive \(stopped on this node\)' \
+  $(stop_at 2 finalize) "${load4[@]}" --share none
+
 # --rank that contradicts the launcher's rank: refused (exit 2 from the ranks it contradicts).
 if timeout 60 mpirun -n 4 "$safeshard" load llama --tp 2 --pp 2 --rank 0 > /dev/null 2> err.txt; then
   echo "FAIL: --rank 0 under mpirun -n 4 accepted"; fail=1
@@ -168,6 +243,25 @@ elif (( total > 2 * llama_data )); then
 else
   echo "ok: read-once --per-node on 2 simulated nodes: read $total bytes (data $llama_data, once per node)"
 fi
+
+# Without --share the job gets the default for its node count and says so: none on one node,
+# broadcast on two simulated nodes (issue 21 item 5).
+for nodes in 1 2; do
+  timeout 120 mpirun -n 2 -x SAFESHARD_NODE=a "$safeshard" load llama --tp 2 --dp 2 --digest --json \
+    : -n 2 -x SAFESHARD_NODE=$([[ $nodes == 1 ]] && echo a || echo b) "$safeshard" load llama --tp 2 --dp 2 --digest --json > out.jsonl
+  want=$([[ $nodes == 1 ]] && echo none || echo broadcast)
+  if ! digests < out.jsonl | diff ref.txt - > /dev/null; then
+    echo "FAIL: no --share on $nodes node(s): bytes differ"; fail=1
+  elif ! python3 -c "
+import json
+ls = [json.loads(l) for l in open('out.jsonl')]
+assert all(l['share'] == '$want' and '$nodes node' in l['share_default'] for l in ls), ls
+"; then
+    echo "FAIL: no --share on $nodes node(s): not $want with its reason"; cat out.jsonl; fail=1
+  else
+    echo "ok: no --share on $nodes simulated node(s): $want, said why"
+  fi
+done
 
 # Issue 9 item 1: ranks that disagree on an option fail together, fast, exit 2, each with
 # one line naming the option, the values and the ranks (MPMD: rank 0 differs from 1-3).

@@ -14,6 +14,7 @@ view is gone. See docs/python.md.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,7 +25,13 @@ import numpy as np
 
 from . import _dtypes
 from ._safeshard import NativePlan, NativeRank, SafeshardError, __version__
+from ._safeshard import check_share as _check_share
+from ._safeshard import error as _native_error
+from ._safeshard import launch_env as _launch_env
+from ._safeshard import launcher_variables as _launcher_variables
 from ._safeshard import synth as _synth
+
+_log = logging.getLogger("safeshard")
 
 if TYPE_CHECKING:
     import torch
@@ -72,10 +79,9 @@ class RankInfo:
 
 
 def _error(kind: str, message: str) -> SafeshardError:
-    e = SafeshardError(message)
-    e.kind = kind
-    e.exit_code = 2 if kind == "usage" else 1
-    return e
+    """A ``SafeshardError`` found by this module; ``kind`` and ``exit_code`` as the library's
+    errors of that kind have them (the mapping is the Rust library's, not repeated here)."""
+    return _native_error(kind, message)
 
 
 def _resolve_path(path: PathLike) -> str:
@@ -213,13 +219,14 @@ class Plan:
     def load_shared(
         self,
         *,
-        share: str = "broadcast",
+        share: str | None = None,
         process_group: Any = None,
         io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1 << 30,
         progress: bool | None = None,
+        timeout: float | None = 600.0,
     ) -> Rank:
         """Loads this process's rank of the job with reads shared between ranks, over
         ``torch.distributed`` (collective: every rank of ``process_group``, default the world
@@ -228,14 +235,21 @@ class Plan:
         ``share``: ``"none"``, ``"broadcast"`` (a tensor several ranks hold is read by one
         and broadcast in a sub-group of exactly its holders) or ``"read-once"`` (every byte
         read once per job, or per node with ``per_node``, in rounds of ``round_bytes``, and
-        exchanged with all-to-all). Sub-groups come from ``dist.new_group``, created by all
+        exchanged with all-to-all); ``None`` (the default): chosen by the job's node count,
+        ``"none"`` on one node and ``"broadcast"`` across several (nodes named by
+        ``SAFESHARD_NODE``, else the host name), reported as ``stats["share"]`` and
+        ``stats["share_default"]``. Sub-groups come from ``dist.new_group``, created by all
         ranks in the same order. A rank that fails makes every rank raise, naming it.
+
+        ``timeout`` (seconds, ``None``: forever) bounds every collective, on every group: a
+        rank still waiting after it raises ``SafeshardError`` (``kind == "comm"``) naming the
+        phase and the ranks that did not arrive (also as ``.phase`` and ``.missing``).
         """
-        if share not in ("none", "broadcast", "read-once"):
-            raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
+        if share is not None:
+            _check_share(share)
         from ._dist import TorchComm
 
-        comm = TorchComm(process_group)
+        comm = TorchComm(process_group, timeout=timeout)
         want = progress if progress is not None else (comm.rank() == 0 and sys.stderr.isatty())
         cb, close = _progress(self, comm.rank(), want)
         try:
@@ -247,6 +261,7 @@ class Plan:
                 per_node=per_node,
                 round_bytes=round_bytes,
                 progress=cb,
+                timeout=timeout,
             )
         finally:
             close()
@@ -572,12 +587,10 @@ def _to_device(base: torch.Tensor, dev: torch.device, non_blocking: bool) -> tor
     return out
 
 
-_LAUNCHER_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
-
-
 def _default_rank(world: int, group: Any) -> int:
-    """``torch.distributed``'s rank when it is initialized, else ``RANK``; a job of one rank
-    is rank 0; anything else needs an explicit rank."""
+    """``torch.distributed``'s rank when it is initialized, else the launcher's (``RANK``
+    under torchrun, ``OMPI_COMM_WORLD_RANK`` under Open MPI, ...: the library's launcher
+    table); a job of one rank is rank 0; anything else needs an explicit rank."""
     try:
         import torch.distributed as dist
 
@@ -585,15 +598,17 @@ def _default_rank(world: int, group: Any) -> int:
             return int(dist.get_rank(group))
     except ImportError:
         pass
-    env = os.environ.get("RANK")
-    if env is not None:
-        if not env.isdigit():
-            raise _error("usage", f"RANK={env!r} is not a rank number")
-        return int(env)
+    launched = _launch_env()
+    if launched is not None:
+        return launched[1]
     if world == 1:
         return 0
-    launched = [v for v in _LAUNCHER_SIZE_VARS if os.environ.get(v, "1") not in ("", "1")]
-    where = f" (launcher sets {launched[0]} but neither RANK nor torch.distributed)" if launched else ""
+    sizes = [v[2] for v in _launcher_variables() if os.environ.get(v[2], "1") not in ("", "1")]
+    where = (
+        f" (launcher sets {sizes[0]} but neither its rank variable nor torch.distributed)"
+        if sizes
+        else ""
+    )
     raise _error(
         "usage",
         f"rank: the job has {world} ranks; pass rank=, set RANK, or initialize "
@@ -611,7 +626,7 @@ def load(
     rank: int | None = None,
     device: Any = "cpu",
     process_group: Any = None,
-    share: str = "none",
+    share: str | None = None,
     spec: str | None = None,
     set: Sequence[str] | dict[str, Any] | None = None,
     pp_layers: Sequence[int] | None = None,
@@ -623,20 +638,25 @@ def load(
     """Loads this process's rank of a TP/PP/DP/EP job as ``{name: torch.Tensor}``.
 
     ``rank=None`` takes the rank from ``torch.distributed`` when it is initialized (in
-    ``process_group`` if given), else ``RANK``. ``share``: ``"none"`` (read your own
+    ``process_group`` if given), else the launcher's (``RANK``, ``OMPI_COMM_WORLD_RANK``,
+    ...). ``share``: ``"none"`` (read your own
     slices), ``"broadcast"`` (bytes several ranks hold are read by one and broadcast in the
     sub-group of exactly its holders) or ``"read-once"`` (every byte read once per job and
     exchanged with all-to-all); the last two need ``torch.distributed`` initialized (gloo
     for CPU, NCCL for CUDA) and ``process_group`` (default: the world group) must have
-    exactly the job's ranks. ``device``: ``"cpu"`` (views of the arena), ``"cuda"`` (the
+    exactly the job's ranks. ``share=None`` (the default) chooses by measurement: with
+    ``torch.distributed`` initialized on the job's ranks, ``"none"`` on one node and
+    ``"broadcast"`` across several (see :meth:`Plan.load_shared`); without it, this process
+    reads its own rank. The choice is logged (logger ``safeshard``, INFO). ``device``: ``"cpu"`` (views of the arena), ``"cuda"`` (the
     ``LOCAL_RANK`` device) or any torch device. ``names``: as for :func:`plan`.
     """
     p = plan(
         path, tp=tp, pp=pp, dp=dp, ep=ep, spec=spec, set=set, pp_layers=pp_layers, names=names
     )
-    if share not in ("none", "broadcast", "read-once"):
-        raise _error("usage", f"share={share!r}: expected none, broadcast or read-once")
-    if share != "none":
+    if share is not None:
+        _check_share(share)
+    chosen = share is None and _group_size(process_group) == p.world_size > 1
+    if chosen or share in ("broadcast", "read-once"):
         loaded = p.load_shared(
             share=share, process_group=process_group, io=io, threads=threads, progress=progress
         )
@@ -644,10 +664,30 @@ def load(
             raise _error(
                 "usage", f"rank={rank} but this process is rank {loaded.rank} of its process group"
             )
+        if chosen:
+            stats = loaded.stats
+            _log.info("rank %d: share %s (%s)", loaded.rank, stats["share"], stats["share_default"])
     else:
         r = _default_rank(p.world_size, process_group) if rank is None else rank
         loaded = p.load(r, io=io, threads=threads, progress=progress)
+        if share is None:
+            _log.info(
+                "rank %d: share none (default: torch.distributed is not initialized on the "
+                "job's ranks, so this process reads its own rank)",
+                r,
+            )
     return loaded.torch(device)
+
+
+def _group_size(process_group: Any) -> int:
+    """Size of ``process_group`` (default: the world), or 0 without torch.distributed."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return int(dist.get_world_size(process_group))
 
 
 def synth(

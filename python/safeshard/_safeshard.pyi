@@ -10,6 +10,10 @@ __all__ = [
     "NativeRank",
     "NativeArena",
     "cli_main",
+    "error",
+    "check_share",
+    "launch_env",
+    "launcher_variables",
     "synth",
     "synth_presets",
     "live_arenas",
@@ -23,6 +27,9 @@ class SafeshardError(ValueError):
 
     kind: str
     exit_code: int
+    # Only on a timeout: the phase and the ranks that did not arrive.
+    phase: str
+    missing: list[int]
 
 @final
 class NativeArena:
@@ -105,15 +112,20 @@ class NativePlan:
     def load_shared(
         self,
         comm: Any,
-        share: str = "none",
+        share: str | None = None,
         io: str = "auto",
         threads: int | None = None,
         per_node: bool = False,
         round_bytes: int = 1073741824,
         progress: Callable[[int], object] | None = None,
+        timeout: float | None = 600.0,
     ) -> NativeRank: ...
 
 def cli_main(argv: list[str]) -> int: ...
+def error(kind: str, message: str) -> SafeshardError: ...
+def check_share(share: str) -> None: ...
+def launch_env() -> tuple[str, int, int, int] | None: ...
+def launcher_variables() -> list[tuple[str, str, str, str]]: ...
 def synth(
     dir: str | PathLike[str],
     preset: str,

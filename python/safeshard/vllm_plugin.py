@@ -228,11 +228,16 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             "copy_seconds": t3 - t2,
             "in_place_tensors": len(into or ()),
         }
+        # `stats["bytes"]` counts the arena only, which is empty when every tensor went
+        # straight into its parameter: report what the rank holds and read instead.
         logger.info(
-            "safeshard: rank %d loaded %.1f MiB in %.2f s (plan %.2f s, read %.2f s, copy %.2f s;"
-            " io %s on %d threads)",
+            "safeshard: rank %d loaded %.1f MiB (read %.1f MiB from storage, %d tensors "
+            "straight into parameters) in %.2f s (plan %.2f s, read %.2f s, copy %.2f s; "
+            "io %s on %d threads)",
             where.world_rank,
-            stats["bytes"] / 2**20,
+            plan.rank(where.plan_rank).bytes / 2**20,
+            stats["read_bytes"] / 2**20,
+            len(into or ()),
             t3 - t0,
             t1 - t0,
             t2 - t1,

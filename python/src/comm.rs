@@ -27,14 +27,42 @@ pub(crate) struct PyComm {
 fn comm_err(what: &str, e: PyErr) -> Error {
     Python::attach(|py| {
         let msg = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
-        Error::Comm(format!(
-            "torch.distributed {what}: {}: {}",
-            e.get_type(py)
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-            msg.lines().next().unwrap_or("")
-        ))
+        // A collective past the deadline (`safeshard._dist.CollectiveTimeout`): the phase and
+        // the ranks that did not arrive, typed.
+        let timeout = py
+            .import("safeshard._dist")
+            .and_then(|m| m.getattr("CollectiveTimeout"))
+            .is_ok_and(|cls| e.value(py).is_instance(&cls).unwrap_or(false));
+        if timeout {
+            let v = e.value(py);
+            let field = |name: &str| v.getattr(name).ok();
+            if let (Some(rank), Some(phase), Some(after), Some(missing)) = (
+                field("rank").and_then(|x| x.extract::<usize>().ok()),
+                field("phase").and_then(|x| x.extract::<String>().ok()),
+                field("after").and_then(|x| x.extract::<f64>().ok()),
+                field("missing").and_then(|x| x.extract::<Vec<usize>>().ok()),
+            ) {
+                return Error::Timeout {
+                    rank,
+                    phase,
+                    after: Duration::try_from_secs_f64(after).unwrap_or_default(),
+                    missing: Some(missing),
+                    silent: None,
+                    stopped_for: None,
+                };
+            }
+        }
+        Error::comm(
+            format!("torch.distributed {what}"),
+            format!(
+                "{}: {}",
+                e.get_type(py)
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+                msg.lines().next().unwrap_or("")
+            ),
+        )
     })
 }
 
@@ -118,11 +146,10 @@ impl Communicator for PyComm {
             r.extract::<Vec<Vec<u8>>>()
         })?;
         if got.len() != self.size {
-            return Err(Error::Comm(format!(
-                "torch.distributed all_gather: {} parts for {} ranks",
-                got.len(),
-                self.size
-            )));
+            return Err(Error::comm(
+                "torch.distributed all_gather",
+                format!("{} parts for {} ranks", got.len(), self.size),
+            ));
         }
         Ok(got)
     }
@@ -137,11 +164,10 @@ impl Communicator for PyComm {
                 .extract::<Vec<Vec<u8>>>()
         })?;
         if got.len() != self.size {
-            return Err(Error::Comm(format!(
-                "torch.distributed all_to_all_v: {} parts for {} ranks",
-                got.len(),
-                self.size
-            )));
+            return Err(Error::comm(
+                "torch.distributed all_to_all_v",
+                format!("{} parts for {} ranks", got.len(), self.size),
+            ));
         }
         Ok(got)
     }
@@ -156,8 +182,9 @@ impl Communicator for PyComm {
         if send_counts.iter().sum::<usize>() != send.len()
             || recv_counts.iter().sum::<usize>() != recv.len()
         {
-            return Err(Error::Comm(
-                "all_to_all_packed: counts do not add up to the buffers".into(),
+            return Err(Error::comm(
+                "all_to_all_packed",
+                "counts do not add up to the buffers",
             ));
         }
         self.call("all_to_all", |py, o| {

@@ -22,21 +22,14 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use safeshard::comm::Communicator;
-use safeshard::dist::{load_shared_with, SharedPlan};
+use safeshard::dist::{choose_share, load_shared_with, SharedPlan};
+use safeshard::error::{ErrorKind, OptionNames};
 use safeshard::load::LoadControl;
 use safeshard::plan::TensorPlan;
 use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, TensorNames, Topology};
-use sha2::{Digest, Sha256};
 
 mod comm;
 mod dlpack;
-
-/// The CLI, compiled into the extension so that the `safeshard` console script of the wheel
-/// is exactly the Rust command (same flags, messages and exit codes) without shipping a
-/// second binary next to the extension.
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/cli/mod.rs"]
-mod cli;
 
 create_exception!(
     _safeshard,
@@ -46,40 +39,60 @@ create_exception!(
      error class (`io`, `invalid_file`, `spec`, `usage`, ...), `e.exit_code` the CLI's status."
 );
 
-/// The message the CLI prints for `e` (after `error: `), except that an option is named as
-/// the Python keyword (`tp`) rather than the flag (`--tp`).
-fn message(e: &Error) -> String {
-    match e {
-        Error::InvalidArgument { option, message } => {
-            cli::message(&Error::Usage(format!("{option} {message}")))
+/// The Python spelling of library options: the keyword argument (`tp`, `share`), and in hints
+/// `` `spec=` `` so it reads as one.
+struct Keywords;
+
+impl OptionNames for Keywords {
+    fn option(&self, field: &str) -> String {
+        match field {
+            "mode" => "share".into(),
+            // The library parses `TensorNames` as the CLI's `format`; Python calls it `names`.
+            "format" => "names".into(),
+            f => f.into(),
         }
-        // Hints name options as keyword arguments (`spec=`), not as CLI flags.
-        other => cli::message_with(other, &|o| format!("`{o}=`")),
+    }
+
+    fn hint(&self, field: &str) -> String {
+        format!("`{}=`", self.option(field))
     }
 }
 
-/// Turns a library error into `SafeshardError(message)` with `kind` and `exit_code` set.
-fn to_py(py: Python<'_>, e: Error) -> PyErr {
-    let msg = message(&e);
+/// `SafeshardError(message)` of kind `kind` (its exit code from the library's one mapping).
+fn py_error(py: Python<'_>, kind: ErrorKind, msg: String) -> PyErr {
     let made = (|| -> PyResult<PyErr> {
-        let inst = py.get_type::<SafeshardError>().call1((msg.clone(),))?;
-        inst.setattr("kind", e.kind())?;
-        inst.setattr("exit_code", if e.is_usage() { 2 } else { 1 })?;
+        let inst = py.get_type::<SafeshardError>().call1((msg,))?;
+        inst.setattr("kind", kind.name())?;
+        inst.setattr("exit_code", kind.exit_code())?;
         Ok(PyErr::from_value(inst))
     })();
     made.unwrap_or_else(|err| err)
 }
 
-/// The library names the option `format` (the CLI's flag); Python calls it `names`.
-fn names_error(e: Error) -> Error {
-    match e {
-        Error::InvalidArgument { message, .. } => Error::invalid_argument("names", message),
-        other => other,
+/// Turns a library error into `SafeshardError(message)` with `kind` and `exit_code` set; the
+/// message is the CLI's line with options named as keyword arguments.
+fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    let err = py_error(py, e.kind(), e.render(&Keywords));
+    // A timeout also carries its phase and the ranks it names as missing.
+    if let (Error::Timeout { phase, .. }, Some(missing)) = (&e, e.missing_ranks()) {
+        let v = err.value(py);
+        let _ = v.setattr("phase", phase);
+        let _ = v.setattr("missing", missing);
     }
+    err
 }
 
-fn usage(py: Python<'_>, msg: String) -> PyErr {
-    to_py(py, Error::Usage(msg))
+/// The `SafeshardError` of kind `kind` (`usage`, ...) with `message`, for errors the Python
+/// layer (`safeshard/__init__.py`) finds itself: its exit code from the library's mapping.
+#[pyfunction]
+fn error(py: Python<'_>, kind: &str, message: String) -> PyResult<PyErr> {
+    let kind = ErrorKind::from_name(kind)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown error kind {kind:?}")))?;
+    Ok(py_error(py, kind, message))
+}
+
+fn usage(py: Python<'_>, option: &str, msg: String) -> PyErr {
+    to_py(py, Error::invalid_argument(option, msg))
 }
 
 /// A plan: every rank's tensors and copy runs, made from headers only.
@@ -99,7 +112,7 @@ fn load_options(
     control: &Arc<LoadControl>,
 ) -> PyResult<LoadOptions> {
     if threads == Some(0) {
-        return Err(usage(py, "threads: must be at least 1".into()));
+        return Err(usage(py, "threads", "must be at least 1".into()));
     }
     Ok(LoadOptions {
         io: parse_io(py, io)?,
@@ -135,7 +148,12 @@ fn run_interruptible<T: Send>(
                 });
             let worker = match worker {
                 Ok(w) => w,
-                Err(e) => return Err(Error::Load(format!("cannot start the loader thread: {e}"))),
+                Err(e) => {
+                    return Err(Error::load(
+                        None,
+                        format!("cannot start the loader thread: {e}"),
+                    ))
+                }
             };
             loop {
                 match rx.recv_timeout(Duration::from_millis(50)) {
@@ -163,7 +181,7 @@ fn run_interruptible<T: Send>(
             }
             worker
                 .join()
-                .unwrap_or_else(|_| Err(Error::Load("the loader thread panicked".into())))
+                .unwrap_or_else(|_| Err(Error::load(None, "the loader thread panicked")))
         })
     });
     if let Some(e) = interrupted {
@@ -197,7 +215,7 @@ impl NativePlan {
         pp_layers: Option<Vec<usize>>,
         names: &str,
     ) -> PyResult<Self> {
-        let names: TensorNames = names.parse().map_err(|e| to_py(py, names_error(e)))?;
+        let names: TensorNames = names.parse().map_err(|e| to_py(py, e))?;
         let job = py
             .detach(|| {
                 let mut topology = Topology::new(tp, pp, dp, ep)?;
@@ -245,7 +263,7 @@ impl NativePlan {
 
     fn to_json(&self, py: Python<'_>) -> String {
         let job = Arc::clone(&self.job);
-        py.detach(move || cli::plan::json_document(&job.plan))
+        py.detach(move || safeshard::plan::json_document(&job.plan))
     }
 
     /// One rank's summary: a dict with the coordinates, `bytes`, `read_bytes`,
@@ -254,10 +272,8 @@ impl NativePlan {
         let rp = self.job.plan.ranks.get(rank).ok_or_else(|| {
             usage(
                 py,
-                format!(
-                    "rank {rank}: the plan has {} ranks",
-                    self.job.plan.ranks.len()
-                ),
+                "rank",
+                format!("{rank}: the plan has {} ranks", self.job.plan.ranks.len()),
             )
         })?;
         let d = PyDict::new(py);
@@ -317,7 +333,7 @@ impl NativePlan {
         progress: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<NativeRank> {
         if address == 0 && nbytes > 0 {
-            return Err(usage(py, "out: null buffer address".into()));
+            return Err(usage(py, "out", "has a null buffer address".into()));
         }
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
@@ -369,12 +385,13 @@ impl NativePlan {
             if w[1].0 < w[0].1 {
                 return Err(usage(
                     py,
-                    format!("into: the buffers of {:?} and {:?} overlap", w[0].2, w[1].2),
+                    "into",
+                    format!("has overlapping buffers for {:?} and {:?}", w[0].2, w[1].2),
                 ));
             }
         }
         if let Some((n, _, _)) = into.iter().find(|(_, a, len)| *a == 0 && *len > 0) {
-            return Err(usage(py, format!("into: {n:?}: null buffer address")));
+            return Err(usage(py, "into", format!("{n:?}: null buffer address")));
         }
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
@@ -413,38 +430,71 @@ impl NativePlan {
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
     /// through `comm` (a `safeshard._dist.TorchComm`, or any object with its methods).
-    #[pyo3(signature = (comm, share="none", io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None))]
+    /// `share=None`: the default for the job's node count (`safeshard::dist::choose_share`,
+    /// nodes named by `SAFESHARD_NODE`, else the host name), reported in `stats()`.
+    #[pyo3(signature = (comm, share=None, io="auto", threads=None, per_node=false, round_bytes=1073741824, progress=None, timeout=600.0))]
     #[allow(clippy::too_many_arguments)]
     fn load_shared(
         &self,
         py: Python<'_>,
         comm: Bound<'_, PyAny>,
-        share: &str,
+        share: Option<&str>,
         io: &str,
         threads: Option<usize>,
         per_node: bool,
         round_bytes: u64,
         progress: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
     ) -> PyResult<NativeRank> {
-        let mode: ShareMode = share.parse().map_err(|e| to_py(py, e))?;
+        let mode: Option<ShareMode> = share
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| to_py(py, e))?;
+        let timeout = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(to_py(
+                    py,
+                    Error::invalid_argument(
+                        "timeout",
+                        format!("{t}: expected a positive number of seconds, or None"),
+                    ),
+                ))
+            }
+        };
+        let node = std::env::var("SAFESHARD_NODE").ok();
         let control = Arc::new(LoadControl::default());
         let load = load_options(py, io, threads, &control)?;
         let world = comm::PyComm::new(py, comm.unbind())?;
         let rank = world.rank();
-        let opts = ShareOptions {
-            mode,
+        let mut opts = ShareOptions {
+            mode: mode.unwrap_or_default(),
             per_node,
+            node: node.clone(),
             round_bytes: round_bytes.max(1),
+            timeout,
             load,
             ..ShareOptions::default()
         };
         let job = Arc::clone(&self.job);
-        let (loaded, traffic) = run_interruptible(py, &control, progress, move || {
+        let (loaded, traffic, share_why) = run_interruptible(py, &control, progress, move || {
+            // Every rank counts the nodes, given a mode or not, so that ranks whose options
+            // differ run the same collectives up to the agreement that names the difference.
+            world.set_timeout(opts.timeout);
+            let choice = choose_share(&world, node.as_deref())?;
+            let why = match mode {
+                Some(_) => None,
+                None => {
+                    opts.mode = choice.mode;
+                    Some(choice.why)
+                }
+            };
             let (mut loaded, traffic) =
                 load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)?;
             // Buffers without a file source (vLLM names: `_k_scale` ...), as Job::load_shared.
             job.fill_buffers(&mut loaded)?;
-            Ok((loaded, traffic))
+            Ok((loaded, traffic, why.map(|w| (opts.mode, w))))
         })?;
         let stats = *loaded.stats();
         let (arena, tensors) = loaded.into_parts();
@@ -458,6 +508,11 @@ impl NativePlan {
             seconds: stats.seconds,
             threads: stats.threads,
             paths: stats.paths,
+            share: share_why
+                .as_ref()
+                .map_or_else(|| mode.unwrap_or_default(), |(m, _)| *m)
+                .to_string(),
+            share_default: share_why.map(|(_, w)| w),
         })
     }
 }
@@ -510,6 +565,9 @@ struct NativeRank {
     seconds: f64,
     threads: usize,
     paths: safeshard::load::IoPaths,
+    /// The share mode it loaded with, and why when it was the default.
+    share: String,
+    share_default: Option<String>,
 }
 
 impl NativeRank {
@@ -530,6 +588,8 @@ impl NativeRank {
             seconds: stats.seconds,
             threads: stats.threads,
             paths: stats.paths,
+            share: ShareMode::None.to_string(),
+            share_default: None,
         }
     }
 }
@@ -571,26 +631,55 @@ impl NativeRank {
         io.set_item("direct", self.paths.direct)?;
         d.set_item("io_bytes", io)?;
         d.set_item("threads", self.threads)?;
+        d.set_item("share", &self.share)?;
+        d.set_item("share_default", &self.share_default)?;
         Ok(d)
     }
 
     /// SHA-256 (hex) of the whole arena, as `safeshard load --digest` prints it.
     fn digest(&self, py: Python<'_>) -> String {
         let owner = Arc::clone(&self.arena);
-        py.detach(move || {
-            Sha256::digest(owner.bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        })
+        py.detach(move || safeshard::load::digest_hex(owner.bytes()))
     }
 }
 
 /// Runs the `safeshard` command line with `argv` (`argv[0]` is the program name) and returns
-/// its exit status. The console script calls this.
+/// its exit status: the library's CLI ([`safeshard::cli::main_from`]), so the console script
+/// is exactly the Rust command (same flags, messages and exit codes) without a second binary
+/// next to the extension.
 #[pyfunction]
 fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
-    py.detach(move || cli::main_from(argv))
+    py.detach(move || safeshard::cli::main_from(argv))
+}
+
+/// Checks a share mode name (`none`, `broadcast`, `read-once`) the way the library parses it.
+#[pyfunction]
+fn check_share(py: Python<'_>, share: &str) -> PyResult<()> {
+    share
+        .parse::<ShareMode>()
+        .map(|_| ())
+        .map_err(|e| to_py(py, e))
+}
+
+/// What a launcher says about this process (`safeshard::comm::launch::detect_env`):
+/// `(launcher, rank, size, local_rank)`, or `None` when no launcher's rank variable is set.
+#[pyfunction]
+fn launch_env(py: Python<'_>) -> PyResult<Option<(&'static str, usize, usize, usize)>> {
+    let got = safeshard::comm::launch::detect_env().map_err(|e| to_py(py, e))?;
+    Ok(got.map(|l| (l.launcher.name(), l.rank, l.size, l.local_rank)))
+}
+
+/// Every launcher's `(name, rank variable, size variable, local rank variable)`, in the order
+/// detection checks them.
+#[pyfunction]
+fn launcher_variables() -> Vec<(&'static str, &'static str, &'static str, &'static str)> {
+    safeshard::comm::launch::Launcher::ALL
+        .iter()
+        .map(|l| {
+            let (r, s, lr) = l.variables();
+            (l.name(), r, s, lr)
+        })
+        .collect()
 }
 
 /// Writes a synthetic checkpoint of a named preset into `dir` (tests, examples, benchmarks).
@@ -642,6 +731,10 @@ fn _safeshard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeRank>()?;
     m.add_class::<dlpack::NativeArena>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(error, m)?)?;
+    m.add_function(wrap_pyfunction!(check_share, m)?)?;
+    m.add_function(wrap_pyfunction!(launch_env, m)?)?;
+    m.add_function(wrap_pyfunction!(launcher_variables, m)?)?;
     m.add_function(wrap_pyfunction!(synth, m)?)?;
     m.add_function(wrap_pyfunction!(synth_presets, m)?)?;
     m.add_function(wrap_pyfunction!(live_arenas, m)?)?;

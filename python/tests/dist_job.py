@@ -2,6 +2,7 @@
 to OUT/rank-R.json. Usage: dist_job.py CKPT OUT TP PP DP"""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,14 @@ for share in ("none", "broadcast", "read-once"):
     res[share] = rank.digest()
     res[share + "_read"] = rank.stats["read_bytes"]
     res[share + "_sent"] = rank.stats["sent_bytes"]
+# Without share=: the default for the node count (one node here: none), then with two
+# simulated nodes (SAFESHARD_NODE): broadcast. Same bytes either way.
+chosen = plan.load_shared()
+res["default"] = [chosen.stats["share"], chosen.stats["share_default"], chosen.digest()]
+os.environ["SAFESHARD_NODE"] = f"node{dist.get_rank() // 2}"
+chosen = plan.load_shared()
+res["default_2_nodes"] = [chosen.stats["share"], chosen.stats["share_default"], chosen.digest()]
+del os.environ["SAFESHARD_NODE"]
 # The one-call form on the same group.
 state = safeshard.load(ckpt, tp=tp, pp=pp, dp=dp, share="broadcast")
 res["load_names"] = sorted(state)

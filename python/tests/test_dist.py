@@ -37,6 +37,11 @@ def test_torchrun_share_modes_agree(checkpoints, tmp_path, tp, pp, dp):
         assert res["rank"] == r and res["hash"] == plan["hash"]
         assert res["none"] == res["broadcast"] == res["read-once"] == cli[r], r
         assert res["load_names"] == sorted(t["name"] for t in plan["ranks"][r]["tensors"])
+        # Without share=: none on one node, broadcast across (simulated) nodes, said why.
+        mode, why, digest = res["default"]
+        assert (mode, digest) == ("none", cli[r]) and "1 node" in why, res["default"]
+        mode, why, digest = res["default_2_nodes"]
+        assert (mode, digest) == ("broadcast", cli[r]) and "2 nodes" in why, res["default_2_nodes"]
     # The shared modes moved bytes through torch.distributed, and read-once read less in
     # total than every rank reading its own slices (broadcast too once DP replicas exist;
     # with tp x pp only small replicated tensors are shared, within the same pages).
@@ -60,3 +65,45 @@ def test_torchrun_plan_mismatch_fails_every_rank(checkpoints, tmp_path):
         msg = (tmp_path / f"fail-{r}.txt").read_text()
         # Every rank names the disagreement and the odd rank out (options agreed first).
         assert msg.startswith("usage: ") and "disagree on plan" in msg and "rank 3 " in msg, msg
+
+
+@pytest.mark.parametrize("where,phase", [("all_gather", "job fingerprint"), ("broadcast", "broadcast")])
+def test_torchrun_stopped_rank_ends_the_load_by_its_deadline(checkpoints, tmp_path, where, phase):
+    """Rank 2 stops (SIGSTOP) at a collective: every other rank raises a timeout naming the
+    phase and rank 2 within the 3 s deadline plus the meeting's grace (1 s) and slack."""
+    import signal
+    import time
+
+    ckpt = checkpoints("llama-tiny")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         str(JOB.with_name("dist_stop_job.py")), str(ckpt), str(tmp_path), where],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    # Pipeline stages never wait on each other: with a stop inside the broadcasts of stage 1
+    # (ranks 2, 3), stage 0 loads; every rank waits for rank 2 at the first agreement.
+    live = [0, 1, 3] if where == "all_gather" else [3]
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not all(
+            (tmp_path / f"stop-{r}.txt").exists() for r in (0, 1, 3)
+        ):
+            time.sleep(0.2)
+    finally:
+        # The stopped rank never ends by itself: end it, then torchrun.
+        pid = tmp_path / "pid-2.txt"
+        if pid.exists():
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    log = p.stdout.read() if p.stdout else ""
+    for r in live:
+        took, msg = (tmp_path / f"stop-{r}.txt").read_text().split(" ", 1)
+        assert msg.startswith(f"comm: {phase}: [2]: "), (msg, log[-2000:])
+        assert f'timed out after 3s in phase "{phase}": rank 2 did not arrive' in msg, msg
+        assert float(took) < 3 + 15, (took, msg)
+    for r in set((0, 1, 3)) - set(live):
+        assert (tmp_path / f"stop-{r}.txt").read_text().endswith(" no error")

@@ -22,5 +22,6 @@ mod header;
 pub use catalog::{Checkpoint, FileIdentity, FileInfo, TensorInfo, INDEX_NAME};
 pub use dtype::Dtype;
 pub(crate) use header::header_bytes;
+#[cfg(feature = "synth")]
 pub(crate) use header::tensor_bytes;
 pub use header::{parse_header, Header, HeaderTensor, MAX_HEADER_LEN};

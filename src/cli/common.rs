@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use safeshard::plan::Plan;
-use safeshard::sharding::Resolution;
-use safeshard::{Checkpoint, Job, Result, Topology};
+use crate::plan::Plan;
+use crate::sharding::Resolution;
+use crate::{Checkpoint, Job, Result, Topology};
 
 /// Topology flags (`--tp --pp --dp --ep --pp-layers`), shared by the planning subcommands
 /// and `spec check`.
@@ -85,11 +85,11 @@ impl PlanFlags {
     /// The one place where the planning flags meet the library: a [`Job`] (open, spec,
     /// resolve, plan) for `checkpoint`, its warnings printed.
     pub fn job(&self, checkpoint: &Path) -> Result<Job> {
-        self.job_named(checkpoint, safeshard::TensorNames::Checkpoint)
+        self.job_named(checkpoint, crate::TensorNames::Checkpoint)
     }
 
     /// [`PlanFlags::job`] with the names the ranks hold.
-    pub fn job_named(&self, checkpoint: &Path, names: safeshard::TensorNames) -> Result<Job> {
+    pub fn job_named(&self, checkpoint: &Path, names: crate::TensorNames) -> Result<Job> {
         let mut builder = Job::builder(checkpoint)
             .topology(self.topology()?)
             .names(names);
@@ -125,5 +125,5 @@ pub fn human_bytes(bytes: u64) -> String {
 /// `s` with control characters escaped (`\n`, `\u{1b}`), so a name from a file cannot break
 /// table lines or send terminal escape sequences; the library's one escaping rule.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    safeshard::error::escape_controls(s)
+    crate::error::escape_controls(s)
 }

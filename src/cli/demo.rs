@@ -2,11 +2,11 @@
 
 use std::time::Instant;
 
-use safeshard::checkpoint::Dtype;
-use safeshard::synth::{self, Arch, SynthOptions};
-use safeshard::topology::Topology;
-use safeshard::{Error, Result};
-use safeshard::{Job, LoadOptions};
+use crate::checkpoint::Dtype;
+use crate::synth::{self, SynthOptions};
+use crate::topology::Topology;
+use crate::{Error, Result};
+use crate::{Job, LoadOptions};
 
 use super::common::{human_bytes, printable};
 use super::load::{human_line, load_one, load_ranks};
@@ -103,12 +103,10 @@ pub fn run(args: Args) -> Result<()> {
     let n = synth::write_checkpoint(
         &dir,
         &SynthOptions {
-            arch: Arch::Llama,
-            config: config(),
             dtype: Dtype::F16,
             max_file_bytes: 40 << 20,
-            sparse: false,
             seed: 7,
+            ..SynthOptions::from_config(config())?
         },
     )?;
     println!(

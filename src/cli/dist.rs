@@ -1,6 +1,6 @@
 //! The distributed path of `safeshard load` (`--share`, or a launcher with more than one
 //! process): every rank of the job loads with a share mode through
-//! [`safeshard::dist::load_shared_with`], as one process per rank under a launcher (`mpirun`,
+//! [`crate::dist::load_shared_with`], as one process per rank under a launcher (`mpirun`,
 //! `srun`; needs the `mpi` feature) or, without one, all ranks in this process on threads
 //! (planned once, the plan and the broadcast schedule shared by the rank threads). Also the
 //! hidden `dist-load` alias (its old name), kept so scripts that use it keep working.
@@ -8,10 +8,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use safeshard::comm::{self, agree, launch, Communicator};
-use safeshard::dist::{self, ShareMode, ShareOptions, SharedPlan};
-use safeshard::load::{self, ArenaInit, IoMode, LoadOptions};
-use safeshard::{Error, Result};
+use crate::comm::{self, agree, launch, Communicator};
+use crate::dist::{self, ShareMode, ShareOptions, SharedPlan};
+use crate::load::{self, ArenaInit, IoMode, LoadOptions};
+use crate::{Error, Result};
 
 use super::common::{PlanFlags, Prepared};
 use super::report::{parse_round, prepare_plan, print_lines, sha256_hex, RankLine};
@@ -49,8 +49,8 @@ pub struct Request<'a> {
     pub checkpoint: &'a PathBuf,
     /// Topology and spec flags.
     pub plan: &'a PlanFlags,
-    /// `--share`.
-    pub share: ShareMode,
+    /// `--share`; `None`: the default for the job's node count ([`dist::choose_share`]).
+    pub share: Option<ShareMode>,
     /// `--per-node`.
     pub per_node: bool,
     /// `--round`.
@@ -74,11 +74,11 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
-    fn share_options(&self) -> ShareOptions {
+    fn share_options(&self, mode: ShareMode) -> ShareOptions {
         ShareOptions {
-            mode: self.share,
+            mode,
             per_node: self.per_node,
-            node: std::env::var("SAFESHARD_NODE").ok(),
+            node: node_name(),
             round_bytes: self.round,
             timeout: Some(self.timeout),
             load: LoadOptions {
@@ -96,36 +96,21 @@ impl Request<'_> {
     }
 }
 
-/// The library names options by their fields; here they are flags.
-fn with_flag_names(e: Error) -> Error {
-    const FLAGS: [(&str, &str); 8] = [
-        ("mode", "--share"),
-        ("per_node", "--per-node"),
-        ("round_bytes", "--round"),
-        ("io", "--io"),
-        ("staging_budget", "--staging-budget"),
-        ("verify", "--verify"),
-        ("digest", "--digest"),
-        (
-            "plan",
-            "the plan (checkpoint files, topology or spec flags)",
-        ),
-    ];
-    match e {
-        Error::Usage(msg) => {
-            for (field, flag) in FLAGS {
-                let prefix = format!("ranks disagree on {field}: ");
-                if let Some(rest) = msg.strip_prefix(&prefix) {
-                    return Error::Usage(format!("ranks disagree on {flag}: {rest}"));
-                }
-            }
-            if let Some(rest) = msg.strip_prefix("round_bytes ") {
-                return Error::Usage(format!("--round {rest}"));
-            }
-            Error::Usage(msg)
-        }
-        e => e,
-    }
+/// This rank's node name from `SAFESHARD_NODE` (else the library takes the host name).
+fn node_name() -> Option<String> {
+    std::env::var("SAFESHARD_NODE").ok()
+}
+
+/// The share mode: `--share`, else the default for the job's node count. Collective: every
+/// rank counts the nodes whether or not it was given `--share`, so ranks whose flags differ
+/// still run the same collectives and reach the agreement that names the difference.
+fn share_mode(req: &Request<'_>, world: &dyn Communicator) -> Result<(ShareMode, Option<String>)> {
+    world.set_timeout(Some(req.timeout));
+    let choice = dist::choose_share(world, node_name().as_deref())?;
+    Ok(match req.share {
+        Some(mode) => (mode, None),
+        None => (choice.mode, Some(choice.why)),
+    })
 }
 
 /// One rank's load, verification and line. Collective on `world`.
@@ -135,10 +120,10 @@ fn rank_job(
     shared: &SharedPlan<'_>,
     world: &dyn Communicator,
 ) -> Result<RankLine> {
-    let opts = req.share_options();
+    let (mode, share_why) = share_mode(req, world)?;
+    let opts = req.share_options(mode);
     let plan = shared.plan();
-    let (tensors, traffic) =
-        dist::load_shared_with(shared, world, &opts).map_err(with_flag_names)?;
+    let (tensors, traffic) = dist::load_shared_with(shared, world, &opts)?;
     let verified = if req.verify {
         world.set_phase("verify");
         Some(agree(
@@ -154,7 +139,8 @@ fn rank_job(
     Ok(RankLine {
         rank: stats.rank,
         coords: rp.map(|r| r.coords),
-        share: req.share,
+        share: mode,
+        share_why,
         io: req.io,
         threads: stats.threads,
         paths: stats.paths,
@@ -174,8 +160,9 @@ fn rank_job(
 /// Runs the distributed path; `launched` is what [`launch::detect_env`] found.
 pub fn run(req: &Request<'_>, launched: Option<launch::LaunchInfo>) -> Result<()> {
     if req.views {
-        return Err(Error::Usage(
-            "--views needs --rank R or --all-ranks (shared loads fill owned arenas)".into(),
+        return Err(Error::invalid_argument(
+            "views",
+            "needs --rank R or --all-ranks (shared loads fill owned arenas)",
         ));
     }
     match launched {
@@ -185,11 +172,12 @@ pub fn run(req: &Request<'_>, launched: Option<launch::LaunchInfo>) -> Result<()
                 .plan
                 .topology()?
                 .world_size()
-                .ok_or_else(|| Error::Usage("tp × pp × dp overflows".into()))?;
+                .ok_or_else(|| Error::invalid_argument("tp", "× pp × dp overflows"))?;
             if world > MAX_THREAD_WORLD {
-                return Err(Error::Usage(format!(
-                    "{world} ranks are too many to run on threads in one process (at most {MAX_THREAD_WORLD}); start the job under mpirun, srun or torchrun"
-                )));
+                return Err(Error::ThreadWorld {
+                    ranks: world,
+                    max: MAX_THREAD_WORLD,
+                });
             }
             // One process: plan once, and share the plan, its hash and the broadcast schedule
             // between the rank threads (each used to plan the whole job itself).
@@ -204,10 +192,10 @@ pub fn run(req: &Request<'_>, launched: Option<launch::LaunchInfo>) -> Result<()
 
 #[cfg(feature = "mpi")]
 fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
-    let universe = comm::MpiUniverse::init()?;
+    // Every wait of the job has a deadline, from before MPI_Init (which waits for every
+    // process: a stopped one would keep this one there forever) to MPI_Finalize.
+    let universe = comm::MpiUniverse::init_with_timeout(Some(req.timeout))?;
     let world = universe.world();
-    // The first collectives (the agreement on planning) are bounded too.
-    world.set_timeout(Some(req.timeout));
     world.set_phase("planning");
     let prepared = launch::check_mpi_world(Some(&l), world.rank(), world.size())
         .and_then(|_| prepare_plan(req.checkpoint, req.plan))
@@ -217,33 +205,40 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
         });
     let result = agree(&world, prepared)
         .and_then(|(prep, plan)| rank_job(req, &prep, &SharedPlan::new(&plan), &world));
+    // Before finalize: every rank has finished. A rank that stopped after its last collective
+    // would otherwise leave the others in MPI_Finalize, having printed their lines already.
+    world.set_phase("finish");
+    let result = agree(&world, result.map(|line| line.render(req.json)));
+    let rank = world.rank();
+    drop(world);
+    // MPI_Finalize, under the watchdog; lines are printed only after it: a job that did not
+    // end within its deadlines prints no result that looks complete.
+    drop(universe);
     match result {
-        Ok(line) => print_lines([line.render(req.json)])?,
-        // Every error of rank_job is known to every rank (each phase ends in an agreement,
-        // a timeout aborts the job itself): each rank reports and exits, nobody waits.
+        Ok(line) => print_lines([line]),
+        // Every error above is known to every rank (each phase ends in an agreement, a
+        // timeout ends the job itself): each rank reports and exits, nobody waits.
         Err(e) => {
-            eprintln!("error: rank {}: {}", world.rank(), super::message(&e));
-            drop(world);
-            drop(universe);
+            comm::eprint_line(&format!("error: rank {rank}: {}", super::message(&e)));
             std::process::exit(super::exit_code(&e));
         }
     }
-    drop(world);
-    drop(universe);
-    Ok(())
 }
 
 #[cfg(not(feature = "mpi"))]
 fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
-    Err(Error::Usage(format!(
-        "--share {} under {} (rank {} of {}) needs MPI, but this safeshard was built \
-         without it: rebuild with `cargo build --release --features mpi`, or use --share \
-         none (every process reads its own rank)",
-        req.share,
-        l.launcher.name(),
-        l.rank,
-        l.size
-    )))
+    Err(Error::invalid_argument(
+        "mode",
+        format!(
+            "{} under {} (rank {} of {}) needs MPI, but this safeshard was built without it: \
+             rebuild with `cargo build --release --features mpi`, or use --share none (every \
+             process reads its own rank)",
+            req.share.map_or("(default)".to_string(), |m| m.to_string()),
+            l.launcher.name(),
+            l.rank,
+            l.size
+        ),
+    ))
 }
 
 /// Largest world run on threads in one process (without a launcher).

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use safeshard::checkpoint::{Checkpoint, Dtype};
-use safeshard::{Error, Result};
+use crate::checkpoint::{Checkpoint, Dtype};
+use crate::{Error, Result};
 use serde::Serialize;
 
 use super::common::{human_bytes, printable};

@@ -9,13 +9,13 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use safeshard::checkpoint::Checkpoint;
-use safeshard::comm::launch;
-use safeshard::dist::{ShareMode, DEFAULT_TIMEOUT};
-use safeshard::load::{self, ArenaInit, IoMode, LoadOptions, LoadStats};
-use safeshard::plan::Plan;
-use safeshard::sharding::Resolution;
-use safeshard::{Error, Result};
+use crate::checkpoint::Checkpoint;
+use crate::comm::launch;
+use crate::dist::{ShareChoice, ShareMode, DEFAULT_TIMEOUT};
+use crate::load::{self, ArenaInit, IoMode, LoadOptions, LoadStats};
+use crate::plan::Plan;
+use crate::sharding::Resolution;
+use crate::{Error, Result};
 
 use super::common::PlanFlags;
 use super::dist::Request;
@@ -38,8 +38,10 @@ pub struct Args {
     /// Load every rank of the job, sharing reads: `none` (each rank reads its own slices),
     /// `broadcast` (bytes held by several ranks are read by one and broadcast in the group
     /// holding them) or `read-once` (every byte read once per job, then scattered). One
-    /// process per rank under mpirun/srun (the default mode there is `none`), else every rank
-    /// on threads.
+    /// process per rank under mpirun/srun, else every rank on threads. Under a launcher
+    /// without `--share`, the mode is chosen by the job's node count (`none` on one node,
+    /// `broadcast` across several; nodes counted by `SAFESHARD_NODE`, else the host name)
+    /// and the output says why (`share_default` in `--json`).
     #[arg(long, conflicts_with_all = ["rank", "all_ranks"])]
     pub share: Option<ShareMode>,
     /// With `--share read-once`: read the checkpoint once per node instead of once per job
@@ -50,8 +52,9 @@ pub struct Args {
     /// at least 64KiB.
     #[arg(long, default_value = "1GiB", value_parser = parse_round)]
     pub round: u64,
-    /// With `--share`: how long a rank waits for the others in any collective before it ends
-    /// the job naming the ranks that did not arrive, e.g. `30s`, `2m`.
+    /// With `--share` or under a launcher: how long a rank waits for the others in any phase
+    /// (MPI start-up and finalize included) before it ends the job naming the phase and the
+    /// ranks that did not arrive, e.g. `30s`, `2m`.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Check every tensor against an independent slow path (whole tensor read with pread,
@@ -94,6 +97,7 @@ fn rank_line(plan: &Plan, r: &RankReport, io: IoMode) -> RankLine {
         rank: s.rank,
         coords: plan.ranks.get(s.rank).map(|p| p.coords),
         share: ShareMode::None,
+        share_why: None,
         io,
         threads: s.threads,
         paths: s.paths,
@@ -211,14 +215,14 @@ fn load_ranks_with(
                             res
                         })
                         .map_err(|e| {
-                            Error::Load(format!("rank {r}: cannot start a loader thread: {e}"))
+                            Error::load(Some(r), format!("cannot start a loader thread: {e}"))
                         })
                 })
                 .collect();
             for h in handles {
                 results.push(h.and_then(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(Error::Load("a rank's loader thread panicked".into()))
+                        Err(Error::load(None, "a rank's loader thread panicked"))
                     })
                 }));
             }
@@ -239,13 +243,16 @@ pub fn run(args: Args) -> Result<()> {
         // well-formed launcher environment that contradicts --rank is refused.
         if let Ok(Some(l)) = launch::detect_env() {
             if l.size > 1 && l.rank != r {
-                return Err(Error::Usage(format!(
-                    "--rank {r}, but {} started this process as rank {} of {}: drop --rank \
-                     to let every process load its own rank",
-                    l.launcher.name(),
-                    l.rank,
-                    l.size
-                )));
+                return Err(Error::invalid_argument(
+                    "rank",
+                    format!(
+                        "{r}, but {} started this process as rank {} of {}: drop --rank to let \
+                         every process load its own rank",
+                        l.launcher.name(),
+                        l.rank,
+                        l.size
+                    ),
+                ));
             }
         }
         return run_single(args);
@@ -258,25 +265,39 @@ pub fn run(args: Args) -> Result<()> {
         // Without MPI the processes of a launcher cannot talk, but `--share none` needs no
         // talking: each process loads the rank the launcher gave it. A rank that fails exits
         // non-zero and the launcher ends the job; plans are not compared across processes.
+        // Without `--share` such a process gets `none` (the only mode it can run).
         if !cfg!(feature = "mpi") && args.share.unwrap_or_default() == ShareMode::None {
             if let Some(l) = launched.as_ref().filter(|l| l.size > 1) {
                 launch::check_world(l.size, &args.plan.topology()?)?;
-                return run_ranks(&args, Some(l.rank));
+                let why = args.share.is_none().then(|| {
+                    ShareChoice::without_transport(
+                        "built without MPI, so every process reads its own rank",
+                    )
+                    .why
+                });
+                return run_ranks(&args, Some(l.rank), why);
             }
         }
         return super::dist::run(&request(&args), launched);
     }
-    Err(Error::Usage(
-        "say which ranks to load: --rank R (one rank), --all-ranks (every rank on threads) or \
-         --share none|broadcast|read-once (every rank, sharing reads; one process per rank \
-         under mpirun/srun)"
-            .into(),
-    ))
+    Err(Error::NeedsOneOf {
+        what: "which ranks to load".into(),
+        choices: vec![
+            ("rank".into(), " R (one rank)".into()),
+            ("all_ranks".into(), " (every rank on threads)".into()),
+            (
+                "share".into(),
+                " none|broadcast|read-once (every rank, sharing reads; one process per rank \
+                 under mpirun/srun)"
+                    .into(),
+            ),
+        ],
+    })
 }
 
 /// `--rank R` or `--all-ranks`: each rank reads its own slices, in this process.
 fn run_single(args: Args) -> Result<()> {
-    run_ranks(&args, args.rank)
+    run_ranks(&args, args.rank, None)
 }
 
 /// The distributed path's request, from the flags.
@@ -284,7 +305,7 @@ fn request(args: &Args) -> Request<'_> {
     Request {
         checkpoint: &args.checkpoint,
         plan: &args.plan,
-        share: args.share.unwrap_or_default(),
+        share: args.share,
         per_node: args.per_node,
         round: args.round,
         timeout: args.timeout,
@@ -324,15 +345,19 @@ impl From<super::dist::Args> for Args {
 }
 
 /// Loads `rank` (or every rank) in this process, each reading its own slices.
-fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
+/// `share_why`: why these ranks read their own slices when `--share` was not given.
+fn run_ranks(args: &Args, rank: Option<usize>, share_why: Option<String>) -> Result<()> {
     let (prep, plan) = prepare_plan(&args.checkpoint, &args.plan)?;
     let world = plan.ranks.len();
     let ranks: Vec<usize> = match rank {
         Some(r) if r >= world => {
-            return Err(Error::Usage(format!(
-                "--rank {r}: the topology has {world} ranks (0..{})",
-                world.saturating_sub(1)
-            )))
+            return Err(Error::invalid_argument(
+                "rank",
+                format!(
+                    "{r}: the topology has {world} ranks (0..{})",
+                    world.saturating_sub(1)
+                ),
+            ))
         }
         Some(r) => vec![r],
         None => (0..world).collect(),
@@ -370,9 +395,9 @@ fn run_ranks(args: &Args, rank: Option<usize>) -> Result<()> {
         p.finish_and_clear();
     }
     let reports = reports?;
-    print_lines(
-        reports
-            .iter()
-            .map(|r| rank_line(&plan, r, args.io).render(args.json)),
-    )
+    print_lines(reports.iter().map(|r| {
+        let mut line = rank_line(&plan, r, args.io);
+        line.share_why.clone_from(&share_why);
+        line.render(args.json)
+    }))
 }

@@ -1,15 +1,17 @@
-//! Command-line interface: argument parsing and output formatting only; the work is in the library.
+//! The `safeshard` command line (feature `cli`): argument parsing and output formatting only;
+//! the work is in the library. The binary and the Python package's console script both run
+//! [`main_from`], so they are one program.
 
+use crate::error::OptionNames;
+use crate::Error;
 use clap::{Parser, Subcommand};
-use safeshard::Error;
 
 mod common;
 mod demo;
 mod dist;
 mod inspect;
 mod load;
-/// Public so the Python binding prints the same `plan --json` document.
-pub mod plan;
+mod plan;
 mod report;
 mod reshard;
 mod spec;
@@ -68,9 +70,7 @@ where
             } else if e.use_stderr() {
                 eprintln!(
                     "{}",
-                    safeshard::error::escape_controls(&one_line_usage_error(
-                        &e.render().to_string()
-                    ))
+                    crate::error::escape_controls(&one_line_usage_error(&e.render().to_string()))
                 );
             } else {
                 let _ = e.print();
@@ -111,72 +111,33 @@ where
 }
 
 /// Exit status of a failed command: 2 for bad usage (flags, arguments, topology), 1 for bad
-/// data and failures of the system.
+/// data and failures of the system ([`crate::error::ErrorKind::exit_code`]).
 pub fn exit_code(e: &Error) -> i32 {
-    match e {
-        Error::Usage(_) | Error::InvalidArgument { .. } => 2,
-        _ => 1,
-    }
+    e.exit_code()
 }
 
-/// Library hints name options as "the `spec` option"; each front spells the option its own
-/// way (`--spec` on the command line, `spec=` in Python).
-fn options_as_flags(text: &str, spell: &dyn Fn(&str) -> String) -> String {
-    const OPEN: &str = "the `";
-    const CLOSE: &str = "` option";
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find(OPEN) {
-        let after = &rest[i + OPEN.len()..];
-        match after.find(CLOSE) {
-            Some(j)
-                if after[..j]
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c == '_') =>
-            {
-                out.push_str(&rest[..i]);
-                out.push_str(&spell(&after[..j]));
-                rest = &after[j + CLOSE.len()..];
-            }
-            _ => {
-                out.push_str(&rest[..i + OPEN.len()]);
-                rest = after;
-            }
+/// The command line's spelling of library options: flags (`pp_layers` → `--pp-layers`), with
+/// the few whose flag is not their field's name.
+pub struct Flags;
+
+impl OptionNames for Flags {
+    fn option(&self, field: &str) -> String {
+        match field {
+            "mode" => "--share".into(),
+            "round_bytes" => "--round".into(),
+            // Fields of the job fingerprint that are not flags.
+            "plan" => "the plan (checkpoint files, topology or spec flags)".into(),
+            "version" => "the safeshard version".into(),
+            "world size" => "the world size".into(),
+            f => format!("--{}", f.replace('_', "-")),
         }
     }
-    out.push_str(rest);
-    out
 }
 
-/// The command-line flag of a library option field: `pp_layers` → `--pp-layers`.
-fn flag(option: &str) -> String {
-    format!("--{}", option.replace('_', "-"))
-}
-
-/// An error as the CLI prints it: options named by their flags, and no raw control
-/// characters (a last line of defence; the library escapes the names it prints). Spec errors
-/// keep their source and caret lines (indented by four spaces); any other line break is
-/// escaped, so a name cannot forge a second `error:` line.
+/// An error as the CLI prints it (after `error: `): options named by their flags, one line
+/// (spec errors keep their indented source and caret lines).
 pub fn message(e: &Error) -> String {
-    message_with(e, &flag)
-}
-
-/// [`message`] with options spelled by `spell` (a front other than the command line: the
-/// Python module names them as its keyword arguments).
-pub fn message_with(e: &Error, spell: &dyn Fn(&str) -> String) -> String {
-    use safeshard::error::{Escaped, WithContext};
-    let text = match e {
-        Error::InvalidArgument { option, message } => format!("{} {message}", spell(option)),
-        other => options_as_flags(&other.to_string(), spell),
-    };
-    if matches!(
-        e,
-        Error::Spec(_) | Error::SpecAt { .. } | Error::Placement(_)
-    ) {
-        WithContext(&text).to_string()
-    } else {
-        Escaped(&text).to_string()
-    }
+    e.render(&Flags)
 }
 
 /// Folds clap's rendered error into one line: the message lines up to the first blank line
@@ -262,16 +223,26 @@ mod tests {
 
     #[test]
     fn option_hints_become_flags() {
-        let e = Error::Config(
-            "no spec; name one (the `spec` option: a name; the `set` option: k=v)".into(),
+        let e = Error::NoSpec {
+            architectures: Vec::new(),
+        };
+        assert!(
+            message(&e).contains("(--spec: a shipped name"),
+            "{}",
+            message(&e)
         );
+        assert!(
+            e.to_string().contains("(the `spec` option: a shipped name"),
+            "{e}"
+        );
+        let e = Error::Disagree {
+            option: "mode".into(),
+            values: vec![("none".into(), vec![0]), ("broadcast".into(), vec![1, 2])],
+        };
         assert_eq!(
             message(&e),
-            "config: no spec; name one (--spec: a name; --set: k=v)"
+            "ranks disagree on --share: rank 0 none, rank 1,2 broadcast"
         );
-        // Only option-like words are rewritten.
-        let e = Error::Config("the `Weird Name` option".into());
-        assert_eq!(message(&e), "config: the `Weird Name` option");
     }
 
     #[test]
@@ -279,8 +250,15 @@ mod tests {
         let e = Error::invalid_argument("pp_layers", "has 3 entries but pp is 2");
         assert_eq!(message(&e), "--pp-layers has 3 entries but pp is 2");
         assert_eq!(exit_code(&e), 2);
-        assert_eq!(exit_code(&Error::Usage("x".into())), 2);
-        assert_eq!(exit_code(&Error::Load("x".into())), 1);
+        assert_eq!(
+            exit_code(&Error::WorldSize {
+                ranks: 3,
+                planned: 4,
+                topology: Some([2, 2, 1])
+            }),
+            2
+        );
+        assert_eq!(exit_code(&Error::Cancelled), 1);
         let oom = Error::OutOfMemory {
             bytes: 9,
             what: "tensor \"w\"".into(),
@@ -300,7 +278,7 @@ mod tests {
         };
         assert_eq!(message(&spec), "a\\nb.shard:1:3: bad\n    x y\n      ^");
         // A line break inside a name of any other error is escaped, never a second line.
-        let forged = Error::Comm("rank 1: a\nerror: forged \u{1b}[2J".into());
+        let forged = Error::comm("rank 1", "a\nerror: forged \u{1b}[2J");
         assert_eq!(message(&forged), "rank 1: a\\nerror: forged \\u{1b}[2J");
         let inv = Error::invalid_argument("out", "x\ny");
         assert_eq!(message(&inv), "--out x\\ny");

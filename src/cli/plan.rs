@@ -4,9 +4,8 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use safeshard::plan::Plan;
-use safeshard::{Error, Result};
-use serde::Serialize;
+use crate::plan::Plan;
+use crate::{Error, Result};
 
 use super::common::{human_bytes, printable, PlanFlags};
 
@@ -77,7 +76,7 @@ fn write_svg(path: &Path, plan: &Plan) -> Result<()> {
         .suffix(".svg.tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, strip_path(e)))?;
-    tmp.write_all(safeshard::plan::memory_svg(plan).as_bytes())
+    tmp.write_all(crate::plan::memory_svg(plan).as_bytes())
         .and_then(|()| tmp.flush())
         .map_err(|e| Error::io(tmp.path().to_path_buf(), e))?;
     // tempfile creates 0600; a picture is for sharing.
@@ -102,81 +101,8 @@ fn strip_path(e: io::Error) -> io::Error {
     }
 }
 
-#[derive(Serialize)]
-struct JsonPlan<'a> {
-    world_size: usize,
-    tp: usize,
-    pp: usize,
-    dp: usize,
-    ep: usize,
-    spec: &'a str,
-    hash: String,
-    ranks: Vec<JsonRank<'a>>,
-}
-
-#[derive(Serialize)]
-struct JsonRank<'a> {
-    rank: usize,
-    tp_rank: usize,
-    pp_rank: usize,
-    dp_rank: usize,
-    ep_rank: usize,
-    bytes: u64,
-    read_bytes: u64,
-    staging_bytes: u64,
-    tensors: Vec<JsonTensor<'a>>,
-}
-
-#[derive(Serialize)]
-struct JsonTensor<'a> {
-    name: &'a str,
-    dtype: &'static str,
-    shape: &'a [u64],
-    bytes: u64,
-}
-
-/// The `plan --json` document (one line, no newline); the Python binding's `Plan.to_json()`.
-pub fn json_document(plan: &Plan) -> String {
-    let t = &plan.topology;
-    let doc = JsonPlan {
-        world_size: plan.ranks.len(),
-        tp: t.tp,
-        pp: t.pp,
-        dp: t.dp,
-        ep: t.ep,
-        spec: &plan.spec,
-        hash: plan.hash_hex(),
-        ranks: plan
-            .ranks
-            .iter()
-            .map(|r| JsonRank {
-                rank: r.coords.rank,
-                tp_rank: r.coords.tp_rank,
-                pp_rank: r.coords.pp_rank,
-                dp_rank: r.coords.dp_rank,
-                ep_rank: r.coords.ep_rank,
-                bytes: r.bytes,
-                read_bytes: r.read_bytes,
-                staging_bytes: r.staging_bytes,
-                tensors: r
-                    .tensors
-                    .iter()
-                    .map(|t| JsonTensor {
-                        name: &t.name,
-                        dtype: t.dtype.name(),
-                        shape: &t.shape,
-                        bytes: t.bytes,
-                    })
-                    .collect(),
-            })
-            .collect(),
-    };
-    // Plain structs of strings and integers: serializing cannot fail.
-    serde_json::to_string(&doc).unwrap_or_default()
-}
-
 fn write_json(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
-    writeln!(out, "{}", json_document(plan))
+    writeln!(out, "{}", crate::plan::json_document(plan))
 }
 
 /// Writes `header` and `rows` as right-aligned columns two spaces apart, each as wide as its

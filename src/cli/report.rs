@@ -6,12 +6,11 @@ use std::io::Write;
 
 use std::time::Duration;
 
-use safeshard::dist::{ShareMode, MIN_ROUND_BYTES};
-use safeshard::load::{IoMode, IoPaths};
-use safeshard::plan::Plan;
-use safeshard::topology::Coords;
-use safeshard::{Error, Result};
-use sha2::{Digest, Sha256};
+use crate::dist::{ShareMode, MIN_ROUND_BYTES};
+use crate::load::{IoMode, IoPaths};
+use crate::plan::Plan;
+use crate::topology::Coords;
+use crate::{Error, Result};
 
 use super::common::{human_bytes, PlanFlags, Prepared};
 
@@ -88,10 +87,7 @@ pub fn prepare_plan(checkpoint: &std::path::Path, flags: &PlanFlags) -> Result<(
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::load::digest_hex(bytes)
 }
 
 /// Gigabytes per second.
@@ -111,6 +107,8 @@ pub struct RankLine {
     pub coords: Option<Coords>,
     /// Share mode (`none` for `--rank`/`--all-ranks`).
     pub share: ShareMode,
+    /// Why: set when the mode was the default rather than `--share` (JSON `share_default`).
+    pub share_why: Option<String>,
     /// I/O engine of the bytes read from storage (as asked: `auto` unless forced).
     pub io: IoMode,
     /// Reader threads the engine ran on (0 when this rank read nothing itself).
@@ -150,6 +148,10 @@ impl RankLine {
         } else {
             format!(", {} received", human_bytes(self.received_bytes))
         };
+        let why = self
+            .share_why
+            .as_ref()
+            .map_or(String::new(), |w| format!(", share {} ({w})", self.share));
         let verified = self
             .verified
             .map_or(String::new(), |n| format!(", verified {n} tensors"));
@@ -164,7 +166,7 @@ impl RankLine {
         };
         format!(
             "rank {}{coords}: {} tensors, {} held, {} read{via}{received}, {:.3} s, {:.2} GB/s\
-             {verified}{digest}",
+             {why}{verified}{digest}",
             self.rank,
             self.tensors,
             human_bytes(self.bytes),
@@ -189,6 +191,7 @@ impl RankLine {
             "pp_rank": c.map(|c| c.pp_rank),
             "dp_rank": c.map(|c| c.dp_rank),
             "share": self.share.to_string(),
+            "share_default": self.share_why,
             "io": self.io.name(),
             "io_chosen": self.chosen(),
             "io_bytes": {

@@ -1,9 +1,9 @@
-//! `safeshard reshard`: flags in, [`safeshard::reshard`] does the work, one line out.
+//! `safeshard reshard`: flags in, [`crate::reshard`] does the work, one line out.
 
 use std::path::PathBuf;
 
-use safeshard::reshard::MANIFEST;
-use safeshard::{ReshardOptions, Result, TensorNames};
+use crate::reshard::MANIFEST;
+use crate::{ReshardOptions, Result, TensorNames};
 
 use super::common::{human_bytes, printable, PlanFlags};
 use super::load::parse_size;

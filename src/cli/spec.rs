@@ -3,9 +3,9 @@
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use safeshard::checkpoint::Checkpoint;
-use safeshard::sharding::{self, Config, Layout, Piece, Resolved, Shards, Spec};
-use safeshard::{Error, Result};
+use crate::checkpoint::Checkpoint;
+use crate::sharding::{self, Config, Layout, Piece, Resolved, Shards, Spec};
+use crate::{Error, Result};
 use serde_json::json;
 
 use super::common::{printable, TopologyFlags};

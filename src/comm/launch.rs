@@ -69,40 +69,50 @@ pub struct LaunchInfo {
     pub local_rank: usize,
 }
 
-const ORDER: [Launcher; 4] = [
-    Launcher::OpenMpi,
-    Launcher::Mpich,
-    Launcher::Slurm,
-    Launcher::Torchrun,
-];
+impl Launcher {
+    /// Every launcher, in the order detection checks them (the module's table).
+    pub const ALL: [Launcher; 4] = [
+        Launcher::OpenMpi,
+        Launcher::Mpich,
+        Launcher::Slurm,
+        Launcher::Torchrun,
+    ];
+}
 
 fn parse(var: &str, value: &str) -> Result<usize> {
-    value.trim().parse::<usize>().map_err(|_| {
-        Error::Comm(format!(
-            "environment variable {var}={value:?} is not a non-negative integer"
-        ))
+    value.trim().parse::<usize>().map_err(|_| Error::LaunchEnv {
+        var: var.to_string(),
+        value: Some(value.to_string()),
+        reason: "is not a non-negative integer".into(),
     })
 }
 
 /// Detects the launcher from an environment lookup (`get(name)`), e.g.
 /// `detect(|k| std::env::var(k).ok())`. `Ok(None)` when no launcher variables are set.
 pub fn detect(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchInfo>> {
-    for launcher in ORDER {
+    for launcher in Launcher::ALL {
         let (rv, sv, lv) = launcher.variables();
         let Some(rank) = get(rv) else { continue };
         let rank = parse(rv, &rank)?;
-        let size = get(sv).ok_or_else(|| {
-            Error::Comm(format!(
-                "{rv} is set ({} launcher) but {sv} is not",
-                launcher.name()
-            ))
+        let size = get(sv).ok_or_else(|| Error::LaunchEnv {
+            var: sv.to_string(),
+            value: None,
+            reason: format!("is not set, but {rv} is ({} launcher)", launcher.name()),
         })?;
         let size = parse(sv, &size)?;
         if size == 0 {
-            return Err(Error::Comm(format!("{sv}=0: the world has no ranks")));
+            return Err(Error::LaunchEnv {
+                var: sv.to_string(),
+                value: Some("0".into()),
+                reason: "gives a world without ranks".into(),
+            });
         }
         if rank >= size {
-            return Err(Error::Comm(format!("{rv}={rank} is not below {sv}={size}")));
+            return Err(Error::LaunchEnv {
+                var: rv.to_string(),
+                value: Some(rank.to_string()),
+                reason: format!("is not below {sv}={size}"),
+            });
         }
         let local_rank = match get(lv) {
             Some(v) => parse(lv, &v)?,
@@ -127,13 +137,13 @@ pub fn detect_env() -> Result<Option<LaunchInfo>> {
 pub fn check_world(size: usize, topo: &Topology) -> Result<()> {
     let want = topo
         .world_size()
-        .ok_or_else(|| Error::Usage("tp × pp × dp overflows".into()))?;
+        .ok_or_else(|| Error::invalid_argument("tp", "× pp × dp overflows"))?;
     if size != want {
-        return Err(Error::Usage(format!(
-            "the job has {size} ranks but --tp {} × --pp {} × --dp {} = {want}; start it with \
-             `mpirun -n {want}` or change the flags",
-            topo.tp, topo.pp, topo.dp
-        )));
+        return Err(Error::WorldSize {
+            ranks: size,
+            planned: want,
+            topology: Some([topo.tp, topo.pp, topo.dp]),
+        });
     }
     Ok(())
 }
@@ -151,17 +161,145 @@ pub fn check_mpi_world(
     let Some(l) = launch else { return Ok(()) };
     if l.size != mpi_size || l.rank != mpi_rank {
         let (rv, sv, _) = l.launcher.variables();
-        return Err(Error::Comm(format!(
-            "{} says rank {} of {} ({rv}, {sv}) but MPI_COMM_WORLD says rank {mpi_rank} of \
-             {mpi_size}: safeshard was built against a different MPI library than the mpirun \
-             that started it (e.g. an Open MPI binary under MPICH's mpirun); use the matching \
-             mpirun",
-            l.launcher.name(),
-            l.rank,
-            l.size
-        )));
+        return Err(Error::comm(
+            "MPI",
+            format!(
+                "{} says rank {} of {} ({rv}, {sv}) but MPI_COMM_WORLD says rank {mpi_rank} of \
+                 {mpi_size}: safeshard was built against a different MPI library than the \
+                 mpirun that started it (e.g. an Open MPI binary under MPICH's mpirun); use the \
+                 matching mpirun",
+                l.launcher.name(),
+                l.rank,
+                l.size
+            ),
+        ));
     }
     Ok(())
+}
+
+/// How a process is stalled, from its state in `/proc/PID/stat`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// `T`: stopped by a signal (SIGSTOP, SIGTSTP, Ctrl-Z).
+    Stopped,
+    /// `t`: stopped by a debugger.
+    Traced,
+    /// `D`: in uninterruptible sleep, usually I/O on a hung file system.
+    Uninterruptible,
+}
+
+impl Stall {
+    fn from_state(state: char) -> Option<Self> {
+        match state {
+            'T' => Some(Stall::Stopped),
+            't' => Some(Stall::Traced),
+            'D' => Some(Stall::Uninterruptible),
+            _ => None,
+        }
+    }
+
+    /// `stopped`, `stopped by a debugger`, `in uninterruptible sleep: a hung file system?`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Stall::Stopped => "stopped",
+            Stall::Traced => "stopped by a debugger",
+            Stall::Uninterruptible => "in uninterruptible sleep: a hung file system?",
+        }
+    }
+}
+
+/// Variables equal in every process of one job and different between jobs (Open MPI/PMIx,
+/// Slurm, torchrun).
+const JOB_VARS: [&str; 5] = [
+    "PMIX_NAMESPACE",
+    "OMPI_MCA_ess_base_jobid",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_ID",
+    "TORCHELASTIC_RUN_ID",
+];
+
+/// The other ranks of this job on this node whose process is stalled (stopped by a signal or
+/// a debugger, or in uninterruptible sleep), in rank order.
+///
+/// Before MPI is up (in `MPI_Init`, `MPI_Finalize`) a waiting rank cannot ask its peers which
+/// of them is missing; it can only look at the processes of its own node: those that carry
+/// the launcher's rank variable and this job's identity ([`JOB_VARS`] present here; without
+/// any, the processes with the same parent, the launcher's daemon). A rank wrapped in a shell
+/// counts as the rank. Empty where `/proc` cannot be read.
+pub fn stalled_local_ranks(launcher: Launcher, me: usize) -> Vec<(usize, Stall)> {
+    let identity: Vec<(String, String)> = JOB_VARS
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_string(), v)))
+        .collect();
+    let parent = identity.is_empty().then(std::os::unix::process::parent_id);
+    scan_stalled(
+        std::path::Path::new("/proc"),
+        launcher.variables().0,
+        &identity,
+        parent,
+        (me, std::process::id()),
+    )
+}
+
+/// [`stalled_local_ranks`] over a `/proc`-like directory; `me` is (rank, pid) of this process.
+fn scan_stalled(
+    proc_dir: &std::path::Path,
+    rank_var: &str,
+    identity: &[(String, String)],
+    parent: Option<u32>,
+    me: (usize, u32),
+) -> Vec<(usize, Stall)> {
+    let mut found = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(proc_dir) else {
+        return Vec::new();
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me.1 {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) S ppid ...`: comm may hold spaces and parentheses; the state follows
+        // the last `)`.
+        let mut fields = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 1..))
+            .unwrap_or("")
+            .split_whitespace();
+        let stall = fields
+            .next()
+            .and_then(|s| s.chars().next())
+            .and_then(Stall::from_state);
+        let ppid = fields.next().and_then(|s| s.parse::<u32>().ok());
+        // Only stalled processes are read further (their environment).
+        let Some(stall) = stall else { continue };
+        if parent.is_some() && ppid != parent {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let var = |name: &str| {
+            environ.split(|&b| b == 0).find_map(|kv| {
+                let rest = kv.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+                Some(String::from_utf8_lossy(rest).into_owned())
+            })
+        };
+        if !identity.iter().all(|(k, v)| var(k).as_ref() == Some(v)) {
+            continue;
+        }
+        let Some(rank) = var(rank_var).and_then(|r| r.trim().parse::<usize>().ok()) else {
+            continue;
+        };
+        if rank != me.0 {
+            found.entry(rank).or_insert(stall);
+        }
+    }
+    found.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -284,5 +422,63 @@ mod tests {
         let e = check_mpi_world(Some(&l), 0, 1).unwrap_err().to_string();
         assert!(e.contains("MPI_COMM_WORLD says rank 0 of 1"), "{e}");
         assert!(check_mpi_world(None, 0, 1).is_ok());
+    }
+
+    #[test]
+    fn stopped_processes_of_the_same_job_on_this_node_are_found() {
+        use std::process::{Command, Stdio};
+        let job = format!("safeshard-test-{}", std::process::id());
+        let mut child = Command::new("sleep")
+            .arg("60")
+            .env("OMPI_COMM_WORLD_RANK", "7")
+            .env("PMIX_NAMESPACE", &job)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let state = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(|r| r.trim().to_string()))
+                .and_then(|r| r.chars().next())
+        };
+        let scan = |identity: &[(String, String)], parent| {
+            scan_stalled(
+                std::path::Path::new("/proc"),
+                "OMPI_COMM_WORLD_RANK",
+                identity,
+                parent,
+                (0, std::process::id()),
+            )
+        };
+        let ours = [("PMIX_NAMESPACE".to_string(), job.clone())];
+        let theirs = [("PMIX_NAMESPACE".to_string(), format!("{job}-other"))];
+        // Running: not stalled.
+        assert_eq!(scan(&ours, None), vec![]);
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        let start = std::time::Instant::now();
+        while state() != Some('T') && start.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(scan(&ours, None), vec![(7, Stall::Stopped)]);
+        assert_eq!(scan(&theirs, None), vec![]);
+        // Without a job identity: the processes with the same parent.
+        assert_eq!(
+            scan(&[], Some(std::process::id())),
+            vec![(7, Stall::Stopped)]
+        );
+        assert_eq!(scan(&[], Some(1)), vec![]);
+        // This process's own rank is never named.
+        let me7 = scan_stalled(
+            std::path::Path::new("/proc"),
+            "OMPI_COMM_WORLD_RANK",
+            &ours,
+            None,
+            (7, std::process::id()),
+        );
+        assert_eq!(me7, vec![]);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -1,4 +1,4 @@
-//! Transport: communicators (threads, MPI, NCCL), launcher detection and agreement.
+//! Transport: communicators (threads, MPI), launcher detection and agreement.
 //!
 //! A distributed job runs one process (or, in tests and single-node runs, one thread) per
 //! global rank. This module moves bytes between ranks and knows nothing about plans or
@@ -7,36 +7,35 @@
 //! - [`Communicator`] is the small byte-oriented interface every backend implements: rank,
 //!   size, split into sub-communicators, barrier, broadcast, all-gather, all-to-all-v, abort,
 //!   and a collective timeout with a phase name for its message.
-//!   Backends: [`ThreadComm`] (in-process, channels and condition variables), `MpiComm`
-//!   (feature `mpi`, rsmpi; large messages are chunked under MPI's 2 GiB `int` counts) and
-//!   `NcclComm` (feature `nccl`, cudarc loaded at run time; device buffers).
+//!   Backends: [`ThreadComm`] (in-process, channels and condition variables) and `MpiComm`
+//!   (feature `mpi`, rsmpi; large messages are chunked under MPI's 2 GiB `int` counts). The
+//!   Python package implements it over `torch.distributed` (gloo or NCCL).
 //! - [`launch`] reads rank, world size and local rank from the launcher's environment
 //!   (Open MPI, MPICH/Hydra, Slurm, torchrun) and checks it against the topology and MPI.
 //! - Agreement: [`agree`] all-gathers every rank's status after a local phase, so a rank that
 //!   failed never leaves the others blocked in a later collective; [`agree_fields`] compares
 //!   named values (a job fingerprint) across ranks and names the first that differs.
-//! - Timeouts: [`Communicator::set_timeout`] bounds every later collective; a rank still
-//!   waiting after it ends the job with a message naming the phase
-//!   ([`Communicator::set_phase`]) and, where the backend can tell, the ranks that did not
-//!   arrive.
+//! - Deadlines: [`Communicator::set_timeout`] bounds every later collective; a rank still
+//!   waiting after it ends the job with one line naming the phase
+//!   ([`Communicator::set_phase`]) and the ranks that kept it waiting ([`Error::Timeout`]:
+//!   those that did not arrive, and, on MPI, those that do not answer a liveness probe, so a rank
+//!   that arrived and then stopped inside a broadcast or all-to-all is named too). Waits that
+//!   cannot be polled (`MPI_Init`, `MPI_Finalize`, `MPI_Comm_split`, NCCL set-up) are bounded
+//!   by the process [`watchdog`], armed before `MPI_Init`.
 
 use std::time::Duration;
 
 use crate::{Error, Result};
 
+pub mod deadline;
 pub mod launch;
 mod threads;
+pub mod watchdog;
 
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "mpi")]
 pub use self::mpi::{MpiComm, MpiUniverse};
-
-#[cfg(feature = "nccl")]
-pub mod nccl;
-
-#[cfg(feature = "cuda")]
-pub mod device;
 
 pub use launch::{LaunchInfo, Launcher};
 pub use threads::{run_threads, ThreadComm};
@@ -84,56 +83,50 @@ pub trait Communicator {
     /// Bounds how long each later collective of this communicator (and of communicators split
     /// from it afterwards) waits for the other ranks; `None` waits forever. A rank that runs
     /// out of time ends the job: the thread backend aborts the thread world and returns
-    /// [`Error::Comm`]; the MPI backend prints the message and calls `MPI_Abort`.
+    /// [`Error::Timeout`]; the MPI backend prints the message and calls `MPI_Abort`.
     fn set_timeout(&self, timeout: Option<Duration>);
+    /// The timeout set by [`Communicator::set_timeout`] (`None`: none, or the backend keeps
+    /// its own, as torch.distributed does).
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
     /// Names the phase that later collectives belong to, for the timeout message.
     fn set_phase(&self, phase: &str);
 }
 
-/// The message of a collective that timed out: the phase, the wait and who did not arrive.
-pub fn timeout_message(
+/// The error of a collective that timed out: the phase, the wait and who did not arrive.
+pub fn timeout_error(
     rank: usize,
     phase: &str,
     timeout: Duration,
     missing: Option<&[usize]>,
-) -> String {
-    let who = match missing {
-        Some(m) if !m.is_empty() => format!("rank {} did not arrive", rank_list(m)),
-        _ => "some ranks of this group did not arrive".to_string(),
-    };
-    format!(
-        "rank {rank}: timed out after {} in phase {phase:?}: {who}",
-        human_duration(timeout)
-    )
-}
-
-/// `30s`, `2m`, `1m30s`, `250ms`: a duration as the `--timeout` flag spells it.
-pub fn human_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 1000 != 0 {
-        return format!("{ms}ms");
-    }
-    let s = d.as_secs();
-    match (s / 60, s % 60) {
-        (0, s) => format!("{s}s"),
-        (m, 0) => format!("{m}m"),
-        (m, s) => format!("{m}m{s}s"),
+) -> Error {
+    Error::Timeout {
+        rank,
+        phase: phase.to_string(),
+        after: timeout,
+        missing: missing.map(<[usize]>::to_vec),
+        silent: None,
+        stopped_for: None,
     }
 }
 
-/// `0,2,3`: ranks joined by commas.
-pub fn rank_list(ranks: &[usize]) -> String {
-    ranks
-        .iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+pub use crate::error::{human_duration, rank_list};
+
+/// Writes `line` and a line break to stderr in one `write`, so that the lines of the ranks of
+/// a job, which share the launcher's stderr, never interleave mid-line.
+pub fn eprint_line(line: &str) {
+    use std::io::Write;
+    let mut whole = String::with_capacity(line.len() + 1);
+    whole.push_str(line);
+    whole.push('\n');
+    let _ = std::io::stderr().lock().write_all(whole.as_bytes());
 }
 
 /// Agrees on the outcome of a local phase: all-gathers every rank's status on `comm`.
 ///
 /// Returns `Ok(value)` only when every rank succeeded. When this rank failed it returns its own
-/// error; when another failed, [`Error::Comm`] naming the lowest failed rank and its message.
+/// error; when another failed, [`Error::PeerFailed`] naming the lowest failed rank and its message.
 /// Call it on the world communicator after every step that can fail on one rank only, before
 /// the next collective, so that no rank waits forever for a rank that gave up.
 pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
@@ -153,10 +146,10 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
         Err(e) => Err(e),
         Ok(v) => match all.iter().enumerate().find(|(_, s)| !s.is_empty()) {
             None => Ok(v),
-            Some((rank, msg)) => Err(Error::Comm(format!(
-                "rank {rank} failed: {}",
-                String::from_utf8_lossy(msg)
-            ))),
+            Some((rank, msg)) => Err(Error::PeerFailed {
+                rank,
+                message: String::from_utf8_lossy(msg).into_owned(),
+            }),
         },
     }
 }
@@ -164,7 +157,7 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
 /// Checks that every rank holds the same value for every named field (a job fingerprint):
 /// all-gathers `fields` and compares them field by field, in order.
 ///
-/// The first field whose values differ gives [`Error::Usage`], the same on every rank, naming
+/// The first field whose values differ gives [`Error::Disagree`], the same on every rank, naming
 /// the field, each distinct value and the ranks holding it, e.g.
 /// `ranks disagree on mode: rank 0,2,3 broadcast, rank 1 none`. Fields are compared in the
 /// order given, so put the ones that explain the others first (a version, then options).
@@ -180,9 +173,10 @@ pub fn agree_fields(comm: &dyn Communicator, fields: &[(&str, String)]) -> Resul
     let decoded: Vec<Option<Vec<(String, String)>>> =
         all.iter().map(|b| decode_fields(b)).collect();
     if let Some(bad) = decoded.iter().position(Option::is_none) {
-        return Err(Error::Comm(format!(
-            "rank {bad} sent a malformed job fingerprint (a different safeshard version?)"
-        )));
+        return Err(Error::comm(
+            "job fingerprint",
+            format!("rank {bad} sent a malformed one (a different safeshard version?)"),
+        ));
     }
     let decoded: Vec<Vec<(String, String)>> = decoded.into_iter().flatten().collect();
     let longest = decoded.iter().map(Vec::len).max().unwrap_or(0);
@@ -209,14 +203,10 @@ pub fn agree_fields(comm: &dyn Communicator, fields: &[(&str, String)]) -> Resul
                 None => groups.push((v, vec![rank])),
             }
         }
-        let list: Vec<String> = groups
-            .iter()
-            .map(|(v, ranks)| format!("rank {} {v}", rank_list(ranks)))
-            .collect();
-        return Err(Error::Usage(format!(
-            "ranks disagree on {name}: {}",
-            list.join(", ")
-        )));
+        return Err(Error::Disagree {
+            option: name,
+            values: groups,
+        });
     }
     Ok(())
 }
@@ -258,11 +248,15 @@ pub fn node_comm(
         .filter(|(_, n)| n.as_slice() == node.as_bytes())
         .map(|(r, _)| r)
         .collect();
-    let color = u32::try_from(first)
-        .map_err(|_| Error::Comm(format!("rank index {first} does not fit a color")))?;
+    let color = u32::try_from(first).map_err(|_| {
+        Error::comm(
+            "node split",
+            format!("rank index {first} does not fit a color"),
+        )
+    })?;
     let comm = world
         .split(Some(color), world.rank())?
-        .ok_or_else(|| Error::Comm("node split returned no communicator".into()))?;
+        .ok_or_else(|| Error::comm("node split", "no communicator returned"))?;
     Ok((comm, members))
 }
 
@@ -296,9 +290,7 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
         let part = off
             .checked_add(c)
             .and_then(|end| send.get(off..end))
-            .ok_or_else(|| {
-                Error::Comm("all_to_all_packed: send counts exceed the buffer".into())
-            })?;
+            .ok_or_else(|| Error::comm("all_to_all_packed", "send counts exceed the buffer"))?;
         bufs.push(part.to_vec());
         off += c;
     }
@@ -306,17 +298,94 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
     let mut off = 0usize;
     for (i, (g, &c)) in got.iter().zip(recv_counts).enumerate() {
         if g.len() != c {
-            return Err(Error::Comm(format!(
-                "all_to_all_packed: rank {} sent {} bytes, {c} expected",
-                world_rank(i),
-                g.len()
-            )));
+            return Err(Error::comm(
+                "all_to_all_packed",
+                format!(
+                    "rank {} sent {} bytes, {c} expected",
+                    world_rank(i),
+                    g.len()
+                ),
+            ));
         }
         off.checked_add(c)
             .and_then(|end| recv.get_mut(off..end))
-            .ok_or_else(|| Error::Comm("all_to_all_packed: receive buffer too small".into()))?
+            .ok_or_else(|| Error::comm("all_to_all_packed", "receive buffer too small"))?
             .copy_from_slice(g);
         off += c;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(absent: Option<Vec<usize>>, silent: Option<Vec<usize>>) -> (String, Vec<usize>) {
+        let e = Error::Timeout {
+            rank: 1,
+            phase: "broadcast".into(),
+            after: Duration::from_secs(3),
+            missing: absent,
+            silent: silent.map(Vec::into_boxed_slice),
+            stopped_for: None,
+        };
+        (e.to_string(), e.missing_ranks().unwrap_or_default())
+    }
+
+    #[test]
+    fn timeout_lines_name_the_missing_ranks_first() {
+        let head = "rank 1: timed out after 3s in phase \"broadcast\": ";
+        // Absent and silent: stopped before the collective.
+        let (l, m) = line(Some(vec![2]), Some(vec![2]));
+        assert_eq!(l, format!("{head}rank 2 did not arrive"));
+        assert_eq!(m, vec![2]);
+        // Absent but answering: waiting elsewhere, a victim; the silent one is the cause.
+        let (l, m) = line(Some(vec![0, 2]), Some(vec![2]));
+        assert_eq!(
+            l,
+            format!(
+                "{head}rank 2 did not arrive; rank 0 did not arrive but answers (waiting in \
+                 another collective)"
+            )
+        );
+        assert_eq!(m, vec![2]);
+        // Absent, all answering; a rank of another group does not answer.
+        let (l, m) = line(Some(vec![0, 3]), Some(vec![5]));
+        assert_eq!(
+            l,
+            format!(
+                "{head}rank 0,3 did not arrive but answer (waiting in another collective); \
+                 rank 5 does not answer (stopped or hung)"
+            )
+        );
+        assert_eq!(m, vec![0, 3]);
+        // In the middle of a transfer: every rank arrived, rank 2 stopped answering.
+        let (l, m) = line(None, Some(vec![2, 3]));
+        assert_eq!(l, format!("{head}rank 2,3 do not answer (stopped or hung)"));
+        assert_eq!(m, vec![2, 3]);
+        let (l, m) = line(None, Some(vec![]));
+        assert_eq!(
+            l,
+            format!("{head}every rank answers, but the transfer did not finish")
+        );
+        assert!(m.is_empty());
+        // Without a probe (the thread backend): the absent ranks.
+        let (l, _) = line(Some(vec![3]), None);
+        assert_eq!(l, format!("{head}rank 3 did not arrive"));
+        let (l, _) = line(Some(vec![]), None);
+        assert_eq!(
+            l,
+            format!("{head}every rank arrived, but the collective did not finish")
+        );
+        let (l, _) = line(None, None);
+        assert_eq!(l, format!("{head}some ranks of this group did not arrive"));
+    }
+
+    #[test]
+    fn durations_read_as_the_flag_spells_them() {
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(human_duration(Duration::from_secs(3)), "3s");
+        assert_eq!(human_duration(Duration::from_secs(600)), "10m");
+        assert_eq!(human_duration(Duration::from_secs(90)), "1m30s");
+    }
 }

@@ -4,25 +4,32 @@
 //! [`CHUNK`] bytes, all-to-all-v in rounds where each pair moves at most `CHUNK / size` bytes
 //! (the round's send buffer, and its `int` displacements, stay under 1 GiB).
 //!
-//! Timeouts: MPI's blocking collectives cannot be interrupted, so broadcasts, barriers and
-//! all-to-alls run as non-blocking collectives (`MPI_Ibcast`, ...) polled against the
-//! deadline. Every all-gather and barrier (the agreement steps) starts with an arrival
-//! handshake, a one-byte message from every rank to every other, so a rank that times out
-//! can name the ranks that never arrived. Either way the timed-out rank prints one line and
-//! calls `MPI_Abort`, which ends every process of the job.
+//! Deadlines. MPI's blocking collectives cannot be interrupted, so every collective runs as
+//! non-blocking ones (`MPI_Ibcast`, `MPI_Iallgather`, ...) polled against the timeout, and
+//! starts with an arrival handshake, a one-byte message from every rank to every other, so a
+//! rank that times out can name the ranks that never arrived. A rank can also stop after it
+//! arrived, in the middle of a transfer: the rank that times out then probes every rank of
+//! the world (a one-byte message on `MPI_COMM_WORLD` that every rank answers from whatever
+//! wait it polls) and names those that do not answer within a grace period. Either way it
+//! prints one line and calls `MPI_Abort`, which ends every process of the job. The waits that
+//! cannot be polled (`MPI_Init`, `MPI_Comm_split`, `MPI_Finalize`) are bounded by the process
+//! [`watchdog`](super::watchdog), armed before `MPI_Init` by
+//! [`MpiUniverse::init_with_timeout`].
 
 use std::cell::{Cell, RefCell};
+use std::mem::ManuallyDrop;
 use std::time::{Duration, Instant};
 
 use mpi::collective::{CommunicatorCollectives, Root};
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
 use mpi::point_to_point::{Destination, Source};
-use mpi::request::{Request, Scope};
-use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
+use mpi::request::{Request, Scope, StaticScope};
+use mpi::topology::{Color, Communicator as _, Group as _, SimpleCommunicator};
 use mpi::Count;
 
-use super::{timeout_message, Communicator};
+use super::deadline::{probe_grace, stopped_error, Deadline, Expiry};
+use super::{watchdog, Communicator};
 use crate::{Error, Result};
 
 /// Largest single MPI transfer, bytes (well under `i32::MAX`).
@@ -30,20 +37,46 @@ pub const CHUNK: usize = 1 << 30;
 
 /// Tag of the arrival handshake's messages (any tag: collectives never match point-to-point).
 const ARRIVAL_TAG: i32 = 0x5afe;
+/// Tags of the liveness probe after a timeout and of its answers (on `MPI_COMM_WORLD`).
+const PROBE_TAG: i32 = 0x5aff;
+const ANSWER_TAG: i32 = 0x5b00;
+
+/// Beyond a polled wait's own deadline and probe, the watchdog's margin before it steps in
+/// (the polled wait normally aborts the job first, with the better message).
+const WATCHDOG_SLACK: Duration = Duration::from_secs(5);
 
 /// The initialized MPI library. Drop it last, after every [`MpiComm`]: dropping it calls
-/// `MPI_Finalize`.
+/// `MPI_Finalize` (under the watchdog's deadline when one was given).
 pub struct MpiUniverse {
-    universe: Universe,
+    universe: ManuallyDrop<Universe>,
+    timeout: Option<Duration>,
 }
 
 impl MpiUniverse {
-    /// Initializes MPI (once per process).
+    /// Initializes MPI (once per process), without deadlines on start-up and finalize.
     pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().ok_or_else(|| {
-            Error::Comm("MPI is already initialized (or failed to initialize)".into())
-        })?;
-        Ok(MpiUniverse { universe })
+        Self::init_with_timeout(None)
+    }
+
+    /// Initializes MPI under a deadline. `MPI_Init` and `MPI_Finalize` wait in the launcher's
+    /// fence for every process of the job, so a process stopped before or inside them would
+    /// keep the others waiting forever: with `Some(timeout)` the process
+    /// [`watchdog`](super::watchdog::arm) is armed first, and a wait in either that outlives
+    /// `timeout` prints one line naming the phase (`MPI start-up`, `MPI finalize`) and the
+    /// stopped ranks of this node, and ends the process (exit 1; the launcher ends the job).
+    /// [`MpiUniverse::world`] starts with the same timeout.
+    pub fn init_with_timeout(timeout: Option<Duration>) -> Result<Self> {
+        if timeout.is_some() {
+            watchdog::arm()?;
+        }
+        let start = watchdog::watch("MPI start-up", timeout);
+        let universe = mpi::initialize()
+            .ok_or_else(|| Error::comm("MPI", "already initialized (or failed to initialize)"))?;
+        drop(start);
+        Ok(MpiUniverse {
+            universe: ManuallyDrop::new(universe),
+            timeout,
+        })
     }
 
     /// The rsmpi universe, for callers that also use MPI directly.
@@ -51,9 +84,19 @@ impl MpiUniverse {
         &self.universe
     }
 
-    /// The world communicator.
+    /// The world communicator (with the universe's timeout).
     pub fn world(&self) -> MpiComm {
-        MpiComm::from_communicator(self.universe.world())
+        let world = MpiComm::from_communicator(self.universe.world());
+        world.set_timeout(self.timeout);
+        world
+    }
+}
+
+impl Drop for MpiUniverse {
+    fn drop(&mut self) {
+        let _finalize = watchdog::watch("MPI finalize", self.timeout);
+        // SAFETY: dropped once, here; the field is not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.universe) };
     }
 }
 
@@ -63,20 +106,28 @@ pub struct MpiComm {
     chunk: usize,
     timeout: Cell<Option<Duration>>,
     phase: RefCell<String>,
-    /// World rank of each member (for messages about ranks that did not arrive).
+    /// Rank in `MPI_COMM_WORLD` of each member (messages name world ranks; probes go there).
     world_ranks: Vec<usize>,
 }
 
 impl MpiComm {
-    /// Wraps an rsmpi communicator (taken to be the world: its ranks name themselves).
+    /// Wraps an rsmpi communicator; its members are named by their `MPI_COMM_WORLD` ranks.
     pub fn from_communicator(comm: SimpleCommunicator) -> Self {
-        let size = usize::try_from(comm.size()).unwrap_or(0);
+        let size = comm.size();
+        let world = SimpleCommunicator::world();
+        let world_ranks = comm
+            .group()
+            .translate_ranks(&(0..size).collect::<Vec<_>>(), &world.group())
+            .into_iter()
+            .zip(0..)
+            .map(|(w, r)| w.map_or(r, |w| w as usize))
+            .collect();
         MpiComm {
             comm,
             chunk: CHUNK,
             timeout: Cell::new(None),
             phase: RefCell::new("start".into()),
-            world_ranks: (0..size).collect(),
+            world_ranks,
         }
     }
 
@@ -84,17 +135,38 @@ impl MpiComm {
         self.world_ranks.get(r).copied().unwrap_or(r)
     }
 
-    /// Prints the timeout message and ends the job.
-    fn timed_out(&self, timeout: Duration, missing: Option<&[usize]>) -> ! {
-        let missing: Option<Vec<usize>> =
-            missing.map(|m| m.iter().map(|&r| self.world_rank(r)).collect());
-        let msg = timeout_message(
-            self.world_rank(self.rank()),
+    /// The watchdog's backstop on a polled wait (which normally ends the job itself).
+    fn watch(&self) -> Option<watchdog::Watch<'static>> {
+        let t = self.timeout.get()?;
+        watchdog::watch(
             &self.phase.borrow(),
-            timeout,
-            missing.as_deref(),
-        );
-        eprintln!("error: {msg}");
+            Some(t + probe_grace(t) + WATCHDOG_SLACK),
+        )
+    }
+
+    /// Names the ranks that kept this one waiting past `timeout` and ends the job.
+    /// `absent`: members that did not arrive (`None` in the middle of a transfer). A process
+    /// that was itself stopped past the deadline (`Frozen`) says so instead.
+    fn timed_out(&self, timeout: Duration, how: Expiry, absent: Option<&[usize]>) -> ! {
+        if let Expiry::Frozen(gap) = how {
+            let e = stopped_error(
+                self.world_rank(self.rank()),
+                &self.phase.borrow(),
+                timeout,
+                gap,
+            );
+            super::eprint_line(&format!("error: {e}"));
+            self.comm.abort(1)
+        }
+        let e = Error::Timeout {
+            rank: self.world_rank(self.rank()),
+            phase: self.phase.borrow().clone(),
+            after: timeout,
+            missing: absent.map(|m| m.iter().map(|&r| self.world_rank(r)).collect()),
+            silent: Some(silent_ranks(probe_grace(timeout)).into()),
+            stopped_for: None,
+        };
+        super::eprint_line(&format!("error: {e}"));
         self.comm.abort(1)
     }
 
@@ -104,7 +176,8 @@ impl MpiComm {
             req.wait();
             return;
         };
-        let start = Instant::now();
+        let _watch = self.watch();
+        let mut deadline = Deadline::new(timeout);
         let mut req = req;
         let mut spins = 0u32;
         loop {
@@ -112,10 +185,11 @@ impl MpiComm {
                 Ok(_) => return,
                 Err(r) => req = r,
             }
-            if start.elapsed() >= timeout {
-                self.timed_out(timeout, None);
+            match deadline.poll() {
+                Expiry::Pending => {}
+                how => self.timed_out(timeout, how, None),
             }
-            backoff(&mut spins);
+            idle(&mut spins);
         }
     }
 
@@ -130,7 +204,8 @@ impl MpiComm {
             return;
         }
         let timeout = self.timeout.get();
-        let start = Instant::now();
+        let _watch = self.watch();
+        let mut deadline = timeout.map(Deadline::new);
         let token = [1u8];
         let mut got = vec![[0u8; 1]; n];
         mpi::request::scope(|sc| {
@@ -156,13 +231,16 @@ impl MpiComm {
                 if recvs.is_empty() {
                     break;
                 }
-                if let Some(t) = timeout {
-                    if start.elapsed() >= t {
-                        let missing: Vec<usize> = recvs.iter().map(|(p, _)| *p).collect();
-                        self.timed_out(t, Some(&missing));
+                if let (Some(t), Some(d)) = (timeout, deadline.as_mut()) {
+                    match d.poll() {
+                        Expiry::Pending => {}
+                        how => {
+                            let missing: Vec<usize> = recvs.iter().map(|(p, _)| *p).collect();
+                            self.timed_out(t, how, Some(&missing));
+                        }
                     }
                 }
-                backoff(&mut spins);
+                idle(&mut spins);
             }
             for s in sends {
                 self.wait(s);
@@ -176,11 +254,28 @@ impl MpiComm {
         self.chunk = bytes.clamp(1, CHUNK);
         self
     }
+
+    /// `MPI_Iallgather` of one value per rank, polled.
+    fn gather_each<T: mpi::datatype::Equivalence + Copy + Default>(&self, mine: &T) -> Vec<T> {
+        let mut all = vec![T::default(); self.size()];
+        mpi::request::scope(|sc| {
+            self.wait(self.comm.immediate_all_gather_into(sc, mine, &mut all[..]));
+        });
+        all
+    }
 }
 
-/// Spin briefly (collectives usually finish within microseconds), then sleep between polls.
-fn backoff(spins: &mut u32) {
+/// Between two polls: spin briefly (collectives usually finish within microseconds), then
+/// sleep; now and then answer the liveness probes of ranks that timed out.
+fn idle(spins: &mut u32) {
     *spins = spins.saturating_add(1);
+    if *spins % 256 == 0 || *spins >= 2000 {
+        answer_probes();
+    }
+    backoff(spins);
+}
+
+fn backoff(spins: &mut u32) {
     if *spins < 1000 {
         std::hint::spin_loop();
     } else if *spins < 2000 {
@@ -190,8 +285,76 @@ fn backoff(spins: &mut u32) {
     }
 }
 
+/// Answers every pending liveness probe (from ranks that timed out somewhere).
+fn answer_probes() {
+    let world = SimpleCommunicator::world();
+    while let Some((msg, status)) = world
+        .any_process()
+        .immediate_matched_probe_with_tag(PROBE_TAG)
+    {
+        let mut b = [0u8; 1];
+        msg.matched_receive_into(&mut b[..]);
+        // One byte: sent eagerly, and the prober has posted its receive.
+        world
+            .process_at_rank(status.source_rank())
+            .send_with_tag(&b[..], ANSWER_TAG);
+    }
+}
+
+/// The world ranks that do not answer a liveness probe within `grace` (this rank answers the
+/// others' probes meanwhile: every rank that timed out probes at about the same time).
+/// Called only on the way to `MPI_Abort`.
+fn silent_ranks(grace: Duration) -> Vec<usize> {
+    static PROBE: [u8; 1] = [1];
+    let world = SimpleCommunicator::world();
+    let n = usize::try_from(world.size()).unwrap_or(0);
+    let me = usize::try_from(world.rank()).unwrap_or(0);
+    // Requests to a stopped rank never complete and MPI keeps their buffers: leaked on
+    // purpose (once, just before the job ends).
+    let answers: &'static mut [[u8; 1]] = Box::leak(vec![[0u8; 1]; n].into_boxed_slice());
+    let mut pending = Vec::with_capacity(n);
+    let mut sends = Vec::with_capacity(n);
+    for (peer, slot) in answers.iter_mut().enumerate() {
+        if peer == me {
+            continue;
+        }
+        let p = world.process_at_rank(peer as i32);
+        pending.push((
+            peer,
+            p.immediate_receive_into_with_tag(StaticScope, &mut slot[..], ANSWER_TAG),
+        ));
+        sends.push(p.immediate_send_with_tag(StaticScope, &PROBE[..], PROBE_TAG));
+    }
+    let start = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        pending = pending
+            .into_iter()
+            .filter_map(|(peer, r)| r.test().err().map(|r| (peer, r)))
+            .collect();
+        sends = sends.into_iter().filter_map(|r| r.test().err()).collect();
+        if pending.is_empty() || start.elapsed() >= grace {
+            break;
+        }
+        answer_probes();
+        spins = spins.saturating_add(1);
+        backoff(&mut spins);
+    }
+    let silent = pending.iter().map(|(peer, _)| *peer).collect();
+    for (_, r) in pending {
+        // SAFETY: the buffer is 'static; the request is left to MPI until the job ends.
+        let _ = unsafe { r.into_raw() };
+    }
+    for r in sends {
+        // SAFETY: as above.
+        let _ = unsafe { r.into_raw() };
+    }
+    silent
+}
+
 fn count(n: usize) -> Result<Count> {
-    Count::try_from(n).map_err(|_| Error::Comm(format!("MPI message of {n} bytes is too large")))
+    Count::try_from(n)
+        .map_err(|_| Error::comm("MPI", format!("a message of {n} bytes is too large")))
 }
 
 /// MPI counts and displacements (running offsets) of packed blocks of lengths `v`.
@@ -213,7 +376,11 @@ fn nonempty(len: usize) -> Result<Vec<u8>> {
     let mut v = Vec::new();
     // Sized by what peers announce: allocated fallibly.
     v.try_reserve_exact(len.max(1))
-        .map_err(|_| Error::Comm(format!("cannot allocate {len} bytes to receive into")))?;
+        .map_err(|_| Error::OutOfMemory {
+            bytes: len as u64,
+            what: "an MPI receive buffer".into(),
+            rank: None,
+        })?;
     v.resize(len, 0);
     Ok(v)
 }
@@ -230,16 +397,17 @@ impl Communicator for MpiComm {
     fn split(&self, color: Option<u32>, key: usize) -> Result<Option<Box<dyn Communicator>>> {
         let c = match color {
             Some(c) => Color::with_value(
-                i32::try_from(c).map_err(|_| Error::Comm(format!("color {c} too large")))?,
+                i32::try_from(c)
+                    .map_err(|_| Error::comm("MPI split", format!("color {c} too large")))?,
             ),
             None => Color::undefined(),
         };
-        let key = i32::try_from(key).map_err(|_| Error::Comm(format!("key {key} too large")))?;
+        let key = i32::try_from(key)
+            .map_err(|_| Error::comm("MPI split", format!("key {key} too large")))?;
         // The world ranks of the new communicator's members, in its rank order.
         let me = self.world_rank(self.rank()) as u64;
-        let mut all = vec![0u64; self.size()];
         self.arrive();
-        self.comm.all_gather_into(&me, &mut all[..]);
+        let all = self.gather_each(&me);
         let mut keys = vec![(0i32, 0i32, 0i32); self.size()];
         let mine = (
             i32::from(color.is_some()),
@@ -248,7 +416,12 @@ impl Communicator for MpiComm {
         );
         let flat = [mine.0, mine.1, mine.2];
         let mut flat_all = vec![0i32; 3 * self.size()];
-        self.comm.all_gather_into(&flat[..], &mut flat_all[..]);
+        mpi::request::scope(|sc| {
+            self.wait(
+                self.comm
+                    .immediate_all_gather_into(sc, &flat[..], &mut flat_all[..]),
+            );
+        });
         for (k, w) in keys.iter_mut().zip(flat_all.chunks_exact(3)) {
             if let [a, b, c] = *w {
                 *k = (a, b, c);
@@ -265,6 +438,8 @@ impl Communicator for MpiComm {
             .iter()
             .map(|&(_, r)| all.get(r).map_or(r, |&w| w as usize))
             .collect();
+        // MPI_Comm_split blocks: every rank arrived just before, the watchdog bounds it.
+        let _split = watchdog::watch(&self.phase.borrow(), self.timeout.get());
         Ok(self.comm.split_by_color_with_key(c, key).map(|comm| {
             Box::new(MpiComm {
                 comm,
@@ -286,8 +461,9 @@ impl Communicator for MpiComm {
         let root = i32::try_from(root)
             .ok()
             .filter(|&r| r < self.comm.size())
-            .ok_or_else(|| Error::Comm(format!("broadcast root {root} out of range")))?;
+            .ok_or_else(|| Error::comm("broadcast", format!("root {root} out of range")))?;
         let p = self.comm.process_at_rank(root);
+        self.arrive();
         for chunk in buf.chunks_mut(self.chunk) {
             mpi::request::scope(|sc| self.wait(p.immediate_broadcast_into(sc, chunk)));
         }
@@ -298,8 +474,7 @@ impl Communicator for MpiComm {
         let n = self.size();
         self.arrive();
         let my_len = count(mine.len())?;
-        let mut lens = vec![0 as Count; n];
-        self.comm.all_gather_into(&my_len, &mut lens[..]);
+        let lens = self.gather_each(&my_len);
         let mut displs = Vec::with_capacity(n);
         let mut total: usize = 0;
         for &l in &lens {
@@ -315,7 +490,12 @@ impl Communicator for MpiComm {
         };
         {
             let mut part = PartitionMut::new(&mut all[..], &lens[..], &displs[..]);
-            self.comm.all_gather_varcount_into(&mine[..], &mut part);
+            mpi::request::scope(|sc| {
+                self.wait(
+                    self.comm
+                        .immediate_all_gather_varcount_into(sc, &mine[..], &mut part),
+                );
+            });
         }
         let mut out = Vec::with_capacity(n);
         for (&d, &l) in displs.iter().zip(&lens) {
@@ -328,16 +508,21 @@ impl Communicator for MpiComm {
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let n = self.size();
         if send.len() != n {
-            return Err(Error::Comm(format!(
-                "all_to_all_v: {} buffers for {n} ranks",
-                send.len()
-            )));
+            return Err(Error::comm(
+                "all_to_all_v",
+                format!("{} buffers for {n} ranks", send.len()),
+            ));
         }
         // Sizes first (u64, so no count limit), then rounds of bounded chunks.
         let send_lens: Vec<u64> = send.iter().map(|s| s.len() as u64).collect();
         let mut recv_lens = vec![0u64; n];
-        self.comm
-            .all_to_all_into(&send_lens[..], &mut recv_lens[..]);
+        self.arrive();
+        mpi::request::scope(|sc| {
+            self.wait(
+                self.comm
+                    .immediate_all_to_all_into(sc, &send_lens[..], &mut recv_lens[..]),
+            );
+        });
         let per_pair = (self.chunk / n.max(1)).max(1) as u64;
         let my_max = send_lens
             .iter()
@@ -345,8 +530,7 @@ impl Communicator for MpiComm {
             .copied()
             .max()
             .unwrap_or(0);
-        let mut maxes = vec![0u64; n];
-        self.comm.all_gather_into(&my_max, &mut maxes[..]);
+        let maxes = self.gather_each(&my_max);
         let rounds = maxes.iter().copied().max().unwrap_or(0).div_ceil(per_pair);
         // Sized by what peers announce: allocated fallibly.
         let mut recv: Vec<Vec<u8>> = Vec::with_capacity(n);
@@ -355,12 +539,10 @@ impl Communicator for MpiComm {
             usize::try_from(l)
                 .ok()
                 .and_then(|l| v.try_reserve_exact(l).ok())
-                .ok_or_else(|| {
-                    Error::Comm(format!(
-                        "rank {}: cannot allocate {l} bytes to receive from rank {}",
-                        self.world_rank(self.rank()),
-                        self.world_rank(i)
-                    ))
+                .ok_or_else(|| Error::OutOfMemory {
+                    bytes: l,
+                    what: format!("receiving from rank {}", self.world_rank(i)),
+                    rank: Some(self.world_rank(self.rank())),
                 })?;
             recv.push(v);
         }
@@ -411,8 +593,8 @@ impl Communicator for MpiComm {
         };
         // Every rank must take the same path: agree on whether all fit in one call.
         let mine = u8::from(fits(send_counts, send.len()) && fits(recv_counts, recv.len()));
-        let mut all = vec![0u8; n];
-        self.comm.all_gather_into(&mine, &mut all[..]);
+        self.arrive();
+        let all = self.gather_each(&mine);
         if all.contains(&0) {
             // Too large for one call somewhere: the chunked rounds of all_to_all_v.
             return super::packed_through_vectors(
@@ -450,12 +632,19 @@ impl Communicator for MpiComm {
     }
 
     fn abort(&self, code: i32, msg: &str) {
-        eprintln!("error: rank {}: {msg}", self.world_rank(self.rank()));
+        super::eprint_line(&format!(
+            "error: rank {}: {msg}",
+            self.world_rank(self.rank())
+        ));
         self.comm.abort(code)
     }
 
     fn set_timeout(&self, timeout: Option<Duration>) {
         self.timeout.set(timeout);
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.timeout.get()
     }
 
     fn set_phase(&self, phase: &str) {

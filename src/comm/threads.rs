@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{timeout_message, Communicator};
+use super::{timeout_error, Communicator};
 use crate::{Error, Result};
 
 /// Job-wide abort flag shared by every communicator of one thread world.
@@ -114,7 +114,9 @@ impl ThreadComm {
     fn exchange(&self, data: Vec<u8>) -> Result<Round> {
         let g = &self.group;
         if let Some(msg) = g.abort.get() {
-            return Err(Error::Comm(format!("job aborted: {msg}")));
+            return Err(Error::Aborted {
+                message: msg.clone(),
+            });
         }
         let deadline = self.timeout.get().map(|t| (t, Instant::now() + t));
         let mut slot = lock(&g.slot);
@@ -143,7 +145,9 @@ impl ThreadComm {
             slot = s;
             if slot.generation == generation {
                 if let Some(msg) = g.abort.get() {
-                    return Err(Error::Comm(format!("job aborted: {msg}")));
+                    return Err(Error::Aborted {
+                        message: msg.clone(),
+                    });
                 }
                 if let Some((timeout, at)) = deadline {
                     if Instant::now() >= at {
@@ -154,7 +158,7 @@ impl ThreadComm {
                             .filter(|(_, d)| d.is_none())
                             .map(|(r, _)| g.world_ranks.get(r).copied().unwrap_or(r))
                             .collect();
-                        let msg = timeout_message(
+                        let e = timeout_error(
                             self.world_rank(),
                             &self.phase.borrow(),
                             timeout,
@@ -162,8 +166,8 @@ impl ThreadComm {
                         );
                         drop(slot);
                         // Every other rank still waiting anywhere in this world fails too.
-                        g.abort.set(msg.clone());
-                        return Err(Error::Comm(msg));
+                        g.abort.set(e.to_string());
+                        return Err(e);
                     }
                 }
             }
@@ -211,7 +215,7 @@ impl Communicator for ThreadComm {
         let new_rank = members
             .iter()
             .position(|&(_, r)| r == self.rank)
-            .ok_or_else(|| Error::Comm("split: this rank is missing from its color".into()))?;
+            .ok_or_else(|| Error::comm("split", "this rank is missing from its color"))?;
         let child = {
             let mut slot = lock(&self.group.slot);
             slot.children
@@ -240,10 +244,10 @@ impl Communicator for ThreadComm {
 
     fn broadcast(&self, root: usize, buf: &mut [u8]) -> Result<()> {
         if root >= self.size() {
-            return Err(Error::Comm(format!(
-                "broadcast root {root} out of range for {} ranks",
-                self.size()
-            )));
+            return Err(Error::comm(
+                "broadcast",
+                format!("root {root} out of range for {} ranks", self.size()),
+            ));
         }
         let data = if self.rank == root {
             buf.to_vec()
@@ -254,14 +258,17 @@ impl Communicator for ThreadComm {
         if self.rank != root {
             let src = round
                 .get(root)
-                .ok_or_else(|| Error::Comm("broadcast: root deposit missing".into()))?;
+                .ok_or_else(|| Error::comm("broadcast", "root deposit missing"))?;
             if src.len() != buf.len() {
-                return Err(Error::Comm(format!(
-                    "broadcast length mismatch: root sent {} bytes, rank {} expects {}",
-                    src.len(),
-                    self.rank,
-                    buf.len()
-                )));
+                return Err(Error::comm(
+                    "broadcast",
+                    format!(
+                        "length mismatch: root sent {} bytes, rank {} expects {}",
+                        src.len(),
+                        self.rank,
+                        buf.len()
+                    ),
+                ));
             }
             buf.copy_from_slice(src);
         }
@@ -275,11 +282,10 @@ impl Communicator for ThreadComm {
 
     fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         if send.len() != self.size() {
-            return Err(Error::Comm(format!(
-                "all_to_all_v: {} buffers for {} ranks",
-                send.len(),
-                self.size()
-            )));
+            return Err(Error::comm(
+                "all_to_all_v",
+                format!("{} buffers for {} ranks", send.len(), self.size()),
+            ));
         }
         // Deposit: a table of (offset, len) per destination, then the concatenated data.
         let n = send.len();
@@ -304,7 +310,7 @@ impl Communicator for ThreadComm {
                 let len = word(d, 2 * me + 1) as usize;
                 d.get(start..start + len)
                     .map(<[u8]>::to_vec)
-                    .ok_or_else(|| Error::Comm("all_to_all_v: malformed deposit".into()))
+                    .ok_or_else(|| Error::comm("all_to_all_v", "malformed deposit"))
             })
             .collect()
     }
@@ -320,6 +326,10 @@ impl Communicator for ThreadComm {
         self.timeout.set(timeout);
     }
 
+    fn timeout(&self) -> Option<Duration> {
+        self.timeout.get()
+    }
+
     fn set_phase(&self, phase: &str) {
         phase.clone_into(&mut self.phase.borrow_mut());
     }
@@ -328,7 +338,7 @@ impl Communicator for ThreadComm {
 /// Runs `f` on `size` ranks, one thread each, and returns every rank's result in rank order.
 ///
 /// A rank that returns an error or panics aborts the thread world, so ranks waiting in a
-/// collective for it fail with [`Error::Comm`] instead of hanging.
+/// collective for it fail with [`Error::Aborted`] instead of hanging.
 pub fn run_threads<T, F>(size: usize, f: F) -> Vec<Result<T>>
 where
     T: Send,
@@ -350,7 +360,10 @@ where
                         }
                         Err(_) => {
                             comm.abort(1, "panicked");
-                            Err(Error::Comm(format!("rank {} panicked", comm.rank)))
+                            Err(Error::RankFailed {
+                                rank: comm.rank,
+                                message: "panicked".into(),
+                            })
                         }
                     }
                 })
@@ -360,7 +373,7 @@ where
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(Error::Comm("rank thread panicked".into())))
+                    .unwrap_or_else(|_| Err(Error::comm("threads", "a rank thread panicked")))
             })
             .collect()
     })
@@ -390,7 +403,7 @@ mod tests {
             // Split into even/odd, reversed order by key.
             let sub = c
                 .split(Some((c.rank() % 2) as u32), 10 - c.rank())?
-                .ok_or_else(|| Error::Comm("no sub".into()))?;
+                .ok_or_else(|| Error::comm("split", "no sub"))?;
             assert_eq!(sub.size(), 2);
             assert_eq!(sub.rank(), usize::from(c.rank() < 2));
             let mut b = vec![c.rank() as u8];
@@ -410,7 +423,10 @@ mod tests {
         let start = std::time::Instant::now();
         let out = run_threads(3, |c| {
             if c.rank() == 1 {
-                return Err(Error::Load("model.safetensors: broken".into()));
+                return Err(Error::InvalidFile {
+                    file: "model.safetensors".into(),
+                    reason: "broken".into(),
+                });
             }
             c.barrier()?;
             Ok(())

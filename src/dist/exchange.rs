@@ -17,10 +17,10 @@ const BROADCAST_BATCH: u64 = 64 << 20;
 /// A zeroed buffer of `len` bytes, allocated fallibly: a failure names the rank, the size and
 /// what the buffer was for.
 fn buffer(buf: &mut Vec<u8>, len: u64, rank: usize, what: &str) -> Result<()> {
-    let fail = || {
-        Error::Load(format!(
-            "rank {rank}: cannot allocate {len} bytes for {what}"
-        ))
+    let fail = || Error::OutOfMemory {
+        bytes: len,
+        what: what.to_string(),
+        rank: Some(rank),
     };
     let n = usize::try_from(len).map_err(|_| fail())?;
     buf.clear();
@@ -55,7 +55,7 @@ pub(super) fn broadcast(
     let rp = plan
         .ranks
         .get(me)
-        .ok_or_else(|| Error::Comm(format!("rank {me} is not in the plan")))?;
+        .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
 
     world.set_phase("broadcast: own reads");
     let segs = schedule.own_reads(plan, me);
@@ -72,7 +72,9 @@ pub(super) fn broadcast(
                 .is_some_and(|s| s.binary_search(&me).is_ok())
         });
         let color = mine
-            .map(|p| u32::try_from(p).map_err(|_| Error::Comm(format!("too many sets: {p}"))))
+            .map(|p| {
+                u32::try_from(p).map_err(|_| Error::comm("split", format!("too many sets: {p}")))
+            })
             .transpose()?;
         if let Some(c) = world.split(color, me)? {
             if let Some(&si) = mine.and_then(|p| layer.get(p)) {
@@ -84,7 +86,14 @@ pub(super) fn broadcast(
     // Counts first: within every holder set, the members compare the sizes of the broadcasts
     // they are about to run (in order), so a peer expecting other sizes is an error naming
     // it, never a truncated or overrun buffer. Sets in one global order, as the broadcasts.
-    world.set_phase("broadcast: count check");
+    // Sub-communicators keep the phase they were split in: name each phase on them too.
+    let set_phase = |phase: &str| {
+        world.set_phase(phase);
+        for c in comms.values() {
+            c.set_phase(phase);
+        }
+    };
+    set_phase("broadcast: count check");
     let mut per_set: HashMap<usize, Vec<u64>> = HashMap::new();
     for b in schedule.broadcasts(me) {
         let bytes = rp.tensors.get(b.tensor).map_or(u64::MAX, |t| t.bytes);
@@ -96,7 +105,7 @@ pub(super) fn broadcast(
         for si in sets {
             let comm = comms
                 .get(&si)
-                .ok_or_else(|| Error::Comm("missing sub-communicator".into()))?;
+                .ok_or_else(|| Error::comm("broadcast", "missing sub-communicator"))?;
             let sizes = per_set.get(&si).map_or(&[][..], Vec::as_slice);
             let mine = digest(sizes.iter().copied().chain([sizes.len() as u64]));
             let all = comm.all_gather(&mine.to_le_bytes())?;
@@ -108,11 +117,14 @@ pub(super) fn broadcast(
                 .map(|(i, _)| members.get(i).copied().unwrap_or(i))
                 .collect();
             if !differ.is_empty() {
-                return Err(Error::Comm(format!(
-                    "rank {me}: rank {} expect other broadcast sizes in their group {}",
-                    rank_list(&differ),
-                    rank_list(members)
-                )));
+                return Err(Error::comm(
+                    "broadcast",
+                    format!(
+                        "rank {me}: rank {} expect other broadcast sizes in their group {}",
+                        rank_list(&differ),
+                        rank_list(members)
+                    ),
+                ));
             }
         }
         Ok(())
@@ -122,7 +134,7 @@ pub(super) fn broadcast(
     // Broadcast in one global order, small tensors of a (set, root) packed into batches.
     // The packing buffer is allocated once, for the largest batch, and agreed on: no rank
     // may fail an allocation between two broadcasts while the others wait in one.
-    world.set_phase("broadcast: buffers");
+    set_phase("broadcast: buffers");
     let batches = schedule.batches(plan, me, BROADCAST_BATCH);
     let largest = batches
         .iter()
@@ -132,19 +144,18 @@ pub(super) fn broadcast(
         .unwrap_or(0);
     let mut packed: Vec<u8> = Vec::new();
     agree(world, buffer(&mut packed, largest, me, "broadcast batches"))?;
-    world.set_phase("broadcast");
+    set_phase("broadcast");
     for batch in batches {
         let comm = comms
             .get(&batch.set)
-            .ok_or_else(|| Error::Comm("missing sub-communicator".into()))?;
+            .ok_or_else(|| Error::comm("broadcast", "missing sub-communicator"))?;
         let ranges = batch
             .tensors
             .iter()
             .map(|&ti| {
-                let t = rp
-                    .tensors
-                    .get(ti)
-                    .ok_or_else(|| Error::Comm("tensor index out of range".into()))?;
+                let t = rp.tensors.get(ti).ok_or_else(|| {
+                    Error::plan_rank(me, "broadcast batch tensor index out of range")
+                })?;
                 slice_range(t.offset, t.bytes, arena.len())
             })
             .collect::<Result<Vec<_>>>()?;
@@ -152,12 +163,12 @@ pub(super) fn broadcast(
             // One tensor: straight from and into the arena.
             let buf = arena
                 .get_mut(range.clone())
-                .ok_or_else(|| Error::Comm("tensor outside the arena".into()))?;
+                .ok_or_else(|| Error::plan_rank(me, "broadcast tensor outside the arena"))?;
             comm.broadcast(batch.root, buf)?;
         } else {
             // Within the capacity reserved above: no allocation.
             let len = usize::try_from(batch.bytes)
-                .map_err(|_| Error::Comm(format!("a batch of {} bytes", batch.bytes)))?;
+                .map_err(|_| Error::plan_rank(me, format!("a batch of {} bytes", batch.bytes)))?;
             packed.clear();
             packed.resize(len, 0);
             if batch.is_root {
@@ -249,11 +260,13 @@ pub(super) fn read_once(
         if bad.is_empty() {
             Ok(())
         } else {
-            Err(Error::Comm(format!(
-                "rank {me}: rank {} announced other read-once rounds or counts than this rank \
-                 expects",
-                rank_list(&bad)
-            )))
+            Err(Error::comm(
+                "read-once",
+                format!(
+                    "rank {me}: rank {} announced other rounds or counts than this rank expects",
+                    rank_list(&bad)
+                ),
+            ))
         }
     });
     agree(world, check)?;
@@ -308,8 +321,9 @@ pub(super) fn read_once(
             let to_usize = |v: Vec<u64>| -> Result<Vec<usize>> {
                 v.into_iter()
                     .map(|c| {
-                        usize::try_from(c)
-                            .map_err(|_| Error::Comm(format!("a count of {c} bytes is too large")))
+                        usize::try_from(c).map_err(|_| {
+                            Error::comm("read-once", format!("a count of {c} bytes is too large"))
+                        })
                     })
                     .collect()
             };

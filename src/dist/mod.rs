@@ -25,15 +25,18 @@
 //! - **Agreement first.** Before any other collective the ranks compare a job fingerprint:
 //!   the safeshard version, the world size, the plan's hash and every option that decides
 //!   which collectives run or how data is cut ([`ShareOptions::fingerprint`]). A difference
-//!   is one [`Error::Usage`] on every rank naming the option, the values and the ranks.
+//!   is one [`Error::Disagree`] on every rank naming the option, the values and the ranks.
 //! - **No hang on failure.** Every local step that can fail ends with [`agree`]; counts are
 //!   exchanged and compared before any broadcast or all-to-all, and no receive buffer is
 //!   written past its length whatever a peer sends.
 //! - **No hang on a stopped rank.** [`ShareOptions::timeout`] bounds every collective; the
-//!   rank that gives up names the phase and the ranks that did not arrive.
+//!   rank that gives up names the phase and the ranks that did not arrive
+//!   ([`Error::Timeout`]). MPI start-up and finalize are the caller's (the CLI arms
+//!   `MpiUniverse::init_with_timeout` with the same timeout).
 //! - **No abort on memory.** Arenas, staging and receive buffers are allocated fallibly; a
 //!   failure names the rank, the size and what the buffer was for.
 
+mod default;
 mod exchange;
 mod schedule;
 mod segments;
@@ -43,6 +46,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use default::{choose_share, ShareChoice};
 pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
@@ -69,9 +73,10 @@ impl FromStr for ShareMode {
             "none" => Ok(ShareMode::None),
             "broadcast" => Ok(ShareMode::Broadcast),
             "read-once" => Ok(ShareMode::ReadOnce),
-            _ => Err(Error::Usage(format!(
-                "share mode {s:?}: expected none, broadcast or read-once"
-            ))),
+            _ => Err(Error::invalid_argument(
+                "share",
+                format!("mode {s:?}: expected none, broadcast or read-once"),
+            )),
         }
     }
 }
@@ -133,13 +138,16 @@ impl ShareOptions {
     /// Checks the options on their own (the same on every rank, so no agreement needed).
     pub fn validate(&self) -> Result<()> {
         if self.round_bytes < MIN_ROUND_BYTES {
-            return Err(Error::Usage(format!(
-                "round_bytes {}: at least {MIN_ROUND_BYTES} bytes (64 KiB)",
-                self.round_bytes
-            )));
+            return Err(Error::invalid_argument(
+                "round_bytes",
+                format!(
+                    "{}: at least {MIN_ROUND_BYTES} bytes (64 KiB)",
+                    self.round_bytes
+                ),
+            ));
         }
         if self.timeout == Some(Duration::ZERO) {
-            return Err(Error::Usage("timeout 0: must be positive".into()));
+            return Err(Error::invalid_argument("timeout", "0: must be positive"));
         }
         Ok(())
     }
@@ -285,11 +293,11 @@ pub fn load_shared_with(
     let setup = (|| {
         opts.validate()?;
         if world.size() != plan.ranks.len() {
-            return Err(Error::Usage(format!(
-                "the job has {} ranks but the plan has {}",
-                world.size(),
-                plan.ranks.len()
-            )));
+            return Err(Error::WorldSize {
+                ranks: world.size(),
+                planned: plan.ranks.len(),
+                topology: None,
+            });
         }
         for r in &plan.ranks {
             segments::check_rank(plan, r)?;
@@ -300,13 +308,12 @@ pub fn load_shared_with(
     let rp = plan
         .ranks
         .get(me)
-        .ok_or_else(|| Error::Comm(format!("rank {me} is not in the plan")))?;
+        .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
     world.set_phase("arena allocation");
-    let arena = Arena::new(rp.arena_bytes, opts.load.arena).map_err(|e| {
-        Error::Load(format!(
-            "rank {me}: cannot allocate {} bytes for its tensors: {e}",
-            rp.arena_bytes
-        ))
+    let arena = Arena::new(rp.arena_bytes, opts.load.arena).map_err(|_| Error::OutOfMemory {
+        bytes: rp.arena_bytes,
+        what: "its tensors".into(),
+        rank: Some(me),
     });
     let mut arena = agree(world, arena)?;
     let mut traffic = Traffic::default();

@@ -24,19 +24,17 @@ pub fn rank_segments(rank: &RankPlan) -> Vec<CopyRun> {
 /// hand-made plan must give an error, not a panic).
 pub fn check_rank(plan: &Plan, rank: &RankPlan) -> Result<()> {
     let bad = |what: &str| {
-        Error::Plan(format!(
-            "rank {}: {what} outside its {}-byte arena",
-            rank.coords.rank, rank.arena_bytes
-        ))
+        Error::plan_rank(
+            rank.coords.rank,
+            format!("{what} outside its {}-byte arena", rank.arena_bytes),
+        )
     };
     for r in &rank.copies {
         if (r.file as usize) >= plan.files.len() {
-            return Err(Error::Plan(format!(
-                "rank {}: copy run names file #{} of {}",
+            return Err(Error::plan_rank(
                 rank.coords.rank,
-                r.file,
-                plan.files.len()
-            )));
+                format!("copy run names file #{} of {}", r.file, plan.files.len()),
+            ));
         }
         match r.dst_pattern().end() {
             Some(e) if e <= rank.arena_bytes => {}
@@ -82,7 +80,7 @@ pub fn slice_range(start: u64, len: u64, limit: usize) -> Result<std::ops::Range
     let e = start.checked_add(len).and_then(|e| usize::try_from(e).ok());
     match (s, e) {
         (Some(s), Some(e)) if e <= limit => Ok(s..e),
-        _ => Err(Error::Plan(format!(
+        _ => Err(Error::plan(format!(
             "byte range {start}+{len} outside a buffer of {limit} bytes"
         ))),
     }

@@ -68,8 +68,11 @@ impl std::fmt::Debug for Arena {
 impl Arena {
     /// Allocates `len` zeroed bytes, prepared as `init` says.
     pub fn new(len: u64, init: ArenaInit) -> Result<Arena> {
-        let len = usize::try_from(len)
-            .map_err(|_| Error::Load(format!("arena of {len} bytes does not fit in memory")))?;
+        let len = usize::try_from(len).map_err(|_| Error::OutOfMemory {
+            bytes: len,
+            what: "an arena".into(),
+            rank: None,
+        })?;
         if len == 0 {
             return Ok(Arena {
                 map: None,
@@ -82,9 +85,11 @@ impl Arena {
         if init == ArenaInit::Populate {
             opts.populate();
         }
-        let map = opts
-            .map_anon()
-            .map_err(|e| Error::Load(format!("cannot allocate an arena of {len} bytes: {e}")))?;
+        let map = opts.map_anon().map_err(|_| Error::OutOfMemory {
+            bytes: len as u64,
+            what: "an arena".into(),
+            rank: None,
+        })?;
         if init == ArenaInit::HugePages {
             // Advisory only: a kernel without THP simply ignores it.
             #[cfg(target_os = "linux")]

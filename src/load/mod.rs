@@ -6,7 +6,7 @@
 //! 1. **File safety.** Every file the runs read is opened and its length, modification time,
 //!    device and inode compared with the plan's [`crate::checkpoint::FileIdentity`]; every run
 //!    must lie inside the file. A file truncated or replaced since planning is an
-//!    [`Error::Load`] naming it, never a `SIGBUS`; so is a file truncated *while* it is
+//!    [`Error::Truncated`] naming it, never a `SIGBUS`; so is a file truncated *while* it is
 //!    loaded (short reads name the file; mapped windows are guarded by a `SIGBUS` handler
 //!    that recovers faults inside them and fails the load naming the file).
 //! 2. **Validation.** Runs must lie inside the arena and never overlap there, which is what
@@ -148,7 +148,7 @@ pub struct LoadOptions {
 }
 
 /// Shared between a running load and whoever watches it: [`LoadControl::cancel`] stops the
-/// load between copy tasks (about 8 MiB each) with an [`Error::Load`], and
+/// load between copy tasks (about 8 MiB each) with [`Error::Cancelled`], and
 /// [`LoadControl::done_bytes`] counts the arena bytes filled so far.
 #[derive(Debug, Default)]
 pub struct LoadControl {
@@ -184,7 +184,7 @@ pub(crate) fn controlled(
         return task();
     };
     if c.is_cancelled() {
-        return Err(Error::Load("load cancelled".into()));
+        return Err(Error::Cancelled);
     }
     task()?;
     c.done.fetch_add(bytes, Ordering::Relaxed);
@@ -705,17 +705,20 @@ pub fn verify_rank(
             continue;
         }
         let Some(got) = loaded.tensor_at(i) else {
-            return Err(Error::Load(format!("verify: tensor {:?} missing", t.name)));
+            return Err(Error::plan_tensor(
+                &t.name,
+                "verify: missing from the loaded rank",
+            ));
         };
         let info = ckpt
             .tensors
             .get(t.source)
-            .ok_or_else(|| Error::Load(format!("verify: tensor {:?}: unknown source", t.name)))?;
+            .ok_or_else(|| Error::plan_tensor(&t.name, "verify: unknown source"))?;
         let layout = layout_for(resolution, t.source, &coords).ok_or_else(|| {
-            Error::Load(format!(
-                "verify: tensor {:?} is not held by rank {} in the resolution",
-                t.name, coords.rank
-            ))
+            Error::plan_tensor(
+                &t.name,
+                format!("verify: not held by rank {} in the resolution", coords.rank),
+            )
         })?;
         let on_rank = |e: Error| match e {
             Error::OutOfMemory {
@@ -753,3 +756,13 @@ pub fn verify_rank(
 
 #[cfg(test)]
 mod tests;
+
+/// SHA-256 (lower-case hex) of a loaded rank's arena: `safeshard load --digest` and the
+/// Python `Rank.digest()` print the same string.
+pub fn digest_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

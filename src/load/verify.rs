@@ -31,7 +31,7 @@ pub fn read_tensor(ckpt: &Checkpoint, info: &TensorInfo) -> Result<Vec<u8>> {
     let fi = ckpt
         .files
         .get(info.file)
-        .ok_or_else(|| Error::Load(format!("tensor {:?}: unknown file", info.name)))?;
+        .ok_or_else(|| Error::plan_tensor(&info.name, "unknown file"))?;
     let file = File::open(&fi.path).map_err(|e| Error::io(&fi.path, e))?;
     let mut buf = try_alloc_zeroed(
         info.bytes,
@@ -64,7 +64,7 @@ pub fn read_tensor(ckpt: &Checkpoint, info: &TensorInfo) -> Result<Vec<u8>> {
 /// `shape`, `bits` per element): each piece's hyper-rectangle is copied to its place along
 /// `concat_dim`; zero pieces stay zero.
 pub fn slice_layout(src: &[u8], shape: &[u64], bits: u64, layout: &Layout) -> Result<Vec<u8>> {
-    let err = |m: &str| Error::Load(format!("layout: {m}"));
+    let err = |m: &str| Error::plan(format!("layout: {m}"));
     let nd = shape.len();
     if layout.shape.len() != nd {
         return Err(err("local shape and source shape differ in rank"));

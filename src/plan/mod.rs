@@ -45,11 +45,13 @@ use crate::sharding::{Resolution, Resolved, Shards, TensorKind};
 use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
+mod json;
 pub mod names;
 mod runs;
 mod strided;
 mod svg;
 
+pub use json::json_document;
 pub use runs::{
     coalesce_copies, coalesce_zeros, read_bytes, span_bytes, tensor_runs, TensorRuns, MAX_DIMS,
 };
@@ -543,7 +545,7 @@ pub fn build(
 ) -> Result<Plan> {
     topo.validate()?;
     if resolution.tensors.len() != ckpt.tensors.len() {
-        return Err(Error::Plan(format!(
+        return Err(Error::plan(format!(
             "the resolution has {} entries but the checkpoint has {} tensors",
             resolution.tensors.len(),
             ckpt.tensors.len()
@@ -557,36 +559,36 @@ pub fn build(
             continue;
         };
         if t.file >= ckpt.files.len() || t.file > u32::MAX as usize {
-            return Err(Error::Plan(format!(
-                "tensor {:?}: file index {} is out of range",
-                t.name, t.file
-            )));
+            return Err(Error::plan_tensor(
+                &t.name,
+                format!("file index {} is out of range", t.file),
+            ));
         }
         match shards {
             Shards::PerTp(layouts) if layouts.len() != topo.tp => {
-                return Err(Error::Plan(format!(
-                    "tensor {:?}: {} per-rank layouts for tp = {}",
-                    t.name,
-                    layouts.len(),
-                    topo.tp
-                )))
+                return Err(Error::plan_tensor(
+                    &t.name,
+                    format!("{} per-rank layouts for tp = {}", layouts.len(), topo.tp),
+                ))
             }
             Shards::Expert { owner, .. } if *owner >= topo.tp * topo.dp => {
-                return Err(Error::Plan(format!(
-                    "tensor {:?}: expert owner {owner} is not an EP rank (ep ranks are 0..{})",
-                    t.name,
-                    topo.tp * topo.dp
-                )))
+                return Err(Error::plan_tensor(
+                    &t.name,
+                    format!(
+                        "expert owner {owner} is not an EP rank (ep ranks are 0..{})",
+                        topo.tp * topo.dp
+                    ),
+                ))
             }
             _ => {}
         }
         let mut last = None;
         for &s in stages {
             if s >= topo.pp {
-                return Err(Error::Plan(format!(
-                    "tensor {:?}: stage {s} is outside pp = {}",
-                    t.name, topo.pp
-                )));
+                return Err(Error::plan_tensor(
+                    &t.name,
+                    format!("stage {s} is outside pp = {}", topo.pp),
+                ));
             }
             if last != Some(s) {
                 by_stage[s].push(i);

@@ -76,7 +76,7 @@ impl Transpose {
         let e = self.elem as usize;
         let (r, c) = (self.rows as usize, self.cols as usize);
         if r.checked_mul(c).and_then(|n| n.checked_mul(e)) != Some(data.len()) {
-            return Err(Error::Load(format!(
+            return Err(Error::plan(format!(
                 "transpose of {r} x {c} elements of {e} bytes over {} bytes",
                 data.len()
             )));
@@ -399,7 +399,11 @@ type VllmRank = (RankPlan, Vec<(usize, f64)>, Vec<Transpose>);
 
 fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<VllmRank> {
     let rank = rp.coords.rank;
-    let plain_err = |t: &str, why: String| Error::Plan(format!("rank {rank}: {t}: {why}"));
+    let plain_err = |t: &str, why: String| Error::Plan {
+        rank: Some(rank),
+        tensor: Some(t.to_string()),
+        reason: why,
+    };
     // 1. Names after prefixes and tying.
     let head_here = map
         .tie
@@ -777,9 +781,10 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
                 let Some(&(ts, te, ti)) = bounds.get(k).filter(|b| b.0 <= x) else {
                     // Alignment gaps hold zeros only; a copy there is a plan inconsistency.
                     if src.is_some() {
-                        return Err(Error::Plan(format!(
-                            "rank {rank}: a copy run at arena offset {x} lies outside every tensor"
-                        )));
+                        return Err(Error::plan_rank(
+                            rank,
+                            format!("a copy run at arena offset {x} lies outside every tensor"),
+                        ));
                     }
                     let next = bounds.get(k).map(|b| b.0).unwrap_or(end).min(end);
                     x = next.max(x + 1).min(end);
@@ -787,9 +792,10 @@ fn vllm_rank(rp: &RankPlan, pp: usize, map: &VllmMap, tied: bool) -> Result<Vllm
                 };
                 let piece_end = end.min(te);
                 let Some(p) = &place[ti] else {
-                    return Err(Error::Plan(format!(
-                        "rank {rank}: tensor {ti} has no placement"
-                    )));
+                    return Err(Error::plan_rank(
+                        rank,
+                        format!("tensor {ti} has no placement"),
+                    ));
                 };
                 let out_offset = offsets[p.out];
                 relocate(

@@ -35,7 +35,7 @@ pub struct TensorRuns {
 type ElemRun = CopyRun;
 
 fn plan_err(name: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Plan(format!("tensor {name:?}: {msg}"))
+    Error::plan_tensor(name, msg.to_string())
 }
 
 /// Most dimensions a tensor may have (fixed-size scratch keeps planning allocation-free).

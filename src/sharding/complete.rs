@@ -318,32 +318,19 @@ impl Missing {
 
     /// The one-line error.
     pub(super) fn error(&self, spec: &Spec, n_layers: Option<usize>) -> Error {
-        let mut list = self
-            .listed
-            .iter()
-            .map(|n| format!("{n:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let more = self.count.saturating_sub(self.listed.len() as u64);
-        if more > 0 || self.at_least {
-            list.push_str(&format!(
-                " and {}{more} more",
-                if self.at_least { "at least " } else { "" }
-            ));
+        Error::Incomplete {
+            spec: spec.name.clone(),
+            file: spec.origin.clone(),
+            layers: n_layers,
+            missing: self.listed.clone().into(),
+            count: self.count,
+            at_least: self.at_least,
+            lines: self
+                .rules
+                .iter()
+                .filter_map(|&ri| spec.def.rules.get(ri).map(|r| r.line))
+                .collect::<Vec<_>>()
+                .into(),
         }
-        let lines = self
-            .rules
-            .iter()
-            .filter_map(|&ri| spec.def.rules.get(ri).map(|r| r.line.to_string()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        Error::Placement(format!(
-            "checkpoint is incomplete for spec `{}`{}: {}{} tensor(s) it needs are missing: {list} (required by {} line(s) {lines}; a rule marked `optional` may match nothing)",
-            spec.name,
-            n_layers.map(|n| format!(" with {n} layers")).unwrap_or_default(),
-            if self.at_least { "at least " } else { "" },
-            self.count,
-            spec.origin,
-        ))
     }
 }

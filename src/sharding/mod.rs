@@ -2,7 +2,7 @@
 //!
 //! A spec (`*.shard`) maps tensor names to tensor-, pipeline- and expert-parallel placements,
 //! as data. [`Spec::parse`] reads one; [`Spec::shipped`] returns the specs embedded in the
-//! binary (from `shard-specs/`); [`Spec::detect`] picks one from `config.json`'s
+//! binary (from `shard-specs/`, listed by [`registry`]); [`Spec::detect`] picks one from `config.json`'s
 //! `architectures`. [`resolve`] applies a spec to a checkpoint catalog and a topology and says,
 //! for every tensor, which pipeline stages hold it and what slice every TP (or EP) rank holds,
 //! as a [`Layout`]: a concatenation of source slices and zero blocks along one dimension.
@@ -18,9 +18,10 @@ use crate::topology::Topology;
 use crate::{Error, Result};
 
 mod complete;
-mod expr;
+pub(crate) mod expr;
 mod parse;
 mod pattern;
+pub mod registry;
 mod resolve;
 pub mod vllm;
 
@@ -155,16 +156,19 @@ impl Config {
             None => serde_json::Map::new(),
             Some(serde_json::Value::Object(m)) => m.clone(),
             Some(other) => {
-                return Err(Error::Config(format!(
-                    "config.json must hold a JSON object, not {}",
-                    match other {
-                        serde_json::Value::Array(_) => "an array",
-                        serde_json::Value::String(_) => "a string",
-                        serde_json::Value::Number(_) => "a number",
-                        serde_json::Value::Bool(_) => "a boolean",
-                        _ => "null",
-                    }
-                )))
+                return Err(Error::InvalidFile {
+                    file: "config.json".into(),
+                    reason: format!(
+                        "must hold a JSON object, not {}",
+                        match other {
+                            serde_json::Value::Array(_) => "an array",
+                            serde_json::Value::String(_) => "a string",
+                            serde_json::Value::Number(_) => "a number",
+                            serde_json::Value::Bool(_) => "a boolean",
+                            _ => "null",
+                        }
+                    ),
+                })
             }
         };
         for o in overrides {
@@ -255,23 +259,6 @@ fn read_spec_file(path: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Shipped specs: (name, file name, source).
-const SHIPPED: [(&str, &str); 7] = [
-    ("llama", include_str!("../../shard-specs/llama.shard")),
-    ("qwen2", include_str!("../../shard-specs/qwen2.shard")),
-    ("phi3", include_str!("../../shard-specs/phi3.shard")),
-    ("mixtral", include_str!("../../shard-specs/mixtral.shard")),
-    (
-        "qwen2_moe",
-        include_str!("../../shard-specs/qwen2_moe.shard"),
-    ),
-    (
-        "deepseek_v3",
-        include_str!("../../shard-specs/deepseek_v3.shard"),
-    ),
-    ("gpt2", include_str!("../../shard-specs/gpt2.shard")),
-];
-
 impl Spec {
     /// Parses a spec. `origin` names it in error messages (`file:line:col: ...`).
     pub fn parse(source: &str, origin: &str) -> Result<Spec> {
@@ -291,22 +278,26 @@ impl Spec {
         })
     }
 
-    /// Names of the shipped specs.
+    /// Names of the shipped specs, in name order (one per `shard-specs/NAME.shard`; see
+    /// [`registry`]).
     pub fn shipped_names() -> Vec<&'static str> {
-        SHIPPED.iter().map(|(n, _)| *n).collect()
+        registry::all().iter().map(|s| s.name).collect()
     }
 
     /// A shipped spec by name (`llama`, `qwen2`, ...).
     pub fn shipped(name: &str) -> Result<Spec> {
-        let Some((n, src)) = SHIPPED.iter().find(|(n, _)| *n == name) else {
-            return Err(Error::Usage(format!(
-                "no shipped spec named `{name}`{} (shipped: {}); pass a path to a .shard file instead",
-                parse::did_you_mean(name, Spec::shipped_names()),
-                Spec::shipped_names().join(", ")
-            )));
+        let Some(shipped) = registry::get(name) else {
+            return Err(Error::UnknownSpec {
+                name: name.to_string(),
+                suggestion: parse::did_you_mean(name, Spec::shipped_names()),
+                shipped: Spec::shipped_names()
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect(),
+            });
         };
-        let mut spec = Spec::parse(src, &format!("{n}.shard"))?;
-        spec.name = n.to_string();
+        let mut spec = Spec::parse(shipped.spec, &format!("{name}.shard"))?;
+        spec.name = name.to_string();
         spec.shipped = true;
         Ok(spec)
     }
@@ -320,17 +311,20 @@ impl Spec {
             return Spec::shipped(name_or_path);
         }
         let bytes = read_spec_file(name_or_path)?;
-        let source = String::from_utf8(bytes).map_err(|e| {
-            Error::Spec(format!(
-                "{name_or_path}: not UTF-8 text (invalid byte at offset {})",
+        let source = String::from_utf8(bytes).map_err(|e| Error::Spec {
+            file: name_or_path.to_string(),
+            line: None,
+            key: None,
+            reason: format!(
+                "not UTF-8 text (invalid byte at offset {})",
                 e.utf8_error().valid_up_to()
-            ))
+            ),
         })?;
         Spec::parse(&source, name_or_path)
     }
 
     /// The shipped spec for a config's `architectures`; an unknown architecture is an error
-    /// that points to `--spec`.
+    /// ([`Error::NoSpec`]) whose hint names the `spec` option.
     pub fn detect(config: &Config) -> Result<Spec> {
         let archs: Vec<&str> = match config.values.get("architectures") {
             Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
@@ -338,9 +332,9 @@ impl Spec {
             _ => Vec::new(),
         };
         if archs.is_empty() {
-            return Err(Error::Config(
-                "no `architectures` in config.json (or no config.json beside the checkpoint), so no spec can be picked; name one (the `spec` option: a shipped name or a .shard file; `safeshard spec list`)".into(),
-            ));
+            return Err(Error::NoSpec {
+                architectures: Vec::new(),
+            });
         }
         for arch in &archs {
             for name in Spec::shipped_names() {
@@ -350,10 +344,9 @@ impl Spec {
                 }
             }
         }
-        Err(Error::Config(format!(
-            "no shipped spec for architecture {}; name one (the `spec` option: a shipped name or a .shard file; `safeshard spec list`)",
-            archs.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
-        )))
+        Err(Error::NoSpec {
+            architectures: archs.iter().map(|a| a.to_string()).collect(),
+        })
     }
 
     /// Number of rules.

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::expr::{Arg, Expr, Parser, Tok};
 use super::pattern::Pattern;
 use super::TensorKind;
-use crate::error::{escape_controls, Escaped};
+use crate::error::escape_controls;
 use crate::{Error, Result};
 
 /// How one part of a fused dimension is divided among TP ranks.
@@ -189,23 +189,13 @@ pub(crate) fn did_you_mean<'a>(
         .unwrap_or_default()
 }
 
-/// Formats `origin:line:col: msg` plus the source line and a caret.
-pub(crate) fn located(origin: &str, line_no: usize, col: usize, msg: &str, line: &str) -> String {
-    let col = col.max(1);
-    format!(
-        "{}:{line_no}:{col}: {msg}{}",
-        Escaped(origin),
-        excerpt(line, col)
-    )
-}
-
-/// A typed spec error at `origin:line_no:col` with the source line and a caret (what
-/// [`located`] formats as a string; resolution errors can switch to this one).
+/// A typed spec error at `origin:line_no:col` with the source line and a caret.
 pub(crate) fn spec_at(origin: &str, line_no: usize, col: usize, msg: &str, line: &str) -> Error {
+    let col = col.max(1);
     Error::SpecAt {
         file: origin.to_string(),
         line: line_no,
-        col: col.max(1),
+        col,
         message: msg.to_string(),
         excerpt: excerpt(line, col),
     }

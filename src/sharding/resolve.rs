@@ -7,9 +7,10 @@ use std::sync::OnceLock;
 
 use super::complete::Completeness;
 use super::expr::{Env, EvalError, Expr, Value};
-use super::parse::{did_you_mean, located, Op, PartMode, Placement, Rule, StageWhich};
+use super::parse::{did_you_mean, spec_at, Op, PartMode, Placement, Rule, StageWhich};
 use super::{Config, Layout, Piece, Resolution, Resolved, Shards, Spec, TensorKind};
 use crate::checkpoint::TensorInfo;
+use crate::error::SpecPosition;
 use crate::topology::Topology;
 use crate::{Error, Result};
 
@@ -152,10 +153,16 @@ pub(crate) fn resolve_tensors(
                             match usize::try_from(v) {
                                 Ok(v) if v < topo.pp => s.push(v),
                                 _ => {
-                                    return Err(Error::Placement(format!(
-                                        "{}:{}: tensor {:?}: stage {v} does not exist (pp = {})",
-                                        spec.origin, rule.line, t.name, topo.pp
-                                    )))
+                                    return Err(Error::Placement {
+                                        file: spec.origin.clone(),
+                                        line: rule.line,
+                                        tensor: Some(t.name.clone()),
+                                        shape: None,
+                                        reason: format!(
+                                            "stage {v} does not exist (pp = {})",
+                                            topo.pp
+                                        ),
+                                    })
                                 }
                             }
                         }
@@ -186,10 +193,13 @@ pub(crate) fn resolve_tensors(
             let count = r.int_at(rule.line, &ex.count, &[])?;
             let owner =
                 expert_owner(e, count, topo.ep, r.placement(ex.placement)?).map_err(|m| {
-                    Error::Placement(format!(
-                        "{}:{}: tensor {:?}: {m}",
-                        spec.origin, rule.line, t.name
-                    ))
+                    Error::Placement {
+                        file: spec.origin.clone(),
+                        line: rule.line,
+                        tensor: Some(t.name.clone()),
+                        shape: None,
+                        reason: m,
+                    }
                 })?;
             out.push(Resolved::Held {
                 stages,
@@ -207,11 +217,14 @@ pub(crate) fn resolve_tensors(
             Some((l, rep)) => (l.clone(), *rep),
             None => {
                 let l = r.layouts(rule, &t.shape).map_err(|e| match e {
-                    LayoutError::Msg(m) => Error::Placement(format!(
-                        "{}:{}: tensor {:?} {:?}: {m}",
-                        spec.origin, rule.line, t.name, t.shape
-                    )),
-                    LayoutError::Err(e) => e,
+                    LayoutError::Msg(m) => Error::Placement {
+                        file: spec.origin.clone(),
+                        line: rule.line,
+                        tensor: Some(t.name.clone()),
+                        shape: Some(t.shape.clone()),
+                        reason: m,
+                    },
+                    LayoutError::Err(e) => *e,
                 })?;
                 let rep = l.windows(2).all(|w| w[0] == w[1]);
                 cache[ri].insert(t.shape.clone(), (l.clone(), rep));
@@ -232,23 +245,18 @@ pub(crate) fn resolve_tensors(
     }
 
     if !unmatched.is_empty() {
-        // Names come from the file: quote them (a newline must not forge an `error:` line)
-        // and cap the list (a 92k-tensor checkpoint would print megabytes).
-        let mut list = unmatched
-            .iter()
-            .take(MAX_LISTED)
-            .map(|n| format!("{n:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        if unmatched.len() > MAX_LISTED {
-            list.push_str(&format!(" and {} more", unmatched.len() - MAX_LISTED));
-        }
-        return Err(Error::Placement(format!(
-            "{} tensor(s) match no rule of spec `{}` ({}): {list}; add rules for them (or a catch-all rule such as `** replicate`)",
-            unmatched.len(),
-            spec.name,
-            spec.origin,
-        )));
+        // Names come from the file: the message quotes them (a newline must not forge an
+        // `error:` line) and the list is capped (a 92k-tensor checkpoint would print megabytes).
+        return Err(Error::Unmatched {
+            spec: spec.name.clone(),
+            file: spec.origin.clone(),
+            tensors: unmatched
+                .iter()
+                .take(MAX_LISTED)
+                .map(|n| n.to_string())
+                .collect(),
+            count: unmatched.len(),
+        });
     }
 
     // Requirements last: a split that does not divide is reported with its tensor first;
@@ -262,19 +270,24 @@ pub(crate) fn resolve_tensors(
                 .nth(line.saturating_sub(1))
                 .unwrap_or("")
                 .trim();
-            return Err(Error::Placement(format!(
-                "{}:{line}: spec `{}` cannot place this checkpoint at tp = {}, pp = {}, dp = {}, ep = {}: {}",
-                spec.origin,
-                spec.name,
-                topo.tp,
-                topo.pp,
-                topo.dp,
-                topo.ep,
-                match why {
-                    Some(w) => format!("{w} (`{src}` does not hold)"),
-                    None => format!("`{src}` does not hold"),
-                }
-            )));
+            return Err(Error::Placement {
+                file: spec.origin.clone(),
+                line: *line,
+                tensor: None,
+                shape: None,
+                reason: format!(
+                    "spec `{}` cannot place this checkpoint at tp = {}, pp = {}, dp = {}, ep = {}: {}",
+                    spec.name,
+                    topo.tp,
+                    topo.pp,
+                    topo.dp,
+                    topo.ep,
+                    match why {
+                        Some(w) => format!("{w} (`{src}` does not hold)"),
+                        None => format!("`{src}` does not hold"),
+                    }
+                ),
+            });
         }
     }
     // A checkpoint that lacks tensors the model needs (a whole layer, the final norm, an
@@ -362,12 +375,13 @@ pub(crate) fn expert_owner(
 
 enum LayoutError {
     Msg(String),
-    Err(Error),
+    // Boxed: a typed `Error` is larger than a message.
+    Err(Box<Error>),
 }
 
 impl From<Error> for LayoutError {
     fn from(e: Error) -> Self {
-        LayoutError::Err(e)
+        LayoutError::Err(Box::new(e))
     }
 }
 
@@ -418,16 +432,19 @@ impl Resolver<'_> {
                 // Never suggest the very name that is missing (a `let` of that name exists).
                 known.retain(|k| *k != name);
                 let hint = did_you_mean(&name, known);
-                let loc = if line == 0 {
-                    format!("{}: ", self.spec.origin)
-                } else {
-                    format!("{}:{line}:{col}: ", self.spec.origin)
-                };
-                Error::Config(format!(
-                    "{loc}spec `{}` needs `{name}`, which config.json does not have{hint}; add it or override it (the `set` option: {name}=VALUE){}",
-                    self.spec.name,
-                    if line == 0 { String::new() } else { format!("\n    {src}") }
-                ))
+                Error::MissingConfig {
+                    file: self.spec.origin.clone(),
+                    at: (line != 0).then(|| {
+                        Box::new(SpecPosition {
+                            line,
+                            col,
+                            source: src.to_string(),
+                        })
+                    }),
+                    spec: self.spec.name.clone(),
+                    key: name,
+                    suggestion: hint,
+                }
             }
             EvalError::Cyclic { name, col, chain } => {
                 let msg = format!(
@@ -438,23 +455,30 @@ impl Resolver<'_> {
                         .collect::<Vec<_>>()
                         .join(" -> ")
                 );
-                if line == 0 {
-                    Error::Spec(format!("{}: {msg}", self.spec.origin))
-                } else {
-                    Error::Spec(located(&self.spec.origin, line, col, &msg, src))
-                }
+                self.spec_error(line, col, msg, src)
             }
             // Not produced: `InLet` is unwrapped above and never nests.
-            EvalError::InLet { .. } => {
-                Error::Spec(format!("{}:{line}: error in a `let`", self.spec.origin))
+            EvalError::InLet { .. } => Error::Spec {
+                file: self.spec.origin.clone(),
+                line: Some(line),
+                key: None,
+                reason: "error in a `let`".into(),
+            },
+            EvalError::Other { col, msg } => self.spec_error(line, col, msg, src),
+        }
+    }
+
+    /// A spec error at `line:col` with its source line, or at the spec as a whole (line 0).
+    fn spec_error(&self, line: usize, col: usize, msg: String, src: &str) -> Error {
+        if line == 0 {
+            Error::Spec {
+                file: self.spec.origin.clone(),
+                line: None,
+                key: None,
+                reason: msg,
             }
-            EvalError::Other { col, msg } => {
-                if line == 0 {
-                    Error::Spec(format!("{}: {msg}", self.spec.origin))
-                } else {
-                    Error::Spec(located(&self.spec.origin, line, col, &msg, src))
-                }
-            }
+        } else {
+            spec_at(&self.spec.origin, line, col, &msg, src)
         }
     }
 
@@ -467,19 +491,22 @@ impl Resolver<'_> {
         };
         let n = self.int_at(line, &expr, &[])?;
         let n = usize::try_from(n).map_err(|_| {
-            Error::Config(format!(
-                "the number of layers must not be negative (got {n})"
-            ))
+            Error::config(
+                "num_hidden_layers",
+                format!("(the number of layers) must not be negative (got {n})"),
+            )
         })?;
         if n > MAX_LAYERS {
             let msg = format!("{n} layers is more than the {MAX_LAYERS} this tool accepts");
             return Err(if line == 0 {
-                Error::Config(format!(
-                    "{} (config.json `num_hidden_layers`): {msg}",
-                    spec.origin
-                ))
+                Error::config("num_hidden_layers", format!("gives {msg}"))
             } else {
-                Error::Spec(format!("{}:{line}: {msg}", spec.origin))
+                Error::Spec {
+                    file: spec.origin.clone(),
+                    line: Some(line),
+                    key: None,
+                    reason: msg,
+                }
             });
         }
         Ok(n)
@@ -500,10 +527,12 @@ impl Resolver<'_> {
         let v = self.int_at(line, e, &[])?;
         match u64::try_from(v) {
             Ok(v) if v > 0 => Ok(v),
-            _ => Err(Error::Spec(format!(
-                "{}:{line}: {what} must be a positive integer, got {v}",
-                self.spec.origin
-            ))),
+            _ => Err(Error::Spec {
+                file: self.spec.origin.clone(),
+                line: Some(line),
+                key: None,
+                reason: format!("{what} must be a positive integer, got {v}"),
+            }),
         }
     }
 
@@ -513,9 +542,10 @@ impl Resolver<'_> {
             None => Ok(default),
             Some(serde_json::Value::String(s)) if s == "linear" => Ok(Placement::Linear),
             Some(serde_json::Value::String(s)) if s == "round_robin" => Ok(Placement::RoundRobin),
-            Some(v) => Err(Error::Config(format!(
-                "expert_placement_strategy must be \"linear\" or \"round_robin\", got {v}"
-            ))),
+            Some(v) => Err(Error::config(
+                "expert_placement_strategy",
+                format!("must be \"linear\" or \"round_robin\", got {v}"),
+            )),
         }
     }
 

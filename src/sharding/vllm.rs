@@ -48,7 +48,12 @@ pub type Captures = Vec<(String, String)>;
 impl Template {
     /// Parses a template; `key` names it in errors.
     fn parse(text: &str, origin: &str, key: &str) -> Result<Template> {
-        let bad = |why: &str| Error::Spec(format!("{origin}: `{key}`: {text:?}: {why}"));
+        let bad = |why: &str| Error::Spec {
+            file: origin.to_string(),
+            line: None,
+            key: Some(key.to_string()),
+            reason: format!("{text:?}: {why}"),
+        };
         if text.is_empty() {
             return Err(bad("empty name"));
         }
@@ -307,40 +312,24 @@ struct RawBuffer {
 /// Largest map file read (shipped maps are a few KB).
 const MAX_MAP_FILE: u64 = 1 << 20;
 
-/// Shipped maps, by spec name.
-const SHIPPED: [(&str, &str); 7] = [
-    ("llama", include_str!("../../shard-specs/llama.vllm.json")),
-    ("qwen2", include_str!("../../shard-specs/qwen2.vllm.json")),
-    ("phi3", include_str!("../../shard-specs/phi3.vllm.json")),
-    (
-        "mixtral",
-        include_str!("../../shard-specs/mixtral.vllm.json"),
-    ),
-    (
-        "qwen2_moe",
-        include_str!("../../shard-specs/qwen2_moe.vllm.json"),
-    ),
-    (
-        "deepseek_v3",
-        include_str!("../../shard-specs/deepseek_v3.vllm.json"),
-    ),
-    ("gpt2", include_str!("../../shard-specs/gpt2.vllm.json")),
-];
-
 impl VllmMap {
     /// Parses a map; `origin` names it in errors (`file: \`key\`: what is wrong`).
     pub fn parse(source: &str, origin: &str) -> Result<VllmMap> {
-        let raw: RawMap = serde_json::from_str(source).map_err(|e| {
-            Error::Spec(format!(
-                "{origin}:{}:{}: {}",
-                e.line(),
-                e.column(),
-                strip_position(&e.to_string())
-            ))
+        let raw: RawMap = serde_json::from_str(source).map_err(|e| Error::SpecAt {
+            file: origin.to_string(),
+            line: e.line(),
+            col: e.column(),
+            message: strip_position(&e.to_string()).to_string(),
+            excerpt: String::new(),
         })?;
         let _ = raw.about;
         let t = |text: &str, key: &str| Template::parse(text, origin, key);
-        let bad = |key: &str, why: String| Error::Spec(format!("{origin}: `{key}`: {why}"));
+        let bad = |key: &str, why: String| Error::Spec {
+            file: origin.to_string(),
+            line: None,
+            key: Some(key.to_string()),
+            reason: why,
+        };
         if raw.vllm.trim().is_empty() {
             return Err(bad(
                 "vllm",
@@ -538,7 +527,7 @@ impl VllmMap {
     /// a spec read from `<dir>/<stem>.shard`. A spec without one is [`Error::Unsupported`].
     pub fn for_spec(spec: &Spec) -> Result<VllmMap> {
         if spec.shipped {
-            let Some((_, src)) = SHIPPED.iter().find(|(n, _)| *n == spec.name) else {
+            let Some(src) = super::registry::get(&spec.name).and_then(|s| s.vllm_map) else {
                 return Err(Error::Unsupported {
                     what: format!("spec `{}`", spec.name),
                     why: "no vLLM name map is shipped for it".into(),
@@ -632,8 +621,10 @@ mod tests {
 
     #[test]
     fn every_shipped_map_parses() {
-        for (name, src) in SHIPPED {
-            VllmMap::parse(src, &format!("{name}.vllm.json")).unwrap();
+        for s in super::super::registry::all() {
+            if let Some(src) = s.vllm_map {
+                VllmMap::parse(src, &format!("{}.vllm.json", s.name)).unwrap();
+            }
         }
     }
 }

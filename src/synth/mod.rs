@@ -5,6 +5,9 @@
 //! filled with deterministic values ([`fill`]), or, in sparse mode, with file holes so that
 //! 70B–671B-parameter layouts can be planned without using disk.
 //!
+//! Every architecture of the spec registry with a `shard-specs/NAME.synth.json` can be
+//! written: that file lists the tensors of its Hugging Face checkpoint (names, shapes as
+//! expressions over config.json, loops over layers and experts) and its named presets.
 //! Shapes come from the `config.json` of the options ([`SynthOptions::preset`] gives named
 //! ones); [`tensors`] lists what would be written without writing anything. Values are a
 //! counter-based hash of (seed, tensor name, byte position), so any byte of any tensor can be
@@ -16,80 +19,31 @@
 //! `model.safetensors` with no index. Every file is written under a temporary name and
 //! renamed when complete.
 
-mod names;
+mod layout;
 mod presets;
 mod writer;
 
 use std::path::Path;
 
 use crate::checkpoint::Dtype;
+use crate::sharding::{registry, Spec};
 use crate::{Error, Result};
 
-pub use presets::PRESETS;
+pub use crate::sharding::registry::PRESET_NAMES as PRESETS;
 pub use writer::{plan_files, SynthFile};
+
+use layout::Layout;
 
 /// One tensor of a synthetic checkpoint: name, dtype, shape.
 pub type TensorSpec = (String, Dtype, Vec<u64>);
 
-/// Architectures the generator knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Arch {
-    /// `LlamaForCausalLM`.
-    Llama,
-    /// `MistralForCausalLM`.
-    Mistral,
-    /// `Qwen2ForCausalLM` (q/k/v biases).
-    Qwen2,
-    /// `Phi3ForCausalLM` (fused qkv_proj and gate_up_proj).
-    Phi3,
-    /// `MixtralForCausalLM` (block_sparse_moe experts w1/w2/w3).
-    Mixtral,
-    /// `Qwen2MoeForCausalLM` (experts plus a shared expert).
-    Qwen2Moe,
-    /// `DeepseekV3ForCausalLM` (MLA attention, FP8 block-quantized weights, MTP layer).
-    DeepseekV3,
-    /// `GPT2LMHeadModel` (Conv1D weights stored [in, out]).
-    Gpt2,
-}
-
-impl Arch {
-    /// Every architecture.
-    pub const ALL: [Arch; 8] = [
-        Arch::Llama,
-        Arch::Mistral,
-        Arch::Qwen2,
-        Arch::Phi3,
-        Arch::Mixtral,
-        Arch::Qwen2Moe,
-        Arch::DeepseekV3,
-        Arch::Gpt2,
-    ];
-
-    /// The Hugging Face class name in `config.json` `architectures`.
-    pub fn hf_architecture(self) -> &'static str {
-        match self {
-            Arch::Llama => "LlamaForCausalLM",
-            Arch::Mistral => "MistralForCausalLM",
-            Arch::Qwen2 => "Qwen2ForCausalLM",
-            Arch::Phi3 => "Phi3ForCausalLM",
-            Arch::Mixtral => "MixtralForCausalLM",
-            Arch::Qwen2Moe => "Qwen2MoeForCausalLM",
-            Arch::DeepseekV3 => "DeepseekV3ForCausalLM",
-            Arch::Gpt2 => "GPT2LMHeadModel",
-        }
-    }
-
-    /// The architecture of a Hugging Face class name, if known.
-    pub fn from_hf_architecture(name: &str) -> Option<Arch> {
-        Arch::ALL.into_iter().find(|a| a.hf_architecture() == name)
-    }
-}
-
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct SynthOptions {
-    /// Architecture (tensor names).
-    pub arch: Arch,
+    /// The shipped architecture whose checkpoint layout is written: a spec name of the
+    /// registry (`llama` serves Llama and Mistral, `qwen2_moe`, ...), whose
+    /// `shard-specs/NAME.synth.json` lists the tensors.
+    pub arch: &'static str,
     /// The `config.json` to write; shapes are derived from it (hidden_size, num_hidden_layers, ...).
     pub config: serde_json::Value,
     /// Element type of weights (architectures with quantized weights use their own dtypes).
@@ -102,60 +56,90 @@ pub struct SynthOptions {
     pub seed: u64,
 }
 
+/// The layout of a shipped architecture (`shard-specs/NAME.synth.json`).
+fn layout(arch: &str) -> Result<Layout> {
+    let src = registry::get(arch)
+        .and_then(|s| s.synth)
+        .ok_or_else(|| Error::Unsupported {
+            what: format!("synthetic checkpoints of `{arch}`"),
+            why: format!("no layout is shipped (shard-specs/{arch}.synth.json)"),
+        })?;
+    Layout::parse(src, &format!("{arch}.synth.json"))
+}
+
+/// The weight dtype a config's `torch_dtype` names (BF16 when absent).
+fn dtype_of(config: &serde_json::Value) -> Result<Dtype> {
+    match config.get("torch_dtype").and_then(|d| d.as_str()) {
+        None | Some("bfloat16") => Ok(Dtype::BF16),
+        Some("float16") => Ok(Dtype::F16),
+        Some("float32") => Ok(Dtype::F32),
+        Some(other) => Err(Error::config(
+            "torch_dtype",
+            format!("{other:?} is not one synth writes (bfloat16, float16 or float32)"),
+        )),
+    }
+}
+
 impl SynthOptions {
-    /// Options of a named shape; see [`PRESETS`]. Tiny presets (`llama-tiny`, `qwen2-tiny`,
-    /// ...) have a few layers, hidden sizes of 64–256, vocab sizes that are not multiples of
-    /// 64 and fewer kv heads than heads; real-size ones (`llama3-8b`, `llama3.1-405b`,
-    /// `mixtral-8x7b`, `deepseek-v3`, `gpt2`, `distilgpt2`) have the published shapes and are
-    /// meant to be written sparse. A `-tied` or `-untied` suffix sets `tie_word_embeddings`.
+    /// Options of a named shape; see [`PRESETS`] (the `presets` of every
+    /// `shard-specs/NAME.synth.json`). Tiny presets (`llama-tiny`, `qwen2-tiny`, ...) have a
+    /// few layers, hidden sizes of 64–256, vocab sizes that are not multiples of 64 and fewer
+    /// kv heads than heads; real-size ones (`llama3-8b`, `llama3.1-405b`, `mixtral-8x7b`,
+    /// `deepseek-v3`, `gpt2`, `distilgpt2`) have the published shapes and are meant to be
+    /// written sparse. A `-tied` or `-untied` suffix sets `tie_word_embeddings`.
     /// `llama-tiny` also carries `rotary_emb.inv_freq` buffers, as some real checkpoints do;
     /// `llama-tiny-gptq` and `llama-tiny-awq` are int4 weight-only quantized (group 32).
     pub fn preset(name: &str) -> Result<SynthOptions> {
         presets::preset(name)
     }
 
-    /// Options for an existing `config.json`: the architecture from `architectures`, the
-    /// weight dtype from `torch_dtype` (BF16 when absent), 5 GB files, dense, seed 0.
+    /// Options for an existing `config.json`: the architecture from `architectures` (the
+    /// shipped spec that declares it), the weight dtype from `torch_dtype` (BF16 when
+    /// absent), 5 GB files, dense, seed 0.
     pub fn from_config(config: serde_json::Value) -> Result<SynthOptions> {
         let names: Vec<&str> = config
             .get("architectures")
             .and_then(|a| a.as_array())
             .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
-        let arch = names
-            .iter()
-            .find_map(|n| Arch::from_hf_architecture(n))
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "synth: `architectures` {names:?} names no known architecture (known: {})",
-                    Arch::ALL.map(Arch::hf_architecture).join(", ")
-                ))
-            })?;
-        let dtype = match config.get("torch_dtype").and_then(|d| d.as_str()) {
-            None | Some("bfloat16") => Dtype::BF16,
-            Some("float16") => Dtype::F16,
-            Some("float32") => Dtype::F32,
-            Some(other) => {
-                return Err(Error::Config(format!(
-                    "synth: unsupported torch_dtype {other:?} (bfloat16, float16 or float32)"
-                )))
+        let mut known = Vec::new();
+        let mut arch = None;
+        for s in registry::all().iter().filter(|s| s.synth.is_some()) {
+            let spec = Spec::shipped(s.name)?;
+            if arch.is_none()
+                && names
+                    .iter()
+                    .any(|n| spec.architectures.iter().any(|a| a == n))
+            {
+                arch = Some(s.name);
             }
-        };
+            known.extend(spec.architectures);
+        }
+        let arch = arch.ok_or_else(|| {
+            Error::config(
+                "architectures",
+                format!(
+                    "{names:?} names no architecture synth knows (known: {})",
+                    known.join(", ")
+                ),
+            )
+        })?;
         Ok(SynthOptions {
             arch,
+            dtype: dtype_of(&config)?,
             config,
-            dtype,
             max_file_bytes: 5_000_000_000,
             sparse: false,
             seed: 0,
         })
     }
 
-    /// Sets the number of decoder layers (`num_hidden_layers`, or `n_layer` for GPT-2).
+    /// Sets the number of decoder layers (the layout's `layers` key: `num_hidden_layers`, or
+    /// `n_layer` for GPT-2).
     pub fn with_layers(mut self, layers: u64) -> Self {
         let key = self.layers_key();
         if let Some(c) = self.config.as_object_mut() {
-            c.insert(key.into(), layers.into());
+            c.insert(key, layers.into());
         }
         self
     }
@@ -188,22 +172,24 @@ impl SynthOptions {
 
     /// Number of main-model decoder layers from the config.
     pub fn layers(&self) -> Result<u64> {
-        names::cfg_u64(&self.config, self.layers_key())
+        let key = self.layers_key();
+        match self.config.get(&key) {
+            Some(v) => v.as_u64().ok_or_else(|| {
+                Error::config(&key, format!("must be a non-negative integer, got {v}"))
+            }),
+            None => Err(Error::config(key, "is missing from the config")),
+        }
     }
 
-    fn layers_key(&self) -> &'static str {
-        if self.arch == Arch::Gpt2 {
-            "n_layer"
-        } else {
-            "num_hidden_layers"
-        }
+    fn layers_key(&self) -> String {
+        layout(self.arch).map_or_else(|_| "num_hidden_layers".into(), |l| l.layers_key)
     }
 }
 
 /// Lists the tensors `write_checkpoint` would write for `opts`, in Hugging Face order,
 /// without writing anything. Errors name a missing or malformed config field.
 pub fn tensors(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
-    names::list(opts)
+    layout(opts.arch)?.list(&opts.config, opts.dtype)
 }
 
 /// Byte size of a tensor of `dtype` and `shape`, or an error if it overflows or is not whole bytes.
@@ -211,10 +197,9 @@ pub fn tensors(opts: &SynthOptions) -> Result<Vec<TensorSpec>> {
 /// The reader's own rule (`checkpoint` header validation), so that synth never writes a shape
 /// the reader would refuse.
 pub fn tensor_bytes(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64> {
-    crate::checkpoint::tensor_bytes(dtype, shape).map_err(|why| {
-        Error::Config(format!(
-            "synth: tensor {name:?}: {dtype} {shape:?} has no whole byte size ({why})"
-        ))
+    crate::checkpoint::tensor_bytes(dtype, shape).map_err(|why| Error::Unsupported {
+        what: format!("synthetic tensor {name:?}"),
+        why: format!("{dtype} {shape:?} has no whole byte size ({why})"),
     })
 }
 

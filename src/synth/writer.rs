@@ -103,7 +103,7 @@ pub(crate) fn write(dir: &Path, opts: &SynthOptions) -> Result<usize> {
     let files = plan_files(opts)?;
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg = serde_json::to_vec_pretty(&opts.config)
-        .map_err(|e| Error::Config(format!("synth: config.json: {e}")))?;
+        .map_err(|e| Error::io(dir.join("config.json"), std::io::Error::other(e)))?;
     write_atomic(&dir.join("config.json"), &cfg)?;
 
     // Chunk buffer: no larger than the largest file's data (tiny checkpoints stay small).
@@ -142,7 +142,7 @@ pub(crate) fn write(dir: &Path, opts: &SynthOptions) -> Result<usize> {
         let total: u64 = sizes.iter().sum();
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let body = serde_json::to_vec_pretty(&index)
-            .map_err(|e| Error::Config(format!("synth: index: {e}")))?;
+            .map_err(|e| Error::io(&index_path, std::io::Error::other(e)))?;
         write_atomic(&index_path, &body)?;
     }
     Ok(list.len())

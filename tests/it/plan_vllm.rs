@@ -46,7 +46,7 @@ fn compare(
     let mut want: Vec<BTreeMap<String, (Vec<u64>, u64)>> = vec![BTreeMap::new(); world];
     let mut ref_err = None;
     for (name, dtype, shape) in &list {
-        match expected(opts.arch, &opts.config, topo, name, *dtype, shape) {
+        match expected(&opts.config, topo, name, *dtype, shape) {
             Ok(holders) => {
                 for (rank, s) in holders {
                     let b = local_bytes(*dtype, shape, &s);
@@ -115,18 +115,9 @@ fn compare(
 
 #[test]
 fn tiny_presets_match_vllm() {
-    let presets = [
-        "llama-tiny",
-        "llama-tiny-tied",
-        "mistral-tiny",
-        "qwen2-tiny",
-        "qwen2-tiny-untied",
-        "phi3-tiny",
-        "mixtral-tiny",
-        "qwen2-moe-tiny",
-        "deepseek-v3-tiny",
-        "gpt2-tiny",
-    ];
+    // Every shipped architecture's tiny presets, and a tied and an untied variant.
+    let mut presets = common::tiny_presets();
+    presets.extend(["llama-tiny-tied", "qwen2-tiny-untied"]);
     // (tp, pp, dp, ep)
     let topos = [
         (1, 1, 1, 1),
@@ -154,12 +145,7 @@ fn tiny_presets_match_vllm() {
                 continue;
             };
             // Expert parallelism only for MoE architectures.
-            if ep > 1
-                && !matches!(
-                    preset,
-                    "mixtral-tiny" | "qwen2-moe-tiny" | "deepseek-v3-tiny"
-                )
-            {
+            if ep > 1 && !common::is_moe(&opts.config) {
                 continue;
             }
             match compare(&opts, dir.path(), &topo, true) {

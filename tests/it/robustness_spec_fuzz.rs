@@ -10,20 +10,24 @@ use safeshard::sharding::{self, Config, Spec};
 use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 
-const SPECS: &[(&str, &str)] = &[
-    ("llama", "llama-tiny"),
-    ("mixtral", "mixtral-tiny"),
-    ("deepseek_v3", "deepseek-v3-tiny"),
-    ("phi3", "phi3-tiny"),
-    ("gpt2", "gpt2-tiny"),
-    ("qwen2_moe", "qwen2-moe-tiny"),
-];
+/// (spec, its first tiny preset) for every shipped architecture of the registry.
+fn specs() -> Vec<(&'static str, &'static str)> {
+    Spec::shipped_names()
+        .into_iter()
+        .filter_map(|spec| {
+            let preset = crate::common::tiny_presets()
+                .into_iter()
+                .find(|p| SynthOptions::preset(p).is_ok_and(|o| o.arch == spec))?;
+            Some((spec, preset))
+        })
+        .collect()
+}
 
 /// (spec source, checkpoint) per architecture; checkpoints are sparse (no data written).
 fn fixtures() -> &'static Vec<(String, Checkpoint, tempfile::TempDir)> {
     static F: OnceLock<Vec<(String, Checkpoint, tempfile::TempDir)>> = OnceLock::new();
     F.get_or_init(|| {
-        SPECS
+        specs()
             .iter()
             .map(|(spec, preset)| {
                 let dir = tempfile::tempdir().expect("tempdir");
@@ -154,7 +158,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn mutated_specs_never_panic(which in 0..SPECS.len(), edits in proptest::collection::vec(edit(), 1..6)) {
+    fn mutated_specs_never_panic(which in 0..specs().len(), edits in proptest::collection::vec(edit(), 1..6)) {
         let (src, ckpt, _) = &fixtures()[which];
         let text = apply(src, &edits);
         let Ok(spec) = Spec::parse(&text, "fuzz.shard") else { return Ok(()); };

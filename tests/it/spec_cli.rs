@@ -27,17 +27,13 @@ fn preset(name: &str) -> tempfile::TempDir {
 fn list_names_every_shipped_spec() {
     let (code, out, _) = run(&["spec", "list"]);
     assert_eq!(code, 0);
-    for arch in [
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "Phi3ForCausalLM",
-        "MixtralForCausalLM",
-        "Qwen2MoeForCausalLM",
-        "DeepseekV3ForCausalLM",
-        "GPT2LMHeadModel",
-    ] {
-        assert!(out.contains(arch), "{arch} missing from:\n{out}");
+    for name in safeshard::sharding::Spec::shipped_names() {
+        let spec = safeshard::sharding::Spec::shipped(name).unwrap();
+        let line = format!("{name:<12} {}", spec.architectures.join(" "));
+        assert!(
+            out.lines().any(|l| l == line),
+            "{line} missing from:\n{out}"
+        );
     }
     insta::assert_snapshot!(out);
 }

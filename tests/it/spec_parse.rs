@@ -80,31 +80,44 @@ fn misspellings_suggest_the_right_word() {
     }
 }
 
+/// Every spec of the registry (one per `shard-specs/NAME.shard`) parses, declares at least
+/// one architecture, and is the one detection picks for each of them: no architecture is
+/// claimed by two shipped specs, so detection does not depend on their order.
 #[test]
 fn shipped_specs_parse_and_declare_their_architectures() {
-    let want = [
-        ("llama", "LlamaForCausalLM"),
-        ("llama", "MistralForCausalLM"),
-        ("qwen2", "Qwen2ForCausalLM"),
-        ("phi3", "Phi3ForCausalLM"),
-        ("mixtral", "MixtralForCausalLM"),
-        ("qwen2_moe", "Qwen2MoeForCausalLM"),
-        ("deepseek_v3", "DeepseekV3ForCausalLM"),
-        ("gpt2", "GPT2LMHeadModel"),
-    ];
-    assert_eq!(Spec::shipped_names().len(), 7);
-    for (name, arch) in want {
-        let s = Spec::shipped(name).unwrap();
+    let shipped = safeshard::sharding::registry::all();
+    assert_eq!(
+        Spec::shipped_names(),
+        shipped.iter().map(|s| s.name).collect::<Vec<_>>()
+    );
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/shard-specs"))
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            n.to_str().unwrap().ends_with(".shard")
+        })
+        .count();
+    assert_eq!(shipped.len(), files, "one registry entry per .shard file");
+    let mut claimed = std::collections::BTreeMap::new();
+    for s in shipped {
+        let spec = Spec::shipped(s.name).unwrap();
+        assert_eq!(spec.name, s.name);
         assert!(
-            s.architectures.iter().any(|a| a == arch),
-            "{name} lacks {arch}"
+            !spec.architectures.is_empty(),
+            "{} declares no arch",
+            s.name
         );
-        let cfg = safeshard::sharding::Config::from_json(
-            Some(&serde_json::json!({"architectures": [arch]})),
-            &[],
-        )
-        .unwrap();
-        assert_eq!(Spec::detect(&cfg).unwrap().name, name);
+        for arch in &spec.architectures {
+            if let Some(other) = claimed.insert(arch.clone(), s.name) {
+                panic!("{arch} is declared by both {other} and {}", s.name);
+            }
+            let cfg = safeshard::sharding::Config::from_json(
+                Some(&serde_json::json!({"architectures": [arch]})),
+                &[],
+            )
+            .unwrap();
+            assert_eq!(Spec::detect(&cfg).unwrap().name, s.name);
+        }
     }
     let cfg = safeshard::sharding::Config::from_json(
         Some(&serde_json::json!({"architectures": ["FalconForCausalLM"]})),
@@ -181,8 +194,13 @@ fn documentation_examples_parse() {
     .unwrap();
     let mut blocks = 0;
     for (i, block) in doc.split("```").enumerate() {
-        // Odd pieces are inside fences; skip the error-message examples.
-        if i % 2 == 0 || block.starts_with("text") || block.starts_with("sh") {
+        // Odd pieces are inside fences; skip the error-message examples and the JSON of
+        // synthetic layouts.
+        if i % 2 == 0
+            || block.starts_with("text")
+            || block.starts_with("sh")
+            || block.starts_with("json")
+        {
             continue;
         }
         let src = block.trim_start_matches(|c| c != '\n');

@@ -630,7 +630,7 @@ fn incomplete_checkpoints_are_refused_naming_what_is_missing() {
     // A whole layer missing: every one of its tensors is named, in rule order.
     let e = resolve(&without(&|n| n.starts_with("m.1.")), cfg.clone()).unwrap_err();
     assert!(!e.is_usage());
-    assert_eq!(e.kind(), "placement");
+    assert_eq!(e.kind().name(), "placement");
     assert_eq!(
         e.to_string(),
         "checkpoint is incomplete for spec `t` with 3 layers: 3 tensor(s) it needs are missing: \"m.1.a.w\", \"m.1.b.bias\", \"m.1.b.w\" (required by t.shard line(s) 2, 3; a rule marked `optional` may match nothing)"

@@ -86,7 +86,7 @@ fn check(preset: &str, topos: &[(usize, usize, usize, usize)]) {
         let label = format!("{preset} tp={tp} pp={pp} dp={dp} ep={ep}");
         let want: Result<Vec<_>, String> = tensors
             .iter()
-            .map(|t| vllm_ref::expected(opts.arch, &opts.config, &topo, &t.name, t.dtype, &t.shape))
+            .map(|t| vllm_ref::expected(&opts.config, &topo, &t.name, t.dtype, &t.shape))
             .collect();
         let got = resolve_tensors(&spec, &tensors, &config, &topo);
         let (want, got) = match (want, got) {
@@ -151,49 +151,47 @@ const DENSE: &[(usize, usize, usize, usize)] = &[
     (16, 1, 1, 1),
 ];
 
-#[test]
-fn llama_family() {
-    for p in [
-        "llama-tiny",
-        "llama-tiny-tied",
-        "mistral-tiny",
-        "qwen2-tiny",
-        "qwen2-tiny-untied",
-        "phi3-tiny",
-        "phi3-tiny-tied",
-    ] {
-        check(p, DENSE);
-    }
-}
+const MOE: &[(usize, usize, usize, usize)] = &[
+    (1, 1, 1, 1),
+    (2, 1, 1, 1),
+    (4, 2, 1, 1),
+    (2, 1, 1, 2),
+    (4, 1, 1, 4),
+    (2, 2, 2, 4),
+    (2, 1, 3, 6),
+    (4, 1, 2, 8),
+    (2, 1, 5, 10),
+];
 
+/// Every tiny preset of the registry under the dense topologies, and the expert-parallel
+/// ones for MoE architectures; unquantized dense ones also with their tie flipped (where the
+/// architecture allows it; DeepSeek is never tied in vLLM).
 #[test]
-fn gptq_and_awq() {
-    for p in ["llama-tiny-gptq", "llama-tiny-awq"] {
-        check(p, DENSE);
+fn every_shipped_architecture() {
+    let mut checked = std::collections::BTreeSet::new();
+    for base in crate::common::tiny_presets() {
+        let cfg = SynthOptions::preset(base).unwrap().config;
+        let moe = crate::common::is_moe(&cfg);
+        let flip = match cfg.get("tie_word_embeddings").and_then(|t| t.as_bool()) {
+            _ if moe || cfg.get("quantization_config").is_some() => None,
+            Some(true) => Some("-untied"),
+            _ => Some("-tied"),
+        };
+        for suffix in [Some(""), flip].into_iter().flatten() {
+            let preset = format!("{base}{suffix}");
+            let Ok(opts) = SynthOptions::preset(&preset) else {
+                continue;
+            };
+            check(&preset, if moe { MOE } else { DENSE });
+            checked.insert(opts.arch);
+        }
     }
-}
-
-#[test]
-fn moe_families() {
-    let topos = &[
-        (1, 1, 1, 1),
-        (2, 1, 1, 1),
-        (4, 2, 1, 1),
-        (2, 1, 1, 2),
-        (4, 1, 1, 4),
-        (2, 2, 2, 4),
-        (2, 1, 3, 6),
-        (4, 1, 2, 8),
-        (2, 1, 5, 10),
-    ];
-    for p in ["mixtral-tiny", "qwen2-moe-tiny", "deepseek-v3-tiny"] {
-        check(p, topos);
-    }
-}
-
-#[test]
-fn gpt2() {
-    for p in ["gpt2-tiny", "gpt2-tiny-tied"] {
-        check(p, DENSE);
+    // Every shipped spec with a synthetic layout was checked.
+    for s in safeshard::sharding::registry::all() {
+        assert!(
+            s.synth.is_none() || checked.contains(s.name),
+            "{} not checked",
+            s.name
+        );
     }
 }

@@ -111,10 +111,21 @@ fn resolve(o: &SynthOptions, list: &[TensorSpec], topo: &Topology) -> Vec<Resolv
 }
 
 /// Values: for each tensor and rank, the spec's layout applied to the generator's bytes equals
-/// the reference's slice of the same bytes (shape, zero padding and order included).
+/// the reference's slice of the same bytes (shape, zero padding and order included): every
+/// tiny preset of the registry at tp 1 and tp 2 × pp 2 (and EP 4 over tp 2 × dp 2 for MoE),
+/// plus the topologies below.
 #[test]
 fn shipped_specs_match_the_reference_with_values() {
-    let cases: &[(&str, usize, usize, usize, usize)] = &[
+    let mut cases: Vec<(&str, usize, usize, usize, usize)> = Vec::new();
+    for p in common::tiny_presets() {
+        cases.push((p, 1, 1, 1, 1));
+        cases.push((p, 2, 2, 1, 1));
+        let o = SynthOptions::preset(p).unwrap();
+        if common::is_moe(&o.config) {
+            cases.push((p, 2, 1, 2, 4));
+        }
+    }
+    cases.extend_from_slice(&[
         ("llama-tiny", 1, 1, 1, 1),
         ("llama-tiny", 2, 2, 1, 1),
         ("llama-tiny", 8, 1, 1, 1),
@@ -139,15 +150,15 @@ fn shipped_specs_match_the_reference_with_values() {
         ("llama-tiny-gptq", 4, 2, 1, 1),
         ("llama-tiny-awq", 2, 1, 1, 1),
         ("llama-tiny-awq", 4, 1, 1, 1),
-    ];
+    ]);
     let mut bad = Vec::new();
-    for &(preset, tp, pp, dp, ep) in cases {
+    for &(preset, tp, pp, dp, ep) in &cases {
         let o = SynthOptions::preset(preset).unwrap().with_seed(3);
         let list = synth::tensors(&o).unwrap();
         let topo = Topology::new(tp, pp, dp, ep).unwrap();
         let res = resolve(&o, &list, &topo);
         for ((name, dt, shape), r) in list.iter().zip(&res) {
-            let want = expected(o.arch, &o.config, &topo, name, *dt, shape)
+            let want = expected(&o.config, &topo, name, *dt, shape)
                 .unwrap_or_else(|e| panic!("{preset} {topo:?}: {e}"));
             let es = (dt.bits() / 8) as usize;
             let full = synth::tensor_data(3, name, shape.iter().product::<u64>() as usize * es);
@@ -202,7 +213,7 @@ fn real_scale_rank_bytes_match_the_reference() {
                 got[rank] += dt.byte_size(l.elements()).unwrap();
             }
         }
-        let want = rank_bytes(o.arch, &o.config, &topo, &list).unwrap();
+        let want = rank_bytes(&o.config, &topo, &list).unwrap();
         assert_eq!(got, want, "{preset} tp{tp} pp{pp} dp{dp} ep{ep}");
     }
 }

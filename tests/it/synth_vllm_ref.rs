@@ -5,7 +5,7 @@ use crate::common;
 
 use common::vllm_ref::{expected, local_shape, materialize, pp_counts, rank_bytes, Part, RefSlice};
 use safeshard::checkpoint::Dtype;
-use safeshard::synth::{self, Arch, SynthOptions};
+use safeshard::synth::{self, SynthOptions};
 use safeshard::topology::Topology;
 
 fn topo(tp: usize, pp: usize, dp: usize, ep: usize) -> Topology {
@@ -27,7 +27,7 @@ fn exp(preset: &str, t: &Topology, name: &str) -> Vec<(usize, RefSlice)> {
         .into_iter()
         .find(|x| x.0 == name)
         .unwrap_or_else(|| panic!("{preset} has no {name}"));
-    expected(o.arch, &o.config, t, name, d, &s).unwrap()
+    expected(&o.config, t, name, d, &s).unwrap()
 }
 
 #[test]
@@ -103,11 +103,11 @@ fn llama_column_row_and_gqa() {
 /// Vocab 100 padded to 128 over tp = 2: rank 1 holds rows 64..100 and 28 zero rows.
 #[test]
 fn vocab_padding_values() {
-    let cfg = serde_json::json!({"hidden_size": 2, "num_attention_heads": 2,
+    let cfg = serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 2, "num_attention_heads": 2,
         "num_hidden_layers": 1, "vocab_size": 100, "tie_word_embeddings": false});
     let t = topo(2, 1, 1, 1);
     let shape = [100u64, 2];
-    let e = expected(Arch::Llama, &cfg, &t, "lm_head.weight", Dtype::U8, &shape).unwrap();
+    let e = expected(&cfg, &t, "lm_head.weight", Dtype::U8, &shape).unwrap();
     assert_eq!(e[0].1, cat0(vec![take(0, 64)]));
     assert_eq!(e[1].1, cat0(vec![take(64, 36), Part::Zeros(28)]));
     let full: Vec<u8> = (0..200).map(|i| i as u8).collect();
@@ -223,7 +223,7 @@ fn pipeline_placement_and_dp() {
     let mut cfg = o.config.clone();
     cfg["_checkpoint_has_lm_head"] = serde_json::Value::Bool(true);
     let holders = |name: &str, shape: &[u64]| -> Vec<usize> {
-        expected(o.arch, &cfg, &t, name, Dtype::BF16, shape)
+        expected(&cfg, &t, name, Dtype::BF16, shape)
             .unwrap()
             .into_iter()
             .map(|(r, _)| r)
@@ -401,15 +401,7 @@ fn deepseek_mla_fp8_blocks_and_mtp() {
     // A partition that is not whole 128-blocks is refused, as vLLM does (tiny o_proj at tp 8).
     let o = SynthOptions::preset("deepseek-v3-tiny").unwrap();
     let n = "model.layers.1.self_attn.o_proj.weight";
-    assert!(expected(
-        o.arch,
-        &o.config,
-        &topo(8, 1, 1, 1),
-        n,
-        Dtype::F8_E4M3,
-        &[256, 512]
-    )
-    .is_err());
+    assert!(expected(&o.config, &topo(8, 1, 1, 1), n, Dtype::F8_E4M3, &[256, 512]).is_err());
 }
 
 #[test]
@@ -467,13 +459,13 @@ fn rank_bytes_by_hand() {
         .filter(|t| !t.0.ends_with("inv_freq"))
         .map(|(_, d, s)| d.byte_size(s.iter().product()).unwrap())
         .sum();
-    let b = rank_bytes(o.arch, &o.config, &topo(1, 1, 1, 1), &list).unwrap();
+    let b = rank_bytes(&o.config, &topo(1, 1, 1, 1), &list).unwrap();
     assert_eq!(b, vec![all + 2 * 24 * 128 * 2]);
     // tp 2, BF16: per layer q 64×128 + k,v 16×128 + o 128×64 + gate/up 176×128 + down 128×176
     // + 2 norms of 128; embed/lm_head 512×128 each; final norm 128.
     let layer = 64 * 128 + 2 * 16 * 128 + 128 * 64 + 2 * 176 * 128 + 128 * 176 + 2 * 128;
     let per_rank = 2 * (4 * layer + 2 * 512 * 128 + 128);
-    let b = rank_bytes(o.arch, &o.config, &topo(2, 1, 1, 1), &list).unwrap();
+    let b = rank_bytes(&o.config, &topo(2, 1, 1, 1), &list).unwrap();
     assert_eq!(b, vec![per_rank as u64; 2]);
 }
 
@@ -499,7 +491,7 @@ fn tp_pieces_cover_every_tensor() {
         for &tp in *tps {
             let t = topo(tp, 1, 1, 1);
             for (name, d, shape) in synth::tensors(&o).unwrap() {
-                let e = expected(o.arch, &o.config, &t, &name, d, &shape)
+                let e = expected(&o.config, &t, &name, d, &shape)
                     .unwrap_or_else(|err| panic!("{preset} tp {tp}: {err}"));
                 if e.is_empty() {
                     continue;
@@ -588,7 +580,7 @@ fn deepseek_v3_rank_bytes_at_scale() {
     let o = SynthOptions::preset("deepseek-v3").unwrap();
     let list = synth::tensors(&o).unwrap();
     let t = topo(8, 8, 1, 1);
-    let b = rank_bytes(o.arch, &o.config, &t, &list).unwrap();
+    let b = rank_bytes(&o.config, &t, &list).unwrap();
     assert_eq!(b.len(), 64);
     // Within a stage all TP ranks hold the same amount (every split divides evenly).
     for s in 0..8 {
@@ -640,7 +632,6 @@ fn expert_placements() {
     let t = topo(4, 1, 1, 4);
     let n = "model.layers.0.block_sparse_moe.experts.6.w1.weight";
     let e = common::vllm_ref::expected_placed(
-        o.arch,
         &o.config,
         &t,
         n,
@@ -731,7 +722,6 @@ fn gptq_awq_splits() {
     let mut og = SynthOptions::preset(g).unwrap();
     og.config["quantization_config"]["desc_act"] = serde_json::json!(true);
     let e = expected(
-        og.arch,
         &og.config,
         &t,
         &format!("{dp}.scales"),
@@ -743,7 +733,6 @@ fn gptq_awq_splits() {
     // tp 8: o_proj input 128 / 8 = 16 is not a whole group of 32: refused, as vLLM does.
     let og = SynthOptions::preset(g).unwrap();
     let e = expected(
-        og.arch,
         &og.config,
         &topo(8, 1, 1, 1),
         &format!("{o}.qzeros"),

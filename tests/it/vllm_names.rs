@@ -331,7 +331,7 @@ fn a_user_spec_carries_its_own_map_and_its_errors_name_file_and_key() {
     };
     // No map beside the spec: a typed error the plugin can fall back on.
     let e = open().unwrap_err();
-    assert_eq!(e.kind(), "unsupported", "{e}");
+    assert_eq!(e.kind().name(), "unsupported", "{e}");
     assert!(e.to_string().contains("mine.vllm.json"), "{e}");
     let map = specs.path().join("mine.vllm.json");
     let cases = [
@@ -372,7 +372,7 @@ fn a_user_spec_carries_its_own_map_and_its_errors_name_file_and_key() {
     // A map that does not cover the checkpoint's quantization method.
     write(&map, r#"{"vllm": "0.33.0", "quantization": ["gptq"]}"#);
     let e = open().unwrap_err();
-    assert_eq!(e.kind(), "unsupported", "{e}");
+    assert_eq!(e.kind().name(), "unsupported", "{e}");
     assert!(e.to_string().contains("`none`"), "{e}");
     // A fused rule that only finds some of its parts on a rank is a plan error naming it.
     write(

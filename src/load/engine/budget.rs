@@ -52,9 +52,11 @@ impl Budget {
             .is_some_and(|n| buf.try_reserve_exact(n).is_ok());
         if !ok {
             self.give_back(n);
-            return Err(Error::Load(format!(
-                "cannot allocate a staging buffer of {n} bytes"
-            )));
+            return Err(Error::OutOfMemory {
+                bytes: n,
+                what: "a staging buffer".into(),
+                rank: None,
+            });
         }
         buf.resize(n as usize, 0);
         Ok(buf)

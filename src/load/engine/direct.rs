@@ -158,12 +158,19 @@ impl BouncePool {
         let small = free.pop();
         drop(free);
         drop(small);
-        let len = usize::try_from(n)
-            .map_err(|_| Error::Load(format!("cannot allocate a bounce buffer of {n} bytes")))?;
+        let len = usize::try_from(n).map_err(|_| Error::OutOfMemory {
+            bytes: n,
+            what: "a bounce buffer".into(),
+            rank: None,
+        })?;
         MmapOptions::new()
             .len(len.max(1))
             .map_anon()
-            .map_err(|e| Error::Load(format!("cannot allocate a bounce buffer of {n} bytes: {e}")))
+            .map_err(|_| Error::OutOfMemory {
+                bytes: n,
+                what: "a bounce buffer".into(),
+                rank: None,
+            })
     }
 
     /// Keeps `b` for the next reader unless the pool already holds `limit` bytes.
@@ -194,7 +201,7 @@ pub(super) fn read_direct<'b>(
     let need = (want_end - start) as usize;
     let buf = buf
         .get_mut(..n)
-        .ok_or_else(|| Error::Load(format!("bounce buffer smaller than {n} bytes")))?;
+        .ok_or_else(|| Error::load(None, format!("bounce buffer smaller than {n} bytes")))?;
     let mut got = 0;
     while got < need {
         let Some(rest) = buf.get_mut(got..) else {

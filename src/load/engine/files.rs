@@ -17,8 +17,8 @@ pub(super) fn open_checked(files: &[PlanFile], copies: &[CopyRun]) -> Result<Vec
     for run in copies {
         let idx = run.file as usize;
         let Some(pf) = files.get(idx) else {
-            return Err(Error::Load(format!(
-                "plan: copy run names file #{idx}, but the plan has {} files",
+            return Err(Error::plan(format!(
+                "copy run names file #{idx}, but the plan has {} files",
                 files.len()
             )));
         };

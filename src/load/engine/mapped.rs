@@ -100,19 +100,20 @@ impl Mapped {
             };
             merge_intervals(&mut v, MERGE_GAP);
             for (s, e) in v {
-                let len = usize::try_from(e - s)
-                    .map_err(|_| Error::Load(format!("{}: window too large", pf.path.display())))?;
+                let len = usize::try_from(e - s).map_err(|_| Error::Load {
+                    rank: None,
+                    file: Some(pf.path.clone()),
+                    reason: "window too large".into(),
+                })?;
                 // SAFETY: read-only private mapping of a file whose identity was just
                 // checked; a page that vanishes under a concurrent truncation faults into
                 // the SIGBUS guard registered next, never kills the process.
                 let map = unsafe { MmapOptions::new().offset(s).len(len).map(file) }
                     .map_err(|e| Error::io(&pf.path, e))?;
                 let guard = sigbus::register(map.as_ptr(), map.len()).ok_or_else(|| {
-                    Error::Load(format!(
-                        "{}: cannot guard the file mapping against truncation (SIGBUS handler \
-                         unavailable or too many mappings at once); use --io pread",
-                        pf.path.display()
-                    ))
+                    Error::NoSigbusGuard {
+                        file: pf.path.clone(),
+                    }
                 })?;
                 ws.push(Window {
                     start: s,

@@ -76,7 +76,7 @@ impl IoPaths {
 }
 
 fn bad_plan(msg: String) -> Error {
-    Error::Load(format!("plan: {msg}"))
+    Error::plan(msg)
 }
 
 /// The message of a load whose input shrank under it (a short read or a recovered `SIGBUS`).

@@ -250,11 +250,14 @@ fn check_runs(
             .end()
             .ok_or_else(|| bad_plan(format!("copy run {i}: source offsets overflow")))?;
         if src_end > pf.identity.len {
-            return Err(Error::Load(format!(
-                "{}: copy run {i} reads up to byte {src_end} but the file has {} bytes",
-                pf.path.display(),
-                pf.identity.len
-            )));
+            return Err(Error::Load {
+                rank: None,
+                file: Some(pf.path.clone()),
+                reason: format!(
+                    "copy run {i} reads up to byte {src_end} but the file has {} bytes",
+                    pf.identity.len
+                ),
+            });
         }
         let p = checked_dst("copy", i, r.dst_pattern(), arena_len)?;
         if straddles(&p) {

@@ -8,6 +8,24 @@ use std::path::{Path, PathBuf};
 
 use safeshard::synth::{self, SynthOptions};
 
+/// The tiny synthetic presets of every shipped architecture (the presets of each
+/// `shard-specs/NAME.synth.json` with `-tiny` in the name, quantized ones included): what
+/// tests that cover every architecture iterate over.
+pub fn tiny_presets() -> Vec<&'static str> {
+    synth::PRESETS
+        .iter()
+        .copied()
+        .filter(|n| n.contains("-tiny"))
+        .collect()
+}
+
+/// Whether a config describes a mixture-of-experts model (it names an expert count).
+pub fn is_moe(config: &serde_json::Value) -> bool {
+    ["num_local_experts", "num_experts", "n_routed_experts"]
+        .iter()
+        .any(|k| config.get(k).is_some_and(|v| !v.is_null()))
+}
+
 /// One tensor entry read back from a file by [`read_file`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawTensor {

@@ -23,9 +23,48 @@
 //!     says so; synthetic tied checkpoints store none): vLLM unties and loads the head.
 
 use safeshard::checkpoint::Dtype;
-use safeshard::synth::Arch;
 use safeshard::topology::Topology;
 use serde_json::Value;
+
+/// The vLLM 0.33 model classes this reference knows, from config.json's `architectures`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// `LlamaForCausalLM`, `MistralForCausalLM`.
+    Llama,
+    /// `Qwen2ForCausalLM`.
+    Qwen2,
+    /// `Phi3ForCausalLM`.
+    Phi3,
+    /// `MixtralForCausalLM`.
+    Mixtral,
+    /// `Qwen2MoeForCausalLM`.
+    Qwen2Moe,
+    /// `DeepseekV2ForCausalLM`, `DeepseekV3ForCausalLM`.
+    DeepseekV3,
+    /// `GPT2LMHeadModel`.
+    Gpt2,
+}
+
+impl Arch {
+    /// The model class of a config (its first `architectures` entry).
+    pub fn of(cfg: &Value) -> Result<Arch, String> {
+        let name = cfg
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .ok_or("config has no architectures")?;
+        Ok(match name {
+            "LlamaForCausalLM" | "MistralForCausalLM" => Arch::Llama,
+            "Qwen2ForCausalLM" => Arch::Qwen2,
+            "Phi3ForCausalLM" => Arch::Phi3,
+            "MixtralForCausalLM" => Arch::Mixtral,
+            "Qwen2MoeForCausalLM" => Arch::Qwen2Moe,
+            "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM" => Arch::DeepseekV3,
+            "GPT2LMHeadModel" => Arch::Gpt2,
+            other => return Err(format!("no reference for {other}")),
+        })
+    }
+}
 
 /// vLLM pads the vocabulary to a multiple of this (`DEFAULT_VOCAB_PADDING_SIZE`).
 pub const VOCAB_PAD: u64 = 64;
@@ -327,19 +366,17 @@ pub fn expert_owner(e: u64, n: u64, ep: u64, placement: Placement) -> u64 {
 /// for every rank that holds some of it, in rank order. An empty list means no rank loads it.
 /// Experts under expert parallelism use the `linear` placement.
 pub fn expected(
-    arch: Arch,
     cfg: &Value,
     topo: &Topology,
     name: &str,
     dtype: Dtype,
     shape: &[u64],
 ) -> Result<Vec<(usize, RefSlice)>, String> {
-    expected_placed(arch, cfg, topo, name, dtype, shape, Placement::Linear)
+    expected_placed(cfg, topo, name, dtype, shape, Placement::Linear)
 }
 
 /// [`expected`] with a choice of expert placement.
 pub fn expected_placed(
-    arch: Arch,
     cfg: &Value,
     topo: &Topology,
     name: &str,
@@ -348,6 +385,7 @@ pub fn expected_placed(
     placement: Placement,
 ) -> Result<Vec<(usize, RefSlice)>, String> {
     let _ = dtype;
+    let arch = Arch::of(cfg)?;
     let gpt2 = arch == Arch::Gpt2;
     let layers = if gpt2 {
         cfg_u(cfg, "n_layer")?
@@ -787,7 +825,6 @@ fn gpt2_rule(cfg: &Value, name: &str, shape: &[u64]) -> Result<Rule, String> {
 
 /// Total bytes each global rank holds after loading, as vLLM would (zero padding included).
 pub fn rank_bytes(
-    arch: Arch,
     cfg: &Value,
     topo: &Topology,
     tensors: &[(String, Dtype, Vec<u64>)],
@@ -795,7 +832,7 @@ pub fn rank_bytes(
     let world = topo.tp * topo.pp * topo.dp;
     let mut out = vec![0u64; world];
     for (name, dtype, shape) in tensors {
-        for (rank, s) in expected(arch, cfg, topo, name, *dtype, shape)? {
+        for (rank, s) in expected(cfg, topo, name, *dtype, shape)? {
             out[rank] += local_bytes(*dtype, shape, &s);
         }
     }
@@ -828,7 +865,7 @@ pub fn expected_with_values(
     let list = safeshard::synth::tensors(opts).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for (name, dtype, shape) in list {
-        let holders = expected(opts.arch, &opts.config, topo, &name, dtype, &shape)?;
+        let holders = expected(&opts.config, topo, &name, dtype, &shape)?;
         if holders.is_empty() {
             continue;
         }
