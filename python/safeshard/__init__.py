@@ -426,7 +426,10 @@ class Rank:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """What the load did: ``bytes``, ``read_bytes``, ``sent_bytes``, ``seconds``, ..."""
+        """What the load did: ``bytes``, ``read_bytes``, ``sent_bytes``, ``seconds``, and what
+        the engine chose: ``io_chosen`` (``pread``, ``mmap``, ``direct``; ``none`` when this rank
+        read nothing itself), ``io_bytes`` (bytes per path; ``prefetched``: of ``pread``, the
+        spans read from storage) and ``threads``."""
         return self._native.stats()
 
     def digest(self) -> str:

@@ -235,7 +235,8 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
         # straight into its parameter: report what the rank holds and read instead.
         logger.info(
             "safeshard: rank %d loaded %.1f MiB (read %.1f MiB from storage, %d tensors "
-            "straight into parameters) in %.2f s (plan %.2f s, read %.2f s, copy %.2f s)",
+            "straight into parameters) in %.2f s (plan %.2f s, read %.2f s, copy %.2f s; "
+            "io %s on %d threads)",
             where.world_rank,
             plan.rank(where.plan_rank).bytes / 2**20,
             stats["read_bytes"] / 2**20,
@@ -244,6 +245,8 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             t1 - t0,
             t2 - t1,
             t3 - t2,
+            stats.get("io_chosen", "?"),
+            stats.get("threads", 0),
         )
 
     def _plan(self, model_config: ModelConfig, where: _Where) -> Plan:

@@ -499,6 +499,8 @@ struct NativeRank {
     sent_bytes: u64,
     received_bytes: u64,
     seconds: f64,
+    threads: usize,
+    paths: safeshard::load::IoPaths,
     /// The share mode it loaded with, and why when it was the default.
     share: String,
     share_default: Option<String>,
@@ -521,6 +523,8 @@ impl NativeRank {
             sent_bytes: 0,
             received_bytes: 0,
             seconds: stats.seconds,
+            threads: stats.threads,
+            paths: stats.paths,
             share: ShareMode::None.to_string(),
             share_default: None,
         }
@@ -578,6 +582,15 @@ impl NativeRank {
         d.set_item("sent_bytes", self.sent_bytes)?;
         d.set_item("received_bytes", self.received_bytes)?;
         d.set_item("seconds", self.seconds)?;
+        // What the engine chose (as `safeshard load --json` says it).
+        d.set_item("io_chosen", self.paths.main())?;
+        let io = PyDict::new(py);
+        io.set_item("pread", self.paths.pread)?;
+        io.set_item("prefetched", self.paths.prefetched)?;
+        io.set_item("mmap", self.paths.mapped)?;
+        io.set_item("direct", self.paths.direct)?;
+        d.set_item("io_bytes", io)?;
+        d.set_item("threads", self.threads)?;
         d.set_item("share", &self.share)?;
         d.set_item("share_default", &self.share_default)?;
         Ok(d)

@@ -184,6 +184,8 @@ pub(crate) fn load_slices(
         sent_bytes: traffic.sent_bytes,
         received_bytes: traffic.received_bytes,
         seconds: stats.seconds,
+        threads: stats.threads,
+        paths: stats.paths,
         share: share_name,
         share_default: None,
         // Slice requests use checkpoint names: nothing is re-tied.

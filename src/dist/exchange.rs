@@ -60,7 +60,7 @@ pub(super) fn broadcast(
 
     world.set_phase("broadcast: own reads");
     let segs = schedule.own_reads(plan, me);
-    let read = agree(world, target.read(&plan.files, &segs, &opts.load))?;
+    let read = agree(world, target.read(&plan.files, &segs, &opts.load))?.read_bytes;
 
     // One sub-communicator per distinct holder set; disjoint sets share a split.
     world.set_phase("broadcast: sub-communicators");

@@ -54,7 +54,7 @@ pub use default::{choose_share, ShareChoice};
 pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
-use crate::load::{Arena, ArenaInit, IoMode, LoadOptions, LoadStats, RankTensors};
+use crate::load::{Arena, ArenaInit, ExecStats, IoMode, LoadOptions, LoadStats, RankTensors};
 use crate::plan::{Plan, RankPlan};
 use crate::{Error, Result};
 
@@ -352,12 +352,16 @@ pub fn load_shared_into(
         .map(|((_, b), &(_, start))| (start, &mut **b))
         .collect();
     let mut target = agree(world, target::Target::new(&mut arena, buffers))?;
+    // What the engine chose where this rank read everything itself (the other modes read
+    // in several calls; their stats say only the bytes).
+    let mut exec = ExecStats::default();
     let read_bytes = match opts.mode {
         ShareMode::None => {
             world.set_phase("read");
             let segs = segments::rank_segments(rp);
             let r = target.read(&plan.files, &segs, &opts.load);
-            agree(world, r)?
+            exec = agree(world, r)?;
+            exec.read_bytes
         }
         ShareMode::Broadcast => {
             world.set_phase("broadcast: schedule");
@@ -376,6 +380,8 @@ pub fn load_shared_into(
         view_bytes: 0,
         peak_staging: 0,
         seconds: start.elapsed().as_secs_f64(),
+        threads: exec.threads,
+        paths: exec.paths,
     };
     let mut loaded = RankTensors::from_arena(rp, arena, stats);
     for &(i, _) in &redirected {

@@ -2,7 +2,7 @@
 //! caller buffers (a trainer's parameters), so that shared bytes land in their final memory
 //! without passing through the arena.
 
-use crate::load::{execute_redirected, LoadOptions};
+use crate::load::{execute_redirected, ExecStats, LoadOptions};
 use crate::plan::{CopyRun, PlanFile};
 use crate::{Error, Result};
 
@@ -118,7 +118,7 @@ impl<'a> Target<'a> {
         files: &[PlanFile],
         segs: &[CopyRun],
         opts: &LoadOptions,
-    ) -> Result<u64> {
+    ) -> Result<ExecStats> {
         let mut cut = Vec::with_capacity(segs.len());
         for seg in segs {
             let (mut pos, end) = (seg.dst, seg.dst.saturating_add(seg.len));
@@ -143,7 +143,7 @@ impl<'a> Target<'a> {
             .iter_mut()
             .map(|(s, b)| (*s, &mut **b))
             .collect();
-        Ok(execute_redirected(files, &cut, self.arena, redirects, opts)?.read_bytes)
+        execute_redirected(files, &cut, self.arena, redirects, opts)
     }
 
     /// Length of the rank's layout (the arena).

@@ -110,15 +110,7 @@ pub fn load_rank_scattered(
         .populate_ahead(init == ArenaInit::Ahead)
         .run(&mut arena, opts)?
         .stats;
-    let stats = LoadStats {
-        rank,
-        tensors: rp.tensors.len(),
-        bytes: rp.bytes,
-        read_bytes: exec.read_bytes,
-        view_bytes: 0,
-        peak_staging: exec.peak_staging,
-        seconds: start.elapsed().as_secs_f64(),
-    };
+    let stats = LoadStats::of(rank, rp, &exec, 0, start);
     let mut loaded = RankTensors::from_arena(rp, arena, stats);
     for (i, t) in taken.into_iter().enumerate() {
         if t {
