@@ -23,10 +23,7 @@ fn main() -> safeshard::Result<()> {
     // 1. Open, pick the spec from config.json, resolve and plan, once.
     let job = Job::open(&dir, Topology::new(tp, pp, 1, 1)?, None, &[])?;
     // 2. Load one rank: contiguous tensors as zero-copy views of the mapping.
-    let opts = LoadOptions {
-        views: true,
-        ..LoadOptions::default()
-    };
+    let opts = LoadOptions::default();
     // SAFETY: this program neither truncates nor writes the checkpoint while the views live
     // (a file truncated underneath a mapping raises SIGBUS; `job.load_rank` copies instead).
     let mut rank_tensors = unsafe { job.load_rank_views(rank, &opts)? };

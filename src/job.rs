@@ -317,8 +317,8 @@ impl Job {
         Ok(loaded)
     }
 
-    /// Loads one rank with zero-copy views of the file mapping where
-    /// [`LoadOptions::views`] is set.
+    /// Loads one rank with zero-copy views of the file mapping for the tensors that are one
+    /// contiguous file span (see [`crate::load::load_rank_views`]).
     ///
     /// # Safety
     ///

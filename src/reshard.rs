@@ -177,11 +177,7 @@ fn write_rank(
     vllm: Option<(&VllmNames, Names)>,
     names: &mut Vec<String>,
 ) -> Result<(u64, Retied)> {
-    let load_opts = LoadOptions {
-        views: false,
-        ..opts.load.clone()
-    };
-    let mut loaded = load::load_rank(plan, rank, &load_opts)?;
+    let mut loaded = load::load_rank(plan, rank, &opts.load)?;
     let retied = match vllm {
         Some((v, n)) => v.finish(plan, &mut loaded, n)?,
         None => Retied::NotApplicable,

@@ -120,8 +120,6 @@ fn load_options(
     }
     Ok(LoadOptions {
         io: parse_io(py, io)?,
-        // Views would hand Python slices of a file mapping; always load into the arena.
-        views: false,
         threads,
         control: Some(Arc::clone(control)),
         ..LoadOptions::default()

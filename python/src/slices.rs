@@ -91,7 +91,6 @@ fn share_options(
         timeout,
         load: LoadOptions {
             io,
-            views: false,
             threads,
             control: Some(Arc::clone(control)),
             ..LoadOptions::default()

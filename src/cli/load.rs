@@ -133,10 +133,27 @@ pub fn load_one(
     opts: &LoadOptions,
     verify: bool,
 ) -> Result<RankReport> {
-    load_one_with(ckpt, resolution, plan, rank, opts, verify, false)
+    load_one_with(
+        ckpt,
+        resolution,
+        plan,
+        rank,
+        opts,
+        verify,
+        Extras::default(),
+    )
 }
 
-/// [`load_one`], optionally with a digest of the rank's arena.
+/// What a rank load of `safeshard load` does beyond copying the rank's tensors.
+#[derive(Clone, Copy, Default)]
+struct Extras {
+    /// `--digest`: the SHA-256 of the rank's arena.
+    digest: bool,
+    /// `--views`: zero-copy views of the mapping, through the unsafe loader.
+    views: bool,
+}
+
+/// [`load_one`], optionally with a digest of the rank's arena or views.
 fn load_one_with(
     ckpt: &Checkpoint,
     resolution: &Resolution,
@@ -144,9 +161,9 @@ fn load_one_with(
     rank: usize,
     opts: &LoadOptions,
     verify: bool,
-    digest: bool,
+    extras: Extras,
 ) -> Result<RankReport> {
-    let loaded = if opts.views {
+    let loaded = if extras.views {
         // SAFETY: `--views` is the user's promise (documented in --help) that the checkpoint
         // is not truncated or written during the load; the views are dropped before return.
         unsafe { load::load_rank_views(plan, rank, opts)? }
@@ -159,7 +176,7 @@ fn load_one_with(
         None
     };
     let stats = *loaded.stats();
-    let sha256 = digest.then(|| {
+    let sha256 = extras.digest.then(|| {
         let (arena, _) = loaded.into_parts();
         sha256_hex(&arena)
     });
@@ -180,10 +197,19 @@ pub fn load_ranks(
     verify: bool,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Vec<RankReport>> {
-    load_ranks_with(ckpt, resolution, plan, ranks, opts, verify, false, progress)
+    load_ranks_with(
+        ckpt,
+        resolution,
+        plan,
+        ranks,
+        opts,
+        verify,
+        Extras::default(),
+        progress,
+    )
 }
 
-/// [`load_ranks`], optionally with digests.
+/// [`load_ranks`], optionally with digests or views.
 #[allow(clippy::too_many_arguments)]
 fn load_ranks_with(
     ckpt: &Checkpoint,
@@ -192,7 +218,7 @@ fn load_ranks_with(
     ranks: &[usize],
     opts: &LoadOptions,
     verify: bool,
-    digest: bool,
+    extras: Extras,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Vec<RankReport>> {
     // At most MAX_CONCURRENT ranks (threads, arenas) at once: `--dp 16384 --all-ranks`
@@ -208,7 +234,7 @@ fn load_ranks_with(
                         .name(format!("rank-{r}"))
                         .spawn_scoped(s, move || {
                             let res =
-                                load_one_with(ckpt, resolution, plan, r, opts, verify, digest);
+                                load_one_with(ckpt, resolution, plan, r, opts, verify, extras);
                             if let Some(p) = progress {
                                 p.inc(1);
                             }
@@ -364,7 +390,6 @@ fn run_ranks(args: &Args, rank: Option<usize>, share_why: Option<String>) -> Res
     };
     let opts = LoadOptions {
         io: args.io,
-        views: args.views,
         staging_budget: args.staging_budget,
         arena: args.arena,
         threads: args.threads.map(usize::from),
@@ -388,7 +413,10 @@ fn run_ranks(args: &Args, rank: Option<usize>, share_why: Option<String>) -> Res
         &ranks,
         &opts,
         args.verify,
-        args.digest,
+        Extras {
+            digest: args.digest,
+            views: args.views,
+        },
         progress.as_ref(),
     );
     if let Some(p) = progress {

@@ -22,7 +22,7 @@
 //!    strided ones, and copies from the mapping. [`IoMode::Pread`] uses positioned reads,
 //!    straight into the arena for contiguous runs and through staging buffers (never more
 //!    than [`LoadOptions::staging_budget`] bytes at once) for strided ones.
-//! 4. **Views.** With [`LoadOptions::views`] and the `unsafe` [`load_rank_views`], a tensor
+//! 4. **Views.** Only through the `unsafe` [`load_rank_views`], a tensor
 //!    whose bytes are one contiguous span of a file is not copied: [`RankTensors`] hands out a
 //!    slice of the mapping instead, valid only while no one truncates or writes the file.
 //!
@@ -123,10 +123,6 @@ pub const DEFAULT_STAGING_BUDGET: u64 = 256 << 20;
 pub struct LoadOptions {
     /// I/O engine.
     pub io: IoMode,
-    /// Hand out tensors that are one contiguous file span as views into the mapping instead
-    /// of copying them (mmap engine only; ignored by pread). Only the unsafe
-    /// [`load_rank_views`] accepts it; the safe loaders refuse it.
-    pub views: bool,
     /// Most bytes of staging buffers held at once (pread engine, strided runs).
     pub staging_budget: u64,
     /// How a fresh arena is prepared.
@@ -196,7 +192,6 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             io: IoMode::default(),
-            views: false,
             staging_budget: DEFAULT_STAGING_BUDGET,
             arena: ArenaInit::default(),
             threads: None,
@@ -579,38 +574,32 @@ fn contig(r: &CopyRun, dst: u64, len: u64) -> CopyRun {
 }
 
 /// Loads rank `rank` of `plan` into a fresh arena. Every tensor is copied into memory the
-/// result owns; `opts.views` is refused here (see [`load_rank_views`]).
+/// result owns (zero-copy views of the files: [`load_rank_views`]).
 pub fn load_rank(plan: &Plan, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
     load_rank_into(plan, rank, opts, None)
 }
 
 /// Loads rank `rank` of `plan`, reusing `arena` when it is large enough (touched memory
-/// avoids the page faults of a fresh allocation). Like [`load_rank`], refuses `opts.views`.
+/// avoids the page faults of a fresh allocation).
 pub fn load_rank_into(
     plan: &Plan,
     rank: usize,
     opts: &LoadOptions,
     arena: Option<Arena>,
 ) -> Result<RankTensors> {
-    refuse_views(
-        opts,
-        "zero-copy views of a file mapping are only handed out by the unsafe load_rank_views",
-    )?;
-    load_rank_impl(plan, rank, opts, arena)
+    load_rank_impl(plan, rank, opts, arena, Access::Copied)
 }
 
 /// Loads rank `rank` of `plan` into `buf`, memory the caller owns (for example pinned host
 /// memory for a later device copy), laid out as the rank's arena: tensor `t` at
 /// `t.offset`, the gaps between tensors zeroed, bytes past the arena's length untouched.
-/// `buf` must hold at least [`RankPlan::arena_bytes`]. Refuses `opts.views` like
-/// [`load_rank`].
+/// `buf` must hold at least [`RankPlan::arena_bytes`].
 pub fn load_rank_into_buffer(
     plan: &Plan,
     rank: usize,
     opts: &LoadOptions,
     buf: &mut [u8],
 ) -> Result<LoadStats> {
-    refuse_views(opts, "a load into a caller's buffer copies every tensor")?;
     let start = Instant::now();
     let rp = rank_plan(plan, rank)?;
     let need = rp.arena_bytes;
@@ -626,14 +615,6 @@ pub fn load_rank_into_buffer(
         .run(arena, opts)?
         .stats;
     Ok(LoadStats::of(rank, rp, &exec, 0, start))
-}
-
-/// The error of a safe loader given [`LoadOptions::views`], saying `why` it copies instead.
-pub(crate) fn refuse_views(opts: &LoadOptions, why: &str) -> Result<()> {
-    if opts.views {
-        return Err(Error::invalid_argument("views", format!("true: {why}")));
-    }
-    Ok(())
 }
 
 /// Zeroes the arena bytes no tensor covers (alignment gaps and the tail), which a fresh
@@ -673,8 +654,9 @@ pub(crate) fn rank_plan(plan: &Plan, rank: usize) -> Result<&RankPlan> {
     })
 }
 
-/// [`load_rank`] with [`LoadOptions::views`] honoured: tensors that are one contiguous span of
-/// a file are not copied; [`RankTensors`] hands out slices of the file mapping instead.
+/// [`load_rank`] with zero-copy views: tensors that are one contiguous span of a file are not
+/// copied; [`RankTensors`] hands out slices of the file mapping instead (with
+/// [`IoMode::Auto`] or [`IoMode::Mmap`]; the other engines copy every tensor).
 ///
 /// # Safety
 ///
@@ -685,7 +667,17 @@ pub(crate) fn rank_plan(plan: &Plan, rank: usize) -> Result<&RankPlan> {
 /// shared reference. Checkpoint files that are only ever replaced by rename (as Hugging Face
 /// tools do) are safe.
 pub unsafe fn load_rank_views(plan: &Plan, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
-    load_rank_impl(plan, rank, opts, None)
+    load_rank_impl(plan, rank, opts, None, Access::Views)
+}
+
+/// Whether a load may hand out views of the file mapping: only the unsafe
+/// [`load_rank_views`] asks for them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Every tensor copied into the arena.
+    Copied,
+    /// Contiguous tensors as views of the mapping.
+    Views,
 }
 
 fn load_rank_impl(
@@ -693,13 +685,14 @@ fn load_rank_impl(
     rank: usize,
     opts: &LoadOptions,
     arena: Option<Arena>,
+    access: Access,
 ) -> Result<RankTensors> {
     let start = Instant::now();
     let rp = rank_plan(plan, rank)?;
     let mut views = HashMap::new();
     let mut view_bytes = 0;
     // Views need a mapping of every contiguous tensor, whatever the engine.
-    let views_on = opts.views && matches!(opts.io, IoMode::Auto | IoMode::Mmap);
+    let views_on = access == Access::Views && matches!(opts.io, IoMode::Auto | IoMode::Mmap);
     let clipped;
     let request = if views_on {
         let cands = view_candidates(rp);

@@ -5,10 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::{
-    engine, rank_plan, refuse_views, Arena, ArenaInit, ExecStats, LoadOptions, LoadStats,
-    RankTensors,
-};
+use super::{engine, rank_plan, Arena, ArenaInit, ExecStats, LoadOptions, LoadStats, RankTensors};
 use crate::plan::{CopyRun, Plan, PlanFile, Strided, ZeroRun};
 use crate::{Error, Result};
 
@@ -22,8 +19,7 @@ use crate::{Error, Result};
 /// other tensors; the redirected ones are left out of it (their arena pages are never
 /// touched, so they cost no memory). A fresh arena's pages, and the caller buffers' pages,
 /// are made resident as [`LoadOptions::arena`] says (`Populate` acts like `Ahead` here, so
-/// that the redirected spans are not faulted in). Refuses [`LoadOptions::views`] like
-/// [`load_rank`](super::load_rank).
+/// that the redirected spans are not faulted in).
 ///
 /// ```
 /// # fn main() -> safeshard::Result<()> {
@@ -49,7 +45,6 @@ pub fn load_rank_scattered(
     opts: &LoadOptions,
     into: &mut [(&str, &mut [u8])],
 ) -> Result<RankTensors> {
-    refuse_views(opts, "a load into caller buffers copies every tensor")?;
     let start = Instant::now();
     let rp = rank_plan(plan, rank)?;
     let index: HashMap<&str, usize> = rp

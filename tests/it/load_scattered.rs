@@ -134,14 +134,6 @@ fn a_wrong_name_size_or_repeat_is_an_invalid_argument_naming_into() {
             other => panic!("expected invalid_argument, got {other:?}"),
         }
     }
-    let views = LoadOptions {
-        views: true,
-        ..LoadOptions::default()
-    };
-    assert!(matches!(
-        load_rank_scattered(&job.plan, 0, &views, &mut []),
-        Err(Error::InvalidArgument { .. })
-    ));
     assert!(matches!(
         load_rank_scattered(&job.plan, 9, &opts, &mut []),
         Err(Error::InvalidArgument { .. })

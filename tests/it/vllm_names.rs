@@ -246,10 +246,7 @@ fn every_load_path_agrees(preset: &str) {
     }
     // Zero-copy views where possible; the transposed tensors are materialized.
     for (r, mine) in local.iter().enumerate() {
-        let opts = LoadOptions {
-            views: true,
-            ..LoadOptions::default()
-        };
+        let opts = LoadOptions::default();
         // SAFETY: nothing writes the checkpoint while the views live.
         let viewed = unsafe { job.load_rank_views(r, &opts) }.unwrap();
         for t in mine.iter() {
@@ -743,10 +740,7 @@ fn every_vllm_load(job: &Job, check: Check<'_>) {
             &|n| loaded.get(n).map(|t| t.data.to_vec()),
             loaded.aliases(),
         );
-        let opts = LoadOptions {
-            views: true,
-            ..LoadOptions::default()
-        };
+        let opts = LoadOptions::default();
         // SAFETY: nothing writes the checkpoint while the views live.
         let viewed = unsafe { job.load_rank_views(r, &opts) }.unwrap();
         check(
