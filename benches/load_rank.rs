@@ -49,7 +49,7 @@ fn split_dim(name: &str) -> Option<usize> {
 
 fn resolution(ckpt: &Checkpoint, tp: usize) -> Resolution {
     let tensors = ckpt
-        .tensors
+        .tensors()
         .iter()
         .map(|t| {
             let layouts = (0..tp as u64)
@@ -89,7 +89,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn drop_cache(ckpt: &Checkpoint) {
-    for f in &ckpt.files {
+    for f in ckpt.files() {
         let file = File::open(&f.path).expect("open");
         // SAFETY: plain syscall on an open descriptor.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
@@ -98,7 +98,7 @@ fn drop_cache(ckpt: &Checkpoint) {
 
 fn warm(ckpt: &Checkpoint) {
     let mut buf = vec![0u8; 8 << 20];
-    for f in &ckpt.files {
+    for f in ckpt.files() {
         let mut file = File::open(&f.path).expect("open");
         while file.read(&mut buf).expect("read") > 0 {}
     }
@@ -109,7 +109,7 @@ fn sequential_read(ckpt: &Checkpoint, bytes: u64) -> f64 {
     let mut buf = vec![0u8; 8 << 20];
     let t = Instant::now();
     let mut left = bytes;
-    for f in &ckpt.files {
+    for f in ckpt.files() {
         let mut file = File::open(&f.path).expect("open");
         while left > 0 {
             let want = (left as usize).min(buf.len());
@@ -197,9 +197,9 @@ fn main() {
     println!(
         "checkpoint {} ({} tensors, {:.2} GB, {} files)",
         dir.display(),
-        ckpt.tensors.len(),
+        ckpt.tensors().len(),
         ckpt.total_bytes() as f64 / 1e9,
-        ckpt.files.len()
+        ckpt.files().len()
     );
     let src = vec![7u8; 256 << 20];
     let base = LoadOptions::default();
@@ -235,12 +235,12 @@ fn main() {
         let topo = Topology::new(tp, 1, 1, 1).expect("topo");
         let res = resolution(&ckpt, tp);
         let plan = plan::build(&ckpt, &res, &topo, "bench-llama").expect("plan");
-        let rp = &plan.ranks[0];
+        let rp = &plan.ranks()[0];
         warm(&ckpt);
         let (_, mut reuse) = timed(&plan, &mk(IoMode::Mmap, ArenaInit::HugePages), None);
         let mut t: [Vec<f64>; 9] = Default::default();
         for _ in 0..reps {
-            t[0].push(memcpy_into(&mut reuse[..rp.bytes as usize], &src));
+            t[0].push(memcpy_into(&mut reuse[..rp.bytes() as usize], &src));
             let (s, a) = timed(&plan, &mk(IoMode::Mmap, ArenaInit::HugePages), Some(reuse));
             reuse = a;
             t[1].push(s);
@@ -257,12 +257,12 @@ fn main() {
             t[8].push(timed(&plan, &hybrid(ArenaInit::HugePages), None).0);
         }
         let m: Vec<f64> = t.iter().map(|v| median(v.clone())).collect();
-        let g: Vec<f64> = m.iter().map(|&s| gbps(rp.bytes, s)).collect();
+        let g: Vec<f64> = m.iter().map(|&s| gbps(rp.bytes(), s)).collect();
         let best = g[1..].iter().cloned().fold(0.0, f64::max);
         println!(
             "{:>3} {:>9.0} {:>8.2} | {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} | {:>6.2} {:>6.2}",
             tp,
-            rp.bytes as f64 / 1e6,
+            rp.bytes() as f64 / 1e6,
             g[0],
             g[1],
             g[2],
@@ -335,10 +335,10 @@ fn main() {
                 s
             });
             reuse = r.take().expect("arena");
-            run(4, &mut || sequential_read(&ckpt, rp.read_bytes));
+            run(4, &mut || sequential_read(&ckpt, rp.read_bytes()));
         }
         drop(reuse);
-        cold_rows.push((tp, rp.bytes, rp.read_bytes, c.map(median), io));
+        cold_rows.push((tp, rp.bytes(), rp.read_bytes(), c.map(median), io));
     }
     if python {
         println!("\n## vs Python safetensors loop (bench/python_ref.py), rank 0, warm cache");

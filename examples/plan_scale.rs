@@ -160,8 +160,8 @@ fn run() -> Result<(), String> {
         let hi = walls.iter().cloned().fold(0.0, f64::max);
         println!(
             "| {name} | {} | {} | `{}` | {:.3} | {lo:.3}..{hi:.3} | {:.3} | {:.0} |",
-            c.tensors.len(),
-            c.files.len(),
+            c.tensors().len(),
+            c.files().len(),
             a.join(" "),
             median(walls),
             median(cpus),
@@ -229,7 +229,7 @@ fn run() -> Result<(), String> {
                 let t = Instant::now();
                 let p = plan::build(&c, &res, &topo, &s.name).map_err(|e| e.to_string())?;
                 times.push(t.elapsed().as_secs_f64());
-                placements = p.ranks.iter().map(|r| r.tensors.len()).sum();
+                placements = p.ranks().iter().map(|r| r.tensors().len()).sum();
             }
             let m = median(times);
             println!(

@@ -101,7 +101,7 @@ fn parse(args: &[String]) -> Result<Run> {
 fn load(run: &Run, comm: &dyn Communicator) -> Result<String> {
     let dir = run.dir.replace("{rank}", &comm.rank().to_string());
     let job = Job::open(&dir, run.topo.clone(), None, &[])?;
-    let (tensors, traffic) = load_shared_with(&SharedPlan::new(&job.plan), comm, &run.opts)?;
+    let (tensors, traffic) = load_shared_with(&SharedPlan::new(job.plan()), comm, &run.opts)?;
     let s = *tensors.stats();
     let (arena, _) = tensors.into_parts();
     let digest: String = Sha256::digest(&arena[..])

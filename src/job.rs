@@ -20,6 +20,9 @@ use crate::Result;
 /// Everything needed to load any rank of a job: the steps from opening a checkpoint to the
 /// plan (open → spec → resolve → plan), done once. The entry point of the library.
 ///
+/// Its parts are read through accessors ([`Job::plan`], [`Job::checkpoint`], ...): the plan,
+/// the vLLM finishing step and the resolution must keep agreeing with each other.
+///
 /// ```no_run
 /// use safeshard::{Job, LoadOptions, Topology};
 ///
@@ -35,17 +38,17 @@ use crate::Result;
 #[derive(Debug)]
 pub struct Job {
     /// The checkpoint catalog.
-    pub ckpt: Checkpoint,
+    pub(crate) ckpt: Checkpoint,
     /// Config values (`config.json` plus overrides).
-    pub config: Config,
+    pub(crate) config: Config,
     /// The sharding spec.
-    pub spec: Spec,
+    pub(crate) spec: Spec,
     /// The topology.
-    pub topology: Topology,
+    pub(crate) topology: Topology,
     /// Every tensor's placement.
-    pub resolution: Resolution,
+    pub(crate) resolution: Resolution,
     /// Per-rank copy runs (under the names of [`Job::names`]).
-    pub plan: Plan,
+    pub(crate) plan: Plan,
     /// With vLLM names: what each rank leaves until after its load.
     vllm: Option<VllmNames>,
 }
@@ -194,6 +197,42 @@ impl Job {
             overrides: Vec::new(),
             names: TensorNames::Checkpoint,
         }
+    }
+
+    /// The checkpoint catalog.
+    #[must_use]
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ckpt
+    }
+
+    /// Config values (`config.json` plus overrides).
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The sharding spec.
+    #[must_use]
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// The topology.
+    #[must_use]
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Every tensor's placement.
+    #[must_use]
+    pub fn resolution(&self) -> &Resolution {
+        &self.resolution
+    }
+
+    /// Per-rank copy runs (under the names of [`Job::names`]).
+    #[must_use]
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     /// The names the ranks hold.

@@ -237,17 +237,17 @@ impl NativePlan {
 
     #[getter]
     fn world_size(&self) -> usize {
-        self.job.plan.ranks.len()
+        self.job.plan().ranks().len()
     }
 
     #[getter]
     fn hash(&self) -> String {
-        self.job.plan.hash_hex()
+        self.job.plan().hash_hex()
     }
 
     #[getter]
     fn spec(&self) -> String {
-        self.job.plan.spec.clone()
+        self.job.plan().spec().to_owned()
     }
 
     /// What resolution noticed but did not refuse, one line each.
@@ -259,37 +259,40 @@ impl NativePlan {
     /// `(tp, pp, dp, ep)`.
     #[getter]
     fn topology(&self) -> (usize, usize, usize, usize) {
-        let t = &self.job.plan.topology;
+        let t = self.job.plan().topology();
         (t.tp, t.pp, t.dp, t.ep)
     }
 
     fn to_json(&self, py: Python<'_>) -> String {
         let job = Arc::clone(&self.job);
-        py.detach(move || safeshard::plan::json_document(&job.plan))
+        py.detach(move || safeshard::plan::json_document(job.plan()))
     }
 
     /// One rank's summary: a dict with the coordinates, `bytes`, `read_bytes`,
     /// `staging_bytes`, `arena_bytes` and `tensors` as `(name, dtype, shape, nbytes)`.
     fn rank_info<'py>(&self, py: Python<'py>, rank: usize) -> PyResult<Bound<'py, PyDict>> {
-        let rp = self.job.plan.ranks.get(rank).ok_or_else(|| {
+        let rp = self.job.plan().ranks().get(rank).ok_or_else(|| {
             usage(
                 py,
                 "rank",
-                format!("{rank}: the plan has {} ranks", self.job.plan.ranks.len()),
+                format!(
+                    "{rank}: the plan has {} ranks",
+                    self.job.plan().ranks().len()
+                ),
             )
         })?;
         let d = PyDict::new(py);
-        let c = rp.coords;
+        let c = rp.coords();
         d.set_item("rank", c.rank)?;
         d.set_item("tp_rank", c.tp_rank)?;
         d.set_item("pp_rank", c.pp_rank)?;
         d.set_item("dp_rank", c.dp_rank)?;
         d.set_item("ep_rank", c.ep_rank)?;
-        d.set_item("bytes", rp.bytes)?;
-        d.set_item("read_bytes", rp.read_bytes)?;
-        d.set_item("staging_bytes", rp.staging_bytes)?;
-        d.set_item("arena_bytes", rp.arena_bytes)?;
-        d.set_item("tensors", tensor_table(py, &rp.tensors, false)?)?;
+        d.set_item("bytes", rp.bytes())?;
+        d.set_item("read_bytes", rp.read_bytes())?;
+        d.set_item("staging_bytes", rp.staging_bytes())?;
+        d.set_item("arena_bytes", rp.arena_bytes())?;
+        d.set_item("tensors", tensor_table(py, rp.tensors(), false)?)?;
         Ok(d)
     }
 
@@ -335,7 +338,12 @@ impl NativePlan {
             // Finished (vLLM names: transposes, buffers, re-ties) as Job::load_rank does.
             job.load_rank_into_buffer(rank, &opts, bytes)
         })?;
-        let used = self.job.plan.ranks.get(rank).map_or(0, |rp| rp.arena_bytes) as usize;
+        let used = self
+            .job
+            .plan()
+            .ranks()
+            .get(rank)
+            .map_or(0, |rp| rp.arena_bytes()) as usize;
         // SAFETY: the first `used` bytes (the load checked they fit) of memory the capsule
         // `keep` holds alive and in place.
         let owner = unsafe { dlpack::Owner::from_external(address, used, keep) };
@@ -432,7 +440,7 @@ impl NativePlan {
                 }
             };
             let (mut loaded, traffic) =
-                load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)?;
+                load_shared_with(&SharedPlan::new(job.plan()), &world, &opts)?;
             // vLLM names' transposes, buffers and re-ties, as Job::load_shared.
             job.finish(&mut loaded)?;
             Ok((loaded, traffic, why.map(|w| (opts.mode, w))))

@@ -44,7 +44,7 @@ impl NativeCheckpoint {
     /// `{name: (dtype, shape)}` of every tensor, in file order.
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        for t in &self.job.checkpoint().tensors {
+        for t in self.job.checkpoint().tensors() {
             d.set_item(&t.name, (t.dtype.name(), PyTuple::new(py, &t.shape)?))?;
         }
         Ok(d)
@@ -53,7 +53,7 @@ impl NativeCheckpoint {
     /// The directory holding the checkpoint's files.
     #[getter]
     fn root(&self) -> String {
-        self.job.checkpoint().root.display().to_string()
+        self.job.checkpoint().root().display().to_string()
     }
 }
 

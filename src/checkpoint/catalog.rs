@@ -102,21 +102,24 @@ pub struct TensorInfo {
 }
 
 /// A checkpoint's catalog, built from headers without reading tensor data.
+///
+/// Read through its accessors: the catalog is consistent only as [`Checkpoint::open`] built
+/// it (tensors sorted by (file, offset), the name index pointing into them).
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
     /// Directory holding the checkpoint's files (and `config.json`, if any).
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// The index file, when the checkpoint has one.
-    pub index: Option<PathBuf>,
+    pub(crate) index: Option<PathBuf>,
     /// Files in index order (sorted by name), each read once.
-    pub files: Vec<FileInfo>,
+    pub(crate) files: Vec<FileInfo>,
     /// Every tensor, sorted by (file, offset).
-    pub tensors: Vec<TensorInfo>,
+    pub(crate) tensors: Vec<TensorInfo>,
     /// `config.json` beside the checkpoint, when present.
-    pub config: Option<serde_json::Value>,
+    pub(crate) config: Option<serde_json::Value>,
     /// Tensors found in files but absent from the index, as (file, tensor) pairs; they are
     /// reported, not loaded.
-    pub unindexed: Vec<(String, String)>,
+    pub(crate) unindexed: Vec<(String, String)>,
     by_name: HashMap<String, usize>,
 }
 
@@ -304,6 +307,44 @@ impl Checkpoint {
             unindexed,
             by_name,
         })
+    }
+
+    /// Directory holding the checkpoint's files (and `config.json`, if any).
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The index file, when the checkpoint has one.
+    #[must_use]
+    pub fn index(&self) -> Option<&Path> {
+        self.index.as_deref()
+    }
+
+    /// Files in index order (sorted by name), each read once.
+    #[must_use]
+    pub fn files(&self) -> &[FileInfo] {
+        &self.files
+    }
+
+    /// Every tensor, sorted by (file, offset) (the order [`Checkpoint::tensor_index`] and the
+    /// plan's [`crate::plan::TensorPlan::source`] index into).
+    #[must_use]
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// `config.json` beside the checkpoint, when present.
+    #[must_use]
+    pub fn config(&self) -> Option<&serde_json::Value> {
+        self.config.as_ref()
+    }
+
+    /// Tensors found in files but absent from the index, as (file, tensor) pairs; they are
+    /// reported, not loaded.
+    #[must_use]
+    pub fn unindexed(&self) -> &[(String, String)] {
+        &self.unindexed
     }
 
     /// The tensor with this name.

@@ -119,24 +119,24 @@ pub fn run(args: Args) -> Result<()> {
     let job = Job::open(&dir, topo, None, &[])?;
     println!(
         "2. plan for tp=4 x pp=2 (spec {}, {} files, {} held in total):",
-        job.spec.name,
-        job.plan.files.len(),
-        human_bytes(job.plan.ranks.iter().map(|r| r.bytes).sum())
+        job.spec().name,
+        job.plan().files().len(),
+        human_bytes(job.plan().ranks().iter().map(|r| r.bytes()).sum())
     );
     println!(
         "   {:>4} {:>3} {:>3} {:>3} {:>8} {:>12} {:>12}",
         "rank", "dp", "pp", "tp", "tensors", "held", "read"
     );
-    for r in &job.plan.ranks {
+    for r in job.plan().ranks() {
         println!(
             "   {:>4} {:>3} {:>3} {:>3} {:>8} {:>12} {:>12}",
-            r.coords.rank,
-            r.coords.dp_rank,
-            r.coords.pp_rank,
-            r.coords.tp_rank,
-            r.tensors.len(),
-            human_bytes(r.bytes),
-            human_bytes(r.read_bytes)
+            r.coords().rank,
+            r.coords().dp_rank,
+            r.coords().pp_rank,
+            r.coords().tp_rank,
+            r.tensors().len(),
+            human_bytes(r.bytes()),
+            human_bytes(r.read_bytes())
         );
     }
 
@@ -145,16 +145,16 @@ pub fn run(args: Args) -> Result<()> {
     let mut reports = Vec::with_capacity(ranks.len());
     for &r in &ranks {
         reports.push(load_one(
-            &job.ckpt,
-            &job.resolution,
-            &job.plan,
+            job.checkpoint(),
+            job.resolution(),
+            job.plan(),
             r,
             &LoadOptions::default(),
             true,
         )?);
     }
     for r in &reports {
-        println!("   {}", human_line(&job.plan, r));
+        println!("   {}", human_line(job.plan(), r));
     }
     let verified: usize = reports.iter().filter_map(|r| r.verified).sum();
     // Throughput: all 8 ranks in-process on threads, concurrently, timed as a whole.
@@ -163,9 +163,9 @@ pub fn run(args: Args) -> Result<()> {
     for _ in 0..3 {
         let t = Instant::now();
         load_ranks(
-            &job.ckpt,
-            &job.resolution,
-            &job.plan,
+            job.checkpoint(),
+            job.resolution(),
+            job.plan(),
             &ranks,
             &LoadOptions::default(),
             false,

@@ -134,11 +134,11 @@ fn rank_job(
         None
     };
     let stats = *tensors.stats();
-    let rp = plan.ranks.get(stats.rank);
+    let rp = plan.ranks().get(stats.rank);
     let sha256 = req.digest.then(|| sha256_hex(&tensors.into_parts().0));
     Ok(RankLine {
         rank: stats.rank,
-        coords: rp.map(|r| r.coords),
+        coords: rp.map(|r| r.coords()),
         share: mode,
         share_why,
         io: req.io,
@@ -200,7 +200,7 @@ fn run_launched(req: &Request<'_>, l: launch::LaunchInfo) -> Result<()> {
     let prepared = launch::check_mpi_world(Some(&l), world.rank(), world.size())
         .and_then(|_| prepare_plan(req.checkpoint, req.plan))
         .and_then(|(prep, plan)| {
-            launch::check_world(world.size(), &plan.topology)?;
+            launch::check_world(world.size(), plan.topology())?;
             Ok((prep, plan))
         });
     let result = agree(&world, prepared)

@@ -48,26 +48,26 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn warn_unindexed(ckpt: &Checkpoint) {
-    if ckpt.unindexed.is_empty() {
+    if ckpt.unindexed().is_empty() {
         return;
     }
     let index = ckpt
-        .index
+        .index()
         .as_ref()
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    for (file, tensor) in ckpt.unindexed.iter().take(MAX_LISTED_UNINDEXED) {
+    for (file, tensor) in ckpt.unindexed().iter().take(MAX_LISTED_UNINDEXED) {
         eprintln!(
             "warning: {}: tensor {tensor:?} is not in {} (not loaded)",
             printable(file),
             printable(&index)
         );
     }
-    if ckpt.unindexed.len() > MAX_LISTED_UNINDEXED {
+    if ckpt.unindexed().len() > MAX_LISTED_UNINDEXED {
         eprintln!(
             "warning: {} more tensors are not in {} (not loaded)",
-            ckpt.unindexed.len() - MAX_LISTED_UNINDEXED,
+            ckpt.unindexed().len() - MAX_LISTED_UNINDEXED,
             printable(&index)
         );
     }
@@ -89,24 +89,28 @@ fn shape_string(shape: &[u64]) -> String {
 
 fn write_table(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
     let shapes: Vec<String> = ckpt
-        .tensors
+        .tensors()
         .iter()
         .map(|t| shape_string(&t.shape))
         .collect();
-    let sizes: Vec<String> = ckpt.tensors.iter().map(|t| human_bytes(t.bytes)).collect();
+    let sizes: Vec<String> = ckpt
+        .tensors()
+        .iter()
+        .map(|t| human_bytes(t.bytes))
+        .collect();
     let width = |header: &str, cells: &mut dyn Iterator<Item = usize>| {
         cells.fold(header.chars().count(), usize::max)
     };
     let w_name = width(
         "NAME",
         &mut ckpt
-            .tensors
+            .tensors()
             .iter()
             .map(|t| printable(&t.name).chars().count()),
     );
     let w_dtype = width(
         "DTYPE",
-        &mut ckpt.tensors.iter().map(|t| t.dtype.name().len()),
+        &mut ckpt.tensors().iter().map(|t| t.dtype.name().len()),
     );
     let w_shape = width("SHAPE", &mut shapes.iter().map(|s| s.len()));
     let w_bytes = width("BYTES", &mut sizes.iter().map(|s| s.len()));
@@ -115,9 +119,9 @@ fn write_table(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
         "{:<w_name$}  {:<w_dtype$}  {:<w_shape$}  {:>w_bytes$}  FILE",
         "NAME", "DTYPE", "SHAPE", "BYTES"
     )?;
-    for ((t, shape), size) in ckpt.tensors.iter().zip(&shapes).zip(&sizes) {
+    for ((t, shape), size) in ckpt.tensors().iter().zip(&shapes).zip(&sizes) {
         // Files are few; look the name up rather than copy it per tensor.
-        let file = ckpt.files.get(t.file).map_or("?", |f| f.name.as_str());
+        let file = ckpt.files().get(t.file).map_or("?", |f| f.name.as_str());
         writeln!(
             out,
             "{:<w_name$}  {:<w_dtype$}  {:<w_shape$}  {:>w_bytes$}  {}",
@@ -130,7 +134,7 @@ fn write_table(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
     }
 
     let mut per_dtype: BTreeMap<Dtype, (usize, u64)> = BTreeMap::new();
-    for t in &ckpt.tensors {
+    for t in ckpt.tensors() {
         let e = per_dtype.entry(t.dtype).or_default();
         e.0 += 1;
         e.1 += t.bytes;
@@ -140,11 +144,11 @@ fn write_table(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
     writeln!(
         out,
         "{} tensors, {} ({} bytes), {} {}",
-        ckpt.tensors.len(),
+        ckpt.tensors().len(),
         human_bytes(total),
         total,
-        ckpt.files.len(),
-        if ckpt.files.len() == 1 {
+        ckpt.files().len(),
+        if ckpt.files().len() == 1 {
             "file"
         } else {
             "files"
@@ -157,8 +161,8 @@ fn write_table(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
     if !dtypes.is_empty() {
         writeln!(out, "dtypes: {}", dtypes.join(", "))?;
     }
-    if !ckpt.unindexed.is_empty() {
-        let n = ckpt.unindexed.len();
+    if !ckpt.unindexed().is_empty() {
+        let n = ckpt.unindexed().len();
         writeln!(
             out,
             "unindexed: {n} {} in files but not in the index (not loaded)",
@@ -180,11 +184,11 @@ struct JsonTensor<'a> {
 
 /// The JSON document, one tensor per line so that it stays greppable and diffable.
 fn write_json(out: &mut impl Write, ckpt: &Checkpoint) -> io::Result<()> {
-    let files: Vec<&str> = ckpt.files.iter().map(|f| f.name.as_str()).collect();
+    let files: Vec<&str> = ckpt.files().iter().map(|f| f.name.as_str()).collect();
     out.write_all(b"{\"files\": ")?;
     serde_json::to_writer(&mut *out, &files)?;
     out.write_all(b",\n\"tensors\": [")?;
-    for (i, t) in ckpt.tensors.iter().enumerate() {
+    for (i, t) in ckpt.tensors().iter().enumerate() {
         out.write_all(if i == 0 { b"\n" } else { b",\n" })?;
         let entry = JsonTensor {
             name: &t.name,

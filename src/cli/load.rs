@@ -95,7 +95,7 @@ fn rank_line(plan: &Plan, r: &RankReport, io: IoMode) -> RankLine {
     let s = &r.stats;
     RankLine {
         rank: s.rank,
-        coords: plan.ranks.get(s.rank).map(|p| p.coords),
+        coords: plan.ranks().get(s.rank).map(|p| p.coords()),
         share: ShareMode::None,
         share_why: None,
         io,
@@ -374,7 +374,7 @@ impl From<super::dist::Args> for Args {
 /// `share_why`: why these ranks read their own slices when `--share` was not given.
 fn run_ranks(args: &Args, rank: Option<usize>, share_why: Option<String>) -> Result<()> {
     let (prep, plan) = prepare_plan(&args.checkpoint, &args.plan)?;
-    let world = plan.ranks.len();
+    let world = plan.ranks().len();
     let ranks: Vec<usize> = match rank {
         Some(r) if r >= world => {
             return Err(Error::invalid_argument(

@@ -136,36 +136,36 @@ fn write_columns<const N: usize>(
 }
 
 fn write_table(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
-    let t = &plan.topology;
+    let t = plan.topology();
     writeln!(
         out,
         "spec {}: tp={} pp={} dp={} ep={}, {} ranks, {} files",
-        plan.spec,
+        plan.spec(),
         t.tp,
         t.pp,
         t.dp,
         t.ep,
-        plan.ranks.len(),
-        plan.files.len()
+        plan.ranks().len(),
+        plan.files().len()
     )?;
     let mut rows: Vec<[String; 9]> = plan
-        .ranks
+        .ranks()
         .iter()
         .map(|r| {
             [
-                r.coords.rank.to_string(),
-                r.coords.dp_rank.to_string(),
-                r.coords.pp_rank.to_string(),
-                r.coords.tp_rank.to_string(),
-                r.tensors.len().to_string(),
-                human_bytes(r.bytes),
-                human_bytes(r.read_bytes),
+                r.coords().rank.to_string(),
+                r.coords().dp_rank.to_string(),
+                r.coords().pp_rank.to_string(),
+                r.coords().tp_rank.to_string(),
+                r.tensors().len().to_string(),
+                human_bytes(r.bytes()),
+                human_bytes(r.read_bytes()),
                 format!("{:.2}x", r.read_amplification()),
-                human_bytes(r.staging_bytes),
+                human_bytes(r.staging_bytes()),
             ]
         })
         .collect();
-    let total_tensors: usize = plan.ranks.iter().map(|r| r.tensors.len()).sum();
+    let total_tensors: usize = plan.ranks().iter().map(|r| r.tensors().len()).sum();
     let total_bytes = plan.total_bytes();
     let total_read = plan.total_read_bytes();
     let total = [
@@ -182,9 +182,9 @@ fn write_table(out: &mut impl Write, plan: &Plan) -> io::Result<()> {
             "0.00x".into()
         },
         human_bytes(
-            plan.ranks
+            plan.ranks()
                 .iter()
-                .map(|r| r.staging_bytes)
+                .map(|r| r.staging_bytes())
                 .max()
                 .unwrap_or(0),
         ),

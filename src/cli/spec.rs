@@ -110,7 +110,7 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
         .count();
     if args.json {
         let tensors: Vec<serde_json::Value> = ckpt
-            .tensors
+            .tensors()
             .iter()
             .zip(&res.tensors)
             .map(|(t, r)| {
@@ -143,9 +143,9 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
             "origin": spec.origin,
             "checkpoint": path.display().to_string(),
             "tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "ep": topo.ep,
-            "tensors_total": ckpt.tensors.len(),
+            "tensors_total": ckpt.tensors().len(),
             "held": held,
-            "skipped": ckpt.tensors.len() - held,
+            "skipped": ckpt.tensors().len() - held,
             "warnings": res.warnings,
             "tensors": tensors,
         });
@@ -157,8 +157,8 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
         "{}: ok on {} ({} tensors: {held} held, {} skipped; {} warning(s))",
         printable(&spec.origin),
         printable(&path.to_string_lossy()),
-        ckpt.tensors.len(),
-        ckpt.tensors.len() - held,
+        ckpt.tensors().len(),
+        ckpt.tensors().len() - held,
         res.warnings.len()
     );
     if !show_placement {
@@ -169,7 +169,7 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
         "placement for tp={} pp={} dp={} ep={}:",
         topo.tp, topo.pp, topo.dp, topo.ep
     );
-    for (t, r) in ckpt.tensors.iter().zip(&res.tensors) {
+    for (t, r) in ckpt.tensors().iter().zip(&res.tensors) {
         let shape = dims(&t.shape);
         match r {
             Resolved::Skip { reason } => {

@@ -259,7 +259,7 @@ pub struct Traffic {
 /// # fn main() -> safeshard::Result<()> {
 /// let job = Job::open("model-dir", Topology::new(2, 2, 1, 1)?, None, &[])?;
 /// let opts = ShareOptions { mode: ShareMode::Broadcast, ..Default::default() };
-/// for rank in run_threads(job.world(), |comm| load_shared(&job.plan, comm, &opts)) {
+/// for rank in run_threads(job.world(), |comm| load_shared(job.plan(), comm, &opts)) {
 ///     let rank = rank?;
 ///     println!("rank {}: {} tensors", rank.stats().rank, rank.len());
 /// }

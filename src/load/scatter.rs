@@ -28,13 +28,13 @@ use crate::{Error, Result};
 /// # safeshard::synth::write_checkpoint(dir.path(), &safeshard::synth::SynthOptions::preset("llama-tiny")?)?;
 /// let job = Job::builder(dir.path()).topology(Topology::new(2, 1, 1, 1)?).open()?;
 /// let name = "model.embed_tokens.weight";
-/// let bytes = job.plan.ranks[1].tensors.iter().find(|t| t.name == name).map_or(0, |t| t.bytes);
+/// let bytes = job.plan().ranks()[1].tensors().iter().find(|t| t.name == name).map_or(0, |t| t.bytes);
 /// let mut embed = vec![0u8; bytes as usize];
 /// let rest = safeshard::load::load_rank_scattered(
-///     &job.plan, 1, &LoadOptions::default(), &mut [(name, &mut embed[..])],
+///     job.plan(), 1, &LoadOptions::default(), &mut [(name, &mut embed[..])],
 /// )?;
 /// assert!(rest.get(name).is_none());
-/// assert_eq!(embed, safeshard::load::load_rank(&job.plan, 1, &LoadOptions::default())?
+/// assert_eq!(embed, safeshard::load::load_rank(job.plan(), 1, &LoadOptions::default())?
 ///     .get(name).map(|t| t.data.to_vec()).unwrap_or_default());
 /// # Ok(())
 /// # }

@@ -251,35 +251,38 @@ impl ZeroRun {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RankPlan {
     /// Where the rank sits.
-    pub coords: Coords,
+    pub(crate) coords: Coords,
     /// Tensors, in arena order.
-    pub tensors: Vec<TensorPlan>,
+    pub(crate) tensors: Vec<TensorPlan>,
     /// Copy runs, sorted by (file, src).
-    pub copies: Vec<CopyRun>,
+    pub(crate) copies: Vec<CopyRun>,
     /// Zero runs.
-    pub zeros: Vec<ZeroRun>,
+    pub(crate) zeros: Vec<ZeroRun>,
     /// Bytes held after loading: the sum of the tensors' sizes (vocab zero padding included,
     /// arena alignment gaps not).
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Bytes read from storage: the union of the pages ([`page_size`]) the copy runs touch.
-    pub read_bytes: u64,
+    pub(crate) read_bytes: u64,
     /// Size of the arena buffer: `bytes` plus the alignment gaps between tensors.
-    pub arena_bytes: u64,
+    pub(crate) arena_bytes: u64,
     /// Peak staging memory: the largest page-rounded file window one tensor's copies span.
-    pub staging_bytes: u64,
+    pub(crate) staging_bytes: u64,
 }
 
 /// The plan of a whole job.
+///
+/// Read through its accessors: [`build`] makes the ranks' runs, tensors and byte counts
+/// agree with the files and topology, which editing one field would break.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// Topology planned for.
-    pub topology: Topology,
+    pub(crate) topology: Topology,
     /// Name of the spec used.
-    pub spec: String,
+    pub(crate) spec: String,
     /// Files read, indexed by [`CopyRun::file`].
-    pub files: Vec<PlanFile>,
+    pub(crate) files: Vec<PlanFile>,
     /// One entry per global rank.
-    pub ranks: Vec<RankPlan>,
+    pub(crate) ranks: Vec<RankPlan>,
 }
 
 /// What the ranks of one pipeline stage hold, for summaries.
@@ -297,6 +300,86 @@ pub struct StageSummary {
     pub max_rank_bytes: u64,
     /// Bytes read from storage, summed over the stage's ranks.
     pub read_bytes: u64,
+}
+
+/// Read-only views of a rank's plan: it is built by [`build`] (or deserialized from a plan
+/// [`build`] wrote), and its runs, tensors and byte counts agree only as built.
+impl RankPlan {
+    /// Where the rank sits.
+    #[must_use]
+    pub fn coords(&self) -> Coords {
+        self.coords
+    }
+
+    /// Tensors, in arena order.
+    #[must_use]
+    pub fn tensors(&self) -> &[TensorPlan] {
+        &self.tensors
+    }
+
+    /// Copy runs, sorted by (file, src).
+    #[must_use]
+    pub fn copies(&self) -> &[CopyRun] {
+        &self.copies
+    }
+
+    /// Zero runs.
+    #[must_use]
+    pub fn zeros(&self) -> &[ZeroRun] {
+        &self.zeros
+    }
+
+    /// Bytes held after loading: the sum of the tensors' sizes (vocab zero padding included,
+    /// arena alignment gaps not).
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Bytes read from storage: the union of the pages ([`page_size`]) the copy runs touch.
+    #[must_use]
+    pub fn read_bytes(&self) -> u64 {
+        self.read_bytes
+    }
+
+    /// Size of the arena buffer: [`RankPlan::bytes`] plus the alignment gaps between tensors.
+    #[must_use]
+    pub fn arena_bytes(&self) -> u64 {
+        self.arena_bytes
+    }
+
+    /// Peak staging memory: the largest page-rounded file window one tensor's copies span.
+    #[must_use]
+    pub fn staging_bytes(&self) -> u64 {
+        self.staging_bytes
+    }
+}
+
+/// Read-only views of a job's plan (see [`RankPlan`]'s).
+impl Plan {
+    /// Topology planned for.
+    #[must_use]
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Name of the spec used.
+    #[must_use]
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    /// Files read, indexed by [`CopyRun::file`].
+    #[must_use]
+    pub fn files(&self) -> &[PlanFile] {
+        &self.files
+    }
+
+    /// One entry per global rank.
+    #[must_use]
+    pub fn ranks(&self) -> &[RankPlan] {
+        &self.ranks
+    }
 }
 
 impl RankPlan {

@@ -97,7 +97,7 @@ fn symlink_escaping_the_directory_is_refused_inside_is_fine() {
         br#"{"weight_map":{"a":"one.safetensors","b":"sub/inner.safetensors"}}"#,
     );
     let ck = Checkpoint::open(&d).unwrap();
-    assert_eq!(ck.files[1].name, "sub/inner.safetensors");
+    assert_eq!(ck.files()[1].name, "sub/inner.safetensors");
     assert_eq!(ck.tensor("b").unwrap().bytes, 3);
 }
 

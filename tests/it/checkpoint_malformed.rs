@@ -536,7 +536,7 @@ fn accepted_edge_cases_read_with_their_tensors() {
         let ck = open_bytes(&bytes).unwrap_or_else(|e| panic!("{label}: {e}"));
         let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap());
         let mut got: Vec<_> = ck
-            .tensors
+            .tensors()
             .iter()
             .map(|t| (t.name.as_str(), t.dtype, t.shape.clone(), t.bytes))
             .collect();
@@ -545,7 +545,7 @@ fn accepted_edge_cases_read_with_their_tensors() {
         want.sort_by(|a, b| a.0.cmp(b.0));
         assert_eq!(got, want, "{label}");
         // Offsets are absolute and every tensor ends inside the file.
-        for t in &ck.tensors {
+        for t in ck.tensors() {
             assert!(
                 t.offset >= data_start && t.offset + t.bytes <= bytes.len() as u64,
                 "{label}"

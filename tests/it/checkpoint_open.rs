@@ -8,12 +8,12 @@ use safeshard::checkpoint::{Checkpoint, Dtype};
 #[test]
 fn real_mlx_file_reads_with_misaligned_header() {
     let ck = Checkpoint::open(fixtures().join("chess_cv-arrows.safetensors")).unwrap();
-    assert_eq!(ck.tensors.len(), 10);
-    assert!(ck.tensors.iter().all(|t| t.dtype == Dtype::F32));
-    assert_eq!(ck.files.len(), 1);
+    assert_eq!(ck.tensors().len(), 10);
+    assert!(ck.tensors().iter().all(|t| t.dtype == Dtype::F32));
+    assert_eq!(ck.files().len(), 1);
     // MLX writes unpadded headers: data starts at 8 + 767, not a multiple of 8.
-    assert_eq!(ck.files[0].data_start, 8 + 767);
-    assert_eq!(ck.files[0].metadata, None);
+    assert_eq!(ck.files()[0].data_start, 8 + 767);
+    assert_eq!(ck.files()[0].metadata, None);
     let fc1 = ck.tensor("fc1.weight").unwrap();
     assert_eq!(fc1.shape, vec![128, 1024]);
     assert_eq!(fc1.bytes, 128 * 1024 * 4);
@@ -33,14 +33,14 @@ fn real_mlx_file_reads_with_misaligned_header() {
     .sum::<u64>()
         * 4;
     assert_eq!(ck.total_bytes(), total);
-    assert_eq!(ck.files[0].identity.len, 8 + 767 + total);
+    assert_eq!(ck.files()[0].identity.len, 8 + 767 + total);
 }
 
 #[test]
 fn real_candle_file_reads() {
     let ck = Checkpoint::open(fixtures().join("candle-jfk-codes.safetensors")).unwrap();
-    assert_eq!(ck.tensors.len(), 1);
-    let t = &ck.tensors[0];
+    assert_eq!(ck.tensors().len(), 1);
+    let t = &ck.tensors()[0];
     assert_eq!((t.name.as_str(), t.dtype), ("codes", Dtype::I64));
     assert_eq!(t.shape, vec![1, 2, 828]);
     assert_eq!(t.bytes, 2 * 828 * 8);
@@ -67,7 +67,7 @@ fn directory_with_index_wins_and_sorts() {
         br#"{"hidden_size": 8, "architectures": ["LlamaForCausalLM"]}"#,
     );
     let ck = Checkpoint::open(d.path()).unwrap();
-    let names: Vec<_> = ck.files.iter().map(|f| f.name.as_str()).collect();
+    let names: Vec<_> = ck.files().iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
         names,
         [
@@ -76,21 +76,21 @@ fn directory_with_index_wins_and_sorts() {
         ]
     );
     let order: Vec<_> = ck
-        .tensors
+        .tensors()
         .iter()
         .map(|t| (t.name.as_str(), t.file, t.offset))
         .collect();
     let h1 = 8 + j1.len() as u64;
     let h2 = 8 + j2.len() as u64;
     assert_eq!(order, [("c", 0, h2), ("b", 1, h1), ("a", 1, h1 + 8)]);
-    assert!(ck.index.is_some());
-    assert_eq!(ck.config.as_ref().unwrap()["hidden_size"], 8);
+    assert!(ck.index().is_some());
+    assert_eq!(ck.config().unwrap()["hidden_size"], 8);
     assert_eq!(ck.tensor_index("a"), Some(2));
     assert_eq!(ck.total_bytes(), 25);
-    assert!(ck.unindexed.is_empty());
+    assert!(ck.unindexed().is_empty());
     // Opening the index file itself gives the same catalog.
     let ck2 = Checkpoint::open(d.path().join("model.safetensors.index.json")).unwrap();
-    assert_eq!(ck2.tensors, ck.tensors);
+    assert_eq!(ck2.tensors(), ck.tensors());
 }
 
 #[test]
@@ -100,11 +100,11 @@ fn directory_with_single_file_and_metadata() {
         r#"{"__metadata__":{"format":"pt"},"x":{"dtype":"BF16","shape":[4],"data_offsets":[0,8]}}"#;
     write_st(d.path(), "model.safetensors", j, 8);
     let ck = Checkpoint::open(d.path()).unwrap();
-    assert!(ck.index.is_none());
-    assert_eq!(ck.files[0].name, "model.safetensors");
-    assert_eq!(ck.files[0].metadata.as_ref().unwrap()["format"], "pt");
+    assert!(ck.index().is_none());
+    assert_eq!(ck.files()[0].name, "model.safetensors");
+    assert_eq!(ck.files()[0].metadata.as_ref().unwrap()["format"], "pt");
     assert_eq!(ck.tensor("x").unwrap().offset, 8 + j.len() as u64);
-    assert!(ck.config.is_none());
+    assert!(ck.config().is_none());
 }
 
 #[test]
@@ -118,10 +118,10 @@ fn unindexed_tensors_are_reported_not_cataloged() {
         br#"{"weight_map":{"a":"m.safetensors"}}"#,
     );
     let ck = Checkpoint::open(d.path()).unwrap();
-    assert_eq!(ck.tensors.len(), 1);
+    assert_eq!(ck.tensors().len(), 1);
     assert!(ck.tensor("extra").is_none());
     assert_eq!(
-        ck.unindexed,
+        ck.unindexed(),
         vec![("m.safetensors".to_string(), "extra".to_string())]
     );
 }

@@ -51,7 +51,7 @@ fn opts(mode: ShareMode, io: IoMode) -> ShareOptions {
 fn union_bytes(job: &Job, ranks: impl Iterator<Item = usize>) -> u64 {
     let mut v: Vec<(u32, u64, u64)> = Vec::new();
     for r in ranks {
-        for c in &job.plan.ranks[r].copies {
+        for c in job.plan().ranks()[r].copies() {
             for i in 0..c.count {
                 let s = c.src + i * c.src_stride;
                 v.push((c.file, s, s + c.len));
@@ -80,7 +80,7 @@ fn check(job: &Job, loads: &[(RankTensors, Traffic)], what: &str) {
         assert_eq!(t.stats().rank, rank);
         assert_eq!(
             job.verify(t).unwrap(),
-            job.plan.ranks[rank].tensors.len(),
+            job.plan().ranks()[rank].tensors().len(),
             "{what}"
         );
         let local = job.load_rank(rank, &LoadOptions::default()).unwrap();
@@ -103,7 +103,7 @@ fn run_mode(
             node: Some(node(c.rank())),
             ..o.clone()
         };
-        load_shared_with(&SharedPlan::new(&job.plan), c, &o)
+        load_shared_with(&SharedPlan::new(job.plan()), c, &o)
     })
     .into_iter()
     .map(|r| r.unwrap())
@@ -220,7 +220,7 @@ fn a_broken_file_on_one_rank_fails_every_rank_fast() {
     for mode in [ShareMode::None, ShareMode::Broadcast, ShareMode::ReadOnce] {
         let start = Instant::now();
         let out = run_threads(4, |c| {
-            load_shared(&jobs[c.rank()].plan, c, &opts(mode, IoMode::Pread))
+            load_shared(jobs[c.rank()].plan(), c, &opts(mode, IoMode::Pread))
         });
         assert!(start.elapsed() < Duration::from_secs(20));
         for (rank, r) in out.iter().enumerate() {
@@ -294,7 +294,7 @@ fn ranks_that_disagree_on_an_option_fail_with_one_message() {
     ];
     for (what, make, want) in &cases {
         let start = Instant::now();
-        let out = run_threads(4, |c| load_shared(&job.plan, c, &make(c.rank())));
+        let out = run_threads(4, |c| load_shared(job.plan(), c, &make(c.rank())));
         assert!(start.elapsed() < Duration::from_secs(10), "{what}");
         for r in out {
             let e = r.unwrap_err();
@@ -322,7 +322,7 @@ fn ranks_with_different_plans_are_refused() {
     )
     .unwrap();
     let out = run_threads(2, |c| {
-        let plan = if c.rank() == 1 { &b.plan } else { &a.plan };
+        let plan = if c.rank() == 1 { b.plan() } else { a.plan() };
         load_shared(plan, c, &ShareOptions::default())
     });
     for r in out {
@@ -336,7 +336,7 @@ fn ranks_with_different_plans_are_refused() {
 fn job_size_must_match_plan() {
     let dir = tempfile::tempdir().unwrap();
     let job = Job::open(write(dir.path(), 4), topo(4, 1, 1, None), None, &[]).unwrap();
-    let out = run_threads(2, |c| load_shared(&job.plan, c, &ShareOptions::default()));
+    let out = run_threads(2, |c| load_shared(job.plan(), c, &ShareOptions::default()));
     for r in out {
         let msg = r.unwrap_err().to_string();
         assert!(msg.contains("2 ranks but the plan has 4"), "{msg}");
@@ -355,7 +355,7 @@ fn rounds_under_64_kib_are_refused_on_every_rank() {
                 round_bytes: round,
                 ..opts(ShareMode::ReadOnce, IoMode::Pread)
             };
-            load_shared(&job.plan, c, &o)
+            load_shared(job.plan(), c, &o)
         });
         assert!(start.elapsed() < Duration::from_secs(10));
         for r in out {
@@ -391,7 +391,7 @@ fn a_rank_that_never_arrives_times_out_naming_phase_and_rank() {
             timeout: Some(Duration::from_secs(1)),
             ..opts(ShareMode::Broadcast, IoMode::Pread)
         };
-        load_shared(&job.plan, c, &o).map(Some)
+        load_shared(job.plan(), c, &o).map(Some)
     });
     let took = start.elapsed();
     assert!(
@@ -464,7 +464,7 @@ fn shared_tensors_are_the_local_rank_tensors_type() {
     let dir = tempfile::tempdir().unwrap();
     let job = Job::open(write(dir.path(), 4), topo(2, 1, 1, None), None, &[]).unwrap();
     let out = run_threads(2, |c| {
-        let mut t = load_shared(&job.plan, c, &opts(ShareMode::Broadcast, IoMode::Pread))?;
+        let mut t = load_shared(job.plan(), c, &opts(ShareMode::Broadcast, IoMode::Pread))?;
         let names: Vec<String> = t.iter().map(|x| x.name.to_string()).collect();
         let first = names.first().cloned().unwrap_or_default();
         let want = t.get(&first).map(|x| x.data.to_vec());
@@ -474,6 +474,6 @@ fn shared_tensors_are_the_local_rank_tensors_type() {
         Ok(names.len())
     });
     for (rank, r) in out.into_iter().enumerate() {
-        assert_eq!(r.unwrap(), job.plan.ranks[rank].tensors.len());
+        assert_eq!(r.unwrap(), job.plan().ranks()[rank].tensors().len());
     }
 }

@@ -190,8 +190,8 @@ fn usage_errors_exit_2() {
 }
 
 fn first_file(job: &Job) -> std::path::PathBuf {
-    let f = job.plan.ranks[0].copies[0].file as usize;
-    job.plan.files[f].path.clone()
+    let f = job.plan().ranks()[0].copies()[0].file as usize;
+    job.plan().files()[f].path.clone()
 }
 
 #[test]

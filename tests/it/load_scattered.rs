@@ -69,7 +69,7 @@ fn caller_buffers_get_the_same_bytes_as_the_arena_under_every_engine() {
         .unwrap();
     for rank in 0..job.world() {
         // The plain load itself agrees with the independent slow path.
-        let plain = load_rank(&job.plan, rank, &LoadOptions::default()).unwrap();
+        let plain = load_rank(job.plan(), rank, &LoadOptions::default()).unwrap();
         assert_eq!(job.verify(&plain).unwrap(), plain.len());
         for io in [IoMode::Auto, IoMode::Pread, IoMode::Mmap, IoMode::Direct] {
             let n = plans_len(&job, rank);
@@ -81,7 +81,7 @@ fn caller_buffers_get_the_same_bytes_as_the_arena_under_every_engine() {
 }
 
 fn plans_len(job: &Job, rank: usize) -> usize {
-    job.plan.ranks[rank].tensors.len()
+    job.plan().ranks()[rank].tensors().len()
 }
 
 #[test]
@@ -110,7 +110,7 @@ fn a_wrong_name_size_or_repeat_is_an_invalid_argument_naming_into() {
         .topology(Topology::new(2, 1, 1, 1).unwrap())
         .open()
         .unwrap();
-    let t = job.plan.ranks[0].tensors[0].clone();
+    let t = job.plan().ranks()[0].tensors()[0].clone();
     let mut a = vec![0u8; t.bytes as usize];
     let mut b = vec![0u8; t.bytes as usize];
     let mut c = vec![0u8; t.bytes as usize];
@@ -126,7 +126,7 @@ fn a_wrong_name_size_or_repeat_is_an_invalid_argument_naming_into() {
         ),
     ];
     for (mut into, says) in cases {
-        match load_rank_scattered(&job.plan, 0, &opts, &mut into) {
+        match load_rank_scattered(job.plan(), 0, &opts, &mut into) {
             Err(e @ Error::InvalidArgument { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.contains("into") && msg.contains(says), "{msg}");
@@ -135,7 +135,7 @@ fn a_wrong_name_size_or_repeat_is_an_invalid_argument_naming_into() {
         }
     }
     assert!(matches!(
-        load_rank_scattered(&job.plan, 9, &opts, &mut []),
+        load_rank_scattered(job.plan(), 9, &opts, &mut []),
         Err(Error::InvalidArgument { .. })
     ));
 }
@@ -152,10 +152,10 @@ fn a_reused_arena_holds_the_same_bytes_as_a_fresh_one_for_another_plan() {
         .unwrap();
     let opts = LoadOptions::default();
     for rank in 0..2 {
-        let (mut arena, _) = load_rank(&one.plan, 0, &opts).unwrap().into_parts();
+        let (mut arena, _) = load_rank(one.plan(), 0, &opts).unwrap().into_parts();
         arena.fill(0xEE);
-        let reused = safeshard::load::load_rank_into(&two.plan, rank, &opts, Some(arena)).unwrap();
-        let fresh = load_rank(&two.plan, rank, &opts).unwrap();
+        let reused = safeshard::load::load_rank_into(two.plan(), rank, &opts, Some(arena)).unwrap();
+        let fresh = load_rank(two.plan(), rank, &opts).unwrap();
         let (a, _) = reused.into_parts();
         let (b, _) = fresh.into_parts();
         assert_eq!(a.len(), b.len());

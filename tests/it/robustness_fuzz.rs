@@ -306,7 +306,7 @@ fn the_base_checkpoint_plans_and_loads() {
         std::fs::write(dir.path().join(name), bytes).expect("write");
     }
     let ckpt = Checkpoint::open(dir.path()).expect("open");
-    assert!(ckpt.files.len() >= 2, "several shards");
+    assert!(ckpt.files().len() >= 2, "several shards");
     let config = Config::from_checkpoint(&ckpt, &[]).expect("config");
     let spec = Spec::detect(&config).expect("spec");
     let topo = Topology {
@@ -343,7 +343,7 @@ fn files_changed_between_plan_and_load_are_clean_errors() {
     let res = sharding::resolve(&spec, &ckpt, &config, &topo).expect("resolve");
     let plan = plan::build(&ckpt, &res, &topo, &spec.name).expect("plan");
     // The last shard: rank 0 of tp=1 reads every file.
-    let victim = ckpt.files.last().expect("a file").path.clone();
+    let victim = ckpt.files().last().expect("a file").path.clone();
     let name = victim
         .file_name()
         .expect("file name")

@@ -184,7 +184,7 @@ fn verify_of_an_unallocatable_tensor_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     tiny(dir.path());
     let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let mut info = ckpt.tensors[0].clone();
+    let mut info = ckpt.tensors()[0].clone();
     info.bytes = 1 << 50;
     let e = safeshard::load::read_tensor(&ckpt, &info).unwrap_err();
     match &e {
@@ -303,7 +303,7 @@ fn manifest_matches_parts(out: &Path) {
         let ck = Checkpoint::open(&p).unwrap();
         got.entry(rank)
             .or_default()
-            .extend(ck.tensors.iter().map(|t| t.name.clone()));
+            .extend(ck.tensors().iter().map(|t| t.name.clone()));
     }
     assert_eq!(got, want, "parts and manifest disagree in {out:?}");
 }
@@ -391,8 +391,8 @@ fn verify_after_truncation_is_a_short_read() {
     let loaded = job
         .load_rank(0, &safeshard::LoadOptions::default())
         .unwrap();
-    let first = &job.ckpt.tensors[0];
-    let path = job.ckpt.files[first.file].path.clone();
+    let first = &job.checkpoint().tensors()[0];
+    let path = job.checkpoint().files()[first.file].path.clone();
     let keep = 3u64;
     std::fs::OpenOptions::new()
         .write(true)

@@ -109,8 +109,8 @@ fn every_share_mode_fills_caller_buffers_with_exactly_the_requested_slices() {
             let reqs = requests(&shapes, comm.rank());
             let plan = job.plan(std::slice::from_ref(&reqs)).unwrap();
             // Every tensor but the norm into its own buffer; the norm stays in the arena.
-            let mut bufs: Vec<(String, Vec<u8>)> = plan.ranks[0]
-                .tensors
+            let mut bufs: Vec<(String, Vec<u8>)> = plan.ranks()[0]
+                .tensors()
                 .iter()
                 .filter(|t| t.name != "norm")
                 .map(|t| (t.name.clone(), vec![0xA5u8; t.bytes as usize]))
@@ -224,7 +224,7 @@ fn a_file_that_changes_before_the_read_fails_every_rank() {
     safeshard::synth::write_checkpoint(dir.path(), &opts).unwrap();
     let job = SliceJob::open(dir.path()).unwrap();
     let head = job.checkpoint().tensor("lm_head.weight").unwrap().clone();
-    let file = job.checkpoint().files[head.file].path.clone();
+    let file = job.checkpoint().files()[head.file].path.clone();
     // Shrunk after planning: only rank 3 reads the head, every rank must fail.
     let len = std::fs::metadata(&file).unwrap().len();
     std::fs::OpenOptions::new()
@@ -274,15 +274,15 @@ fn whole_replicas_into_buffers_cross_no_buffer_edge_wrongly() {
     let job = SliceJob::open(dir.path()).unwrap();
     let reqs: Vec<SliceRequest> = job
         .checkpoint()
-        .tensors
+        .tensors()
         .iter()
         .map(|t| SliceRequest::whole(t.name.clone(), t.name.clone(), &t.shape))
         .collect();
     let plan = job.plan(std::slice::from_ref(&reqs)).unwrap();
-    let crossing = plan.ranks[0].copies.iter().any(|c| {
+    let crossing = plan.ranks()[0].copies().iter().any(|c| {
         let end = c.dst + c.len * c.count;
-        plan.ranks[0]
-            .tensors
+        plan.ranks()[0]
+            .tensors()
             .iter()
             .any(|t| c.dst < t.offset && t.offset < end)
     });
@@ -297,8 +297,8 @@ fn whole_replicas_into_buffers_cross_no_buffer_edge_wrongly() {
             ..ShareOptions::default()
         };
         let results = run_threads(WORLD, |comm| {
-            let mut bufs: Vec<(String, Vec<u8>)> = plan.ranks[0]
-                .tensors
+            let mut bufs: Vec<(String, Vec<u8>)> = plan.ranks()[0]
+                .tensors()
                 .iter()
                 .map(|t| (t.name.clone(), vec![0xA5u8; t.bytes as usize]))
                 .collect();

@@ -101,7 +101,7 @@ fn check_json_has_every_tensor() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ckpt = safeshard::checkpoint::Checkpoint::open(dir.path()).unwrap();
     let tensors = v["tensors"].as_array().unwrap();
-    assert_eq!(tensors.len(), ckpt.tensors.len());
+    assert_eq!(tensors.len(), ckpt.tensors().len());
     let c_attn = tensors
         .iter()
         .find(|t| t["name"] == "h.0.attn.c_attn.weight")

@@ -419,10 +419,10 @@ fn check_opts(label: &str, opts: SynthOptions, topos: &[(usize, usize, usize, us
     let ckpt = Checkpoint::open(dir.path()).unwrap();
     let config = Config::from_checkpoint(&ckpt, &[]).unwrap();
     let spec = Spec::detect(&config).unwrap();
-    let cfg = ckpt.config.clone().unwrap();
+    let cfg = ckpt.config().unwrap();
     let arch = cfg["architectures"][0].as_str().unwrap().to_string();
     let fulls: Vec<T> = ckpt
-        .tensors
+        .tensors()
         .iter()
         .map(|t| read_full(dir.path(), &ckpt, t))
         .collect();
@@ -437,13 +437,13 @@ fn check_opts(label: &str, opts: SynthOptions, topos: &[(usize, usize, usize, us
             res.warnings
         );
         let ctx = Ctx {
-            cfg: &cfg,
+            cfg,
             tp: tp as u64,
             pp: pp as u64,
             ep: ep as u64,
         };
         let mut held = 0;
-        for ((t, full), got) in ckpt.tensors.iter().zip(&fulls).zip(&res.tensors) {
+        for ((t, full), got) in ckpt.tensors().iter().zip(&fulls).zip(&res.tensors) {
             let what = format!("{label} tp={tp} pp={pp} dp={dp} ep={ep} {}", t.name);
             match (expected(&arch, &t.name, full, &ctx, &shape_of), got) {
                 (Exp::Skip, Resolved::Skip { .. }) => {}
@@ -493,7 +493,7 @@ fn check_opts(label: &str, opts: SynthOptions, topos: &[(usize, usize, usize, us
 
 fn read_full(dir: &Path, ckpt: &Checkpoint, t: &safeshard::checkpoint::TensorInfo) -> T {
     let _ = dir;
-    let file = &ckpt.files[t.file];
+    let file = &ckpt.files()[t.file];
     let bytes = std::fs::read(&file.path).unwrap();
     let data = bytes[t.offset as usize..(t.offset + t.bytes) as usize].to_vec();
     let n: u64 = t.shape.iter().product();

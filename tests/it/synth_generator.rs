@@ -462,15 +462,15 @@ fn checkpoint_open_reads_every_preset() {
         let dir = write_preset(&opts);
         let ck = Checkpoint::open(dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let list = synth::tensors(&opts).unwrap();
-        assert_eq!(ck.tensors.len(), list.len(), "{name}");
+        assert_eq!(ck.tensors().len(), list.len(), "{name}");
         for (t, d, s) in &list {
             let info = ck
                 .tensor(t)
                 .unwrap_or_else(|| panic!("{name}: {t} missing"));
             assert_eq!((info.dtype, &info.shape), (*d, s), "{name}: {t}");
         }
-        assert_eq!(ck.config.as_ref(), Some(&opts.config), "{name}");
-        assert!(ck.unindexed.is_empty(), "{name}");
+        assert_eq!(ck.config(), Some(&opts.config), "{name}");
+        assert!(ck.unindexed().is_empty(), "{name}");
     }
 }
 
@@ -516,7 +516,7 @@ fn catalog_offsets_give_fill_values() {
             .with_max_file_bytes(max);
         let dir = write_preset(&opts);
         let ck = Checkpoint::open(dir.path()).unwrap();
-        assert_eq!(ck.files.len() > 1, max != u64::MAX);
+        assert_eq!(ck.files().len() > 1, max != u64::MAX);
         for (name, _, _) in synth::tensors(&opts).unwrap() {
             let got = common::stored_tensor_bytes(&ck, &name);
             assert!(got == synth::tensor_data(5, &name, got.len()), "{name}");

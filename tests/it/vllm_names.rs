@@ -232,7 +232,7 @@ fn every_load_path_agrees(preset: &str) {
         .collect();
     // A caller's buffer, finished by the job (buffers, transposes).
     for (r, mine) in local.iter().enumerate() {
-        let mut buf = vec![0xa5u8; job.plan.ranks[r].arena_bytes as usize];
+        let mut buf = vec![0xa5u8; job.plan().ranks()[r].arena_bytes() as usize];
         job.load_rank_into_buffer(r, &LoadOptions::default(), &mut buf)
             .unwrap();
         for (t, plan) in mine.iter().zip(mine.plans()) {
@@ -281,7 +281,7 @@ fn every_load_path_agrees(preset: &str) {
         .topology(Topology::new(2, 1, 2, 1).unwrap())
         .open()
         .unwrap();
-    assert_ne!(plain.plan.hash(), job.plan.hash());
+    assert_ne!(plain.plan().hash(), job.plan().hash());
 }
 
 #[test]
@@ -569,11 +569,11 @@ fn vllm_names_cost() {
             .names(names)
             .open()
             .unwrap();
-        let runs: usize = job.plan.ranks.iter().map(|r| r.copies.len()).sum();
+        let runs: usize = job.plan().ranks().iter().map(|r| r.copies().len()).sum();
         println!(
             "mixtral-8x7b tp8 plan {names:?}: {:.3} s, {} tensors on rank 0, {runs} copy runs",
             t.elapsed().as_secs_f64(),
-            job.plan.ranks[0].tensors.len()
+            job.plan().ranks()[0].tensors().len()
         );
     }
     let dir = common::write_preset(&SynthOptions::preset("gpt2").unwrap());
@@ -597,7 +597,7 @@ fn vllm_names_cost() {
                 tp - 1,
                 t.elapsed().as_secs_f64(),
                 rank.stats().bytes,
-                job.plan.ranks[tp - 1].copies.len()
+                job.plan().ranks()[tp - 1].copies().len()
             );
         }
     }
@@ -625,7 +625,7 @@ fn a_finished_rank_is_never_finished_again() {
     let name = "transformer.h.0.attn.c_attn.weight";
     for r in 0..2 {
         // Through the lower layer: loaded as stored, finished by the job once.
-        let mut raw = safeshard::load::load_rank(&job.plan, r, &LoadOptions::default()).unwrap();
+        let mut raw = safeshard::load::load_rank(job.plan(), r, &LoadOptions::default()).unwrap();
         assert!(!raw.is_finished());
         assert!(
             tensor(&raw, name).2 != want(r),
@@ -660,7 +660,7 @@ fn a_finished_rank_is_never_finished_again() {
         .topology(Topology::new(2, 1, 1, 1).unwrap())
         .open()
         .unwrap();
-    let mut other = safeshard::load::load_rank(&plain.plan, 0, &LoadOptions::default()).unwrap();
+    let mut other = safeshard::load::load_rank(plain.plan(), 0, &LoadOptions::default()).unwrap();
     let e = job.finish(&mut other).unwrap_err().to_string();
     assert!(e.contains("rank 0") && e.contains("not this plan's"), "{e}");
 }
@@ -749,7 +749,7 @@ fn every_vllm_load(job: &Job, check: Check<'_>) {
             &|n| viewed.get(n).map(|t| t.data.to_vec()),
             viewed.aliases(),
         );
-        let mut buf = vec![0xa5u8; job.plan.ranks[r].arena_bytes as usize];
+        let mut buf = vec![0xa5u8; job.plan().ranks()[r].arena_bytes() as usize];
         let b = job
             .load_rank_into_buffer(r, &LoadOptions::default(), &mut buf)
             .unwrap();
@@ -759,8 +759,8 @@ fn every_vllm_load(job: &Job, check: Check<'_>) {
         };
         check("buffer", r, &get, &b.aliases);
         for into_name in ["lm_head.weight", "model.embed_tokens.weight"] {
-            let Some(t) = job.plan.ranks[r]
-                .tensors
+            let Some(t) = job.plan().ranks()[r]
+                .tensors()
                 .iter()
                 .find(|t| t.name == into_name)
             else {

@@ -134,7 +134,7 @@ pub fn stored_tensor_bytes(ck: &safeshard::checkpoint::Checkpoint, name: &str) -
     let t = ck
         .tensor(name)
         .unwrap_or_else(|| panic!("no tensor {name}"));
-    let mut f = std::fs::File::open(&ck.files[t.file].path).unwrap();
+    let mut f = std::fs::File::open(&ck.files()[t.file].path).unwrap();
     f.seek(SeekFrom::Start(t.offset)).unwrap();
     let mut v = vec![0u8; t.bytes as usize];
     f.read_exact(&mut v).unwrap();
