@@ -57,7 +57,9 @@ from . import plan as plan_checkpoint
 if TYPE_CHECKING:
     from . import Plan
 
-logger = init_logger(__name__)
+# Under vLLM's own logger ("vllm"), whose handler and VLLM_LOGGING_LEVEL apply: a logger
+# named after this module has no handler, and its INFO lines were never shown.
+logger = init_logger("vllm.safeshard")
 
 LOAD_FORMAT = "safeshard"
 
