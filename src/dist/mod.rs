@@ -38,6 +38,7 @@
 
 mod default;
 mod exchange;
+mod read_once;
 mod schedule;
 mod segments;
 
@@ -329,7 +330,7 @@ pub fn load_shared_with(
             let schedule = shared.broadcast();
             exchange::broadcast(plan, schedule, world, opts, &mut arena, &mut traffic)?
         }
-        ShareMode::ReadOnce => exchange::read_once(plan, world, opts, &mut arena, &mut traffic)?,
+        ShareMode::ReadOnce => read_once::read_once(plan, world, opts, &mut arena, &mut traffic)?,
     };
     world.set_phase("done");
     let stats = LoadStats {
