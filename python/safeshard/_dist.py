@@ -304,6 +304,49 @@ class TorchComm:
         )
         out.copy_(o.cpu())
 
+    @property
+    def direct_exchange(self) -> bool:
+        """Whether :meth:`exchange` moves messages itself (gloo's point-to-point on CPU);
+        on NCCL the Rust side packs them through :meth:`all_to_all_packed` instead."""
+        return self.device.type == "cpu"
+
+    def exchange(
+        self, sends: list[tuple[int, memoryview]], recvs: list[tuple[int, memoryview]]
+    ) -> None:
+        """Point-to-point messages straight from and into the Rust buffers (gloo): between
+        two ranks the k-th message lands in the k-th buffer listed for that sender (one tag,
+        delivered in order). Every rank calls it, with or without messages; the works are
+        waited on against the deadline."""
+        ops = [
+            dist.P2POp(dist.irecv, self._host(mv), self.members[peer], self.group)
+            for peer, mv in recvs
+            if len(mv)
+        ]
+        ops += [
+            dist.P2POp(dist.isend, self._host(mv), self.members[peer], self.group)
+            for peer, mv in sends
+            if len(mv)
+        ]
+        if not ops:
+            return
+        works = dist.batch_isend_irecv(ops)
+        if self.timeout is None:
+            for w in works:
+                w.wait()
+            return
+        # gloo's point-to-point works complete only in wait(), which takes a timeout.
+        end = time.monotonic() + self.timeout
+        for w in works:
+            left = end - time.monotonic()
+            try:
+                done = left > 0 and w.wait(timeout=datetime.timedelta(seconds=left)) is not False
+            except RuntimeError as e:
+                if time.monotonic() < end:
+                    raise  # the transfer's own error (a peer that closed its connection)
+                raise self._timed_out() from e
+            if not done:
+                raise self._timed_out()
+
     def all_to_all_v(self, send: list[bytes]) -> list[bytes]:
         counts = [len(s) for s in send]
         sizes = [

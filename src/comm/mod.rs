@@ -5,8 +5,9 @@
 //! loading (the share modes that decide *which* bytes move live in [`crate::dist`]):
 //!
 //! - [`Communicator`] is the small byte-oriented interface every backend implements: rank,
-//!   size, split into sub-communicators, barrier, broadcast, all-gather, all-to-all-v, abort,
-//!   and a collective timeout with a phase name for its message.
+//!   size, split into sub-communicators, barrier, broadcast, all-gather, all-to-all-v,
+//!   point-to-point messages as one step ([`Communicator::exchange`]), abort, and a
+//!   collective timeout with a phase name for its message.
 //!   Backends: [`ThreadComm`] (in-process, channels and condition variables) and `MpiComm`
 //!   (feature `mpi`, rsmpi; large messages are chunked under MPI's 2 GiB `int` counts). The
 //!   Python package implements it over `torch.distributed` (gloo or NCCL).
@@ -331,9 +332,9 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
 
 /// [`Communicator::exchange`] through [`Communicator::all_to_all_packed`]: the messages to
 /// each peer concatenated in order, one packed all-to-all, and the received bytes cut into
-/// the buffers in order. The default, and the path of backends that cannot send from
-/// arbitrary memory.
-pub(crate) fn exchange_through_packed<C: Communicator + ?Sized>(
+/// the buffers in order. The default, and the fallback of a backend whose override cannot
+/// move some messages itself (the Python communicator on NCCL).
+pub fn exchange_through_packed<C: Communicator + ?Sized>(
     comm: &C,
     sends: &[(usize, &[u8])],
     recvs: &mut [(usize, &mut [u8])],
