@@ -585,9 +585,10 @@ def _to_device(base: torch.Tensor, dev: torch.device, non_blocking: bool) -> tor
 
 
 def _default_rank(world: int, group: Any) -> int:
-    """``torch.distributed``'s rank when it is initialized, else the launcher's (``RANK``
-    under torchrun, ``OMPI_COMM_WORLD_RANK`` under Open MPI, ...: the library's launcher
-    table); a job of one rank is rank 0; anything else needs an explicit rank."""
+    """``torch.distributed``'s rank when it is initialized, else ``RANK`` set alone, else the
+    launcher's (``RANK`` under torchrun, ``OMPI_COMM_WORLD_RANK`` under Open MPI, ...: the
+    library's launcher table); a job of one rank is rank 0; anything else needs an explicit
+    rank."""
     try:
         import torch.distributed as dist
 
@@ -595,6 +596,13 @@ def _default_rank(world: int, group: Any) -> int:
             return int(dist.get_rank(group))
     except ImportError:
         pass
+    env = os.environ.get("RANK")
+    if env is not None and "WORLD_SIZE" not in os.environ:
+        # RANK alone names this process's rank (documented as "set RANK"); a launcher sets
+        # WORLD_SIZE beside it, and then its table below applies.
+        if not env.isdigit():
+            raise _error("usage", f"RANK={env!r} is not a rank number")
+        return int(env)
     launched = _launch_env()
     if launched is not None:
         return launched[1]

@@ -84,7 +84,11 @@ def test_torchrun_plan_mismatch_fails_every_rank(checkpoints, tmp_path):
         assert msg.startswith("usage: ") and "disagree on plan" in msg and "rank 3 " in msg, msg
 
 
-@pytest.mark.parametrize("where,phase", [("all_gather", "job fingerprint"), ("broadcast", "broadcast")])
+# The first agreement of a shared load counts the nodes (the share default), then compares
+# the job fingerprint.
+@pytest.mark.parametrize(
+    "where,phase", [("all_gather", "share default: node names"), ("broadcast", "broadcast")]
+)
 def test_torchrun_stopped_rank_ends_the_load_by_its_deadline(checkpoints, tmp_path, where, phase):
     """Rank 2 stops (SIGSTOP) at a collective: every other rank raises a timeout naming the
     phase and rank 2 within the 3 s deadline plus the meeting's grace (1 s) and slack."""
