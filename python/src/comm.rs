@@ -245,7 +245,7 @@ impl Communicator for PyComm {
             })();
             let res = made.and_then(|(out, into)| o.call_method1("exchange", (out, into)));
             // Every view is released, whatever happened; the first failure is reported.
-            let released: PyResult<()> = views.iter().map(release).collect();
+            let released = views.iter().map(release).fold(Ok(()), PyResult::and);
             res?;
             released
         })
