@@ -194,8 +194,21 @@ CHILD = {
     "st-torch": lambda r, tp, k: load_st(r, tp, k, "pt"),
     "st-numpy": lambda r, tp, k: load_st(r, tp, k, "np"),
     "runai": load_runai,
+    "runai-buffered": load_runai,
+    "runai-direct": load_runai,
     "fastsafetensors": load_fastsafetensors,
+    "fastsafetensors-buffered": load_fastsafetensors,
+    "fastsafetensors-direct": load_fastsafetensors,
     "instanttensor": load_instanttensor,
+}
+
+# Peers' own I/O modes, chosen by their environment variables (the plain names keep each
+# peer's default: Run:ai's io_uring_direct, fastsafetensors' O_DIRECT on local disks).
+CHILD_ENV = {
+    "runai-buffered": {"RUNAI_STREAMER_FS_STRATEGY": "io_uring_buffered"},
+    "runai-direct": {"RUNAI_STREAMER_FS_STRATEGY": "io_uring_direct"},
+    "fastsafetensors-buffered": {"FASTSAFETENSORS_ODIRECT": "0"},
+    "fastsafetensors-direct": {"FASTSAFETENSORS_ODIRECT": "1"},
 }
 
 
@@ -204,7 +217,11 @@ PREIMPORT = {
     "st-torch": ["torch", "safetensors"],
     "st-numpy": ["numpy", "safetensors"],
     "runai": ["torch", "runai_model_streamer"],
+    "runai-buffered": ["torch", "runai_model_streamer"],
+    "runai-direct": ["torch", "runai_model_streamer"],
     "fastsafetensors": ["torch", "fastsafetensors"],
+    "fastsafetensors-buffered": ["torch", "fastsafetensors"],
+    "fastsafetensors-direct": ["torch", "fastsafetensors"],
     "instanttensor": ["torch"],
 }
 
@@ -226,9 +243,11 @@ def child(loader, root, tp, rank):
         importlib.import_module(m)
     order = plan_order(root)
     io0 = io_read_bytes()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     tensors = CHILD[loader](root, tp, rank)
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     io1 = io_read_bytes()
     peak = vm_hwm()
     bufs = {}
@@ -241,6 +260,7 @@ def child(loader, root, tp, rank):
         "bytes": total,
         "read_bytes": io1 - io0,
         "maxrss": peak,
+        "cpu": cpu,
     }))
 
 
@@ -293,8 +313,9 @@ def run_one(args, loader, tp, rank):
                str(tp), str(rank)]
     # Outputs are a few lines (far below a pipe's buffer), so waiting before reading them
     # cannot block.
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, _ = os.wait4(p.pid, 0)
+    env = dict(os.environ, **CHILD_ENV.get(loader, {}))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     io1 = io_read_bytes()
     out, err = p.stdout.read(), p.stderr.read()
@@ -314,15 +335,116 @@ def run_one(args, loader, tp, rank):
         # children).
         "read_bytes": io1 - io0,
         "maxrss": line.get("maxrss") or maxrss_of(err),
+        # CPU seconds (user + system) of the load: in-process for the Python loaders (imports
+        # excluded), the whole process for the CLI. A loaded machine stretches wall time far
+        # more than the work done.
+        "cpu": line.get("cpu", usage.ru_utime + usage.ru_stime),
     }
 
 
+PAGE = 4096
+MADV_POPULATE_WRITE = 23  # Linux 5.14
+
+
+def _address(buf):
+    """Address of a writable buffer (an mmap), for ctypes; the export is dropped at once."""
+    import ctypes
+
+    view = (ctypes.c_char * len(buf)).from_buffer(buf)
+    addr = ctypes.addressof(view)
+    del view
+    return addr
+
+
+def _parallel(n, work):
+    """Runs work(i) for i in range(n) on n threads started together; returns the seconds from
+    the common start to the last one's end. The work must release the GIL (ctypes calls and
+    os.preadv do)."""
+    import threading
+
+    go = threading.Barrier(n + 1)
+
+    def body(i):
+        go.wait()
+        work(i)
+
+    ts = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def fresh_fill_seconds(src, threads, populate):
+    """Seconds to copy the touched buffer `src` into fresh anonymous pages on `threads`
+    threads, each its own page-aligned share: the page faults of first touch (`populate`
+    False) or one MADV_POPULATE_WRITE of the share before its copy (True). This is what a
+    loader that starts in a fresh process pays for a warm load at best."""
+    import ctypes
+    import mmap
+
+    n = len(src)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dst = mmap.mmap(-1, n)
+    s, d = _address(src), _address(dst)
+    share = -(-n // threads) // PAGE * PAGE + PAGE
+
+    def work(i):
+        a, b = i * share, min(n, (i + 1) * share)
+        if b <= a:
+            return
+        if populate:
+            libc.madvise(d + a, b - a, MADV_POPULATE_WRITE)
+        ctypes.memmove(d + a, s + a, b - a)
+
+    t = _parallel(threads, work)
+    dst.close()
+    return t
+
+
+def direct_read_Bps(path, depth, req, start, want):
+    """Bytes per second of `want` bytes of `path` from byte `start`, read with O_DIRECT by
+    `depth` threads, each with one request of `req` bytes in flight at a time (offsets handed
+    out in order, so the file is read forwards `depth` requests at a time)."""
+    import itertools
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    claim = itertools.count()  # next() is atomic under the GIL
+    got = [0] * depth
+
+    def work(i):
+        buf = mmap.mmap(-1, req)
+        while True:
+            off = next(claim) * req
+            if off >= want:
+                break
+            got[i] += os.preadv(fd, [buf], start + off)
+        buf.close()
+
+    try:
+        t = _parallel(depth, work)
+    finally:
+        os.close(fd)
+    return sum(got) / t
+
+
 def limits(paths):
-    """Physical limits measured in the same run, in bytes per second: single-thread memcpy
-    into touched memory (numpy copyto, 1 GiB, best of 3) and into fresh memory (a new 1 GiB
-    array each time: page faults included, which every fresh-process loader pays; best of
-    3), and a cold sequential read of the first 2 GiB of the largest file with 16 MiB reads,
-    buffered (through the page cache) and with O_DIRECT, each after dropping the cache."""
+    """Physical limits measured in the same run, in bytes per second.
+
+    Warm: a copy of 1 GiB from touched memory into fresh anonymous pages on all cores (1,
+    cores and 2 x cores threads, first-touch faults or MADV_POPULATE_WRITE first; the best,
+    of 3 runs each), which is what a fresh process that loads from the page cache pays at
+    best; for reference a single-thread memcpy into touched and into fresh memory (numpy).
+    Cold: the largest file read with O_DIRECT at queue depths 1-64 (threads with one request
+    each, 1 and 4 MiB requests; every configuration reads its own 1 GiB of the file, and the
+    sweep runs twice, so that a storage cache below the VM would show as the second pass
+    being faster); the best is the disk's floor. For reference a single-stream buffered and
+    O_DIRECT read of the first 2 GiB with 16 MiB reads, each after dropping the cache."""
     import mmap
 
     import numpy as np
@@ -334,8 +456,18 @@ def limits(paths):
     del dst
     fresh = min(_timed(lambda: np.copyto(np.empty(n, dtype=np.uint8), src)) for _ in range(3))
     del src
+    cores = os.cpu_count() or 1
+    touched = mmap.mmap(-1, n)
+    touched.write(b"\1" * n)
+    fills = {}
+    for threads in sorted({1, cores, 2 * cores}):
+        for populate in (False, True):
+            key = f"{threads} threads {'populate' if populate else 'first-touch'}"
+            fills[key] = n / min(fresh_fill_seconds(touched, threads, populate) for _ in range(3))
+    touched.close()
     big = max(paths, key=os.path.getsize)
-    want = min(2 << 30, os.path.getsize(big)) // (16 << 20) * (16 << 20)
+    size = os.path.getsize(big)
+    want = min(2 << 30, size) // (16 << 20) * (16 << 20)
     seq = {}
     for kind, flags in (("buffered", 0), ("direct", getattr(os, "O_DIRECT", 0))):
         drop_cache([big])
@@ -355,9 +487,98 @@ def limits(paths):
         finally:
             os.close(fd)
         seq[kind] = got / (time.perf_counter() - t0)
+    depths = {}
+    window = min(1 << 30, size // (4 << 20) * (4 << 20))
+    configs = [(d, r) for r in (1 << 20, 4 << 20) for d in (1, 2, 4, 8, 16, 32, 64)]
+    for sweep in range(2):
+        for k, (d, r) in enumerate(configs):
+            start = (k * window) % max(1, size - window) // (4 << 20) * (4 << 20)
+            drop_cache([big])
+            try:
+                rate = direct_read_Bps(big, d, r, start, window)
+            except OSError:
+                continue
+            key = f"qd {d} x {r >> 20} MiB"
+            depths[key] = max(depths.get(key, 0), rate)
+            depths[f"{key} pass {sweep + 1}"] = rate
     drop_cache([big])
+    best_fill = max(fills.items(), key=lambda kv: kv[1])
+    best_depth = max(((k, v) for k, v in depths.items() if "pass" not in k),
+                     key=lambda kv: kv[1], default=(None, None))
     return {"memcpy_Bps": n / best, "fresh_memcpy_Bps": n / fresh,
-            "seq_read_Bps": seq.get("buffered"), "seq_read_direct_Bps": seq.get("direct")}
+            "fresh_fill_Bps": best_fill[1], "fresh_fill_how": best_fill[0],
+            "fresh_fill": fills,
+            "seq_read_Bps": seq.get("buffered"), "seq_read_direct_Bps": seq.get("direct"),
+            "direct_read_Bps": best_depth[1], "direct_read_how": best_depth[0],
+            "direct_read": depths}
+
+
+def union_intervals(root, tp, rank):
+    """The file pages that rank `rank` of `tp` reads (the page union of its slices under the
+    rules of `split`), as merged (file, start, end) intervals: the least a cold load must
+    read from storage."""
+    out = []
+    for fname in files_of(root):
+        base, h = header(os.path.join(root, fname))
+        spans = []
+        for name, e in h.items():
+            s0, s1 = (base + x for x in e["data_offsets"])
+            shape = e["shape"]
+            cut = split(name, shape, tp, rank)
+            if cut is None:
+                spans.append((s0, s1))
+                continue
+            row = (s1 - s0) // shape[0] if shape[0] else 0
+            if cut[0] == 0:
+                spans.append((s0 + cut[1] * row, s0 + cut[2] * row))
+            else:
+                esz = row // shape[1]
+                a, b = cut[1] * esz, cut[2] * esz
+                spans.extend((s0 + r * row + a, s0 + r * row + b) for r in range(shape[0]))
+        pages = sorted((s // PAGE * PAGE, -(-e // PAGE) * PAGE) for s, e in spans if e > s)
+        merged = []
+        for s, e in pages:
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        out.extend((fname, s, e) for s, e in merged)
+    return out
+
+
+def union_bytes(root, tp, rank):
+    return sum(e - s for _, s, e in union_intervals(root, tp, rank))
+
+
+def union_read_Bps(root, tp, rank, depth=32, req=4 << 20):
+    """Bytes per second of reading exactly the rank's page union with O_DIRECT: one request
+    per merged page run (runs over `req` split), `depth` in flight, after dropping the
+    cache. On a device with few IOPS, a union of small runs (inner-dim splits) reads far
+    slower than its bytes at the sequential rate: the floor of a union-only cold load."""
+    import mmap
+
+    reqs = []
+    for fname, s, e in union_intervals(root, tp, rank):
+        for a in range(s, e, req):
+            reqs.append((fname, a, min(e, a + req)))
+    fds = {f: os.open(os.path.join(root, f), os.O_RDONLY | os.O_DIRECT) for f in files_of(root)}
+    drop_cache([os.path.join(root, f) for f in fds])
+    it = iter(reqs)
+    got = [0] * depth
+
+    def work(i):
+        buf = mmap.mmap(-1, req)
+        for fname, a, b in it:  # next() on a shared iterator is atomic under the GIL
+            got[i] += os.preadv(fds[fname], [memoryview(buf)[:b - a]], a)
+        buf.close()
+
+    try:
+        t = _parallel(depth, work)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return sum(got) / t, len(reqs)
+
 
 
 def _timed(f):
@@ -388,7 +609,10 @@ def main():
     ap.add_argument("--summarize", metavar="LOG",
                     help="print the tables from the JSON lines of an earlier (maybe cut) run")
     ap.add_argument("--limits", action="store_true",
-                    help="also measure memcpy and cold sequential read bandwidth")
+                    help="also measure the floors: fresh pages filled on all cores, the disk "
+                         "at its best queue depth, the page union of each rank")
+    ap.add_argument("--limits-only", action="store_true",
+                    help="measure the floors (as --limits) and stop")
     args = ap.parse_args()
     if args.child:
         loader, root, tp, rank = args.child
@@ -411,14 +635,28 @@ def main():
     loaders = args.loaders.split(",")
     results = []
     print(f"# load average at start: {open('/proc/loadavg').read().strip()}", flush=True)
-    lim = limits(paths) if args.limits else None
+    lim = limits(paths) if args.limits or args.limits_only else None
     if lim:
+        tps = [int(x) for x in args.tp.split(",")]
+        lim["union_bytes"] = {f"{tp}/{RANK_OF_TP[tp]}": union_bytes(args.ckpt, tp, RANK_OF_TP[tp])
+                              for tp in tps}
+        lim["union_read"] = {}
+        for tp in tps:
+            rate, n = union_read_Bps(args.ckpt, tp, RANK_OF_TP[tp])
+            lim["union_read"][f"{tp}/{RANK_OF_TP[tp]}"] = {"Bps": rate, "requests": n}
         gb = lambda k: f"{lim[k] / 1e9:.2f}" if lim.get(k) else "n/a"  # noqa: E731
-        print(f"# limits: memcpy {gb('memcpy_Bps')} GB/s (1 thread, touched), "
-              f"{gb('fresh_memcpy_Bps')} GB/s (1 thread, fresh memory); cold sequential read "
-              f"{gb('seq_read_Bps')} GB/s buffered, {gb('seq_read_direct_Bps')} GB/s O_DIRECT",
-              flush=True)
+        print(f"# limits: fresh pages filled {gb('fresh_fill_Bps')} GB/s ({lim['fresh_fill_how']}; "
+              f"1 thread numpy {gb('fresh_memcpy_Bps')}, touched memory {gb('memcpy_Bps')}); "
+              f"disk O_DIRECT {gb('direct_read_Bps')} GB/s ({lim['direct_read_how']}; one 16 MiB "
+              f"stream {gb('seq_read_direct_Bps')} direct, {gb('seq_read_Bps')} buffered); "
+              "page unions " + ", ".join(
+                  f"tp/rank {k} {v / 1e9:.2f} GB (read page-exact at QD 32: "
+                  f"{lim['union_read'][k]['Bps'] / 1e9:.2f} GB/s, "
+                  f"{lim['union_read'][k]['requests']} requests)"
+                  for k, v in lim["union_bytes"].items()), flush=True)
         print(f"# limits json {json.dumps(lim)}", flush=True)
+    if args.limits_only:
+        return
     # Repetitions outermost: a run cut short still covers every (mode, tp) equally.
     for rep in range(args.reps):
         for mode in args.modes.split(","):
@@ -482,21 +720,26 @@ def summarize(results, loaders, lim=None):
             return statistics.median(v) if v else None
         me = med("safeshard")
         best = min(((med(l), l) for l in peers if med(l) is not None), default=(None, None))
-        # The issue's floors (memcpy into touched memory warm, buffered sequential read
-        # cold) and a second one each: memcpy into fresh memory (the page faults a fresh
-        # process pays) and an O_DIRECT sequential read.
+        # The floors: the rank's bytes written into fresh pages on all cores (warm) and the
+        # rank's page union at the disk's best sequential rate (best queue depth, O_DIRECT;
+        # cold); second, a one-thread memcpy into touched memory (warm) and the page union
+        # actually read page-exact, one request per page run (cold: what reading no byte
+        # outside the union costs on this device).
         floor = second = None
         if lim and me:
             def fl(b, key, label):
                 return (b / lim[key], label) if b and lim.get(key) else None
             if mode == "warm":
                 b = med("safeshard", "bytes")
-                floor = fl(b, "memcpy_Bps", "memcpy")
-                second = fl(b, "fresh_memcpy_Bps", "fresh memcpy")
+                floor = fl(b, "fresh_fill_Bps", "fresh pages, all cores")
+                second = fl(b, "memcpy_Bps", "memcpy touched")
             else:
-                b = med("safeshard", "plan_read_bytes")
-                floor = fl(b, "seq_read_Bps", "seq read")
-                second = fl(b, "seq_read_direct_Bps", "O_DIRECT seq read")
+                rank = RANK_OF_TP[tp]
+                b = ((lim.get("union_bytes") or {}).get(f"{tp}/{rank}")
+                     or med("safeshard", "plan_read_bytes"))
+                floor = fl(b, "direct_read_Bps", "page union, best queue depth")
+                ur = (lim.get("union_read") or {}).get(f"{tp}/{rank}")
+                second = (b / ur["Bps"], "page union read page-exact") if b and ur else None
         cells = [f"{me:.2f}" if me else "n/a",
                  f"{best[0]:.2f} ({best[1]})" if best[0] else "n/a",
                  f"{me / best[0]:.2f}" if me and best[0] else "n/a"]

@@ -3,18 +3,18 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{Checkpoint, Dtype};
+use crate::checkpoint::Checkpoint;
 use crate::comm::Communicator;
 use crate::dist::{self, ShareOptions};
 use crate::load::{
-    load_rank, load_rank_scattered, load_rank_views, verify_rank, LoadOptions, RankTensors,
+    load_rank, load_rank_into_buffer, load_rank_scattered, load_rank_views, verify_rank,
+    LoadOptions, LoadStats, RankTensors,
 };
-use crate::plan::names::{vllm_plan, BufferFill, TensorNames};
-use crate::plan::{self, Plan};
+use crate::plan::{self, Plan, TensorPlan};
 use crate::reshard::{ReshardOptions, ReshardSummary};
-use crate::sharding::vllm::VllmMap;
 use crate::sharding::{self, Config, Resolution, Spec};
 use crate::topology::Topology;
+use crate::vllm::{Names, TensorNames, VllmNames};
 use crate::Result;
 
 /// Everything needed to load any rank of a job: the steps from opening a checkpoint to the
@@ -46,8 +46,21 @@ pub struct Job {
     pub resolution: Resolution,
     /// Per-rank copy runs (under the names of [`Job::names`]).
     pub plan: Plan,
-    names: TensorNames,
-    buffers: BufferFill,
+    /// With vLLM names: what each rank leaves until after its load.
+    vllm: Option<VllmNames>,
+}
+
+/// A rank loaded into a caller's buffer ([`Job::load_rank_into_buffer`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufferRank {
+    /// What the load did.
+    pub stats: LoadStats,
+    /// The tensors the rank holds, at their offsets in the buffer (the plan's, less
+    /// [`BufferRank::aliases`]).
+    pub tensors: Vec<TensorPlan>,
+    /// `(name, holder)` of plan tensors the rank leaves out because `holder` holds their
+    /// values (see [`RankTensors::aliases`]).
+    pub aliases: Vec<(String, String)>,
 }
 
 /// Options of [`Job::builder`]: a checkpoint plus, optionally, a topology (default: one
@@ -97,7 +110,7 @@ impl JobBuilder {
 
     /// The names ranks hold (default: [`TensorNames::Checkpoint`]). With
     /// [`TensorNames::Vllm`] every rank holds exactly its vLLM `model.state_dict()` entries
-    /// (see [`crate::plan::names`]); an architecture or quantization method without a vLLM
+    /// (see [`crate::vllm`]); an architecture or quantization method without a vLLM
     /// name map is [`crate::Error::Unsupported`].
     ///
     /// ```
@@ -129,11 +142,9 @@ impl JobBuilder {
             &self.overrides,
         )?;
         if self.names == TensorNames::Vllm {
-            let map = VllmMap::for_spec(&job.spec)?;
-            let (plan, buffers) = vllm_plan(&job.plan, &job.ckpt, &job.config, &map)?;
+            let (plan, vllm) = VllmNames::plan(&job.plan, &job.ckpt, &job.config, &job.spec)?;
             job.plan = plan;
-            job.buffers = buffers;
-            job.names = TensorNames::Vllm;
+            job.vllm = Some(vllm);
         }
         Ok(job)
     }
@@ -164,8 +175,7 @@ impl Job {
             topology,
             resolution,
             plan,
-            names: TensorNames::Checkpoint,
-            buffers: BufferFill::default(),
+            vllm: None,
         })
     }
 
@@ -188,79 +198,60 @@ impl Job {
 
     /// The names the ranks hold.
     pub fn names(&self) -> TensorNames {
-        self.names
+        match self.vllm {
+            Some(_) => TensorNames::Vllm,
+            None => TensorNames::Checkpoint,
+        }
     }
 
-    /// [`Job::fill_buffers`] for a rank loaded into a caller's buffer
-    /// ([`crate::load::load_rank_into_buffer`]): `arena` laid out as the rank's plan says.
-    pub fn finish_buffer(&self, rank: usize, arena: &mut [u8]) -> Result<()> {
-        let Some(rp) = self.plan.ranks.get(rank) else {
-            return Ok(());
-        };
-        self.finish(rank, &mut |i, f| {
-            let t = rp
-                .tensors
-                .get(i)
-                .ok_or_else(|| crate::Error::plan_rank(rank, format!("no tensor {i} to finish")))?;
-            let s = usize::try_from(t.offset).ok();
-            let e = s.and_then(|s| s.checked_add(usize::try_from(t.bytes).ok()?));
-            let len = arena.len();
-            match (s, e) {
-                (Some(s), Some(e)) if e <= len => f(&mut arena[s..e]),
-                _ => Err(crate::Error::Plan {
-                    rank: Some(rank),
-                    tensor: Some(t.name.clone()),
-                    reason: format!("lies outside the {len}-byte buffer"),
-                }),
+    /// Finishes a rank of [`Job::plan`] loaded through the lower layers
+    /// ([`crate::load::load_rank`], [`crate::dist::load_shared_with`], ...): for vLLM names,
+    /// transposes the tensors vLLM holds transposed (GPT-2's Conv1D weights; a view is
+    /// materialized first), writes the values of the buffers no checkpoint provides
+    /// (attention `_k_scale` ...) and re-ties the embeddings vLLM re-ties (see
+    /// [`crate::vllm`]). [`Job::load_rank`], [`Job::load_shared`], [`Job::load_rank_views`]
+    /// and [`Job::load_rank_scattered`] do it themselves. A finished rank
+    /// ([`RankTensors::is_finished`]) is left as it is, so calling this again changes
+    /// nothing; a rank of another plan is an error.
+    pub fn finish(&self, loaded: &mut RankTensors) -> Result<()> {
+        match &self.vllm {
+            Some(v) => v.finish(&self.plan, loaded, Names::Vllm).map(|_| ()),
+            None => {
+                loaded.mark_finished();
+                Ok(())
             }
-        })
+        }
     }
 
-    /// Finishes a loaded rank of a vLLM-named plan: writes the values of the buffers it holds
-    /// without a file source (attention `_k_scale` ...) and transposes the tensors vLLM holds
-    /// transposed (GPT-2's Conv1D weights; with views, the rank is materialized first).
-    /// [`Job::load_rank`], [`Job::load_shared`] and [`Job::load_rank_views`] do it themselves;
-    /// a caller that loads [`Job::plan`] through the lower layers calls it once per load.
-    /// Nothing to do for checkpoint names.
-    pub fn fill_buffers(&self, loaded: &mut RankTensors) -> Result<()> {
-        let rank = loaded.coords().rank;
-        self.finish(rank, &mut |i, f| {
-            if loaded.arena_tensor_mut(i).is_none() {
-                loaded.materialize();
-            }
-            match loaded.arena_tensor_mut(i) {
-                Some(data) => f(data),
-                None => Err(crate::Error::plan_rank(
-                    rank,
-                    format!("tensor {i} to finish is not in the arena"),
-                )),
-            }
-        })
-    }
-
-    /// The finishing steps of rank `rank` (transposes, then buffer values), each applied by
-    /// `with(i, step)` to tensor `i`'s bytes wherever the caller holds them.
-    #[allow(clippy::type_complexity)]
-    fn finish(
+    /// Loads one rank into `buf`, memory the caller owns (see
+    /// [`crate::load::load_rank_into_buffer`]), and finishes it there like [`Job::load_rank`]:
+    /// the only way to finish a caller's buffer, so its steps run exactly once.
+    pub fn load_rank_into_buffer(
         &self,
         rank: usize,
-        with: &mut dyn FnMut(usize, &mut dyn FnMut(&mut [u8]) -> Result<()>) -> Result<()>,
-    ) -> Result<()> {
-        for tr in self.buffers.transposes.get(rank).into_iter().flatten() {
-            with(tr.tensor, &mut |d| tr.apply(d))?;
-        }
+        opts: &LoadOptions,
+        buf: &mut [u8],
+    ) -> Result<BufferRank> {
+        let stats = load_rank_into_buffer(&self.plan, rank, opts, buf)?;
+        let aliases = match &self.vllm {
+            Some(v) => v.finish_buffer(&self.plan, rank, buf)?,
+            None => Vec::new(),
+        };
         let tensors = self
             .plan
             .ranks
             .get(rank)
             .map_or(&[][..], |r| &r.tensors[..]);
-        for &(i, value) in self.buffers.ranks.get(rank).into_iter().flatten() {
-            let Some(t) = tensors.get(i) else {
-                continue;
-            };
-            with(i, &mut |d| fill_value(rank, t, value, d))?;
-        }
-        Ok(())
+        let tensors = tensors
+            .iter()
+            .filter(|t| !aliases.iter().any(|(a, _)| *a == t.name))
+            .cloned()
+            .collect();
+        Ok(BufferRank {
+            stats,
+            tensors,
+            aliases,
+        })
     }
 
     /// Number of ranks.
@@ -276,7 +267,7 @@ impl Job {
     /// Loads one rank into memory it owns (see [`crate::load::load_rank`]).
     pub fn load_rank(&self, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
         let mut loaded = load_rank(&self.plan, rank, opts)?;
-        self.fill_buffers(&mut loaded)?;
+        self.finish(&mut loaded)?;
         Ok(loaded)
     }
 
@@ -290,24 +281,10 @@ impl Job {
         into: &mut [(&str, &mut [u8])],
     ) -> Result<RankTensors> {
         let mut loaded = load_rank_scattered(&self.plan, rank, opts, into)?;
-        let tensors = self
-            .plan
-            .ranks
-            .get(rank)
-            .map_or(&[][..], |r| &r.tensors[..]);
-        self.finish(rank, &mut |i, f| {
-            let name = tensors.get(i).map(|t| t.name.as_str());
-            if let Some((_, buf)) = into.iter_mut().find(|(n, _)| Some(*n) == name) {
-                return f(buf);
-            }
-            match loaded.arena_tensor_mut(i) {
-                Some(data) => f(data),
-                None => Err(crate::Error::plan_rank(
-                    rank,
-                    format!("tensor {i} to finish is not loaded"),
-                )),
-            }
-        })?;
+        match &self.vllm {
+            Some(v) => v.finish_scattered(&self.plan, &mut loaded, into)?,
+            None => loaded.mark_finished(),
+        }
         Ok(loaded)
     }
 
@@ -336,7 +313,7 @@ impl Job {
         opts: &ShareOptions,
     ) -> Result<RankTensors> {
         let mut loaded = dist::load_shared(&self.plan, world, opts)?;
-        self.fill_buffers(&mut loaded)?;
+        self.finish(&mut loaded)?;
         Ok(loaded)
     }
 
@@ -350,7 +327,7 @@ impl Job {
     pub unsafe fn load_rank_views(&self, rank: usize, opts: &LoadOptions) -> Result<RankTensors> {
         // SAFETY: the caller upholds load_rank_views' contract.
         let mut loaded = unsafe { load_rank_views(&self.plan, rank, opts) }?;
-        self.fill_buffers(&mut loaded)?;
+        self.finish(&mut loaded)?;
         Ok(loaded)
     }
 
@@ -367,7 +344,7 @@ impl Job {
     /// # }
     /// ```
     pub fn verify(&self, loaded: &RankTensors) -> Result<usize> {
-        if self.names == TensorNames::Vllm {
+        if self.vllm.is_some() {
             return Err(crate::Error::Unsupported {
                 what: "verify".into(),
                 why: "the independent slow path checks checkpoint names; open the job with checkpoint names to verify".into(),
@@ -390,113 +367,17 @@ impl Job {
     /// # }
     /// ```
     pub fn reshard(&self, out: impl AsRef<Path>, opts: &ReshardOptions) -> Result<ReshardSummary> {
-        let files = match opts.format {
-            TensorNames::Checkpoint => Vec::new(),
-            TensorNames::Vllm if self.names != TensorNames::Vllm => {
-                return Err(crate::Error::invalid_argument(
-                    "format",
-                    "vllm needs a job opened with vLLM names (JobBuilder::names(TensorNames::Vllm))",
-                ))
-            }
-            TensorNames::Vllm => self.vllm_side_files()?,
+        let vllm = match (opts.format, &self.vllm) {
+            (TensorNames::Checkpoint, _) => None,
+            (TensorNames::Vllm, None) => return Err(crate::Error::invalid_argument(
+                "format",
+                "vllm needs a job opened with vLLM names (JobBuilder::names(TensorNames::Vllm))",
+            )),
+            (TensorNames::Vllm, Some(v)) => Some(crate::reshard::VllmOutput {
+                names: v,
+                ckpt: &self.ckpt,
+            }),
         };
-        let finish = |r: &mut RankTensors| self.fill_buffers(r);
-        let extras = crate::reshard::Extras {
-            files,
-            finish: &finish,
-        };
-        crate::reshard::reshard(&self.plan, &[&self.ckpt.root], out.as_ref(), opts, &extras)
+        crate::reshard::reshard(&self.plan, &[&self.ckpt.root], out.as_ref(), opts, vllm)
     }
-
-    /// Files a vLLM model directory needs beside the weights: config.json (with
-    /// `tie_word_embeddings` false when the checkpoint stores a head vLLM would untie for:
-    /// the `sharded_state` loader never unties), generation and tokenizer files as they are.
-    fn vllm_side_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        const COPIED: [&str; 9] = [
-            "generation_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "tokenizer.model",
-            "vocab.json",
-            "merges.txt",
-            "added_tokens.json",
-            "chat_template.jinja",
-        ];
-        let mut files = Vec::new();
-        if let Some(config) = &self.ckpt.config {
-            let mut config = config.clone();
-            let map = VllmMap::for_spec(&self.spec)?;
-            let stored_head = map.tie.as_ref().is_some_and(|t| {
-                self.ckpt
-                    .tensors
-                    .iter()
-                    .any(|x| map.renamed(&x.name) == t.head)
-            });
-            let declared = map.tie.as_ref().is_some_and(|t| {
-                self.config
-                    .values
-                    .get("tie_word_embeddings")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(t.default)
-            });
-            if stored_head && declared {
-                if let Some(obj) = config.as_object_mut() {
-                    obj.insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
-                }
-            }
-            // vLLM's GPTQ config, when config.json does not list the quantized modules, reads
-            // them off the checkpoint's files: every module with a non-float tensor. Off the
-            // output's fused names that would miss gate_up_proj; write the list the original
-            // checkpoint gives (vLLM maps checkpoint module names to its fused layers).
-            if let Some(q) = config
-                .get_mut("quantization_config")
-                .and_then(|q| q.as_object_mut())
-            {
-                let gptq = q.get("quant_method").and_then(|m| m.as_str()) == Some("gptq");
-                if gptq && !q.contains_key("modules_in_block_to_quantize") {
-                    let floats = [Dtype::F16, Dtype::BF16, Dtype::F32];
-                    let modules: std::collections::BTreeSet<&str> = self
-                        .ckpt
-                        .tensors
-                        .iter()
-                        .filter(|t| !floats.contains(&t.dtype))
-                        .filter_map(|t| t.name.rsplit_once('.').map(|(m, _)| m))
-                        .collect();
-                    q.insert(
-                        "modules_in_block_to_quantize".into(),
-                        serde_json::Value::from(modules.into_iter().collect::<Vec<_>>()),
-                    );
-                }
-            }
-            let mut bytes = serde_json::to_vec_pretty(&config)
-                .map_err(|e| crate::Error::io("config.json", std::io::Error::other(e)))?;
-            bytes.push(b'\n');
-            files.push(("config.json".to_string(), bytes));
-        }
-        for name in COPIED {
-            let path = self.ckpt.root.join(name);
-            match std::fs::metadata(&path) {
-                Ok(m) if m.is_file() => {
-                    let bytes = std::fs::read(&path).map_err(|e| crate::Error::io(&path, e))?;
-                    files.push((name.to_string(), bytes));
-                }
-                _ => {}
-            }
-        }
-        Ok(files)
-    }
-}
-
-/// Writes `value` into every element of buffer `t`'s bytes.
-fn fill_value(rank: usize, t: &crate::plan::TensorPlan, value: f64, dst: &mut [u8]) -> Result<()> {
-    let elem = BufferFill::element(t.dtype, value).ok_or_else(|| crate::Error::Plan {
-        rank: Some(rank),
-        tensor: Some(t.name.clone()),
-        reason: format!("buffer value {value} is not exact in {}", t.dtype),
-    })?;
-    for chunk in dst.chunks_exact_mut(elem.len()) {
-        chunk.copy_from_slice(&elem);
-    }
-    Ok(())
 }

@@ -36,10 +36,16 @@
 //!    resolves them, for a [`Topology`], into per-rank [`sharding::Layout`]s.
 //! 3. [`plan`] is the coordinator: it turns layouts into exact byte-range copy runs per rank.
 //! 4. [`load`] is the rank engine: it maps only the planned windows and copies them in parallel.
-//! 5. [`comm`] is transport: communicators (threads, MPI, NCCL), launchers, agreement.
-//! 6. [`dist`] loads a job's ranks together: share modes that read shared bytes once and move
+//! 5. [`vllm`] is everything safeshard knows about vLLM: the name maps, the plan transform to
+//!    vLLM's `state_dict()` names ([`TensorNames::Vllm`]) and the finishing of a loaded rank.
+//! 6. [`comm`] is transport: communicators (threads, MPI, NCCL), launchers, agreement.
+//! 7. [`dist`] loads a job's ranks together: share modes that read shared bytes once and move
 //!    them over a communicator, returning the same [`load::RankTensors`] as a local load.
-//! 7. [`reshard`] writes a planned job back out as per-rank safetensors files.
+//! 8. [`reshard`] writes a planned job back out as per-rank safetensors files.
+//!
+//! A trainer whose state dict already says what each rank holds (DTensors) loads it with a
+//! [`SliceJob`]: explicit [`SliceRequest`]s instead of a sharding spec, planned and loaded by
+//! the same layers.
 //!
 //! `synth` (feature `synth`, on with the default `cli`) writes synthetic Hugging Face-layout
 //! checkpoints for tests, demos and benchmarks.
@@ -56,15 +62,19 @@ pub mod load;
 pub mod plan;
 pub mod reshard;
 pub mod sharding;
+mod slice_job;
 #[cfg(feature = "synth")]
 pub mod synth;
 pub mod topology;
+pub mod vllm;
 
 pub use checkpoint::{Checkpoint, Dtype};
 pub use dist::{ShareMode, ShareOptions};
 pub use error::{Error, Result};
-pub use job::{Job, JobBuilder};
+pub use job::{BufferRank, Job, JobBuilder};
 pub use load::{IoMode, LoadOptions, LoadStats, OwnedTensor, RankTensors, TensorRef};
-pub use plan::names::TensorNames;
+pub use plan::requests::SliceRequest;
 pub use reshard::{ReshardOptions, ReshardSummary};
+pub use slice_job::{load_collective, SliceJob};
 pub use topology::{Coords, Topology};
+pub use vllm::TensorNames;

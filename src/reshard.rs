@@ -5,7 +5,7 @@
 //! - [`TensorNames::Checkpoint`] (the default): checkpoint names, unfused, one file set per
 //!   global rank, `model-rank-{rank}-part-{part}.safetensors`;
 //! - [`TensorNames::Vllm`]: what vLLM's `sharded_state` loader reads: the plan already holds
-//!   vLLM's `state_dict()` names (see [`crate::plan::names`]); files are named by the loader's
+//!   vLLM's `state_dict()` names (see [`crate::vllm`]); files are named by the loader's
 //!   patterns, `model-rank-{tp_rank}-part-{part}.safetensors` when pp = 1 and
 //!   `model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors` when pp > 1, and the caller's
 //!   extra files (config.json, tokenizer files) are written beside them so the directory is a
@@ -27,10 +27,11 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
 
-use crate::checkpoint::header_bytes;
-use crate::load::{self, LoadOptions, RankTensors, TensorRef};
-use crate::plan::names::TensorNames;
+use crate::checkpoint::{header_bytes, Checkpoint};
+use crate::load::{self, LoadOptions, TensorRef};
 use crate::plan::Plan;
+use crate::topology::Coords;
+use crate::vllm::{self, Names, Retied, TensorNames, VllmNames};
 use crate::{Error, Result};
 
 /// Name of the manifest written beside the parts; it marks a complete output.
@@ -59,13 +60,12 @@ impl Default for ReshardOptions {
     }
 }
 
-/// What a reshard writes besides the parts: files copied or edited next to them, and a step
-/// run on every loaded rank before it is written.
-pub(crate) struct Extras<'a> {
-    /// (file name, bytes) written beside the parts.
-    pub files: Vec<(String, Vec<u8>)>,
-    /// Finishes a loaded rank (writes buffers without a file source).
-    pub finish: &'a dyn Fn(&mut RankTensors) -> Result<()>,
+/// What `--format vllm` needs besides the plan: the job's vLLM side (finishing every loaded
+/// rank, how re-tied heads are written) and the checkpoint (config.json and tokenizer files
+/// written beside the parts).
+pub(crate) struct VllmOutput<'a> {
+    pub names: &'a VllmNames,
+    pub ckpt: &'a Checkpoint,
 }
 
 /// What a reshard wrote.
@@ -152,43 +152,95 @@ fn write_part(path: &Path, tensors: &[TensorRef<'_>]) -> Result<u64> {
     Ok(total)
 }
 
-/// Writes every rank's parts; `names` collects the file names written so far.
-fn write_parts(
+/// The file name of part `part` of the rank at `c`.
+fn part_name(plan: &Plan, format: TensorNames, c: Coords, part: usize) -> String {
+    let rank = c.rank;
+    match format {
+        TensorNames::Checkpoint => format!("model-rank-{rank}-part-{part}.safetensors"),
+        // ShardedStateLoader's TP_ONLY_PATTERN and PP_AND_TP_PATTERN.
+        TensorNames::Vllm if plan.topology.pp == 1 => {
+            format!("model-rank-{}-part-{part}.safetensors", c.tp_rank)
+        }
+        TensorNames::Vllm => format!(
+            "model-pp-{}-tp-{}-part-{part}.safetensors",
+            c.pp_rank, c.tp_rank
+        ),
+    }
+}
+
+/// Loads, finishes and writes one rank; `names` collects the file names written.
+fn write_rank(
     plan: &Plan,
+    rank: usize,
     out: &Path,
     opts: &ReshardOptions,
-    extras: &Extras<'_>,
+    vllm: Option<(&VllmNames, Names)>,
     names: &mut Vec<String>,
-) -> Result<u64> {
+) -> Result<(u64, Retied)> {
     let load_opts = LoadOptions {
         views: false,
         ..opts.load.clone()
     };
-    let mut written = 0u64;
-    for rank in 0..plan.ranks.len() {
-        let mut loaded = load::load_rank(plan, rank, &load_opts)?;
-        (extras.finish)(&mut loaded)?;
-        let tensors: Vec<TensorRef<'_>> = loaded.iter().collect();
-        let sizes: Vec<u64> = tensors.iter().map(|t| t.data.len() as u64).collect();
-        let c = loaded.coords();
-        for (part, range) in parts(&sizes, opts.max_shard_size).into_iter().enumerate() {
-            let name = match opts.format {
-                TensorNames::Checkpoint => format!("model-rank-{rank}-part-{part}.safetensors"),
-                // ShardedStateLoader's TP_ONLY_PATTERN and PP_AND_TP_PATTERN.
-                TensorNames::Vllm if plan.topology.pp == 1 => {
-                    format!("model-rank-{}-part-{part}.safetensors", c.tp_rank)
-                }
-                TensorNames::Vllm => format!(
-                    "model-pp-{}-tp-{}-part-{part}.safetensors",
-                    c.pp_rank, c.tp_rank
-                ),
-            };
-            let slice = tensors.get(range).unwrap_or(&[]);
-            written += write_part(&out.join(&name), slice)?;
-            names.push(name);
-        }
+    let mut loaded = load::load_rank(plan, rank, &load_opts)?;
+    let retied = match vllm {
+        Some((v, n)) => v.finish(plan, &mut loaded, n)?,
+        None => Retied::NotApplicable,
+    };
+    let tensors: Vec<TensorRef<'_>> = loaded.iter().collect();
+    let sizes: Vec<u64> = tensors.iter().map(|t| t.data.len() as u64).collect();
+    let mut written = 0;
+    for (part, range) in parts(&sizes, opts.max_shard_size).into_iter().enumerate() {
+        let name = part_name(plan, opts.format, loaded.coords(), part);
+        let slice = tensors.get(range).unwrap_or(&[]);
+        written += write_part(&out.join(&name), slice)?;
+        names.push(name);
     }
-    Ok(written)
+    Ok((written, retied))
+}
+
+/// Writes every rank's parts; `names` collects the file names written so far. For vLLM
+/// names, ranks whose re-tie vLLM's `sharded_state` cannot load as written are written again
+/// (see [`VllmNames::reshard_ties`]); returns whether config.json must say untied.
+fn write_parts(
+    plan: &Plan,
+    out: &Path,
+    opts: &ReshardOptions,
+    vllm: Option<&VllmNames>,
+    names: &mut Vec<String>,
+) -> Result<(u64, bool)> {
+    let mut written = 0u64;
+    let mut retied = Vec::with_capacity(plan.ranks.len());
+    let mut by_rank = Vec::with_capacity(plan.ranks.len());
+    for rank in 0..plan.ranks.len() {
+        let start = names.len();
+        let (bytes, r) = write_rank(plan, rank, out, opts, vllm.map(|v| (v, Names::Vllm)), names)?;
+        written += bytes;
+        retied.push(r);
+        by_rank.push(start..names.len());
+    }
+    let Some(v) = vllm else {
+        return Ok((written, false));
+    };
+    let ties = v.reshard_ties(&retied);
+    for &rank in &ties.rewrite {
+        let Some(old) = by_rank.get(rank).cloned() else {
+            continue;
+        };
+        let mut again = Vec::new();
+        let (bytes, _) = write_rank(plan, rank, out, opts, Some((v, Names::Both)), &mut again)?;
+        written += bytes;
+        for n in &names[old.clone()] {
+            if !again.contains(n) {
+                let path = out.join(n);
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        names.extend(again);
+    }
+    // Parts written twice count once.
+    names.sort();
+    names.dedup();
+    Ok((written, ties.untie_config))
 }
 
 /// Removes `model-rank-*-part-*.safetensors` and `model-pp-*-tp-*-part-*.safetensors` files
@@ -339,7 +391,7 @@ pub(crate) fn reshard(
     inputs: &[&Path],
     out: &Path,
     opts: &ReshardOptions,
-    extras: &Extras<'_>,
+    vllm: Option<VllmOutput<'_>>,
 ) -> Result<ReshardSummary> {
     if opts.format == TensorNames::Vllm {
         let t = &plan.topology;
@@ -366,15 +418,18 @@ pub(crate) fn reshard(
         _ => {}
     }
     let mut names = Vec::new();
-    let written = write_parts(plan, out, opts, extras, &mut names).inspect_err(|_| {
-        // Parts of a failed run are removed: with no manifest they would still look whole.
-        for n in &names {
-            let _ = std::fs::remove_file(out.join(n));
-        }
-    })?;
+    let (written, untie) = write_parts(plan, out, opts, vllm.as_ref().map(|v| v.names), &mut names)
+        .inspect_err(|_| {
+            // Parts of a failed run are removed: with no manifest they would still look whole.
+            for n in &names {
+                let _ = std::fs::remove_file(out.join(n));
+            }
+        })?;
     remove_stale_parts(out, &names)?;
-    for (name, bytes) in &extras.files {
-        write_atomic(&out.join(name), |w| w.write_all(bytes))?;
+    if let Some(v) = &vllm {
+        for (name, bytes) in vllm::side_files(v.ckpt, untie)? {
+            write_atomic(&out.join(&name), |w| w.write_all(&bytes))?;
+        }
     }
     write_atomic(&manifest, |w| {
         serde_json::to_writer_pretty(&mut *w, plan).map_err(std::io::Error::other)?;

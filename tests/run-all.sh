@@ -39,20 +39,27 @@ step bash tests/python.sh
 
 # vLLM differential (issue 12): vLLM 0.33.0's own loader on CPU against safeshard's ranks, at
 # tp=2 x pp=2, for one case of every family whose rules differ (tied head that differs, fused
-# Phi-3, Mixtral and Qwen2-MoE stages, DeepSeek MLA, GPT-2, GPTQ): about a minute a case on
-# 2 cores. vLLM lives in the Python package's venv (tests/python.sh installs it). The whole
-# matrix (140 cases) is `python tests/vllm/differential.py` (docs/vllm.md);
-# SAFESHARD_VLLM_DIFF=0 skips this step, SAFESHARD_VLLM_CASES picks other cases.
+# Phi-3, Mixtral and Qwen2-MoE stages, DeepSeek MLA, GPT-2, GPTQ; dense layers of Qwen2-MoE
+# and DeepSeek from the config, issue 18; Qwen3 and Qwen3-MoE, issue 19), and at tp 4 a stored
+# head vLLM re-ties on its padding-only rank only (issue 18): about a minute a case on 2 cores.
+# vLLM lives in the Python package's venv (tests/python.sh installs it). The whole matrix
+# (188 cases) is `python tests/vllm/differential.py` (docs/vllm.md); it fails on a refusal no
+# variant expects. SAFESHARD_VLLM_DIFF=0 skips this step, SAFESHARD_VLLM_CASES picks others.
 if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]]; then
   vpy=${SAFESHARD_VLLM_PYTHON:-${SAFESHARD_PY_VENV:-$HOME/.cache/safeshard/py-venv}/bin/python}
   cases=llama-tied-head-differs-tp2-pp2,phi3-tp2-pp2,mixtral-tp2-pp2,qwen2-moe-tp2-pp2
   cases+=,deepseek-v2-tp2-pp2,gpt2-tp2-pp2,llama-gptq-tp2-pp2
+  cases+=,qwen2-moe-dense-tp2-pp2,deepseek-v2-dense-tp2-pp2,qwen3-tp2-pp2,qwen3-moe-tp2-pp2
+  cases+=,llama-tied-v65-head-differs-tp4-pp1
   step "$vpy" tests/vllm/differential.py --case "${SAFESHARD_VLLM_CASES:-$cases}"
   # `reshard --format vllm` loaded by vLLM's own ShardedStateLoader equals its default load
   # (sharded_state.py: two vLLM loads a case): PP file names and an untied config, DeepSeek's
   # fusions, aliases and expert stacking, GPT-2's transposes and tie, GPTQ's column fusion.
   # SAFESHARD_VLLM_SHARDED_CASES picks other cases ('' skips them).
+  # llama-tied-head-copy: vLLM re-ties a stored head equal to the embedding on every rank;
+  # the output keeps the config tied and the head's name only (issue 18 item 2).
   scases=llama-tied-head-differs-tp2-pp2,deepseek-v2-tp2-pp1,gpt2-tp2-pp1,llama-gptq-tp2-pp1
+  scases+=,llama-tied-head-copy-tp2-pp1
   scases=${SAFESHARD_VLLM_SHARDED_CASES-$scases}
   if [[ -n $scases ]]; then
     step "$vpy" tests/vllm/sharded_state.py --case "$scases"
@@ -61,7 +68,9 @@ if [[ ${SAFESHARD_VLLM_DIFF:-1} == 1 ]]; then
   # with its entry point by tests/python.sh): every rank's state_dict equals vLLM's default
   # loader's, and an architecture without a spec falls back (docs/vllm.md; about 1-2 min a
   # case on 2 cores). SAFESHARD_VLLM_PLUGIN_CASES picks other cases.
+  # llama-tied-head-copy-as-f32: a re-tied pair through the arena; both parameters filled.
   pcases=llama-tied-head-differs-tp2-pp2,mixtral-tp2-pp2,unknown-arch-tp1-pp1
+  pcases+=,llama-tied-head-copy-as-f32-tp2-pp1
   step "$vpy" tests/vllm/plugin_differential.py --case "${SAFESHARD_VLLM_PLUGIN_CASES:-$pcases}"
 fi
 echo "all test steps passed in $SECONDS s"

@@ -6,6 +6,7 @@ the bytes it holds, as zero-copy torch or numpy tensors.
 >>> plan = safeshard.plan("model-dir", tp=4, pp=2)              # headers only
 >>> rank = plan.load(5)
 >>> arrays = rank.numpy()                                        # or rank.torch("cuda")
+>>> report = safeshard.load_state_dict(model.state_dict(), "model-dir")  # DTensors in place
 
 Planning and loading are the Rust library's (the GIL is released while they run). A loaded
 rank is one owned arena; every tensor is a view into it, and the arena lives until the last
@@ -37,12 +38,15 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "LoadReport",
     "Plan",
     "Rank",
     "RankInfo",
+    "Reindex",
     "SafeshardError",
     "TensorInfo",
     "load",
+    "load_state_dict",
     "plan",
     "__version__",
 ]
@@ -208,9 +212,8 @@ class Plan:
             elif out is None:
                 native = self._native.load(rank, io=io, threads=threads, progress=cb)
             else:
-                address, nbytes, keep = _out_buffer(out)
                 native = self._native.load_into(
-                    rank, address, nbytes, keep, io=io, threads=threads, progress=cb
+                    rank, _exportable(out), io=io, threads=threads, progress=cb
                 )
         finally:
             close()
@@ -274,9 +277,10 @@ class Plan:
         )
 
 
-def _into_buffers(info: RankInfo, into: Mapping[str, Any]) -> list[tuple[str, int, int]]:
-    """``(name, address, nbytes)`` per entry of ``into``, each checked against the rank's
-    tensor of that name (dtype and shape for torch tensors, bytes for any buffer)."""
+def _into_buffers(info: RankInfo, into: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(name, buffer)`` per entry of ``into``, torch tensors checked against the rank's
+    tensor of that name (dtype and shape; the native side checks every buffer's memory: CPU,
+    contiguous, writable, exactly the tensor's bytes)."""
     if not isinstance(into, Mapping):
         kind = type(into).__name__
         raise _error("usage", f"into: expected a mapping of tensor names to buffers, got {kind}")
@@ -299,37 +303,20 @@ def _into_buffers(info: RankInfo, into: Mapping[str, Any]) -> list[tuple[str, in
                     "usage",
                     f"into: {name!r}: shape {list(buf.shape)}; the tensor's is {list(t.shape)}",
                 )
-        address, nbytes, _ = _out_buffer(buf, what=f"into: {name!r}")
-        if nbytes != t.nbytes:
-            raise _error(
-                "usage",
-                f"into: {name!r}: a buffer of {nbytes} bytes; the tensor "
-                f"({t.dtype} {list(t.shape)}) has {t.nbytes}",
-            )
-        out.append((name, address, nbytes))
+        out.append((name, _exportable(buf)))
     return out
 
 
-def _out_buffer(out: Any, what: str = "out") -> tuple[int, int, Any]:
-    """``(address, nbytes, owner)`` of ``out``'s memory, checked to be CPU memory that is
-    contiguous and writable."""
-    if hasattr(out, "data_ptr") and hasattr(out, "untyped_storage"):  # torch.Tensor
-        if out.device.type != "cpu":
-            raise _error("usage", f"{what}: a {out.device} tensor; pass CPU (pinned) memory")
-        if not out.is_contiguous():
-            raise _error("usage", f"{what}: the tensor is not contiguous")
-        if out.requires_grad:
-            raise _error("usage", f"{what}: the tensor requires grad")
-        return out.data_ptr(), out.numel() * out.element_size(), out
+def _exportable(buf: Any) -> Any:
+    """``buf`` as an object that exports its memory through DLPack (what the native side
+    takes): tensors and arrays as they are; other buffers (``bytearray``, ``mmap``,
+    ``memoryview``) wrapped by numpy, keeping their writability."""
+    if hasattr(buf, "__dlpack__"):
+        return buf
     try:
-        arr = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
-    except (TypeError, ValueError) as exc:
-        raise _error("usage", f"{what}: not a tensor, array or buffer ({exc})") from None
-    if not arr.flags.writeable:
-        raise _error("usage", f"{what}: the buffer is read-only")
-    if not arr.flags.c_contiguous:
-        raise _error("usage", f"{what}: the array is not contiguous")
-    return arr.__array_interface__["data"][0], arr.nbytes, arr
+        return np.frombuffer(buf, dtype=np.uint8)
+    except (TypeError, ValueError):
+        return buf  # the native side names what it is
 
 
 def _progress(
@@ -439,7 +426,10 @@ class Rank:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """What the load did: ``bytes``, ``read_bytes``, ``sent_bytes``, ``seconds``, ..."""
+        """What the load did: ``bytes``, ``read_bytes``, ``sent_bytes``, ``seconds``, and what
+        the engine chose: ``io_chosen`` (``pread``, ``mmap``, ``direct``; ``none`` when this rank
+        read nothing itself), ``io_bytes`` (bytes per path; ``prefetched``: of ``pread``, the
+        spans read from storage) and ``threads``."""
         return self._native.stats()
 
     def digest(self) -> str:
@@ -459,6 +449,13 @@ class Rank:
     def names(self) -> list[str]:
         """Tensor names, in arena order."""
         return list(self._table)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """``{name: holder}``: tensors of the plan this rank leaves out because its tensor
+        ``holder`` holds their values (with ``names="vllm"``, an embedding vLLM re-ties to
+        the stored head it equals: ``{"model.embed_tokens.weight": "lm_head.weight"}``)."""
+        return dict(self._native.aliases)
 
     # torch
 
@@ -707,3 +704,7 @@ def synth(
     ``deepseek-v3-tiny``, ...) into ``path``; returns the number of files. For tests and
     demos: values are deterministic, ``sparse`` leaves holes instead of data."""
     return _synth(os.fspath(path), preset, sparse=sparse, layers=layers, seed=seed)
+
+
+# Last: it imports helpers defined above.
+from ._state_dict import LoadReport, Reindex, load_state_dict  # noqa: E402

@@ -9,6 +9,8 @@ __all__ = [
     "NativePlan",
     "NativeRank",
     "NativeArena",
+    "NativeCheckpoint",
+    "load_slices",
     "cli_main",
     "error",
     "check_share",
@@ -54,6 +56,8 @@ class NativeRank:
     @property
     def rank(self) -> int: ...
     def tensors(self) -> list[tuple[str, str, tuple[int, ...], int, int]]: ...
+    @property
+    def aliases(self) -> list[tuple[str, str]]: ...
     def arena(self) -> NativeArena: ...
     def stats(self) -> dict[str, Any]: ...
     def digest(self) -> str: ...
@@ -94,9 +98,7 @@ class NativePlan:
     def load_into(
         self,
         rank: int,
-        address: int,
-        nbytes: int,
-        keep: Any,
+        out: Any,
         io: str = "auto",
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
@@ -104,7 +106,7 @@ class NativePlan:
     def load_scattered(
         self,
         rank: int,
-        into: list[tuple[str, int, int]],
+        into: list[tuple[str, Any]],
         io: str = "auto",
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
@@ -121,6 +123,25 @@ class NativePlan:
         timeout: float | None = 600.0,
     ) -> NativeRank: ...
 
+@final
+class NativeCheckpoint:
+    def __new__(cls, path: str | PathLike[str]) -> NativeCheckpoint: ...
+    def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]: ...
+    @property
+    def root(self) -> str: ...
+
+def load_slices(
+    checkpoint: NativeCheckpoint | None,
+    comm: Any | None,
+    requests: list[tuple[str, str, list[list[tuple[int, int]]]]],
+    into: list[tuple[str, Any]],
+    precheck: str | None = None,
+    share: str = "none",
+    io: str = "auto",
+    threads: int | None = None,
+    timeout: float = 600.0,
+    round_bytes: int = 1073741824,
+) -> NativeRank: ...
 def cli_main(argv: list[str]) -> int: ...
 def error(kind: str, message: str) -> SafeshardError: ...
 def check_share(share: str) -> None: ...

@@ -24,7 +24,9 @@ What a load does, on every rank of vLLM's world group:
    parameter's exact dtype and shape is read straight into the parameter (one copy); the
    rest, and on a GPU every tensor, go into one arena (pinned host memory for a GPU) and are
    copied into their parameter or buffer (narrowed where vLLM padded the parameter, as
-   vLLM's ``ShardedStateLoader`` does).
+   vLLM's ``ShardedStateLoader`` does). A rank whose embedding equals the stored head of a
+   tied config holds it once (``Rank.aliases``); both parameters get its values, and vLLM
+   re-ties them after the load as it does after its own.
 
 ``model_loader_extra_config`` may set ``io`` (``auto``, ``mmap``, ``pread``, ``direct``),
 ``threads``, ``spec`` (a shipped spec name or a ``.shard`` file) and ``pinned`` (default true:
@@ -55,7 +57,9 @@ from . import plan as plan_checkpoint
 if TYPE_CHECKING:
     from . import Plan
 
-logger = init_logger(__name__)
+# Under vLLM's own logger ("vllm"), whose handler and VLLM_LOGGING_LEVEL apply: a logger
+# named after this module has no handler, and its INFO lines were never shown.
+logger = init_logger("vllm.safeshard")
 
 LOAD_FORMAT = "safeshard"
 
@@ -217,6 +221,7 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             return
         t2 = time.perf_counter()
         _copy_into(model, loaded.torch(), pinned=out is not None)
+        _fill_aliases(model, loaded.aliases)
         stats = loaded.stats
         del loaded, out  # the arena goes now, not when this loader does
         t3 = time.perf_counter()
@@ -232,7 +237,8 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
         # straight into its parameter: report what the rank holds and read instead.
         logger.info(
             "safeshard: rank %d loaded %.1f MiB (read %.1f MiB from storage, %d tensors "
-            "straight into parameters) in %.2f s (plan %.2f s, read %.2f s, copy %.2f s)",
+            "straight into parameters) in %.2f s (plan %.2f s, read %.2f s, copy %.2f s; "
+            "io %s on %d threads)",
             where.world_rank,
             plan.rank(where.plan_rank).bytes / 2**20,
             stats["read_bytes"] / 2**20,
@@ -241,6 +247,8 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             t1 - t0,
             t2 - t1,
             t3 - t2,
+            stats.get("io_chosen", "?"),
+            stats.get("threads", 0),
         )
 
     def _plan(self, model_config: ModelConfig, where: _Where) -> Plan:
@@ -484,6 +492,25 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], pinned: bool)
         for device in devices:
             # The pinned arena must outlive the copies reading it.
             torch.cuda.current_stream(device).synchronize()
+
+
+def _fill_aliases(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Fills the parameters the loaded rank left out because another of its tensors holds
+    their values: an embedding vLLM re-ties to the stored head it equals. The model is still
+    untied here, so both parameters get the values; vLLM re-ties them after the load
+    (`maybe_retie_word_embeddings`), as after its own."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, holder in aliases.items():
+            dst, src = state.get(name), state.get(holder)
+            if dst is None or src is None or dst.data_ptr() == src.data_ptr():
+                continue
+            if dst.shape != src.shape:
+                raise RuntimeError(
+                    f"safeshard: {name} {list(dst.shape)} cannot take the values of {holder} "
+                    f"{list(src.shape)}, which the rank holds for both"
+                )
+            dst.copy_(src)
 
 
 def _staged_to_device(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

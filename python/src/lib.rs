@@ -26,10 +26,14 @@ use safeshard::dist::{choose_share, load_shared_with, SharedPlan};
 use safeshard::error::{ErrorKind, OptionNames};
 use safeshard::load::LoadControl;
 use safeshard::plan::TensorPlan;
-use safeshard::{Error, IoMode, Job, LoadOptions, ShareMode, ShareOptions, TensorNames, Topology};
+use safeshard::{
+    Error, IoMode, Job, LoadOptions, RankTensors, ShareMode, ShareOptions, TensorNames, Topology,
+};
 
+mod caller;
 mod comm;
 mod dlpack;
+mod slices;
 
 create_exception!(
     _safeshard,
@@ -305,127 +309,66 @@ impl NativePlan {
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || job.load_rank(rank, &opts))?;
-        let stats = *loaded.stats();
-        let (arena, tensors) = loaded.into_parts();
-        Ok(NativeRank::local(
-            rank,
-            tensors,
-            dlpack::Owner::from_arena(arena),
-            &stats,
-        ))
+        Ok(NativeRank::loaded(rank, loaded))
     }
 
-    /// Loads one rank into caller memory: `nbytes` writable bytes at `address`, owned by
-    /// `keep` (kept alive while any view exists). `safeshard.Plan.load(out=...)` derives all
-    /// three from a contiguous, writable CPU tensor or array it has checked; the rank's
+    /// Loads one rank into caller memory: `out`, a writable, contiguous CPU tensor or array
+    /// (taken through DLPack and checked here), kept alive while any view exists; the rank's
     /// tensors are views of that memory.
-    #[pyo3(signature = (rank, address, nbytes, keep, io="auto", threads=None, progress=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (rank, out, io="auto", threads=None, progress=None))]
     fn load_into(
         &self,
         py: Python<'_>,
         rank: usize,
-        address: usize,
-        nbytes: usize,
-        keep: Py<PyAny>,
+        out: &Bound<'_, PyAny>,
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<NativeRank> {
-        if address == 0 && nbytes > 0 {
-            return Err(usage(py, "out", "has a null buffer address".into()));
-        }
+        let mut mem = caller::CallerMemory::take(py, out, "out", None).map_err(|e| to_py(py, e))?;
+        let (keep, address) = (mem.keep(py), mem.ptr());
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
-        let stats = run_interruptible(py, &control, progress, move || {
-            let bytes: &mut [u8] = if nbytes == 0 {
-                &mut []
-            } else {
-                // SAFETY: the caller (`Plan.load`) passes the address and length of a
-                // writable, contiguous CPU buffer that `keep` owns and that stays alive and
-                // unused by Python code until this returns.
-                unsafe { std::slice::from_raw_parts_mut(address as *mut u8, nbytes) }
-            };
-            let stats = safeshard::load::load_rank_into_buffer(&job.plan, rank, &opts, bytes)?;
-            // Buffers and transposes of vLLM names, as Job::load_rank does.
-            job.finish_buffer(rank, bytes)?;
-            Ok(stats)
+        let loaded = run_interruptible(py, &control, progress, move || {
+            // SAFETY: the one buffer of this load; `Plan.load` documents that Python code
+            // leaves it alone until the load returns.
+            let bytes = unsafe { mem.bytes_mut() };
+            // Finished (vLLM names: transposes, buffers, re-ties) as Job::load_rank does.
+            job.load_rank_into_buffer(rank, &opts, bytes)
         })?;
-        let rp = self.job.plan.ranks.get(rank);
-        let tensors = rp.map(|rp| rp.tensors.clone()).unwrap_or_default();
-        let used = rp.map_or(0, |rp| rp.arena_bytes) as usize;
-        // SAFETY: the first `used` bytes (the load checked they fit in `nbytes`) of memory
-        // `keep` owns, which the owner keeps alive.
-        let owner = unsafe { dlpack::Owner::from_external(address as *mut u8, used, keep) };
-        Ok(NativeRank::local(rank, tensors, owner, &stats))
+        let used = self.job.plan.ranks.get(rank).map_or(0, |rp| rp.arena_bytes) as usize;
+        // SAFETY: the first `used` bytes (the load checked they fit) of memory the capsule
+        // `keep` holds alive and in place.
+        let owner = unsafe { dlpack::Owner::from_external(address, used, keep) };
+        let mut native = NativeRank::local(rank, loaded.tensors, owner, &loaded.stats);
+        native.aliases = loaded.aliases;
+        Ok(native)
     }
 
-    /// Loads one rank with the tensors in `into` (`(name, address, nbytes)`: writable,
-    /// contiguous CPU memory of exactly the tensor's bytes, checked by
-    /// `safeshard.Plan.load(into=...)`, which keeps the owners alive) written straight into
-    /// those buffers; the returned rank holds the other tensors in a fresh arena.
+    /// Loads one rank with the tensors in `into` (`(name, buffer)`: writable, contiguous CPU
+    /// tensors or arrays of exactly the tensor's bytes, taken through DLPack and checked
+    /// here) written straight into those buffers; the returned rank holds the other tensors
+    /// in a fresh arena.
     #[pyo3(signature = (rank, into, io="auto", threads=None, progress=None))]
     fn load_scattered(
         &self,
         py: Python<'_>,
         rank: usize,
-        into: Vec<(String, usize, usize)>,
+        into: Vec<(String, Bound<'_, PyAny>)>,
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<NativeRank> {
-        // Writes through overlapping buffers would race: refuse them before any write.
-        let mut spans: Vec<(usize, usize, &str)> = into
-            .iter()
-            .map(|(n, a, len)| (*a, a.saturating_add(*len), n.as_str()))
-            .collect();
-        spans.sort_unstable();
-        for w in spans.windows(2) {
-            if w[1].0 < w[0].1 {
-                return Err(usage(
-                    py,
-                    "into",
-                    format!("has overlapping buffers for {:?} and {:?}", w[0].2, w[1].2),
-                ));
-            }
-        }
-        if let Some((n, _, _)) = into.iter().find(|(_, a, len)| *a == 0 && *len > 0) {
-            return Err(usage(py, "into", format!("{n:?}: null buffer address")));
-        }
+        let mut bufs = caller::take_all(py, &into).map_err(|e| to_py(py, e))?;
         let control = Arc::new(LoadControl::default());
         let opts = load_options(py, io, threads, &control)?;
         let job = Arc::clone(&self.job);
-        let names: HashSet<String> = into.iter().map(|(n, _, _)| n.clone()).collect();
         let loaded = run_interruptible(py, &control, progress, move || {
-            let mut bufs: Vec<(&str, &mut [u8])> = into
-                .iter()
-                .map(|(n, a, len)| {
-                    let b: &mut [u8] = if *len == 0 {
-                        &mut []
-                    } else {
-                        // SAFETY: `Plan.load` passes the address and length of writable,
-                        // contiguous CPU buffers (checked above not to overlap) whose owners
-                        // it keeps alive, unused by Python code, until this returns.
-                        unsafe { std::slice::from_raw_parts_mut(*a as *mut u8, *len) }
-                    };
-                    (n.as_str(), b)
-                })
-                .collect();
-            job.load_rank_scattered(rank, &opts, &mut bufs)
+            let mut slices = caller::slices(&mut bufs);
+            job.load_rank_scattered(rank, &opts, &mut slices)
         })?;
-        let stats = *loaded.stats();
-        let (arena, tensors) = loaded.into_parts();
-        let tensors = tensors
-            .into_iter()
-            .filter(|t| !names.contains(&t.name))
-            .collect();
-        Ok(NativeRank::local(
-            rank,
-            tensors,
-            dlpack::Owner::from_arena(arena),
-            &stats,
-        ))
+        Ok(NativeRank::loaded(rank, loaded))
     }
 
     /// Loads this process's rank of a distributed job under a share mode, moving bytes
@@ -492,26 +435,19 @@ impl NativePlan {
             };
             let (mut loaded, traffic) =
                 load_shared_with(&SharedPlan::new(&job.plan), &world, &opts)?;
-            // Buffers without a file source (vLLM names: `_k_scale` ...), as Job::load_shared.
-            job.fill_buffers(&mut loaded)?;
+            // vLLM names' transposes, buffers and re-ties, as Job::load_shared.
+            job.finish(&mut loaded)?;
             Ok((loaded, traffic, why.map(|w| (opts.mode, w))))
         })?;
-        let stats = *loaded.stats();
-        let (arena, tensors) = loaded.into_parts();
-        Ok(NativeRank {
-            rank,
-            tensors,
-            arena: dlpack::Owner::from_arena(arena),
-            read_bytes: stats.read_bytes,
-            sent_bytes: traffic.sent_bytes,
-            received_bytes: traffic.received_bytes,
-            seconds: stats.seconds,
-            share: share_why
-                .as_ref()
-                .map_or_else(|| mode.unwrap_or_default(), |(m, _)| *m)
-                .to_string(),
-            share_default: share_why.map(|(_, w)| w),
-        })
+        let mut native = NativeRank::loaded(rank, loaded);
+        native.sent_bytes = traffic.sent_bytes;
+        native.received_bytes = traffic.received_bytes;
+        native.share = share_why
+            .as_ref()
+            .map_or_else(|| mode.unwrap_or_default(), |(m, _)| *m)
+            .to_string();
+        native.share_default = share_why.map(|(_, w)| w);
+        Ok(native)
     }
 }
 
@@ -556,11 +492,15 @@ fn tensor_table<'py>(
 struct NativeRank {
     rank: usize,
     tensors: Vec<TensorPlan>,
+    /// (name, holder) of tensors left out because `holder` holds their values.
+    aliases: Vec<(String, String)>,
     arena: Arc<dlpack::Owner>,
     read_bytes: u64,
     sent_bytes: u64,
     received_bytes: u64,
     seconds: f64,
+    threads: usize,
+    paths: safeshard::load::IoPaths,
     /// The share mode it loaded with, and why when it was the default.
     share: String,
     share_default: Option<String>,
@@ -577,14 +517,33 @@ impl NativeRank {
         NativeRank {
             rank,
             tensors,
+            aliases: Vec::new(),
             arena,
             read_bytes: stats.read_bytes,
             sent_bytes: 0,
             received_bytes: 0,
             seconds: stats.seconds,
+            threads: stats.threads,
+            paths: stats.paths,
             share: ShareMode::None.to_string(),
             share_default: None,
         }
+    }
+
+    /// A rank loaded into its own arena, which the result owns: the tensors it holds (not
+    /// those loaded into caller buffers or left out as aliases).
+    fn loaded(rank: usize, loaded: RankTensors) -> NativeRank {
+        let stats = *loaded.stats();
+        let aliases = loaded.aliases().to_vec();
+        let held: HashSet<String> = loaded.iter().map(|t| t.name.to_string()).collect();
+        let (arena, tensors) = loaded.into_parts();
+        let tensors = tensors
+            .into_iter()
+            .filter(|t| held.contains(&t.name))
+            .collect();
+        let mut native = NativeRank::local(rank, tensors, dlpack::Owner::from_arena(arena), &stats);
+        native.aliases = aliases;
+        native
     }
 }
 
@@ -598,6 +557,13 @@ impl NativeRank {
     /// `(name, dtype, shape, nbytes, offset)` per tensor, in arena order.
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         tensor_table(py, &self.tensors, true)
+    }
+
+    /// `(name, holder)` of the plan's tensors the rank leaves out because `holder` holds
+    /// their values (vLLM's re-tied embeddings).
+    #[getter]
+    fn aliases(&self) -> Vec<(String, String)> {
+        self.aliases.clone()
     }
 
     /// The arena, exportable once or more through DLPack (each export shares the bytes).
@@ -616,6 +582,15 @@ impl NativeRank {
         d.set_item("sent_bytes", self.sent_bytes)?;
         d.set_item("received_bytes", self.received_bytes)?;
         d.set_item("seconds", self.seconds)?;
+        // What the engine chose (as `safeshard load --json` says it).
+        d.set_item("io_chosen", self.paths.main())?;
+        let io = PyDict::new(py);
+        io.set_item("pread", self.paths.pread)?;
+        io.set_item("prefetched", self.paths.prefetched)?;
+        io.set_item("mmap", self.paths.mapped)?;
+        io.set_item("direct", self.paths.direct)?;
+        d.set_item("io_bytes", io)?;
+        d.set_item("threads", self.threads)?;
         d.set_item("share", &self.share)?;
         d.set_item("share_default", &self.share_default)?;
         Ok(d)
@@ -715,6 +690,7 @@ fn _safeshard(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativePlan>()?;
     m.add_class::<NativeRank>()?;
     m.add_class::<dlpack::NativeArena>()?;
+    slices::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(error, m)?)?;
     m.add_function(wrap_pyfunction!(check_share, m)?)?;

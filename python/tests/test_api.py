@@ -246,6 +246,19 @@ def test_progress_callback_reaches_the_total(checkpoints):
     assert native.stats()["bytes"] == plan.rank(0).bytes
 
 
+def test_stats_say_what_the_engine_chose(checkpoints):
+    plan = safeshard.plan(checkpoints("llama-tiny"), tp=2)
+    for io in ("pread", "mmap", "direct"):
+        stats = plan.load(1, io=io, threads=3).stats
+        assert stats["threads"] == 3
+        assert stats["io_chosen"] == io
+        by = stats["io_bytes"]
+        # A forced engine reads every copied byte its way (padding is zero-filled, not read).
+        assert 0 < by[io] == sum(by[k] for k in ("pread", "mmap", "direct")) <= stats["bytes"]
+    stats = plan.load(1).stats
+    assert stats["io_chosen"] in ("pread", "mmap", "direct") and stats["threads"] >= 1
+
+
 def test_default_rank(checkpoints, monkeypatch):
     ckpt = checkpoints("llama-tiny")
     for v in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):

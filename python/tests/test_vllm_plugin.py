@@ -94,3 +94,22 @@ def test_check_refuses_what_it_cannot_prove():
     assert "I32" in _refused([("embed.weight", "I32", (8, 4)), NORM])
     assert "[9, 4]" in _refused([("embed.weight", "BF16", (9, 4)), NORM])
     assert "[8, 4, 1]" in _refused([("embed.weight", "BF16", (8, 4, 1)), NORM])
+
+
+def test_plugin_log_lines_reach_vllms_handler():
+    """The plugin's INFO line (bytes read, time) goes to the handler vLLM configures for its
+    own logger (as its engine processes do, with the default LoggingConfig), at vLLM's level;
+    a logger outside "vllm" had no handler and showed nothing."""
+    import logging
+
+    from vllm.config.logging import LoggingConfig
+    from vllm.logger import configure_logging
+
+    from safeshard import vllm_plugin
+
+    configure_logging(LoggingConfig(log_level="INFO", configure_logging=True))
+    lg: logging.Logger | None = vllm_plugin.logger
+    assert lg is not None and lg.isEnabledFor(logging.INFO)
+    while lg is not None and not lg.handlers:
+        lg = lg.parent if lg.propagate else None
+    assert lg is logging.getLogger("vllm"), lg

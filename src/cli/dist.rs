@@ -142,6 +142,8 @@ fn rank_job(
         share: mode,
         share_why,
         io: req.io,
+        threads: stats.threads,
+        paths: stats.paths,
         tensors: stats.tensors,
         bytes: stats.bytes,
         read_bytes: stats.read_bytes,

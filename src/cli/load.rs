@@ -66,9 +66,9 @@ pub struct Args {
     #[arg(long)]
     pub views: bool,
     /// I/O engine: `auto` (by what the page cache holds: cached contiguous runs with
-    /// positioned reads, cached strided ones gathered from a mapping, uncached spans with
-    /// buffered reads, or with direct I/O when the files exceed half the available
-    /// memory), `mmap`, `pread` or `direct` (`O_DIRECT`, bypassing the page cache).
+    /// positioned reads, cached strided ones gathered from a mapping, uncached contiguous
+    /// spans with direct I/O, uncached strided ones through the page cache, exactly their
+    /// pages), `mmap`, `pread` or `direct` (`O_DIRECT`, bypassing the page cache).
     #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Staging memory budget of the pread engine, e.g. `256MiB`.
@@ -99,6 +99,8 @@ fn rank_line(plan: &Plan, r: &RankReport, io: IoMode) -> RankLine {
         share: ShareMode::None,
         share_why: None,
         io,
+        threads: s.threads,
+        paths: s.paths,
         tensors: s.tensors,
         bytes: s.bytes,
         read_bytes: s.read_bytes,

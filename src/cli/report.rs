@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use crate::dist::{ShareMode, MIN_ROUND_BYTES};
-use crate::load::IoMode;
+use crate::load::{IoMode, IoPaths};
 use crate::plan::Plan;
 use crate::topology::Coords;
 use crate::{Error, Result};
@@ -109,8 +109,12 @@ pub struct RankLine {
     pub share: ShareMode,
     /// Why: set when the mode was the default rather than `--share` (JSON `share_default`).
     pub share_why: Option<String>,
-    /// I/O engine of the bytes read from storage.
+    /// I/O engine of the bytes read from storage (as asked: `auto` unless forced).
     pub io: IoMode,
+    /// Reader threads the engine ran on (0 when this rank read nothing itself).
+    pub threads: usize,
+    /// Arena bytes by how the engine read them (what `auto` chose).
+    pub paths: IoPaths,
     /// Tensors held.
     pub tensors: usize,
     /// Bytes held.
@@ -155,8 +159,13 @@ impl RankLine {
             .sha256
             .as_ref()
             .map_or(String::new(), |d| format!(", sha256 {d}"));
+        let via = if self.threads == 0 {
+            String::new()
+        } else {
+            format!(" ({} on {} threads)", self.chosen(), self.threads)
+        };
         format!(
-            "rank {}{coords}: {} tensors, {} held, {} read{received}, {:.3} s, {:.2} GB/s\
+            "rank {}{coords}: {} tensors, {} held, {} read{via}{received}, {:.3} s, {:.2} GB/s\
              {why}{verified}{digest}",
             self.rank,
             self.tensors,
@@ -165,6 +174,12 @@ impl RankLine {
             self.seconds,
             gbps(self.bytes, self.seconds)
         )
+    }
+
+    /// The I/O path that moved most bytes (`pread`, `mmap`, `direct`, `none`): what `auto`
+    /// chose, or what the forced engine did.
+    pub fn chosen(&self) -> &'static str {
+        self.paths.main()
     }
 
     /// One JSON object (`sha256` only when a digest was asked for).
@@ -178,6 +193,14 @@ impl RankLine {
             "share": self.share.to_string(),
             "share_default": self.share_why,
             "io": self.io.name(),
+            "io_chosen": self.chosen(),
+            "io_bytes": {
+                "pread": self.paths.pread,
+                "prefetched": self.paths.prefetched,
+                "mmap": self.paths.mapped,
+                "direct": self.paths.direct,
+            },
+            "threads": self.threads,
             "tensors": self.tensors,
             "bytes": self.bytes,
             "read_bytes": self.read_bytes,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::schedule::BroadcastSchedule;
-use super::segments::{read_segments, slice_range};
+use super::target::Target;
 use super::{ShareOptions, Traffic};
 use crate::comm::{agree, rank_list, Communicator};
 use crate::plan::Plan;
@@ -48,7 +48,7 @@ pub(super) fn broadcast(
     schedule: &BroadcastSchedule,
     world: &dyn Communicator,
     opts: &ShareOptions,
-    arena: &mut [u8],
+    target: &mut Target<'_>,
     traffic: &mut Traffic,
 ) -> Result<u64> {
     let me = world.rank();
@@ -59,7 +59,7 @@ pub(super) fn broadcast(
 
     world.set_phase("broadcast: own reads");
     let segs = schedule.own_reads(plan, me);
-    let read = agree(world, read_segments(plan, &segs, arena, &opts.load))?;
+    let read = agree(world, target.read(&plan.files, &segs, &opts.load))?.read_bytes;
 
     // One sub-communicator per distinct holder set; disjoint sets share a split.
     world.set_phase("broadcast: sub-communicators");
@@ -149,22 +149,23 @@ pub(super) fn broadcast(
         let comm = comms
             .get(&batch.set)
             .ok_or_else(|| Error::comm("broadcast", "missing sub-communicator"))?;
-        let ranges = batch
+        // Each tensor's (offset, bytes): a whole tensor lies in one caller buffer or in the
+        // arena.
+        let spans = batch
             .tensors
             .iter()
             .map(|&ti| {
-                let t = rp.tensors.get(ti).ok_or_else(|| {
-                    Error::plan_rank(me, "broadcast batch tensor index out of range")
-                })?;
-                slice_range(t.offset, t.bytes, arena.len())
+                rp.tensors
+                    .get(ti)
+                    .map(|t| (t.offset, t.bytes))
+                    .ok_or_else(|| {
+                        Error::plan_rank(me, "broadcast batch tensor index out of range")
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
-        if let [range] = ranges.as_slice() {
-            // One tensor: straight from and into the arena.
-            let buf = arena
-                .get_mut(range.clone())
-                .ok_or_else(|| Error::plan_rank(me, "broadcast tensor outside the arena"))?;
-            comm.broadcast(batch.root, buf)?;
+        if let [(offset, bytes)] = spans.as_slice() {
+            // One tensor: straight from and into its memory.
+            comm.broadcast(batch.root, target.span_mut(*offset, *bytes)?)?;
         } else {
             // Within the capacity reserved above: no allocation.
             let len = usize::try_from(batch.bytes)
@@ -173,23 +174,23 @@ pub(super) fn broadcast(
             packed.resize(len, 0);
             if batch.is_root {
                 let mut at = 0;
-                for r in &ranges {
-                    let n = r.len();
-                    if let (Some(d), Some(s)) = (packed.get_mut(at..at + n), arena.get(r.clone())) {
+                for &(offset, bytes) in &spans {
+                    let s = target.span_mut(offset, bytes)?;
+                    if let Some(d) = packed.get_mut(at..at + s.len()) {
                         d.copy_from_slice(s);
                     }
-                    at += n;
+                    at += s.len();
                 }
             }
             comm.broadcast(batch.root, &mut packed)?;
             if !batch.is_root {
                 let mut at = 0;
-                for r in &ranges {
-                    let n = r.len();
-                    if let (Some(d), Some(s)) = (arena.get_mut(r.clone()), packed.get(at..at + n)) {
+                for &(offset, bytes) in &spans {
+                    let d = target.span_mut(offset, bytes)?;
+                    if let Some(s) = packed.get(at..at + d.len()) {
                         d.copy_from_slice(s);
                     }
-                    at += n;
+                    at += d.len();
                 }
             }
         }

@@ -18,6 +18,9 @@
 //!   name), so each node reads the checkpoint once; nodes may need different numbers of
 //!   rounds, so a round's collectives run on the node's communicator only.
 //!
+//! [`load_shared_into`] writes chosen tensors straight into caller buffers instead of the
+//! arena (`dist/target.rs`), under every mode.
+//!
 //! The pure planning of the modes (who reads what, which broadcasts, the rounds) is in
 //! [`BroadcastSchedule`] and [`ReadOnceSchedule`]; the functions that run collectives follow
 //! them. Guarantees, on every backend:
@@ -41,6 +44,7 @@ mod exchange;
 mod read_once;
 mod schedule;
 mod segments;
+mod target;
 
 use std::fmt;
 use std::str::FromStr;
@@ -51,8 +55,8 @@ pub use default::{choose_share, ShareChoice};
 pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
-use crate::load::{Arena, IoMode, LoadOptions, LoadStats, RankTensors};
-use crate::plan::Plan;
+use crate::load::{Arena, ArenaInit, ExecStats, IoMode, LoadOptions, LoadStats, RankTensors};
+use crate::plan::{Plan, RankPlan};
 use crate::{Error, Result};
 
 /// How ranks share the reading of the checkpoint.
@@ -279,6 +283,21 @@ pub fn load_shared_with(
     world: &dyn Communicator,
     opts: &ShareOptions,
 ) -> Result<(RankTensors, Traffic)> {
+    load_shared_into(shared, world, opts, &mut [])
+}
+
+/// [`load_shared_with`] with the tensors named in `into` written straight into caller
+/// buffers (a trainer's parameters; exactly each tensor's bytes, row-major) instead of the
+/// arena, whatever the share mode: bytes this rank reads go there from the files, broadcast
+/// and exchanged bytes from the communicator. The returned [`RankTensors`] holds the other
+/// tensors; the arena pages of the redirected ones are never touched. The buffers are checked
+/// against this rank's plan (names, sizes) in the agreed plan check, before any byte moves.
+pub fn load_shared_into(
+    shared: &SharedPlan<'_>,
+    world: &dyn Communicator,
+    opts: &ShareOptions,
+    into: &mut [(&str, &mut [u8])],
+) -> Result<(RankTensors, Traffic)> {
     let start = Instant::now();
     let plan = shared.plan();
     let me = world.rank();
@@ -303,35 +322,56 @@ pub fn load_shared_with(
         for r in &plan.ranks {
             segments::check_rank(plan, r)?;
         }
-        Ok(())
+        let rp = plan
+            .ranks
+            .get(me)
+            .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
+        redirected(rp, into)
     })();
-    agree(world, setup)?;
+    let redirected = agree(world, setup)?;
     let rp = plan
         .ranks
         .get(me)
         .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
     world.set_phase("arena allocation");
-    let arena = Arena::new(rp.arena_bytes, opts.load.arena).map_err(|_| Error::OutOfMemory {
+    // Redirected tensors' pages are never touched, so a populated arena would only waste
+    // them: prepare it ahead instead, as load_rank_scattered does.
+    let init = match opts.load.arena {
+        ArenaInit::Populate if !into.is_empty() => ArenaInit::Ahead,
+        other => other,
+    };
+    let arena = Arena::new(rp.arena_bytes, init).map_err(|_| Error::OutOfMemory {
         bytes: rp.arena_bytes,
         what: "its tensors".into(),
         rank: Some(me),
     });
     let mut arena = agree(world, arena)?;
     let mut traffic = Traffic::default();
+    let buffers = into
+        .iter_mut()
+        .zip(&redirected)
+        .map(|((_, b), &(_, start))| (start, &mut **b))
+        .collect();
+    let mut target = agree(world, target::Target::new(&mut arena, buffers))?;
+    // What the engine chose where this rank read everything itself (the other modes read
+    // in several calls; their stats say only the bytes).
+    let mut exec = ExecStats::default();
     let read_bytes = match opts.mode {
         ShareMode::None => {
             world.set_phase("read");
             let segs = segments::rank_segments(rp);
-            let r = segments::read_segments(plan, &segs, &mut arena, &opts.load);
-            agree(world, r)?
+            let r = target.read(&plan.files, &segs, &opts.load);
+            exec = agree(world, r)?;
+            exec.read_bytes
         }
         ShareMode::Broadcast => {
             world.set_phase("broadcast: schedule");
             let schedule = shared.broadcast();
-            exchange::broadcast(plan, schedule, world, opts, &mut arena, &mut traffic)?
+            exchange::broadcast(plan, schedule, world, opts, &mut target, &mut traffic)?
         }
-        ShareMode::ReadOnce => read_once::read_once(plan, world, opts, &mut arena, &mut traffic)?,
+        ShareMode::ReadOnce => read_once::read_once(plan, world, opts, &mut target, &mut traffic)?,
     };
+    drop(target);
     world.set_phase("done");
     let stats = LoadStats {
         rank: me,
@@ -341,8 +381,52 @@ pub fn load_shared_with(
         view_bytes: 0,
         peak_staging: 0,
         seconds: start.elapsed().as_secs_f64(),
+        threads: exec.threads,
+        paths: exec.paths,
     };
-    Ok((RankTensors::from_arena(rp, arena, stats), traffic))
+    let mut loaded = RankTensors::from_arena(rp, arena, stats);
+    for &(i, _) in &redirected {
+        loaded.leave_out(i);
+    }
+    Ok((loaded, traffic))
+}
+
+/// For every buffer of `into`: its tensor's index in `rp` and arena offset, checked to name a
+/// tensor of the rank once and to have exactly its bytes.
+fn redirected(rp: &RankPlan, into: &[(&str, &mut [u8])]) -> Result<Vec<(usize, u64)>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(into.len());
+    for (name, buf) in into {
+        let Some((i, t)) = rp.tensors.iter().enumerate().find(|(_, t)| t.name == *name) else {
+            return Err(Error::invalid_argument(
+                "into",
+                format!(
+                    "{name:?}: rank {} holds no tensor of that name",
+                    rp.coords.rank
+                ),
+            ));
+        };
+        if !seen.insert(i) {
+            return Err(Error::invalid_argument(
+                "into",
+                format!("{name:?}: given twice"),
+            ));
+        }
+        if buf.len() as u64 != t.bytes {
+            return Err(Error::invalid_argument(
+                "into",
+                format!(
+                    "{name:?}: a buffer of {} bytes; the tensor ({} {:?}) has {}",
+                    buf.len(),
+                    t.dtype,
+                    t.shape,
+                    t.bytes
+                ),
+            ));
+        }
+        out.push((i, t.offset));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! the other of two staging buffers, so storage and the exchange work at the same time.
 //!
 //! A round moves in one [`Communicator::exchange`]: transfers that land back to back in the
-//! receiver's arena form one message, received straight into the arena and sent straight
+//! receiver's arena form one message, received straight into its memory (the arena, or the
+//! caller buffer a [`Target`] puts there; a message across a buffer's edge lands in a bounce
+//! buffer and is copied, as the sender cannot know the receiver's buffers) and sent straight
 //! from the owner's staging buffer when they are contiguous there too (dim-0 splits,
 //! replicated tensors), packed first when not (inner-dimension splits are strided in the
 //! file); runs under 64 KiB travel together in one bundle per pair, copied out on arrival.
@@ -19,6 +21,7 @@ use std::sync::Arc;
 use super::exchange::{buffer, digest};
 use super::schedule::{ReadOnceSchedule, Xfer};
 use super::segments::{read_segments, slice_range};
+use super::target::Target;
 use super::{ShareOptions, Traffic};
 use crate::comm::{agree, node_comm, rank_list, Communicator};
 use crate::load::{LoadControl, LoadOptions};
@@ -30,7 +33,7 @@ pub(super) fn read_once(
     plan: &Plan,
     world: &dyn Communicator,
     opts: &ShareOptions,
-    arena: &mut [u8],
+    target: &mut Target<'_>,
     traffic: &mut Traffic,
 ) -> Result<u64> {
     let me = world.rank();
@@ -54,7 +57,7 @@ pub(super) fn read_once(
     agree(world, count_check(&s, gcomm, &members, me))?;
     world.set_phase("read-once: buffers");
     let buffers = agree(world, Buffers::new(&s, me))?;
-    let result = pipeline(plan, &s, gcomm, opts, buffers, arena, traffic);
+    let result = pipeline(plan, &s, gcomm, opts, buffers, target, traffic);
     // Groups finish at different times; the job finishes together.
     world.set_phase("read-once: done");
     agree(world, result)
@@ -157,7 +160,7 @@ fn pipeline(
     gcomm: &dyn Communicator,
     opts: &ShareOptions,
     buffers: Buffers,
-    arena: &mut [u8],
+    target: &mut Target<'_>,
     traffic: &mut Traffic,
 ) -> Result<u64> {
     let Buffers {
@@ -177,6 +180,8 @@ fn pipeline(
         ..opts.load.clone()
     };
     let rounds = s.rounds;
+    // Messages across a caller buffer's edge (none without caller buffers).
+    let mut bounce = Vec::new();
     std::thread::scope(|sc| {
         let read = |round: usize, mut buf: Vec<u8>| {
             let r = read_round(plan, s, round, &mut buf, &load);
@@ -205,10 +210,12 @@ fn pipeline(
                 let local = got.and_then(|bytes| {
                     std::mem::replace(&mut carried, Ok(()))?;
                     let sends = outgoing(s, round, &staging, &mut pack)?;
-                    let recvs = receive_layout(s, round, arena.len(), bundles.len())?;
-                    Ok((bytes, sends, recvs))
+                    let (recvs, bounced) = receive_layout(s, round, target, bundles.len())?;
+                    let bounce_len = bounced.iter().map(|(r, _)| r.len() as u64).sum();
+                    buffer(&mut bounce, bounce_len, s.me, "read-once bounce buffer")?;
+                    Ok((bytes, sends, (recvs, bounced)))
                 });
-                let (bytes, sends, recvs) = agree(gcomm, local)?;
+                let (bytes, sends, (recvs, bounced)) = agree(gcomm, local)?;
                 read_total += bytes;
                 let sends: Vec<(usize, &[u8])> = sends
                     .iter()
@@ -220,15 +227,19 @@ fn pipeline(
                         (*d, bytes.unwrap_or(&[]))
                     })
                     .collect();
-                let moved = carve(arena, &mut bundles, &recvs).and_then(|mut into| {
-                    gcomm.exchange(&sends, &mut into)?;
-                    traffic.sent_bytes += sends.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-                    traffic.received_bytes += into.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-                    Ok(())
-                });
+                let moved =
+                    carve(target, &mut bundles, &mut bounce, &recvs).and_then(|mut into| {
+                        gcomm.exchange(&sends, &mut into)?;
+                        traffic.sent_bytes +=
+                            sends.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+                        traffic.received_bytes +=
+                            into.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+                        Ok(())
+                    });
                 carried = moved
-                    .and_then(|()| unpack_bundles(s, round, &bundles, arena))
-                    .and_then(|()| own_transfers(s, round, &staging, arena));
+                    .and_then(|()| unpack_bundles(s, round, &bundles, target))
+                    .and_then(|()| unbounce(&bounce, &bounced, target))
+                    .and_then(|()| own_transfers(s, round, &staging, target));
                 spare = Some(staging);
             }
             std::mem::replace(&mut carried, Ok(())).map(|()| read_total)
@@ -265,10 +276,12 @@ enum Source {
     Packed(Range<usize>),
 }
 
-/// Where a received message's bytes land.
-enum Target {
-    Arena(Range<usize>),
+/// Where a received message's bytes land: a span of the rank's layout (arena offsets, inside
+/// one caller buffer or outside all), the bundle buffer or the bounce buffer.
+enum Landing {
+    Layout(Range<usize>),
     Bundle(Range<usize>),
+    Bounce(Range<usize>),
 }
 
 /// Copies `len` bytes from `from[src..]` to `to[dst..]`, both checked.
@@ -279,6 +292,13 @@ fn copy(from: &[u8], src: u64, to: &mut [u8], dst: u64, len: u64) -> Result<()> 
         b.copy_from_slice(a);
     }
     Ok(())
+}
+
+/// Copies `len` bytes from `from[src..]` to the layout at `dst`, both checked.
+fn copy_out(from: &[u8], src: u64, to: &mut Target<'_>, dst: u64, len: u64) -> Result<()> {
+    let a = slice_range(src, len, from.len())?;
+    slice_range(dst, len, to.len())?;
+    to.write(dst, from.get(a).unwrap_or(&[]))
 }
 
 /// The messages of `round` this member sends, in the order each receiver expects them (per
@@ -329,15 +349,18 @@ fn outgoing(
 }
 
 /// Where the messages of `round` land, in the order each sender sends them: direct ones in
-/// the arena, bundles one after the other in the bundle buffer.
+/// their memory (in the bounce buffer when across a caller buffer's edge: returned with
+/// their layout offsets), bundles one after the other in the bundle buffer.
+#[allow(clippy::type_complexity)]
 fn receive_layout(
     s: &ReadOnceSchedule,
     round: usize,
-    arena_len: usize,
+    target: &Target<'_>,
     bundles_len: usize,
-) -> Result<Vec<(usize, Target)>> {
+) -> Result<(Vec<(usize, Landing)>, Vec<(Range<usize>, u64)>)> {
     let mut out = Vec::new();
-    let mut at = 0u64;
+    let mut bounced = Vec::new();
+    let (mut at, mut at_bounce) = (0u64, 0usize);
     let bad = || Error::plan("read-once message outside its transfer list");
     for o in (0..s.n).filter(|&o| o != s.me) {
         let xs = s.receives(round, o);
@@ -346,44 +369,88 @@ fn receive_layout(
             let m = xs.get(r.clone()).ok_or_else(bad)?;
             let dst = m.first().map_or(0, |x| x.dst);
             let len = m.iter().map(|x| x.len).sum();
-            out.push((o, Target::Arena(slice_range(dst, len, arena_len)?)));
+            let range = slice_range(dst, len, target.len())?;
+            if target.is_whole(dst, len) {
+                out.push((o, Landing::Layout(range)));
+            } else {
+                let r = at_bounce..at_bounce + range.len();
+                at_bounce = r.end;
+                bounced.push((r.clone(), dst));
+                out.push((o, Landing::Bounce(r)));
+            }
         }
         let b = plan.bundle_bytes(xs);
         if b > 0 {
-            out.push((o, Target::Bundle(slice_range(at, b, bundles_len)?)));
+            out.push((o, Landing::Bundle(slice_range(at, b, bundles_len)?)));
             at += b;
         }
     }
-    Ok(out)
+    Ok((out, bounced))
 }
 
-/// The receive buffers of `layout`, in its order, cut out of the arena and the bundle
-/// buffer (disjoint ranges; an overlap is an error, never two writers).
+/// The receive buffers of `layout`, in its order, cut out of the target's memory (the arena
+/// and each caller buffer), the bundle and the bounce buffer (disjoint ranges; an overlap is
+/// an error, never two writers).
 fn carve<'a>(
-    arena: &'a mut [u8],
+    target: &'a mut Target<'_>,
     bundles: &'a mut [u8],
-    layout: &[(usize, Target)],
+    bounce: &'a mut [u8],
+    layout: &[(usize, Landing)],
 ) -> Result<Vec<(usize, &'a mut [u8])>> {
-    let (mut in_arena, mut in_bundles) = (Vec::new(), Vec::new());
-    for (_, t) in layout {
-        match t {
-            Target::Arena(r) => in_arena.push(r.clone()),
-            Target::Bundle(r) => in_bundles.push(r.clone()),
+    let (arena, redirects) = target.parts_mut();
+    // Region 0 is the arena, region i + 1 caller buffer i (ranges relative to it); the last
+    // two are the bundle and bounce buffers.
+    let mut regions: Vec<(u64, &'a mut [u8])> = Vec::with_capacity(redirects.len() + 3);
+    regions.push((0, arena));
+    regions.extend(redirects);
+    let n_layout = regions.len();
+    regions.push((0, bundles));
+    regions.push((0, bounce));
+    let mut wanted: Vec<Vec<Range<usize>>> = regions.iter().map(|_| Vec::new()).collect();
+    let mut at = Vec::with_capacity(layout.len());
+    for (_, l) in layout {
+        let (region, r) = match l {
+            Landing::Layout(r) => {
+                // The caller buffer holding its start (sorted, disjoint), else the arena.
+                let i = regions[1..n_layout].partition_point(|(s, _)| *s <= r.start as u64);
+                match regions.get(i).filter(|_| i > 0) {
+                    Some((s, b)) if (r.start as u64) < s + b.len() as u64 => {
+                        let s = usize::try_from(*s).unwrap_or(usize::MAX);
+                        (i, r.start - s..r.end - s)
+                    }
+                    _ => (0, r.clone()),
+                }
+            }
+            Landing::Bundle(r) => (n_layout, r.clone()),
+            Landing::Bounce(r) => (n_layout + 1, r.clone()),
+        };
+        at.push(region);
+        if let Some(w) = wanted.get_mut(region) {
+            w.push(r);
         }
     }
-    let mut a = cut(arena, &in_arena)?.into_iter();
-    let mut b = cut(bundles, &in_bundles)?.into_iter();
+    let mut cuts = Vec::with_capacity(regions.len());
+    for ((_, buf), w) in regions.into_iter().zip(&wanted) {
+        cuts.push(cut(buf, w)?.into_iter());
+    }
     layout
         .iter()
-        .map(|(o, t)| {
-            let buf = match t {
-                Target::Arena(_) => a.next(),
-                Target::Bundle(_) => b.next(),
-            };
-            buf.map(|buf| (*o, buf))
+        .zip(at)
+        .map(|((o, _), region)| {
+            cuts.get_mut(region)
+                .and_then(Iterator::next)
+                .map(|buf| (*o, buf))
                 .ok_or_else(|| Error::plan("read-once receive layout"))
         })
         .collect()
+}
+
+/// Copies the messages received into the bounce buffer to their layout offsets.
+fn unbounce(bounce: &[u8], bounced: &[(Range<usize>, u64)], target: &mut Target<'_>) -> Result<()> {
+    for (r, dst) in bounced {
+        copy_out(bounce, r.start as u64, target, *dst, r.len() as u64)?;
+    }
+    Ok(())
 }
 
 /// Disjoint `ranges` of `buf` as slices, in the order given.
@@ -411,19 +478,19 @@ fn cut<'a>(buf: &'a mut [u8], ranges: &[Range<usize>]) -> Result<Vec<&'a mut [u8
     Ok(slots.into_iter().flatten().collect())
 }
 
-/// Copies the bundles of `round` from the bundle buffer to their arena offsets.
+/// Copies the bundles of `round` from the bundle buffer to their layout offsets.
 fn unpack_bundles(
     s: &ReadOnceSchedule,
     round: usize,
     bundles: &[u8],
-    arena: &mut [u8],
+    target: &mut Target<'_>,
 ) -> Result<()> {
     let mut at = 0u64;
     for o in (0..s.n).filter(|&o| o != s.me) {
         let xs = s.receives(round, o);
         for r in &s.recv_plan(round, o).bundle {
             for x in xs.get(r.clone()).unwrap_or(&[]) {
-                copy(bundles, at, arena, x.dst, x.len)?;
+                copy_out(bundles, at, target, x.dst, x.len)?;
                 at += x.len;
             }
         }
@@ -431,15 +498,15 @@ fn unpack_bundles(
     Ok(())
 }
 
-/// This member's own transfers of `round`: from its staging buffer to its arena.
+/// This member's own transfers of `round`: from its staging buffer to its layout.
 fn own_transfers(
     s: &ReadOnceSchedule,
     round: usize,
     staging: &[u8],
-    arena: &mut [u8],
+    target: &mut Target<'_>,
 ) -> Result<()> {
     for x in s.sends(round, s.me) {
-        copy(staging, s.staging_offset(x), arena, x.dst, x.len)?;
+        copy_out(staging, s.staging_offset(x), target, x.dst, x.len)?;
     }
     Ok(())
 }

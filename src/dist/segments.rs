@@ -6,7 +6,7 @@
 //! [`rank_segments`]). Reading goes through [`read_segments`], which hands them to the
 //! loader's engine ([`crate::load::execute`]).
 
-use crate::load::{execute, LoadOptions};
+use crate::load::{execute, ExecStats, LoadOptions};
 use crate::plan::{CopyRun, Plan, RankPlan};
 use crate::{Error, Result};
 
@@ -61,7 +61,17 @@ pub fn read_segments(
     buf: &mut [u8],
     opts: &LoadOptions,
 ) -> Result<u64> {
-    Ok(execute(&plan.files, segs, &[], buf, opts)?.read_bytes)
+    Ok(read_segments_stats(plan, segs, buf, opts)?.read_bytes)
+}
+
+/// [`read_segments`] with everything the engine reports (threads, I/O paths).
+pub fn read_segments_stats(
+    plan: &Plan,
+    segs: &[CopyRun],
+    buf: &mut [u8],
+    opts: &LoadOptions,
+) -> Result<ExecStats> {
+    execute(&plan.files, segs, &[], buf, opts)
 }
 
 /// `start..start + len` as a usize range checked against `limit`.

@@ -11,11 +11,12 @@
 //!    that recovers faults inside them and fails the load naming the file).
 //! 2. **Validation.** Runs must lie inside the arena and never overlap there, which is what
 //!    makes the lock-free parallel copy sound; only the validation's token reaches the copy.
-//! 3. **I/O.** [`IoMode::Auto`] (the default) reads contiguous runs with positioned reads
-//!    straight into the arena (at least 8 workers taking tasks of about 8 MiB in file order,
-//!    so several reads are in flight and the fresh arena's page faults are paid during them)
-//!    and gathers strided runs from mapped windows when cached (dropping their pages once
-//!    copied), else reads their spans with large positioned reads and scatters them.
+//! 3. **I/O.** [`IoMode::Auto`] (the default) reads cached contiguous runs with positioned
+//!    reads straight into the arena (at least 8 workers taking tasks of about 8 MiB in file
+//!    order, so several reads are in flight and the fresh arena's page faults are paid during
+//!    them) and gathers cached strided runs from mapped windows (dropping their pages once
+//!    copied); uncached contiguous runs are read with direct I/O, uncached strided ones
+//!    through the page cache, exactly their pages, asked for ahead of the readers.
 //!    [`IoMode::Mmap`] maps only the page-aligned windows the runs cover (nearby windows
 //!    merged), advises `WillNeed` on dense spans and exactly the touched pages of sparse
 //!    strided ones, and copies from the mapping. [`IoMode::Pread`] uses positioned reads,
@@ -40,7 +41,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
-pub use engine::{execute, ExecStats};
+pub use engine::{execute, ExecStats, IoPaths};
+pub(crate) use scatter::execute_redirected;
 pub use scatter::load_rank_scattered;
 pub use verify::read_tensor;
 pub(crate) use verify::{layout_for, slice_layout};
@@ -56,12 +58,16 @@ use crate::{Error, Result};
 pub enum IoMode {
     /// Decided per task by what the page cache holds (`mincore`): cached contiguous runs
     /// with positioned reads straight into the arena (no file pages mapped, several reads
-    /// in flight), cached strided runs gathered from a mapping. Uncached spans are read with
-    /// buffered positioned reads when the files fit in the page cache (see
-    /// [`LoadOptions::page_cache_limit`]: the next load finds them cached), else with direct
-    /// I/O (large aligned reads, no page-cache pages to allocate, fill and evict), falling
-    /// back to buffered reads where the filesystem refuses `O_DIRECT`
-    /// (`docs/performance.md` has the measurements behind the choice).
+    /// in flight), cached strided runs gathered from a mapping. Uncached contiguous spans of
+    /// at least 1 MiB are read with direct I/O (large aligned reads, many in flight, no
+    /// page-cache pages to allocate, fill and evict: half the CPU time of buffered reads),
+    /// unless the files fit in [`LoadOptions::page_cache_limit`] (then buffered, and the
+    /// next load finds them cached), falling back to buffered reads where the filesystem
+    /// refuses `O_DIRECT`. Uncached strided spans (inner-dim splits) and small runs are
+    /// read through the page cache, exactly their pages: one thread asks for them ahead of
+    /// the readers (`POSIX_FADV_WILLNEED`, many requests in flight), kernel readahead is off
+    /// for the load's handles, and the pages stay cached. `docs/performance.md` ("One rank")
+    /// has the measurements behind each choice.
     #[default]
     Auto,
     /// Memory-map the planned windows and copy from the page cache.
@@ -125,7 +131,8 @@ pub struct LoadOptions {
     pub staging_budget: u64,
     /// How a fresh arena is prepared.
     pub arena: ArenaInit,
-    /// Copy threads (`None`: rayon's global pool).
+    /// Reader threads (`None`: the engine's measured default, see `pool.rs`; the stats say
+    /// how many ran).
     pub threads: Option<usize>,
     /// Mmap engine: read contiguous runs with `pread` straight into the arena and use the
     /// mapping only for strided gathers (and views).
@@ -133,10 +140,11 @@ pub struct LoadOptions {
     /// Cancellation and progress shared with the caller (the Python binding's Ctrl-C and
     /// progress bar); `None`: neither.
     pub control: Option<Arc<LoadControl>>,
-    /// [`IoMode::Auto`]: uncached spans go through the page cache (and stay there for the
-    /// next load) when the files the rank reads total at most this many bytes, else they
-    /// are read with direct I/O, which neither fills the cache nor evicts what it holds.
-    /// `None`: half of the memory available when the load starts (`MemAvailable`).
+    /// [`IoMode::Auto`]: uncached contiguous spans go through the page cache (and stay there
+    /// for the next load) when the files the rank reads total at most this many bytes, else
+    /// they are read with direct I/O, which neither fills the cache nor evicts what it holds.
+    /// `None` (the default): always direct I/O, the fastest single load measured
+    /// (`docs/performance.md`, "One rank"); a limit trades that for a warm next load.
     pub page_cache_limit: Option<u64>,
 }
 
@@ -216,6 +224,34 @@ pub struct LoadStats {
     pub peak_staging: u64,
     /// Wall-clock seconds of the load (file checks, mapping, copies).
     pub seconds: f64,
+    /// Reader threads the copies ran on (0: no copy ran in this process, e.g. a rank that
+    /// received every byte from others).
+    pub threads: usize,
+    /// Arena bytes by how they were read: what [`IoMode::Auto`] chose.
+    pub paths: IoPaths,
+}
+
+impl LoadStats {
+    /// The stats of rank `rank` of plan rank `rp` after `exec`, started at `start`.
+    pub(crate) fn of(
+        rank: usize,
+        rp: &RankPlan,
+        exec: &ExecStats,
+        view_bytes: u64,
+        start: Instant,
+    ) -> LoadStats {
+        LoadStats {
+            rank,
+            tensors: rp.tensors.len(),
+            bytes: rp.bytes,
+            read_bytes: exec.read_bytes,
+            view_bytes,
+            peak_staging: exec.peak_staging,
+            seconds: start.elapsed().as_secs_f64(),
+            threads: exec.threads,
+            paths: exec.paths,
+        }
+    }
 }
 
 /// A view into a mapped file window.
@@ -234,6 +270,11 @@ pub struct RankTensors {
     mapped: Option<Arc<engine::Mapped>>,
     taken: Vec<bool>,
     stats: LoadStats,
+    /// Whether the steps its plan leaves until after the load ran (see
+    /// [`RankTensors::is_finished`]).
+    finished: bool,
+    /// (name, holder) of tensors left out because another tensor holds their values.
+    aliases: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for RankTensors {
@@ -390,6 +431,22 @@ impl RankTensors {
         self.materialize();
         (self.arena, self.tensors)
     }
+
+    /// Whether the steps its plan leaves until after the load ran: for vLLM names
+    /// ([`crate::TensorNames::Vllm`]) the transposes, the buffer values and the embeddings
+    /// vLLM re-ties (see [`crate::vllm`]). Every [`crate::Job`] load is finished; a load of
+    /// the lower layers is not, until [`crate::Job::finish`]. A finished rank is never
+    /// finished again, so no step (a transpose) is applied twice.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// `(name, holder)` for every tensor of the plan this rank leaves out because its tensor
+    /// `holder` holds the same values under the name vLLM keeps (vLLM's re-tied embeddings:
+    /// `("model.embed_tokens.weight", "lm_head.weight")`). Empty for checkpoint names.
+    pub fn aliases(&self) -> &[(String, String)] {
+        &self.aliases
+    }
 }
 
 impl RankTensors {
@@ -402,6 +459,25 @@ impl RankTensors {
         if let Some(t) = self.taken.get_mut(i) {
             *t = true;
         }
+    }
+
+    /// Leaves tensor `i` out because tensor `holder` holds its values (see
+    /// [`RankTensors::aliases`]).
+    pub(crate) fn alias(&mut self, i: usize, holder: &str) {
+        if let Some(t) = self.tensors.get(i) {
+            self.aliases.push((t.name.clone(), holder.to_string()));
+        }
+        self.leave_out(i);
+    }
+
+    /// Records that the plan's post-load steps ran (see [`RankTensors::is_finished`]).
+    pub(crate) fn mark_finished(&mut self) {
+        self.finished = true;
+    }
+
+    /// The bytes of tensor `i` (plan order), wherever they are (arena or view).
+    pub(crate) fn tensor_data(&self, i: usize) -> Option<&[u8]> {
+        self.tensor_at(i).map(|t| t.data)
     }
 
     /// Whether tensor `i` was taken out or loaded elsewhere.
@@ -427,6 +503,8 @@ impl RankTensors {
             mapped: None,
             taken: vec![false; rp.tensors.len()],
             stats,
+            finished: false,
+            aliases: Vec::new(),
         }
     }
 }
@@ -547,15 +625,7 @@ pub fn load_rank_into_buffer(
         .prepare()?
         .run(arena, opts)?
         .stats;
-    Ok(LoadStats {
-        rank,
-        tensors: rp.tensors.len(),
-        bytes: rp.bytes,
-        read_bytes: exec.read_bytes,
-        view_bytes: 0,
-        peak_staging: exec.peak_staging,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok(LoadStats::of(rank, rp, &exec, 0, start))
 }
 
 /// The error of a safe loader given [`LoadOptions::views`], saying `why` it copies instead.
@@ -655,15 +725,7 @@ fn load_rank_impl(
     let ahead = !views_on && arena.is_fresh() && opts.arena == ArenaInit::Ahead;
     let executed = prepared.populate_ahead(ahead).run(&mut arena, opts)?;
     let (exec, mapped) = (executed.stats, executed.mapped.map(Arc::new));
-    let stats = LoadStats {
-        rank,
-        tensors: rp.tensors.len(),
-        bytes: rp.bytes,
-        read_bytes: exec.read_bytes,
-        view_bytes,
-        peak_staging: exec.peak_staging,
-        seconds: start.elapsed().as_secs_f64(),
-    };
+    let stats = LoadStats::of(rank, rp, &exec, view_bytes, start);
     let mut loaded = RankTensors::from_arena(rp, arena, stats);
     loaded.views = views;
     loaded.mapped = mapped;

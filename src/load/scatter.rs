@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::{
-    engine, rank_plan, refuse_views, Arena, ArenaInit, LoadOptions, LoadStats, RankTensors,
+    engine, rank_plan, refuse_views, Arena, ArenaInit, ExecStats, LoadOptions, LoadStats,
+    RankTensors,
 };
-use crate::plan::{CopyRun, Plan, Strided, ZeroRun};
+use crate::plan::{CopyRun, Plan, PlanFile, Strided, ZeroRun};
 use crate::{Error, Result};
 
 /// Loads rank `rank` of `plan` with some tensors written straight into caller memory (a
@@ -109,15 +110,7 @@ pub fn load_rank_scattered(
         .populate_ahead(init == ArenaInit::Ahead)
         .run(&mut arena, opts)?
         .stats;
-    let stats = LoadStats {
-        rank,
-        tensors: rp.tensors.len(),
-        bytes: rp.bytes,
-        read_bytes: exec.read_bytes,
-        view_bytes: 0,
-        peak_staging: exec.peak_staging,
-        seconds: start.elapsed().as_secs_f64(),
-    };
+    let stats = LoadStats::of(rank, rp, &exec, 0, start);
     let mut loaded = RankTensors::from_arena(rp, arena, stats);
     for (i, t) in taken.into_iter().enumerate() {
         if t {
@@ -228,6 +221,29 @@ fn split_zeros(zeros: &[ZeroRun], edges: &[u64]) -> Vec<ZeroRun> {
         }
     }
     out
+}
+
+/// Runs `copies` (single-chunk or strided runs of a plan's files, arena offsets) into
+/// `arena`, the spans `(start, buffer)` of `redirects` written to those buffers instead; every
+/// run must lie inside one buffer or outside all (checked before any byte is written). The
+/// share modes read the bytes a rank reads itself this way when tensors go straight into
+/// caller memory.
+pub(crate) fn execute_redirected(
+    files: &[PlanFile],
+    copies: &[CopyRun],
+    arena: &mut [u8],
+    redirects: Vec<(u64, &mut [u8])>,
+    opts: &LoadOptions,
+) -> Result<ExecStats> {
+    let redirects = redirects
+        .into_iter()
+        .map(|(start, dst)| engine::Redirect { start, dst })
+        .collect();
+    Ok(engine::Request::new(files, copies, &[])
+        .redirect(redirects)
+        .prepare()?
+        .run(arena, opts)?
+        .stats)
 }
 
 #[cfg(test)]

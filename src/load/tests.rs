@@ -262,14 +262,14 @@ fn report_skip(test: &str, reason: &str) {
 }
 
 #[test]
-fn auto_reads_uncached_files_directly_only_when_they_do_not_fit_the_page_cache() {
+fn auto_reads_uncached_files_directly_unless_they_fit_the_page_cache_limit() {
     let dir = tempfile::tempdir().unwrap();
     let (plan, data) = sample(dir.path());
     let rp = &plan.ranks[0];
     let want = naive(&data, &rp.copies, &rp.zeros, rp.bytes as usize);
     if let Err(why) = drop_from_cache(&plan) {
         report_skip(
-            "load::tests::auto_reads_uncached_files_directly_only_when_they_do_not_fit_the_page_cache",
+            "load::tests::auto_reads_uncached_files_directly_unless_they_fit_the_page_cache_limit",
             &why,
         );
         return;
@@ -283,18 +283,135 @@ fn auto_reads_uncached_files_directly_only_when_they_do_not_fit_the_page_cache()
     assert!(arena_of(&load_rank(&plan, 0, &too_big).unwrap()) == want);
     let cached = cached_fraction(&plan.files[0].path);
     assert!(cached < 0.25, "{cached}");
-    // Files that fit (the default limit here: half the available memory) are read through
-    // the page cache and stay there for the next load.
-    assert!(arena_of(&load_rank(&plan, 0, &LoadOptions::default()).unwrap()) == want);
+    // Without a limit (the default), uncached contiguous spans are read directly too.
+    let rt = load_rank(&plan, 0, &LoadOptions::default()).unwrap();
+    assert!(arena_of(&rt) == want);
+    assert!(
+        rt.stats().paths.direct >= 16 << 20,
+        "{:?}",
+        rt.stats().paths
+    );
+    let cached = cached_fraction(&plan.files[0].path);
+    assert!(cached < 0.25, "{cached}");
+    // Files that fit the limit are read through the page cache and stay there for the
+    // next load.
+    let fits = LoadOptions {
+        page_cache_limit: Some(1 << 30),
+        ..LoadOptions::default()
+    };
+    assert!(arena_of(&load_rank(&plan, 0, &fits).unwrap()) == want);
     assert!(cached_fraction(&plan.files[0].path) > 0.8);
     // Once cached, the same load reads them from the cache (and leaves them there).
-    assert!(arena_of(&load_rank(&plan, 0, &too_big).unwrap()) == want);
+    let rt = load_rank(&plan, 0, &too_big).unwrap();
+    assert!(arena_of(&rt) == want);
+    assert_eq!(rt.stats().paths.direct, 0, "{:?}", rt.stats().paths);
     assert!(cached_fraction(&plan.files[0].path) > 0.8);
     let forced = LoadOptions {
         io: IoMode::Pread,
         ..LoadOptions::default()
     };
     assert!(arena_of(&load_rank(&plan, 0, &forced).unwrap()) == want);
+}
+
+/// Per page of `path`, whether the page cache holds it (`mincore`).
+fn cached_pages(path: &Path) -> Vec<bool> {
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+    let mut v = vec![0u8; len.div_ceil(4096)];
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, v.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    v.iter().map(|&b| b & 1 == 1).collect()
+}
+
+#[test]
+fn a_cold_inner_dim_split_reads_only_the_pages_it_needs() {
+    // An o_proj-like column slice: 1024 rows of 16 KiB, of which the rank keeps bytes
+    // [6 KiB, 8 KiB) (one page in four), then a contiguous run further on.
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(24 << 20, 9);
+    let files = vec![write_file(dir.path(), "w.safetensors", &data)];
+    let (row, keep, rows) = (16u64 << 10, 2u64 << 10, 1024u64);
+    let copies = vec![
+        CopyRun {
+            file: 0,
+            src: 6 << 10,
+            dst: 0,
+            len: keep,
+            count: rows,
+            src_stride: row,
+            dst_stride: keep,
+        },
+        CopyRun {
+            file: 0,
+            src: (18 << 20) + 100,
+            dst: rows * keep,
+            len: 3 << 20,
+            count: 1,
+            src_stride: 3 << 20,
+            dst_stride: 3 << 20,
+        },
+    ];
+    let len = rows * keep + (3 << 20);
+    let topo = Topology::default();
+    let plan = Plan {
+        topology: topo.clone(),
+        spec: "test".into(),
+        files,
+        ranks: vec![RankPlan {
+            coords: topo.coords(0),
+            tensors: vec![tensor("w", 0, len)],
+            copies: copies.clone(),
+            zeros: vec![],
+            bytes: len,
+            read_bytes: 0,
+            arena_bytes: len,
+            staging_bytes: 0,
+        }],
+    };
+    // The pages the strided run touches, counted here chunk by chunk (the contiguous run is
+    // read with direct I/O: none of its pages should be cached).
+    let mut want_pages = vec![false; (data.len() as u64).div_ceil(4096) as usize];
+    for r in &copies[..1] {
+        for k in 0..r.count {
+            let s = r.src + k * r.src_stride;
+            for p in s / 4096..(s + r.len).div_ceil(4096) {
+                want_pages[p as usize] = true;
+            }
+        }
+    }
+    let want = naive(&[data], &copies, &[], len as usize);
+    if let Err(why) = drop_from_cache(&plan) {
+        report_skip(
+            "load::tests::a_cold_inner_dim_split_reads_only_the_pages_it_needs",
+            &why,
+        );
+        return;
+    }
+    let rt = load_rank(&plan, 0, &LoadOptions::default()).unwrap();
+    assert!(arena_of(&rt) == want);
+    let paths = rt.stats().paths;
+    assert_eq!(paths.prefetched, rows * keep, "{paths:?}");
+    assert_eq!(paths.direct, 3 << 20, "{paths:?}");
+    let cached = cached_pages(&plan.files[0].path);
+    let union = want_pages.iter().filter(|&&w| w).count();
+    let missing = want_pages
+        .iter()
+        .zip(&cached)
+        .filter(|(&w, &c)| w && !c)
+        .count();
+    let extra = want_pages
+        .iter()
+        .zip(&cached)
+        .filter(|(&w, &c)| !w && c)
+        .count();
+    // Whole row spans (the old way) would have cached four times the union, plus the
+    // kernel's readahead past each span (and the contiguous run read buffered).
+    assert!(missing == 0, "{missing} of {union} needed pages not cached");
+    assert!(
+        extra * 20 <= union,
+        "{extra} pages read outside a union of {union}"
+    );
 }
 
 #[test]

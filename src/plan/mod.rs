@@ -46,7 +46,7 @@ use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
 mod json;
-pub mod names;
+pub mod requests;
 mod runs;
 mod strided;
 mod svg;

@@ -165,6 +165,28 @@ fn to_bytes(elems: u64, bits: u64) -> Option<u64> {
     (b % 8 == 0).then_some(b / 8)
 }
 
+/// An element-unit run in bytes, reading from `file` at `src_offset` + its source offset;
+/// `None` when a chunk is not whole bytes or an offset overflows.
+fn byte_run(r: ElemRun, bits: u64, file: u32, src_offset: u64) -> Option<CopyRun> {
+    Some(CopyRun {
+        file,
+        src: src_offset.checked_add(to_bytes(r.src, bits)?)?,
+        dst: to_bytes(r.dst, bits)?,
+        len: to_bytes(r.len, bits)?,
+        count: r.count,
+        src_stride: to_bytes(r.src_stride, bits)?,
+        dst_stride: to_bytes(r.dst_stride, bits)?,
+    })
+}
+
+/// Why a sub-byte slice `[b, e)` of dim `k` cannot be planned: its chunks are not whole bytes.
+fn sub_byte_msg(dtype: Dtype, src_shape: &[u64], k: usize, (b, e): (u64, u64)) -> String {
+    format!(
+        "{dtype} slice [{b}, {e}) of dim {k} (size {}) does not start and end on byte boundaries; sub-byte tensors can only be split where every chunk is whole bytes",
+        src_shape.get(k).copied().unwrap_or(0)
+    )
+}
+
 /// Computes the runs that build one rank-local tensor.
 ///
 /// `name` and `dtype` name the tensor in errors; `src_shape` is the source tensor's shape,
@@ -299,26 +321,9 @@ pub fn tensor_runs(
                 )
                 .ok_or_else(|| plan_err(name, "offsets overflow"))?;
                 for &r in &scratch {
-                    let conv = (|| {
-                        Some(CopyRun {
-                            file,
-                            src: src_offset.checked_add(to_bytes(r.src, bits)?)?,
-                            dst: to_bytes(r.dst, bits)?,
-                            len: to_bytes(r.len, bits)?,
-                            count: r.count,
-                            src_stride: to_bytes(r.src_stride, bits)?,
-                            dst_stride: to_bytes(r.dst_stride, bits)?,
-                        })
-                    })();
-                    let run = conv.ok_or_else(|| {
+                    let run = byte_run(r, bits, file, src_offset).ok_or_else(|| {
                         let (b, e) = ranges.get(k).copied().unwrap_or((0, 0));
-                        plan_err(
-                            name,
-                            format_args!(
-                                "{dtype} slice [{b}, {e}) of dim {k} (size {}) does not start and end on byte boundaries; sub-byte tensors can only be split where every chunk is whole bytes",
-                                src_shape.get(k).copied().unwrap_or(0)
-                            ),
-                        )
+                        plan_err(name, sub_byte_msg(dtype, src_shape, k, (b, e)))
                     })?;
                     out.copies.push(run);
                 }
@@ -382,6 +387,146 @@ pub fn tensor_runs(
         ));
     }
     Ok(out)
+}
+
+/// Per dimension, a list of `[begin, end)` index ranges.
+type RangeLists = [Vec<(u64, u64)>];
+
+/// Most boxes (one per combination of ranges, one range per dimension) that one slice
+/// request may make: a bound on planning work that hostile requests cannot exceed.
+pub const MAX_SLICE_BOXES: u64 = 1 << 20;
+
+/// Computes the runs that build one rank-local tensor made of explicit index ranges of the
+/// source: per source dimension, the ranges `[begin, end)` the local tensor takes, in local
+/// order (a dimension may take several, e.g. a strided shard). The local tensor is every
+/// combination of one range per dimension, in row-major order of the combinations, so its
+/// size along dimension `d` is the sum of `ranges[d]`'s lengths.
+///
+/// `fail` makes the caller's error from a reason (naming the tensor its own way). Ranges must lie inside the source; abutting ranges are
+/// merged first (fewer, longer runs); empty ones are dropped. A scalar takes `ranges = []`.
+pub(crate) fn slice_runs(
+    fail: &dyn Fn(String) -> Error,
+    dtype: Dtype,
+    src_shape: &[u64],
+    file: u32,
+    src_offset: u64,
+    ranges: &[Vec<(u64, u64)>],
+) -> Result<(Vec<u64>, TensorRuns)> {
+    let nd = src_shape.len();
+    if nd > MAX_DIMS {
+        return Err(fail(format!(
+            "{nd} dimensions are more than the {MAX_DIMS} supported"
+        )));
+    }
+    if ranges.len() != nd {
+        return Err(fail(format!(
+            "{} dimensions of ranges for a tensor of {nd} dimensions {src_shape:?}",
+            ranges.len()
+        )));
+    }
+    // Per dimension: the merged ranges and the local size.
+    let mut merged: Vec<Vec<(u64, u64)>> = Vec::with_capacity(nd);
+    let mut local = Vec::with_capacity(nd);
+    let mut boxes = 1u64;
+    for (d, rs) in ranges.iter().enumerate() {
+        let mut m: Vec<(u64, u64)> = Vec::with_capacity(rs.len());
+        let mut size = 0u64;
+        for &(b, e) in rs {
+            if b > e || e > src_shape[d] {
+                return Err(fail(format!(
+                    "range [{b}, {e}) of dim {d} is outside its size {}",
+                    src_shape[d]
+                )));
+            }
+            size = size
+                .checked_add(e - b)
+                .ok_or_else(|| fail("local shape overflows".into()))?;
+            match m.last_mut() {
+                _ if b == e => {}
+                Some(last) if last.1 == b => last.1 = e,
+                _ => m.push((b, e)),
+            }
+        }
+        boxes = boxes.saturating_mul(m.len() as u64);
+        merged.push(m);
+        local.push(size);
+    }
+    let elements = local
+        .iter()
+        .try_fold(1u64, |acc, &n| acc.checked_mul(n))
+        .ok_or_else(|| fail("local shape overflows".into()))?;
+    let bits = dtype.bits();
+    let bytes = to_bytes(elements, bits).ok_or_else(|| {
+        fail(format!(
+            "local shape {local:?} of {dtype} is not a whole number of bytes"
+        ))
+    })?;
+    let mut out = TensorRuns {
+        bytes,
+        copies: Vec::new(),
+        zeros: Vec::new(),
+    };
+    if elements == 0 {
+        return Ok((local, out));
+    }
+    if boxes > MAX_SLICE_BOXES {
+        return Err(fail(format!(
+            "{boxes} boxes of ranges are more than the {MAX_SLICE_BOXES} supported"
+        )));
+    }
+    // A scalar is one element of a one-element vector.
+    let one = [1u64];
+    let whole = [vec![(0u64, 1u64)]];
+    let (src_dims, dst_dims, merged): (&[u64], &[u64], &RangeLists) = if nd == 0 {
+        (&one, &one, &whole)
+    } else {
+        (src_shape, &local, &merged)
+    };
+    let nd = src_dims.len();
+    // Odometer over one range per dimension, the last dimension fastest.
+    let mut pick = [0usize; MAX_DIMS];
+    let mut scratch: Vec<ElemRun> = Vec::new();
+    loop {
+        let mut n = [0u64; MAX_DIMS];
+        let mut src_origin = [0u64; MAX_DIMS];
+        let mut dst_origin = [0u64; MAX_DIMS];
+        for d in 0..nd {
+            let rs = &merged[d];
+            let (b, e) = rs[pick[d]];
+            n[d] = e - b;
+            src_origin[d] = b;
+            dst_origin[d] = rs[..pick[d]].iter().map(|(b, e)| e - b).sum();
+        }
+        scratch.clear();
+        let k = box_runs(
+            &n[..nd],
+            src_dims,
+            &src_origin[..nd],
+            dst_dims,
+            &dst_origin[..nd],
+            &mut scratch,
+        )
+        .ok_or_else(|| fail("offsets overflow".into()))?;
+        for &r in &scratch {
+            let run = byte_run(r, bits, file, src_offset).ok_or_else(|| {
+                let range = (src_origin[k], src_origin[k] + n[k]);
+                fail(sub_byte_msg(dtype, src_dims, k, range))
+            })?;
+            out.copies.push(run);
+        }
+        let mut d = nd;
+        loop {
+            if d == 0 {
+                return Ok((local, out));
+            }
+            d -= 1;
+            pick[d] += 1;
+            if pick[d] < merged[d].len() {
+                break;
+            }
+            pick[d] = 0;
+        }
+    }
 }
 
 fn page_floor(x: u64, page: u64) -> u64 {

@@ -4,7 +4,10 @@
 //! Data-driven, no per-architecture knowledge: a non-optional rule that holds data
 //! - and matched a tensor of layer `l` must match the same name in every layer its condition
 //!   allows (`model.layers.{layer}.mlp.down_proj.weight` seen in layers 0, 1, 3 of 4 → layer 2
-//!   is missing);
+//!   is missing), and, with `experts(count=N)`, for every expert `0..N` of those layers (an
+//!   expert missing from every layer is missing too); a condition that reads `layer` (a
+//!   config list such as `mlp_only_layers`, `layer % moe_layer_freq`) says which layers those
+//!   are, as the model class decides it;
 //! - and matched nothing must match every name its pattern spells out (`model.norm.weight`,
 //!   `lm_head.weight if !tie`, `{layer}` over all layers, `{expert}` over `experts(count=..)`),
 //!   unless the pattern has wildcards (then it stays a warning).
@@ -25,31 +28,98 @@ const MAX_LISTED: usize = 10;
 /// one-layer checkpoint is refused after this many without enumerating them all.
 const MAX_CHECKED: u64 = 1 << 20;
 
-/// Names seen per (rule, name around its `{layer}` number).
+/// Names seen per (rule, name with its `{layer}` and `{expert}` numbers cut out).
 #[derive(Default)]
 pub(super) struct Completeness {
     templates: BTreeMap<(usize, Template), Seen>,
 }
 
-/// A tensor name with its layer number cut out: `head` + layer + `tail`, as in the file
-/// (`shown`) and after aliases (`normalized`, what rules and `has` see).
+/// A tensor name with its layer (and expert) number cut out, as in the file (`shown`) and
+/// after aliases (`normalized`, what rules and `has` see): the name with the hole segments
+/// empty, and which segments the holes are (two strings per tensor: the key is built for
+/// every tensor of a large checkpoint).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Template {
-    shown: (String, String),
-    normalized: (String, String),
+    shown: String,
+    normalized: String,
+    /// The layer number's segment: (index in `shown`, index in `normalized`).
+    layer: (usize, usize),
+    /// The expert number's segment, for a rule with `experts(...)`.
+    expert: Option<(usize, usize)>,
 }
 
 impl Template {
-    fn name(parts: &(String, String), layer: u64) -> String {
-        format!("{}{layer}{}", parts.0, parts.1)
+    /// `blank` with segment `layer.0` set to `layer.1` (and the expert's likewise).
+    fn name(blank: &str, layer: (usize, u64), expert: Option<(usize, u64)>) -> String {
+        let mut out = String::with_capacity(blank.len() + 8);
+        for (k, seg) in blank.split('.').enumerate() {
+            if k > 0 {
+                out.push('.');
+            }
+            match (layer, expert) {
+                ((i, v), _) if i == k => out.push_str(&v.to_string()),
+                (_, Some((i, v))) if i == k => out.push_str(&v.to_string()),
+                _ => out.push_str(seg),
+            }
+        }
+        out
+    }
+
+    fn shown(&self, layer: u64, expert: u64) -> String {
+        Template::name(
+            &self.shown,
+            (self.layer.0, layer),
+            self.expert.map(|e| (e.0, expert)),
+        )
+    }
+
+    fn normalized(&self, layer: u64, expert: u64) -> String {
+        Template::name(
+            &self.normalized,
+            (self.layer.1, layer),
+            self.expert.map(|e| (e.1, expert)),
+        )
     }
 }
 
+/// `segs` joined with dots, the segments at `holes` empty.
+fn blank(segs: &[&str], holes: [Option<usize>; 2]) -> String {
+    let mut out = String::with_capacity(segs.iter().map(|s| s.len() + 1).sum());
+    for (k, s) in segs.iter().enumerate() {
+        if k > 0 {
+            out.push('.');
+        }
+        if !holes.contains(&Some(k)) {
+            out.push_str(s);
+        }
+    }
+    out
+}
+
 struct Seen {
-    layers: Vec<u64>,
-    /// The captures of one matching tensor (the layer slot is overwritten per layer).
+    /// (layer, expert) of every matching tensor (expert 0 without an expert hole).
+    seen: Vec<(u64, u64)>,
+    /// The captures of one matching tensor (the layer and expert slots are overwritten).
     caps: Vec<u64>,
-    slot: usize,
+    layer_slot: usize,
+    expert_slot: Option<usize>,
+}
+
+/// The experts a template requires in each layer.
+enum Experts {
+    /// `0 .. count`.
+    Count(u64),
+    /// These (the ones seen when the count cannot be evaluated; `[0]` without an expert).
+    Seen(Vec<u64>),
+}
+
+impl Experts {
+    fn iter(&self) -> Box<dyn Iterator<Item = u64> + '_> {
+        match self {
+            Experts::Count(n) => Box::new(0..*n),
+            Experts::Seen(v) => Box::new(v.iter().copied()),
+        }
+    }
 }
 
 /// What is missing, capped.
@@ -61,18 +131,21 @@ pub(super) struct Missing {
     rules: BTreeSet<usize>,
 }
 
-/// `segs` joined with dots around position `i`: ("a.b.", ".d") for ["a","b","3","d"], i = 2.
-fn around(segs: &[&str], i: usize) -> (String, String) {
-    let mut head = segs[..i].join(".");
-    if i > 0 {
-        head.push('.');
+/// The segment of `segs` that holds capture `slot` (= `value`): the one equal to it, or,
+/// with several equal numbers (layer 1, expert 1), the one whose change changes the capture.
+fn hole(rule: &Rule, segs: &[&str], caps: &[u64], slot: usize, value: u64) -> Option<usize> {
+    let vs = value.to_string();
+    let candidates: Vec<usize> = (0..segs.len()).filter(|&i| segs[i] == vs).collect();
+    if candidates.len() == 1 {
+        return candidates.first().copied();
     }
-    let mut tail = String::new();
-    if i + 1 < segs.len() {
-        tail.push('.');
-        tail.push_str(&segs[i + 1..].join("."));
-    }
-    (head, tail)
+    let other = value.saturating_add(1).to_string();
+    candidates.into_iter().find(|&i| {
+        let mut v = segs.to_vec();
+        v[i] = &other;
+        let mut c = vec![0; caps.len()];
+        rule.pattern.matches(&v, &mut c) && c.get(slot) == Some(&(value + 1))
+    })
 }
 
 impl Completeness {
@@ -89,40 +162,38 @@ impl Completeness {
         segs: &[&str],
         caps: &[u64],
     ) {
-        let ls = layer.to_string();
-        let candidates: Vec<usize> = (0..segs.len()).filter(|&i| segs[i] == ls).collect();
-        // With several equal numbers (layer 1, expert 1) the layer is the one whose change
-        // changes the capture.
-        let pos = if candidates.len() == 1 {
-            candidates.first().copied()
-        } else {
-            let other = layer.saturating_add(1).to_string();
-            candidates.into_iter().find(|&i| {
-                let mut v = segs.to_vec();
-                v[i] = &other;
-                let mut c = vec![0; caps.len()];
-                rule.pattern.matches(&v, &mut c) && c.get(slot) == Some(&(layer + 1))
-            })
-        };
-        // A layer number inside a segment (`h3`) cannot be swapped: not checked.
-        let Some(i) = pos else { return };
         let orig: Vec<&str> = name.split('.').collect();
-        let Some(j) = orig.len().checked_sub(segs.len() - i) else {
+        // The same position counted from the end in the file's name (aliases change the
+        // front); a number inside a segment (`h3`) cannot be swapped: not checked.
+        let place = |slot: usize, value: u64| -> Option<(usize, usize)> {
+            let i = hole(rule, segs, caps, slot, value)?;
+            let j = orig.len().checked_sub(segs.len() - i)?;
+            (orig.get(j) == Some(&value.to_string().as_str())).then_some((j, i))
+        };
+        let Some(at_layer) = place(slot, layer) else {
             return;
         };
-        if orig.get(j) != Some(&ls.as_str()) {
-            return;
-        }
+        let expert = rule.expert_slot.and_then(|s| Some((s, *caps.get(s)?)));
+        let at_expert = match expert {
+            Some((s, e)) => match place(s, e) {
+                Some(p) if p != at_layer => Some(p),
+                _ => return,
+            },
+            None => None,
+        };
         let key = Template {
-            shown: around(&orig, j),
-            normalized: around(segs, i),
+            shown: blank(&orig, [Some(at_layer.0), at_expert.map(|e| e.0)]),
+            normalized: blank(segs, [Some(at_layer.1), at_expert.map(|e| e.1)]),
+            layer: at_layer,
+            expert: at_expert,
         };
         let seen = self.templates.entry((ri, key)).or_insert_with(|| Seen {
-            layers: Vec::new(),
+            seen: Vec::new(),
             caps: caps.to_vec(),
-            slot,
+            layer_slot: slot,
+            expert_slot: expert.map(|e| e.0),
         });
-        seen.layers.push(layer);
+        seen.seen.push((layer, expert.map_or(0, |e| e.1)));
     }
 
     /// Every tensor the spec implies that the checkpoint lacks. `hits[ri]`: tensors rule
@@ -141,26 +212,47 @@ impl Completeness {
         if let Some(n) = n_layers {
             for ((ri, t), seen) in &self.templates {
                 let Some(rule) = rules.get(*ri) else { continue };
-                let mut layers = seen.layers.clone();
-                layers.sort_unstable();
-                layers.dedup();
+                let mut pairs = seen.seen.clone();
+                pairs.sort_unstable();
+                pairs.dedup();
+                // Every expert of the rule's count in every layer its condition allows (an
+                // expert missing from all layers too); the experts seen if the count is unknown.
+                // A range, not a list: the count comes from input (the budget bounds the work).
+                let seen_experts = || {
+                    let mut v: Vec<u64> = pairs.iter().map(|p| p.1).collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v
+                };
+                let experts: Experts = match (t.expert, &rule.experts) {
+                    (Some(_), Some(ex)) => match r.int_at(rule.line, &ex.count, &[]) {
+                        Ok(c) => Experts::Count(u64::try_from(c).unwrap_or(0)),
+                        Err(_) => Experts::Seen(seen_experts()),
+                    },
+                    _ => Experts::Seen(vec![0]),
+                };
                 let mut caps = seen.caps.clone();
-                for l in 0..n as u64 {
-                    if layers.binary_search(&l).is_ok() {
-                        continue;
+                'layers: for l in 0..n as u64 {
+                    for e in experts.iter() {
+                        if pairs.binary_search(&(l, e)).is_ok() {
+                            continue;
+                        }
+                        if budget == 0 {
+                            m.at_least = true;
+                            break 'layers;
+                        }
+                        budget -= 1;
+                        if let Some(c) = caps.get_mut(seen.layer_slot) {
+                            *c = l;
+                        }
+                        if let Some(c) = seen.expert_slot.and_then(|s| caps.get_mut(s)) {
+                            *c = e;
+                        }
+                        if !applies(r, rule, &caps) || has(&t.normalized(l, e)) {
+                            continue;
+                        }
+                        m.add(*ri, t.shown(l, e));
                     }
-                    if budget == 0 {
-                        m.at_least = true;
-                        break;
-                    }
-                    budget -= 1;
-                    if let Some(c) = caps.get_mut(seen.slot) {
-                        *c = l;
-                    }
-                    if !applies(r, rule, &caps) || has(&Template::name(&t.normalized, l)) {
-                        continue;
-                    }
-                    m.add(*ri, Template::name(&t.shown, l));
                 }
             }
         }
@@ -192,6 +284,25 @@ impl Completeness {
         }
         Ok(m)
     }
+}
+
+/// Whether a rule whose condition reads captures holds in no layer `0..n` (other captures
+/// at 0): a rule for a layer kind the config has none of. Unknown (no layer count, no
+/// `{layer}`, too many layers): false.
+pub(super) fn off_in_every_layer(r: &Resolver<'_>, rule: &Rule, n_layers: Option<usize>) -> bool {
+    let (Some(n), Some(slot)) = (n_layers, rule.layer_slot) else {
+        return false;
+    };
+    if n as u64 > MAX_CHECKED {
+        return false;
+    }
+    let mut caps = vec![0u64; rule.pattern.captures.len()];
+    (0..n as u64).all(|l| {
+        if let Some(c) = caps.get_mut(slot) {
+            *c = l;
+        }
+        !applies(r, rule, &caps)
+    })
 }
 
 /// Whether `rule`'s condition holds for these captures (an evaluation error counts as "does

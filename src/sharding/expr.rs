@@ -1,8 +1,9 @@
 //! Tokens and expressions of the spec language.
 //!
-//! Expressions are integers, booleans and strings with `+ - * / %` (integer, floor division),
-//! comparisons, `&& || !`, `a ?? b` (b when a names a missing config value), calls
-//! (`cdiv`, `min`, `max`, `has`) and lists (only inside action arguments).
+//! Expressions are integers, booleans, strings and lists with `+ - * / %` (integer, floor
+//! division), comparisons, `x in list` (membership, e.g. in a config list such as
+//! `mlp_only_layers`), `&& || !`, `a ?? b` (b when a names a missing config value) and calls
+//! (`cdiv`, `min`, `max`, `has`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -111,6 +112,7 @@ pub(crate) enum BinOp {
     Le,
     Gt,
     Ge,
+    In,
     And,
     Or,
     Default,
@@ -151,17 +153,17 @@ impl Expr {
         }
     }
 
-    /// Whether the expression mentions any of `names` as an identifier.
-    pub fn mentions(&self, names: &[String]) -> bool {
+    /// Whether `f` holds for any identifier of the expression.
+    pub fn any_ident<'a>(&'a self, f: &mut dyn FnMut(&'a str) -> bool) -> bool {
         match self {
             Expr::Int(_) | Expr::Str(_) => false,
-            Expr::Ident(n, _) => names.contains(n),
-            Expr::Neg(e, _) | Expr::Not(e, _) => e.mentions(names),
-            Expr::Bin(_, a, b, _) => a.mentions(names) || b.mentions(names),
-            Expr::Call(_, args, _) => args.iter().any(|a| {
-                a.value.mentions(names) || a.cond.as_ref().is_some_and(|c| c.mentions(names))
-            }),
-            Expr::List(items, _) => items.iter().any(|e| e.mentions(names)),
+            Expr::Ident(n, _) => f(n),
+            Expr::Neg(e, _) | Expr::Not(e, _) => e.any_ident(f),
+            Expr::Bin(_, a, b, _) => a.any_ident(f) || b.any_ident(f),
+            Expr::Call(_, args, _) => args
+                .iter()
+                .any(|a| a.value.any_ident(f) || a.cond.as_ref().is_some_and(|c| c.any_ident(f))),
+            Expr::List(items, _) => items.iter().any(|e| e.any_ident(f)),
         }
     }
 }
@@ -280,6 +282,11 @@ impl<'a> Parser<'a> {
         let (mut lhs, mut depth) = self.binary(level + 1)?;
         loop {
             let found = ops.iter().find(|(s, _)| self.at_sym(s));
+            // `in` is a word, at the level of the comparisons.
+            let found = match found {
+                None if level == 2 && self.at_ident("in") => Some(&("in", BinOp::In)),
+                f => f,
+            };
             let Some(&(_, op)) = found else { break };
             let col = self.col();
             self.pos += 1;
@@ -424,6 +431,8 @@ pub(crate) enum Value {
     Bool(bool),
     Str(String),
     Float(f64),
+    /// A config.json array or a `[a, b]` literal.
+    List(Vec<Value>),
 }
 
 impl Value {
@@ -435,6 +444,11 @@ impl Value {
                 None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
             }),
             serde_json::Value::String(s) => Some(Value::Str(s.clone())),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(Value::from_json)
+                .collect::<Option<_>>()
+                .map(Value::List),
             _ => None,
         }
     }
@@ -447,6 +461,7 @@ impl Value {
             // {:?} escapes quotes and control characters from config.json.
             Value::Str(s) => format!("the string {s:?}"),
             Value::Float(f) => format!("the non-integer number {f:?}"),
+            Value::List(v) => format!("a list of {} value(s)", v.len()),
         }
     }
 }
@@ -495,11 +510,15 @@ pub(crate) struct Env<'a> {
     pub captures: &'a [(String, u64)],
     pub config: &'a serde_json::Map<String, serde_json::Value>,
     pub has: &'a dyn Fn(&str) -> bool,
-    pub memo: &'a RefCell<HashMap<String, Option<Value>>>,
+    /// Values of the `let`s that read no capture, computed once.
+    pub memo: &'a RefCell<HashMap<String, Value>>,
     /// Current evaluation depth (see [`MAX_EVAL_DEPTH`]).
     pub depth: Cell<usize>,
     /// The `let`s being evaluated, outermost first (to name a cycle).
-    pub stack: RefCell<Vec<String>>,
+    pub stack: RefCell<Vec<&'a str>>,
+    /// Whether the evaluation read a capture (`layer`): a `let` that did is evaluated again
+    /// for every tensor instead of being remembered.
+    pub read_capture: Cell<bool>,
 }
 
 impl Env<'_> {
@@ -515,36 +534,43 @@ impl Env<'_> {
 
     fn lookup(&self, name: &str, col: usize) -> Result<Value, EvalError> {
         if let Some((_, v)) = self.captures.iter().find(|(n, _)| n == name) {
+            self.read_capture.set(true);
             return Ok(Value::Int(*v as i64));
         }
         if let Some((_, v)) = self.builtins.iter().find(|(n, _)| *n == name) {
             return Ok(Value::Int(*v));
         }
-        if let Some((e, let_line)) = self.lets.get(name) {
-            let cached = self.memo.borrow().get(name).cloned();
-            match cached {
-                Some(Some(v)) => return Ok(v),
-                // Inside its own definition a name means the config value:
-                // `let head_dim = head_dim ?? hidden_size / num_attention_heads`.
-                Some(None) => {
-                    return self.config_lookup(name).ok_or_else(|| {
-                        let stack = self.stack.borrow();
-                        let from = stack.iter().position(|n| n == name).unwrap_or(0);
-                        let mut chain: Vec<String> = stack.get(from..).unwrap_or(&[]).to_vec();
-                        chain.push(name.to_string());
-                        EvalError::Cyclic {
-                            name: name.to_string(),
-                            col,
-                            chain,
-                        }
-                    })
-                }
-                None => {}
+        if let Some((key, (e, let_line))) = self.lets.get_key_value(name) {
+            // Inside its own definition a name means the config value:
+            // `let head_dim = head_dim ?? hidden_size / num_attention_heads`.
+            if self.stack.borrow().contains(&name) {
+                return self.config_lookup(name).ok_or_else(|| {
+                    let stack = self.stack.borrow();
+                    let from = stack.iter().position(|n| *n == name).unwrap_or(0);
+                    let mut chain: Vec<String> = stack
+                        .get(from..)
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect();
+                    chain.push(name.to_string());
+                    EvalError::Cyclic {
+                        name: name.to_string(),
+                        col,
+                        chain,
+                    }
+                });
             }
-            // None marks "being evaluated" to catch cycles.
-            self.memo.borrow_mut().insert(name.to_string(), None);
-            self.stack.borrow_mut().push(name.to_string());
+            if let Some(v) = self.memo.borrow().get(name) {
+                return Ok(v.clone());
+            }
+            // No allocation on this path: a `let` read per tensor (it uses `layer`) is
+            // evaluated for every tensor of a large checkpoint.
+            self.stack.borrow_mut().push(key.as_str());
+            let outer = self.read_capture.replace(false);
             let r = self.eval(e);
+            let per_tensor = self.read_capture.get();
+            self.read_capture.set(outer || per_tensor);
             self.stack.borrow_mut().pop();
             let r = r.map_err(|err| match err {
                 EvalError::InLet { .. } => err,
@@ -553,15 +579,9 @@ impl Env<'_> {
                     inner: Box::new(err),
                 },
             });
-            match &r {
-                Ok(v) => {
-                    self.memo
-                        .borrow_mut()
-                        .insert(name.to_string(), Some(v.clone()));
-                }
-                Err(_) => {
-                    self.memo.borrow_mut().remove(name);
-                }
+            // A `let` that reads `layer` (say) has a value per tensor: not remembered.
+            if let (Ok(v), false) = (&r, per_tensor) {
+                self.memo.borrow_mut().insert(name.to_string(), v.clone());
             }
             return r;
         }
@@ -607,10 +627,11 @@ impl Env<'_> {
             Expr::Not(x, _) => Ok(Value::Bool(!self.bool(x)?)),
             Expr::Bin(op, a, b, col) => self.binop(*op, a, b, *col),
             Expr::Call(name, args, col) => self.call(name, args, *col),
-            Expr::List(_, col) => Err(EvalError::Other {
-                col: *col,
-                msg: "a list is not allowed here".into(),
-            }),
+            Expr::List(items, _) => items
+                .iter()
+                .map(|e| self.eval(e))
+                .collect::<Result<_, _>>()
+                .map(Value::List),
         }
     }
 
@@ -681,6 +702,13 @@ impl Env<'_> {
                 let (x, y) = (self.eval(a)?, self.eval(b)?);
                 let eq = x == y;
                 Ok(Value::Bool(if op == BinOp::Eq { eq } else { !eq }))
+            }
+            BinOp::In => {
+                let x = self.eval(a)?;
+                match self.eval(b)? {
+                    Value::List(items) => Ok(Value::Bool(items.contains(&x))),
+                    other => Err(self.wrong_type(b, "a list after `in`", &other)),
+                }
             }
             _ => {
                 let (x, y) = (self.int(a)?, self.int(b)?);

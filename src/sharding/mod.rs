@@ -23,7 +23,6 @@ mod parse;
 mod pattern;
 pub mod registry;
 mod resolve;
-pub mod vllm;
 
 /// One piece of a rank-local tensor.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -276,6 +275,12 @@ impl Spec {
             source: Arc::from(source),
             shipped: false,
         })
+    }
+
+    /// Whether the spec is embedded in the binary (its vLLM name map is too), not read from
+    /// a path.
+    pub fn is_shipped(&self) -> bool {
+        self.shipped
     }
 
     /// Names of the shipped specs, in name order (one per `shard-specs/NAME.shard`; see

@@ -4,7 +4,7 @@
 //! `kind`) or a rule: `PATTERN ACTION [CLAUSE ...]`. Errors say `origin:line:col: message`,
 //! then show the line and a caret under the column.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::expr::{Arg, Expr, Parser, Tok};
 use super::pattern::Pattern;
@@ -319,7 +319,38 @@ pub(crate) fn parse(source: &str, origin: &str) -> Result<SpecDef> {
             def.rules.push(rule);
         }
     }
+    // A condition reads the captures directly (`if layer < 3`) or through `let`s
+    // (`let sparse = layer % 2 == 0` ... `if sparse`); `let`s may follow the rules.
+    for rule in &mut def.rules {
+        if let Some(c) = &rule.cond {
+            rule.cond_uses_captures = reads(c, &rule.pattern.captures, &def.lets);
+        }
+    }
     Ok(def)
+}
+
+/// Whether `e` reads one of `names`, directly or through the `let`s it uses. Iterative over
+/// `let`s (a chain may be thousands long); each expression is at most `MAX_DEPTH` deep.
+fn reads(e: &Expr, names: &[String], lets: &HashMap<String, (Expr, usize)>) -> bool {
+    let mut todo: Vec<&Expr> = vec![e];
+    let mut seen: HashSet<&str> = HashSet::new();
+    while let Some(x) = todo.pop() {
+        let hit = x.any_ident(&mut |id| {
+            if names.iter().any(|n| n == id) {
+                return true;
+            }
+            if let Some((k, (def, _))) = lets.get_key_value(id) {
+                if seen.insert(k.as_str()) {
+                    todo.push(def);
+                }
+            }
+            false
+        });
+        if hit {
+            return true;
+        }
+    }
+    false
 }
 
 fn strip_comment(line: &str) -> &str {
@@ -560,7 +591,6 @@ fn rule(
                     return Err(ctx.err(col, "a rule has at most one `if`"));
                 }
                 let c = p.expr().map_err(e)?;
-                rule.cond_uses_captures = c.mentions(&rule.pattern.captures);
                 rule.cond = Some(c);
             }
             "stage" | "experts" | "kind" => {

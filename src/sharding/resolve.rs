@@ -306,9 +306,11 @@ pub(crate) fn resolve_tensors(
         if hits[ri] > 0 || rule.optional || missing.explained(ri) {
             continue;
         }
-        // A rule switched off by its condition is not a mistake.
+        // A rule switched off by its condition is not a mistake (one that reads `layer`:
+        // off in every layer, e.g. the dense MLP of a model without dense layers).
         let off = match (&rule.cond, rule.cond_uses_captures) {
             (Some(c), false) => conds[ri].or_else(|| r.eval_bool(rule, c, &[]).ok()) == Some(false),
+            (Some(_), true) => super::complete::off_in_every_layer(&r, rule, n_layers),
             _ => false,
         };
         if !off {
@@ -391,7 +393,7 @@ pub(super) struct Resolver<'a> {
     topo: &'a Topology,
     builtins: [(&'static str, i64); 4],
     has: &'a dyn Fn(&str) -> bool,
-    memo: &'a RefCell<HashMap<String, Option<Value>>>,
+    memo: &'a RefCell<HashMap<String, Value>>,
 }
 
 fn cdiv(a: u64, b: u64) -> u64 {
@@ -409,6 +411,7 @@ impl Resolver<'_> {
             memo: self.memo,
             depth: Cell::new(0),
             stack: RefCell::new(Vec::new()),
+            read_capture: Cell::new(false),
         }
     }
 

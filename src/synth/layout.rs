@@ -206,11 +206,11 @@ fn template(text: &str, origin: &str) -> Result<Vec<Piece>> {
     Ok(out)
 }
 
-fn items(raw: Vec<RawItem>, origin: &str, vars: &mut Vec<String>) -> Result<Vec<Item>> {
-    raw.into_iter().map(|r| item(r, origin, vars)).collect()
+fn items(raw: Vec<RawItem>, origin: &str) -> Result<Vec<Item>> {
+    raw.into_iter().map(|r| item(r, origin)).collect()
 }
 
-fn item(r: RawItem, origin: &str, vars: &mut Vec<String>) -> Result<Item> {
+fn item(r: RawItem, origin: &str) -> Result<Item> {
     let cond_of = |at: &str| r.cond.as_ref().map(|c| expr(c, origin, at)).transpose();
     let need = |v: Option<Json>, at: &str, key: &str| {
         v.ok_or_else(|| bad(origin, format!("{at}: needs `{key}`")))
@@ -273,12 +273,11 @@ fn item(r: RawItem, origin: &str, vars: &mut Vec<String>) -> Result<Item> {
                 &format!("{at} count"),
             )?;
             let cond = cond_of(&at)?;
-            vars.push(var.clone());
             let inner = r
                 .tensors
                 .ok_or_else(|| bad(origin, format!("{at}: needs `tensors`")))?;
             Ok(Item::Loop {
-                items: items(inner, origin, vars)?,
+                items: items(inner, origin)?,
                 var,
                 count,
                 cond,
@@ -297,18 +296,11 @@ impl Layout {
     pub(crate) fn parse(source: &str, origin: &str) -> Result<Layout> {
         let raw: RawLayout = serde_json::from_str(source)
             .map_err(|e| bad(origin, format!("line {}: {e}", e.line())))?;
-        let mut vars = Vec::new();
-        let items = items(raw.tensors, origin, &mut vars)?;
+        let items = items(raw.tensors, origin)?;
         let mut lets = HashMap::new();
         for (i, (name, v)) in raw.lets.iter().enumerate() {
+            // A `let` may read loop variables (`layer`): it is then evaluated per use.
             let e = expr(v, origin, &format!("let `{name}`"))?;
-            // `let`s are evaluated once per listing, so they cannot read loop variables.
-            if e.mentions(&vars) {
-                return Err(bad(
-                    origin,
-                    format!("let `{name}` uses a loop variable ({})", vars.join(", ")),
-                ));
-            }
             lets.insert(name.clone(), (e, i + 1));
         }
         let mut presets = Vec::new();
@@ -432,7 +424,7 @@ enum Quant {
 struct Lister<'a> {
     layout: &'a Layout,
     cfg: &'a serde_json::Map<String, Json>,
-    memo: &'a RefCell<HashMap<String, Option<Value>>>,
+    memo: &'a RefCell<HashMap<String, Value>>,
     dtype: Dtype,
     quant: Quant,
     vars: Vec<(String, u64)>,
@@ -450,6 +442,7 @@ impl Lister<'_> {
             memo: self.memo,
             depth: Cell::new(0),
             stack: RefCell::new(Vec::new()),
+            read_capture: Cell::new(false),
         }
     }
 

@@ -113,6 +113,59 @@ fn views_and_single_rank_output() {
 }
 
 #[test]
+fn the_json_says_what_the_engine_chose() {
+    let opts = SynthOptions::preset("llama-tiny").unwrap();
+    let dir = common::write_preset(&opts);
+    let keys = ["pread", "mmap", "direct"];
+    for io in ["pread", "mmap", "direct", "auto"] {
+        let o = load(
+            dir.path(),
+            &[
+                "--tp",
+                "2",
+                "--rank",
+                "1",
+                "--json",
+                "--io",
+                io,
+                "--threads",
+                "3",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{io}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v = &json_lines(&o)[0];
+        assert_eq!(v["io"], io);
+        assert_eq!(v["threads"], 3, "{io}: {v}");
+        let by: Vec<u64> = keys
+            .iter()
+            .map(|k| v["io_bytes"][k].as_u64().unwrap())
+            .collect();
+        let total: u64 = by.iter().sum();
+        // Every copied byte is counted once, on one path; the rank's bytes also hold
+        // vocab padding, which is zero-filled, not read.
+        assert!(
+            total > 0 && total <= v["bytes"].as_u64().unwrap(),
+            "{io}: {v}"
+        );
+        if io == "auto" {
+            assert!(keys.contains(&v["io_chosen"].as_str().unwrap()), "{v}");
+        } else {
+            // A forced engine reads everything its own way.
+            assert_eq!(v["io_chosen"], io, "{v}");
+            let i = keys.iter().position(|k| *k == io).unwrap();
+            assert_eq!(by[i], total, "{io}: {v}");
+        }
+    }
+    let o = load(dir.path(), &["--tp", "2", "--rank", "1", "--threads", "3"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(" on 3 threads)"), "{text}");
+}
+
+#[test]
 fn usage_errors_exit_2() {
     let opts = SynthOptions::preset("llama-tiny").unwrap();
     let dir = common::write_preset(&opts);

@@ -23,6 +23,7 @@ mod robustness_cli;
 mod robustness_fuzz;
 mod robustness_limits;
 mod robustness_spec_fuzz;
+mod slice_requests;
 mod spec_cli;
 mod spec_parse;
 mod spec_props;

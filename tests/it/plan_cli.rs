@@ -285,6 +285,40 @@ fn incomplete_checkpoints_are_refused() {
         1,
         &["\"model.layers.0.mlp.gate_proj.weight\""],
     );
+    // Issue 18: Qwen2-MoE with a dense layer (3 layers, decoder_sparse_step 1,
+    // mlp_only_layers [1]) plans; its dense layer without its MLP does not.
+    stdout_ok(&plan(
+        write_without("qwen2-moe-dense-tiny", &|_| false).path(),
+        &["--tp", "2", "--pp", "2"],
+    ));
+    let no_dense = write_without("qwen2-moe-dense-tiny", &|n| {
+        n.starts_with("model.layers.1.mlp.")
+    });
+    expect_error(
+        &plan(no_dense.path(), &["--tp", "2"]),
+        1,
+        &["3 tensor(s) it needs are missing: \"model.layers.1.mlp.gate_proj.weight\", \"model.layers.1.mlp.up_proj.weight\", \"model.layers.1.mlp.down_proj.weight\" "],
+    );
+    // DeepSeek-V2 layout with first_k_dense_replace 1 and moe_layer_freq 2: layer 3 is dense.
+    stdout_ok(&plan(
+        write_without("deepseek-v2-tiny", &|_| false).path(),
+        &["--tp", "4", "--pp", "2"],
+    ));
+    let no_dense = write_without("deepseek-v2-tiny", &|n| {
+        n.starts_with("model.layers.3.mlp.")
+    });
+    expect_error(
+        &plan(no_dense.path(), &["--tp", "2"]),
+        1,
+        &["\"model.layers.3.mlp.gate_proj.weight\""],
+    );
+    // Issue 18 item 4c: an expert missing from every layer (Mixtral expert 5).
+    let no_expert = write_without("mixtral-tiny", &|n| n.contains(".experts.5."));
+    expect_error(
+        &plan(no_expert.path(), &["--tp", "2"]),
+        1,
+        &["6 tensor(s) it needs are missing: \"model.layers.0.block_sparse_moe.experts.5.w1.weight\""],
+    );
     // Many missing: ten names, then the count of the rest.
     let many = write_without("llama-tiny", &|n| {
         n.starts_with("model.layers.") && !n.starts_with("model.layers.0.")

@@ -656,3 +656,99 @@ fn incomplete_checkpoints_are_refused_naming_what_is_missing() {
     assert!(e.contains(" and 101 more "), "{e}");
     assert_eq!(e.matches("\"m.").count(), 10, "{e}");
 }
+
+/// Issue 18 item 1: which layers a rule covers comes from config values through a condition
+/// that reads `layer` (here through a `let`, with `in` over a config list and `%`), and
+/// completeness follows those layer kinds: a dense layer needs its MLP, a sparse layer every
+/// expert, and an expert missing from every layer is named (item 4c).
+#[test]
+fn layer_kinds_from_config_values_decide_completeness() {
+    let src = "layers num_hidden_layers\n\
+        let sparse = !(layer in (mlp_only_layers ?? [])) && (layer + 1) % (step ?? 1) == 0\n\
+        m.{layer}.attn.w  split(dim=0)\n\
+        m.{layer}.experts.{expert}.w  split(dim=0) experts(count=n_experts) if sparse\n\
+        m.{layer}.mlp.w  split(dim=0) if !sparse\n";
+    // 4 layers, experts 0..3; layer 1 dense by the list.
+    let cfg = json!({"num_hidden_layers": 4, "n_experts": 3, "mlp_only_layers": [1], "step": 1});
+    let names = |sparse: &[u64], dense: &[u64], experts: &[u64]| -> Vec<(String, Vec<u64>)> {
+        let mut v: Vec<(String, Vec<u64>)> =
+            (0..4).map(|l| (format!("m.{l}.attn.w"), vec![4])).collect();
+        for &l in sparse {
+            for &e in experts {
+                v.push((format!("m.{l}.experts.{e}.w"), vec![4]));
+            }
+        }
+        for &l in dense {
+            v.push((format!("m.{l}.mlp.w"), vec![4]));
+        }
+        v
+    };
+    let resolve = |t: &[(String, Vec<u64>)], cfg: &serde_json::Value| {
+        let t: Vec<(&str, &[u64])> = t.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        run(src, &t, cfg.clone(), topo(2, 2))
+    };
+    // Complete, no warnings; the dense layer's MLP is split like any other rule.
+    let r = resolve(&names(&[0, 2, 3], &[1], &[0, 1, 2]), &cfg).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // A dense layer missing its MLP is refused (its experts are no substitute).
+    let e = resolve(&names(&[0, 2, 3], &[], &[0, 1, 2]), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(": 1 tensor(s) it needs are missing: \"m.1.mlp.w\" "),
+        "{e}"
+    );
+    // A sparse layer missing its experts is refused.
+    let e = resolve(&names(&[0, 3], &[1], &[0, 1, 2]), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(": 3 tensor(s) it needs are missing: \"m.2.experts.0.w\", \"m.2.experts.1.w\", \"m.2.experts.2.w\" "),
+        "{e}"
+    );
+    // An expert missing from every layer is named in each sparse layer.
+    let e = resolve(&names(&[0, 2, 3], &[1], &[0, 2]), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(": 3 tensor(s) it needs are missing: \"m.0.experts.1.w\", \"m.2.experts.1.w\", \"m.3.experts.1.w\" "),
+        "{e}"
+    );
+    // decoder_sparse_step 2 with no list: layers 1 and 3 sparse, 0 and 2 dense.
+    let step2 = json!({"num_hidden_layers": 4, "n_experts": 3, "step": 2});
+    let r = resolve(&names(&[1, 3], &[0, 2], &[0, 1, 2]), &step2).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // Without dense layers the dense rule is off everywhere: no warning.
+    let all = json!({"num_hidden_layers": 4, "n_experts": 3});
+    let r = resolve(&names(&[0, 1, 2, 3], &[], &[0, 1, 2]), &all).unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // `in` needs a list: a config value of another type is named.
+    let bad = json!({"num_hidden_layers": 4, "n_experts": 3, "mlp_only_layers": 1});
+    let e = resolve(&names(&[0, 1, 2, 3], &[], &[0, 1, 2]), &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "expected a list after `in`, got the integer 1 from config key `mlp_only_layers`"
+        ),
+        "{e}"
+    );
+}
+
+/// An expert count from input far beyond any checkpoint (spec_props found i64::MAX
+/// overflowing a list of the experts to check) is refused as incomplete, within the check
+/// budget, not a panic.
+#[test]
+fn a_huge_expert_count_is_bounded() {
+    let src = "layers 2\nmodel.layers.{layer}.mlp.experts.{expert}.w1.weight  replicate experts(count=9223372036854775807)\n";
+    let e = run(
+        src,
+        &[("model.layers.0.mlp.experts.0.w1.weight", &[2])],
+        json!({}),
+        topo(1, 1),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tensor(s) it needs are missing"), "{e}");
+    assert!(e.contains(" and at least "), "{e}");
+}

@@ -250,6 +250,31 @@ fn family_names() {
     ] {
         assert!(has(&q, n), "{n}");
     }
+    // Dense layers from the config (issue 18): Qwen2-MoE's mlp_only_layers [1], DeepSeek's
+    // first_k_dense_replace 1 and moe_layer_freq 2 (layers 0, 1, 3 dense, 2 MoE).
+    let q = names("qwen2-moe-dense-tiny");
+    assert!(has(&q, "model.layers.1.mlp.down_proj.weight"));
+    assert!(!has(&q, "model.layers.1.mlp.gate.weight"));
+    assert!(!has(&q, "model.layers.1.mlp.experts.0.up_proj.weight"));
+    assert!(has(&q, "model.layers.2.mlp.experts.11.up_proj.weight"));
+    assert!(!has(&q, "model.layers.2.mlp.down_proj.weight"));
+    let d = names("deepseek-v2-tiny");
+    for l in [0, 1, 3] {
+        assert!(
+            has(&d, &format!("model.layers.{l}.mlp.gate_proj.weight")),
+            "{l}"
+        );
+        assert!(
+            !has(&d, &format!("model.layers.{l}.mlp.gate.weight")),
+            "{l}"
+        );
+    }
+    assert!(has(&d, "model.layers.2.mlp.experts.7.down_proj.weight"));
+    assert!(
+        has(&d, "model.layers.2.self_attn.q_proj.weight"),
+        "no q_lora_rank"
+    );
+    assert!(!has(&d, "model.layers.2.mlp.gate.e_score_correction_bias"));
     let q = names("llama-tiny-gptq");
     for n in ["qweight", "qzeros", "scales", "g_idx"] {
         assert!(has(&q, &format!("model.layers.1.mlp.down_proj.{n}")), "{n}");

@@ -233,9 +233,8 @@ fn every_load_path_agrees(preset: &str) {
     // A caller's buffer, finished by the job (buffers, transposes).
     for (r, mine) in local.iter().enumerate() {
         let mut buf = vec![0xa5u8; job.plan.ranks[r].arena_bytes as usize];
-        safeshard::load::load_rank_into_buffer(&job.plan, r, &LoadOptions::default(), &mut buf)
+        job.load_rank_into_buffer(r, &LoadOptions::default(), &mut buf)
             .unwrap();
-        job.finish_buffer(r, &mut buf).unwrap();
         for (t, plan) in mine.iter().zip(mine.plans()) {
             let at = plan.offset as usize;
             assert!(
@@ -605,4 +604,402 @@ fn vllm_names_cost() {
             );
         }
     }
+}
+
+#[test]
+fn a_finished_rank_is_never_finished_again() {
+    let dir = common::write_preset(&SynthOptions::preset("gpt2-tiny").unwrap());
+    let src = stored(dir.path());
+    let job = vllm_job(dir.path(), Topology::new(2, 1, 1, 1).unwrap());
+    // c_attn.weight is Conv1D [in 64, out 3 * 64]; vLLM holds rank r's columns transposed.
+    let w = &src["h.0.attn.c_attn.weight"];
+    let e = elem(&w.0);
+    let want = |r: usize| {
+        let mut want = Vec::new();
+        for j in 0..96usize {
+            let col = (j / 32) * 64 + r * 32 + j % 32;
+            for i in 0..64usize {
+                let at = (i * 192 + col) * e;
+                want.extend_from_slice(&w.2[at..at + e]);
+            }
+        }
+        want
+    };
+    let name = "transformer.h.0.attn.c_attn.weight";
+    for r in 0..2 {
+        // Through the lower layer: loaded as stored, finished by the job once.
+        let mut raw = safeshard::load::load_rank(&job.plan, r, &LoadOptions::default()).unwrap();
+        assert!(!raw.is_finished());
+        assert!(
+            tensor(&raw, name).2 != want(r),
+            "rank {r}: not transposed yet"
+        );
+        job.finish(&mut raw).unwrap();
+        assert!(raw.is_finished());
+        assert!(tensor(&raw, name).2 == want(r), "rank {r}: transposed once");
+        job.finish(&mut raw).unwrap();
+        assert!(
+            tensor(&raw, name).2 == want(r),
+            "rank {r}: a second finish changes nothing"
+        );
+        // Every Job load is finished already.
+        let mut loaded = job.load_rank(r, &LoadOptions::default()).unwrap();
+        assert!(loaded.is_finished());
+        job.finish(&mut loaded).unwrap();
+        assert!(
+            tensor(&loaded, name).2 == want(r),
+            "rank {r}: load_rank then finish"
+        );
+        let opts = ShareOptions::default();
+        for mut shared in run_threads(job.world(), |comm| job.load_shared(comm, &opts)) {
+            let shared = shared.as_mut().unwrap();
+            job.finish(shared).unwrap();
+            let sr = shared.coords().rank;
+            assert!(tensor(shared, name).2 == want(sr), "shared rank {sr}");
+        }
+    }
+    // A rank of another plan (checkpoint names) is refused, not transposed.
+    let plain = Job::builder(dir.path())
+        .topology(Topology::new(2, 1, 1, 1).unwrap())
+        .open()
+        .unwrap();
+    let mut other = safeshard::load::load_rank(&plain.plan, 0, &LoadOptions::default()).unwrap();
+    let e = job.finish(&mut other).unwrap_err().to_string();
+    assert!(e.contains("rank 0") && e.contains("not this plan's"), "{e}");
+}
+
+/// A tied Llama checkpoint that also stores `lm_head.weight` (its own file, listed in the
+/// index): `head(embedding bytes)` gives the head's bytes. Returns the embedding and head as
+/// stored (dtype, shape, bytes).
+type Stored = (String, Vec<u64>, Vec<u8>);
+
+fn store_head(dir: &Path, head: impl Fn(&[u8]) -> Vec<u8>) -> (Stored, Stored) {
+    let emb = stored(dir)["model.embed_tokens.weight"].clone();
+    let bytes = head(&emb.2);
+    let header = serde_json::json!({
+        "__metadata__": {"format": "pt"},
+        "lm_head.weight": {"dtype": emb.0, "shape": emb.1, "data_offsets": [0, bytes.len()]},
+    });
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    file.extend_from_slice(&bytes);
+    std::fs::write(dir.join("lm_head.safetensors"), file).unwrap();
+    let index_path = dir.join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["weight_map"]["lm_head.weight"] = "lm_head.safetensors".into();
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let head = (emb.0.clone(), emb.1.clone(), bytes);
+    (emb, head)
+}
+
+/// Rewrites the stored embedding's bytes in place (same length).
+fn rewrite_embedding(dir: &Path, f: impl Fn(&mut [u8])) {
+    for path in common::safetensors_files(dir) {
+        let (_, tensors, _) = common::read_file(&path);
+        if let Some(t) = tensors
+            .iter()
+            .find(|t| t.name == "model.embed_tokens.weight")
+        {
+            let mut bytes = std::fs::read(&path).unwrap();
+            f(&mut bytes[t.begin as usize..t.end as usize]);
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+}
+
+fn is_bf16_nan(b: &[u8]) -> bool {
+    let v = u16::from_le_bytes([b[0], b[1]]);
+    v & 0x7f80 == 0x7f80 && v & 0x007f != 0
+}
+
+/// Rank `r`'s vocab rows of a stored `[vocab, hidden]` tensor as vLLM pads them: the vocab
+/// padded to a multiple of 64, split evenly over `tp`, rows past the vocab zero.
+fn vocab_shard(t: &Stored, tp: usize, r: usize) -> Vec<u8> {
+    let (vocab, row) = (t.1[0] as usize, t.1[1] as usize * elem(&t.0));
+    let per = vocab.div_ceil(64) * 64 / tp;
+    let mut out = vec![0u8; per * row];
+    let (lo, hi) = ((r * per).min(vocab), ((r + 1) * per).min(vocab));
+    out[..(hi - lo) * row].copy_from_slice(&t.2[lo * row..hi * row]);
+    out
+}
+
+/// `(load path, rank, tensor bytes by name, aliases)`.
+type Check<'a> = &'a dyn Fn(&str, usize, &dyn Fn(&str) -> Option<Vec<u8>>, &[(String, String)]);
+
+/// Every load path of a vLLM-named job, rank by rank: `load_rank`, views, a caller's buffer,
+/// the two share modes, and a scattered load with the head (or the embedding) in a caller
+/// buffer; `check(rank, name -> bytes, aliases)` sees each.
+fn every_vllm_load(job: &Job, check: Check<'_>) {
+    for r in 0..job.world() {
+        let loaded = job.load_rank(r, &LoadOptions::default()).unwrap();
+        check(
+            "load_rank",
+            r,
+            &|n| loaded.get(n).map(|t| t.data.to_vec()),
+            loaded.aliases(),
+        );
+        let opts = LoadOptions {
+            views: true,
+            ..LoadOptions::default()
+        };
+        // SAFETY: nothing writes the checkpoint while the views live.
+        let viewed = unsafe { job.load_rank_views(r, &opts) }.unwrap();
+        check(
+            "views",
+            r,
+            &|n| viewed.get(n).map(|t| t.data.to_vec()),
+            viewed.aliases(),
+        );
+        let mut buf = vec![0xa5u8; job.plan.ranks[r].arena_bytes as usize];
+        let b = job
+            .load_rank_into_buffer(r, &LoadOptions::default(), &mut buf)
+            .unwrap();
+        let get = |n: &str| {
+            let t = b.tensors.iter().find(|t| t.name == n)?;
+            Some(buf[t.offset as usize..(t.offset + t.bytes) as usize].to_vec())
+        };
+        check("buffer", r, &get, &b.aliases);
+        for into_name in ["lm_head.weight", "model.embed_tokens.weight"] {
+            let Some(t) = job.plan.ranks[r]
+                .tensors
+                .iter()
+                .find(|t| t.name == into_name)
+            else {
+                continue;
+            };
+            let mut mine = vec![0x5au8; t.bytes as usize];
+            let mut into = [(into_name, &mut mine[..])];
+            let s = job
+                .load_rank_scattered(r, &LoadOptions::default(), &mut into)
+                .unwrap();
+            let held = |n: &str| s.get(n).map(|t| t.data.to_vec());
+            // A tensor in the caller's buffer is not held; a name the rank keeps is there.
+            let get = |n: &str| {
+                if n == into_name && !s.aliases().iter().any(|(a, _)| a == n) {
+                    return Some(mine.clone());
+                }
+                held(n)
+            };
+            check(&format!("scattered into {into_name}"), r, &get, s.aliases());
+        }
+    }
+    for mode in [ShareMode::Broadcast, ShareMode::ReadOnce] {
+        let opts = ShareOptions {
+            mode,
+            ..ShareOptions::default()
+        };
+        for shared in run_threads(job.world(), |comm| job.load_shared(comm, &opts)) {
+            let shared = shared.unwrap();
+            let r = shared.coords().rank;
+            let get = |n: &str| shared.get(n).map(|t| t.data.to_vec());
+            check(&format!("{mode:?}"), r, &get, shared.aliases());
+        }
+    }
+}
+
+#[test]
+fn a_stored_head_equal_to_the_embedding_is_retied_on_every_rank() {
+    let dir = common::write_preset(&SynthOptions::preset("llama-tiny-tied").unwrap());
+    // No NaN (vLLM's torch.equal never equals a NaN), and zeros whose sign the head flips:
+    // -0 equals +0, so vLLM still re-ties, and the tied head is the embedding's storage.
+    rewrite_embedding(dir.path(), |b| {
+        for (k, x) in b.chunks_exact_mut(2).enumerate() {
+            if is_bf16_nan(x) || k % 7 == 0 {
+                x.copy_from_slice(&[0, 0]);
+            }
+        }
+    });
+    let (emb, head) = store_head(dir.path(), |e| {
+        let mut h = e.to_vec();
+        for x in h.chunks_exact_mut(2) {
+            if x == [0, 0] {
+                x.copy_from_slice(&[0, 0x80]);
+            }
+        }
+        h
+    });
+    assert!(emb.2 != head.2, "the head differs in bytes (signed zeros)");
+    for tp in [1, 2, 4, 8] {
+        let job = vllm_job(dir.path(), Topology::new(tp, 1, 1, 1).unwrap());
+        every_vllm_load(&job, &|path, r, get, aliases| {
+            let got = get("lm_head.weight").unwrap_or_else(|| panic!("{path} tp {tp} rank {r}"));
+            assert!(
+                got == vocab_shard(&emb, tp, r),
+                "{path} tp {tp} rank {r}: the head holds the embedding's bytes"
+            );
+            assert!(
+                get("model.embed_tokens.weight").is_none(),
+                "{path} tp {tp} rank {r}"
+            );
+            assert_eq!(
+                aliases,
+                [(
+                    "model.embed_tokens.weight".to_string(),
+                    "lm_head.weight".to_string()
+                )],
+                "{path} tp {tp} rank {r}"
+            );
+        });
+    }
+}
+
+#[test]
+fn a_stored_head_is_kept_apart_where_vllm_sees_a_difference_or_a_nan() {
+    // The synthetic embedding holds NaNs: an exact byte copy is still not equal for
+    // torch.equal, so vLLM keeps the stored head; so must every load path.
+    let dir = common::write_preset(&SynthOptions::preset("llama-tiny-tied").unwrap());
+    let (emb, head) = store_head(dir.path(), |e| e.to_vec());
+    assert!(
+        emb.2.chunks_exact(2).any(is_bf16_nan),
+        "the preset's embedding holds a NaN"
+    );
+    for tp in [1, 2] {
+        let job = vllm_job(dir.path(), Topology::new(tp, 1, 1, 1).unwrap());
+        every_vllm_load(&job, &|path, r, get, aliases| {
+            assert!(
+                get("lm_head.weight") == Some(vocab_shard(&head, tp, r)),
+                "{path} tp {tp} rank {r}"
+            );
+            assert!(
+                get("model.embed_tokens.weight") == Some(vocab_shard(&emb, tp, r)),
+                "{path} tp {tp} rank {r}"
+            );
+            assert!(aliases.is_empty(), "{path} tp {tp} rank {r}: {aliases:?}");
+        });
+    }
+}
+
+#[test]
+fn ranks_whose_vocab_rows_are_all_padding_retie_even_when_the_head_differs() {
+    // Vocab 65, padded to 128 rows: at tp 4 rank 3 (rows 96..128), at tp 8 ranks 5-7 hold
+    // only padding, zeros in both tensors, so vLLM re-ties there; the others keep the head.
+    let mut opts = SynthOptions::preset("llama-tiny-tied").unwrap();
+    opts.config["vocab_size"] = 65.into();
+    let dir = common::write_preset(&opts);
+    let (emb, head) = store_head(dir.path(), |e| {
+        e.chunks_exact(2)
+            .flat_map(|x| [x[0], x[1] ^ 0x80]) // every value negated
+            .collect()
+    });
+    for (tp, padding_only) in [(4, vec![3]), (8, vec![5, 6, 7])] {
+        let job = vllm_job(dir.path(), Topology::new(tp, 1, 1, 1).unwrap());
+        every_vllm_load(&job, &|path, r, get, aliases| {
+            let at = format!("{path} tp {tp} rank {r}");
+            if padding_only.contains(&r) {
+                let zeros = vocab_shard(&emb, tp, r);
+                assert!(zeros.iter().all(|&b| b == 0), "{at}");
+                assert!(get("lm_head.weight") == Some(zeros), "{at}");
+                assert!(get("model.embed_tokens.weight").is_none(), "{at}");
+                assert_eq!(aliases.len(), 1, "{at}");
+            } else {
+                assert!(
+                    get("lm_head.weight") == Some(vocab_shard(&head, tp, r)),
+                    "{at}"
+                );
+                assert!(
+                    get("model.embed_tokens.weight") == Some(vocab_shard(&emb, tp, r)),
+                    "{at}"
+                );
+                assert!(aliases.is_empty(), "{at}: {aliases:?}");
+            }
+        });
+    }
+}
+
+/// Tensor names and bytes of every part file of `out` for one TP-only rank.
+fn written_rank(out: &Path, tp_rank: usize) -> HashMap<String, Vec<u8>> {
+    let mut got = HashMap::new();
+    for f in common::safetensors_files(out) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with(&format!("model-rank-{tp_rank}-part-")) {
+            continue;
+        }
+        let bytes = std::fs::read(&f).unwrap();
+        for t in common::read_file(&f).1 {
+            got.insert(t.name, bytes[t.begin as usize..t.end as usize].to_vec());
+        }
+    }
+    got
+}
+
+#[test]
+fn reshard_format_vllm_writes_retied_heads_as_vllm_sharded_state_loads_them() {
+    let config = |out: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap()
+    };
+    // Every rank re-ties: the config stays tied (vLLM's sharded_state loader builds every
+    // rank tied) and each rank holds the head's name only, with the embedding's bytes.
+    let dir = common::write_preset(&SynthOptions::preset("llama-tiny-tied").unwrap());
+    rewrite_embedding(dir.path(), |b| {
+        for x in b.chunks_exact_mut(2) {
+            if is_bf16_nan(x) {
+                x.copy_from_slice(&[0, 0]);
+            }
+        }
+    });
+    let (emb, _) = store_head(dir.path(), |e| e.to_vec());
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("copy");
+    let args = |o: &Path, tp: &str| {
+        let (d, o) = (
+            dir.path().to_str().unwrap().to_string(),
+            o.to_str().unwrap().to_string(),
+        );
+        [
+            "reshard".into(),
+            d,
+            "--format".into(),
+            "vllm".into(),
+            "--tp".into(),
+            tp.into(),
+            "--out".into(),
+            o,
+        ]
+    };
+    let a = args(&o, "2");
+    safeshard_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(config(&o)["tie_word_embeddings"], true);
+    for r in 0..2 {
+        let got = written_rank(&o, r);
+        assert!(got["lm_head.weight"] == vocab_shard(&emb, 2, r), "rank {r}");
+        assert!(!got.contains_key("model.embed_tokens.weight"), "rank {r}");
+    }
+    // Only the padding rank of a vocab-65 model re-ties: no config says that to vLLM's
+    // sharded_state loader, so the config says untied and every rank holds both names
+    // (the re-tied rank's head with the embedding's bytes), as the loader needs.
+    let mut opts = SynthOptions::preset("llama-tiny-tied").unwrap();
+    opts.config["vocab_size"] = 65.into();
+    let dir = common::write_preset(&opts);
+    let (emb, head) = store_head(dir.path(), |e| {
+        e.chunks_exact(2)
+            .flat_map(|x| [x[0], x[1] ^ 0x80])
+            .collect()
+    });
+    let o = out.path().join("mixed");
+    let (d, os) = (dir.path().to_str().unwrap(), o.to_str().unwrap());
+    safeshard_ok(&["reshard", d, "--format", "vllm", "--tp", "4", "--out", os]);
+    assert_eq!(config(&o)["tie_word_embeddings"], false);
+    for r in 0..4 {
+        let got = written_rank(&o, r);
+        let want_head = if r == 3 {
+            vocab_shard(&emb, 4, r)
+        } else {
+            vocab_shard(&head, 4, r)
+        };
+        assert!(got["lm_head.weight"] == want_head, "rank {r}");
+        assert!(
+            got["model.embed_tokens.weight"] == vocab_shard(&emb, 4, r),
+            "rank {r}"
+        );
+    }
+    let parts: Vec<String> = common::safetensors_files(&o)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(parts.len(), 4, "{parts:?}");
 }

@@ -11,8 +11,10 @@ For one case (checkpoint variant, tp, pp) it
    fused_qkv_a_proj; FusedMoE `w13_*`/`w2_*` stacked over the rank's experts; GPT-2's
    transposed Conv1D weights), and safeshard must hold nothing else.
 
-Driver: `python tests/vllm/differential.py [--case NAME|all] [--list] [--keep DIR]`;
-pytest: `pytest tests/vllm` (SAFESHARD_VLLM_CASES=pattern limits the cases).
+Driver: `python tests/vllm/differential.py [--case NAME|all] [--list] [--keep DIR]`.
+Outcomes are reported apart: `pass`, `both-refuse` (vLLM and safeshard refuse a topology the
+variant says vLLM refuses), `vllm-cpu-unsupported` (a variant vLLM's CPU build cannot build)
+and `fail`, which includes a refusal the variant does not expect.
 """
 
 from __future__ import annotations
@@ -47,8 +49,13 @@ class Variant:
     name: str
     preset: str
     edit: str | None = None
-    # tp values vLLM itself refuses for this model (heads not divisible): both must refuse.
+    # Largest tp in the matrix (gpt2-tiny's 4 heads: vLLM refuses tp 8 before loading).
     max_tp: int = 8
+    # "tpN-ppM" globs where vLLM refuses the model (a split it does not accept): there both
+    # must refuse, and a refusal anywhere else is a failure.
+    refuses: tuple[str, ...] = ()
+    # vLLM's CPU build cannot construct the model (FP8 block quantization): not comparable.
+    cpu_unsupported: bool = False
 
 
 VARIANTS = [
@@ -58,6 +65,13 @@ VARIANTS = [
     # (vLLM re-ties) or different from it (vLLM loads it as the head).
     Variant("llama-tied-head-equal", "llama-tiny-tied", edit="head-equal"),
     Variant("llama-tied-head-differs", "llama-tiny-tied", edit="head-differs"),
+    # vLLM re-ties a stored head per rank where it equals the embedding (torch.equal over the
+    # rank's rows, padding included): an exact copy of a NaN-free embedding re-ties on every
+    # rank; with vocab 65 (padded to 128) ranks holding only padding re-tie even though the
+    # head differs (tp 4: rank 3, tp 8: ranks 5-7). The head-equal copy above holds NaNs, so
+    # vLLM never re-ties it.
+    Variant("llama-tied-head-copy", "llama-tiny-tied", edit="finite,head-equal"),
+    Variant("llama-tied-v65-head-differs", "llama-tiny-tied", edit="vocab65,head-differs"),
     Variant("mistral", "mistral-tiny"),
     Variant("qwen2", "qwen2-tiny"),
     Variant("qwen2-untied", "qwen2-tiny-untied"),
@@ -66,12 +80,22 @@ VARIANTS = [
     Variant("mixtral", "mixtral-tiny"),
     Variant("mixtral-tied", "mixtral-tiny-tied"),
     Variant("qwen2-moe", "qwen2-moe-tiny"),
+    # Issue 18: 3 layers, decoder_sparse_step 1, mlp_only_layers [1] (layer 1 dense).
+    Variant("qwen2-moe-dense", "qwen2-moe-dense-tiny"),
     Variant("deepseek-v2", "deepseek-v3-tiny", edit="deepseek-v2"),
-    Variant("deepseek-v3", "deepseek-v3-tiny"),
+    # DeepSeek-V2 without q_lora_rank, first_k_dense_replace 1, moe_layer_freq 2: layers 0,
+    # 1 and 3 dense, 2 MoE.
+    Variant("deepseek-v2-dense", "deepseek-v2-tiny"),
+    Variant("deepseek-v3", "deepseek-v3-tiny", cpu_unsupported=True),
     Variant("gpt2", "gpt2-tiny", max_tp=4),
     Variant("gpt2-head-differs", "gpt2-tiny", edit="head-differs", max_tp=4),
-    Variant("llama-gptq", "llama-tiny-gptq"),
-    Variant("llama-awq", "llama-tiny-awq"),
+    # tp 8: o_proj's and down_proj's input partitions are not whole 32-groups.
+    Variant("llama-gptq", "llama-tiny-gptq", refuses=("tp8-*",)),
+    Variant("llama-awq", "llama-tiny-awq", refuses=("tp8-*",)),
+    Variant("qwen3", "qwen3-tiny"),
+    # 6 layers, decoder_sparse_step 2, mlp_only_layers [3]: layers 1 and 5 MoE. vLLM refuses
+    # a pipeline stage without an MoE layer (pp 2 keeps one in each).
+    Variant("qwen3-moe", "qwen3-moe-tiny"),
 ]
 
 # vLLM errors that mean its CPU build cannot construct the model's layers (e.g. FP8 block
@@ -128,13 +152,42 @@ def make_checkpoint(variant: Variant, root: Path) -> Path:
     return out
 
 
-def edit_checkpoint(ckpt: Path, edit: str) -> None:
+def edit_checkpoint(ckpt: Path, edits: str) -> None:
+    """Applies the comma-separated `edits` in order."""
+    for edit in edits.split(","):
+        edit_once(ckpt, edit)
+
+
+def edit_embedding(ckpt: Path, change) -> None:
+    """Rewrites the file holding `model.embed_tokens.weight` with `change(tensor)` in its place."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.embed_tokens.weight"
+    index_path = ckpt / "model.safetensors.index.json"
+    if index_path.exists():
+        files = [json.loads(index_path.read_text())["weight_map"][name]]
+    else:
+        files = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    for f in files:
+        tensors = load_file(ckpt / f)
+        if name in tensors:
+            tensors[name] = change(tensors[name]).contiguous()
+            save_file(tensors, ckpt / f, metadata={"format": "pt"})
+
+
+def edit_once(ckpt: Path, edit: str) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
     cfg_path = ckpt / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    if edit in ("head-equal", "head-differs"):
+    if edit == "finite":
+        # NaNs (random bits) replaced by zeros: torch.equal never equals a NaN.
+        edit_embedding(ckpt, lambda t: torch.nan_to_num(t, nan=0.0))
+    elif edit == "vocab65":
+        edit_embedding(ckpt, lambda t: t[:65].clone())
+        cfg["vocab_size"] = 65
+    elif edit in ("head-equal", "head-differs"):
         # Add lm_head.weight in a file of its own and list it in the index.
         emb_name = "wte.weight" if cfg["model_type"] == "gpt2" else "model.embed_tokens.weight"
         index_path = ckpt / "model.safetensors.index.json"
@@ -321,13 +374,37 @@ def compare_rank(vdir: Path, sdir: Path, rank: int) -> list[str]:
             problems.append(f"rank {rank}: {key}: shape {tuple(exp.shape)} (safeshard) != {tuple(t.shape)} (vLLM)")
         elif not torch.equal(exp.contiguous().view(torch.uint8), t.contiguous().view(torch.uint8)):
             problems.append(f"rank {rank}: {key}: bytes differ")
+    # A name vLLM ties to another (a stored head it re-tied to the embedding it equals): the
+    # checkpoint-named rank keeps the stored head, which must equal what vLLM holds for both.
+    for alias, holder in sorted(meta["aliases"].items()):
+        if alias in ss and alias not in used and holder in vt:
+            used.add(alias)
+            a, b = ss[alias], vt[holder]
+            same = a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
+            if not (same and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))):
+                problems.append(f"rank {rank}: {alias}: differs from {holder}, which vLLM ties it to")
     for extra in sorted(set(ss) - used):
         problems.append(f"rank {rank}: safeshard holds {extra} {tuple(ss[extra].shape)}, vLLM does not")
     return problems
 
 
+def judge(case: str, status: str, details: list[str]) -> tuple[str, list[str]]:
+    """A refusal counts as its own outcome only where the case's variant expects it; an
+    unexpected one, or an expected one that did not happen, is a failure."""
+    variant, tp, pp = parse_case(case)
+    expected = any(fnmatch.fnmatch(f"tp{tp}-pp{pp}", g) for g in variant.refuses)
+    if status == "both-refuse" and not expected:
+        return "fail", ["both refuse, but vLLM is not expected to refuse this case"] + details
+    if status == "vllm-cpu-unsupported" and not variant.cpu_unsupported:
+        return "fail", ["vLLM's CPU build is not expected to refuse this model"] + details
+    if status == "pass" and (expected or variant.cpu_unsupported):
+        return "fail", ["expected a refusal (see VARIANTS), both loaded"] + details
+    return status, details
+
+
 def run_case(case: str, root: Path) -> tuple[str, list[str]]:
-    """Runs one case; returns ("pass"|"fail"|"both-refuse"|"vllm-cpu-unsupported", details)."""
+    """Runs one case; returns ("pass"|"fail"|"both-refuse"|"vllm-cpu-unsupported", details)
+    before `judge`."""
     variant, tp, pp = parse_case(case)
     ckpt = make_checkpoint(variant, root)
     work = root / "cases" / case
@@ -336,11 +413,11 @@ def run_case(case: str, root: Path) -> tuple[str, list[str]]:
     v = vllm_load(ckpt, vdir, tp, pp)
     s = safeshard_reshard(ckpt, sdir, tp, pp)
     if v.returncode != 0 or s.returncode != 0:
-        if v.returncode != 0 and s.returncode != 0:
-            return "both-refuse", [f"vLLM: {last_error(v.stderr)}", f"safeshard: {s.stderr.strip()}"]
         if v.returncode != 0 and any(p in v.stderr for p in CPU_CANNOT):
             # vLLM's CPU build has no kernel for this quantization: nothing to compare with.
-            return "vllm-cpu-unsupported", [f"vLLM (CPU): {last_error(v.stderr)}"]
+            return "vllm-cpu-unsupported", [f"vLLM (CPU): {last_error(v.stderr)}", f"safeshard: {s.stderr.strip() or 'ok'}"]
+        if v.returncode != 0 and s.returncode != 0:
+            return "both-refuse", [f"vLLM: {last_error(v.stderr)}", f"safeshard: {s.stderr.strip()}"]
         why = []
         if v.returncode != 0:
             why.append(f"vLLM failed, safeshard did not: {last_error(v.stderr)}")
@@ -361,12 +438,24 @@ def last_error(stderr: str) -> str:
     return (errs or lines or ["(no output)"])[-1][:400]
 
 
-def drive(doc: str, every: list[str], run_case, prefix: str, what: str, default: list[str] | None = None) -> int:
+OUTCOMES = ("pass", "both-refuse", "vllm-cpu-unsupported", "fail")
+
+
+def drive(
+    doc: str,
+    every: list[str],
+    run_case,
+    prefix: str,
+    what: str,
+    default: list[str] | None = None,
+    judge=judge,
+) -> int:
     """The command line every vLLM driver shares (this one, sharded_state.py,
     plugin_differential.py): pick cases by comma-separated globs, run each with
-    `run_case(case, root) -> (status, details)`, print one line a case and a summary saying
-    `what` held, optionally write JSON; exit 1 if a case failed, 2 if none matched. `default`
-    is the list `--case '*'` runs when it is not every case."""
+    `run_case(case, root) -> (status, details)` and `judge` (expected refusals), print one line
+    a case and a summary counting each outcome apart (`what` held for the passes),
+    optionally write JSON; exit 1 if a case failed, 2 if none matched. `default` is the list
+    `--case '*'` runs when it is not every case."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--case", default="*", help="case names or globs, comma-separated (see --list); default all")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -385,26 +474,33 @@ def drive(doc: str, every: list[str], run_case, prefix: str, what: str, default:
         print(f"no case matches {a.case!r}", file=sys.stderr)
         return 2
     root = a.keep or Path(tempfile.mkdtemp(prefix=prefix))
-    results, failed = {}, 0
+    results = {}
+    counts = dict.fromkeys(OUTCOMES, 0)
     t0 = time.monotonic()
     for c in names:
         t = time.monotonic()
-        status, details = run_case(c, root)
+        status, details = judge(c, *run_case(c, root))
         dt = time.monotonic() - t
+        if status not in counts:
+            status, details = "fail", [f"unknown outcome {status!r}"] + details
         results[c] = {"status": status, "seconds": round(dt, 1), "details": details[:20], "count": len(details)}
-        failed += status == "fail"
-        print(f"{status:11} {c} ({dt:.0f} s)", flush=True)
+        counts[status] += 1
+        print(f"{status:20} {c} ({dt:.0f} s)", flush=True)
         for line in details[:10]:
             print(f"    {line}", flush=True)
         if len(details) > 10:
             print(f"    ... and {len(details) - 10} more", flush=True)
     total = time.monotonic() - t0
-    print(f"{len(names) - failed}/{len(names)} cases: {what}, in {total:.0f} s")
+    print(
+        f"{len(names)} cases in {total:.0f} s: {counts['pass']} pass ({what}), "
+        f"{counts['both-refuse']} both refuse (expected), "
+        f"{counts['vllm-cpu-unsupported']} vLLM CPU unsupported (expected), {counts['fail']} fail"
+    )
     if a.json:
-        a.json.write_text(json.dumps({"vllm": VLLM_VERSION, "seconds": round(total), "cases": results}, indent=1))
+        a.json.write_text(json.dumps({"vllm": VLLM_VERSION, "seconds": round(total), "counts": counts, "cases": results}, indent=1))
     if not a.keep:
         shutil.rmtree(root, ignore_errors=True)
-    return 1 if failed else 0
+    return 1 if counts["fail"] else 0
 
 
 def main() -> int:

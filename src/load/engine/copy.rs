@@ -11,13 +11,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::budget::Budget;
 use super::direct::{read_direct, BouncePool, DirectFiles, DIRECT_ALIGN};
 use super::mapped::{needs_mapping, Mapped};
-use super::pool::{run_tasks, workers};
+use super::pool::{run_tasks, workers, Progress};
+use super::prefetch::Prefetch;
 use super::tasks::{populate, tasks, Task, TASK_BYTES};
 use super::validate::{ArenaPtr, ValidatedRuns};
-use super::{bad_plan, truncated, ExecStats};
+use super::{bad_plan, truncated, ExecStats, IoPaths};
 use crate::load::{IoMode, LoadOptions};
 use crate::plan::{CopyRun, PlanFile};
 use crate::{Error, Result};
+
+/// Under `Auto`, the smallest uncached contiguous run read with direct I/O: smaller ones
+/// (single rows of an inner-dim split cut by the share modes, small tensors) go through the
+/// page cache with their pages asked for ahead, many requests in flight from one thread
+/// instead of one synchronous request per reader.
+const DIRECT_MIN: u64 = 1 << 20;
 
 /// `read_at` until `buf` is full; a short read (the file shrank) is an error naming the
 /// input file and the offset.
@@ -60,14 +67,7 @@ pub(super) fn run(
     let tasks = tasks(runs.copies(), runs.zeros());
     let direct = DirectFiles::open(files, open, opts.io, opts.page_cache_limit)?;
     let threads = workers(opts, direct.mostly_uncached(opts.io));
-    if opts.io != IoMode::Mmap || opts.pread_contiguous {
-        // Streaming hint: a larger readahead window for the positioned reads.
-        for f in open.iter().flatten() {
-            // SAFETY: a valid open descriptor; advice only.
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-        }
-    }
-    let copier = Copier {
+    let mut copier = Copier {
         files,
         open,
         mapped,
@@ -78,11 +78,35 @@ pub(super) fn run(
         per_thread: (opts.staging_budget / threads as u64).min(TASK_BYTES * 4),
         preads: AtomicU64::new(0),
         bounce: BouncePool::new(),
+        prefetching: false,
+        paths: Default::default(),
     };
+    let prefetch = Prefetch::new(open, &tasks, |r| copier.reads_storage_buffered(r));
+    copier.prefetching = prefetch.is_some();
+    for (i, f) in open.iter().enumerate() {
+        let Some(f) = f else { continue };
+        let advice = if prefetch.as_ref().is_some_and(|p| p.reads_file(i as u32)) {
+            // The prefetcher asks for exactly the pages read: no readahead past them.
+            libc::POSIX_FADV_RANDOM
+        } else if opts.io != IoMode::Mmap || opts.pread_contiguous {
+            // Streaming hint: a larger readahead window for the positioned reads.
+            libc::POSIX_FADV_SEQUENTIAL
+        } else {
+            continue;
+        };
+        // SAFETY: a valid open descriptor; advice only.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, advice) };
+    }
     let work = |t: &Task| copier.task(t);
     let prepare = |t: &Task| populate(copier.arena, t);
     let prepare: Option<&(dyn Fn(&Task) + Sync)> = runs.ahead().then_some(&prepare);
-    let res = run_tasks(threads, &tasks, opts, &work, prepare);
+    let ahead = |p: &Progress<'_>| {
+        if let Some(f) = &prefetch {
+            f.run(p);
+        }
+    };
+    let companion: Option<&(dyn Fn(&Progress<'_>) + Sync)> = prefetch.is_some().then_some(&ahead);
+    let res = run_tasks(threads, &tasks, opts, &work, prepare, companion);
     // A truncation seen through a mapping is the cause of whatever else went wrong.
     if let Some(m) = mapped {
         m.check(files)?;
@@ -95,7 +119,29 @@ pub(super) fn run(
     Ok(ExecStats {
         read_bytes,
         peak_staging: copier.budget.peak(),
+        threads,
+        paths: copier.paths.get(),
     })
+}
+
+/// [`IoPaths`] counted by concurrent tasks.
+#[derive(Default)]
+struct PathCounters {
+    pread: AtomicU64,
+    prefetched: AtomicU64,
+    mapped: AtomicU64,
+    direct: AtomicU64,
+}
+
+impl PathCounters {
+    fn get(&self) -> IoPaths {
+        IoPaths {
+            pread: self.pread.load(Ordering::Relaxed),
+            prefetched: self.prefetched.load(Ordering::Relaxed),
+            mapped: self.mapped.load(Ordering::Relaxed),
+            direct: self.direct.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// What every task of one execution shares.
@@ -112,6 +158,10 @@ struct Copier<'r> {
     /// Bytes asked of the kernel by positioned and direct reads.
     preads: AtomicU64,
     bounce: BouncePool,
+    /// Whether a [`Prefetch`] asks for the pages of the spans read from storage (then
+    /// strided ones are read row by row, exactly their pages, instead of whole spans).
+    prefetching: bool,
+    paths: PathCounters,
 }
 
 /// The source of one copy task: its plan file and the handles it may be read with.
@@ -141,24 +191,57 @@ impl Copier<'_> {
         ) else {
             return Err(bad_plan(format!("file #{} was not opened", r.file)));
         };
+        let bytes = r.len.saturating_mul(r.count);
         if self.gathers(&r) {
+            self.paths.mapped.fetch_add(bytes, Ordering::Relaxed);
             return self.gather(pf, &r);
         }
         let src_end = r.src_pattern().end_saturating();
         let src = Source {
             pf,
             file,
-            direct: self.direct.for_span(self.opts.io, r.file, r.src, src_end),
+            direct: self.direct_handle(&r, src_end),
         };
+        let exact = src.direct.is_none() && self.prefetching && self.reads_storage_buffered(&r);
         let n = if r.count == 1 {
             // SAFETY: validated in bounds and disjoint.
             let dst = unsafe { self.arena.chunk(r.dst, r.len) };
             self.read_into(src, r.src, dst)?
         } else {
-            self.read_strided(src, &r)?
+            self.read_strided(src, &r, exact)?
         };
         self.preads.fetch_add(n, Ordering::Relaxed);
+        let path = match (src.direct, exact) {
+            (Some(_), _) => &self.paths.direct,
+            (None, true) => {
+                self.paths.prefetched.fetch_add(bytes, Ordering::Relaxed);
+                &self.paths.pread
+            }
+            (None, false) => &self.paths.pread,
+        };
+        path.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The `O_DIRECT` handle run `r` (a task, source ending at `end`) is read with, if any:
+    /// every run under `Direct`; under `Auto`, contiguous runs of at least [`DIRECT_MIN`]
+    /// bytes not cached (strided and small ones are read through the page cache, exactly
+    /// their pages, asked for ahead: see [`Copier::reads_storage_buffered`]).
+    fn direct_handle(&self, r: &CopyRun, end: u64) -> Option<&File> {
+        if self.opts.io == IoMode::Auto && (r.count > 1 || r.len < DIRECT_MIN) {
+            return None;
+        }
+        self.direct.for_span(self.opts.io, r.file, r.src, end)
+    }
+
+    /// Whether run `r` is read from storage through the page cache: under `Auto`, a span not
+    /// cached when the load started that is strided (an inner-dim split: only its pages are
+    /// read) or of a file read without direct I/O.
+    fn reads_storage_buffered(&self, r: &CopyRun) -> bool {
+        let end = r.src_pattern().end_saturating();
+        self.opts.io == IoMode::Auto
+            && self.direct.is_cached(r.file, r.src, end) == Some(false)
+            && self.direct_handle(r, end).is_none()
     }
 
     /// Whether run `r` is gathered from the mapping. Auto gathers a strided task only when
@@ -235,11 +318,13 @@ impl Copier<'_> {
         res
     }
 
-    /// A strided run read from the file (not gathered): rows per staged read are as many
-    /// whole rows as fit in this reader's share of the budget, when the gaps between rows are
-    /// small enough that reading them is cheaper than one syscall per row; else row by row.
-    fn read_strided(&self, src: Source<'_>, r: &CopyRun) -> Result<u64> {
-        let gap_ok = r.src_stride.saturating_sub(r.len) <= (64 << 10).max(r.len);
+    /// A strided run read from the file (not gathered): row by row when `exact` (its pages
+    /// were asked for ahead, exactly, so each row's read finds its pages cached or in
+    /// flight); else rows per staged read are as many whole rows as fit in this reader's
+    /// share of the budget, when the gaps between rows are small enough that reading them is
+    /// cheaper than one syscall per row; else row by row.
+    fn read_strided(&self, src: Source<'_>, r: &CopyRun, exact: bool) -> Result<u64> {
+        let gap_ok = !exact && r.src_stride.saturating_sub(r.len) <= (64 << 10).max(r.len);
         let rows_per = if gap_ok && self.per_thread >= r.len {
             (self.per_thread - r.len) / r.src_stride + 1
         } else {

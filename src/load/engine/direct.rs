@@ -15,16 +15,6 @@ use crate::load::IoMode;
 use crate::plan::PlanFile;
 use crate::{Error, Result};
 
-/// `MemAvailable` of `/proc/meminfo` in bytes: what the kernel estimates can be allocated
-/// without swapping (free memory plus reclaimable cache). `None` where it cannot be read
-/// (then files are taken to fit in the page cache).
-fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
-}
-
 /// Alignment of direct I/O offsets, lengths and buffers: the largest logical block size in
 /// use (4 KiB disks; 512-byte ones accept it too).
 pub(super) const DIRECT_ALIGN: u64 = 4096;
@@ -34,8 +24,9 @@ pub(super) const DIRECT_ALIGN: u64 = 4096;
 /// whole file used only to ask `mincore` which pages are cached (never read, so a
 /// truncation cannot fault through it).
 pub(super) struct DirectFiles {
-    /// Per file, the `O_DIRECT` handle uncached spans are read with (none where the files
-    /// fit in the page cache under `Auto`: they are read buffered and stay cached).
+    /// Per file, the `O_DIRECT` handle uncached spans are read with (under `Auto`, none
+    /// where the files fit in [`crate::load::LoadOptions::page_cache_limit`]: they are read
+    /// buffered and stay cached).
     handles: Vec<Option<File>>,
     /// Per file, [`residency`] flags (`Auto` only).
     cached: Vec<Option<Vec<bool>>>,
@@ -65,8 +56,10 @@ impl DirectFiles {
                 .filter(|(_, f)| f.is_some())
                 .map(|(pf, _)| pf.identity.len)
                 .sum();
-            let limit = page_cache_limit.or_else(|| mem_available().map(|m| m / 2));
-            limit.is_some_and(|l| total > l)
+            // Without a limit, uncached contiguous spans are always read directly: measured
+            // at half the CPU time of buffered reads and faster (docs/performance.md, "One
+            // rank"); a limit keeps files that fit in the page cache for the next load.
+            page_cache_limit.is_none_or(|l| total > l)
         };
         for (pf, f) in files.iter().zip(open) {
             let (mut handle, mut cached) = (None, None);
@@ -101,17 +94,26 @@ impl DirectFiles {
         (self.is_cached(file, src, end) == Some(false)).then_some(h)
     }
 
-    /// Whether at least half of the residency chunks `[src, end)` overlaps are cached
-    /// (`None`: unknown).
+    /// Whether at least half of the bytes `[src, end)` lie in residency chunks found cached,
+    /// each chunk weighed by its overlap with the span (`None`: unknown).
     pub(super) fn is_cached(&self, file: u32, src: u64, end: u64) -> Option<bool> {
         let flags = self.cached.get(file as usize)?.as_ref()?;
+        let end = end.max(src + 1);
         let (a, b) = (
             (src / RESIDENCY_CHUNK) as usize,
-            (end.div_ceil(RESIDENCY_CHUNK) as usize)
-                .max(src as usize / RESIDENCY_CHUNK as usize + 1),
+            end.div_ceil(RESIDENCY_CHUNK) as usize,
         );
         let span = flags.get(a..b.min(flags.len()))?;
-        Some(span.iter().filter(|&&c| c).count() * 2 >= span.len())
+        let (mut cached, mut all) = (0u64, 0u64);
+        for (i, &c) in span.iter().enumerate() {
+            let chunk = (a + i) as u64 * RESIDENCY_CHUNK;
+            let overlap = end.min(chunk + RESIDENCY_CHUNK) - src.max(chunk);
+            all += overlap;
+            if c {
+                cached += overlap;
+            }
+        }
+        (all > 0).then_some(cached * 2 >= all)
     }
 
     /// Whether most of the bytes will be read directly from storage: under `Direct` always,

@@ -16,6 +16,7 @@ mod direct;
 mod files;
 mod mapped;
 mod pool;
+mod prefetch;
 mod tasks;
 mod validate;
 
@@ -36,6 +37,42 @@ pub struct ExecStats {
     pub read_bytes: u64,
     /// Most staging memory held at once (pread engine; 0 for mmap).
     pub peak_staging: u64,
+    /// Reader threads the copies ran on.
+    pub threads: usize,
+    /// Arena bytes by how they were read.
+    pub paths: IoPaths,
+}
+
+/// Arena bytes by how they were read: what [`crate::load::IoMode::Auto`] chose, task by task
+/// (zero fills not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoPaths {
+    /// Positioned reads through the page cache (`pread`).
+    pub pread: u64,
+    /// Of [`IoPaths::pread`], the spans that were not cached when the load started, read
+    /// from storage with their pages asked for ahead of the readers.
+    pub prefetched: u64,
+    /// Copied from a mapping of the file (strided runs whose pages were cached; every run
+    /// under `IoMode::Mmap`).
+    pub mapped: u64,
+    /// Read with direct I/O (`O_DIRECT`) into bounce buffers.
+    pub direct: u64,
+}
+
+impl IoPaths {
+    /// The path that moved the most bytes: `pread`, `mmap`, `direct`, or `none` when no
+    /// byte was read.
+    pub fn main(&self) -> &'static str {
+        let all = [
+            (self.pread, "pread"),
+            (self.mapped, "mmap"),
+            (self.direct, "direct"),
+        ];
+        match all.iter().max_by_key(|(b, _)| *b) {
+            Some(&(b, name)) if b > 0 => name,
+            _ => "none",
+        }
+    }
 }
 
 fn bad_plan(msg: String) -> Error {

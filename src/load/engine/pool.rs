@@ -11,7 +11,7 @@ use crate::{Error, Result};
 /// Worker threads: `opts.threads`, or enough to keep several reads in flight (I/O-bound
 /// threads mostly wait) and every core busy; a load that reads mostly from storage with
 /// direct I/O gets more, for more requests in flight (measured: 32 beat 8 cold at tp 1,
-/// docs/performance.md; buffered reads have the kernel's readahead instead).
+/// docs/performance.md; reads through the page cache have the prefetcher instead).
 pub(super) fn workers(opts: &LoadOptions, cold: bool) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match opts.threads {
@@ -21,16 +21,37 @@ pub(super) fn workers(opts: &LoadOptions, cold: bool) -> usize {
     }
 }
 
+/// The shared queue as a companion thread sees it (see [`run_tasks`]).
+pub(super) struct Progress<'q> {
+    next: &'q AtomicUsize,
+    stop: &'q AtomicBool,
+}
+
+impl Progress<'_> {
+    /// Tasks the workers have taken so far: tasks are taken in order, so `0..taken()`.
+    pub(super) fn taken(&self) -> usize {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// Whether a task failed (the workers stop at their next task).
+    pub(super) fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs `work` on every task from a shared queue on `n` scoped threads (the caller's thread
 /// is one of them), in order; the first error stops the others at their next task.
 /// Each task also goes through `opts.control` (cancellation and progress), see
-/// [`crate::load::controlled`].
+/// [`crate::load::controlled`]. `companion`, if any, runs on one more thread beside them,
+/// watching the queue's [`Progress`]; it must return once every task is taken or the
+/// workers stopped.
 pub(super) fn run_tasks(
     n: usize,
     tasks: &[Task],
     opts: &LoadOptions,
     work: &(dyn Fn(&Task) -> Result<()> + Sync),
     prepare: Option<&(dyn Fn(&Task) + Sync)>,
+    companion: Option<&(dyn Fn(&Progress<'_>) + Sync)>,
 ) -> Result<()> {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -53,6 +74,14 @@ pub(super) fn run_tasks(
     };
     let n = n.clamp(1, tasks.len().max(1));
     std::thread::scope(|s| {
+        if let Some(companion) = companion {
+            let progress = Progress {
+                next: &next,
+                stop: &stop,
+            };
+            // An optimization only: without its thread the workers do the same work.
+            let _ = std::thread::Builder::new().spawn_scoped(s, move || companion(&progress));
+        }
         for _ in 1..n {
             // A thread that cannot be spawned just leaves more work to the others.
             let _ = std::thread::Builder::new().spawn_scoped(s, worker);

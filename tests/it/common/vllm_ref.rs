@@ -16,8 +16,9 @@
 //!   - `LlamaModel` (Llama, Mistral, Phi-3), `Qwen2Model`: embeddings on the first stage,
 //!     final norm and lm_head on the last (`PPMissingLayer` elsewhere), the embeddings also
 //!     on the last when tied.
-//!   - `MixtralModel`, `Qwen2MoeModel`, GPT-2 (`wte`, `wpe`, `ln_f`, `lm_head`): embeddings,
-//!     final norm and lm_head on every stage.
+//!   - `Qwen3Model` is a `Qwen2Model` (Qwen3: q_norm/k_norm replicated).
+//!   - `MixtralModel`, `Qwen2MoeModel`, `Qwen3MoeModel`, GPT-2 (`wte`, `wpe`, `ln_f`,
+//!     `lm_head`): embeddings, final norm and lm_head on every stage.
 //!   - `DeepseekV2Model`: embeddings first, norm and lm_head last, never tied.
 //!   - Tied config with a stored `lm_head.weight` (the config key `_checkpoint_has_lm_head`
 //!     says so; synthetic tied checkpoints store none): vLLM unties and loads the head.
@@ -39,6 +40,10 @@ pub enum Arch {
     Mixtral,
     /// `Qwen2MoeForCausalLM`.
     Qwen2Moe,
+    /// `Qwen3ForCausalLM` (`qwen3.py`: Qwen2Model with q_norm/k_norm).
+    Qwen3,
+    /// `Qwen3MoeForCausalLM` (`qwen3_moe.py`).
+    Qwen3Moe,
     /// `DeepseekV2ForCausalLM`, `DeepseekV3ForCausalLM`.
     DeepseekV3,
     /// `GPT2LMHeadModel`.
@@ -59,6 +64,8 @@ impl Arch {
             "Phi3ForCausalLM" => Arch::Phi3,
             "MixtralForCausalLM" => Arch::Mixtral,
             "Qwen2MoeForCausalLM" => Arch::Qwen2Moe,
+            "Qwen3ForCausalLM" => Arch::Qwen3,
+            "Qwen3MoeForCausalLM" => Arch::Qwen3Moe,
             "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM" => Arch::DeepseekV3,
             "GPT2LMHeadModel" => Arch::Gpt2,
             other => return Err(format!("no reference for {other}")),
@@ -403,7 +410,10 @@ pub fn expected_placed(
         .unwrap_or(false);
     // vLLM 0.33 unties a tied config whose checkpoint stores lm_head; DeepSeek never ties.
     let tied = cfg_tied(cfg, gpt2) && !stored_head && arch != Arch::DeepseekV3;
-    let everywhere = matches!(arch, Arch::Mixtral | Arch::Qwen2Moe | Arch::Gpt2);
+    let everywhere = matches!(
+        arch,
+        Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Gpt2
+    );
     // vLLM: "Total number of attention heads must be divisible by tensor parallel size".
     let heads = cfg_u(
         cfg,
@@ -418,6 +428,11 @@ pub fn expected_placed(
             "{heads} attention heads do not divide by tp {}",
             topo.tp
         ));
+    }
+    // Qwen2MoeSparseMoeBlock / Qwen3MoeSparseMoeBlock: "Tensor parallel size ... is greater
+    // than the number of experts".
+    if matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe) && topo.tp as u64 > num_experts(arch, cfg)? {
+        return Err(format!("tp {} is more than num_experts", topo.tp));
     }
     let stage = match layer_of(local) {
         Some(l) if l >= layers => {
@@ -456,7 +471,7 @@ pub fn expected_placed(
     }
     let rule: Rule = match arch {
         Arch::Gpt2 => gpt2_rule(cfg, local, shape)?,
-        Arch::DeepseekV3 => deepseek_rule(local, shape)?,
+        Arch::DeepseekV3 => deepseek_rule(cfg, local, shape)?,
         _ => llama_family_rule(arch, cfg, local, shape)?,
     };
     let expert = expert_of(local);
@@ -509,13 +524,13 @@ pub fn expected_placed(
 fn num_experts(arch: Arch, cfg: &Value) -> Result<u64, String> {
     match arch {
         Arch::Mixtral => cfg_u(cfg, "num_local_experts"),
-        Arch::Qwen2Moe => cfg_u(cfg, "num_experts"),
+        Arch::Qwen2Moe | Arch::Qwen3Moe => cfg_u(cfg, "num_experts"),
         Arch::DeepseekV3 => cfg_u(cfg, "n_routed_experts"),
         _ => Err(format!("{arch:?} has no experts")),
     }
 }
 
-/// Llama, Mistral, Qwen2, Phi-3, Mixtral, Qwen2-MoE.
+/// Llama, Mistral, Qwen2, Phi-3, Mixtral, Qwen2-MoE, Qwen3, Qwen3-MoE.
 fn llama_family_rule(arch: Arch, cfg: &Value, name: &str, shape: &[u64]) -> Result<Rule, String> {
     let (nh, nkv, hd) = attn(cfg)?;
     let tail = match layer_of(name) {
@@ -534,7 +549,18 @@ fn llama_family_rule(arch: Arch, cfg: &Value, name: &str, shape: &[u64]) -> Resu
     if let Some(r) = quantized_rule(cfg, tail, name, shape, nh, nkv, hd)? {
         return Ok(r);
     }
+    let qwen3 = matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe);
+    let attention_bias = cfg
+        .get("attention_bias")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let rule: Rule = match tail {
+        // Qwen3 without attention_bias: no bias parameter; AutoWeightsLoader ignores ".bias".
+        "self_attn.q_proj.bias" | "self_attn.k_proj.bias" | "self_attn.v_proj.bias"
+            if qwen3 && !attention_bias =>
+        {
+            skip()
+        }
         "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => column(shape, name),
         "self_attn.k_proj.weight"
         | "self_attn.k_proj.bias"
@@ -543,6 +569,12 @@ fn llama_family_rule(arch: Arch, cfg: &Value, name: &str, shape: &[u64]) -> Resu
             Box::new(move |tp, r| Ok(Some(cat(0, vec![kv_part(nkv, hd, tp, r, 0)?]))))
         }
         "self_attn.o_proj.weight" => split_dim(shape, 1, name),
+        // Qwen3: an RMSNorm over each head's dims, the same weights on every rank.
+        "self_attn.q_norm.weight" | "self_attn.k_norm.weight"
+            if matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe) =>
+        {
+            replicate()
+        }
         "self_attn.qkv_proj.weight" if arch == Arch::Phi3 => Box::new(move |tp, r| {
             // Fused on disk: cut by the global part sizes, then the qkv rule per part.
             let q = nh * hd;
@@ -704,8 +736,14 @@ fn quantized_rule(
     }))
 }
 
-/// DeepSeek-V3 (main model layers; the MTP layer is skipped before this).
-fn deepseek_rule(name: &str, shape: &[u64]) -> Result<Rule, String> {
+/// DeepSeek-V2/V3 (main model layers; the MTP layer is skipped before this). FP8 block
+/// quantization (`quant_method` "fp8") needs whole 128-blocks per partition; bf16 does not.
+fn deepseek_rule(cfg: &Value, name: &str, shape: &[u64]) -> Result<Rule, String> {
+    let fp8 = cfg
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(Value::as_str)
+        == Some("fp8");
     if matches!(name, "model.embed_tokens.weight" | "lm_head.weight") {
         return Ok(vocab(shape));
     }
@@ -738,7 +776,8 @@ fn deepseek_rule(name: &str, shape: &[u64]) -> Result<Rule, String> {
         | "self_attn.kv_a_proj_with_mqa"
         | "mlp.gate"
         | "mlp.gate.e_score_correction_bias" => K::Rep,
-        "self_attn.q_b_proj" | "self_attn.kv_b_proj" => K::Col,
+        // q_proj: DeepSeek-V2-Lite style, without q_lora_rank.
+        "self_attn.q_b_proj" | "self_attn.kv_b_proj" | "self_attn.q_proj" => K::Col,
         "self_attn.o_proj" => K::Row,
         "mlp.gate_proj"
         | "mlp.up_proj"
@@ -761,6 +800,8 @@ fn deepseek_rule(name: &str, shape: &[u64]) -> Result<Rule, String> {
     }
     Ok(match (kind, is_scale) {
         (K::Rep, _) => replicate(),
+        (K::Col, false) if !fp8 => column(shape, name),
+        (K::Row, false) if !fp8 => split_dim(shape, 1, name),
         (K::Col, false) => block_checked(shape, 0, name),
         (K::Row, false) => block_checked(shape, 1, name),
         // The scale's extent comes from the weight: ceil(out/128) rows, so the partition

@@ -23,8 +23,8 @@
 
 use serde::Deserialize;
 
-use super::Spec;
 use crate::checkpoint::Dtype;
+use crate::sharding::{registry, Spec};
 use crate::{Error, Result};
 
 /// One dot-separated segment of a [`Template`]: `prefix{capture}suffix` or a literal.
@@ -526,8 +526,8 @@ impl VllmMap {
     /// The map beside `spec`: the shipped map of a shipped spec, `<dir>/<stem>.vllm.json` for
     /// a spec read from `<dir>/<stem>.shard`. A spec without one is [`Error::Unsupported`].
     pub fn for_spec(spec: &Spec) -> Result<VllmMap> {
-        if spec.shipped {
-            let Some(src) = super::registry::get(&spec.name).and_then(|s| s.vllm_map) else {
+        if spec.is_shipped() {
+            let Some(src) = registry::get(&spec.name).and_then(|s| s.vllm_map) else {
                 return Err(Error::Unsupported {
                     what: format!("spec `{}`", spec.name),
                     why: "no vLLM name map is shipped for it".into(),
@@ -621,7 +621,7 @@ mod tests {
 
     #[test]
     fn every_shipped_map_parses() {
-        for s in super::super::registry::all() {
+        for s in registry::all() {
             if let Some(src) = s.vllm_map {
                 VllmMap::parse(src, &format!("{}.vllm.json", s.name)).unwrap();
             }
