@@ -50,7 +50,7 @@ for topo in "2 2 1" "4 1 1"; do
   done
 done
 
-# Tiny MPI transfers (1000 bytes): chunked broadcasts and multi-round all-to-all-v.
+# Tiny MPI transfers (1000 bytes): chunked broadcasts and exchange messages cut into 1000-byte pieces.
 "$bin" threads toy 2 1 2 none | digests > ref.txt
 for mode in broadcast read-once; do
   SHARE_TOY_MPI_CHUNK=1000 timeout 120 mpirun -x SHARE_TOY_MPI_CHUNK -n 4 "$bin" mpi toy 2 1 2 $mode > out.jsonl
@@ -148,7 +148,7 @@ fi
 # debugger or a hung file system would stop it) at each phase of a real `safeshard load` job:
 # before MPI_Init (a shell that stops before it execs safeshard), inside MPI_Init (at the
 # launcher's fence), right after MPI_Init (the first arrival handshake), inside a broadcast and
-# inside a read-once all-to-all (after their handshakes, before data moves) and at
+# inside a read-once exchange (after their handshakes, before data moves) and at
 # MPI_Finalize (tests/stop_rank.c, preloaded). The live ranks must end the job by --timeout (plus
 # the liveness probe's grace and the launcher's teardown) with exit != 0, no result on stdout and
 # a line naming the phase and the stopped rank.
@@ -211,8 +211,8 @@ stop_case "at the first handshake" "\"planning\": $(has 2) did not arrive" \
 # of its tensor-parallel pair's broadcasts.
 stop_case "inside a broadcast" "\"(broadcast|finish)\": $(has 3) (did not arrive|do(es)? not answer)" \
   $(stop_at 3 broadcast) "${load4[@]}" --share broadcast
-stop_case "inside an all-to-all" "\"read-once( round 1 of 1|: done)\": $(has 2) (did not arrive|do(es)? not answer)" \
-  $(stop_at 2 alltoallv) "${load4[@]}" --share read-once
+stop_case "inside a read-once exchange" "\"read-once( round 1 of 1|: done)\": $(has 2) (did not arrive|do(es)? not answer)" \
+  $(stop_at 2 exchange) "${load4[@]}" --share read-once
 stop_case "before MPI_Finalize" '"MPI finalize": rank 2 did not arrive \(stopped on this node\)' \
   $(stop_at 2 finalize) "${load4[@]}" --share none
 

@@ -7,7 +7,10 @@
  *                          broadcast  inside a collective: at the first broadcast it is the root
  *                                     of, after the arrival handshake, before any data moves
  *                          alltoallv  inside a collective: at the first all-to-all-v of at least
- *                                     4 KiB (a data round), after its handshake, before data moves
+ *                                     4 KiB, after its handshake, before data moves
+ *                          exchange   inside a read-once exchange: at the first message of at least
+ *                                     4 KiB it sends (tag 0x5b01, mpi.rs), after the exchange's
+ *                                     handshake and its receives are posted, before data moves
  *                          finalize   at MPI_Finalize, after the job's last collective
  *
  * Build: mpicc -shared -fPIC -o stop_rank.so stop_rank.c -ldl
@@ -73,6 +76,14 @@ int MPI_Ialltoallv(const void *sbuf, const int scounts[], const int sdispls[], M
     for (int i = 0; i < n; i++) total += scounts[i];
     if (total >= 4096) stop_once("alltoallv");
     return PMPI_Ialltoallv(sbuf, scounts, sdispls, st, rbuf, rcounts, rdispls, rt, comm, req);
+}
+
+int MPI_Isend(const void *buf, int count, MPI_Datatype type, int dest, int tag, MPI_Comm comm,
+              MPI_Request *req) {
+    int size = 0;
+    MPI_Type_size(type, &size);
+    if (tag == 0x5b01 && (long)count * size >= 4096) stop_once("exchange");
+    return PMPI_Isend(buf, count, type, dest, tag, comm, req);
 }
 
 int MPI_Finalize(void) {

@@ -17,15 +17,19 @@ waiting at the deadline raises :class:`CollectiveTimeout` naming the phase and t
 the group that did not come to a short meeting of the members that timed out (one-byte
 messages on a gloo group of the job's ranks, made with the communicator): every live member
 is stuck behind the same missing one and times out at about the same moment, the stopped one
-never comes.
+never comes. A timeout is final: every later collective of the communicator and its
+sub-communicators raises the same error at once (the missing ranks are named already, and a
+gloo point-to-point wait that timed out closes its group's connections).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -77,6 +81,7 @@ class TorchComm:
         _members: list[int] | None = None,
         _meeting: Any = None,
         timeout: float | None = None,
+        _timeouts: list[CollectiveTimeout] | None = None,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             from . import _error
@@ -121,10 +126,18 @@ class TorchComm:
                 )
         self._meeting = _meeting
         self._sends: list[Any] = []
+        # The first timeout, shared with the sub-communicators (see the module's docstring).
+        self._timeouts: list[CollectiveTimeout] = [] if _timeouts is None else _timeouts
+
+    def _check_not_timed_out(self) -> None:
+        if self._timeouts:
+            first = self._timeouts[0]
+            raise CollectiveTimeout(first.rank, first.phase, first.after, first.missing)
 
     def _run(self, start: Callable[[], Any]) -> None:
         """Starts one asynchronous collective (``start`` returns its work) and polls it
         against the deadline; past it, raises :class:`CollectiveTimeout`."""
+        self._check_not_timed_out()
         work = start()
         if self.timeout is None or work is None:
             if work is not None:
@@ -174,7 +187,9 @@ class TorchComm:
             if not came:
                 missing.append(g)
         # Requests to a stopped rank stay pending: the job ends with this error.
-        return CollectiveTimeout(me, self.phase, self.timeout, missing)
+        err = CollectiveTimeout(me, self.phase, self.timeout, missing)
+        self._timeouts.append(err)
+        return err
 
     def rank(self) -> int:
         return self._rank
@@ -241,14 +256,22 @@ class TorchComm:
                 kwargs["use_local_synchronization"] = True
             g = dist.new_group(sorted(members), backend=dist.get_backend(self.group), **kwargs)
             if color is not None and c == color:
-                result = TorchComm(g, _members=members, _meeting=self._meeting)
+                result = TorchComm(
+                    g, _members=members, _meeting=self._meeting, _timeouts=self._timeouts
+                )
                 result.timeout, result.phase = self.timeout, self.phase
         return result
 
     def _host(self, mv: memoryview) -> torch.Tensor:
         if len(mv) == 0:
             return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(mv, dtype=torch.uint8)
+        if not mv.readonly:
+            return torch.frombuffer(mv, dtype=torch.uint8)
+        # Send buffers: torch only reads them, so its warning about a read-only buffer (printed
+        # once by every rank) is noise.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(mv, dtype=torch.uint8)
 
     def broadcast(self, root: int, buf: memoryview) -> None:
         if len(buf) == 0:
@@ -303,6 +326,52 @@ class TorchComm:
             lambda: dist.all_to_all_single(o, i, recv, send, group=self.group, async_op=True)
         )
         out.copy_(o.cpu())
+
+    @property
+    def direct_exchange(self) -> bool:
+        """Whether :meth:`exchange` moves messages itself (gloo's point-to-point on CPU);
+        on NCCL the Rust side packs them through :meth:`all_to_all_packed` instead."""
+        return self.device.type == "cpu"
+
+    def exchange(
+        self, sends: list[tuple[int, memoryview]], recvs: list[tuple[int, memoryview]]
+    ) -> None:
+        """Point-to-point messages straight from and into the Rust buffers (gloo): between
+        two ranks the k-th message lands in the k-th buffer listed for that sender (one tag,
+        delivered in order). Every rank calls it, with or without messages; the works are
+        waited on against the deadline."""
+        self._check_not_timed_out()
+        ops = [
+            dist.P2POp(dist.irecv, self._host(mv), self.members[peer], self.group)
+            for peer, mv in recvs
+            if len(mv)
+        ]
+        ops += [
+            dist.P2POp(dist.isend, self._host(mv), self.members[peer], self.group)
+            for peer, mv in sends
+            if len(mv)
+        ]
+        if not ops:
+            return
+        works = dist.batch_isend_irecv(ops)
+        if self.timeout is None:
+            for w in works:
+                w.wait()
+            return
+        # gloo's point-to-point works complete only in wait(), which takes a timeout (whole
+        # milliseconds: rounded up, so that gloo never gives up before the deadline).
+        end = time.monotonic() + self.timeout
+        for w in works:
+            left = math.ceil((end - time.monotonic()) * 1000) + 1
+            try:
+                wait = datetime.timedelta(milliseconds=left)
+                done = left > 1 and w.wait(timeout=wait) is not False
+            except RuntimeError as e:
+                if time.monotonic() < end:
+                    raise  # the transfer's own error (a peer that closed its connection)
+                raise self._timed_out() from e
+            if not done:
+                raise self._timed_out()
 
     def all_to_all_v(self, send: list[bytes]) -> list[bytes]:
         counts = [len(s) for s in send]

@@ -12,16 +12,19 @@ use std::time::Duration;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
-use safeshard::comm::Communicator;
+use safeshard::comm::{exchange_through_packed, Communicator};
 use safeshard::{Error, Result};
 
 /// A communicator backed by a Python object with the methods `rank()`, `size()`,
 /// `split(color, key)`, `barrier()`, `broadcast(root, view)`, `all_gather(bytes)`,
-/// `all_to_all_v(list[bytes])`, `all_to_all_packed(send, send_counts, recv, recv_counts)`.
+/// `all_to_all_v(list[bytes])`, `all_to_all_packed(send, send_counts, recv, recv_counts)`
+/// and, where its attribute `direct_exchange` is true, `exchange(sends, recvs)` (lists of
+/// `(peer, view)`: point-to-point messages straight from and into Rust memory).
 pub(crate) struct PyComm {
     obj: Py<PyAny>,
     rank: usize,
     size: usize,
+    direct_exchange: bool,
 }
 
 fn comm_err(what: &str, e: PyErr) -> Error {
@@ -93,7 +96,16 @@ impl PyComm {
     pub(crate) fn new(py: Python<'_>, obj: Py<PyAny>) -> PyResult<PyComm> {
         let rank = obj.call_method0(py, "rank")?.extract(py)?;
         let size = obj.call_method0(py, "size")?.extract(py)?;
-        Ok(PyComm { obj, rank, size })
+        let direct_exchange = obj
+            .getattr(py, "direct_exchange")
+            .and_then(|v| v.extract::<bool>(py))
+            .unwrap_or(false);
+        Ok(PyComm {
+            obj,
+            rank,
+            size,
+            direct_exchange,
+        })
     }
 
     fn call<T>(
@@ -206,6 +218,36 @@ impl Communicator for PyComm {
             res?;
             rel_s?;
             rel_r
+        })
+    }
+
+    fn exchange(&self, sends: &[(usize, &[u8])], recvs: &mut [(usize, &mut [u8])]) -> Result<()> {
+        if !self.direct_exchange {
+            // NCCL moves bytes through device tensors: one packed all-to-all.
+            return exchange_through_packed(self, sends, recvs);
+        }
+        self.call("exchange", |py, o| {
+            let mut views = Vec::with_capacity(sends.len() + recvs.len());
+            let made = (|| {
+                let out = PyList::empty(py);
+                for (peer, b) in sends {
+                    let v = view(py, b.as_ptr().cast_mut(), b.len(), false)?;
+                    out.append((*peer, &v))?;
+                    views.push(v);
+                }
+                let into = PyList::empty(py);
+                for (peer, b) in recvs.iter_mut() {
+                    let v = view(py, b.as_mut_ptr(), b.len(), true)?;
+                    into.append((*peer, &v))?;
+                    views.push(v);
+                }
+                Ok::<_, PyErr>((out, into))
+            })();
+            let res = made.and_then(|(out, into)| o.call_method1("exchange", (out, into)));
+            // Every view is released, whatever happened; the first failure is reported.
+            let released = views.iter().map(release).fold(Ok(()), PyResult::and);
+            res?;
+            released
         })
     }
 

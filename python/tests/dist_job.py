@@ -9,6 +9,19 @@ from pathlib import Path
 import torch.distributed as dist
 
 import safeshard
+from safeshard import _dist
+
+# Counts the bytes read-once sent through TorchComm.exchange (its point-to-point steps).
+seen = {"exchange_sent": 0}
+real_exchange = _dist.TorchComm.exchange
+
+
+def counted(self, sends, recvs):  # type: ignore[no-untyped-def]
+    seen["exchange_sent"] += sum(len(mv) for _, mv in sends)
+    return real_exchange(self, sends, recvs)
+
+
+_dist.TorchComm.exchange = counted  # type: ignore[method-assign]
 
 ckpt, out, tp, pp, dp = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
 dist.init_process_group("gloo")
@@ -20,6 +33,7 @@ for share in ("none", "broadcast", "read-once"):
     res[share] = rank.digest()
     res[share + "_read"] = rank.stats["read_bytes"]
     res[share + "_sent"] = rank.stats["sent_bytes"]
+res.update(seen)
 # Without share=: the default for the node count (one node here: none), then with two
 # simulated nodes (SAFESHARD_NODE): broadcast. Same bytes either way.
 chosen = plan.load_shared()

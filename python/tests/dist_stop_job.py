@@ -1,6 +1,7 @@
 """Run under torchrun (gloo), 4 ranks, tp=2 x pp=2, timeout 3 s: rank 2 stops itself with
 SIGSTOP (as a debugger or `kill -STOP` would) when it reaches the given collective of the
-shared load (``all_gather``: the first agreement; ``broadcast``: inside the broadcast mode).
+shared load (``all_gather``: the first agreement; ``broadcast``: inside the broadcast mode;
+``exchange``: inside read-once's first exchange, which is then the share mode).
 Every other rank must raise SafeshardError (kind "comm", with .phase and .missing) naming
 rank 2, by the deadline.
 Writes OUT/pid-2.txt (so the test can end the stopped rank) and OUT/stop-R.txt."""
@@ -31,7 +32,8 @@ if me == 2:
 plan = safeshard.plan(ckpt, tp=2, pp=2)
 start = time.monotonic()
 try:
-    plan.load_shared(share="broadcast", timeout=3.0)
+    share = "read-once" if where == "exchange" else "broadcast"
+    plan.load_shared(share=share, timeout=3.0)
     msg = "no error"
 except safeshard.SafeshardError as e:
     msg = f"{e.kind}: {getattr(e, 'phase', '')}: {getattr(e, 'missing', '')}: {e}"

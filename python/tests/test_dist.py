@@ -48,9 +48,26 @@ def test_torchrun_share_modes_agree(checkpoints, tmp_path, tp, pp, dp):
     total = {m: sum(r[m + "_read"] for r in results) for m in ("none", "broadcast", "read-once")}
     assert sum(r["broadcast_sent"] for r in results) > 0
     assert sum(r["read-once_sent"] for r in results) > 0
+    # On gloo read-once's rounds moved as point-to-point messages (TorchComm.exchange, not
+    # the packed all-to-all): every byte it counted as sent.
+    assert [r["exchange_sent"] for r in results] == [r["read-once_sent"] for r in results]
     assert total["read-once"] < total["none"]
     if dp > 1:
         assert total["broadcast"] < total["none"]
+
+
+def test_torchrun_exchange_delivers_messages_in_order(tmp_path):
+    """TorchComm.exchange on gloo, 4 ranks: several messages per pair (empty ones, 1 byte to
+    1 MiB), each landing in the buffer of the same position for its sender; the receivers
+    check every byte against the pattern the sender wrote."""
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         str(JOB.with_name("dist_exchange_job.py")), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in range(4):
+        assert (tmp_path / f"exchange-{r}.txt").read_text() == "ok 30 messages", r
 
 
 def test_torchrun_plan_mismatch_fails_every_rank(checkpoints, tmp_path):
@@ -68,13 +85,20 @@ def test_torchrun_plan_mismatch_fails_every_rank(checkpoints, tmp_path):
 
 
 # The first agreement of a shared load counts the nodes (the share default), then compares
-# the job fingerprint.
+# the job fingerprint. Inside read-once's exchange the ranks that wait for rank 2's messages
+# time out in the round, the others in the agreement that ends the load.
 @pytest.mark.parametrize(
-    "where,phase", [("all_gather", "share default: node names"), ("broadcast", "broadcast")]
+    "where,phase",
+    [
+        ("all_gather", "share default: node names"),
+        ("broadcast", "broadcast"),
+        ("exchange", "read-once( round 1 of 1|: done)"),
+    ],
 )
 def test_torchrun_stopped_rank_ends_the_load_by_its_deadline(checkpoints, tmp_path, where, phase):
     """Rank 2 stops (SIGSTOP) at a collective: every other rank raises a timeout naming the
     phase and rank 2 within the 3 s deadline plus the meeting's grace (1 s) and slack."""
+    import re
     import signal
     import time
 
@@ -86,8 +110,9 @@ def test_torchrun_stopped_rank_ends_the_load_by_its_deadline(checkpoints, tmp_pa
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     # Pipeline stages never wait on each other: with a stop inside the broadcasts of stage 1
-    # (ranks 2, 3), stage 0 loads; every rank waits for rank 2 at the first agreement.
-    live = [0, 1, 3] if where == "all_gather" else [3]
+    # (ranks 2, 3), stage 0 loads; every rank waits for rank 2 at the first agreement and in
+    # read-once (its rounds and its last agreement span the job).
+    live = [3] if where == "broadcast" else [0, 1, 3]
     try:
         end = time.monotonic() + 120
         while time.monotonic() < end and not all(
@@ -106,8 +131,12 @@ def test_torchrun_stopped_rank_ends_the_load_by_its_deadline(checkpoints, tmp_pa
     log = p.stdout.read() if p.stdout else ""
     for r in live:
         took, msg = (tmp_path / f"stop-{r}.txt").read_text().split(" ", 1)
-        assert msg.startswith(f"comm: {phase}: [2]: "), (msg, log[-2000:])
-        assert f'timed out after 3s in phase "{phase}": rank 2 did not arrive' in msg, msg
+        said = re.match(
+            f'comm: (?P<phase>{phase}): \\[2\\]: rank {r}: timed out after 3s in phase '
+            '"(?P=phase)": rank 2 did not arrive',
+            msg,
+        )
+        assert said, (msg, log[-2000:])
         assert float(took) < 3 + 15, (took, msg)
     for r in set((0, 1, 3)) - set(live):
         assert (tmp_path / f"stop-{r}.txt").read_text().endswith(" no error")

@@ -5,8 +5,9 @@
 //! loading (the share modes that decide *which* bytes move live in [`crate::dist`]):
 //!
 //! - [`Communicator`] is the small byte-oriented interface every backend implements: rank,
-//!   size, split into sub-communicators, barrier, broadcast, all-gather, all-to-all-v, abort,
-//!   and a collective timeout with a phase name for its message.
+//!   size, split into sub-communicators, barrier, broadcast, all-gather, all-to-all-v,
+//!   point-to-point messages as one step ([`Communicator::exchange`]), abort, and a
+//!   collective timeout with a phase name for its message.
 //!   Backends: [`ThreadComm`] (in-process, channels and condition variables) and `MpiComm`
 //!   (feature `mpi`, rsmpi; large messages are chunked under MPI's 2 GiB `int` counts). The
 //!   Python package implements it over `torch.distributed` (gloo or NCCL).
@@ -76,6 +77,19 @@ pub trait Communicator {
     ) -> Result<()> {
         packed_through_vectors(self, send, send_counts, recv, recv_counts, |i| i)
     }
+    /// Point-to-point messages as one collective step: every rank of the communicator calls
+    /// it, with or without messages. `sends` are `(peer, bytes)`, `recvs` `(peer, buffer)`;
+    /// the k-th message a rank sends a peer lands in the k-th buffer that peer lists for it
+    /// and must have its length (the share modes derive both sides' lists from one plan and
+    /// compare their digests first). A message is never written past its buffer.
+    ///
+    /// It lets the share modes receive straight into the arena. The default packs the
+    /// messages per peer through [`Communicator::all_to_all_packed`] (checking each peer's
+    /// total; its buffers are allocated fallibly and agreed on before the transfer);
+    /// backends override it to move each message from and into the callers' memory.
+    fn exchange(&self, sends: &[(usize, &[u8])], recvs: &mut [(usize, &mut [u8])]) -> Result<()> {
+        exchange_through_packed(self, sends, recvs)
+    }
     /// Ends the whole job because of an unrecoverable error on this rank. The MPI backend
     /// prints `msg` and calls `MPI_Abort` (it does not return); the thread backend makes every
     /// other rank's pending and future collectives fail with `msg`, then returns.
@@ -129,7 +143,7 @@ pub fn eprint_line(line: &str) {
 /// error; when another failed, [`Error::PeerFailed`] naming the lowest failed rank and its message.
 /// Call it on the world communicator after every step that can fail on one rank only, before
 /// the next collective, so that no rank waits forever for a rank that gave up.
-pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
+pub fn agree<T, C: Communicator + ?Sized>(comm: &C, local: Result<T>) -> Result<T> {
     let status = match &local {
         Ok(_) => Vec::new(),
         Err(e) => {
@@ -314,6 +328,83 @@ pub(crate) fn packed_through_vectors<C: Communicator + ?Sized>(
         off += c;
     }
     Ok(())
+}
+
+/// [`Communicator::exchange`] through [`Communicator::all_to_all_packed`]: the messages to
+/// each peer concatenated in order, one packed all-to-all, and the received bytes cut into
+/// the buffers in order. The default, and the fallback of a backend whose override cannot
+/// move some messages itself (the Python communicator on NCCL).
+pub fn exchange_through_packed<C: Communicator + ?Sized>(
+    comm: &C,
+    sends: &[(usize, &[u8])],
+    recvs: &mut [(usize, &mut [u8])],
+) -> Result<()> {
+    let n = comm.size();
+    // Per-peer totals and the buffers, checked and allocated before any byte moves, and
+    // agreed on: a rank that cannot take part must not leave the others in the transfer.
+    let prepared = (|| {
+        let totals = |peers: &mut dyn Iterator<Item = (usize, usize)>| -> Result<Vec<usize>> {
+            let mut t = vec![0usize; n];
+            for (p, len) in peers {
+                let slot = t.get_mut(p).ok_or_else(|| {
+                    Error::comm("exchange", format!("peer {p} out of range for {n} ranks"))
+                })?;
+                *slot += len;
+            }
+            Ok(t)
+        };
+        let send_counts = totals(&mut sends.iter().map(|(p, b)| (*p, b.len())))?;
+        let recv_counts = totals(&mut recvs.iter().map(|(p, b)| (*p, b.len())))?;
+        let packed = zeroed(send_counts.iter().sum(), "packed messages")?;
+        let incoming = zeroed(recv_counts.iter().sum(), "received messages")?;
+        Ok((send_counts, recv_counts, packed, incoming))
+    })();
+    let (send_counts, recv_counts, mut packed, mut incoming) = agree(comm, prepared)?;
+    let mut at = starts(&send_counts);
+    for (p, bytes) in sends {
+        if let Some(a) = at.get_mut(*p) {
+            if let Some(d) = packed.get_mut(*a..*a + bytes.len()) {
+                d.copy_from_slice(bytes);
+            }
+            *a += bytes.len();
+        }
+    }
+    comm.all_to_all_packed(&packed, &send_counts, &mut incoming, &recv_counts)?;
+    let mut at = starts(&recv_counts);
+    for (p, buf) in recvs.iter_mut() {
+        if let Some(a) = at.get_mut(*p) {
+            if let Some(s) = incoming.get(*a..*a + buf.len()) {
+                buf.copy_from_slice(s);
+            }
+            *a += buf.len();
+        }
+    }
+    Ok(())
+}
+
+/// Where each peer's part starts in a buffer packed in peer order.
+fn starts(counts: &[usize]) -> Vec<usize> {
+    let mut off = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let s = off;
+            off += c;
+            s
+        })
+        .collect()
+}
+
+/// A zeroed buffer of `len` bytes, allocated fallibly.
+fn zeroed(len: usize, what: &str) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+        bytes: len as u64,
+        what: what.into(),
+        rank: None,
+    })?;
+    v.resize(len, 0);
+    Ok(v)
 }
 
 #[cfg(test)]

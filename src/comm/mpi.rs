@@ -21,7 +21,7 @@ use std::mem::ManuallyDrop;
 use std::time::{Duration, Instant};
 
 use mpi::collective::{CommunicatorCollectives, Root};
-use mpi::datatype::{Partition, PartitionMut};
+use mpi::datatype::{Equivalence, Partition, PartitionMut};
 use mpi::environment::Universe;
 use mpi::point_to_point::{Destination, Source};
 use mpi::request::{Request, Scope, StaticScope};
@@ -37,6 +37,8 @@ pub const CHUNK: usize = 1 << 30;
 
 /// Tag of the arrival handshake's messages (any tag: collectives never match point-to-point).
 const ARRIVAL_TAG: i32 = 0x5afe;
+/// Tag of [`Communicator::exchange`]'s messages (between two ranks they match in order).
+const EXCHANGE_TAG: i32 = 0x5b01;
 /// Tags of the liveness probe after a timeout and of its answers (on `MPI_COMM_WORLD`).
 const PROBE_TAG: i32 = 0x5aff;
 const ANSWER_TAG: i32 = 0x5b00;
@@ -193,6 +195,56 @@ impl MpiComm {
         }
     }
 
+    /// Waits for every request of `reqs`, polling against the timeout. A receive (`Some`
+    /// with the sender and the length posted) that got fewer bytes is an error naming the
+    /// sender (more is MPI's truncation error).
+    fn wait_all<'a, S: Scope<'a>>(&self, reqs: Vec<Pending<'a, S>>) -> Result<()> {
+        let timeout = self.timeout.get();
+        let _watch = self.watch();
+        let mut deadline = timeout.map(Deadline::new);
+        let mut pending = reqs;
+        let mut short: Option<(usize, usize, usize)> = None;
+        let mut spins = 0u32;
+        while !pending.is_empty() {
+            pending = pending
+                .into_iter()
+                .filter_map(|(recv, r)| match r.test() {
+                    Ok(status) => {
+                        if let Some((peer, want)) = recv {
+                            let got = usize::try_from(status.count(u8::equivalent_datatype()))
+                                .unwrap_or(0);
+                            if got != want && short.is_none() {
+                                short = Some((peer, got, want));
+                            }
+                        }
+                        None
+                    }
+                    Err(r) => Some((recv, r)),
+                })
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            if let (Some(t), Some(d)) = (timeout, deadline.as_mut()) {
+                match d.poll() {
+                    Expiry::Pending => {}
+                    how => self.timed_out(t, how, None),
+                }
+            }
+            idle(&mut spins);
+        }
+        match short {
+            None => Ok(()),
+            Some((peer, got, want)) => Err(Error::comm(
+                "exchange",
+                format!(
+                    "rank {} sent a message of {got} bytes, {want} expected",
+                    self.world_rank(peer)
+                ),
+            )),
+        }
+    }
+
     /// The arrival handshake: returns once every rank of the communicator has reached the
     /// same collective; a rank still waiting at the deadline names the absent ranks and ends
     /// the job. Messages between two ranks never overtake each other, so the k-th arrival
@@ -264,6 +316,9 @@ impl MpiComm {
         all
     }
 }
+
+/// A request of [`Communicator::exchange`]: for a receive, the sender and the length posted.
+type Pending<'a, S> = (Option<(usize, usize)>, Request<'a, [u8], S>);
 
 /// Between two polls: spin briefly (collectives usually finish within microseconds), then
 /// sleep; now and then answer the liveness probes of ranks that timed out.
@@ -629,6 +684,43 @@ impl Communicator for MpiComm {
         }
         dummy_s.clear();
         Ok(())
+    }
+
+    fn exchange(&self, sends: &[(usize, &[u8])], recvs: &mut [(usize, &mut [u8])]) -> Result<()> {
+        let n = self.size();
+        let peer = |p: usize| {
+            i32::try_from(p)
+                .ok()
+                .filter(|_| p < n)
+                .ok_or_else(|| Error::comm("exchange", format!("peer {p} out of range")))
+        };
+        let targets: Vec<i32> = sends.iter().map(|(p, _)| peer(*p)).collect::<Result<_>>()?;
+        let sources: Vec<i32> = recvs.iter().map(|(p, _)| peer(*p)).collect::<Result<_>>()?;
+        self.arrive();
+        // Every message straight from and into the callers' memory (single-copy for large
+        // messages between processes of one node); messages over `chunk` bytes go as
+        // consecutive pieces, cut the same way on both sides.
+        let chunk = self.chunk;
+        mpi::request::scope(|sc| {
+            let mut reqs = Vec::with_capacity(sends.len() + recvs.len());
+            for ((p, buf), &src) in recvs.iter_mut().zip(&sources) {
+                let from = self.comm.process_at_rank(src);
+                for piece in buf.chunks_mut(chunk) {
+                    let want = Some((*p, piece.len()));
+                    reqs.push((
+                        want,
+                        from.immediate_receive_into_with_tag(sc, piece, EXCHANGE_TAG),
+                    ));
+                }
+            }
+            for ((_, bytes), &dst) in sends.iter().zip(&targets) {
+                let to = self.comm.process_at_rank(dst);
+                for piece in bytes.chunks(chunk) {
+                    reqs.push((None, to.immediate_send_with_tag(sc, piece, EXCHANGE_TAG)));
+                }
+            }
+            self.wait_all(reqs)
+        })
     }
 
     fn abort(&self, code: i32, msg: &str) {

@@ -1,7 +1,7 @@
 //! In-process communicator: one thread per rank, for tests and single-node runs without a
 //! launcher.
 //!
-//! Every collective is one "exchange" round on a shared slot: each rank deposits a buffer, the
+//! Every collective is one round on a shared slot: each rank deposits a buffer, the
 //! last one to arrive publishes all deposits and bumps the generation, and every rank takes
 //! what it needs from the published round. A rank can only overwrite the published round by
 //! completing the next one, which needs every rank to have arrived, so nobody reads a stale
@@ -111,7 +111,7 @@ impl ThreadComm {
     }
 
     /// One collective round: deposit `data`, wait for everyone, return all deposits.
-    fn exchange(&self, data: Vec<u8>) -> Result<Round> {
+    fn round(&self, data: Vec<u8>) -> Result<Round> {
         let g = &self.group;
         if let Some(msg) = g.abort.get() {
             return Err(Error::Aborted {
@@ -201,7 +201,7 @@ impl Communicator for ThreadComm {
         mine.extend_from_slice(&u64::from(color.is_some()).to_le_bytes());
         mine.extend_from_slice(&u64::from(color.unwrap_or(0)).to_le_bytes());
         mine.extend_from_slice(&(key as u64).to_le_bytes());
-        let round = self.exchange(mine)?;
+        let round = self.round(mine)?;
         let Some(color) = color else {
             return Ok(None);
         };
@@ -239,7 +239,7 @@ impl Communicator for ThreadComm {
     }
 
     fn barrier(&self) -> Result<()> {
-        self.exchange(Vec::new()).map(|_| ())
+        self.round(Vec::new()).map(|_| ())
     }
 
     fn broadcast(&self, root: usize, buf: &mut [u8]) -> Result<()> {
@@ -254,7 +254,7 @@ impl Communicator for ThreadComm {
         } else {
             Vec::new()
         };
-        let round = self.exchange(data)?;
+        let round = self.round(data)?;
         if self.rank != root {
             let src = round
                 .get(root)
@@ -276,7 +276,7 @@ impl Communicator for ThreadComm {
     }
 
     fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let round = self.exchange(mine.to_vec())?;
+        let round = self.round(mine.to_vec())?;
         Ok(round.iter().map(|d| d.as_ref().clone()).collect())
     }
 
@@ -301,7 +301,7 @@ impl Communicator for ThreadComm {
             packed.extend_from_slice(s);
         }
         drop(send);
-        let round = self.exchange(packed)?;
+        let round = self.round(packed)?;
         let me = self.rank;
         round
             .iter()
@@ -313,6 +313,70 @@ impl Communicator for ThreadComm {
                     .ok_or_else(|| Error::comm("all_to_all_v", "malformed deposit"))
             })
             .collect()
+    }
+
+    fn exchange(&self, sends: &[(usize, &[u8])], recvs: &mut [(usize, &mut [u8])]) -> Result<()> {
+        let n = self.size();
+        // Deposit: a table of (offset, len) per destination, then the messages grouped by
+        // destination, in order (one copy in; each receiver copies its part out).
+        let mut counts = vec![0u64; n];
+        for (p, b) in sends {
+            let slot = counts.get_mut(*p).ok_or_else(|| {
+                Error::comm("exchange", format!("peer {p} out of range for {n} ranks"))
+            })?;
+            *slot += b.len() as u64;
+        }
+        let total: u64 = counts.iter().sum();
+        let mut deposit = Vec::new();
+        deposit
+            .try_reserve_exact(16 * n + total as usize)
+            .map_err(|_| Error::OutOfMemory {
+                bytes: total,
+                what: "exchanged messages".into(),
+                rank: Some(self.world_rank()),
+            })?;
+        let mut off = 0u64;
+        for &c in &counts {
+            deposit.extend_from_slice(&off.to_le_bytes());
+            deposit.extend_from_slice(&c.to_le_bytes());
+            off += c;
+        }
+        for d in 0..n {
+            for (_, b) in sends.iter().filter(|(p, _)| *p == d) {
+                deposit.extend_from_slice(b);
+            }
+        }
+        let round = self.round(deposit)?;
+        let me = self.rank;
+        for (o, dep) in round.iter().enumerate() {
+            let start = word(dep, 2 * me) as usize + 16 * n;
+            let len = word(dep, 2 * me + 1) as usize;
+            let got = dep
+                .get(start..start + len)
+                .ok_or_else(|| Error::comm("exchange", "malformed deposit"))?;
+            let want: usize = recvs
+                .iter()
+                .filter(|(p, _)| *p == o)
+                .map(|(_, b)| b.len())
+                .sum();
+            if want != len {
+                return Err(Error::comm(
+                    "exchange",
+                    format!(
+                        "rank {} sent {len} bytes, {want} expected",
+                        self.group.world_ranks.get(o).copied().unwrap_or(o)
+                    ),
+                ));
+            }
+            let mut at = 0;
+            for (_, buf) in recvs.iter_mut().filter(|(p, _)| *p == o) {
+                if let Some(s) = got.get(at..at + buf.len()) {
+                    buf.copy_from_slice(s);
+                }
+                at += buf.len();
+            }
+        }
+        Ok(())
     }
 
     fn abort(&self, code: i32, msg: &str) {

@@ -3,11 +3,10 @@
 
 use std::collections::HashMap;
 
-use super::schedule::{BroadcastSchedule, ReadOnceSchedule};
-use super::segments::{read_segments, slice_range};
+use super::schedule::BroadcastSchedule;
 use super::target::Target;
 use super::{ShareOptions, Traffic};
-use crate::comm::{agree, node_comm, rank_list, Communicator};
+use crate::comm::{agree, rank_list, Communicator};
 use crate::plan::Plan;
 use crate::{Error, Result};
 
@@ -17,7 +16,7 @@ const BROADCAST_BATCH: u64 = 64 << 20;
 
 /// A zeroed buffer of `len` bytes, allocated fallibly: a failure names the rank, the size and
 /// what the buffer was for.
-fn buffer(buf: &mut Vec<u8>, len: u64, rank: usize, what: &str) -> Result<()> {
+pub(super) fn buffer(buf: &mut Vec<u8>, len: u64, rank: usize, what: &str) -> Result<()> {
     let fail = || Error::OutOfMemory {
         bytes: len,
         what: what.to_string(),
@@ -31,7 +30,7 @@ fn buffer(buf: &mut Vec<u8>, len: u64, rank: usize, what: &str) -> Result<()> {
 }
 
 /// FNV-1a of a sequence of words: a short digest of counts to compare across ranks.
-fn digest(words: impl IntoIterator<Item = u64>) -> u64 {
+pub(super) fn digest(words: impl IntoIterator<Item = u64>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for w in words {
         for b in w.to_le_bytes() {
@@ -202,154 +201,6 @@ pub(super) fn broadcast(
         }
     }
     Ok(read)
-}
-
-/// Read-once mode. Returns the bytes read from storage.
-pub(super) fn read_once(
-    plan: &Plan,
-    world: &dyn Communicator,
-    opts: &ShareOptions,
-    target: &mut Target<'_>,
-    traffic: &mut Traffic,
-) -> Result<u64> {
-    let me = world.rank();
-    // The group that reads the checkpoint once: the whole job, or this node's ranks.
-    world.set_phase("read-once: node groups");
-    let (group, members): (Option<Box<dyn Communicator>>, Vec<usize>) = if opts.per_node {
-        let node = opts.node.clone().unwrap_or_else(crate::comm::host_name);
-        let (c, m) = node_comm(world, &node)?;
-        (Some(c), m)
-    } else {
-        (None, (0..world.size()).collect())
-    };
-    let gcomm: &dyn Communicator = match &group {
-        Some(c) => c.as_ref(),
-        None => world,
-    };
-    let s = ReadOnceSchedule::new(plan, &members, gcomm.rank(), opts.round_bytes);
-    let n = members.len();
-    let my_idx = gcomm.rank();
-
-    // Counts first: every member tells every other how many bytes it will send it in each
-    // round (and how many rounds the group has); a receiver that expects other counts names
-    // the sender before any data moves. Agreed on the world: groups never wait on each other
-    // after this, so a failure anywhere must be known everywhere now.
-    world.set_phase("read-once: count check");
-    let expect: Vec<Vec<u64>> = (0..s.rounds).map(|r| s.recv_counts(r)).collect();
-    let announce: Vec<Vec<u8>> = (0..n)
-        .map(|d| {
-            let mut v = Vec::with_capacity(8 * (s.rounds + 1));
-            v.extend_from_slice(&(s.rounds as u64).to_le_bytes());
-            for r in 0..s.rounds {
-                let c = s.send_counts(r).get(d).copied().unwrap_or(0);
-                v.extend_from_slice(&c.to_le_bytes());
-            }
-            v
-        })
-        .collect();
-    let check = gcomm.all_to_all_v(announce).and_then(|got| {
-        let mut bad = Vec::new();
-        for (o, g) in got.iter().enumerate() {
-            let mut want = Vec::with_capacity(8 * (s.rounds + 1));
-            want.extend_from_slice(&(s.rounds as u64).to_le_bytes());
-            for e in &expect {
-                want.extend_from_slice(&e.get(o).copied().unwrap_or(0).to_le_bytes());
-            }
-            if *g != want {
-                bad.push(members.get(o).copied().unwrap_or(o));
-            }
-        }
-        if bad.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::comm(
-                "read-once",
-                format!(
-                    "rank {me}: rank {} announced other rounds or counts than this rank expects",
-                    rank_list(&bad)
-                ),
-            ))
-        }
-    });
-    agree(world, check)?;
-
-    let rounds = s.rounds;
-    let mut read_total = 0u64;
-    let (mut staging, mut packed, mut incoming) = (Vec::new(), Vec::new(), Vec::new());
-    let result = (|| -> Result<()> {
-        for round in 0..rounds {
-            gcomm.set_phase(&format!("read-once round {} of {rounds}", round + 1));
-            // Read this rank's pieces of the round and size the round's send and receive
-            // buffers (reused across rounds: fresh pages cost more than the copy). Agreed
-            // before the all-to-all, so no member enters it alone.
-            let send_counts = s.send_counts(round);
-            let total: u64 = send_counts.iter().sum();
-            let recv_counts = s.recv_counts(round);
-            let recv_total: u64 = recv_counts.iter().sum();
-            let r = (|| {
-                let pieces = s.own_pieces(round);
-                let len: u64 = pieces.iter().map(|p| p.len).sum();
-                buffer(&mut staging, len, me, "read-once staging")?;
-                buffer(&mut packed, total, me, "the read-once send buffer")?;
-                packed.clear();
-                buffer(
-                    &mut incoming,
-                    recv_total,
-                    me,
-                    "the read-once receive buffer",
-                )?;
-                read_segments(plan, &pieces, &mut staging, &opts.load)
-            })();
-            // Within the group only: other groups may have other round counts.
-            read_total += agree(gcomm, r)?;
-            // This rank's own transfers go straight from the staging buffer to their memory.
-            for x in s.sends(round, my_idx) {
-                let base = s.pieces.get(x.piece).map_or(0, |p| p.buf_off);
-                let from = slice_range(base + x.off, x.len, staging.len())?;
-                slice_range(x.dst, x.len, target.len())?;
-                target.write(x.dst, staging.get(from).unwrap_or(&[]))?;
-            }
-            // One packed send buffer, in destination order (nothing to self).
-            for d in (0..n).filter(|&d| d != my_idx) {
-                for x in s.sends(round, d) {
-                    let base = s.pieces.get(x.piece).map_or(0, |p| p.buf_off);
-                    let range = slice_range(base + x.off, x.len, staging.len())?;
-                    packed.extend_from_slice(staging.get(range).unwrap_or(&[]));
-                }
-            }
-            traffic.sent_bytes += total;
-            let to_usize = |v: Vec<u64>| -> Result<Vec<usize>> {
-                v.into_iter()
-                    .map(|c| {
-                        usize::try_from(c).map_err(|_| {
-                            Error::comm("read-once", format!("a count of {c} bytes is too large"))
-                        })
-                    })
-                    .collect()
-            };
-            gcomm.all_to_all_packed(
-                &packed,
-                &to_usize(send_counts)?,
-                &mut incoming,
-                &to_usize(recv_counts)?,
-            )?;
-            let mut cursor = 0u64;
-            for o in (0..n).filter(|&o| o != my_idx) {
-                for x in s.receives(round, o) {
-                    let from = slice_range(cursor, x.len, incoming.len())?;
-                    slice_range(x.dst, x.len, target.len())?;
-                    target.write(x.dst, incoming.get(from).unwrap_or(&[]))?;
-                    cursor += x.len;
-                }
-            }
-            traffic.received_bytes += cursor;
-        }
-        Ok(())
-    })();
-    // Groups finish at different times; the job finishes together.
-    world.set_phase("read-once: done");
-    agree(world, result)?;
-    Ok(read_total)
 }
 
 #[cfg(test)]

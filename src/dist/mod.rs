@@ -41,6 +41,7 @@
 
 mod default;
 mod exchange;
+mod read_once;
 mod schedule;
 mod segments;
 mod target;
@@ -368,7 +369,7 @@ pub fn load_shared_into(
             let schedule = shared.broadcast();
             exchange::broadcast(plan, schedule, world, opts, &mut target, &mut traffic)?
         }
-        ShareMode::ReadOnce => exchange::read_once(plan, world, opts, &mut target, &mut traffic)?,
+        ShareMode::ReadOnce => read_once::read_once(plan, world, opts, &mut target, &mut traffic)?,
     };
     drop(target);
     world.set_phase("done");

@@ -461,6 +461,87 @@ pub struct ReadOnceSchedule {
     send: Vec<Vec<Vec<Xfer>>>,
     /// `recv[round][owner]`: what this member receives (from itself included).
     recv: Vec<Vec<Vec<Xfer>>>,
+    /// How `send[round][dest]` travels.
+    send_plans: Vec<Vec<PairPlan>>,
+    /// How `recv[round][owner]` travels.
+    recv_plans: Vec<Vec<PairPlan>>,
+}
+
+/// Runs of transfers below this size (bytes landing contiguously in the receiver's arena)
+/// travel together in one bundle per pair and round; larger ones are messages of their own,
+/// received straight into the arena. A message costs a few microseconds of handshakes; a
+/// bundled byte, a copy on each side.
+pub(crate) const SMALL_MESSAGE: u64 = 64 << 10;
+
+/// How the transfers of one round from an owner to a receiver travel, computed the same by
+/// both (from the same transfer list, in the receiver's arena order): `direct` messages, each
+/// a run of transfers that lands contiguously in the receiver's arena, then one bundle of the
+/// transfers of the smaller runs. Ranges index the pair's transfer list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PairPlan {
+    pub(crate) direct: Vec<std::ops::Range<usize>>,
+    pub(crate) bundle: Vec<std::ops::Range<usize>>,
+}
+
+static EMPTY_PAIR: PairPlan = PairPlan {
+    direct: Vec::new(),
+    bundle: Vec::new(),
+};
+
+impl PairPlan {
+    /// Bytes of the bundle (of `xs`, the pair's transfer list).
+    pub(crate) fn bundle_bytes(&self, xs: &[Xfer]) -> u64 {
+        self.bundle
+            .iter()
+            .filter_map(|r| xs.get(r.clone()))
+            .flatten()
+            .map(|x| x.len)
+            .sum()
+    }
+
+    /// The lengths of the messages in the order they are sent: every direct message, then
+    /// the bundle when it is not empty. Both sides compare a digest of them before any
+    /// round.
+    pub(crate) fn message_lengths(&self, xs: &[Xfer]) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .direct
+            .iter()
+            .map(|r| {
+                xs.get(r.clone())
+                    .map_or(0, |m| m.iter().map(|x| x.len).sum())
+            })
+            .collect();
+        let b = self.bundle_bytes(xs);
+        if b > 0 {
+            v.push(b);
+        }
+        v
+    }
+}
+
+/// Cuts a pair's transfers (sorted by arena offset) into runs that land contiguously and
+/// sorts the runs into direct messages and the bundle by [`SMALL_MESSAGE`].
+pub(crate) fn pair_plan(xs: &[Xfer]) -> PairPlan {
+    let mut out = PairPlan::default();
+    let mut start = 0;
+    while start < xs.len() {
+        let mut end = start + 1;
+        let mut len = xs.get(start).map_or(0, |x| x.len);
+        while let (Some(prev), Some(next)) = (xs.get(end - 1), xs.get(end)) {
+            if prev.dst + prev.len != next.dst {
+                break;
+            }
+            len += next.len;
+            end += 1;
+        }
+        if len >= SMALL_MESSAGE {
+            out.direct.push(start..end);
+        } else {
+            out.bundle.push(start..end);
+        }
+        start = end;
+    }
+    out
 }
 
 impl ReadOnceSchedule {
@@ -517,6 +598,18 @@ impl ReadOnceSchedule {
                 }
             }
         }
+        // In arena order of the receiver, the same on both sides of a pair (both built the
+        // list from the receiver's segments): messages are runs of it.
+        for per_peer in send.iter_mut().chain(recv.iter_mut()).flatten() {
+            per_peer.sort_by_key(|x| x.dst);
+        }
+        let plans = |lists: &[Vec<Vec<Xfer>>]| -> Vec<Vec<PairPlan>> {
+            lists
+                .iter()
+                .map(|r| r.iter().map(|v| pair_plan(v)).collect())
+                .collect()
+        };
+        let (send_plans, recv_plans) = (plans(&send), plans(&recv));
         ReadOnceSchedule {
             pieces,
             rounds,
@@ -524,7 +617,71 @@ impl ReadOnceSchedule {
             n,
             send,
             recv,
+            send_plans,
+            recv_plans,
         }
+    }
+
+    /// How the transfers of `round` from this member to `dest` travel.
+    pub(crate) fn send_plan(&self, round: usize, dest: usize) -> &PairPlan {
+        self.send_plans
+            .get(round)
+            .and_then(|r| r.get(dest))
+            .unwrap_or(&EMPTY_PAIR)
+    }
+
+    /// How the transfers of `round` from `owner` to this member travel.
+    pub(crate) fn recv_plan(&self, round: usize, owner: usize) -> &PairPlan {
+        self.recv_plans
+            .get(round)
+            .and_then(|r| r.get(owner))
+            .unwrap_or(&EMPTY_PAIR)
+    }
+
+    /// Where transfer `x` (of this member's pieces) lies in its staging buffer.
+    pub(crate) fn staging_offset(&self, x: &Xfer) -> u64 {
+        self.pieces.get(x.piece).map_or(0, |p| p.buf_off) + x.off
+    }
+
+    /// Whether the transfers `xs` lie back to back in this member's staging buffer (so a
+    /// message of them is sent straight from there).
+    pub(crate) fn contiguous_in_staging(&self, xs: &[Xfer]) -> bool {
+        xs.windows(2).all(|w| match w {
+            [a, b] => self.staging_offset(a) + a.len == self.staging_offset(b),
+            _ => true,
+        })
+    }
+
+    /// Bytes of `round` this member packs before sending: its bundles and the direct
+    /// messages whose bytes are not contiguous in its staging buffer.
+    pub fn packed_bytes(&self, round: usize) -> u64 {
+        (0..self.n)
+            .filter(|&d| d != self.me)
+            .map(|d| {
+                let xs = self.sends(round, d);
+                let plan = self.send_plan(round, d);
+                let bundled: u64 = plan.bundle_bytes(xs);
+                let scattered: u64 = plan
+                    .direct
+                    .iter()
+                    .filter_map(|r| xs.get(r.clone()))
+                    .filter(|m| !self.contiguous_in_staging(m))
+                    .map(|m| m.iter().map(|x| x.len).sum::<u64>())
+                    .sum();
+                bundled + scattered
+            })
+            .sum()
+    }
+
+    /// Bytes of `round` this member receives in bundles (copied into the arena afterwards).
+    pub fn bundled_bytes(&self, round: usize) -> u64 {
+        (0..self.n)
+            .filter(|&o| o != self.me)
+            .map(|o| {
+                self.recv_plan(round, o)
+                    .bundle_bytes(self.receives(round, o))
+            })
+            .sum()
     }
 
     /// What this member reads in `round`: its pieces, as segments into its staging buffer.

@@ -150,6 +150,29 @@ impl<'a> Target<'a> {
     pub(crate) fn len(&self) -> usize {
         self.arena.len()
     }
+
+    /// Whether `[start, start + len)` lies inside one caller buffer or outside all of them
+    /// (then [`Target::span_mut`] gives it as one slice).
+    pub(crate) fn is_whole(&self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        match self.holder(start) {
+            Some((_, _, e)) => end <= e,
+            None => len == 0 || end <= self.next_edge(start),
+        }
+    }
+
+    /// The arena and the caller buffers (`(first arena byte, buffer)`, sorted by start), to
+    /// cut several disjoint spans at once.
+    pub(crate) fn parts_mut(&mut self) -> (&mut [u8], Vec<(u64, &mut [u8])>) {
+        let redirects = self
+            .redirects
+            .iter_mut()
+            .map(|(s, b)| (*s, &mut **b))
+            .collect();
+        (&mut *self.arena, redirects)
+    }
 }
 
 #[cfg(test)]

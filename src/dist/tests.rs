@@ -307,3 +307,72 @@ fn options_are_validated_and_fingerprinted_by_field() {
     assert!("all".parse::<ShareMode>().unwrap_err().is_usage());
     assert_eq!(ShareMode::ReadOnce.to_string(), "read-once");
 }
+
+#[test]
+fn read_once_messages_pair_up_and_cover_every_transfer_once() {
+    use super::schedule::SMALL_MESSAGE;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut direct, mut packed, mut bundled) = (0u64, 0u64, 0u64);
+    for (i, (tp, pp, dp)) in [(4, 1, 1), (2, 2, 1), (2, 1, 2)].into_iter().enumerate() {
+        let job = job(
+            &dir.path().join(i.to_string()),
+            Topology::new(tp, pp, dp, 1).unwrap(),
+        );
+        let plan = &job.plan;
+        let members: Vec<usize> = (0..plan.ranks.len()).collect();
+        for round in [MIN_ROUND_BYTES, 1 << 20] {
+            let s: Vec<ReadOnceSchedule> = (0..members.len())
+                .map(|me| ReadOnceSchedule::new(plan, &members, me, round))
+                .collect();
+            for r in 0..s[0].rounds {
+                for (o, so) in s.iter().enumerate() {
+                    let mut packs = 0;
+                    for (d, sd) in s.iter().enumerate() {
+                        // Both sides see the same transfers, cut the same way.
+                        let xs = so.sends(r, d);
+                        assert_eq!(xs, sd.receives(r, o));
+                        let p = so.send_plan(r, d);
+                        assert_eq!(p, sd.recv_plan(r, o));
+                        // Direct messages and bundle runs partition the list, in order.
+                        let mut runs: Vec<_> = p.direct.iter().chain(&p.bundle).cloned().collect();
+                        runs.sort_by_key(|x| x.start);
+                        let mut next = 0;
+                        for run in &runs {
+                            assert_eq!(run.start, next);
+                            next = run.end;
+                            let m = &xs[run.clone()];
+                            // A run lands back to back in the receiver's arena.
+                            for w in m.windows(2) {
+                                assert_eq!(w[0].dst + w[0].len, w[1].dst);
+                            }
+                            let len: u64 = m.iter().map(|x| x.len).sum();
+                            let is_direct = p.direct.contains(run);
+                            assert_eq!(is_direct, len >= SMALL_MESSAGE, "run {run:?}");
+                            if d == o {
+                                continue;
+                            }
+                            match (is_direct, so.contiguous_in_staging(m)) {
+                                (true, true) => direct += len,
+                                (true, false) => {
+                                    packed += len;
+                                    packs += len;
+                                }
+                                (false, _) => {
+                                    bundled += len;
+                                    packs += len;
+                                }
+                            }
+                        }
+                        assert_eq!(next, xs.len());
+                    }
+                    assert_eq!(so.packed_bytes(r), packs, "round {r} member {o}");
+                }
+            }
+        }
+    }
+    // Every kind of message occurs: straight from staging, packed first, bundled.
+    assert!(
+        direct > 0 && packed > 0 && bundled > 0,
+        "{direct} {packed} {bundled}"
+    );
+}

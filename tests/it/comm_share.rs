@@ -477,3 +477,412 @@ fn shared_tensors_are_the_local_rank_tensors_type() {
         assert_eq!(r.unwrap(), job.plan().ranks()[rank].tensors().len());
     }
 }
+
+/// A communicator that keeps only the trait's default `exchange` (packed through
+/// `all_to_all_packed`, as a backend that overrides nothing), counts exchanges, and can
+/// stall one rank before its n-th exchange.
+struct Plain<C> {
+    inner: C,
+    exchanges: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// (world rank, exchange number from 1, how long) of a stall.
+    stall: Option<(usize, usize, Duration)>,
+    world_rank: usize,
+    /// Whether `exchange` goes to the inner backend's own (overridden) one.
+    own_exchange: bool,
+}
+
+impl<C> Plain<C> {
+    fn new(inner: C, world_rank: usize, own_exchange: bool) -> Self {
+        Plain {
+            inner,
+            exchanges: Default::default(),
+            stall: None,
+            world_rank,
+            own_exchange,
+        }
+    }
+}
+
+impl<C: std::ops::Deref<Target = dyn Communicator>> Communicator for Plain<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn split(
+        &self,
+        color: Option<u32>,
+        key: usize,
+    ) -> safeshard::Result<Option<Box<dyn Communicator>>> {
+        Ok(self.inner.split(color, key)?.map(|c| {
+            Box::new(Plain {
+                inner: c,
+                exchanges: self.exchanges.clone(),
+                stall: self.stall,
+                world_rank: self.world_rank,
+                own_exchange: self.own_exchange,
+            }) as Box<dyn Communicator>
+        }))
+    }
+    fn barrier(&self) -> safeshard::Result<()> {
+        self.inner.barrier()
+    }
+    fn broadcast(&self, root: usize, buf: &mut [u8]) -> safeshard::Result<()> {
+        self.inner.broadcast(root, buf)
+    }
+    fn all_gather(&self, mine: &[u8]) -> safeshard::Result<Vec<Vec<u8>>> {
+        self.inner.all_gather(mine)
+    }
+    fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> safeshard::Result<Vec<Vec<u8>>> {
+        self.inner.all_to_all_v(send)
+    }
+    fn all_to_all_packed(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> safeshard::Result<()> {
+        self.inner
+            .all_to_all_packed(send, send_counts, recv, recv_counts)
+    }
+    fn exchange(
+        &self,
+        sends: &[(usize, &[u8])],
+        recvs: &mut [(usize, &mut [u8])],
+    ) -> safeshard::Result<()> {
+        use std::sync::atomic::Ordering;
+        let n = self.exchanges.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some((rank, at, pause)) = self.stall {
+            if rank == self.world_rank && n == at {
+                std::thread::sleep(pause);
+            }
+        }
+        if self.own_exchange {
+            self.inner.exchange(sends, recvs)
+        } else {
+            // The trait's default, reached through a shim that overrides nothing.
+            struct Default<'a>(&'a dyn Communicator);
+            impl Communicator for Default<'_> {
+                fn rank(&self) -> usize {
+                    self.0.rank()
+                }
+                fn size(&self) -> usize {
+                    self.0.size()
+                }
+                fn split(
+                    &self,
+                    c: Option<u32>,
+                    k: usize,
+                ) -> safeshard::Result<Option<Box<dyn Communicator>>> {
+                    self.0.split(c, k)
+                }
+                fn barrier(&self) -> safeshard::Result<()> {
+                    self.0.barrier()
+                }
+                fn broadcast(&self, root: usize, buf: &mut [u8]) -> safeshard::Result<()> {
+                    self.0.broadcast(root, buf)
+                }
+                fn all_gather(&self, mine: &[u8]) -> safeshard::Result<Vec<Vec<u8>>> {
+                    self.0.all_gather(mine)
+                }
+                fn all_to_all_v(&self, send: Vec<Vec<u8>>) -> safeshard::Result<Vec<Vec<u8>>> {
+                    self.0.all_to_all_v(send)
+                }
+                fn abort(&self, code: i32, msg: &str) {
+                    self.0.abort(code, msg)
+                }
+                fn set_timeout(&self, t: Option<Duration>) {
+                    self.0.set_timeout(t)
+                }
+                fn set_phase(&self, phase: &str) {
+                    self.0.set_phase(phase)
+                }
+            }
+            Default(&*self.inner).exchange(sends, recvs)
+        }
+    }
+    fn abort(&self, code: i32, msg: &str) {
+        self.inner.abort(code, msg)
+    }
+    fn set_timeout(&self, timeout: Option<Duration>) {
+        self.inner.set_timeout(timeout)
+    }
+    fn timeout(&self) -> Option<Duration> {
+        self.inner.timeout()
+    }
+    fn set_phase(&self, phase: &str) {
+        self.inner.set_phase(phase)
+    }
+}
+
+/// xorshift64*: a fixed sequence of pseudo-random cases (reproducible, no dependency).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len() as u64) as usize]
+    }
+}
+
+/// The pipelined read-once (rounds read ahead, messages straight into the arena, bundles,
+/// packed strided runs) gives every rank the bytes of a plain local load, on random plans:
+/// models with dim-0, inner-dim and expert splits, random topologies, stage splits, round
+/// sizes, engines and node groupings, on the thread backend's own exchange and on the
+/// trait's default one. Each group reads its union once.
+#[test]
+fn pipelined_read_once_equals_a_plain_load_on_random_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let models: Vec<(&str, PathBuf)> = ["llama-tiny", "mixtral-tiny", "qwen2-tiny"]
+        .iter()
+        .map(|m| {
+            let opts = SynthOptions::preset(m).unwrap().with_layers(4);
+            let p = dir.path().join(m);
+            synth::write_checkpoint(&p, &opts).unwrap();
+            (*m, p)
+        })
+        .collect();
+    let mut rng = Rng(0x5afe_5eed);
+    let mut ran = 0;
+    for case in 0..40 {
+        let (model, path) = rng.pick(&models);
+        let (tp, pp, dp) = (
+            *rng.pick(&[1, 2, 4]),
+            *rng.pick(&[1, 2]),
+            *rng.pick(&[1, 2]),
+        );
+        let ep = if model.contains("mixtral") && rng.below(2) == 1 {
+            tp * dp
+        } else {
+            1
+        };
+        let Ok(mut t) = Topology::new(tp, pp, dp, ep) else {
+            continue;
+        };
+        if pp == 2 {
+            let first = 1 + rng.below(3) as usize;
+            t.pp_layers = Some(vec![first, 4 - first]);
+        }
+        let Ok(job) = Job::open(path, t, None, &[]) else {
+            continue;
+        };
+        let world = job.world();
+        let nodes = 1 + rng.below(3);
+        let node_of: Vec<String> = (0..world)
+            .map(|_| format!("n{}", rng.below(nodes)))
+            .collect();
+        let o = ShareOptions {
+            per_node: rng.below(2) == 1,
+            round_bytes: *rng.pick(&[64 << 10, 100_000, 1 << 20, 7 << 20]),
+            load: LoadOptions {
+                io: *rng.pick(&[IoMode::Pread, IoMode::Mmap, IoMode::Auto]),
+                ..Default::default()
+            },
+            ..opts(ShareMode::ReadOnce, IoMode::Pread)
+        };
+        let own_exchange = rng.below(3) != 0;
+        let what = format!(
+            "case {case}: {model} tp{tp} pp{pp} dp{dp} ep{ep} {:?} per_node {} round {} {:?} \
+             nodes {node_of:?} own exchange {own_exchange}",
+            job.plan.ranks.len(),
+            o.per_node,
+            o.round_bytes,
+            o.load.io
+        );
+        let shared = SharedPlan::new(&job.plan);
+        let loads: Vec<(RankTensors, Traffic)> = run_threads(world, |c| {
+            let comm = Plain::new(c as &dyn Communicator, c.rank(), own_exchange);
+            let o = ShareOptions {
+                node: Some(node_of[c.rank()].clone()),
+                ..o.clone()
+            };
+            load_shared_with(&shared, &comm, &o)
+        })
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{what}: {e}")))
+        .collect();
+        check(&job, &loads, &what);
+        let sent: u64 = loads.iter().map(|l| l.1.sent_bytes).sum();
+        let received: u64 = loads.iter().map(|l| l.1.received_bytes).sum();
+        assert_eq!(sent, received, "{what}");
+        // Each group (the job, or a node) reads its union once; Pread reads the bytes asked
+        // for, mmap (and Auto's gathers from the page cache) count whole pages.
+        let groups: Vec<Vec<usize>> = if o.per_node {
+            let mut names: Vec<&String> = node_of.iter().collect();
+            names.sort();
+            names.dedup();
+            names
+                .iter()
+                .map(|n| (0..world).filter(|&r| &node_of[r] == *n).collect())
+                .collect()
+        } else {
+            vec![(0..world).collect()]
+        };
+        for g in groups {
+            let read: u64 = g.iter().map(|&r| loads[r].0.stats().read_bytes).sum();
+            let union = union_bytes(&job, g.iter().copied());
+            if o.load.io != IoMode::Pread {
+                assert!(read >= union, "{what}: group {g:?} read {read} < {union}");
+            } else {
+                assert_eq!(read, union, "{what}: group {g:?}");
+            }
+        }
+        ran += 1;
+    }
+    assert!(ran >= 25, "only {ran} of 40 random cases were valid plans");
+}
+
+/// A rank whose read fails in a later round (its copy of the second file is truncated after
+/// planning) fails every rank after rounds have been exchanged: the failed rank names the
+/// file, every other rank names the failed rank, and no rank hangs.
+#[test]
+fn a_read_failing_mid_load_fails_every_rank_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..4)
+        .map(|r| write(&dir.path().join(format!("node{r}")), 4))
+        .collect();
+    let jobs: Vec<Job> = dirs
+        .iter()
+        .map(|d| Job::open(d, topo(4, 1, 1, None), None, &[]).unwrap())
+        .collect();
+    let f = dirs[2].join("model-00002-of-00002.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    for own_exchange in [true, false] {
+        let start = Instant::now();
+        let counts: Vec<_> = (0..4)
+            .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)))
+            .collect();
+        let out = run_threads(4, |c| {
+            let mut comm = Plain::new(c as &dyn Communicator, c.rank(), own_exchange);
+            comm.exchanges = counts[c.rank()].clone();
+            load_shared(
+                &jobs[c.rank()].plan,
+                &comm,
+                &opts(ShareMode::ReadOnce, IoMode::Pread),
+            )
+        });
+        assert!(start.elapsed() < Duration::from_secs(20));
+        // Rounds were exchanged before the failing one.
+        let done = counts[0].load(std::sync::atomic::Ordering::SeqCst);
+        assert!(done >= 2, "only {done} rounds exchanged before the failure");
+        for (rank, r) in out.iter().enumerate() {
+            let msg = r.as_ref().unwrap_err().to_string();
+            if rank == 2 {
+                assert!(
+                    msg.contains("node2/model-00002-of-00002.safetensors"),
+                    "{msg}"
+                );
+            } else {
+                assert!(msg.contains("rank 2"), "rank {rank}: {msg}");
+            }
+        }
+    }
+}
+
+/// A rank that stops in the middle of the rounds (before its third exchange) is named by
+/// every rank waiting for it, with the round's phase, within the timeout.
+#[test]
+fn a_rank_stalled_mid_round_is_named_with_the_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job::open(write(dir.path(), 4), topo(4, 1, 1, None), None, &[]).unwrap();
+    let start = Instant::now();
+    let out = run_threads(4, |c| {
+        let mut comm = Plain::new(c as &dyn Communicator, c.rank(), true);
+        comm.stall = Some((2, 3, Duration::from_secs(3)));
+        let o = ShareOptions {
+            timeout: Some(Duration::from_secs(1)),
+            ..opts(ShareMode::ReadOnce, IoMode::Pread)
+        };
+        load_shared(&job.plan, &comm, &o)
+    });
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    for (rank, r) in out.iter().enumerate() {
+        let msg = r.as_ref().unwrap_err().to_string();
+        if rank == 2 {
+            continue;
+        }
+        assert!(
+            msg.contains("timed out after 1s in phase \"read-once round 3 of ")
+                && msg.ends_with("rank 2 did not arrive"),
+            "rank {rank}: {msg}"
+        );
+    }
+    assert!(out[2].is_err());
+}
+
+/// `exchange` on the thread backend and through the trait's default: several messages per
+/// pair, in order, of any length (none at all between some pairs); a sender whose total
+/// differs from what the receiver lists is named, and nothing is written past a buffer.
+#[test]
+fn exchange_delivers_messages_in_order_and_names_a_wrong_sender() {
+    let msg = |from: usize, to: usize, k: usize| -> Vec<u8> {
+        (0..(from * 7 + to * 3 + k * 1000) % 5000)
+            .map(|i| (i * 31 + from * 5 + to * 11 + k) as u8)
+            .collect()
+    };
+    // Rank r sends (r + d) % 3 messages to d != r.
+    let count = |from: usize, to: usize| if from == to { 0 } else { (from + to) % 3 };
+    for own_exchange in [true, false] {
+        let out = run_threads(4, |c| {
+            let comm = Plain::new(c as &dyn Communicator, c.rank(), own_exchange);
+            let me = c.rank();
+            let owned: Vec<(usize, Vec<u8>)> = (0..4)
+                .flat_map(|d| (0..count(me, d)).map(move |k| (d, msg(me, d, k))))
+                .collect();
+            let sends: Vec<(usize, &[u8])> = owned.iter().map(|(d, b)| (*d, &b[..])).collect();
+            let mut bufs: Vec<(usize, Vec<u8>)> = (0..4)
+                .flat_map(|o| (0..count(o, me)).map(move |k| (o, vec![0u8; msg(o, me, k).len()])))
+                .collect();
+            let mut recvs: Vec<(usize, &mut [u8])> =
+                bufs.iter_mut().map(|(o, b)| (*o, &mut b[..])).collect();
+            comm.exchange(&sends, &mut recvs)?;
+            let mut k = [0usize; 4];
+            for (o, b) in &bufs {
+                assert_eq!(*b, msg(*o, me, k[*o]), "rank {me} from {o}");
+                k[*o] += 1;
+            }
+            Ok(())
+        });
+        for r in out {
+            r.unwrap();
+        }
+        // Rank 1 sends 16 bytes to rank 0, which lists 8.
+        let out = run_threads(2, |c| {
+            let comm = Plain::new(c as &dyn Communicator, c.rank(), own_exchange);
+            let data = [7u8; 16];
+            let mut buf = [0u8; 12];
+            let sends: Vec<(usize, &[u8])> = if c.rank() == 1 {
+                vec![(0, &data[..])]
+            } else {
+                vec![]
+            };
+            let mut recvs: Vec<(usize, &mut [u8])> = if c.rank() == 1 {
+                vec![]
+            } else {
+                vec![(1, &mut buf[..8])]
+            };
+            let r = comm.exchange(&sends, &mut recvs);
+            assert!(buf[8..].iter().all(|&b| b == 0), "overrun");
+            r
+        });
+        let msg = out[0].as_ref().unwrap_err().to_string();
+        assert!(
+            msg.contains("rank 1 sent 16 bytes, 8 expected"),
+            "{own_exchange}: {msg}"
+        );
+    }
+}

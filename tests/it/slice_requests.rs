@@ -268,9 +268,22 @@ fn whole_replicas_into_buffers_cross_no_buffer_edge_wrongly() {
     // Every rank holds every tensor whole (DDP, Replicate): runs of adjacent tensors are
     // coalesced across tensor boundaries, and read-once's transfers follow those runs, so
     // the writes into caller buffers must be cut at the buffers' edges.
+    whole_replicas_into_buffers(SynthOptions::preset("llama-tiny").unwrap(), 64 << 10);
+}
+
+#[test]
+fn whole_replicas_into_buffers_with_read_once_messages_across_buffer_edges() {
+    // Tensors over read-once's 64 KiB bundling threshold: a message of adjacent transfers
+    // spans several caller buffers, so it lands in the bounce buffer and is copied out.
+    let mut opts = SynthOptions::preset("llama-tiny").unwrap();
+    opts.config["hidden_size"] = serde_json::json!(256);
+    opts.config["intermediate_size"] = serde_json::json!(512);
+    whole_replicas_into_buffers(opts, 1 << 20);
+}
+
+fn whole_replicas_into_buffers(opts: SynthOptions, round_bytes: u64) {
     let dir = tempfile::tempdir().unwrap();
-    safeshard::synth::write_checkpoint(dir.path(), &SynthOptions::preset("llama-tiny").unwrap())
-        .unwrap();
+    safeshard::synth::write_checkpoint(dir.path(), &opts).unwrap();
     let job = SliceJob::open(dir.path()).unwrap();
     let reqs: Vec<SliceRequest> = job
         .checkpoint()
@@ -293,7 +306,7 @@ fn whole_replicas_into_buffers_cross_no_buffer_edge_wrongly() {
     for mode in [ShareMode::None, ShareMode::Broadcast, ShareMode::ReadOnce] {
         let share = ShareOptions {
             mode,
-            round_bytes: 64 << 10,
+            round_bytes,
             ..ShareOptions::default()
         };
         let results = run_threads(WORLD, |comm| {
