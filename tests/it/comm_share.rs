@@ -691,12 +691,12 @@ fn pipelined_read_once_equals_a_plain_load_on_random_plans() {
         let what = format!(
             "case {case}: {model} tp{tp} pp{pp} dp{dp} ep{ep} {:?} per_node {} round {} {:?} \
              nodes {node_of:?} own exchange {own_exchange}",
-            job.plan.ranks.len(),
+            job.plan().ranks().len(),
             o.per_node,
             o.round_bytes,
             o.load.io
         );
-        let shared = SharedPlan::new(&job.plan);
+        let shared = SharedPlan::new(job.plan());
         let loads: Vec<(RankTensors, Traffic)> = run_threads(world, |c| {
             let comm = Plain::new(c as &dyn Communicator, c.rank(), own_exchange);
             let o = ShareOptions {
@@ -769,7 +769,7 @@ fn a_read_failing_mid_load_fails_every_rank_naming_it() {
             let mut comm = Plain::new(c as &dyn Communicator, c.rank(), own_exchange);
             comm.exchanges = counts[c.rank()].clone();
             load_shared(
-                &jobs[c.rank()].plan,
+                jobs[c.rank()].plan(),
                 &comm,
                 &opts(ShareMode::ReadOnce, IoMode::Pread),
             )
@@ -806,7 +806,7 @@ fn a_rank_stalled_mid_round_is_named_with_the_round() {
             timeout: Some(Duration::from_secs(1)),
             ..opts(ShareMode::ReadOnce, IoMode::Pread)
         };
-        load_shared(&job.plan, &comm, &o)
+        load_shared(job.plan(), &comm, &o)
     });
     let took = start.elapsed();
     assert!(took < Duration::from_secs(10), "{took:?}");
