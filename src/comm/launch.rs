@@ -453,7 +453,12 @@ mod tests {
         };
         let ours = [("PMIX_NAMESPACE".to_string(), job.clone())];
         let theirs = [("PMIX_NAMESPACE".to_string(), format!("{job}-other"))];
-        // Running: not stalled.
+        // Running: not stalled. Wait until it sleeps: while `exec` pages the binary in on a
+        // busy disk, the child is briefly in D state, which the scan rightly reports.
+        let start = std::time::Instant::now();
+        while state() != Some('S') && start.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(scan(&ours, None), vec![]);
         // SAFETY: signals our own child.
         unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
