@@ -139,6 +139,21 @@ def into_cgroup(path: str | None):
     return enter
 
 
+def json_objects(text):
+    """Every top-level JSON object in `text`: mpirun forwards the ranks' stdout and can put
+    two ranks' lines on one line."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while (j := text.find("{", i)) >= 0:
+        try:
+            obj, i = dec.raw_decode(text, j)
+        except json.JSONDecodeError:
+            i = j + 1
+            continue
+        if isinstance(obj, dict) and "rank" in obj:
+            out.append(obj)
+    return out
+
+
 def run_job(args, launcher: str, name: str, world: int, stat_path: str) -> dict:
     cmd, env = command(args, launcher, name, world)
     sec0, io0 = sectors_read(stat_path), peers.io_read_bytes()
@@ -156,8 +171,7 @@ def run_job(args, launcher: str, name: str, world: int, stat_path: str) -> dict:
         out["error"] = tail or [f"exit {p.returncode}"]
         return out
     if name in CLI_SHARE:
-        lines = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
-        ranks = sorted(lines, key=lambda d: d["rank"])
+        ranks = sorted(json_objects(p.stdout), key=lambda d: d["rank"])
         out.update(seconds=max(d["seconds"] for d in ranks),
                    rank_read_bytes=sum(d["proc_read_bytes"] for d in ranks),
                    plan_read_bytes=sum(d["read_bytes"] for d in ranks),
