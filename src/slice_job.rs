@@ -9,7 +9,7 @@ use crate::comm::{agree, agree_fields, Communicator};
 use crate::dist::{load_shared_into, ShareMode, ShareOptions, SharedPlan, Traffic};
 use crate::load::{load_rank_scattered, RankTensors};
 use crate::plan::requests::{build_requests, SliceRequest};
-use crate::plan::{Plan, RankPlan};
+use crate::plan::Plan;
 use crate::{Error, Result};
 
 /// Most bytes of one rank's encoded requests accepted from a peer (a state dict of a million
@@ -134,7 +134,7 @@ pub fn load_collective(
             .ranks
             .get(me)
             .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
-        check_buffers(rp, into)?;
+        crate::load::buffer_slots(rp, into)?;
         Ok(plan)
     });
     let plan = agree(world, planned)?;
@@ -185,39 +185,4 @@ fn gather_requests(
             })
         })
         .collect()
-}
-
-/// Every buffer names a tensor of the rank once and has exactly its bytes.
-fn check_buffers(rp: &RankPlan, into: &[(&str, &mut [u8])]) -> Result<()> {
-    let mut seen = std::collections::HashSet::new();
-    for (name, buf) in into {
-        let Some(t) = rp.tensors.iter().find(|t| t.name == *name) else {
-            return Err(Error::invalid_argument(
-                "into",
-                format!(
-                    "{name:?}: rank {} requests no tensor of that name",
-                    rp.coords.rank
-                ),
-            ));
-        };
-        if !seen.insert(*name) {
-            return Err(Error::invalid_argument(
-                "into",
-                format!("{name:?}: given twice"),
-            ));
-        }
-        if buf.len() as u64 != t.bytes {
-            return Err(Error::invalid_argument(
-                "into",
-                format!(
-                    "{name:?}: a buffer of {} bytes; the tensor ({} {:?}) has {}",
-                    buf.len(),
-                    t.dtype,
-                    t.shape,
-                    t.bytes
-                ),
-            ));
-        }
-    }
-    Ok(())
 }

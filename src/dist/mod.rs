@@ -56,7 +56,7 @@ pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
 use crate::load::{Arena, ArenaInit, ExecStats, IoMode, LoadOptions, LoadStats, RankTensors};
-use crate::plan::{Plan, RankPlan};
+use crate::plan::Plan;
 use crate::{Error, Result};
 
 /// How ranks share the reading of the checkpoint.
@@ -326,7 +326,7 @@ pub fn load_shared_into(
             .ranks
             .get(me)
             .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
-        redirected(rp, into)
+        crate::load::buffer_slots(rp, into)
     })();
     let redirected = agree(world, setup)?;
     let rp = plan
@@ -389,44 +389,6 @@ pub fn load_shared_into(
         loaded.leave_out(i);
     }
     Ok((loaded, traffic))
-}
-
-/// For every buffer of `into`: its tensor's index in `rp` and arena offset, checked to name a
-/// tensor of the rank once and to have exactly its bytes.
-fn redirected(rp: &RankPlan, into: &[(&str, &mut [u8])]) -> Result<Vec<(usize, u64)>> {
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::with_capacity(into.len());
-    for (name, buf) in into {
-        let Some((i, t)) = rp.tensors.iter().enumerate().find(|(_, t)| t.name == *name) else {
-            return Err(Error::invalid_argument(
-                "into",
-                format!(
-                    "{name:?}: rank {} holds no tensor of that name",
-                    rp.coords.rank
-                ),
-            ));
-        };
-        if !seen.insert(i) {
-            return Err(Error::invalid_argument(
-                "into",
-                format!("{name:?}: given twice"),
-            ));
-        }
-        if buf.len() as u64 != t.bytes {
-            return Err(Error::invalid_argument(
-                "into",
-                format!(
-                    "{name:?}: a buffer of {} bytes; the tensor ({} {:?}) has {}",
-                    buf.len(),
-                    t.dtype,
-                    t.shape,
-                    t.bytes
-                ),
-            ));
-        }
-        out.push((i, t.offset));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

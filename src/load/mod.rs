@@ -42,8 +42,8 @@ use std::time::Instant;
 
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats, IoPaths};
-pub(crate) use scatter::execute_redirected;
 pub use scatter::load_rank_scattered;
+pub(crate) use scatter::{buffer_slots, execute_redirected};
 pub use verify::read_tensor;
 pub(crate) use verify::{layout_for, slice_layout};
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::{engine, rank_plan, Arena, ArenaInit, ExecStats, LoadOptions, LoadStats, RankTensors};
-use crate::plan::{CopyRun, Plan, PlanFile, Strided, ZeroRun};
+use crate::plan::{CopyRun, Plan, PlanFile, RankPlan, Strided, ZeroRun};
 use crate::{Error, Result};
 
 /// Loads rank `rank` of `plan` with some tensors written straight into caller memory (a
@@ -47,45 +47,12 @@ pub fn load_rank_scattered(
 ) -> Result<RankTensors> {
     let start = Instant::now();
     let rp = rank_plan(plan, rank)?;
-    let index: HashMap<&str, usize> = rp
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
+    let slots = buffer_slots(rp, into)?;
+    let redirects: Vec<engine::Redirect> = into
+        .iter_mut()
+        .zip(&slots)
+        .map(|((_, buf), &(_, start))| engine::Redirect { start, dst: buf })
         .collect();
-    let mut taken = vec![false; rp.tensors.len()];
-    let mut redirects = Vec::with_capacity(into.len());
-    for (name, buf) in into.iter_mut() {
-        let Some(&i) = index.get(*name) else {
-            return Err(Error::invalid_argument(
-                "into",
-                format!("{name:?}: rank {rank} holds no tensor of that name"),
-            ));
-        };
-        let t = &rp.tensors[i];
-        if std::mem::replace(&mut taken[i], true) {
-            return Err(Error::invalid_argument(
-                "into",
-                format!("{name:?}: given twice"),
-            ));
-        }
-        if buf.len() as u64 != t.bytes {
-            return Err(Error::invalid_argument(
-                "into",
-                format!(
-                    "{name:?}: a buffer of {} bytes; the tensor ({} {:?}) has {}",
-                    buf.len(),
-                    t.dtype,
-                    t.shape,
-                    t.bytes
-                ),
-            ));
-        }
-        redirects.push(engine::Redirect {
-            start: t.offset,
-            dst: buf,
-        });
-    }
     let init = match opts.arena {
         ArenaInit::Populate => ArenaInit::Ahead,
         other => other,
@@ -107,10 +74,8 @@ pub fn load_rank_scattered(
         .stats;
     let stats = LoadStats::of(rank, rp, &exec, 0, start);
     let mut loaded = RankTensors::from_arena(rp, arena, stats);
-    for (i, t) in taken.into_iter().enumerate() {
-        if t {
-            loaded.leave_out(i);
-        }
+    for &(i, _) in &slots {
+        loaded.leave_out(i);
     }
     Ok(loaded)
 }
@@ -216,6 +181,52 @@ fn split_zeros(zeros: &[ZeroRun], edges: &[u64]) -> Vec<ZeroRun> {
         }
     }
     out
+}
+
+/// For every caller buffer of `into`: the index in `rp.tensors` and the arena offset of the
+/// tensor it replaces, checked to name a tensor of the rank once and to have exactly its
+/// bytes. The one check of caller buffers, for local and shared loads alike.
+pub(crate) fn buffer_slots(rp: &RankPlan, into: &[(&str, &mut [u8])]) -> Result<Vec<(usize, u64)>> {
+    let index: HashMap<&str, usize> = rp
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let mut taken = vec![false; rp.tensors.len()];
+    let mut slots = Vec::with_capacity(into.len());
+    for (name, buf) in into {
+        let Some(&i) = index.get(*name) else {
+            return Err(Error::invalid_argument(
+                "into",
+                format!(
+                    "{name:?}: rank {} holds no tensor of that name",
+                    rp.coords.rank
+                ),
+            ));
+        };
+        let t = &rp.tensors[i];
+        if std::mem::replace(&mut taken[i], true) {
+            return Err(Error::invalid_argument(
+                "into",
+                format!("{name:?}: given twice"),
+            ));
+        }
+        if buf.len() as u64 != t.bytes {
+            return Err(Error::invalid_argument(
+                "into",
+                format!(
+                    "{name:?}: a buffer of {} bytes; the tensor ({} {:?}) has {}",
+                    buf.len(),
+                    t.dtype,
+                    t.shape,
+                    t.bytes
+                ),
+            ));
+        }
+        slots.push((i, t.offset));
+    }
+    Ok(slots)
 }
 
 /// Runs `copies` (single-chunk or strided runs of a plan's files, arena offsets) into
