@@ -72,6 +72,18 @@ pub struct PlanFile {
     pub identity: FileIdentity,
 }
 
+/// The checkpoint's files as a plan reads them (name, path, identity when planned).
+pub(crate) fn plan_files(ckpt: &Checkpoint) -> Vec<PlanFile> {
+    ckpt.files
+        .iter()
+        .map(|f| PlanFile {
+            name: f.name.clone(),
+            path: f.path.clone(),
+            identity: f.identity.clone(),
+        })
+        .collect()
+}
+
 /// A tensor a rank holds after loading.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorPlan {
@@ -683,19 +695,10 @@ pub fn build(
         .into_par_iter()
         .map(|r| build_rank(ckpt, resolution, topo.coords(r), &by_stage))
         .collect::<Result<Vec<_>>>()?;
-    let files = ckpt
-        .files
-        .iter()
-        .map(|f| PlanFile {
-            name: f.name.clone(),
-            path: f.path.clone(),
-            identity: f.identity.clone(),
-        })
-        .collect();
     Ok(Plan {
         topology: topo.clone(),
         spec: spec_name.to_string(),
-        files,
+        files: plan_files(ckpt),
         ranks,
     })
 }

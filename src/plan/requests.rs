@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::runs::slice_runs;
 use super::{
-    coalesce_copies, coalesce_zeros, place_next, read_bytes, span_bytes, Plan, PlanFile, RankPlan,
-    TensorPlan,
+    coalesce_copies, coalesce_zeros, place_next, plan_files, read_bytes, span_bytes, Plan,
+    RankPlan, TensorPlan,
 };
 use crate::checkpoint::Checkpoint;
 use crate::sharding::TensorKind;
@@ -90,19 +90,10 @@ pub fn build_requests(ckpt: &Checkpoint, per_rank: &[Vec<SliceRequest>]) -> Resu
         .map(|(r, reqs)| build_rank(ckpt, &topology, r, reqs))
         .collect::<Result<Vec<_>>>()?;
     mark_replicated(&mut ranks, per_rank);
-    let files = ckpt
-        .files
-        .iter()
-        .map(|f| PlanFile {
-            name: f.name.clone(),
-            path: f.path.clone(),
-            identity: f.identity.clone(),
-        })
-        .collect();
     Ok(Plan {
         topology,
         spec: REQUEST_SPEC.to_string(),
-        files,
+        files: plan_files(ckpt),
         ranks,
     })
 }
