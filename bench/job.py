@@ -63,7 +63,10 @@ DEFAULT_LOADERS = ("mpirun:cli-none,mpirun:cli-broadcast,mpirun:cli-read-once,mp
 CLI_SHARE = {"cli-none": ["--share", "none"], "cli-broadcast": ["--share", "broadcast"],
              "cli-read-once": ["--share", "read-once"],
              "cli-read-once-per-node": ["--share", "read-once", "--per-node"],
-             "cli-default": []}
+             "cli-default": [],
+             # cli-none with every rank named its own node: exact pages, no node spans (the
+             # engine's behaviour before NodeSpans, for a side-by-side comparison).
+             "cli-none-alone": ["--share", "none"]}
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
 
 
@@ -123,6 +126,8 @@ def command(args, launcher: str, name: str, world: int) -> tuple[list[str], dict
         if k:
             cmd.append(":")
         node = [f"SAFESHARD_NODE=node{k}"] if nodes > 1 else []
+        if name.endswith("-alone"):
+            node.append("JOB_ALONE=1")
         cmd += ["-n", str(per), "env", *node, *argv]
     if args.nodes > 1:
         env["JOB_NODE_DIRS"] = ",".join(dirs)

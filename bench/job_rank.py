@@ -185,8 +185,11 @@ def rank_main(loader: str, root: str) -> None:
 
 def wrap(cmd: list[str]) -> int:
     """Runs `cmd`, then prints its JSON lines with the I/O and peak RSS of the child."""
+    env = dict(os.environ)
+    if env.get("JOB_ALONE"):
+        env["SAFESHARD_NODE"] = f"alone-{env.get('OMPI_COMM_WORLD_RANK', os.getpid())}"
     io0 = peers.io_read_bytes()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     io1 = peers.io_read_bytes()
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     sys.stderr.write(p.stderr)

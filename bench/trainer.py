@@ -40,6 +40,9 @@ def args() -> argparse.Namespace:
     p.add_argument("--layout", choices=("fsdp", "tp", "2d"), default="fsdp")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--share", default="none", help="safeshard's share mode")
+    p.add_argument("--alone", action="store_true",
+                   help="also time safeshard with every rank named its own node "
+                        "(SAFESHARD_NODE): each asks for exactly its pages, no node spans")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--caches", default="warm,cold")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
@@ -149,8 +152,16 @@ def worker(a: argparse.Namespace) -> None:
             seen.add(t.data_ptr())
             # Bytes of the checkpoint's (bf16) values this rank holds.
             shard_bytes += t.numel() * 2
+    def alone() -> int:
+        os.environ["SAFESHARD_NODE"] = f"alone-{rank}"
+        try:
+            return safeshard.load_state_dict(sd, a.dir, share=a.share).bytes_read
+        finally:
+            del os.environ["SAFESHARD_NODE"]
+
     loaders = {
         "safeshard": lambda: safeshard.load_state_dict(sd, a.dir, share=a.share).bytes_read,
+        **({"safeshard-alone": alone} if a.alone else {}),
         "dcp": lambda: dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(a.dir))),
     }
     loaders["safeshard"]()  # warm-up: the first warm run finds the files cached
@@ -206,7 +217,7 @@ def table(a: argparse.Namespace, res: dict[str, Any], load: tuple[float, ...]) -
     ]
     med: dict[tuple[str, str], float] = {}
     for cache in a.caches.split(","):
-        for loader in ("safeshard", "dcp"):
+        for loader in ("safeshard", "safeshard-alone", "dcp"):
             sel = [r for r in rows if r["cache"] == cache and r["loader"] == loader]
             if not sel:
                 continue
@@ -228,6 +239,9 @@ def table(a: argparse.Namespace, res: dict[str, Any], load: tuple[float, ...]) -
         if (cache, "dcp") in med and (cache, "safeshard") in med:
             r = med[(cache, "safeshard")] / med[(cache, "dcp")]
             lines.append(f"{cache}: safeshard / dcp = {r:.3f} (goal <= 0.3)")
+        if (cache, "safeshard-alone") in med and (cache, "safeshard") in med:
+            r = med[(cache, "safeshard")] / med[(cache, "safeshard-alone")]
+            lines.append(f"{cache}: safeshard / safeshard-alone = {r:.3f}")
     return "\n".join(lines)
 
 

@@ -81,6 +81,8 @@ fn parse(args: &[String]) -> Result<Run> {
             mode,
             per_node: args.iter().any(|a| a == "--per-node"),
             node: std::env::var("SAFESHARD_NODE").ok(),
+            // Unknown: each rank asks for exactly its pages (the toy counts them).
+            node_ranks: Vec::new(),
             round_bytes,
             timeout,
             // pread counts exactly the bytes asked for; `--io mmap` counts whole pages.

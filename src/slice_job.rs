@@ -3,18 +3,24 @@
 //! mode, straight into the caller's memory.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
 use crate::comm::{agree, agree_fields, Communicator};
-use crate::dist::{load_shared_into, ShareMode, ShareOptions, SharedPlan, Traffic};
-use crate::load::{load_rank_scattered, RankTensors};
+use crate::dist::{choose_share, load_shared_into, ShareMode, ShareOptions, SharedPlan, Traffic};
+use crate::load::{load_rank_scattered, IoMode, LoadOptions, RankTensors};
 use crate::plan::requests::{build_requests, SliceRequest};
-use crate::plan::Plan;
+use crate::plan::{NodeSpans, Plan};
 use crate::{Error, Result};
 
 /// Most bytes of one rank's encoded requests accepted from a peer (a state dict of a million
 /// tensors stays far below it).
 const MAX_REQUEST_BYTES: usize = 1 << 30;
+
+/// Largest world in which ranks that read alone (`ShareMode::None`) still all-gather their
+/// requests to find the spans their node reads together; above it the gather costs more
+/// than it saves and each rank asks for exactly its pages.
+const MAX_NODE_SPANS_WORLD: usize = 256;
 
 /// A checkpoint opened for slice requests (headers only).
 ///
@@ -118,15 +124,27 @@ pub fn load_collective(
         ],
     )?;
     let me = world.rank();
+    // Which ranks share this rank's page cache (node names, all-gathered).
+    let node_ranks = choose_share(world, opts.node.as_deref())?.node_ranks;
     world.set_phase("slice requests");
-    let per_rank = if opts.mode == ShareMode::None {
+    let per_rank = if opts.mode != ShareMode::None {
+        gather_requests(world, mine)?
+    } else if world.size() <= MAX_NODE_SPANS_WORLD {
+        // Reading alone, a rank still plans its node's requests, to ask for the spans the
+        // node reads together whole (NodeSpans); other ranks' requests are not planned.
+        let mut all = gather_requests(world, mine)?;
+        for (r, reqs) in all.iter_mut().enumerate() {
+            if r != me && !node_ranks.contains(&r) {
+                reqs.clear();
+            }
+        }
+        all
+    } else {
         let mut v = vec![Vec::new(); world.size()];
         if let Some(slot) = v.get_mut(me) {
             *slot = mine.to_vec();
         }
         v
-    } else {
-        gather_requests(world, mine)?
     };
     world.set_phase("plan");
     let planned = job.plan(&per_rank).and_then(|plan| {
@@ -140,10 +158,21 @@ pub fn load_collective(
     let plan = agree(world, planned)?;
     if opts.mode == ShareMode::None {
         world.set_phase("read");
-        let loaded = load_rank_scattered(&plan, me, &opts.load, into);
+        let spans = (opts.load.io == IoMode::Auto && node_ranks.len() > 1)
+            .then(|| NodeSpans::of(&plan, &node_ranks, me))
+            .filter(|s| !s.is_empty());
+        let load = LoadOptions {
+            node_spans: spans.map(Arc::new),
+            ..opts.load.clone()
+        };
+        let loaded = load_rank_scattered(&plan, me, &load, into);
         return Ok((agree(world, loaded)?, Traffic::default()));
     }
-    load_shared_into(&SharedPlan::new(&plan), world, opts, into)
+    let opts = ShareOptions {
+        node_ranks,
+        ..opts.clone()
+    };
+    load_shared_into(&SharedPlan::new(&plan), world, &opts, into)
 }
 
 /// Every rank's requests, all-gathered (JSON: deterministic, and a malformed part from a

@@ -176,6 +176,7 @@ class Plan:
         progress: bool | None = None,
         out: Any = None,
         into: Mapping[str, Any] | None = None,
+        node_ranks: Sequence[int] | None = None,
     ) -> Rank:
         """Loads ``rank`` in this process, reading only its own slices, into one arena.
 
@@ -199,21 +200,38 @@ class Plan:
         tensor's dtype and shape, or a numpy array or writable buffer of exactly its bytes;
         buffers may not overlap. The returned rank holds the other tensors only. Not with
         ``out``; do not use the buffers while the load runs.
+
+        ``node_ranks``: the ranks of this plan that other processes on this machine load at
+        the same time (this one included), sharing its page cache. Where together they read
+        every byte of a tensor's rows (a tensor-parallel split by columns), each asks the
+        kernel for the whole tensor in large requests, starting at a different part, so
+        that the disk reads it once, sequentially, instead of one small request per row.
+        The bytes loaded are the same either way.
         """
         if into is not None and out is not None:
             raise _error("usage", "out and into: pass one of them")
         targets = None if into is None else _into_buffers(self.rank(rank), into)
+        node = None if node_ranks is None else [int(r) for r in node_ranks]
+        bad = [r for r in node or [] if not 0 <= r < self.world_size]
+        if bad:
+            raise _error(
+                "usage",
+                f"node_ranks: {bad[0]} is not a rank of this plan (0..{self.world_size - 1})",
+            )
         cb, close = _progress(self, rank, progress)
         try:
             if targets is not None:
                 native = self._native.load_scattered(
-                    rank, targets, io=io, threads=threads, progress=cb
+                    rank, targets, io=io, threads=threads, progress=cb, node_ranks=node
                 )
             elif out is None:
-                native = self._native.load(rank, io=io, threads=threads, progress=cb)
+                native = self._native.load(
+                    rank, io=io, threads=threads, progress=cb, node_ranks=node
+                )
             else:
                 native = self._native.load_into(
-                    rank, _exportable(out), io=io, threads=threads, progress=cb
+                    rank, _exportable(out), io=io, threads=threads, progress=cb,
+                    node_ranks=node,
                 )
         finally:
             close()

@@ -94,6 +94,7 @@ class NativePlan:
         io: str = "auto",
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
+        node_ranks: list[int] | None = None,
     ) -> NativeRank: ...
     def load_into(
         self,
@@ -102,6 +103,7 @@ class NativePlan:
         io: str = "auto",
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
+        node_ranks: list[int] | None = None,
     ) -> NativeRank: ...
     def load_scattered(
         self,
@@ -110,6 +112,7 @@ class NativePlan:
         io: str = "auto",
         threads: int | None = None,
         progress: Callable[[int], object] | None = None,
+        node_ranks: list[int] | None = None,
     ) -> NativeRank: ...
     def load_shared(
         self,

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -154,11 +155,14 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
             # the other ranks waiting in the all-gather below: this rank cannot prove its
             # load, so every rank falls back.
             reason = _one_line(f"{type(e).__name__}: {e}")
+        node = os.environ.get("SAFESHARD_NODE") or socket.gethostname()
         verdicts = _all_gather(
             {
                 "rank": _world_rank(),
                 "hash": None if plan is None else plan.hash,
                 "why": reason,
+                "node": node,
+                "plan_rank": None if where is None else where.plan_rank,
             }
         )
         refusing = [v for v in verdicts if v["why"] is not None]
@@ -206,6 +210,11 @@ class SafeshardModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM's typ
                 progress=False,
                 out=out,
                 into=into,
+                # The ranks loading beside this one on this machine (one page cache): the
+                # spans they read together are asked for whole.
+                node_ranks=sorted(
+                    {v["plan_rank"] for v in verdicts if v["node"] == node} | {where.plan_rank}
+                ),
             )
         except SafeshardError as e:
             # Nothing is copied yet and the default loader needs no other rank: this rank

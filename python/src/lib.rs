@@ -126,6 +126,25 @@ fn load_options(
     })
 }
 
+/// `opts` with the spans that `node_ranks` (ranks of `plan` loading at the same time on this
+/// machine, sharing its page cache) read together, seen by `rank`
+/// ([`safeshard::load::LoadOptions::node_spans`]).
+fn node_spans(
+    opts: LoadOptions,
+    plan: &safeshard::plan::Plan,
+    rank: usize,
+    node_ranks: Option<Vec<usize>>,
+) -> LoadOptions {
+    let spans = node_ranks
+        .filter(|r| r.len() > 1)
+        .map(|r| safeshard::plan::NodeSpans::of(plan, &r, rank))
+        .filter(|s| !s.is_empty());
+    LoadOptions {
+        node_spans: spans.map(Arc::new),
+        ..opts
+    }
+}
+
 /// Runs `work` on a thread with the GIL released, and meanwhile, every 50 ms, takes the GIL
 /// to deliver signals (Ctrl-C cancels the load through `control` and raises
 /// `KeyboardInterrupt` once the worker has stopped) and to call `progress(done_bytes)`.
@@ -297,7 +316,7 @@ impl NativePlan {
     }
 
     /// Loads one rank into a fresh arena, reading its own slices.
-    #[pyo3(signature = (rank, io="auto", threads=None, progress=None))]
+    #[pyo3(signature = (rank, io="auto", threads=None, progress=None, node_ranks=None))]
     fn load(
         &self,
         py: Python<'_>,
@@ -305,9 +324,15 @@ impl NativePlan {
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
+        node_ranks: Option<Vec<usize>>,
     ) -> PyResult<NativeRank> {
         let control = Arc::new(LoadControl::default());
-        let opts = load_options(py, io, threads, &control)?;
+        let opts = node_spans(
+            load_options(py, io, threads, &control)?,
+            self.job.plan(),
+            rank,
+            node_ranks,
+        );
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || job.load_rank(rank, &opts))?;
         Ok(NativeRank::loaded(rank, loaded))
@@ -316,7 +341,7 @@ impl NativePlan {
     /// Loads one rank into caller memory: `out`, a writable, contiguous CPU tensor or array
     /// (taken through DLPack and checked here), kept alive while any view exists; the rank's
     /// tensors are views of that memory.
-    #[pyo3(signature = (rank, out, io="auto", threads=None, progress=None))]
+    #[pyo3(signature = (rank, out, io="auto", threads=None, progress=None, node_ranks=None))]
     fn load_into(
         &self,
         py: Python<'_>,
@@ -325,11 +350,17 @@ impl NativePlan {
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
+        node_ranks: Option<Vec<usize>>,
     ) -> PyResult<NativeRank> {
         let mut mem = caller::CallerMemory::take(py, out, "out", None).map_err(|e| to_py(py, e))?;
         let (keep, address) = (mem.keep(py), mem.ptr());
         let control = Arc::new(LoadControl::default());
-        let opts = load_options(py, io, threads, &control)?;
+        let opts = node_spans(
+            load_options(py, io, threads, &control)?,
+            self.job.plan(),
+            rank,
+            node_ranks,
+        );
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || {
             // SAFETY: the one buffer of this load; `Plan.load` documents that Python code
@@ -356,7 +387,7 @@ impl NativePlan {
     /// tensors or arrays of exactly the tensor's bytes, taken through DLPack and checked
     /// here) written straight into those buffers; the returned rank holds the other tensors
     /// in a fresh arena.
-    #[pyo3(signature = (rank, into, io="auto", threads=None, progress=None))]
+    #[pyo3(signature = (rank, into, io="auto", threads=None, progress=None, node_ranks=None))]
     fn load_scattered(
         &self,
         py: Python<'_>,
@@ -365,10 +396,16 @@ impl NativePlan {
         io: &str,
         threads: Option<usize>,
         progress: Option<&Bound<'_, PyAny>>,
+        node_ranks: Option<Vec<usize>>,
     ) -> PyResult<NativeRank> {
         let mut bufs = caller::take_all(py, &into).map_err(|e| to_py(py, e))?;
         let control = Arc::new(LoadControl::default());
-        let opts = load_options(py, io, threads, &control)?;
+        let opts = node_spans(
+            load_options(py, io, threads, &control)?,
+            self.job.plan(),
+            rank,
+            node_ranks,
+        );
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || {
             let mut slices = caller::slices(&mut bufs);
@@ -431,14 +468,7 @@ impl NativePlan {
             // Every rank counts the nodes, given a mode or not, so that ranks whose options
             // differ run the same collectives up to the agreement that names the difference.
             world.set_timeout(opts.timeout);
-            let choice = choose_share(&world, node.as_deref())?;
-            let why = match mode {
-                Some(_) => None,
-                None => {
-                    opts.mode = choice.mode;
-                    Some(choice.why)
-                }
-            };
+            let why = choose_share(&world, node.as_deref())?.apply(mode, &mut opts);
             let (mut loaded, traffic) =
                 load_shared_with(&SharedPlan::new(job.plan()), &world, &opts)?;
             // vLLM names' transposes, buffers and re-ties, as Job::load_shared.

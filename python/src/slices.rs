@@ -87,6 +87,8 @@ fn share_options(
     };
     Ok(ShareOptions {
         mode,
+        // Which ranks share a node: by SAFESHARD_NODE, else the host name.
+        node: std::env::var("SAFESHARD_NODE").ok(),
         round_bytes,
         timeout,
         load: LoadOptions {

@@ -270,3 +270,25 @@ def test_default_rank(checkpoints, monkeypatch):
     with pytest.raises(safeshard.SafeshardError) as e:
         safeshard.load(ckpt, tp=2)
     assert "WORLD_SIZE" in str(e.value)
+
+
+def test_node_ranks_change_how_pages_are_asked_for_not_the_bytes(checkpoints):
+    # tp 4 splits o_proj/down_proj by columns: together the four ranks read every byte of
+    # their rows, so each asks for the whole spans. Files evicted first, so that the strided
+    # spans are read from storage (where the node's spans matter), then compared with the
+    # CLI's digests.
+    ckpt = checkpoints("llama-tiny")
+    plan = safeshard.plan(ckpt, tp=4)
+    out = run_cli("load", str(ckpt), "--tp", "4", "--all-ranks", "--digest", "--json").stdout
+    cli = {d["rank"]: d["sha256"] for d in map(json.loads, out.splitlines())}
+    for r in range(4):
+        for f in ckpt.glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        assert plan.load(r, node_ranks=[0, 1, 2, 3]).digest() == cli[r]
+    with pytest.raises(safeshard.SafeshardError) as e:
+        plan.load(0, node_ranks=[0, 4])
+    assert e.value.kind == "usage" and "node_ranks: 4" in str(e.value)

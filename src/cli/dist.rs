@@ -74,9 +74,9 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
-    fn share_options(&self, mode: ShareMode) -> ShareOptions {
+    /// The options before the share mode is chosen ([`share_options`]).
+    fn share_options(&self) -> ShareOptions {
         ShareOptions {
-            mode,
             per_node: self.per_node,
             node: node_name(),
             round_bytes: self.round,
@@ -92,6 +92,7 @@ impl Request<'_> {
                 ("verify".into(), self.verify.to_string()),
                 ("digest".into(), self.digest.to_string()),
             ],
+            ..ShareOptions::default()
         }
     }
 }
@@ -101,16 +102,19 @@ fn node_name() -> Option<String> {
     std::env::var("SAFESHARD_NODE").ok()
 }
 
-/// The share mode: `--share`, else the default for the job's node count. Collective: every
-/// rank counts the nodes whether or not it was given `--share`, so ranks whose flags differ
-/// still run the same collectives and reach the agreement that names the difference.
-fn share_mode(req: &Request<'_>, world: &dyn Communicator) -> Result<(ShareMode, Option<String>)> {
+/// The share options: the mode of `--share`, else the default for the job's node count,
+/// and why when it was the default. Collective: every rank counts the nodes whether or not
+/// it was given `--share`, so ranks whose flags differ still run the same collectives and
+/// reach the agreement that names the difference.
+fn share_options(
+    req: &Request<'_>,
+    world: &dyn Communicator,
+) -> Result<(ShareOptions, Option<String>)> {
     world.set_timeout(Some(req.timeout));
     let choice = dist::choose_share(world, node_name().as_deref())?;
-    Ok(match req.share {
-        Some(mode) => (mode, None),
-        None => (choice.mode, Some(choice.why)),
-    })
+    let mut opts = req.share_options();
+    let why = choice.apply(req.share, &mut opts);
+    Ok((opts, why))
 }
 
 /// One rank's load, verification and line. Collective on `world`.
@@ -120,8 +124,8 @@ fn rank_job(
     shared: &SharedPlan<'_>,
     world: &dyn Communicator,
 ) -> Result<RankLine> {
-    let (mode, share_why) = share_mode(req, world)?;
-    let opts = req.share_options(mode);
+    let (opts, share_why) = share_options(req, world)?;
+    let mode = opts.mode;
     let plan = shared.plan();
     let (tensors, traffic) = dist::load_shared_with(shared, world, &opts)?;
     let verified = if req.verify {

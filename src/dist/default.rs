@@ -14,7 +14,7 @@
 //! The nodes are counted collectively: every rank's node name (`node`, else the host name)
 //! is all-gathered and the distinct names counted, so a launcher's variables need not say.
 
-use super::ShareMode;
+use super::{ShareMode, ShareOptions};
 use crate::comm::{host_name, Communicator};
 use crate::Result;
 
@@ -25,6 +25,9 @@ pub struct ShareChoice {
     pub mode: ShareMode,
     /// Distinct nodes of the job.
     pub nodes: usize,
+    /// The ranks on this rank's node (itself included), in rank order: they share its page
+    /// cache ([`crate::plan::NodeSpans`]). Empty when unknown.
+    pub node_ranks: Vec<usize>,
     /// Why this mode, in a few words.
     pub why: String,
 }
@@ -36,6 +39,7 @@ impl ShareChoice {
             ShareChoice {
                 mode: ShareMode::None,
                 nodes,
+                node_ranks: Vec::new(),
                 why: "default for 1 node: its ranks share one page cache, so each reads its own \
                       slices"
                     .into(),
@@ -44,6 +48,7 @@ impl ShareChoice {
             ShareChoice {
                 mode: ShareMode::Broadcast,
                 nodes,
+                node_ranks: Vec::new(),
                 why: format!(
                     "default for {nodes} nodes: a tensor several ranks hold is read once and \
                      broadcast to them"
@@ -58,6 +63,7 @@ impl ShareChoice {
         ShareChoice {
             mode: ShareMode::None,
             nodes: 0,
+            node_ranks: Vec::new(),
             why: format!("default: {why}"),
         }
     }
@@ -68,10 +74,36 @@ impl ShareChoice {
 pub fn choose_share(world: &dyn Communicator, node: Option<&str>) -> Result<ShareChoice> {
     let mine = node.map_or_else(host_name, str::to_string);
     world.set_phase("share default: node names");
-    let mut names = world.all_gather(mine.as_bytes())?;
-    names.sort();
-    names.dedup();
-    Ok(ShareChoice::for_nodes(names.len()))
+    let names = world.all_gather(mine.as_bytes())?;
+    let node_ranks = (0..names.len())
+        .filter(|&r| names[r] == mine.as_bytes())
+        .collect();
+    let mut distinct = names;
+    distinct.sort();
+    distinct.dedup();
+    Ok(ShareChoice {
+        node_ranks,
+        ..ShareChoice::for_nodes(distinct.len())
+    })
+}
+
+impl ShareChoice {
+    /// Options for a job that runs with `mode` (the caller's, else this choice's): the
+    /// mode, and the ranks on this node. Returns why the mode was chosen when it was not the
+    /// caller's.
+    pub fn apply(&self, given: Option<ShareMode>, opts: &mut ShareOptions) -> Option<String> {
+        opts.node_ranks = self.node_ranks.clone();
+        match given {
+            Some(mode) => {
+                opts.mode = mode;
+                None
+            }
+            None => {
+                opts.mode = self.mode;
+                Some(self.why.clone())
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -105,7 +137,15 @@ mod tests {
             ),
         ] {
             let got = choices(&names);
-            assert!(got.iter().all(|c| c == &got[0]), "{got:?}");
+            for (r, c) in got.iter().enumerate() {
+                let same: Vec<usize> = (0..names.len()).filter(|&q| names[q] == names[r]).collect();
+                assert_eq!(c.node_ranks, same, "rank {r} of {names:?}");
+            }
+            assert!(
+                got.iter()
+                    .all(|c| (c.mode, c.nodes, &c.why) == (got[0].mode, got[0].nodes, &got[0].why)),
+                "{got:?}"
+            );
             assert_eq!((got[0].mode, got[0].nodes), (mode, nodes), "{names:?}");
             assert!(
                 got[0].why.contains(&format!("{nodes} node")),

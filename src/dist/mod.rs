@@ -48,7 +48,7 @@ mod target;
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use default::{choose_share, ShareChoice};
@@ -56,7 +56,7 @@ pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
 use crate::load::{Arena, ArenaInit, ExecStats, IoMode, LoadOptions, LoadStats, RankTensors};
-use crate::plan::Plan;
+use crate::plan::{NodeSpans, Plan};
 use crate::{Error, Result};
 
 /// How ranks share the reading of the checkpoint.
@@ -112,6 +112,11 @@ pub struct ShareOptions {
     pub per_node: bool,
     /// This rank's node name for `per_node` (default: the host name).
     pub node: Option<String>,
+    /// The ranks on this rank's node, sharing its page cache (from [`choose_share`], see
+    /// [`ShareChoice::apply`]); the modes where a rank reads its own slices ask for spans
+    /// the node reads together whole ([`crate::load::LoadOptions::node_spans`]). Empty:
+    /// unknown, each rank asks for exactly its pages.
+    pub node_ranks: Vec<usize>,
     /// Read-once: bytes of the job's union read per round (bounds staging memory to about
     /// this divided by the group size, plus the bytes sent). At least [`MIN_ROUND_BYTES`].
     pub round_bytes: u64,
@@ -131,6 +136,7 @@ impl Default for ShareOptions {
             mode: ShareMode::None,
             per_node: false,
             node: None,
+            node_ranks: Vec::new(),
             round_bytes: 1 << 30,
             timeout: Some(DEFAULT_TIMEOUT),
             load: LoadOptions::default(),
@@ -286,6 +292,24 @@ pub fn load_shared_with(
     load_shared_into(shared, world, opts, &mut [])
 }
 
+/// `opts` with the spans this rank's node reads together
+/// ([`crate::load::LoadOptions::node_spans`]) where ranks read their own slices from storage
+/// through the automatic engine and share the node with others; `None`: `opts` as they are.
+fn with_node_spans(plan: &Plan, opts: &ShareOptions, me: usize) -> Option<ShareOptions> {
+    let own_reads = matches!(opts.mode, ShareMode::None | ShareMode::Broadcast);
+    if !own_reads || opts.load.io != IoMode::Auto || opts.node_ranks.len() < 2 {
+        return None;
+    }
+    let spans = NodeSpans::of(plan, &opts.node_ranks, me);
+    (!spans.is_empty()).then(|| ShareOptions {
+        load: LoadOptions {
+            node_spans: Some(Arc::new(spans)),
+            ..opts.load.clone()
+        },
+        ..opts.clone()
+    })
+}
+
 /// [`load_shared_with`] with the tensors named in `into` written straight into caller
 /// buffers (a trainer's parameters; exactly each tensor's bytes, row-major) instead of the
 /// arena, whatever the share mode: bytes this rank reads go there from the files, broadcast
@@ -333,6 +357,8 @@ pub fn load_shared_into(
         .ranks
         .get(me)
         .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
+    let with_spans = with_node_spans(plan, opts, me);
+    let opts = with_spans.as_ref().unwrap_or(opts);
     world.set_phase("arena allocation");
     // Redirected tensors' pages are never touched, so a populated arena would only waste
     // them: prepare it ahead instead, as load_rank_scattered does.
@@ -359,8 +385,7 @@ pub fn load_shared_into(
     let read_bytes = match opts.mode {
         ShareMode::None => {
             world.set_phase("read");
-            let segs = segments::rank_segments(rp);
-            let r = target.read(&plan.files, &segs, &opts.load);
+            let r = target.read_runs(&plan.files, &rp.copies, &opts.load);
             exec = agree(world, r)?;
             exec.read_bytes
         }

@@ -2,7 +2,7 @@
 //! caller buffers (a trainer's parameters), so that shared bytes land in their final memory
 //! without passing through the arena.
 
-use crate::load::{execute_redirected, ExecStats, LoadOptions};
+use crate::load::{execute_redirected, split_copies, ExecStats, LoadOptions};
 use crate::plan::{CopyRun, PlanFile};
 use crate::{Error, Result};
 
@@ -138,6 +138,30 @@ impl<'a> Target<'a> {
                 pos = stop;
             }
         }
+        let redirects = self
+            .redirects
+            .iter_mut()
+            .map(|(s, b)| (*s, &mut **b))
+            .collect();
+        execute_redirected(files, &cut, self.arena, redirects, opts)
+    }
+
+    /// Reads a rank's own copy runs (strided ones kept strided, so that the engine sees the
+    /// rows a run takes and the spans its node reads together) from `files` into the arena
+    /// and the caller buffers, cut at the buffers' edges.
+    pub(crate) fn read_runs(
+        &mut self,
+        files: &[PlanFile],
+        runs: &[CopyRun],
+        opts: &LoadOptions,
+    ) -> Result<ExecStats> {
+        let mut edges: Vec<u64> = self
+            .redirects
+            .iter()
+            .flat_map(|(s, b)| [*s, s.saturating_add(b.len() as u64)])
+            .collect();
+        edges.dedup();
+        let cut = split_copies(runs, &edges);
         let redirects = self
             .redirects
             .iter_mut()

@@ -43,12 +43,12 @@ use std::time::Instant;
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats, IoPaths};
 pub use scatter::load_rank_scattered;
-pub(crate) use scatter::{buffer_slots, execute_redirected};
+pub(crate) use scatter::{buffer_slots, execute_redirected, split_copies};
 pub use verify::read_tensor;
 pub(crate) use verify::{layout_for, slice_layout};
 
 use crate::checkpoint::{Checkpoint, Dtype};
-use crate::plan::{CopyRun, Plan, RankPlan, TensorPlan};
+use crate::plan::{CopyRun, NodeSpans, Plan, RankPlan, TensorPlan};
 use crate::sharding::Resolution;
 use crate::topology::Coords;
 use crate::{Error, Result};
@@ -66,7 +66,9 @@ pub enum IoMode {
     /// refuses `O_DIRECT`. Uncached strided spans (inner-dim splits) and small runs are
     /// read through the page cache, exactly their pages: one thread asks for them ahead of
     /// the readers (`POSIX_FADV_WILLNEED`, many requests in flight), kernel readahead is off
-    /// for the load's handles, and the pages stay cached. `docs/performance.md` ("One rank")
+    /// for the load's handles, and the pages stay cached; where the ranks of the node read a
+    /// strided span together ([`LoadOptions::node_spans`]), the whole span is asked for in
+    /// large requests instead. `docs/performance.md` ("One rank")
     /// has the measurements behind each choice.
     #[default]
     Auto,
@@ -142,6 +144,13 @@ pub struct LoadOptions {
     /// `None` (the default): always direct I/O, the fastest single load measured
     /// (`docs/performance.md`, "One rank"); a limit trades that for a warm next load.
     pub page_cache_limit: Option<u64>,
+    /// [`IoMode::Auto`]: the file spans this rank's node reads together at the same time
+    /// (the ranks sharing its page cache; [`NodeSpans::of`]). Where an uncached strided run
+    /// (an inner-dim split) lies inside one, the rank asks for the run's whole span in large
+    /// sequential requests instead of its own pages row by row: the other ranks read the
+    /// rest of it anyway, and each page comes from storage once. `None`: every rank reads
+    /// exactly its pages, as a rank loading alone should.
+    pub node_spans: Option<Arc<NodeSpans>>,
 }
 
 /// Shared between a running load and whoever watches it: [`LoadControl::cancel`] stops the
@@ -198,6 +207,7 @@ impl Default for LoadOptions {
             pread_contiguous: false,
             control: None,
             page_cache_limit: None,
+            node_spans: None,
         }
     }
 }

@@ -152,7 +152,10 @@ fn pieces(p: Strided, edges: &[u64]) -> Option<Vec<Piece>> {
     Some(out)
 }
 
-fn split_copies(copies: &[CopyRun], edges: &[u64]) -> Vec<CopyRun> {
+/// `copies` cut at `edges` (sorted arena offsets: the starts and ends of caller buffers),
+/// so that every piece lies inside one buffer or outside all; strided runs stay strided
+/// where no edge cuts them.
+pub(crate) fn split_copies(copies: &[CopyRun], edges: &[u64]) -> Vec<CopyRun> {
     let mut out = Vec::with_capacity(copies.len());
     for r in copies {
         // Both sides back to back: one run of one chunk, which the edges may cut.

@@ -45,12 +45,14 @@ use crate::sharding::{Resolution, Resolved, Shards, TensorKind};
 use crate::topology::{Coords, Topology};
 use crate::{Error, Result};
 
+mod cover;
 mod json;
 pub mod requests;
 mod runs;
 mod strided;
 mod svg;
 
+pub use cover::NodeSpans;
 pub use json::json_document;
 pub use runs::{
     coalesce_copies, coalesce_zeros, read_bytes, span_bytes, tensor_runs, TensorRuns, MAX_DIMS,

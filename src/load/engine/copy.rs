@@ -81,7 +81,12 @@ pub(super) fn run(
         prefetching: false,
         paths: Default::default(),
     };
-    let prefetch = Prefetch::new(open, &tasks, |r| copier.reads_storage_buffered(r));
+    let prefetch = Prefetch::new(
+        open,
+        &tasks,
+        |r| copier.reads_storage_buffered(r),
+        opts.node_spans.as_deref(),
+    );
     copier.prefetching = prefetch.is_some();
     for (i, f) in open.iter().enumerate() {
         let Some(f) = f else { continue };

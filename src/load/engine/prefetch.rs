@@ -6,6 +6,11 @@
 //! the disk idle), and no page outside the tasks' chunks is read: the readers' handles have
 //! the kernel's own readahead off (`POSIX_FADV_RANDOM`), which used to read past the end of
 //! every span. The pages stay in the page cache for the next load.
+//!
+//! A strided run that lies in a span its node reads together ([`NodeSpans`]) is asked for
+//! whole, rows and gaps, in one request: the other ranks of the node read the gaps anyway,
+//! the kernel skips pages already asked for, and storage sees large sequential reads
+//! instead of one small request per row from every rank.
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -13,10 +18,11 @@ use std::time::Duration;
 
 use super::pool::Progress;
 use super::tasks::Task;
-use crate::plan::{page_size, CopyRun};
+use crate::plan::{page_size, CopyRun, NodeSpans};
 
-/// How far ahead of the tasks the readers have taken the prefetcher asks for pages: enough
-/// to keep the disk busy while readers wait for a core, small next to the page cache.
+/// How far ahead of the tasks the readers have taken the prefetcher asks for pages (bytes
+/// asked for): enough to keep the disk busy while readers wait for a core, small next to
+/// the page cache.
 const WINDOW: u64 = 256 << 20;
 
 /// The prefetcher of one execution: which tasks it asks pages for, in task order.
@@ -25,16 +31,21 @@ pub(super) struct Prefetch<'r> {
     tasks: &'r [Task],
     /// Per task, whether it is read from storage through the page cache.
     wanted: Vec<bool>,
-    /// Source bytes of the wanted tasks before task `i`, for `i` in `0..=tasks.len()`.
+    /// Per task, the whole page-rounded span asked for when the node reads all of it.
+    whole: Vec<Option<(u64, u64)>>,
+    node: Option<&'r NodeSpans>,
+    /// Bytes asked for by the wanted tasks before task `i`, for `i` in `0..=tasks.len()`.
     before: Vec<u64>,
 }
 
 impl<'r> Prefetch<'r> {
     /// The prefetcher of the copy tasks `wanted` selects; `None` when it selects none.
+    /// `node`: the spans this rank's node reads together, if known.
     pub(super) fn new(
         open: &'r [Option<File>],
         tasks: &'r [Task],
         wanted: impl Fn(&CopyRun) -> bool,
+        node: Option<&'r NodeSpans>,
     ) -> Option<Self> {
         let wanted: Vec<bool> = tasks
             .iter()
@@ -43,12 +54,26 @@ impl<'r> Prefetch<'r> {
         if !wanted.contains(&true) {
             return None;
         }
+        let whole: Vec<Option<(u64, u64)>> = tasks
+            .iter()
+            .zip(&wanted)
+            .map(|(t, &w)| match (w, t, node) {
+                (true, Task::Copy(r), Some(node)) if r.count > 1 => {
+                    let end = r.rows(r.count - 1, 1).src + r.len;
+                    let page = page_size();
+                    node.covers(r.file, r.src, end)
+                        .then(|| (r.src / page * page, end.div_ceil(page) * page))
+                }
+                _ => None,
+            })
+            .collect();
         let mut before = Vec::with_capacity(tasks.len() + 1);
         let mut sum = 0u64;
         before.push(0);
-        for (t, &w) in tasks.iter().zip(&wanted) {
+        for ((t, &w), whole) in tasks.iter().zip(&wanted).zip(&whole) {
             if w {
-                sum = sum.saturating_add(t.arena_bytes());
+                let asked = whole.map_or_else(|| t.arena_bytes(), |(s, e)| e - s);
+                sum = sum.saturating_add(asked);
             }
             before.push(sum);
         }
@@ -56,6 +81,8 @@ impl<'r> Prefetch<'r> {
             open,
             tasks,
             wanted,
+            whole,
+            node,
             before,
         })
     }
@@ -86,7 +113,7 @@ impl<'r> Prefetch<'r> {
             }
             if let (true, Task::Copy(r)) = (self.wanted[i], &self.tasks[i]) {
                 if let Some(Some(f)) = self.open.get(r.file as usize) {
-                    source_pages(r, |s, e| {
+                    let ask = |s: u64, e: u64| {
                         // SAFETY: a valid open descriptor; advice only (it starts reads of
                         // the range into the page cache and returns).
                         unsafe {
@@ -97,7 +124,13 @@ impl<'r> Prefetch<'r> {
                                 libc::POSIX_FADV_WILLNEED,
                             )
                         };
-                    });
+                    };
+                    match (self.whole[i], self.node) {
+                        (Some((s, e)), Some(node)) => {
+                            node.parts(s, e, page_size()).for_each(|(s, e)| ask(s, e))
+                        }
+                        _ => source_pages(r, ask),
+                    }
                 }
             }
             i += 1;
@@ -124,5 +157,52 @@ pub(super) fn source_pages(r: &CopyRun, mut each: impl FnMut(u64, u64)) {
     }
     if let Some((a, b)) = cur {
         each(a, b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::engine::tasks::tasks;
+
+    /// Rank `r` of 4 taking a quarter of every 8 KiB row of a 2048-row tensor at 4096.
+    fn quarter(r: u64) -> CopyRun {
+        CopyRun {
+            file: 0,
+            src: 4096 + r * 2048,
+            dst: 0,
+            len: 2048,
+            count: 2048,
+            src_stride: 8192,
+            dst_stride: 2048,
+        }
+    }
+
+    #[test]
+    fn strided_tasks_in_a_node_span_ask_for_the_whole_span() {
+        let runs: Vec<Vec<CopyRun>> = (0..4).map(|r| vec![quarter(r)]).collect();
+        let node = NodeSpans::of_runs(1, runs.iter().map(|r| &r[..]));
+        let three = NodeSpans::of_runs(1, runs[..3].iter().map(|r| &r[..]));
+        let mine = tasks(&runs[1], &[]);
+        let open = [None];
+        let page = page_size();
+        let hull = |t: &Task| match t {
+            Task::Copy(r) => {
+                let end = r.rows(r.count - 1, 1).src + r.len;
+                (r.src / page * page, end.div_ceil(page) * page)
+            }
+            Task::Zero(_) => unreachable!(),
+        };
+        let p = Prefetch::new(&open, &mine, |_| true, Some(&node)).unwrap();
+        assert!(p.whole.iter().zip(&mine).all(|(w, t)| *w == Some(hull(t))));
+        // What the window counts is what is asked for: the spans, gaps included.
+        let asked: u64 = mine.iter().map(|t| hull(t).1 - hull(t).0).sum();
+        assert_eq!(p.before.last(), Some(&asked));
+        // Without a rank the rows are not covered, and alone nothing is: exact pages.
+        for node in [Some(&three), None] {
+            let p = Prefetch::new(&open, &mine, |_| true, node).unwrap();
+            assert!(p.whole.iter().all(Option::is_none));
+            assert_eq!(p.before.last(), Some(&(2048 * 2048)));
+        }
     }
 }
