@@ -33,8 +33,8 @@ plan = safeshard.plan(ckpt, tp=2, pp=2)
 start = time.monotonic()
 try:
     share = "read-once" if where == "exchange" else "broadcast"
-    plan.load_shared(share=share, timeout=3.0)
-    msg = "no error"
+    loaded = plan.load_shared(share=share, timeout=3.0)
+    msg = f"no error, received {loaded.stats['received_bytes']} bytes"
 except safeshard.SafeshardError as e:
     msg = f"{e.kind}: {getattr(e, 'phase', '')}: {getattr(e, 'missing', '')}: {e}"
 (out / f"stop-{me}.txt").write_text(f"{time.monotonic() - start:.3f} {msg}")

@@ -131,6 +131,12 @@ def test_torchrun_stopped_rank_ends_the_load_by_its_deadline(checkpoints, tmp_pa
     log = p.stdout.read() if p.stdout else ""
     for r in live:
         took, msg = (tmp_path / f"stop-{r}.txt").read_text().split(" ", 1)
+        if where == "broadcast" and msg == "no error, received 0 bytes":
+            # Rank 3 roots every broadcast of its stage and gloo's sends of these small
+            # batches may complete before rank 2 reads them: a rank that needs no byte of
+            # the stopped one may finish (it holds all its tensors); one that needs any
+            # must time out, below.
+            continue
         said = re.match(
             f'comm: (?P<phase>{phase}): \\[2\\]: rank {r}: timed out after 3s in phase '
             '"(?P=phase)": rank 2 did not arrive',
@@ -139,4 +145,4 @@ def test_torchrun_stopped_rank_ends_the_load_by_its_deadline(checkpoints, tmp_pa
         assert said, (msg, log[-2000:])
         assert float(took) < 3 + 15, (took, msg)
     for r in set((0, 1, 3)) - set(live):
-        assert (tmp_path / f"stop-{r}.txt").read_text().endswith(" no error")
+        assert " no error, received " in (tmp_path / f"stop-{r}.txt").read_text()
