@@ -342,6 +342,7 @@ impl NativePlan {
     /// (taken through DLPack and checked here), kept alive while any view exists; the rank's
     /// tensors are views of that memory.
     #[pyo3(signature = (rank, out, io="auto", threads=None, progress=None, node_ranks=None))]
+    #[allow(clippy::too_many_arguments)]
     fn load_into(
         &self,
         py: Python<'_>,
@@ -388,6 +389,7 @@ impl NativePlan {
     /// here) written straight into those buffers; the returned rank holds the other tensors
     /// in a fresh arena.
     #[pyo3(signature = (rank, into, io="auto", threads=None, progress=None, node_ranks=None))]
+    #[allow(clippy::too_many_arguments)]
     fn load_scattered(
         &self,
         py: Python<'_>,
