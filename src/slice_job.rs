@@ -3,14 +3,13 @@
 //! mode, straight into the caller's memory.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
 use crate::comm::{agree, agree_fields, Communicator};
 use crate::dist::{choose_share, load_shared_into, ShareMode, ShareOptions, SharedPlan, Traffic};
-use crate::load::{load_rank_scattered, IoMode, LoadOptions, RankTensors};
+use crate::load::{load_rank_scattered, RankTensors};
 use crate::plan::requests::{build_requests, SliceRequest};
-use crate::plan::{NodeSpans, Plan};
+use crate::plan::Plan;
 use crate::{Error, Result};
 
 /// Most bytes of one rank's encoded requests accepted from a peer (a state dict of a million
@@ -158,13 +157,7 @@ pub fn load_collective(
     let plan = agree(world, planned)?;
     if opts.mode == ShareMode::None {
         world.set_phase("read");
-        let spans = (opts.load.io == IoMode::Auto && node_ranks.len() > 1)
-            .then(|| NodeSpans::of(&plan, &node_ranks, me))
-            .filter(|s| !s.is_empty());
-        let load = LoadOptions {
-            node_spans: spans.map(Arc::new),
-            ..opts.load.clone()
-        };
+        let load = opts.load.clone().with_node_spans(&plan, &node_ranks, me);
         let loaded = load_rank_scattered(&plan, me, &load, into);
         return Ok((agree(world, loaded)?, Traffic::default()));
     }

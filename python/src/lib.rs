@@ -126,25 +126,6 @@ fn load_options(
     })
 }
 
-/// `opts` with the spans that `node_ranks` (ranks of `plan` loading at the same time on this
-/// machine, sharing its page cache) read together, seen by `rank`
-/// ([`safeshard::load::LoadOptions::node_spans`]).
-fn node_spans(
-    opts: LoadOptions,
-    plan: &safeshard::plan::Plan,
-    rank: usize,
-    node_ranks: Option<Vec<usize>>,
-) -> LoadOptions {
-    let spans = node_ranks
-        .filter(|r| r.len() > 1)
-        .map(|r| safeshard::plan::NodeSpans::of(plan, &r, rank))
-        .filter(|s| !s.is_empty());
-    LoadOptions {
-        node_spans: spans.map(Arc::new),
-        ..opts
-    }
-}
-
 /// Runs `work` on a thread with the GIL released, and meanwhile, every 50 ms, takes the GIL
 /// to deliver signals (Ctrl-C cancels the load through `control` and raises
 /// `KeyboardInterrupt` once the worker has stopped) and to call `progress(done_bytes)`.
@@ -327,11 +308,10 @@ impl NativePlan {
         node_ranks: Option<Vec<usize>>,
     ) -> PyResult<NativeRank> {
         let control = Arc::new(LoadControl::default());
-        let opts = node_spans(
-            load_options(py, io, threads, &control)?,
+        let opts = load_options(py, io, threads, &control)?.with_node_spans(
             self.job.plan(),
+            &node_ranks.unwrap_or_default(),
             rank,
-            node_ranks,
         );
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || job.load_rank(rank, &opts))?;
@@ -356,11 +336,10 @@ impl NativePlan {
         let mut mem = caller::CallerMemory::take(py, out, "out", None).map_err(|e| to_py(py, e))?;
         let (keep, address) = (mem.keep(py), mem.ptr());
         let control = Arc::new(LoadControl::default());
-        let opts = node_spans(
-            load_options(py, io, threads, &control)?,
+        let opts = load_options(py, io, threads, &control)?.with_node_spans(
             self.job.plan(),
+            &node_ranks.unwrap_or_default(),
             rank,
-            node_ranks,
         );
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || {
@@ -402,11 +381,10 @@ impl NativePlan {
     ) -> PyResult<NativeRank> {
         let mut bufs = caller::take_all(py, &into).map_err(|e| to_py(py, e))?;
         let control = Arc::new(LoadControl::default());
-        let opts = node_spans(
-            load_options(py, io, threads, &control)?,
+        let opts = load_options(py, io, threads, &control)?.with_node_spans(
             self.job.plan(),
+            &node_ranks.unwrap_or_default(),
             rank,
-            node_ranks,
         );
         let job = Arc::clone(&self.job);
         let loaded = run_interruptible(py, &control, progress, move || {

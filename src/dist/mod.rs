@@ -48,7 +48,7 @@ mod target;
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use default::{choose_share, ShareChoice};
@@ -56,7 +56,7 @@ pub use schedule::{BroadcastSchedule, ReadOnceSchedule};
 
 use crate::comm::{agree, agree_fields, Communicator};
 use crate::load::{Arena, ArenaInit, ExecStats, IoMode, LoadOptions, LoadStats, RankTensors};
-use crate::plan::{NodeSpans, Plan};
+use crate::plan::Plan;
 use crate::{Error, Result};
 
 /// How ranks share the reading of the checkpoint.
@@ -292,24 +292,6 @@ pub fn load_shared_with(
     load_shared_into(shared, world, opts, &mut [])
 }
 
-/// `opts` with the spans this rank's node reads together
-/// ([`crate::load::LoadOptions::node_spans`]) where ranks read their own slices from storage
-/// through the automatic engine and share the node with others; `None`: `opts` as they are.
-fn with_node_spans(plan: &Plan, opts: &ShareOptions, me: usize) -> Option<ShareOptions> {
-    let own_reads = matches!(opts.mode, ShareMode::None | ShareMode::Broadcast);
-    if !own_reads || opts.load.io != IoMode::Auto || opts.node_ranks.len() < 2 {
-        return None;
-    }
-    let spans = NodeSpans::of(plan, &opts.node_ranks, me);
-    (!spans.is_empty()).then(|| ShareOptions {
-        load: LoadOptions {
-            node_spans: Some(Arc::new(spans)),
-            ..opts.load.clone()
-        },
-        ..opts.clone()
-    })
-}
-
 /// [`load_shared_with`] with the tensors named in `into` written straight into caller
 /// buffers (a trainer's parameters; exactly each tensor's bytes, row-major) instead of the
 /// arena, whatever the share mode: bytes this rank reads go there from the files, broadcast
@@ -357,8 +339,6 @@ pub fn load_shared_into(
         .ranks
         .get(me)
         .ok_or_else(|| Error::plan_rank(me, "not in the plan"))?;
-    let with_spans = with_node_spans(plan, opts, me);
-    let opts = with_spans.as_ref().unwrap_or(opts);
     world.set_phase("arena allocation");
     // Redirected tensors' pages are never touched, so a populated arena would only waste
     // them: prepare it ahead instead, as load_rank_scattered does.
@@ -385,7 +365,13 @@ pub fn load_shared_into(
     let read_bytes = match opts.mode {
         ShareMode::None => {
             world.set_phase("read");
-            let r = target.read_runs(&plan.files, &rp.copies, &opts.load);
+            // The rank's own runs, strided ones whole: the spans its node reads together
+            // are asked for whole.
+            let load = opts
+                .load
+                .clone()
+                .with_node_spans(plan, &opts.node_ranks, me);
+            let r = target.read(&plan.files, &rp.copies, &load);
             exec = agree(world, r)?;
             exec.read_bytes
         }

@@ -2,7 +2,7 @@
 //! caller buffers (a trainer's parameters), so that shared bytes land in their final memory
 //! without passing through the arena.
 
-use crate::load::{execute_redirected, split_copies, ExecStats, LoadOptions};
+use crate::load::{edges, execute_redirected, split_copies, ExecStats, LoadOptions};
 use crate::plan::{CopyRun, PlanFile};
 use crate::{Error, Result};
 
@@ -111,56 +111,17 @@ impl<'a> Target<'a> {
         Ok(())
     }
 
-    /// Reads single-chunk runs (arena offsets) from the plan's files with the loader's
-    /// engine, each cut at the buffers' edges first; returns the bytes read from storage.
+    /// Reads copy runs (arena offsets: a rank's own runs, strided ones kept strided so that
+    /// the engine sees the rows a run takes and the spans its node reads together, or
+    /// single-chunk segments) from `files` into the arena and the caller buffers, each run
+    /// cut at the buffers' edges first; returns what the engine did.
     pub(crate) fn read(
-        &mut self,
-        files: &[PlanFile],
-        segs: &[CopyRun],
-        opts: &LoadOptions,
-    ) -> Result<ExecStats> {
-        let mut cut = Vec::with_capacity(segs.len());
-        for seg in segs {
-            let (mut pos, end) = (seg.dst, seg.dst.saturating_add(seg.len));
-            while pos < end {
-                let stop = match self.holder(pos) {
-                    Some((_, _, e)) => e,
-                    None => self.next_edge(pos),
-                }
-                .min(end);
-                let stop = if stop <= pos { end } else { stop };
-                cut.push(CopyRun::contiguous(
-                    seg.file,
-                    seg.src + (pos - seg.dst),
-                    pos,
-                    stop - pos,
-                ));
-                pos = stop;
-            }
-        }
-        let redirects = self
-            .redirects
-            .iter_mut()
-            .map(|(s, b)| (*s, &mut **b))
-            .collect();
-        execute_redirected(files, &cut, self.arena, redirects, opts)
-    }
-
-    /// Reads a rank's own copy runs (strided ones kept strided, so that the engine sees the
-    /// rows a run takes and the spans its node reads together) from `files` into the arena
-    /// and the caller buffers, cut at the buffers' edges.
-    pub(crate) fn read_runs(
         &mut self,
         files: &[PlanFile],
         runs: &[CopyRun],
         opts: &LoadOptions,
     ) -> Result<ExecStats> {
-        let mut edges: Vec<u64> = self
-            .redirects
-            .iter()
-            .flat_map(|(s, b)| [*s, s.saturating_add(b.len() as u64)])
-            .collect();
-        edges.dedup();
+        let edges = edges(self.redirects.iter().map(|(s, b)| (*s, b.len())));
         let cut = split_copies(runs, &edges);
         let redirects = self
             .redirects

@@ -43,7 +43,7 @@ use std::time::Instant;
 pub use arena::{Arena, ArenaInit};
 pub use engine::{execute, ExecStats, IoPaths};
 pub use scatter::load_rank_scattered;
-pub(crate) use scatter::{buffer_slots, execute_redirected, split_copies};
+pub(crate) use scatter::{buffer_slots, edges, execute_redirected, split_copies};
 pub use verify::read_tensor;
 pub(crate) use verify::{layout_for, slice_layout};
 
@@ -195,6 +195,23 @@ pub(crate) fn controlled(
     task()?;
     c.done.fetch_add(bytes, Ordering::Relaxed);
     Ok(())
+}
+
+impl LoadOptions {
+    /// These options with the spans that `node_ranks` (ranks of `plan` loading at the same
+    /// time on this machine, sharing its page cache, `rank` among them) read together
+    /// ([`LoadOptions::node_spans`]); as they are where the spans would go unused: another
+    /// engine than [`IoMode::Auto`], a rank alone, or no span the node covers.
+    pub fn with_node_spans(self, plan: &Plan, node_ranks: &[usize], rank: usize) -> LoadOptions {
+        if self.io != IoMode::Auto || node_ranks.len() < 2 {
+            return self;
+        }
+        let spans = NodeSpans::of(plan, node_ranks, rank);
+        LoadOptions {
+            node_spans: (!spans.is_empty()).then(|| Arc::new(spans)),
+            ..self
+        }
+    }
 }
 
 impl Default for LoadOptions {

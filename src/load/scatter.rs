@@ -59,7 +59,7 @@ pub fn load_rank_scattered(
     };
     // Runs may cross tensor boundaries (the plan merges back-to-back copies); each piece
     // must land in one buffer.
-    let edges = edges(&redirects);
+    let edges = edges(redirects.iter().map(|r| (r.start, r.dst.len())));
     let (copies, zeros) = (
         split_copies(&rp.copies, &edges),
         split_zeros(&rp.zeros, &edges),
@@ -80,11 +80,11 @@ pub fn load_rank_scattered(
     Ok(loaded)
 }
 
-/// The sorted, distinct starts and ends of the redirected spans.
-fn edges(redirects: &[engine::Redirect<'_>]) -> Vec<u64> {
-    let mut e: Vec<u64> = redirects
-        .iter()
-        .flat_map(|r| [r.start, r.start.saturating_add(r.dst.len() as u64)])
+/// The sorted, distinct starts and ends of caller buffers at arena offsets
+/// `(start, length)`: where [`split_copies`] cuts.
+pub(crate) fn edges(buffers: impl Iterator<Item = (u64, usize)>) -> Vec<u64> {
+    let mut e: Vec<u64> = buffers
+        .flat_map(|(start, len)| [start, start.saturating_add(len as u64)])
         .collect();
     e.sort_unstable();
     e.dedup();
