@@ -66,9 +66,10 @@ pub struct Args {
     #[arg(long)]
     pub views: bool,
     /// I/O engine: `auto` (by what the page cache holds: cached contiguous runs with
-    /// positioned reads, cached strided ones gathered from a mapping, uncached contiguous
-    /// spans with direct I/O, uncached strided ones through the page cache, exactly their
-    /// pages), `mmap`, `pread` or `direct` (`O_DIRECT`, bypassing the page cache).
+    /// positioned reads, cached strided ones gathered from a mapping, uncached spans through
+    /// the page cache, exactly their pages, asked for ahead, where the files fit in half of
+    /// the available memory, else contiguous ones with direct I/O), `mmap`, `pread` or
+    /// `direct` (`O_DIRECT`, bypassing the page cache).
     #[arg(long, default_value = "auto")]
     pub io: IoMode,
     /// Staging memory budget of the pread engine, e.g. `256MiB`.

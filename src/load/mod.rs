@@ -15,8 +15,9 @@
 //!    reads straight into the arena (at least 8 workers taking tasks of about 8 MiB in file
 //!    order, so several reads are in flight and the fresh arena's page faults are paid during
 //!    them) and gathers cached strided runs from mapped windows (dropping their pages once
-//!    copied); uncached contiguous runs are read with direct I/O, uncached strided ones
-//!    through the page cache, exactly their pages, asked for ahead of the readers.
+//!    copied); uncached runs go through the page cache, exactly their pages, asked for
+//!    ahead of the readers, where the files fit in [`LoadOptions::page_cache_limit`] (half
+//!    of `MemAvailable` by default), else contiguous ones with direct I/O.
 //!    [`IoMode::Mmap`] maps only the page-aligned windows the runs cover (nearby windows
 //!    merged), advises `WillNeed` on dense spans and exactly the touched pages of sparse
 //!    strided ones, and copies from the mapping. [`IoMode::Pread`] uses positioned reads,
@@ -58,12 +59,13 @@ use crate::{Error, Result};
 pub enum IoMode {
     /// Decided per task by what the page cache holds (`mincore`): cached contiguous runs
     /// with positioned reads straight into the arena (no file pages mapped, several reads
-    /// in flight), cached strided runs gathered from a mapping. Uncached contiguous spans of
-    /// at least 1 MiB are read with direct I/O (large aligned reads, many in flight, no
-    /// page-cache pages to allocate, fill and evict: half the CPU time of buffered reads),
-    /// unless the files fit in [`LoadOptions::page_cache_limit`] (then buffered, and the
-    /// next load finds them cached), falling back to buffered reads where the filesystem
-    /// refuses `O_DIRECT`. Uncached strided spans (inner-dim splits) and small runs are
+    /// in flight), cached strided runs gathered from a mapping. Uncached spans of files
+    /// that fit in [`LoadOptions::page_cache_limit`] (by default half of `MemAvailable`)
+    /// are read through the page cache, their pages asked for ahead, and the next load
+    /// finds them cached; uncached contiguous spans of at least 1 MiB of larger files are
+    /// read with direct I/O (large aligned reads, many in flight, filling and evicting no
+    /// page-cache pages), falling back to buffered reads where the filesystem refuses
+    /// `O_DIRECT`. Uncached strided spans (inner-dim splits) and small runs are
     /// read through the page cache, exactly their pages: one thread asks for them ahead of
     /// the readers (`POSIX_FADV_WILLNEED`, many requests in flight), kernel readahead is off
     /// for the load's handles, and the pages stay cached; where the ranks of the node read a
@@ -140,9 +142,12 @@ pub struct LoadOptions {
     pub control: Option<Arc<LoadControl>>,
     /// [`IoMode::Auto`]: uncached contiguous spans go through the page cache (and stay there
     /// for the next load) when the files the rank reads total at most this many bytes, else
-    /// they are read with direct I/O, which neither fills the cache nor evicts what it holds.
-    /// `None` (the default): always direct I/O, the fastest single load measured
-    /// (`docs/performance.md`, "One rank"); a limit trades that for a warm next load.
+    /// they are read with direct I/O, which neither fills the cache nor evicts what it holds
+    /// (a model that does not fit is not read into memory twice). `None` (the default): half
+    /// of `MemAvailable` when the load starts (direct I/O where that cannot be read);
+    /// `Some(0)`: always direct I/O. Buffered reads with their pages asked for ahead were the
+    /// faster cold load in the measurements behind this default (`docs/performance.md`,
+    /// "One rank"), and a warm next load besides.
     pub page_cache_limit: Option<u64>,
     /// [`IoMode::Auto`]: the file spans this rank's node reads together at the same time
     /// (the ranks sharing its page cache; [`NodeSpans::of`]). Where an uncached strided run

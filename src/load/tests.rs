@@ -283,8 +283,12 @@ fn auto_reads_uncached_files_directly_unless_they_fit_the_page_cache_limit() {
     assert!(arena_of(&load_rank(&plan, 0, &too_big).unwrap()) == want);
     let cached = cached_fraction(&plan.files[0].path);
     assert!(cached < 0.25, "{cached}");
-    // Without a limit (the default), uncached contiguous spans are read directly too.
-    let rt = load_rank(&plan, 0, &LoadOptions::default()).unwrap();
+    // A limit of 0: uncached contiguous spans are always read directly.
+    let always_direct = LoadOptions {
+        page_cache_limit: Some(0),
+        ..LoadOptions::default()
+    };
+    let rt = load_rank(&plan, 0, &always_direct).unwrap();
     assert!(arena_of(&rt) == want);
     assert!(
         rt.stats().paths.direct >= 16 << 20,
@@ -293,8 +297,18 @@ fn auto_reads_uncached_files_directly_unless_they_fit_the_page_cache_limit() {
     );
     let cached = cached_fraction(&plan.files[0].path);
     assert!(cached < 0.25, "{cached}");
-    // Files that fit the limit are read through the page cache and stay there for the
-    // next load.
+    // The default limit (half of MemAvailable, far above these 20 MiB): read through the
+    // page cache, pages asked for ahead, and they stay there for the next load.
+    let rt = load_rank(&plan, 0, &LoadOptions::default()).unwrap();
+    assert!(arena_of(&rt) == want);
+    let paths = rt.stats().paths;
+    assert!(
+        paths.direct == 0 && paths.prefetched >= 16 << 20,
+        "{paths:?}"
+    );
+    assert!(cached_fraction(&plan.files[0].path) > 0.8);
+    // An explicit limit the files fit in does the same.
+    drop_from_cache(&plan).unwrap();
     let fits = LoadOptions {
         page_cache_limit: Some(1 << 30),
         ..LoadOptions::default()
@@ -388,7 +402,12 @@ fn a_cold_inner_dim_split_reads_only_the_pages_it_needs() {
         );
         return;
     }
-    let rt = load_rank(&plan, 0, &LoadOptions::default()).unwrap();
+    // Files taken not to fit the page cache, so the contiguous run goes direct.
+    let never_fits = LoadOptions {
+        page_cache_limit: Some(0),
+        ..LoadOptions::default()
+    };
+    let rt = load_rank(&plan, 0, &never_fits).unwrap();
     assert!(arena_of(&rt) == want);
     let paths = rt.stats().paths;
     assert_eq!(paths.prefetched, rows * keep, "{paths:?}");

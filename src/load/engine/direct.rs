@@ -15,6 +15,15 @@ use crate::load::IoMode;
 use crate::plan::PlanFile;
 use crate::{Error, Result};
 
+/// `MemAvailable` of `/proc/meminfo` in bytes: what the kernel estimates can be allocated
+/// without swapping (free memory plus reclaimable cache); `None` where it cannot be read.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Alignment of direct I/O offsets, lengths and buffers: the largest logical block size in
 /// use (4 KiB disks; 512-byte ones accept it too).
 pub(super) const DIRECT_ALIGN: u64 = 4096;
@@ -25,8 +34,8 @@ pub(super) const DIRECT_ALIGN: u64 = 4096;
 /// truncation cannot fault through it).
 pub(super) struct DirectFiles {
     /// Per file, the `O_DIRECT` handle uncached spans are read with (under `Auto`, none
-    /// where the files fit in [`crate::load::LoadOptions::page_cache_limit`]: they are read
-    /// buffered and stay cached).
+    /// where the files fit in [`crate::load::LoadOptions::page_cache_limit`], by default
+    /// half of `MemAvailable`: they are read buffered and stay cached).
     handles: Vec<Option<File>>,
     /// Per file, [`residency`] flags (`Auto` only).
     cached: Vec<Option<Vec<bool>>>,
@@ -56,10 +65,11 @@ impl DirectFiles {
                 .filter(|(_, f)| f.is_some())
                 .map(|(pf, _)| pf.identity.len)
                 .sum();
-            // Without a limit, uncached contiguous spans are always read directly: measured
-            // at half the CPU time of buffered reads and faster (docs/performance.md, "One
-            // rank"); a limit keeps files that fit in the page cache for the next load.
-            page_cache_limit.is_none_or(|l| total > l)
+            // Files that fit are read buffered, their pages asked for ahead: faster cold
+            // than direct I/O here, quiet or loaded, and the next load finds them cached
+            // (docs/performance.md, "One rank"). Larger ones would only evict each other.
+            let limit = page_cache_limit.or_else(|| mem_available().map(|m| m / 2));
+            limit.is_none_or(|l| total > l)
         };
         for (pf, f) in files.iter().zip(open) {
             let (mut handle, mut cached) = (None, None);
