@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::sharding::{self, Config, Layout, Piece, Resolved, Shards, Spec};
 use crate::{Error, Result};
 use serde_json::json;
@@ -66,35 +66,12 @@ fn list(out: &mut Vec<u8>) -> Result<()> {
 fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
     let topo = args.topo.topology()?;
     let spec = Spec::load(&args.spec)?;
-    let show_placement =
-        topo.tp > 1 || topo.pp > 1 || topo.dp > 1 || topo.ep > 1 || topo.pp_layers.is_some();
     let Some(path) = &args.against else {
         if !args.set.is_empty() {
             // Still validate the flags' syntax.
             Config::from_json(None, &args.set)?;
         }
-        if args.json {
-            let v = json!({
-                "spec": spec.name,
-                "origin": spec.origin,
-                "architectures": spec.architectures,
-                "rules": spec.rule_count(),
-                "ok": true,
-            });
-            let _ = writeln!(out, "{v:#}");
-        } else {
-            let _ = writeln!(
-                out,
-                "{}: ok ({} rules; architectures: {})",
-                printable(&spec.origin),
-                spec.rule_count(),
-                if spec.architectures.is_empty() {
-                    "none declared".to_string()
-                } else {
-                    spec.architectures.join(", ")
-                }
-            );
-        }
+        report_spec(&spec, args.json, out);
         return Ok(());
     };
     let ckpt = Checkpoint::open(path)?;
@@ -113,30 +90,7 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
             .tensors()
             .iter()
             .zip(&res.tensors)
-            .map(|(t, r)| {
-                let mut v = json!({"name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape});
-                match r {
-                    Resolved::Skip { reason } => v["skip"] = json!(reason),
-                    Resolved::Held { stages, shards, kind, replicated } => {
-                        v["stages"] = json!(stages);
-                        v["kind"] = json!(format!("{kind:?}").to_lowercase());
-                        v["replicated"] = json!(replicated);
-                        match shards {
-                            Shards::PerTp(ls) => {
-                                v["tp"] = ls
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(r, l)| json!({"tp_rank": r, "shape": l.shape, "concat_dim": l.concat_dim, "pieces": pieces_json(l)}))
-                                    .collect();
-                            }
-                            Shards::Expert { expert, owner, layout } => {
-                                v["expert"] = json!({"id": expert, "ep_rank": owner, "shape": layout.shape, "pieces": pieces_json(layout)});
-                            }
-                        }
-                    }
-                }
-                v
-            })
+            .map(|(t, r)| tensor_json(t, r))
             .collect();
         let v = json!({
             "spec": spec.name,
@@ -161,77 +115,145 @@ fn check(args: &CheckArgs, out: &mut Vec<u8>) -> Result<()> {
         ckpt.tensors().len() - held,
         res.warnings.len()
     );
-    if !show_placement {
-        return Ok(());
+    let show_placement =
+        topo.tp > 1 || topo.pp > 1 || topo.dp > 1 || topo.ep > 1 || topo.pp_layers.is_some();
+    if show_placement {
+        let _ = writeln!(
+            out,
+            "placement for tp={} pp={} dp={} ep={}:",
+            topo.tp, topo.pp, topo.dp, topo.ep
+        );
+        for (t, r) in ckpt.tensors().iter().zip(&res.tensors) {
+            print_placement(t, r, out);
+        }
     }
-    let _ = writeln!(
-        out,
-        "placement for tp={} pp={} dp={} ep={}:",
-        topo.tp, topo.pp, topo.dp, topo.ep
-    );
-    for (t, r) in ckpt.tensors().iter().zip(&res.tensors) {
-        let shape = dims(&t.shape);
-        match r {
-            Resolved::Skip { reason } => {
-                let _ = writeln!(
-                    out,
-                    "{}  {} {shape}  skip: {}",
-                    printable(&t.name),
-                    t.dtype,
-                    printable(reason)
-                );
+    Ok(())
+}
+
+/// `spec check` without a checkpoint: the spec parsed and what it declares.
+fn report_spec(spec: &Spec, as_json: bool, out: &mut Vec<u8>) {
+    if as_json {
+        let v = json!({
+            "spec": spec.name,
+            "origin": spec.origin,
+            "architectures": spec.architectures,
+            "rules": spec.rule_count(),
+            "ok": true,
+        });
+        let _ = writeln!(out, "{v:#}");
+    } else {
+        let _ = writeln!(
+            out,
+            "{}: ok ({} rules; architectures: {})",
+            printable(&spec.origin),
+            spec.rule_count(),
+            if spec.architectures.is_empty() {
+                "none declared".to_string()
+            } else {
+                spec.architectures.join(", ")
             }
-            Resolved::Held {
-                stages,
-                shards,
-                kind,
-                replicated,
-            } => {
-                let st = stages
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let kind = format!("{kind:?}").to_lowercase();
-                match shards {
-                    Shards::PerTp(ls) if *replicated => {
-                        let l = ls.first().map(describe).unwrap_or_default();
-                        let _ = writeln!(
-                            out,
-                            "{}  {} {shape}  stage {st}  {kind}  every tp rank: {l}",
-                            printable(&t.name),
-                            t.dtype
-                        );
-                    }
-                    Shards::PerTp(ls) => {
-                        let _ = writeln!(
-                            out,
-                            "{}  {} {shape}  stage {st}  {kind}",
-                            printable(&t.name),
-                            t.dtype
-                        );
-                        for (i, l) in ls.iter().enumerate() {
-                            let _ = writeln!(out, "    tp {i}: {}", describe(l));
-                        }
-                    }
-                    Shards::Expert {
-                        expert,
-                        owner,
-                        layout,
-                    } => {
-                        let _ = writeln!(
-                            out,
-                            "{}  {} {shape}  stage {st}  {kind}  expert {expert} on ep rank {owner}: {}",
-                            printable(&t.name),
-                            t.dtype,
-                            describe(layout)
-                        );
-                    }
+        );
+    }
+}
+
+/// One tensor's entry in `spec check --json`: name, dtype, shape and where it goes.
+fn tensor_json(t: &TensorInfo, r: &Resolved) -> serde_json::Value {
+    let mut v = json!({"name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape});
+    match r {
+        Resolved::Skip { reason } => v["skip"] = json!(reason),
+        Resolved::Held {
+            stages,
+            shards,
+            kind,
+            replicated,
+        } => {
+            v["stages"] = json!(stages);
+            v["kind"] = json!(format!("{kind:?}").to_lowercase());
+            v["replicated"] = json!(replicated);
+            match shards {
+                Shards::PerTp(ls) => {
+                    v["tp"] = ls
+                        .iter()
+                        .enumerate()
+                        .map(|(r, l)| json!({"tp_rank": r, "shape": l.shape, "concat_dim": l.concat_dim, "pieces": pieces_json(l)}))
+                        .collect();
+                }
+                Shards::Expert {
+                    expert,
+                    owner,
+                    layout,
+                } => {
+                    v["expert"] = json!({"id": expert, "ep_rank": owner, "shape": layout.shape, "pieces": pieces_json(layout)});
                 }
             }
         }
     }
-    Ok(())
+    v
+}
+
+/// One tensor's lines of the text placement: skipped with its reason, the layout every tp
+/// rank holds, each tp rank's layout, or the expert and its ep rank.
+fn print_placement(t: &TensorInfo, r: &Resolved, out: &mut Vec<u8>) {
+    let shape = dims(&t.shape);
+    let (stages, shards, kind, replicated) = match r {
+        Resolved::Skip { reason } => {
+            let _ = writeln!(
+                out,
+                "{}  {} {shape}  skip: {}",
+                printable(&t.name),
+                t.dtype,
+                printable(reason)
+            );
+            return;
+        }
+        Resolved::Held {
+            stages,
+            shards,
+            kind,
+            replicated,
+        } => (stages, shards, kind, replicated),
+    };
+    let st = stages
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let kind = format!("{kind:?}").to_lowercase();
+    match shards {
+        Shards::PerTp(ls) if *replicated => {
+            let l = ls.first().map(describe).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{}  {} {shape}  stage {st}  {kind}  every tp rank: {l}",
+                printable(&t.name),
+                t.dtype
+            );
+        }
+        Shards::PerTp(ls) => {
+            let _ = writeln!(
+                out,
+                "{}  {} {shape}  stage {st}  {kind}",
+                printable(&t.name),
+                t.dtype
+            );
+            for (i, l) in ls.iter().enumerate() {
+                let _ = writeln!(out, "    tp {i}: {}", describe(l));
+            }
+        }
+        Shards::Expert {
+            expert,
+            owner,
+            layout,
+        } => {
+            let _ = writeln!(
+                out,
+                "{}  {} {shape}  stage {st}  {kind}  expert {expert} on ep rank {owner}: {}",
+                printable(&t.name),
+                t.dtype,
+                describe(layout)
+            );
+        }
+    }
 }
 
 fn dims(shape: &[u64]) -> String {

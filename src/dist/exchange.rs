@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use super::schedule::BroadcastSchedule;
+use super::schedule::{Batch, BroadcastSchedule};
 use super::target::Target;
 use super::{ShareOptions, Traffic};
 use crate::comm::{agree, rank_list, Communicator};
-use crate::plan::Plan;
+use crate::plan::{Plan, RankPlan};
 use crate::{Error, Result};
 
 /// Largest batch of small shared tensors packed into one broadcast: big enough that a model
@@ -61,31 +61,8 @@ pub(super) fn broadcast(
     let segs = schedule.own_reads(plan, me);
     let read = agree(world, target.read(&plan.files, &segs, &opts.load))?.read_bytes;
 
-    // One sub-communicator per distinct holder set; disjoint sets share a split.
     world.set_phase("broadcast: sub-communicators");
-    let mut comms: HashMap<usize, Box<dyn Communicator>> = HashMap::new();
-    for layer in &schedule.layers {
-        let mine = layer.iter().position(|&si| {
-            schedule
-                .sets
-                .get(si)
-                .is_some_and(|s| s.binary_search(&me).is_ok())
-        });
-        let color = mine
-            .map(|p| {
-                u32::try_from(p).map_err(|_| Error::comm("split", format!("too many sets: {p}")))
-            })
-            .transpose()?;
-        if let Some(c) = world.split(color, me)? {
-            if let Some(&si) = mine.and_then(|p| layer.get(p)) {
-                comms.insert(si, c);
-            }
-        }
-    }
-
-    // Counts first: within every holder set, the members compare the sizes of the broadcasts
-    // they are about to run (in order), so a peer expecting other sizes is an error naming
-    // it, never a truncated or overrun buffer. Sets in one global order, as the broadcasts.
+    let comms = holder_comms(schedule, world)?;
     // Sub-communicators keep the phase they were split in: name each phase on them too.
     let set_phase = |phase: &str| {
         world.set_phase(phase);
@@ -94,42 +71,7 @@ pub(super) fn broadcast(
         }
     };
     set_phase("broadcast: count check");
-    let mut per_set: HashMap<usize, Vec<u64>> = HashMap::new();
-    for b in schedule.broadcasts(me) {
-        let bytes = rp.tensors.get(b.tensor).map_or(u64::MAX, |t| t.bytes);
-        per_set.entry(b.set).or_default().push(bytes);
-    }
-    let mut sets: Vec<usize> = per_set.keys().copied().collect();
-    sets.sort_unstable();
-    let check = (|| {
-        for si in sets {
-            let comm = comms
-                .get(&si)
-                .ok_or_else(|| Error::comm("broadcast", "missing sub-communicator"))?;
-            let sizes = per_set.get(&si).map_or(&[][..], Vec::as_slice);
-            let mine = digest(sizes.iter().copied().chain([sizes.len() as u64]));
-            let all = comm.all_gather(&mine.to_le_bytes())?;
-            let members = schedule.sets.get(si).map_or(&[][..], Vec::as_slice);
-            let differ: Vec<usize> = all
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| d.as_slice() != mine.to_le_bytes())
-                .map(|(i, _)| members.get(i).copied().unwrap_or(i))
-                .collect();
-            if !differ.is_empty() {
-                return Err(Error::comm(
-                    "broadcast",
-                    format!(
-                        "rank {me}: rank {} expect other broadcast sizes in their group {}",
-                        rank_list(&differ),
-                        rank_list(members)
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    })();
-    agree(world, check)?;
+    agree(world, check_sizes(rp, schedule, &comms, me))?;
 
     // Broadcast in one global order, small tensors of a (set, root) packed into batches.
     // The packing buffer is allocated once, for the largest batch, and agreed on: no rank
@@ -149,51 +91,7 @@ pub(super) fn broadcast(
         let comm = comms
             .get(&batch.set)
             .ok_or_else(|| Error::comm("broadcast", "missing sub-communicator"))?;
-        // Each tensor's (offset, bytes): a whole tensor lies in one caller buffer or in the
-        // arena.
-        let spans = batch
-            .tensors
-            .iter()
-            .map(|&ti| {
-                rp.tensors
-                    .get(ti)
-                    .map(|t| (t.offset, t.bytes))
-                    .ok_or_else(|| {
-                        Error::plan_rank(me, "broadcast batch tensor index out of range")
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if let [(offset, bytes)] = spans.as_slice() {
-            // One tensor: straight from and into its memory.
-            comm.broadcast(batch.root, target.span_mut(*offset, *bytes)?)?;
-        } else {
-            // Within the capacity reserved above: no allocation.
-            let len = usize::try_from(batch.bytes)
-                .map_err(|_| Error::plan_rank(me, format!("a batch of {} bytes", batch.bytes)))?;
-            packed.clear();
-            packed.resize(len, 0);
-            if batch.is_root {
-                let mut at = 0;
-                for &(offset, bytes) in &spans {
-                    let s = target.span_mut(offset, bytes)?;
-                    if let Some(d) = packed.get_mut(at..at + s.len()) {
-                        d.copy_from_slice(s);
-                    }
-                    at += s.len();
-                }
-            }
-            comm.broadcast(batch.root, &mut packed)?;
-            if !batch.is_root {
-                let mut at = 0;
-                for &(offset, bytes) in &spans {
-                    let d = target.span_mut(offset, bytes)?;
-                    if let Some(s) = packed.get(at..at + d.len()) {
-                        d.copy_from_slice(s);
-                    }
-                    at += d.len();
-                }
-            }
-        }
+        broadcast_batch(rp, me, &batch, comm.as_ref(), target, &mut packed)?;
         if batch.is_root {
             traffic.sent_bytes += batch.bytes * (batch.holders as u64 - 1);
         } else {
@@ -201,6 +99,133 @@ pub(super) fn broadcast(
         }
     }
     Ok(read)
+}
+
+/// One sub-communicator per holder set this rank belongs to, keyed by set index; the sets of
+/// one schedule layer are disjoint and share a split. Collective: every rank takes part in
+/// every split, in the schedule's order.
+fn holder_comms(
+    schedule: &BroadcastSchedule,
+    world: &dyn Communicator,
+) -> Result<HashMap<usize, Box<dyn Communicator>>> {
+    let me = world.rank();
+    let mut comms = HashMap::new();
+    for layer in &schedule.layers {
+        let mine = layer.iter().position(|&si| {
+            schedule
+                .sets
+                .get(si)
+                .is_some_and(|s| s.binary_search(&me).is_ok())
+        });
+        let color = mine
+            .map(|p| {
+                u32::try_from(p).map_err(|_| Error::comm("split", format!("too many sets: {p}")))
+            })
+            .transpose()?;
+        if let Some(c) = world.split(color, me)? {
+            if let Some(&si) = mine.and_then(|p| layer.get(p)) {
+                comms.insert(si, c);
+            }
+        }
+    }
+    Ok(comms)
+}
+
+/// Within every holder set, the members compare the sizes of the broadcasts they are about
+/// to run (in order), so a peer expecting other sizes is an error naming it, never a
+/// truncated or overrun buffer. Sets are visited in one global order, as the broadcasts.
+fn check_sizes(
+    rp: &RankPlan,
+    schedule: &BroadcastSchedule,
+    comms: &HashMap<usize, Box<dyn Communicator>>,
+    me: usize,
+) -> Result<()> {
+    let mut per_set: HashMap<usize, Vec<u64>> = HashMap::new();
+    for b in schedule.broadcasts(me) {
+        let bytes = rp.tensors.get(b.tensor).map_or(u64::MAX, |t| t.bytes);
+        per_set.entry(b.set).or_default().push(bytes);
+    }
+    let mut sets: Vec<usize> = per_set.keys().copied().collect();
+    sets.sort_unstable();
+    for si in sets {
+        let comm = comms
+            .get(&si)
+            .ok_or_else(|| Error::comm("broadcast", "missing sub-communicator"))?;
+        let sizes = per_set.get(&si).map_or(&[][..], Vec::as_slice);
+        let mine = digest(sizes.iter().copied().chain([sizes.len() as u64]));
+        let all = comm.all_gather(&mine.to_le_bytes())?;
+        let members = schedule.sets.get(si).map_or(&[][..], Vec::as_slice);
+        let differ: Vec<usize> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.as_slice() != mine.to_le_bytes())
+            .map(|(i, _)| members.get(i).copied().unwrap_or(i))
+            .collect();
+        if !differ.is_empty() {
+            return Err(Error::comm(
+                "broadcast",
+                format!(
+                    "rank {me}: rank {} expect other broadcast sizes in their group {}",
+                    rank_list(&differ),
+                    rank_list(members)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Broadcasts one batch within its holder set: a single tensor straight from and into its
+/// memory, several packed into `packed` (whose capacity was reserved for the largest batch,
+/// so nothing is allocated here).
+fn broadcast_batch(
+    rp: &RankPlan,
+    me: usize,
+    batch: &Batch,
+    comm: &dyn Communicator,
+    target: &mut Target<'_>,
+    packed: &mut Vec<u8>,
+) -> Result<()> {
+    // Each tensor's (offset, bytes): a whole tensor lies in one caller buffer or in the arena.
+    let spans = batch
+        .tensors
+        .iter()
+        .map(|&ti| {
+            rp.tensors
+                .get(ti)
+                .map(|t| (t.offset, t.bytes))
+                .ok_or_else(|| Error::plan_rank(me, "broadcast batch tensor index out of range"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let [(offset, bytes)] = spans.as_slice() {
+        return comm.broadcast(batch.root, target.span_mut(*offset, *bytes)?);
+    }
+    let len = usize::try_from(batch.bytes)
+        .map_err(|_| Error::plan_rank(me, format!("a batch of {} bytes", batch.bytes)))?;
+    packed.clear();
+    packed.resize(len, 0);
+    if batch.is_root {
+        let mut at = 0;
+        for &(offset, bytes) in &spans {
+            let s = target.span_mut(offset, bytes)?;
+            if let Some(d) = packed.get_mut(at..at + s.len()) {
+                d.copy_from_slice(s);
+            }
+            at += s.len();
+        }
+    }
+    comm.broadcast(batch.root, packed)?;
+    if !batch.is_root {
+        let mut at = 0;
+        for &(offset, bytes) in &spans {
+            let d = target.span_mut(offset, bytes)?;
+            if let Some(s) = packed.get(at..at + d.len()) {
+                d.copy_from_slice(s);
+            }
+            at += d.len();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 
 use super::complete::Completeness;
 use super::expr::{Env, EvalError, Expr, Value};
-use super::parse::{did_you_mean, spec_at, Op, PartMode, Placement, Rule, StageWhich};
+use super::parse::{
+    did_you_mean, spec_at, ExpertsClause, Op, PartMode, Placement, Rule, StageWhich,
+};
 use super::{Config, Layout, Piece, Resolution, Resolved, Shards, Spec, TensorKind};
 use crate::checkpoint::TensorInfo;
 use crate::error::SpecPosition;
@@ -68,31 +70,7 @@ pub(crate) fn resolve_tensors(
     for (t, norm) in tensors.iter().zip(&normalized) {
         segs.clear();
         segs.extend(norm.split('.'));
-        let mut found = None;
-        for (ri, rule) in def.rules.iter().enumerate() {
-            caps.clear();
-            caps.resize(rule.pattern.captures.len(), 0);
-            if !rule.pattern.matches(&segs, &mut caps) {
-                continue;
-            }
-            let active = match (&rule.cond, rule.cond_uses_captures) {
-                (None, _) => true,
-                (Some(c), true) => r.eval_bool(rule, c, &caps)?,
-                (Some(c), false) => match conds[ri] {
-                    Some(v) => v,
-                    None => {
-                        let v = r.eval_bool(rule, c, &[])?;
-                        conds[ri] = Some(v);
-                        v
-                    }
-                },
-            };
-            if active {
-                found = Some(ri);
-                break;
-            }
-        }
-        let Some(ri) = found else {
+        let Some(ri) = r.first_rule(&segs, &mut caps, &mut conds)? else {
             unmatched.push(t.name.clone());
             out.push(Resolved::Skip {
                 reason: "matches no rule".into(),
@@ -104,15 +82,7 @@ pub(crate) fn resolve_tensors(
         let layer = rule.layer_slot.and_then(|s| caps.get(s).copied());
         if let Some(layer) = layer {
             if layer_stages.is_none() {
-                let n = r.layer_count()?;
-                // Cumulative layer ends per stage (not a per-layer table: `n` comes from input).
-                let mut ends = topo.stage_layer_counts(n)?;
-                let mut acc = 0usize;
-                for e in ends.iter_mut() {
-                    acc = acc.saturating_add(*e);
-                    *e = acc;
-                }
-                layer_stages = Some((n, ends));
+                layer_stages = Some(r.layer_ends()?);
             }
             if let Some((n, _)) = &layer_stages {
                 if layer >= *n as u64 {
@@ -134,51 +104,8 @@ pub(crate) fn resolve_tensors(
         if let (Some(layer), Some(slot), false) = (layer, rule.layer_slot, rule.optional) {
             completeness.record(ri, rule, slot, layer, &t.name, &segs, &caps);
         }
-        // Stages.
-        let stages = match &rule.stages {
-            Some(items) => {
-                let mut s = Vec::new();
-                for it in items {
-                    if let Some(c) = &it.cond {
-                        if !r.eval_bool(rule, c, &caps)? {
-                            continue;
-                        }
-                    }
-                    match &it.which {
-                        StageWhich::First => s.push(0),
-                        StageWhich::Last => s.push(topo.pp - 1),
-                        StageWhich::All => s.extend(0..topo.pp),
-                        StageWhich::Index(e) => {
-                            let v = r.int_at(rule.line, e, &caps_named(rule, &caps))?;
-                            match usize::try_from(v) {
-                                Ok(v) if v < topo.pp => s.push(v),
-                                _ => {
-                                    return Err(Error::Placement {
-                                        file: spec.origin.clone(),
-                                        line: rule.line,
-                                        tensor: Some(t.name.clone()),
-                                        shape: None,
-                                        reason: format!(
-                                            "stage {v} does not exist (pp = {})",
-                                            topo.pp
-                                        ),
-                                    })
-                                }
-                            }
-                        }
-                    }
-                }
-                s.sort_unstable();
-                s.dedup();
-                s
-            }
-            None => match (layer, &layer_stages) {
-                (Some(l), Some((_, ends))) => {
-                    vec![ends.partition_point(|&end| end as u64 <= l)]
-                }
-                _ => (0..topo.pp).collect(),
-            },
-        };
+        let ends = layer_stages.as_ref().map(|(_, ends)| ends.as_slice());
+        let stages = r.stages(rule, &caps, layer.zip(ends), &t.name)?;
         if stages.is_empty() {
             out.push(Resolved::Skip {
                 reason: format!("no stage selected by {}:{}", spec.origin, rule.line),
@@ -190,17 +117,7 @@ pub(crate) fn resolve_tensors(
             (&rule.experts, rule.expert_slot, topo.expert_parallel())
         {
             let e = caps.get(slot).copied().unwrap_or(0);
-            let count = r.int_at(rule.line, &ex.count, &[])?;
-            let owner =
-                expert_owner(e, count, topo.ep, r.placement(ex.placement)?).map_err(|m| {
-                    Error::Placement {
-                        file: spec.origin.clone(),
-                        line: rule.line,
-                        tensor: Some(t.name.clone()),
-                        shape: None,
-                        reason: m,
-                    }
-                })?;
+            let owner = r.expert_owner(rule, ex, e, &t.name)?;
             out.push(Resolved::Held {
                 stages,
                 shards: Shards::Expert {
@@ -213,24 +130,7 @@ pub(crate) fn resolve_tensors(
             });
             continue;
         }
-        let (layouts, replicated) = match cache[ri].get(t.shape.as_slice()) {
-            Some((l, rep)) => (l.clone(), *rep),
-            None => {
-                let l = r.layouts(rule, &t.shape).map_err(|e| match e {
-                    LayoutError::Msg(m) => Error::Placement {
-                        file: spec.origin.clone(),
-                        line: rule.line,
-                        tensor: Some(t.name.clone()),
-                        shape: Some(t.shape.clone()),
-                        reason: m,
-                    },
-                    LayoutError::Err(e) => *e,
-                })?;
-                let rep = l.windows(2).all(|w| w[0] == w[1]);
-                cache[ri].insert(t.shape.clone(), (l.clone(), rep));
-                (l, rep)
-            }
-        };
+        let (layouts, replicated) = r.layouts_cached(rule, t, &mut cache[ri])?;
         let kind = match (&rule.op, rule.kind) {
             (Op::Vocab { .. }, TensorKind::Other) => TensorKind::Embedding,
             (_, TensorKind::Other) if rule.experts.is_some() => TensorKind::Experts,
@@ -259,37 +159,8 @@ pub(crate) fn resolve_tensors(
         });
     }
 
-    // Requirements last: a split that does not divide is reported with its tensor first;
-    // these catch topologies whose splits work out but that vLLM refuses.
-    for (cond, why, line) in &def.requires {
-        let ok = r.env(&[]).bool(cond).map_err(|err| r.error(*line, err))?;
-        if !ok {
-            let src = spec
-                .source
-                .lines()
-                .nth(line.saturating_sub(1))
-                .unwrap_or("")
-                .trim();
-            return Err(Error::Placement {
-                file: spec.origin.clone(),
-                line: *line,
-                tensor: None,
-                shape: None,
-                reason: format!(
-                    "spec `{}` cannot place this checkpoint at tp = {}, pp = {}, dp = {}, ep = {}: {}",
-                    spec.name,
-                    topo.tp,
-                    topo.pp,
-                    topo.dp,
-                    topo.ep,
-                    match why {
-                        Some(w) => format!("{w} (`{src}` does not hold)"),
-                        None => format!("`{src}` does not hold"),
-                    }
-                ),
-            });
-        }
-    }
+    // Requirements last: a split that does not divide is reported with its tensor first.
+    r.check_requires()?;
     // A checkpoint that lacks tensors the model needs (a whole layer, the final norm, an
     // untied LM head) is refused here rather than loaded with holes.
     let n_layers = match &layer_stages {
@@ -301,25 +172,10 @@ pub(crate) fn resolve_tensors(
     if !missing.is_empty() {
         return Err(missing.error(spec, n_layers));
     }
-    let mut warnings = Vec::new();
-    for (ri, rule) in def.rules.iter().enumerate() {
-        if hits[ri] > 0 || rule.optional || missing.explained(ri) {
-            continue;
-        }
-        // A rule switched off by its condition is not a mistake (one that reads `layer`:
-        // off in every layer, e.g. the dense MLP of a model without dense layers).
-        let off = match (&rule.cond, rule.cond_uses_captures) {
-            (Some(c), false) => conds[ri].or_else(|| r.eval_bool(rule, c, &[]).ok()) == Some(false),
-            (Some(_), true) => super::complete::off_in_every_layer(&r, rule, n_layers),
-            _ => false,
-        };
-        if !off {
-            warnings.push(format!(
-                "{}:{}: rule `{}` matches no tensor",
-                spec.origin, rule.line, rule.pattern_text
-            ));
-        }
-    }
+    let warnings = (0..def.rules.len())
+        .filter(|&ri| hits[ri] == 0 && !missing.explained(ri))
+        .filter_map(|ri| r.unused_rule_warning(ri, conds[ri], n_layers))
+        .collect();
     Ok(Resolution {
         tensors: out,
         warnings,
@@ -401,6 +257,209 @@ fn cdiv(a: u64, b: u64) -> u64 {
 }
 
 impl Resolver<'_> {
+    /// The first rule whose pattern matches `segs` (captures left in `caps`) and whose
+    /// condition holds; conditions that read no capture are evaluated once, into `conds`.
+    fn first_rule(
+        &self,
+        segs: &[&str],
+        caps: &mut Vec<u64>,
+        conds: &mut [Option<bool>],
+    ) -> Result<Option<usize>> {
+        for (ri, rule) in self.spec.def.rules.iter().enumerate() {
+            caps.clear();
+            caps.resize(rule.pattern.captures.len(), 0);
+            if !rule.pattern.matches(segs, caps) {
+                continue;
+            }
+            let active = match (&rule.cond, rule.cond_uses_captures) {
+                (None, _) => true,
+                (Some(c), true) => self.eval_bool(rule, c, caps)?,
+                (Some(c), false) => match conds[ri] {
+                    Some(v) => v,
+                    None => {
+                        let v = self.eval_bool(rule, c, &[])?;
+                        conds[ri] = Some(v);
+                        v
+                    }
+                },
+            };
+            if active {
+                return Ok(Some(ri));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The pipeline stages that hold tensor `name` matched by `rule`: the rule's `stages`
+    /// items whose conditions hold, else the stage of its layer (`layer` with the
+    /// cumulative layer ends per stage), else every stage. Sorted, without repeats.
+    fn stages(
+        &self,
+        rule: &Rule,
+        caps: &[u64],
+        layer: Option<(u64, &[usize])>,
+        name: &str,
+    ) -> Result<Vec<usize>> {
+        let pp = self.topo.pp;
+        let Some(items) = &rule.stages else {
+            return Ok(match layer {
+                Some((l, ends)) => vec![ends.partition_point(|&end| end as u64 <= l)],
+                None => (0..pp).collect(),
+            });
+        };
+        let mut s = Vec::new();
+        for it in items {
+            if let Some(c) = &it.cond {
+                if !self.eval_bool(rule, c, caps)? {
+                    continue;
+                }
+            }
+            match &it.which {
+                StageWhich::First => s.push(0),
+                StageWhich::Last => s.push(pp - 1),
+                StageWhich::All => s.extend(0..pp),
+                StageWhich::Index(e) => {
+                    let v = self.int_at(rule.line, e, &caps_named(rule, caps))?;
+                    match usize::try_from(v) {
+                        Ok(v) if v < pp => s.push(v),
+                        _ => {
+                            return Err(Error::Placement {
+                                file: self.spec.origin.clone(),
+                                line: rule.line,
+                                tensor: Some(name.to_string()),
+                                shape: None,
+                                reason: format!("stage {v} does not exist (pp = {pp})"),
+                            })
+                        }
+                    }
+                }
+            }
+        }
+        s.sort_unstable();
+        s.dedup();
+        Ok(s)
+    }
+
+    /// The spec's `require` lines: these catch topologies whose splits work out but that
+    /// vLLM refuses; the first that does not hold is an error quoting it.
+    fn check_requires(&self) -> Result<()> {
+        let (spec, topo) = (self.spec, self.topo);
+        for (cond, why, line) in &spec.def.requires {
+            let ok = self
+                .env(&[])
+                .bool(cond)
+                .map_err(|err| self.error(*line, err))?;
+            if ok {
+                continue;
+            }
+            let src = spec
+                .source
+                .lines()
+                .nth(line.saturating_sub(1))
+                .unwrap_or("")
+                .trim();
+            return Err(Error::Placement {
+                file: spec.origin.clone(),
+                line: *line,
+                tensor: None,
+                shape: None,
+                reason: format!(
+                    "spec `{}` cannot place this checkpoint at tp = {}, pp = {}, dp = {}, ep = {}: {}",
+                    spec.name,
+                    topo.tp,
+                    topo.pp,
+                    topo.dp,
+                    topo.ep,
+                    match why {
+                        Some(w) => format!("{w} (`{src}` does not hold)"),
+                        None => format!("`{src}` does not hold"),
+                    }
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The warning for rule `ri`, which matched no tensor: none for an optional rule or
+    /// one switched off by its condition, which is not a mistake (one that reads `layer`:
+    /// off in every layer, e.g. the dense MLP of a model without dense layers).
+    fn unused_rule_warning(
+        &self,
+        ri: usize,
+        cond: Option<bool>,
+        n_layers: Option<usize>,
+    ) -> Option<String> {
+        let rule = self.spec.def.rules.get(ri)?;
+        if rule.optional {
+            return None;
+        }
+        let off = match (&rule.cond, rule.cond_uses_captures) {
+            (Some(c), false) => cond.or_else(|| self.eval_bool(rule, c, &[]).ok()) == Some(false),
+            (Some(_), true) => super::complete::off_in_every_layer(self, rule, n_layers),
+            _ => false,
+        };
+        (!off).then(|| {
+            format!(
+                "{}:{}: rule `{}` matches no tensor",
+                self.spec.origin, rule.line, rule.pattern_text
+            )
+        })
+    }
+
+    /// The EP rank that holds expert `e` of `rule` (`ex`: its count and placement), tensor
+    /// `name` named in the error.
+    fn expert_owner(&self, rule: &Rule, ex: &ExpertsClause, e: u64, name: &str) -> Result<usize> {
+        let count = self.int_at(rule.line, &ex.count, &[])?;
+        expert_owner(e, count, self.topo.ep, self.placement(ex.placement)?).map_err(|m| {
+            Error::Placement {
+                file: self.spec.origin.clone(),
+                line: rule.line,
+                tensor: Some(name.to_string()),
+                shape: None,
+                reason: m,
+            }
+        })
+    }
+
+    /// `rule`'s layout per TP rank for tensor `t`, and whether they are all equal: computed
+    /// once per shape (`cache`), cloned per tensor.
+    fn layouts_cached(
+        &self,
+        rule: &Rule,
+        t: &TensorInfo,
+        cache: &mut LayoutCache,
+    ) -> Result<(Vec<Layout>, bool)> {
+        if let Some((l, rep)) = cache.get(t.shape.as_slice()) {
+            return Ok((l.clone(), *rep));
+        }
+        let l = self.layouts(rule, &t.shape).map_err(|e| match e {
+            LayoutError::Msg(m) => Error::Placement {
+                file: self.spec.origin.clone(),
+                line: rule.line,
+                tensor: Some(t.name.clone()),
+                shape: Some(t.shape.clone()),
+                reason: m,
+            },
+            LayoutError::Err(e) => *e,
+        })?;
+        let rep = l.windows(2).all(|w| w[0] == w[1]);
+        cache.insert(t.shape.clone(), (l.clone(), rep));
+        Ok((l, rep))
+    }
+
+    /// The model's layer count and the cumulative layer ends per stage (not a per-layer
+    /// table: the count comes from input).
+    fn layer_ends(&self) -> Result<(usize, Vec<usize>)> {
+        let n = self.layer_count()?;
+        let mut ends = self.topo.stage_layer_counts(n)?;
+        let mut acc = 0usize;
+        for e in ends.iter_mut() {
+            acc = acc.saturating_add(*e);
+            *e = acc;
+        }
+        Ok((n, ends))
+    }
+
     fn env<'b>(&'b self, caps: &'b [(String, u64)]) -> Env<'b> {
         Env {
             lets: &self.spec.def.lets,
