@@ -205,25 +205,34 @@ fn broadcast_batch(
     packed.clear();
     packed.resize(len, 0);
     if batch.is_root {
-        let mut at = 0;
-        for &(offset, bytes) in &spans {
-            let s = target.span_mut(offset, bytes)?;
-            if let Some(d) = packed.get_mut(at..at + s.len()) {
-                d.copy_from_slice(s);
-            }
-            at += s.len();
-        }
+        pack(&spans, target, packed, true)?;
     }
     comm.broadcast(batch.root, packed)?;
     if !batch.is_root {
-        let mut at = 0;
-        for &(offset, bytes) in &spans {
-            let d = target.span_mut(offset, bytes)?;
-            if let Some(s) = packed.get(at..at + d.len()) {
-                d.copy_from_slice(s);
+        pack(&spans, target, packed, false)?;
+    }
+    Ok(())
+}
+
+/// Copies the tensors at `spans` (arena offset, bytes) back to back into `packed`
+/// (`into_packed`), or out of it into their memory.
+fn pack(
+    spans: &[(u64, u64)],
+    target: &mut Target<'_>,
+    packed: &mut [u8],
+    into_packed: bool,
+) -> Result<()> {
+    let mut at = 0;
+    for &(offset, bytes) in spans {
+        let tensor = target.span_mut(offset, bytes)?;
+        if let Some(p) = packed.get_mut(at..at + tensor.len()) {
+            if into_packed {
+                p.copy_from_slice(tensor);
+            } else {
+                tensor.copy_from_slice(p);
             }
-            at += d.len();
         }
+        at += tensor.len();
     }
     Ok(())
 }
