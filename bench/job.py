@@ -32,7 +32,11 @@ Per run (repetition outermost, then mode, W and loader, loaders interleaved):
 Floors, measured in the same run (bench/floors.py): cold = the union of the job's bytes (for
 a tp-only job every tensor is held, so the checkpoint's tensor bytes) read with O_DIRECT at
 the queue depth that maximizes it; warm = the job's held bytes (sum over ranks, from
-`safeshard plan --json`) written into fresh pages by one thread per core.
+`safeshard plan --json`) written into fresh pages by one thread per core. The queue depth is
+chosen once at the start; then every repetition measures both floors again in the same
+interleaved loop as the loads (rows `floor:disk` and `floor:fresh`, after the same cache
+drop or warm-up), so a floor shares the machine's state with the loads it bounds: this VM's
+disk rate moves by 2x within a session.
 
 Multi-node simulation (bench/multinode-setup.sh): `--nodes N --node-dirs A,B,...` gives each
 "node" W/N consecutive ranks reading its own copy of the checkpoint (a separate page cache)
@@ -258,7 +262,7 @@ def main() -> None:
     for rep in range(args.reps):
         for mode in args.modes.split(","):
             for w in worlds:
-                for launcher, name in loaders:
+                for launcher, name in loaders + ([("floor", FLOOR[mode])] if "disk" in fl else []):
                     if mode == "cold":
                         peers.drop_cache(paths)
                         frac = peers.resident_fraction(paths)
@@ -269,7 +273,8 @@ def main() -> None:
                         peers.warm_cache(paths)
                     time.sleep(args.pause)
                     load = open("/proc/loadavg").read().split()[0]
-                    r = run_job(args, launcher, name, w, stat_path)
+                    r = (run_floor(fl, mode, w, ckpt_paths) if launcher == "floor"
+                         else run_job(args, launcher, name, w, stat_path))
                     if "sha256" in r:
                         r["digest_ok"] = r.pop("sha256") == refs[w]
                     r.update(mode=mode, world=w, rep=rep, launcher=launcher, loader=name,
@@ -281,6 +286,21 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"floors": fl, "runs": results}, f, indent=1)
     summarize(results, fl)
+
+
+FLOOR = {"cold": "disk", "warm": "fresh"}
+
+
+def run_floor(fl: dict, mode: str, w: int, ckpt_paths: list[str]) -> dict:
+    """One repetition of a floor, in this process: the union read with O_DIRECT at the best
+    queue depth of the start's sweep (cold), or the job's held bytes written into fresh
+    pages on all cores (warm)."""
+    if mode == "cold":
+        union = fl["union_bytes"]
+        got, secs = floors._direct_read(ckpt_paths, union, fl["disk"]["best_qd"])
+        return {"seconds": secs * union / got if got else float("nan"), "digest_ok": True}
+    jb = fl["job_bytes"].get(str(w), fl["job_bytes"].get(w))
+    return {"seconds": floors.fresh_pages_floor(jb)["seconds"], "digest_ok": True}
 
 
 def is_safeshard(name: str) -> bool:
@@ -321,8 +341,8 @@ def summarize(results: list[dict], fl: dict | None) -> None:
             dev = med(ok, "device_read_bytes") if mode == "cold" else None
             rb = med(ok, "rank_read_bytes")
             gb = f"{dev / 1e9:.2f}/" if dev is not None else ""
-            cells.append(f"{statistics.median(s):.2f} ({s[0]:.2f}-{s[-1]:.2f}) "
-                         f"{gb}{rb / 1e9:.2f} GB{bad}")
+            rgb = f"{gb}{rb / 1e9:.2f} GB" if rb is not None else ""
+            cells.append(f"{statistics.median(s):.2f} ({s[0]:.2f}-{s[-1]:.2f}) {rgb}{bad}")
         print(f"| {mode} {w} | " + " | ".join(cells) + " |")
     print("\n| mode W | best safeshard s | best peer s | ratio | floor s | floor / safeshard "
           "| storage / union |")
@@ -331,14 +351,14 @@ def summarize(results: list[dict], fl: dict | None) -> None:
         best = {}
         for side in (True, False):
             cand = [(med(runs(mode, w, c), "seconds"), c) for c in cols
-                    if is_safeshard(c.split(":", 1)[1]) == side]
+                    if not c.startswith("floor:") and is_safeshard(c.split(":", 1)[1]) == side]
             cand = [x for x in cand if x[0] is not None]
             best[side] = min(cand) if cand else (None, None)
         me, peer = best[True], best[False]
-        floor = None
-        if fl and mode == "cold" and fl.get("disk"):
+        floor = med(runs(mode, w, f"floor:{FLOOR[mode]}"), "seconds")
+        if floor is None and fl and mode == "cold" and fl.get("disk"):
             floor = fl["disk"]["seconds"]
-        elif fl and mode == "warm" and fl.get("fresh_pages"):
+        elif floor is None and fl and mode == "warm" and fl.get("fresh_pages"):
             jb = fl["job_bytes"].get(str(w), fl["job_bytes"].get(w))
             floor = jb / fl["fresh_pages"]["rate_Bps"]
         storage = "n/a"

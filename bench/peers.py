@@ -235,8 +235,89 @@ def vm_hwm():
     return 0
 
 
+# ---------------------------------------------------------------------------- floors (child)
+#
+# The physical floors run as loaders: each repetition measures them in a fresh process, in
+# the same interleaved loop and after the same cache drop (cold) or warm-up (warm) as the
+# loads, so a floor and the loads it bounds share the machine's state (this VM's disk rate
+# moves by 2x within a session). The configuration each repeats (queue depth and request
+# size; fill threads) is the best of the `--limits` sweep at the start, passed in
+# `SS_FLOOR_*`.
+
+FLOORS = {"cold": ("floor-seq", "floor-union"), "warm": ("floor-fresh",)}
+
+
+def held_bytes(root, tp, rank):
+    """Bytes of the rank's tensors (what a load must hold in fresh memory)."""
+    total = 0
+    for _, name, e in plan_order(root):
+        n = e["data_offsets"][1] - e["data_offsets"][0]
+        cut = split(name, e["shape"], tp, rank)
+        total += n if cut is None else n // e["shape"][cut[0]] * (cut[2] - cut[1])
+    return total
+
+
+def seq_read(paths, nbytes, depth, req):
+    """Reads `nbytes` from the start of the files in order with O_DIRECT, `depth` requests of
+    `req` bytes in flight; returns (bytes, seconds): the union's bytes at the disk's best
+    sequential rate."""
+    import mmap
+
+    jobs = []
+    for p in paths:
+        size = os.path.getsize(p) // PAGE * PAGE
+        for off in range(0, size, req):
+            if nbytes <= 0:
+                break
+            k = min(req, size - off, -(-nbytes // PAGE) * PAGE)
+            jobs.append((p, off, k))
+            nbytes -= k
+    fds = {p: os.open(p, os.O_RDONLY | os.O_DIRECT) for p in paths}
+    it = iter(jobs)
+    got = [0] * depth
+
+    def work(i):
+        buf = mmap.mmap(-1, req)
+        for p, off, k in it:  # next() on a shared iterator is atomic under the GIL
+            got[i] += os.preadv(fds[p], [memoryview(buf)[:k]], off)
+        buf.close()
+
+    try:
+        t = _parallel(depth, work)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return sum(got), t
+
+
+def floor_child(loader, root, tp, rank):
+    """One floor measurement (see FLOORS), printed like a load's line."""
+    import mmap
+
+    paths = [os.path.join(root, f) for f in files_of(root)]
+    if loader == "floor-seq":
+        depth, req = int(os.environ["SS_FLOOR_QD"]), int(os.environ["SS_FLOOR_REQ"])
+        got, secs = seq_read(paths, union_bytes(root, tp, rank), depth, req)
+    elif loader == "floor-union":
+        got, secs, _ = union_read(root, tp, rank, depth=int(os.environ.get("SS_FLOOR_UNION_QD", "64")))
+    else:
+        got = held_bytes(root, tp, rank)
+        src = mmap.mmap(-1, got)
+        src.write(b"\1" * min(got, 64 << 20))  # touched: the copy's source is not the cost
+        for off in range(64 << 20, got, 64 << 20):
+            src[off:off + min(64 << 20, got - off)] = src[:min(64 << 20, got - off)]
+        secs = fresh_fill_seconds(src, int(os.environ["SS_FILL_THREADS"]),
+                                  os.environ["SS_FILL_POPULATE"] == "1")
+        src.close()
+    print(json.dumps({"seconds": secs, "sha256": None, "bytes": got, "floor": True}))
+
+
 def child(loader, root, tp, rank):
     import importlib
+
+    if loader.startswith("floor-"):
+        floor_child(loader, root, tp, rank)
+        return
 
     # Imports are not loading: torch alone takes seconds to import on a busy machine.
     for m in PREIMPORT.get(loader, []):
@@ -313,7 +394,7 @@ def run_one(args, loader, tp, rank):
                str(tp), str(rank)]
     # Outputs are a few lines (far below a pipe's buffer), so waiting before reading them
     # cannot block.
-    env = dict(os.environ, **CHILD_ENV.get(loader, {}))
+    env = dict(os.environ, **CHILD_ENV.get(loader, {}), **getattr(args, "floor_env", {}))
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
@@ -460,10 +541,12 @@ def limits(paths):
     touched = mmap.mmap(-1, n)
     touched.write(b"\1" * n)
     fills = {}
+    fill_cfg = {}
     for threads in sorted({1, cores, 2 * cores}):
         for populate in (False, True):
             key = f"{threads} threads {'populate' if populate else 'first-touch'}"
             fills[key] = n / min(fresh_fill_seconds(touched, threads, populate) for _ in range(3))
+            fill_cfg[key] = (threads, populate)
     touched.close()
     big = max(paths, key=os.path.getsize)
     size = os.path.getsize(big)
@@ -488,6 +571,7 @@ def limits(paths):
             os.close(fd)
         seq[kind] = got / (time.perf_counter() - t0)
     depths = {}
+    depth_cfg = {}
     window = min(1 << 30, size // (4 << 20) * (4 << 20))
     configs = [(d, r) for r in (1 << 20, 4 << 20) for d in (1, 2, 4, 8, 16, 32, 64)]
     for sweep in range(2):
@@ -499,6 +583,7 @@ def limits(paths):
             except OSError:
                 continue
             key = f"qd {d} x {r >> 20} MiB"
+            depth_cfg[key] = (d, r)
             depths[key] = max(depths.get(key, 0), rate)
             depths[f"{key} pass {sweep + 1}"] = rate
     drop_cache([big])
@@ -510,6 +595,8 @@ def limits(paths):
             "fresh_fill": fills,
             "seq_read_Bps": seq.get("buffered"), "seq_read_direct_Bps": seq.get("direct"),
             "direct_read_Bps": best_depth[1], "direct_read_how": best_depth[0],
+            "direct_read_cfg": depth_cfg.get(best_depth[0]),
+            "fresh_fill_cfg": fill_cfg[best_fill[0]],
             "direct_read": depths}
 
 
@@ -551,9 +638,15 @@ def union_bytes(root, tp, rank):
 
 
 def union_read_Bps(root, tp, rank, depth=32, req=4 << 20):
-    """Bytes per second of reading exactly the rank's page union with O_DIRECT: one request
-    per merged page run (runs over `req` split), `depth` in flight, after dropping the
-    cache. On a device with few IOPS, a union of small runs (inner-dim splits) reads far
+    """Bytes per second of `union_read` and its request count."""
+    got, secs, n = union_read(root, tp, rank, depth, req)
+    return got / secs, n
+
+
+def union_read(root, tp, rank, depth=32, req=4 << 20):
+    """Reads exactly the rank's page union with O_DIRECT: one request per merged page run
+    (runs over `req` split), `depth` in flight, after dropping the cache; returns (bytes,
+    seconds, requests). On a device with few IOPS, a union of small runs (inner-dim splits) reads far
     slower than its bytes at the sequential rate: the floor of a union-only cold load."""
     import mmap
 
@@ -577,7 +670,7 @@ def union_read_Bps(root, tp, rank, depth=32, req=4 << 20):
     finally:
         for fd in fds.values():
             os.close(fd)
-    return sum(got) / t, len(reqs)
+    return sum(got), t, len(reqs)
 
 
 
@@ -655,6 +748,9 @@ def main():
                   f"{lim['union_read'][k]['requests']} requests)"
                   for k, v in lim["union_bytes"].items()), flush=True)
         print(f"# limits json {json.dumps(lim)}", flush=True)
+        (qd, req), (threads, populate) = lim["direct_read_cfg"], lim["fresh_fill_cfg"]
+        args.floor_env = {"SS_FLOOR_QD": str(qd), "SS_FLOOR_REQ": str(req),
+                          "SS_FILL_THREADS": str(threads), "SS_FILL_POPULATE": str(int(populate))}
     if args.limits_only:
         return
     # Repetitions outermost: a run cut short still covers every (mode, tp) equally.
@@ -662,7 +758,7 @@ def main():
         for mode in args.modes.split(","):
             for tp in [int(x) for x in args.tp.split(",")]:
                 rank = RANK_OF_TP[tp]
-                for loader in loaders:
+                for loader in loaders + (list(FLOORS[mode]) if lim else []):
                     if mode == "cold":
                         drop_cache(paths)
                         frac = resident_fraction(paths)
@@ -681,7 +777,8 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"limits": lim, "runs": results}, f, indent=1)
-    summarize(results, loaders, lim)
+    summarize(results, loaders + [f for m in ("warm", "cold") for f in FLOORS[m]
+                                  if any(r["loader"] == f for r in results)], lim)
 
 
 def summarize(results, loaders, lim=None):
@@ -702,14 +799,14 @@ def summarize(results, loaders, lim=None):
                 cells.append(f"n/a ({err[0][:40] if err else 'not run'})")
                 continue
             s = sorted(r["seconds"] for r in ok)
-            same = all(r["sha256"] == ref.get((tp, r["rank"])) for r in ok)
+            same = l.startswith("floor-") or all(r["sha256"] == ref.get((tp, r["rank"])) for r in ok)
             rss = statistics.median(r["maxrss"] for r in ok if r.get("maxrss")) if any(r.get("maxrss") for r in ok) else 0
             rb = statistics.median(r["read_bytes"] for r in ok)
             cells.append(f"{statistics.median(s):.2f} ({s[0]:.2f}–{s[-1]:.2f}) "
                          f"rss {rss / 1e9:.2f} GB read {rb / 1e9:.2f} GB{'' if same else ' DIGEST MISMATCH'}")
         print(f"| {mode} tp {tp} | " + " | ".join(cells) + " |")
     # Goal ratios: safeshard (auto) against the best peer and the physical limits.
-    peers = [l for l in loaders if not l.startswith("safeshard")]
+    peers = [l for l in loaders if not l.startswith(("safeshard", "floor-"))]
     print("\n| mode tp | safeshard s | best peer (s) | ratio | floor s (limit) | ratio to floor "
           "| second floor s (limit) | ratio to it |")
     print("|---|---|---|---|---|---|---|---|")
@@ -720,13 +817,19 @@ def summarize(results, loaders, lim=None):
             return statistics.median(v) if v else None
         me = med("safeshard")
         best = min(((med(l), l) for l in peers if med(l) is not None), default=(None, None))
-        # The floors: the rank's bytes written into fresh pages on all cores (warm) and the
-        # rank's page union at the disk's best sequential rate (best queue depth, O_DIRECT;
-        # cold); second, a one-thread memcpy into touched memory (warm) and the page union
-        # actually read page-exact, one request per page run (cold: what reading no byte
-        # outside the union costs on this device).
+        # The floors, measured in the same interleaved loop as the loads (see FLOORS): the
+        # rank's bytes written into fresh pages on all cores (warm); the rank's page union's
+        # bytes read sequentially at the disk's best queue depth, and the page union itself
+        # read page-exact, one request per page run (cold: what reading no byte outside the
+        # union costs on this device). Logs from before the interleaved floors fall back to
+        # the rates of the sweep at the start.
         floor = second = None
-        if lim and me:
+        if mode == "warm" and med("floor-fresh"):
+            floor = (med("floor-fresh"), "fresh pages, all cores")
+        elif mode == "cold" and med("floor-seq"):
+            floor = (med("floor-seq"), "union bytes, sequential, best QD")
+            second = (med("floor-union"), "page union read page-exact") if med("floor-union") else None
+        elif lim and me:
             def fl(b, key, label):
                 return (b / lim[key], label) if b and lim.get(key) else None
             if mode == "warm":
