@@ -1,18 +1,21 @@
 """Physical floors of a load, measured on this machine in the same run as the loads.
 
-    python3 bench/floors.py CKPT [--bytes N]      # prints both floors as one JSON line
+    python3 bench/floors.py CKPT [--bytes N]      # prints the three floors as one JSON line
 
 - `disk_floor(paths, nbytes)`: the disk's best read rate, `O_DIRECT` (no page cache) at the
   queue depth that maximizes it: 1 MiB requests issued by QD threads at once (each thread
   one request in flight; `os.preadv` releases the GIL), QD in 1..64 tried on a sample, then
   `nbytes` read at the best QD and timed. The cold floor of a job = the union of its bytes
   at that rate.
+- `cache_copy_floor(paths, nbytes)`: the first `nbytes` of the (cached) files copied out of
+  the page cache into fresh pages on all cores: what a warm one-copy load pays at least
+  (it reads every byte from memory as well as writing it).
 - `fresh_pages_floor(nbytes)`: `nbytes` written into fresh (never touched) anonymous pages by
   one thread per core, each filling its own fresh buffer from a small touched source
   (page faults, zeroing and the copy: what every loader that ends with the bytes in new
   memory pays). The warm floor of a job = its held bytes at that rate.
 
-Both return seconds for the given bytes plus what was measured (rates, best QD), so a
+Each returns seconds for the given bytes plus what was measured (rates, best QD), so a
 table can show the floor next to the loads it bounds.
 """
 
@@ -27,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 MiB = 1 << 20
+PAGE = 4096
+MADV_POPULATE_WRITE = 23  # Linux 5.14
 REQUEST = 1 << 20
 QUEUE_DEPTHS = (1, 4, 16, 32, 64)
 
@@ -118,6 +123,69 @@ def fresh_pages_floor(nbytes: int, threads: int | None = None) -> dict[str, obje
     return {"seconds": best, "bytes": nbytes, "threads": n, "rate_Bps": nbytes / best}
 
 
+def cache_copy_floor(paths: list[str], nbytes: int, threads: int | None = None,
+                     chunk: int = 16 * MiB) -> dict[str, object]:
+    """Seconds to copy the first `nbytes` of the files (in order; the caller has them in
+    the page cache) into fresh anonymous pages, `threads` threads taking `chunk`-byte pieces
+    in turn, each faulting its piece in with one `MADV_POPULATE_WRITE` and filling it with
+    `preadv` (the kernel's copy out of the page cache). A warm load that ends with the bytes
+    in new memory reads every byte from the page cache once and writes it once: this is the
+    least it pays, where `fresh_pages_floor` (a small source that stays in the CPU's caches)
+    counts only the writes. Best of 3."""
+    import ctypes
+
+    n = threads or os.cpu_count() or 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    jobs: list[tuple[int, int, int, int]] = []  # (file index, file offset, dst offset, bytes)
+    dst_off = 0
+    for i, p in enumerate(paths):
+        size = os.path.getsize(p)
+        off = 0
+        while off < size and dst_off < nbytes:
+            k = min(chunk, size - off, nbytes - dst_off)
+            jobs.append((i, off, dst_off, k))
+            off += k
+            dst_off += k
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    best = float("inf")
+    try:
+        for _ in range(3):
+            dst = mmap.mmap(-1, max(dst_off, 1))
+            view = memoryview(dst)
+            base = ctypes.addressof((ctypes.c_char * len(dst)).from_buffer(dst))
+            lock = threading.Lock()
+            cursor = [0]
+
+            def worker() -> None:
+                while True:
+                    with lock:
+                        k = cursor[0]
+                        cursor[0] += 1
+                    if k >= len(jobs):
+                        return
+                    i, off, d, m = jobs[k]
+                    a = (base + d) // PAGE * PAGE
+                    libc.madvise(a, base + d + m - a, MADV_POPULATE_WRITE)
+                    os.preadv(fds[i], [view[d:d + m]], off)
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n) as ex:
+                for f in [ex.submit(worker) for _ in range(n)]:
+                    f.result()
+            best = min(best, time.perf_counter() - t0)
+            view.release()
+            del base
+            try:
+                dst.close()
+            except BufferError:
+                pass  # an export outlives the loop; the mapping goes with the process
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"seconds": best, "bytes": dst_off, "threads": n, "rate_Bps": dst_off / best}
+
+
 def tensor_bytes(paths: list[str]) -> int:
     """Bytes of tensor data in safetensors files (file sizes less headers)."""
     import struct
@@ -134,7 +202,14 @@ def main() -> None:
     ckpt = sys.argv[1]
     paths = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
     nbytes = int(sys.argv[sys.argv.index("--bytes") + 1]) if "--bytes" in sys.argv else tensor_bytes(paths)
-    print(json.dumps({"disk": disk_floor(paths, nbytes), "fresh_pages": fresh_pages_floor(nbytes)}))
+    disk = disk_floor(paths, nbytes)
+    fresh = fresh_pages_floor(nbytes)
+    for p in paths:  # cache the bytes the page-cache floor copies
+        with open(p, "rb") as f:
+            while f.read(64 * MiB):
+                pass
+    print(json.dumps({"disk": disk, "fresh_pages": fresh,
+                      "cache_copy": cache_copy_floor(paths, nbytes)}))
 
 
 if __name__ == "__main__":

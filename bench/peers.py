@@ -242,9 +242,15 @@ def vm_hwm():
 # loads, so a floor and the loads it bounds share the machine's state (this VM's disk rate
 # moves by 2x within a session). The configuration each repeats (queue depth and request
 # size; fill threads) is the best of the `--limits` sweep at the start, passed in
-# `SS_FLOOR_*`.
+# `SS_FLOOR_*`/`SS_FILL_*`.
+# - cold: `floor-seq`, the rank's page-union bytes read sequentially at the disk's best
+#   queue depth; `floor-union`, the page union itself read page-exact (one O_DIRECT request
+#   per page run, 64 in flight).
+# - warm: `floor-fresh`, the rank's bytes written into fresh pages from a touched source;
+#   `floor-cache`, that many bytes copied out of the page cache into fresh pages (what a
+#   one-copy load pays at least: it also reads every byte from memory).
 
-FLOORS = {"cold": ("floor-seq", "floor-union"), "warm": ("floor-fresh",)}
+FLOORS = {"cold": ("floor-seq", "floor-union"), "warm": ("floor-fresh", "floor-cache")}
 
 
 def held_bytes(root, tp, rank):
@@ -300,6 +306,11 @@ def floor_child(loader, root, tp, rank):
         got, secs = seq_read(paths, union_bytes(root, tp, rank), depth, req)
     elif loader == "floor-union":
         got, secs, _ = union_read(root, tp, rank, depth=int(os.environ.get("SS_FLOOR_UNION_QD", "64")))
+    elif loader == "floor-cache":
+        import floors
+
+        r = floors.cache_copy_floor(paths, held_bytes(root, tp, rank), int(os.environ["SS_FILL_THREADS"]))
+        got, secs = r["bytes"], r["seconds"]
     else:
         got = held_bytes(root, tp, rank)
         src = mmap.mmap(-1, got)
@@ -826,6 +837,7 @@ def summarize(results, loaders, lim=None):
         floor = second = None
         if mode == "warm" and med("floor-fresh"):
             floor = (med("floor-fresh"), "fresh pages, all cores")
+            second = (med("floor-cache"), "page cache -> fresh pages") if med("floor-cache") else None
         elif mode == "cold" and med("floor-seq"):
             floor = (med("floor-seq"), "union bytes, sequential, best QD")
             second = (med("floor-union"), "page union read page-exact") if med("floor-union") else None

@@ -18,8 +18,11 @@ tests/vllm/plugin_world.py). Each rank then, per repetition, mode and format (in
    format must match the default loader's digest on that rank.
 
 The time of a (format, mode) is the slowest rank's (`load_weights` ends with every rank's
-weights in place). Floor, in the same run: every rank at once copies its model's bytes into
-fresh memory with one thread per core it has (cores / tp), the slowest rank's time.
+weights in place). Floors, in the same run, after each repetition's loads: every rank at
+once writes its model's bytes into fresh memory with one thread per core it has (cores /
+tp), the slowest rank's time; and, warm, every rank at once copies that many bytes out of
+the page cache into fresh memory (`floors.cache_copy_floor`): the least a one-copy load
+pays, since it must also read every byte from memory.
 
 A format vLLM refuses on CPU (fastsafetensors: `Invalid device string: 'cuda:cpu'`) is
 reported with its error instead of a time.
@@ -169,11 +172,18 @@ def run_rank(args, vllm_config, tp: int, rank: int, port: int, out_path: str) ->
                 # The floor, per repetition: every rank's model bytes into fresh memory.
                 nbytes = my_bytes
                 if all(gather(nbytes)):
-                    fl = floors.fresh_pages_floor(nbytes, max(1, (os.cpu_count() or 1) // tp))
+                    threads = max(1, (os.cpu_count() or 1) // tp)
+                    fl = floors.fresh_pages_floor(nbytes, threads)
                     every = gather(fl["seconds"])
+                    # Warm, the least a one-copy load pays: the bytes copied out of the page
+                    # cache (cached by the loads just run) into fresh memory.
+                    cache = (floors.cache_copy_floor(paths, nbytes, threads)["seconds"]
+                             if mode == "warm" else None)
+                    every_cache = gather(cache)
                     if rank == 0:
                         r = {"rep": rep, "mode": mode, "tp": tp, "format": "floor",
-                             "seconds_all": every, "bytes": nbytes}
+                             "seconds_all": every, "cache_seconds_all": every_cache,
+                             "bytes": nbytes}
                         rows.append(r)
                         print(json.dumps(r), flush=True)
     if rank == 0:
@@ -189,8 +199,8 @@ def summarize(rows: list[dict]) -> None:
             fmts.append(r["format"])
     print("\nload_weights seconds, slowest rank: median (min-max); peak extra RSS of the "
           "largest rank; digest checked against the default loader's")
-    print("\n| mode tp | " + " | ".join(fmts) + " | floor (fresh memory) |")
-    print("|---|" + "---|" * (len(fmts) + 1))
+    print("\n| mode tp | " + " | ".join(fmts) + " | floor (fresh memory) | floor (page cache -> fresh memory) |")
+    print("|---|" + "---|" * (len(fmts) + 2))
     for mode, tp in keys:
         ref = {r["rank"]: r.get("sha256") for r in rows if r["mode"] == mode and r["tp"] == tp
                and r["format"] == "safetensors" and r.get("sha256")}
@@ -216,6 +226,9 @@ def summarize(rows: list[dict]) -> None:
         fl = [max(r["seconds_all"]) for r in rows if r["mode"] == mode and r["tp"] == tp
               and r["format"] == "floor"]
         cells.append(f"{statistics.median(fl):.2f}" if fl else "n/a")
+        fc = [max(r["cache_seconds_all"]) for r in rows if r["mode"] == mode and r["tp"] == tp
+              and r["format"] == "floor" and all(r.get("cache_seconds_all") or [None])]
+        cells.append(f"{statistics.median(fc):.2f}" if fc else "n/a")
         print(f"| {mode} tp {tp} | " + " | ".join(cells) + " |")
 
 
