@@ -619,6 +619,262 @@ mod tests {
         assert!(t.matches("model.layers.3.mlp.experts").is_none());
     }
 
+    /// The key and reason of a map's `Error::Spec`, or a panic naming what came instead.
+    fn spec_error(json: &str) -> (String, String) {
+        match VllmMap::parse(json, "m.vllm.json") {
+            Err(Error::Spec {
+                file,
+                line: None,
+                key: Some(key),
+                reason,
+            }) => {
+                assert_eq!(file, "m.vllm.json");
+                (key, reason)
+            }
+            other => panic!("{json}: not a keyed spec error: {other:?}"),
+        }
+    }
+
+    /// A map with `body` (JSON members, no braces) after a valid `vllm` and `quantization`.
+    fn with(body: &str) -> String {
+        format!(r#"{{"vllm": "0.33.0", "quantization": ["none"], {body}}}"#)
+    }
+
+    #[test]
+    fn every_section_parses_into_its_rules() {
+        let src = with(
+            r#""about": "test map",
+            "prefixes": [{"from": "transformer.", "to": "model."}, {"from": "lm.", "to": ""}],
+            "fuse": [{"into": "m.{L}.qkv.{S}", "parts": ["m.{L}.q.{S}", "m.{L}.k.{S}"],
+                      "dim": {"weight": 0, "qweight": 1}, "if_complete": true}],
+            "experts": [{"into": "m.{L}.w13_{S}", "parts": ["m.{L}.e.{E}.w1.{S}", "m.{L}.e.{E}.w3.{S}"],
+                         "dim": {"*": 0}}],
+            "transpose": ["m.{L}.fc.weight"],
+            "aliases": [["m.{L}.o", "m.{L}.attn.o"]],
+            "tie": {"embedding": "m.embed.weight", "head": "lm_head.weight", "default": true,
+                    "head_stages": "last"},
+            "buffers": [{"name": "m.{L}.scale", "with": "m.{L}.attn.{S}", "dtype": "BF16",
+                         "shape": [1024, 1024], "value": 0.5}]"#,
+        );
+        let m = VllmMap::parse(&src, "m.vllm.json").unwrap();
+        assert_eq!(m.origin, "m.vllm.json");
+        assert_eq!(m.vllm, "0.33.0");
+        assert_eq!(m.quantization, ["none"]);
+        assert_eq!(
+            m.prefixes,
+            [
+                ("transformer.".to_string(), "model.".to_string()),
+                ("lm.".to_string(), String::new())
+            ]
+        );
+        assert_eq!(m.fuse.len(), 1);
+        let f = &m.fuse[0];
+        assert_eq!(f.into.as_str(), "m.{L}.qkv.{S}");
+        let parts: Vec<&str> = f.parts.iter().map(Template::as_str).collect();
+        assert_eq!(parts, ["m.{L}.q.{S}", "m.{L}.k.{S}"]);
+        // preserve_order: the dims keep the file's order.
+        assert_eq!(
+            f.dims,
+            [("weight".to_string(), 0), ("qweight".to_string(), 1)]
+        );
+        assert!(f.if_complete);
+        assert_eq!(m.experts.len(), 1);
+        let e = &m.experts[0];
+        assert_eq!(e.into.as_str(), "m.{L}.w13_{S}");
+        assert_eq!(e.parts[1].as_str(), "m.{L}.e.{E}.w3.{S}");
+        assert_eq!(e.dims, [("*".to_string(), 0)]);
+        assert!(!e.if_complete);
+        let transpose: Vec<&str> = m.transpose.iter().map(Template::as_str).collect();
+        assert_eq!(transpose, ["m.{L}.fc.weight"]);
+        assert_eq!(m.aliases.len(), 1);
+        let group: Vec<&str> = m.aliases[0].iter().map(Template::as_str).collect();
+        assert_eq!(group, ["m.{L}.o", "m.{L}.attn.o"]);
+        let tie = m.tie.as_ref().unwrap();
+        assert_eq!(tie.embedding, "m.embed.weight");
+        assert_eq!(tie.head, "lm_head.weight");
+        assert!(tie.default);
+        assert_eq!(tie.head_stages, HeadStages::Last);
+        assert_eq!(m.buffers.len(), 1);
+        let b = &m.buffers[0];
+        assert_eq!(b.name.as_str(), "m.{L}.scale");
+        assert_eq!(b.with.as_str(), "m.{L}.attn.{S}");
+        assert_eq!(b.dtype, Dtype::BF16);
+        // 2^20 elements is the largest buffer allowed.
+        assert_eq!(b.shape, [1024, 1024]);
+        assert_eq!(b.value, 0.5);
+        // Sections left out are empty.
+        let m = VllmMap::parse(
+            &with(
+                r#""tie": {"embedding": "e", "head": "h", "default": false, "head_stages": "all"}"#,
+            ),
+            "m",
+        )
+        .unwrap();
+        assert!(m.prefixes.is_empty() && m.fuse.is_empty() && m.experts.is_empty());
+        assert!(m.transpose.is_empty() && m.aliases.is_empty() && m.buffers.is_empty());
+        assert_eq!(m.tie.unwrap().head_stages, HeadStages::All);
+    }
+
+    #[test]
+    fn each_bad_map_names_its_key_and_reason() {
+        let fuse = |into: &str, parts: &str, dim: &str| {
+            with(&format!(
+                r#""fuse": [{{"into": "{into}", "parts": {parts}, "dim": {dim}}}]"#
+            ))
+        };
+        let experts = |into: &str, parts: &str| {
+            with(&format!(
+                r#""experts": [{{"into": "{into}", "parts": {parts}, "dim": {{"weight": 0}}}}]"#
+            ))
+        };
+        let buffer = |name: &str, with_: &str, dtype: &str, shape: &str| {
+            with(&format!(
+                r#""buffers": [{{"name": "{name}", "with": "{with_}", "dtype": "{dtype}", "shape": {shape}, "value": 1}}]"#
+            ))
+        };
+        let cases: Vec<(String, &str, &str)> = vec![
+            // The version is checked before the quantization list.
+            (
+                r#"{"vllm": " ", "quantization": []}"#.into(),
+                "vllm",
+                "the vLLM version the map matches is empty",
+            ),
+            (
+                r#"{"vllm": "0.33.0", "quantization": []}"#.into(),
+                "quantization",
+                "lists no quant_method (`none` for unquantized checkpoints)",
+            ),
+            (
+                fuse("a..b", "[]", "{}"),
+                "fuse[0].into",
+                "\"a..b\": empty segment (two dots, or a dot at an end)",
+            ),
+            (fuse("a.{L}", "[]", "{}"), "fuse[0].parts", "lists no parts"),
+            (
+                fuse("a.{L}", r#"["b.{L}", "c.{L"]"#, "{}"),
+                "fuse[0].parts[1]",
+                "\"c.{L\": `{` without `}`",
+            ),
+            (
+                fuse("a.{L}.qkv.{S}", r#"["a.{L}.q.{S}", "a.{X}.k.{S}"]"#, "{}"),
+                "fuse[0].parts[1]",
+                "captures {S}, {X} must be those of `into` ({L}, {S})",
+            ),
+            (
+                fuse("a.{L}", r#"["b.{L}"]"#, "{}"),
+                "fuse[0].dim",
+                "maps no suffix to a dimension (e.g. {\"weight\": 0})",
+            ),
+            (
+                fuse("a.{L}", r#"["b.{L}"]"#, r#"{"weight": 0, "bias": 8}"#),
+                "fuse[0].dim.bias",
+                "8 is not a dimension (0..8)",
+            ),
+            (
+                fuse("a.{L}", r#"["b.{L}"]"#, r#"{"weight": "x"}"#),
+                "fuse[0].dim.weight",
+                "\"x\" is not a dimension (0..8)",
+            ),
+            (
+                experts("a.{E}.w", r#"["a.{E}.e.w"]"#),
+                "experts[0].into",
+                "the stacked name cannot hold the expert capture `{E}`",
+            ),
+            (
+                experts("a.{L}.w13.{S}", r#"["a.{L}.e.{X}.w1.{S}"]"#),
+                "experts[0].parts[0]",
+                "captures {L}, {S}, {X} must be those of `into` plus `{E}` ({E}, {L}, {S})",
+            ),
+            // `fuse` is checked before `experts`.
+            (
+                with(
+                    r#""experts": [{"into": "a", "parts": [], "dim": {}}],
+                       "fuse": [{"into": "b", "parts": [], "dim": {}}]"#,
+                ),
+                "fuse[0].parts",
+                "lists no parts",
+            ),
+            (
+                with(r#""transpose": ["a.b", "a."]"#),
+                "transpose[1]",
+                "\"a.\": empty segment (two dots, or a dot at an end)",
+            ),
+            (
+                with(r#""aliases": [["a.b", "a.c"], ["a.d"]]"#),
+                "aliases[1]",
+                "a group names one parameter at least twice",
+            ),
+            (
+                with(r#""aliases": [["a.{L}.o", "a.{L}.{L}"]]"#),
+                "aliases[0][1]",
+                "\"a.{L}.{L}\": capture `{L}` appears twice",
+            ),
+            (
+                with(r#""aliases": [["a.{L}.o", "a.{L}.m", "a.{L}.m.{X}"]]"#),
+                "aliases[0][2]",
+                "captures differ from aliases[0][0] (a.{L}.o)",
+            ),
+            (
+                with(
+                    r#""tie": {"embedding": "e", "head": "h", "default": false, "head_stages": "first"}"#,
+                ),
+                "tie.head_stages",
+                "\"first\" is not \"last\" or \"all\"",
+            ),
+            (
+                buffer("x", "y..z", "F32", "[]"),
+                "buffers[0].with",
+                "\"y..z\": empty segment (two dots, or a dot at an end)",
+            ),
+            (
+                buffer("x", "y", "X9", "[]"),
+                "buffers[0].dtype",
+                "\"X9\" is not a safetensors dtype (F32, BF16, ...)",
+            ),
+            (
+                buffer("x", "y", "I8", "[]"),
+                "buffers[0].dtype",
+                "I8: buffers are floating point (F64, F32, F16, BF16)",
+            ),
+            (
+                buffer("x.{L}.{S}", "y.{L}", "F16", "[]"),
+                "buffers[0].name",
+                "capture `{S}` is not in `with`",
+            ),
+            (
+                buffer("x", "y", "F64", "[1025, 1024]"),
+                "buffers[0].shape",
+                "more than 2^20 elements",
+            ),
+        ];
+        for (json, key, reason) in cases {
+            assert_eq!(
+                spec_error(&json),
+                (key.to_string(), reason.to_string()),
+                "{json}"
+            );
+        }
+        // A JSON error carries its position, without serde's own " at line L column C".
+        match VllmMap::parse("{\n  \"vllm\": 1}", "m.vllm.json") {
+            Err(Error::SpecAt {
+                file,
+                line,
+                col,
+                message,
+                ..
+            }) => {
+                assert_eq!((file.as_str(), line), ("m.vllm.json", 2));
+                assert!(col > 0);
+                assert!(
+                    message.starts_with("invalid type: integer `1`"),
+                    "{message}"
+                );
+                assert!(!message.contains(" at line "), "{message}");
+            }
+            other => panic!("not a positioned error: {other:?}"),
+        }
+    }
+
     #[test]
     fn every_shipped_map_parses() {
         for s in registry::all() {
