@@ -806,6 +806,205 @@ mod tests {
         assert!(tensor_runs("w", Dtype::F32, &[8, 4], 0, 0, &l).is_err());
     }
 
+    /// The reason of `tensor_runs`' error for tensor `w`.
+    fn reason(dtype: Dtype, src_shape: &[u64], l: &Layout) -> String {
+        match tensor_runs("w", dtype, src_shape, 0, 0, l) {
+            Err(Error::Plan {
+                rank: None,
+                tensor: Some(t),
+                reason,
+            }) if t == "w" => reason,
+            other => panic!("{l:?}: not a plan error of `w`: {other:?}"),
+        }
+    }
+
+    fn layout(shape: &[u64], concat_dim: usize, pieces: Vec<Piece>) -> Layout {
+        Layout {
+            shape: shape.to_vec(),
+            concat_dim,
+            pieces,
+        }
+    }
+
+    #[test]
+    fn each_inconsistent_layout_names_what_is_wrong() {
+        let rows = |b, e| slice(&[(b, e), (0, 4)]);
+        let cases: Vec<(Dtype, Vec<u64>, Layout, &str)> = vec![
+            (
+                Dtype::F32,
+                vec![1; 17],
+                layout(&[1; 17], 0, vec![]),
+                "17 dimensions are more than the 16 supported",
+            ),
+            (
+                Dtype::F32,
+                vec![4, 4],
+                layout(&[4], 0, vec![]),
+                "layout shape [4] has 1 dims but the tensor has 2",
+            ),
+            (
+                Dtype::F32,
+                vec![4, 4],
+                layout(&[4, 4], 2, vec![]),
+                "layout concat dim 2 is out of range for 2 dims",
+            ),
+            (
+                Dtype::F32,
+                vec![u64::MAX, 2],
+                layout(&[u64::MAX, 2], 0, vec![]),
+                "local shape overflows",
+            ),
+            (
+                Dtype::F4,
+                vec![4],
+                layout(&[3], 0, vec![]),
+                "local shape [3] of F4 is not a whole number of bytes",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![slice(&[(0, 4)])]),
+                "piece 0 has 1 ranges but the tensor has 2 dims",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(0, 2), rows(6, 10)]),
+                "piece 1: range [6, 10) of dim 0 is outside its size 8",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(3, 2)]),
+                "piece 0: range [3, 2) of dim 0 is outside its size 8",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![slice(&[(0, 4), (0, 3)])]),
+                "piece 0: range [0, 3) of dim 1 does not match the local size 4",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(0, 4), rows(4, 5)]),
+                "pieces overflow the local size 4 of dim 0",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(0, 4), Piece::Zeros { extent: 1 }]),
+                "pieces overflow the local size 4 of dim 0",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(0, 1), Piece::Zeros { extent: 2 }]),
+                "pieces cover 3 of the local size 4 along dim 0",
+            ),
+            (
+                // One F4 column of three: a 4-bit chunk.
+                Dtype::F4,
+                vec![2, 3],
+                layout(&[2, 1], 1, vec![slice(&[(0, 2), (1, 2)])]),
+                "F4 slice [1, 2) of dim 1 (size 3) does not start and end on byte boundaries; sub-byte tensors can only be split where every chunk is whole bytes",
+            ),
+            (
+                // One F4 element of zeros: 4 bits.
+                Dtype::F4,
+                vec![1, 1],
+                layout(
+                    &[1, 2],
+                    1,
+                    vec![Piece::Zeros { extent: 1 }, slice(&[(0, 1), (0, 1)])],
+                ),
+                "F4 zero padding of 1 along dim 1 does not fall on byte boundaries",
+            ),
+        ];
+        for (dtype, src_shape, l, want) in cases {
+            assert_eq!(reason(dtype, &src_shape, &l), want, "{l:?}");
+        }
+    }
+
+    #[test]
+    fn scalars_and_zero_padding() {
+        // A scalar is one element at the tensor's offset.
+        let l = layout(&[], 0, vec![slice(&[])]);
+        let r = tensor_runs("s", Dtype::F32, &[], 3, 40, &l).unwrap();
+        assert_eq!(r.bytes, 4);
+        assert_eq!(
+            r.copies,
+            [CopyRun {
+                file: 3,
+                src: 40,
+                dst: 0,
+                len: 4,
+                count: 1,
+                src_stride: 4,
+                dst_stride: 4
+            }]
+        );
+        assert!(r.zeros.is_empty());
+        // BF16 [3, 2], rows 1..3 then two zero rows: rows start 4 bytes apart, so the copy
+        // reads 8 bytes from 10 + 4 and the zeros fill local bytes 8..16.
+        let l = layout(
+            &[4, 2],
+            0,
+            vec![slice(&[(1, 3), (0, 2)]), Piece::Zeros { extent: 2 }],
+        );
+        let r = tensor_runs("v", Dtype::BF16, &[3, 2], 1, 10, &l).unwrap();
+        assert_eq!(r.bytes, 16);
+        assert_eq!(
+            r.copies,
+            [CopyRun {
+                file: 1,
+                src: 14,
+                dst: 0,
+                len: 8,
+                count: 1,
+                src_stride: 8,
+                dst_stride: 8
+            }]
+        );
+        assert_eq!(
+            r.zeros,
+            [ZeroRun {
+                dst: 8,
+                len: 8,
+                count: 1,
+                dst_stride: 8
+            }]
+        );
+        // Zeros along an inner dim are strided: [2, 3] F32 with one zero column.
+        let l = layout(
+            &[2, 3],
+            1,
+            vec![slice(&[(0, 2), (0, 2)]), Piece::Zeros { extent: 1 }],
+        );
+        let r = tensor_runs("c", Dtype::F32, &[2, 2], 0, 0, &l).unwrap();
+        assert_eq!(
+            r.copies,
+            [CopyRun {
+                file: 0,
+                src: 0,
+                dst: 0,
+                len: 8,
+                count: 2,
+                src_stride: 8,
+                dst_stride: 12
+            }]
+        );
+        assert_eq!(
+            r.zeros,
+            [ZeroRun {
+                dst: 8,
+                len: 4,
+                count: 2,
+                dst_stride: 12
+            }]
+        );
+    }
+
     #[test]
     fn pages_of_strided_runs() {
         const PAGE: u64 = 4096;
