@@ -854,6 +854,10 @@ mod tests {
                 "{json}"
             );
         }
+    }
+
+    #[test]
+    fn a_json_error_names_its_position() {
         // A JSON error carries its position, without serde's own " at line L column C".
         match VllmMap::parse("{\n  \"vllm\": 1}", "m.vllm.json") {
             Err(Error::SpecAt {
