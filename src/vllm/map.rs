@@ -323,192 +323,34 @@ impl VllmMap {
             excerpt: String::new(),
         })?;
         let _ = raw.about;
-        let t = |text: &str, key: &str| Template::parse(text, origin, key);
-        let bad = |key: &str, why: String| Error::Spec {
-            file: origin.to_string(),
-            line: None,
-            key: Some(key.to_string()),
-            reason: why,
-        };
-        if raw.vllm.trim().is_empty() {
-            return Err(bad(
-                "vllm",
-                "the vLLM version the map matches is empty".into(),
-            ));
-        }
-        if raw.quantization.is_empty() {
-            return Err(bad(
-                "quantization",
-                "lists no quant_method (`none` for unquantized checkpoints)".into(),
-            ));
-        }
+        let check = MapChecker { origin };
+        check.version_and_quantization(&raw.vllm, &raw.quantization)?;
         let prefixes = raw
             .prefixes
             .into_iter()
             .map(|p| (p.from, p.to))
             .collect::<Vec<_>>();
-        let fuse_rules =
-            |raws: Vec<RawFuse>, section: &str, experts: bool| -> Result<Vec<FuseRule>> {
-                let mut out = Vec::new();
-                for (i, r) in raws.into_iter().enumerate() {
-                    let key = format!("{section}[{i}]");
-                    let into = t(&r.into, &format!("{key}.into"))?;
-                    if r.parts.is_empty() {
-                        return Err(bad(&format!("{key}.parts"), "lists no parts".into()));
-                    }
-                    let mut parts = Vec::new();
-                    for (j, p) in r.parts.iter().enumerate() {
-                        let pk = format!("{key}.parts[{j}]");
-                        let part = t(p, &pk)?;
-                        let mut need: Vec<&str> = into.capture_names();
-                        if experts {
-                            if into.capture_names().contains(&"E") {
-                                return Err(bad(
-                                    &format!("{key}.into"),
-                                    "the stacked name cannot hold the expert capture `{E}`".into(),
-                                ));
-                            }
-                            need.push("E");
-                        }
-                        let mut have = part.capture_names();
-                        have.sort_unstable();
-                        need.sort_unstable();
-                        if have != need {
-                            return Err(bad(
-                                &pk,
-                                format!(
-                                    "captures {{{}}} must be those of `into`{} ({{{}}})",
-                                    have.join("}, {"),
-                                    if experts { " plus `{E}`" } else { "" },
-                                    need.join("}, {")
-                                ),
-                            ));
-                        }
-                        parts.push(part);
-                    }
-                    if r.dim.is_empty() {
-                        return Err(bad(
-                            &format!("{key}.dim"),
-                            "maps no suffix to a dimension (e.g. {\"weight\": 0})".into(),
-                        ));
-                    }
-                    let mut dims = Vec::new();
-                    for (suffix, v) in &r.dim {
-                        let d = v.as_u64().filter(|&d| d < 8).ok_or_else(|| {
-                            bad(
-                                &format!("{key}.dim.{suffix}"),
-                                format!("{v} is not a dimension (0..8)"),
-                            )
-                        })?;
-                        dims.push((suffix.clone(), d as usize));
-                    }
-                    out.push(FuseRule {
-                        into,
-                        parts,
-                        dims,
-                        if_complete: r.if_complete,
-                    });
-                }
-                Ok(out)
-            };
-        let fuse = fuse_rules(raw.fuse, "fuse", false)?;
-        let experts = fuse_rules(raw.experts, "experts", true)?;
+        let fuse = check.fuse_rules(raw.fuse, "fuse", false)?;
+        let experts = check.fuse_rules(raw.experts, "experts", true)?;
         let transpose = raw
             .transpose
             .iter()
             .enumerate()
-            .map(|(i, s)| t(s, &format!("transpose[{i}]")))
+            .map(|(i, s)| check.template(s, &format!("transpose[{i}]")))
             .collect::<Result<Vec<_>>>()?;
-        let mut aliases = Vec::new();
-        for (i, group) in raw.aliases.iter().enumerate() {
-            if group.len() < 2 {
-                return Err(bad(
-                    &format!("aliases[{i}]"),
-                    "a group names one parameter at least twice".into(),
-                ));
-            }
-            let group = group
-                .iter()
-                .enumerate()
-                .map(|(j, n)| t(n, &format!("aliases[{i}][{j}]")))
-                .collect::<Result<Vec<_>>>()?;
-            let mut first = group[0].capture_names();
-            first.sort_unstable();
-            for (j, g) in group.iter().enumerate().skip(1) {
-                let mut c = g.capture_names();
-                c.sort_unstable();
-                if c != first {
-                    return Err(bad(
-                        &format!("aliases[{i}][{j}]"),
-                        format!(
-                            "captures differ from aliases[{i}][0] ({})",
-                            group[0].as_str()
-                        ),
-                    ));
-                }
-            }
-            aliases.push(group);
-        }
-        let tie = match raw.tie {
-            None => None,
-            Some(r) => {
-                let head_stages = match r.head_stages.as_str() {
-                    "last" => HeadStages::Last,
-                    "all" => HeadStages::All,
-                    other => {
-                        return Err(bad(
-                            "tie.head_stages",
-                            format!("{other:?} is not \"last\" or \"all\""),
-                        ))
-                    }
-                };
-                Some(TieRule {
-                    embedding: r.embedding,
-                    head: r.head,
-                    default: r.default,
-                    head_stages,
-                })
-            }
-        };
-        let mut buffers = Vec::new();
-        for (i, b) in raw.buffers.into_iter().enumerate() {
-            let key = format!("buffers[{i}]");
-            let name = t(&b.name, &format!("{key}.name"))?;
-            let with = t(&b.with, &format!("{key}.with"))?;
-            let dtype = b.dtype.parse::<Dtype>().map_err(|_| {
-                bad(
-                    &format!("{key}.dtype"),
-                    format!("{:?} is not a safetensors dtype (F32, BF16, ...)", b.dtype),
-                )
-            })?;
-            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
-                return Err(bad(
-                    &format!("{key}.dtype"),
-                    format!("{dtype}: buffers are floating point (F64, F32, F16, BF16)"),
-                ));
-            }
-            for c in name.capture_names() {
-                if !with.capture_names().contains(&c) {
-                    return Err(bad(
-                        &format!("{key}.name"),
-                        format!("capture `{{{c}}}` is not in `with`"),
-                    ));
-                }
-            }
-            if b.shape.iter().product::<u64>() > 1 << 20 {
-                return Err(bad(
-                    &format!("{key}.shape"),
-                    "more than 2^20 elements".into(),
-                ));
-            }
-            buffers.push(BufferRule {
-                name,
-                with,
-                dtype,
-                shape: b.shape,
-                value: b.value,
-            });
-        }
+        let aliases = raw
+            .aliases
+            .iter()
+            .enumerate()
+            .map(|(i, group)| check.alias_group(i, group))
+            .collect::<Result<Vec<_>>>()?;
+        let tie = raw.tie.map(|r| check.tie_rule(r)).transpose()?;
+        let buffers = raw
+            .buffers
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| check.buffer_rule(b, &format!("buffers[{i}]")))
+            .collect::<Result<Vec<_>>>()?;
         Ok(VllmMap {
             origin: origin.to_string(),
             vllm: raw.vllm,
@@ -584,6 +426,229 @@ impl VllmMap {
             }
         }
         name.to_string()
+    }
+}
+
+/// Checks a [`RawMap`]'s sections into rules; every error names the map and the offending key.
+struct MapChecker<'a> {
+    origin: &'a str,
+}
+
+impl MapChecker<'_> {
+    /// A template at `key`.
+    fn template(&self, text: &str, key: &str) -> Result<Template> {
+        Template::parse(text, self.origin, key)
+    }
+
+    /// The error for `key`.
+    fn error(&self, key: &str, reason: impl Into<String>) -> Error {
+        Error::Spec {
+            file: self.origin.to_string(),
+            line: None,
+            key: Some(key.to_string()),
+            reason: reason.into(),
+        }
+    }
+
+    fn version_and_quantization(&self, vllm: &str, quantization: &[String]) -> Result<()> {
+        if vllm.trim().is_empty() {
+            return Err(self.error("vllm", "the vLLM version the map matches is empty"));
+        }
+        if quantization.is_empty() {
+            return Err(self.error(
+                "quantization",
+                "lists no quant_method (`none` for unquantized checkpoints)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The rules of a `fuse` section, or of `experts` (whose parts add the `{E}` capture).
+    fn fuse_rules(
+        &self,
+        raws: Vec<RawFuse>,
+        section: &str,
+        experts: bool,
+    ) -> Result<Vec<FuseRule>> {
+        raws.into_iter()
+            .enumerate()
+            .map(|(i, r)| self.fuse_rule(r, &format!("{section}[{i}]"), experts))
+            .collect()
+    }
+
+    fn fuse_rule(&self, r: RawFuse, key: &str, experts: bool) -> Result<FuseRule> {
+        let into = self.template(&r.into, &format!("{key}.into"))?;
+        if r.parts.is_empty() {
+            return Err(self.error(&format!("{key}.parts"), "lists no parts"));
+        }
+        let parts = r
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(j, p)| self.fuse_part(&into, p, key, &format!("{key}.parts[{j}]"), experts))
+            .collect::<Result<Vec<_>>>()?;
+        let dims = self.fuse_dims(&r.dim, key)?;
+        Ok(FuseRule {
+            into,
+            parts,
+            dims,
+            if_complete: r.if_complete,
+        })
+    }
+
+    /// One part of the rule at `rule_key`: its captures must be those of `into` (plus `{E}`
+    /// for experts), so that every part of one vLLM name is found from that name's captures.
+    fn fuse_part(
+        &self,
+        into: &Template,
+        text: &str,
+        rule_key: &str,
+        part_key: &str,
+        experts: bool,
+    ) -> Result<Template> {
+        let part = self.template(text, part_key)?;
+        let mut need: Vec<&str> = into.capture_names();
+        if experts {
+            if into.capture_names().contains(&"E") {
+                return Err(self.error(
+                    &format!("{rule_key}.into"),
+                    "the stacked name cannot hold the expert capture `{E}`",
+                ));
+            }
+            need.push("E");
+        }
+        let mut have = part.capture_names();
+        have.sort_unstable();
+        need.sort_unstable();
+        if have != need {
+            return Err(self.error(
+                part_key,
+                format!(
+                    "captures {{{}}} must be those of `into`{} ({{{}}})",
+                    have.join("}, {"),
+                    if experts { " plus `{E}`" } else { "" },
+                    need.join("}, {")
+                ),
+            ));
+        }
+        Ok(part)
+    }
+
+    /// The rule's concatenation dimension per suffix, in the file's order.
+    fn fuse_dims(
+        &self,
+        dim: &serde_json::Map<String, serde_json::Value>,
+        key: &str,
+    ) -> Result<Vec<(String, usize)>> {
+        if dim.is_empty() {
+            return Err(self.error(
+                &format!("{key}.dim"),
+                "maps no suffix to a dimension (e.g. {\"weight\": 0})",
+            ));
+        }
+        dim.iter()
+            .map(|(suffix, v)| {
+                let d = v.as_u64().filter(|&d| d < 8).ok_or_else(|| {
+                    self.error(
+                        &format!("{key}.dim.{suffix}"),
+                        format!("{v} is not a dimension (0..8)"),
+                    )
+                })?;
+                Ok((suffix.clone(), d as usize))
+            })
+            .collect()
+    }
+
+    /// Alias group `i`: at least two names, all with the same captures (one name is
+    /// rendered from another's captures).
+    fn alias_group(&self, i: usize, group: &[String]) -> Result<Vec<Template>> {
+        if group.len() < 2 {
+            return Err(self.error(
+                &format!("aliases[{i}]"),
+                "a group names one parameter at least twice",
+            ));
+        }
+        let group = group
+            .iter()
+            .enumerate()
+            .map(|(j, n)| self.template(n, &format!("aliases[{i}][{j}]")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut first = group[0].capture_names();
+        first.sort_unstable();
+        for (j, g) in group.iter().enumerate().skip(1) {
+            let mut c = g.capture_names();
+            c.sort_unstable();
+            if c != first {
+                return Err(self.error(
+                    &format!("aliases[{i}][{j}]"),
+                    format!(
+                        "captures differ from aliases[{i}][0] ({})",
+                        group[0].as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(group)
+    }
+
+    fn tie_rule(&self, r: RawTie) -> Result<TieRule> {
+        let head_stages = match r.head_stages.as_str() {
+            "last" => HeadStages::Last,
+            "all" => HeadStages::All,
+            other => {
+                return Err(self.error(
+                    "tie.head_stages",
+                    format!("{other:?} is not \"last\" or \"all\""),
+                ))
+            }
+        };
+        Ok(TieRule {
+            embedding: r.embedding,
+            head: r.head,
+            default: r.default,
+            head_stages,
+        })
+    }
+
+    /// The buffer at `key`: a float of bounded size, named from captures of `with`.
+    fn buffer_rule(&self, b: RawBuffer, key: &str) -> Result<BufferRule> {
+        let name = self.template(&b.name, &format!("{key}.name"))?;
+        let with = self.template(&b.with, &format!("{key}.with"))?;
+        let dtype = self.buffer_dtype(&b.dtype, key)?;
+        for c in name.capture_names() {
+            if !with.capture_names().contains(&c) {
+                return Err(self.error(
+                    &format!("{key}.name"),
+                    format!("capture `{{{c}}}` is not in `with`"),
+                ));
+            }
+        }
+        if b.shape.iter().product::<u64>() > 1 << 20 {
+            return Err(self.error(&format!("{key}.shape"), "more than 2^20 elements"));
+        }
+        Ok(BufferRule {
+            name,
+            with,
+            dtype,
+            shape: b.shape,
+            value: b.value,
+        })
+    }
+
+    fn buffer_dtype(&self, text: &str, key: &str) -> Result<Dtype> {
+        let dtype = text.parse::<Dtype>().map_err(|_| {
+            self.error(
+                &format!("{key}.dtype"),
+                format!("{text:?} is not a safetensors dtype (F32, BF16, ...)"),
+            )
+        })?;
+        if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+            return Err(self.error(
+                &format!("{key}.dtype"),
+                format!("{dtype}: buffers are floating point (F64, F32, F16, BF16)"),
+            ));
+        }
+        Ok(dtype)
     }
 }
 
