@@ -187,6 +187,16 @@ fn sub_byte_msg(dtype: Dtype, src_shape: &[u64], k: usize, (b, e): (u64, u64)) -
     )
 }
 
+/// An element-unit zero run in bytes; `None` when a chunk is not whole bytes.
+fn zero_byte_run(r: ElemRun, bits: u64) -> Option<ZeroRun> {
+    Some(ZeroRun {
+        dst: to_bytes(r.dst, bits)?,
+        len: to_bytes(r.len, bits)?,
+        count: r.count,
+        dst_stride: to_bytes(r.dst_stride, bits)?,
+    })
+}
+
 /// Computes the runs that build one rank-local tensor.
 ///
 /// `name` and `dtype` name the tensor in errors; `src_shape` is the source tensor's shape,
@@ -210,6 +220,49 @@ pub fn tensor_runs(
     } else {
         &layout.shape
     };
+    check_layout_dims(name, src_shape, local, layout)?;
+    let t = LocalTensor {
+        name,
+        dtype,
+        bits: dtype.bits(),
+        src_shape,
+        local,
+        concat_dim: layout.concat_dim,
+        file,
+        src_offset,
+        scalar,
+    };
+    let mut out = TensorRuns {
+        bytes: t.bytes(&layout.shape)?,
+        copies: Vec::with_capacity(layout.pieces.len()),
+        zeros: Vec::new(),
+    };
+    let mut scratch: Vec<ElemRun> = Vec::with_capacity(layout.pieces.len());
+    let mut at = 0u64; // position along concat dim in the local tensor
+    for (p, piece) in layout.pieces.iter().enumerate() {
+        at = match piece {
+            Piece::Slice { ranges } => {
+                t.slice_piece(p, ranges, at, &mut scratch, &mut out.copies)?
+            }
+            Piece::Zeros { extent } => t.zero_piece(*extent, at, &mut scratch, &mut out.zeros)?,
+        };
+    }
+    let c = t.concat_dim;
+    if at != local[c] {
+        return Err(plan_err(
+            name,
+            format_args!(
+                "pieces cover {at} of the local size {} along dim {c}",
+                local[c]
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Checks that the source and local shapes have the same, supported number of dimensions
+/// and that the layout's concat dim is one of them.
+fn check_layout_dims(name: &str, src_shape: &[u64], local: &[u64], layout: &Layout) -> Result<()> {
     let nd = src_shape.len();
     if nd > MAX_DIMS {
         return Err(plan_err(
@@ -235,158 +288,186 @@ pub fn tensor_runs(
             format_args!("layout concat dim {c} is out of range for {nd} dims"),
         ));
     }
-    let bits = dtype.bits();
-    let elements = local
-        .iter()
-        .try_fold(1u64, |acc, &n| acc.checked_mul(n))
-        .ok_or_else(|| plan_err(name, "local shape overflows"))?;
-    let bytes = to_bytes(elements, bits).ok_or_else(|| {
-        plan_err(
-            name,
-            format_args!(
-                "local shape {:?} of {dtype} is not a whole number of bytes",
-                layout.shape
-            ),
+    Ok(())
+}
+
+/// One rank-local tensor being planned, its dims checked by [`check_layout_dims`]: what each
+/// piece's runs are computed against.
+struct LocalTensor<'a> {
+    name: &'a str,
+    dtype: Dtype,
+    bits: u64,
+    /// The source shape (`[1]` for a scalar).
+    src_shape: &'a [u64],
+    /// The local shape (`[1]` for a scalar whose layout has no shape).
+    local: &'a [u64],
+    concat_dim: usize,
+    file: u32,
+    src_offset: u64,
+    scalar: bool,
+}
+
+impl LocalTensor<'_> {
+    /// The local tensor's byte size; `layout_shape` is the shape as the layout gives it, for
+    /// the message.
+    fn bytes(&self, layout_shape: &[u64]) -> Result<u64> {
+        let elements = self
+            .local
+            .iter()
+            .try_fold(1u64, |acc, &n| acc.checked_mul(n))
+            .ok_or_else(|| plan_err(self.name, "local shape overflows"))?;
+        to_bytes(elements, self.bits).ok_or_else(|| {
+            plan_err(
+                self.name,
+                format_args!(
+                    "local shape {layout_shape:?} of {} is not a whole number of bytes",
+                    self.dtype
+                ),
+            )
+        })
+    }
+
+    /// Where a piece of `extent` along the concat dim that starts at `at` ends, if it stays
+    /// inside the local tensor.
+    fn piece_end(&self, at: u64, extent: u64) -> Result<u64> {
+        let c = self.concat_dim;
+        at.checked_add(extent)
+            .filter(|&end| end <= self.local[c])
+            .ok_or_else(|| {
+                plan_err(
+                    self.name,
+                    format_args!(
+                        "pieces overflow the local size {} of dim {c}",
+                        self.local[c]
+                    ),
+                )
+            })
+    }
+
+    /// Appends the copies of slice piece `p` placed at `at`; returns where it ends.
+    fn slice_piece(
+        &self,
+        p: usize,
+        ranges: &[(u64, u64)],
+        at: u64,
+        scratch: &mut Vec<ElemRun>,
+        copies: &mut Vec<CopyRun>,
+    ) -> Result<u64> {
+        let whole_scalar = [(0u64, 1u64)];
+        let ranges: &[(u64, u64)] = if self.scalar && ranges.is_empty() {
+            &whole_scalar
+        } else {
+            ranges
+        };
+        let (n, src_origin) = self.slice_box(p, ranges)?;
+        let c = self.concat_dim;
+        let end = self.piece_end(at, n[c])?;
+        let nd = self.src_shape.len();
+        let mut dst_origin = [0u64; MAX_DIMS];
+        dst_origin[c] = at;
+        scratch.clear();
+        let k = box_runs(
+            &n[..nd],
+            self.src_shape,
+            &src_origin[..nd],
+            self.local,
+            &dst_origin[..nd],
+            scratch,
         )
-    })?;
-    let mut out = TensorRuns {
-        bytes,
-        copies: Vec::with_capacity(layout.pieces.len()),
-        zeros: Vec::new(),
-    };
-    let mut scratch: Vec<ElemRun> = Vec::with_capacity(layout.pieces.len());
-    let mut at = 0u64; // position along concat dim in the local tensor
-    for (p, piece) in layout.pieces.iter().enumerate() {
-        match piece {
-            Piece::Slice { ranges } => {
-                let whole_scalar = [(0u64, 1u64)];
-                let ranges: &[(u64, u64)] = if scalar && ranges.is_empty() {
-                    &whole_scalar
-                } else {
-                    ranges
-                };
-                if ranges.len() != nd {
-                    return Err(plan_err(
-                        name,
-                        format_args!(
-                            "piece {p} has {} ranges but the tensor has {nd} dims",
-                            ranges.len()
-                        ),
-                    ));
-                }
-                let mut n = [0u64; MAX_DIMS];
-                let mut src_origin = [0u64; MAX_DIMS];
-                for (d, &(b, e)) in ranges.iter().enumerate() {
-                    if b > e || e > src_shape[d] {
-                        return Err(plan_err(
-                            name,
-                            format_args!(
-                                "piece {p}: range [{b}, {e}) of dim {d} is outside its size {}",
-                                src_shape[d]
-                            ),
-                        ));
-                    }
-                    if d != c && e - b != local[d] {
-                        return Err(plan_err(
-                            name,
-                            format_args!(
-                                "piece {p}: range [{b}, {e}) of dim {d} does not match the local size {}",
-                                local[d]
-                            ),
-                        ));
-                    }
-                    n[d] = e - b;
-                    src_origin[d] = b;
-                }
-                let extent = n[c];
-                let end = at
-                    .checked_add(extent)
-                    .filter(|&end| end <= local[c])
-                    .ok_or_else(|| {
-                        plan_err(
-                            name,
-                            format_args!("pieces overflow the local size {} of dim {c}", local[c]),
-                        )
-                    })?;
-                let mut dst_origin = [0u64; MAX_DIMS];
-                dst_origin[c] = at;
-                scratch.clear();
-                let k = box_runs(
-                    &n[..nd],
-                    src_shape,
-                    &src_origin[..nd],
-                    local,
-                    &dst_origin[..nd],
-                    &mut scratch,
+        .ok_or_else(|| plan_err(self.name, "offsets overflow"))?;
+        for &r in scratch.iter() {
+            let run = byte_run(r, self.bits, self.file, self.src_offset).ok_or_else(|| {
+                let (b, e) = ranges.get(k).copied().unwrap_or((0, 0));
+                plan_err(
+                    self.name,
+                    sub_byte_msg(self.dtype, self.src_shape, k, (b, e)),
                 )
-                .ok_or_else(|| plan_err(name, "offsets overflow"))?;
-                for &r in &scratch {
-                    let run = byte_run(r, bits, file, src_offset).ok_or_else(|| {
-                        let (b, e) = ranges.get(k).copied().unwrap_or((0, 0));
-                        plan_err(name, sub_byte_msg(dtype, src_shape, k, (b, e)))
-                    })?;
-                    out.copies.push(run);
-                }
-                at = end;
-            }
-            Piece::Zeros { extent } => {
-                let end = at
-                    .checked_add(*extent)
-                    .filter(|&end| end <= local[c])
-                    .ok_or_else(|| {
-                        plan_err(
-                            name,
-                            format_args!("pieces overflow the local size {} of dim {c}", local[c]),
-                        )
-                    })?;
-                let mut n = [0u64; MAX_DIMS];
-                n[..nd].copy_from_slice(local);
-                n[c] = *extent;
-                let mut dst_origin = [0u64; MAX_DIMS];
-                dst_origin[c] = at;
-                scratch.clear();
-                box_runs(
-                    &n[..nd],
-                    local,
-                    &dst_origin[..nd],
-                    local,
-                    &dst_origin[..nd],
-                    &mut scratch,
-                )
-                .ok_or_else(|| plan_err(name, "offsets overflow"))?;
-                for &r in &scratch {
-                    let conv = (|| {
-                        Some(ZeroRun {
-                            dst: to_bytes(r.dst, bits)?,
-                            len: to_bytes(r.len, bits)?,
-                            count: r.count,
-                            dst_stride: to_bytes(r.dst_stride, bits)?,
-                        })
-                    })();
-                    let run = conv.ok_or_else(|| {
-                        plan_err(
-                            name,
-                            format_args!(
-                                "{dtype} zero padding of {extent} along dim {c} does not fall on byte boundaries"
-                            ),
-                        )
-                    })?;
-                    out.zeros.push(run);
-                }
-                at = end;
-            }
+            })?;
+            copies.push(run);
         }
+        Ok(end)
     }
-    if at != local[c] {
-        return Err(plan_err(
-            name,
-            format_args!(
-                "pieces cover {at} of the local size {} along dim {c}",
-                local[c]
-            ),
-        ));
+
+    /// The box slice piece `p` takes of the source, as sizes and origin per dim: each range
+    /// must lie inside the source and, off the concat dim, span the local size.
+    fn slice_box(&self, p: usize, ranges: &[(u64, u64)]) -> Result<(Dims, Dims)> {
+        let nd = self.src_shape.len();
+        if ranges.len() != nd {
+            return Err(plan_err(
+                self.name,
+                format_args!(
+                    "piece {p} has {} ranges but the tensor has {nd} dims",
+                    ranges.len()
+                ),
+            ));
+        }
+        let mut n = [0u64; MAX_DIMS];
+        let mut src_origin = [0u64; MAX_DIMS];
+        for (d, &(b, e)) in ranges.iter().enumerate() {
+            if b > e || e > self.src_shape[d] {
+                return Err(plan_err(
+                    self.name,
+                    format_args!(
+                        "piece {p}: range [{b}, {e}) of dim {d} is outside its size {}",
+                        self.src_shape[d]
+                    ),
+                ));
+            }
+            if d != self.concat_dim && e - b != self.local[d] {
+                return Err(plan_err(
+                    self.name,
+                    format_args!(
+                        "piece {p}: range [{b}, {e}) of dim {d} does not match the local size {}",
+                        self.local[d]
+                    ),
+                ));
+            }
+            n[d] = e - b;
+            src_origin[d] = b;
+        }
+        Ok((n, src_origin))
     }
-    Ok(out)
+
+    /// Appends the zero fills of a zero piece of `extent` placed at `at`; returns where it
+    /// ends.
+    fn zero_piece(
+        &self,
+        extent: u64,
+        at: u64,
+        scratch: &mut Vec<ElemRun>,
+        zeros: &mut Vec<ZeroRun>,
+    ) -> Result<u64> {
+        let end = self.piece_end(at, extent)?;
+        let (nd, c) = (self.local.len(), self.concat_dim);
+        let mut n = [0u64; MAX_DIMS];
+        n[..nd].copy_from_slice(self.local);
+        n[c] = extent;
+        let mut dst_origin = [0u64; MAX_DIMS];
+        dst_origin[c] = at;
+        scratch.clear();
+        box_runs(
+            &n[..nd],
+            self.local,
+            &dst_origin[..nd],
+            self.local,
+            &dst_origin[..nd],
+            scratch,
+        )
+        .ok_or_else(|| plan_err(self.name, "offsets overflow"))?;
+        for &r in scratch.iter() {
+            let run = zero_byte_run(r, self.bits).ok_or_else(|| {
+                plan_err(
+                    self.name,
+                    format_args!(
+                        "{} zero padding of {extent} along dim {c} does not fall on byte boundaries",
+                        self.dtype
+                    ),
+                )
+            })?;
+            zeros.push(run);
+        }
+        Ok(end)
+    }
 }
 
 /// Per dimension, a list of `[begin, end)` index ranges.
@@ -804,6 +885,205 @@ mod tests {
             pieces: vec![slice(&[(6, 10), (0, 4)])],
         };
         assert!(tensor_runs("w", Dtype::F32, &[8, 4], 0, 0, &l).is_err());
+    }
+
+    /// The reason of `tensor_runs`' error for tensor `w`.
+    fn reason(dtype: Dtype, src_shape: &[u64], l: &Layout) -> String {
+        match tensor_runs("w", dtype, src_shape, 0, 0, l) {
+            Err(Error::Plan {
+                rank: None,
+                tensor: Some(t),
+                reason,
+            }) if t == "w" => reason,
+            other => panic!("{l:?}: not a plan error of `w`: {other:?}"),
+        }
+    }
+
+    fn layout(shape: &[u64], concat_dim: usize, pieces: Vec<Piece>) -> Layout {
+        Layout {
+            shape: shape.to_vec(),
+            concat_dim,
+            pieces,
+        }
+    }
+
+    #[test]
+    fn each_inconsistent_layout_names_what_is_wrong() {
+        let rows = |b, e| slice(&[(b, e), (0, 4)]);
+        let cases: Vec<(Dtype, Vec<u64>, Layout, &str)> = vec![
+            (
+                Dtype::F32,
+                vec![1; 17],
+                layout(&[1; 17], 0, vec![]),
+                "17 dimensions are more than the 16 supported",
+            ),
+            (
+                Dtype::F32,
+                vec![4, 4],
+                layout(&[4], 0, vec![]),
+                "layout shape [4] has 1 dims but the tensor has 2",
+            ),
+            (
+                Dtype::F32,
+                vec![4, 4],
+                layout(&[4, 4], 2, vec![]),
+                "layout concat dim 2 is out of range for 2 dims",
+            ),
+            (
+                Dtype::F32,
+                vec![u64::MAX, 2],
+                layout(&[u64::MAX, 2], 0, vec![]),
+                "local shape overflows",
+            ),
+            (
+                Dtype::F4,
+                vec![4],
+                layout(&[3], 0, vec![]),
+                "local shape [3] of F4 is not a whole number of bytes",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![slice(&[(0, 4)])]),
+                "piece 0 has 1 ranges but the tensor has 2 dims",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(0, 2), rows(6, 10)]),
+                "piece 1: range [6, 10) of dim 0 is outside its size 8",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(3, 2)]),
+                "piece 0: range [3, 2) of dim 0 is outside its size 8",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![slice(&[(0, 4), (0, 3)])]),
+                "piece 0: range [0, 3) of dim 1 does not match the local size 4",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(0, 4), rows(4, 5)]),
+                "pieces overflow the local size 4 of dim 0",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(0, 4), Piece::Zeros { extent: 1 }]),
+                "pieces overflow the local size 4 of dim 0",
+            ),
+            (
+                Dtype::F32,
+                vec![8, 4],
+                layout(&[4, 4], 0, vec![rows(0, 1), Piece::Zeros { extent: 2 }]),
+                "pieces cover 3 of the local size 4 along dim 0",
+            ),
+            (
+                // One F4 column of three: a 4-bit chunk.
+                Dtype::F4,
+                vec![2, 3],
+                layout(&[2, 1], 1, vec![slice(&[(0, 2), (1, 2)])]),
+                "F4 slice [1, 2) of dim 1 (size 3) does not start and end on byte boundaries; sub-byte tensors can only be split where every chunk is whole bytes",
+            ),
+            (
+                // One F4 element of zeros: 4 bits.
+                Dtype::F4,
+                vec![1, 1],
+                layout(
+                    &[1, 2],
+                    1,
+                    vec![Piece::Zeros { extent: 1 }, slice(&[(0, 1), (0, 1)])],
+                ),
+                "F4 zero padding of 1 along dim 1 does not fall on byte boundaries",
+            ),
+        ];
+        for (dtype, src_shape, l, want) in cases {
+            assert_eq!(reason(dtype, &src_shape, &l), want, "{l:?}");
+        }
+    }
+
+    #[test]
+    fn scalars_and_zero_padding() {
+        // A scalar is one element at the tensor's offset.
+        let l = layout(&[], 0, vec![slice(&[])]);
+        let r = tensor_runs("s", Dtype::F32, &[], 3, 40, &l).unwrap();
+        assert_eq!(r.bytes, 4);
+        assert_eq!(
+            r.copies,
+            [CopyRun {
+                file: 3,
+                src: 40,
+                dst: 0,
+                len: 4,
+                count: 1,
+                src_stride: 4,
+                dst_stride: 4
+            }]
+        );
+        assert!(r.zeros.is_empty());
+        // BF16 [3, 2], rows 1..3 then two zero rows: rows start 4 bytes apart, so the copy
+        // reads 8 bytes from 10 + 4 and the zeros fill local bytes 8..16.
+        let l = layout(
+            &[4, 2],
+            0,
+            vec![slice(&[(1, 3), (0, 2)]), Piece::Zeros { extent: 2 }],
+        );
+        let r = tensor_runs("v", Dtype::BF16, &[3, 2], 1, 10, &l).unwrap();
+        assert_eq!(r.bytes, 16);
+        assert_eq!(
+            r.copies,
+            [CopyRun {
+                file: 1,
+                src: 14,
+                dst: 0,
+                len: 8,
+                count: 1,
+                src_stride: 8,
+                dst_stride: 8
+            }]
+        );
+        assert_eq!(
+            r.zeros,
+            [ZeroRun {
+                dst: 8,
+                len: 8,
+                count: 1,
+                dst_stride: 8
+            }]
+        );
+        // Zeros along an inner dim are strided: [2, 3] F32 with one zero column.
+        let l = layout(
+            &[2, 3],
+            1,
+            vec![slice(&[(0, 2), (0, 2)]), Piece::Zeros { extent: 1 }],
+        );
+        let r = tensor_runs("c", Dtype::F32, &[2, 2], 0, 0, &l).unwrap();
+        assert_eq!(
+            r.copies,
+            [CopyRun {
+                file: 0,
+                src: 0,
+                dst: 0,
+                len: 8,
+                count: 2,
+                src_stride: 8,
+                dst_stride: 12
+            }]
+        );
+        assert_eq!(
+            r.zeros,
+            [ZeroRun {
+                dst: 8,
+                len: 4,
+                count: 2,
+                dst_stride: 12
+            }]
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use super::complete::Completeness;
 use super::expr::{Env, EvalError, Expr, Value};
 use super::parse::{
-    did_you_mean, spec_at, ExpertsClause, Op, PartMode, Placement, Rule, StageWhich,
+    did_you_mean, spec_at, ExpertsClause, Op, PartDef, PartMode, Placement, Rule, StageWhich,
 };
 use super::{Config, Layout, Piece, Resolution, Resolved, Shards, Spec, TensorKind};
 use crate::checkpoint::TensorInfo;
@@ -611,191 +611,285 @@ impl Resolver<'_> {
         }
     }
 
+    /// `rule`'s layout per TP rank for a tensor of `shape`.
     fn layouts(&self, rule: &Rule, shape: &[u64]) -> std::result::Result<Vec<Layout>, LayoutError> {
-        let tp = self.topo.tp as u64;
-        let line = rule.line;
-        let dim_of = |dim: i64| -> std::result::Result<usize, LayoutError> {
-            let n = shape.len() as i64;
-            let d = if dim < 0 { dim + n } else { dim };
-            if d < 0 || d >= n {
-                return Err(LayoutError::Msg(format!(
-                    "dim {dim} does not exist in a {n}-dimensional tensor"
-                )));
-            }
-            Ok(d as usize)
-        };
         match &rule.op {
             Op::Skip(_) | Op::Replicate => Ok(vec![Layout::full(shape); self.topo.tp]),
             Op::Vocab { dim, pad } => {
-                let d = dim_of(*dim)?;
-                let v = shape[d];
-                let pad = self.positive(line, pad, "vocab `pad`")?;
-                let vp = cdiv(v, pad).checked_mul(pad).ok_or_else(|| {
-                    LayoutError::Msg(format!(
-                        "padded vocab of {v} to a multiple of {pad} overflows"
-                    ))
-                })?;
-                if vp % tp != 0 {
-                    return Err(LayoutError::Msg(format!(
-                        "padded vocab {vp} (= {v} rounded up to a multiple of {pad}) does not divide by tp = {tp}"
-                    )));
-                }
-                let per = vp / tp;
-                Ok((0..tp)
-                    .map(|r| {
-                        let a = (r * per).min(v);
-                        let b = ((r + 1) * per).min(v);
-                        let mut pieces = Vec::new();
-                        if b > a {
-                            pieces.push(slice(shape, d, a, b));
-                        }
-                        if per > b - a {
-                            pieces.push(Piece::Zeros {
-                                extent: per - (b - a),
-                            });
-                        }
-                        let mut s = shape.to_vec();
-                        s[d] = per;
-                        Layout {
-                            shape: s,
-                            concat_dim: d,
-                            pieces,
-                        }
-                    })
-                    .collect())
+                self.vocab_layouts(rule.line, shape, dim_index(shape, *dim)?, pad)
             }
             Op::Parts { dim, unit, parts } => {
-                let d = dim_of(*dim)?;
-                let n = shape[d];
-                let u = match unit {
-                    Some(e) => self.positive(line, e, "`unit`")?,
-                    None => 1,
-                };
-                // Logical part sizes.
-                let mut sizes = Vec::with_capacity(parts.len());
-                let mut u_eff = u;
-                for p in parts {
-                    match &p.size {
-                        Some(e) => {
-                            let v = self.int_at(line, e, &[])?;
-                            let v = u64::try_from(v).map_err(|_| {
-                                LayoutError::Msg(format!("part size {v} is negative"))
-                            })?;
-                            sizes.push(v);
-                        }
-                        None => {
-                            // A single unsized part is the whole dim, in source units.
-                            sizes.push(n);
-                            u_eff = 1;
-                        }
-                    }
-                }
-                let total = sizes
-                    .iter()
-                    .try_fold(0u64, |a, &b| a.checked_add(b))
-                    .ok_or_else(|| LayoutError::Msg("fused part sizes overflow".into()))?;
-                if cdiv(total, u_eff) != n {
-                    return Err(LayoutError::Msg(format!(
-                        "fused parts [{}] sum to {total}{} but dim {d} has size {n}",
-                        sizes
-                            .iter()
-                            .map(u64::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        if u_eff > 1 {
-                            format!(" ({} in units of {u_eff})", cdiv(total, u_eff))
-                        } else {
-                            String::new()
-                        }
-                    )));
-                }
-                let mut per_rank: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.topo.tp];
-                let mut off = 0u64;
-                for (pi, (p, &size)) in parts.iter().zip(&sizes).enumerate() {
-                    let src_off = cdiv(off, u_eff);
-                    let part_units = cdiv(size, u_eff);
-                    let what = if parts.len() > 1 {
-                        format!("part {pi} (size {size}) of dim {d}")
-                    } else {
-                        format!("dim {d} (size {size})")
-                    };
-                    for (r, ranges) in per_rank.iter_mut().enumerate() {
-                        let r = r as u64;
-                        // (chunk index, logical local size), or explicit uneven range.
-                        let (idx, loc) = match &p.mode {
-                            PartMode::Full => (0, size),
-                            PartMode::Split { uneven: false } => {
-                                if size % tp != 0 {
-                                    return Err(LayoutError::Msg(format!(
-                                        "{what} does not divide by tp = {tp} (the rule does not allow uneven splits)"
-                                    )));
-                                }
-                                (r, size / tp)
-                            }
-                            PartMode::Split { uneven: true } => (r, cdiv(size, tp)),
-                            PartMode::Heads { count } => {
-                                let c = self.positive(line, count, "head `count`")?;
-                                if size % c != 0 {
-                                    return Err(LayoutError::Msg(format!(
-                                        "{what} is not a whole number of {c} heads"
-                                    )));
-                                }
-                                let hs = size / c;
-                                if tp >= c {
-                                    if tp % c != 0 {
-                                        return Err(LayoutError::Msg(format!(
-                                            "tp = {tp} is larger than the {c} heads of {what} but not a multiple of them"
-                                        )));
-                                    }
-                                    (r / (tp / c), hs)
-                                } else {
-                                    if c % tp != 0 {
-                                        return Err(LayoutError::Msg(format!(
-                                            "the {c} heads of {what} do not divide by tp = {tp}"
-                                        )));
-                                    }
-                                    (r, size / tp)
-                                }
-                            }
-                        };
-                        let lu = cdiv(loc, u_eff);
-                        let (mut start, mut end) = idx
-                            .checked_mul(lu)
-                            .and_then(|s| Some((s, s.checked_add(lu)?)))
-                            .ok_or_else(|| LayoutError::Msg(format!("{what}: offsets overflow")))?;
-                        if end > part_units {
-                            if matches!(p.mode, PartMode::Split { uneven: true }) {
-                                start = start.min(part_units);
-                                end = end.min(part_units);
-                            } else {
-                                return Err(LayoutError::Msg(format!(
-                                    "rank {r}'s range [{start}, {end}) of {what} exceeds its {part_units} units of {u_eff}"
-                                )));
-                            }
-                        }
-                        if end > start {
-                            ranges.push((src_off + start, src_off + end));
-                        }
-                    }
-                    off += size;
-                }
-                Ok(per_rank
-                    .into_iter()
-                    .map(|ranges| {
-                        let mut s = shape.to_vec();
-                        s[d] = ranges.iter().map(|(a, b)| b - a).sum();
-                        Layout {
-                            shape: s,
-                            concat_dim: d,
-                            pieces: ranges
-                                .into_iter()
-                                .map(|(a, b)| slice(shape, d, a, b))
-                                .collect(),
-                        }
-                    })
-                    .collect())
+                let d = dim_index(shape, *dim)?;
+                self.parts_layouts(rule.line, shape, d, unit.as_ref(), parts)
             }
         }
+    }
+
+    /// Vocab parallelism: dim `d` padded to a multiple of `pad`, an equal share per rank, the
+    /// rows past the real vocab zero-filled.
+    fn vocab_layouts(
+        &self,
+        line: usize,
+        shape: &[u64],
+        d: usize,
+        pad: &Expr,
+    ) -> std::result::Result<Vec<Layout>, LayoutError> {
+        let tp = self.topo.tp as u64;
+        let v = shape[d];
+        let pad = self.positive(line, pad, "vocab `pad`")?;
+        let vp = cdiv(v, pad).checked_mul(pad).ok_or_else(|| {
+            LayoutError::Msg(format!(
+                "padded vocab of {v} to a multiple of {pad} overflows"
+            ))
+        })?;
+        if vp % tp != 0 {
+            return Err(LayoutError::Msg(format!(
+                "padded vocab {vp} (= {v} rounded up to a multiple of {pad}) does not divide by tp = {tp}"
+            )));
+        }
+        let per = vp / tp;
+        Ok((0..tp)
+            .map(|r| {
+                let a = (r * per).min(v);
+                let b = ((r + 1) * per).min(v);
+                let mut pieces = Vec::new();
+                if b > a {
+                    pieces.push(slice(shape, d, a, b));
+                }
+                if per > b - a {
+                    pieces.push(Piece::Zeros {
+                        extent: per - (b - a),
+                    });
+                }
+                let mut s = shape.to_vec();
+                s[d] = per;
+                Layout {
+                    shape: s,
+                    concat_dim: d,
+                    pieces,
+                }
+            })
+            .collect())
+    }
+
+    /// `split`, `heads`, `full` (one part, the whole dim) or `fused`: per rank, the ranges of
+    /// dim `d` that each part gives it, in part order.
+    fn parts_layouts(
+        &self,
+        line: usize,
+        shape: &[u64],
+        d: usize,
+        unit: Option<&Expr>,
+        parts: &[PartDef],
+    ) -> std::result::Result<Vec<Layout>, LayoutError> {
+        let n = shape[d];
+        let u = match unit {
+            Some(e) => self.positive(line, e, "`unit`")?,
+            None => 1,
+        };
+        let (sizes, u_eff) = self.part_sizes(line, parts, n, u)?;
+        check_parts_fill_dim(&sizes, u_eff, d, n)?;
+        let mut per_rank: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.topo.tp];
+        let mut off = 0u64;
+        for (pi, (p, &size)) in parts.iter().zip(&sizes).enumerate() {
+            let part = DimPart {
+                what: if parts.len() > 1 {
+                    format!("part {pi} (size {size}) of dim {d}")
+                } else {
+                    format!("dim {d} (size {size})")
+                },
+                mode: &p.mode,
+                size,
+                src_off: cdiv(off, u_eff),
+                units: cdiv(size, u_eff),
+                unit: u_eff,
+            };
+            for (r, ranges) in per_rank.iter_mut().enumerate() {
+                let r = r as u64;
+                let (idx, loc) = self.rank_share(line, &part, r)?;
+                if let Some(range) = part.stored_range(r, idx, loc)? {
+                    ranges.push(range);
+                }
+            }
+            off += size;
+        }
+        Ok(per_rank
+            .into_iter()
+            .map(|ranges| ranges_layout(shape, d, ranges))
+            .collect())
+    }
+
+    /// Logical part sizes, and the unit they are counted in (1 for a lone unsized part).
+    fn part_sizes(
+        &self,
+        line: usize,
+        parts: &[PartDef],
+        n: u64,
+        unit: u64,
+    ) -> std::result::Result<(Vec<u64>, u64), LayoutError> {
+        let mut sizes = Vec::with_capacity(parts.len());
+        let mut u_eff = unit;
+        for p in parts {
+            match &p.size {
+                Some(e) => {
+                    let v = self.int_at(line, e, &[])?;
+                    let v = u64::try_from(v)
+                        .map_err(|_| LayoutError::Msg(format!("part size {v} is negative")))?;
+                    sizes.push(v);
+                }
+                None => {
+                    // A single unsized part is the whole dim, in source units.
+                    sizes.push(n);
+                    u_eff = 1;
+                }
+            }
+        }
+        Ok((sizes, u_eff))
+    }
+
+    /// Rank `r`'s share of `part`: (chunk index, logical local size).
+    fn rank_share(
+        &self,
+        line: usize,
+        part: &DimPart,
+        r: u64,
+    ) -> std::result::Result<(u64, u64), LayoutError> {
+        let tp = self.topo.tp as u64;
+        let (size, what) = (part.size, &part.what);
+        Ok(match part.mode {
+            PartMode::Full => (0, size),
+            PartMode::Split { uneven: false } => {
+                if size % tp != 0 {
+                    return Err(LayoutError::Msg(format!(
+                        "{what} does not divide by tp = {tp} (the rule does not allow uneven splits)"
+                    )));
+                }
+                (r, size / tp)
+            }
+            PartMode::Split { uneven: true } => (r, cdiv(size, tp)),
+            PartMode::Heads { count } => {
+                let c = self.positive(line, count, "head `count`")?;
+                if size % c != 0 {
+                    return Err(LayoutError::Msg(format!(
+                        "{what} is not a whole number of {c} heads"
+                    )));
+                }
+                let hs = size / c;
+                if tp >= c {
+                    if tp % c != 0 {
+                        return Err(LayoutError::Msg(format!(
+                            "tp = {tp} is larger than the {c} heads of {what} but not a multiple of them"
+                        )));
+                    }
+                    (r / (tp / c), hs)
+                } else {
+                    if c % tp != 0 {
+                        return Err(LayoutError::Msg(format!(
+                            "the {c} heads of {what} do not divide by tp = {tp}"
+                        )));
+                    }
+                    (r, size / tp)
+                }
+            }
+        })
+    }
+}
+
+/// The index of `dim` (negative counts from the end) in a tensor of `shape`.
+fn dim_index(shape: &[u64], dim: i64) -> std::result::Result<usize, LayoutError> {
+    let n = shape.len() as i64;
+    let d = if dim < 0 { dim + n } else { dim };
+    if d < 0 || d >= n {
+        return Err(LayoutError::Msg(format!(
+            "dim {dim} does not exist in a {n}-dimensional tensor"
+        )));
+    }
+    Ok(d as usize)
+}
+
+/// Checks that the logical part `sizes`, in units of `unit`, make up dim `d` of size `n`.
+fn check_parts_fill_dim(
+    sizes: &[u64],
+    unit: u64,
+    d: usize,
+    n: u64,
+) -> std::result::Result<(), LayoutError> {
+    let total = sizes
+        .iter()
+        .try_fold(0u64, |a, &b| a.checked_add(b))
+        .ok_or_else(|| LayoutError::Msg("fused part sizes overflow".into()))?;
+    if cdiv(total, unit) != n {
+        return Err(LayoutError::Msg(format!(
+            "fused parts [{}] sum to {total}{} but dim {d} has size {n}",
+            sizes
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if unit > 1 {
+                format!(" ({} in units of {unit})", cdiv(total, unit))
+            } else {
+                String::new()
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// One part of a split dim (the whole dim for `split`, `heads` and `full`).
+struct DimPart<'a> {
+    /// How messages name the part.
+    what: String,
+    mode: &'a PartMode,
+    /// Logical size.
+    size: u64,
+    /// Where the part starts in the tensor, and how long it is, in stored units of `unit`.
+    src_off: u64,
+    units: u64,
+    unit: u64,
+}
+
+impl DimPart<'_> {
+    /// The source range of the part that rank `r` holds, given its share (chunk `idx` of
+    /// logical size `loc`); `None` when an uneven split leaves the rank nothing of it.
+    fn stored_range(
+        &self,
+        r: u64,
+        idx: u64,
+        loc: u64,
+    ) -> std::result::Result<Option<(u64, u64)>, LayoutError> {
+        let what = &self.what;
+        let lu = cdiv(loc, self.unit);
+        let (mut start, mut end) = idx
+            .checked_mul(lu)
+            .and_then(|s| Some((s, s.checked_add(lu)?)))
+            .ok_or_else(|| LayoutError::Msg(format!("{what}: offsets overflow")))?;
+        if end > self.units {
+            if matches!(self.mode, PartMode::Split { uneven: true }) {
+                start = start.min(self.units);
+                end = end.min(self.units);
+            } else {
+                return Err(LayoutError::Msg(format!(
+                    "rank {r}'s range [{start}, {end}) of {what} exceeds its {} units of {}",
+                    self.units, self.unit
+                )));
+            }
+        }
+        Ok((end > start).then_some((self.src_off + start, self.src_off + end)))
+    }
+}
+
+/// The layout holding `ranges` of dim `d`, concatenated in order.
+fn ranges_layout(shape: &[u64], d: usize, ranges: Vec<(u64, u64)>) -> Layout {
+    let mut s = shape.to_vec();
+    s[d] = ranges.iter().map(|(a, b)| b - a).sum();
+    Layout {
+        shape: s,
+        concat_dim: d,
+        pieces: ranges
+            .into_iter()
+            .map(|(a, b)| slice(shape, d, a, b))
+            .collect(),
     }
 }
 

@@ -323,192 +323,34 @@ impl VllmMap {
             excerpt: String::new(),
         })?;
         let _ = raw.about;
-        let t = |text: &str, key: &str| Template::parse(text, origin, key);
-        let bad = |key: &str, why: String| Error::Spec {
-            file: origin.to_string(),
-            line: None,
-            key: Some(key.to_string()),
-            reason: why,
-        };
-        if raw.vllm.trim().is_empty() {
-            return Err(bad(
-                "vllm",
-                "the vLLM version the map matches is empty".into(),
-            ));
-        }
-        if raw.quantization.is_empty() {
-            return Err(bad(
-                "quantization",
-                "lists no quant_method (`none` for unquantized checkpoints)".into(),
-            ));
-        }
+        let check = MapChecker { origin };
+        check.version_and_quantization(&raw.vllm, &raw.quantization)?;
         let prefixes = raw
             .prefixes
             .into_iter()
             .map(|p| (p.from, p.to))
             .collect::<Vec<_>>();
-        let fuse_rules =
-            |raws: Vec<RawFuse>, section: &str, experts: bool| -> Result<Vec<FuseRule>> {
-                let mut out = Vec::new();
-                for (i, r) in raws.into_iter().enumerate() {
-                    let key = format!("{section}[{i}]");
-                    let into = t(&r.into, &format!("{key}.into"))?;
-                    if r.parts.is_empty() {
-                        return Err(bad(&format!("{key}.parts"), "lists no parts".into()));
-                    }
-                    let mut parts = Vec::new();
-                    for (j, p) in r.parts.iter().enumerate() {
-                        let pk = format!("{key}.parts[{j}]");
-                        let part = t(p, &pk)?;
-                        let mut need: Vec<&str> = into.capture_names();
-                        if experts {
-                            if into.capture_names().contains(&"E") {
-                                return Err(bad(
-                                    &format!("{key}.into"),
-                                    "the stacked name cannot hold the expert capture `{E}`".into(),
-                                ));
-                            }
-                            need.push("E");
-                        }
-                        let mut have = part.capture_names();
-                        have.sort_unstable();
-                        need.sort_unstable();
-                        if have != need {
-                            return Err(bad(
-                                &pk,
-                                format!(
-                                    "captures {{{}}} must be those of `into`{} ({{{}}})",
-                                    have.join("}, {"),
-                                    if experts { " plus `{E}`" } else { "" },
-                                    need.join("}, {")
-                                ),
-                            ));
-                        }
-                        parts.push(part);
-                    }
-                    if r.dim.is_empty() {
-                        return Err(bad(
-                            &format!("{key}.dim"),
-                            "maps no suffix to a dimension (e.g. {\"weight\": 0})".into(),
-                        ));
-                    }
-                    let mut dims = Vec::new();
-                    for (suffix, v) in &r.dim {
-                        let d = v.as_u64().filter(|&d| d < 8).ok_or_else(|| {
-                            bad(
-                                &format!("{key}.dim.{suffix}"),
-                                format!("{v} is not a dimension (0..8)"),
-                            )
-                        })?;
-                        dims.push((suffix.clone(), d as usize));
-                    }
-                    out.push(FuseRule {
-                        into,
-                        parts,
-                        dims,
-                        if_complete: r.if_complete,
-                    });
-                }
-                Ok(out)
-            };
-        let fuse = fuse_rules(raw.fuse, "fuse", false)?;
-        let experts = fuse_rules(raw.experts, "experts", true)?;
+        let fuse = check.fuse_rules(raw.fuse, "fuse", false)?;
+        let experts = check.fuse_rules(raw.experts, "experts", true)?;
         let transpose = raw
             .transpose
             .iter()
             .enumerate()
-            .map(|(i, s)| t(s, &format!("transpose[{i}]")))
+            .map(|(i, s)| check.template(s, &format!("transpose[{i}]")))
             .collect::<Result<Vec<_>>>()?;
-        let mut aliases = Vec::new();
-        for (i, group) in raw.aliases.iter().enumerate() {
-            if group.len() < 2 {
-                return Err(bad(
-                    &format!("aliases[{i}]"),
-                    "a group names one parameter at least twice".into(),
-                ));
-            }
-            let group = group
-                .iter()
-                .enumerate()
-                .map(|(j, n)| t(n, &format!("aliases[{i}][{j}]")))
-                .collect::<Result<Vec<_>>>()?;
-            let mut first = group[0].capture_names();
-            first.sort_unstable();
-            for (j, g) in group.iter().enumerate().skip(1) {
-                let mut c = g.capture_names();
-                c.sort_unstable();
-                if c != first {
-                    return Err(bad(
-                        &format!("aliases[{i}][{j}]"),
-                        format!(
-                            "captures differ from aliases[{i}][0] ({})",
-                            group[0].as_str()
-                        ),
-                    ));
-                }
-            }
-            aliases.push(group);
-        }
-        let tie = match raw.tie {
-            None => None,
-            Some(r) => {
-                let head_stages = match r.head_stages.as_str() {
-                    "last" => HeadStages::Last,
-                    "all" => HeadStages::All,
-                    other => {
-                        return Err(bad(
-                            "tie.head_stages",
-                            format!("{other:?} is not \"last\" or \"all\""),
-                        ))
-                    }
-                };
-                Some(TieRule {
-                    embedding: r.embedding,
-                    head: r.head,
-                    default: r.default,
-                    head_stages,
-                })
-            }
-        };
-        let mut buffers = Vec::new();
-        for (i, b) in raw.buffers.into_iter().enumerate() {
-            let key = format!("buffers[{i}]");
-            let name = t(&b.name, &format!("{key}.name"))?;
-            let with = t(&b.with, &format!("{key}.with"))?;
-            let dtype = b.dtype.parse::<Dtype>().map_err(|_| {
-                bad(
-                    &format!("{key}.dtype"),
-                    format!("{:?} is not a safetensors dtype (F32, BF16, ...)", b.dtype),
-                )
-            })?;
-            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
-                return Err(bad(
-                    &format!("{key}.dtype"),
-                    format!("{dtype}: buffers are floating point (F64, F32, F16, BF16)"),
-                ));
-            }
-            for c in name.capture_names() {
-                if !with.capture_names().contains(&c) {
-                    return Err(bad(
-                        &format!("{key}.name"),
-                        format!("capture `{{{c}}}` is not in `with`"),
-                    ));
-                }
-            }
-            if b.shape.iter().product::<u64>() > 1 << 20 {
-                return Err(bad(
-                    &format!("{key}.shape"),
-                    "more than 2^20 elements".into(),
-                ));
-            }
-            buffers.push(BufferRule {
-                name,
-                with,
-                dtype,
-                shape: b.shape,
-                value: b.value,
-            });
-        }
+        let aliases = raw
+            .aliases
+            .iter()
+            .enumerate()
+            .map(|(i, group)| check.alias_group(i, group))
+            .collect::<Result<Vec<_>>>()?;
+        let tie = raw.tie.map(|r| check.tie_rule(r)).transpose()?;
+        let buffers = raw
+            .buffers
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| check.buffer_rule(b, &format!("buffers[{i}]")))
+            .collect::<Result<Vec<_>>>()?;
         Ok(VllmMap {
             origin: origin.to_string(),
             vllm: raw.vllm,
@@ -587,6 +429,229 @@ impl VllmMap {
     }
 }
 
+/// Checks a [`RawMap`]'s sections into rules; every error names the map and the offending key.
+struct MapChecker<'a> {
+    origin: &'a str,
+}
+
+impl MapChecker<'_> {
+    /// A template at `key`.
+    fn template(&self, text: &str, key: &str) -> Result<Template> {
+        Template::parse(text, self.origin, key)
+    }
+
+    /// The error for `key`.
+    fn error(&self, key: &str, reason: impl Into<String>) -> Error {
+        Error::Spec {
+            file: self.origin.to_string(),
+            line: None,
+            key: Some(key.to_string()),
+            reason: reason.into(),
+        }
+    }
+
+    fn version_and_quantization(&self, vllm: &str, quantization: &[String]) -> Result<()> {
+        if vllm.trim().is_empty() {
+            return Err(self.error("vllm", "the vLLM version the map matches is empty"));
+        }
+        if quantization.is_empty() {
+            return Err(self.error(
+                "quantization",
+                "lists no quant_method (`none` for unquantized checkpoints)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The rules of a `fuse` section, or of `experts` (whose parts add the `{E}` capture).
+    fn fuse_rules(
+        &self,
+        raws: Vec<RawFuse>,
+        section: &str,
+        experts: bool,
+    ) -> Result<Vec<FuseRule>> {
+        raws.into_iter()
+            .enumerate()
+            .map(|(i, r)| self.fuse_rule(r, &format!("{section}[{i}]"), experts))
+            .collect()
+    }
+
+    fn fuse_rule(&self, r: RawFuse, key: &str, experts: bool) -> Result<FuseRule> {
+        let into = self.template(&r.into, &format!("{key}.into"))?;
+        if r.parts.is_empty() {
+            return Err(self.error(&format!("{key}.parts"), "lists no parts"));
+        }
+        let parts = r
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(j, p)| self.fuse_part(&into, p, key, &format!("{key}.parts[{j}]"), experts))
+            .collect::<Result<Vec<_>>>()?;
+        let dims = self.fuse_dims(&r.dim, key)?;
+        Ok(FuseRule {
+            into,
+            parts,
+            dims,
+            if_complete: r.if_complete,
+        })
+    }
+
+    /// One part of the rule at `rule_key`: its captures must be those of `into` (plus `{E}`
+    /// for experts), so that every part of one vLLM name is found from that name's captures.
+    fn fuse_part(
+        &self,
+        into: &Template,
+        text: &str,
+        rule_key: &str,
+        part_key: &str,
+        experts: bool,
+    ) -> Result<Template> {
+        let part = self.template(text, part_key)?;
+        let mut need: Vec<&str> = into.capture_names();
+        if experts {
+            if into.capture_names().contains(&"E") {
+                return Err(self.error(
+                    &format!("{rule_key}.into"),
+                    "the stacked name cannot hold the expert capture `{E}`",
+                ));
+            }
+            need.push("E");
+        }
+        let mut have = part.capture_names();
+        have.sort_unstable();
+        need.sort_unstable();
+        if have != need {
+            return Err(self.error(
+                part_key,
+                format!(
+                    "captures {{{}}} must be those of `into`{} ({{{}}})",
+                    have.join("}, {"),
+                    if experts { " plus `{E}`" } else { "" },
+                    need.join("}, {")
+                ),
+            ));
+        }
+        Ok(part)
+    }
+
+    /// The rule's concatenation dimension per suffix, in the file's order.
+    fn fuse_dims(
+        &self,
+        dim: &serde_json::Map<String, serde_json::Value>,
+        key: &str,
+    ) -> Result<Vec<(String, usize)>> {
+        if dim.is_empty() {
+            return Err(self.error(
+                &format!("{key}.dim"),
+                "maps no suffix to a dimension (e.g. {\"weight\": 0})",
+            ));
+        }
+        dim.iter()
+            .map(|(suffix, v)| {
+                let d = v.as_u64().filter(|&d| d < 8).ok_or_else(|| {
+                    self.error(
+                        &format!("{key}.dim.{suffix}"),
+                        format!("{v} is not a dimension (0..8)"),
+                    )
+                })?;
+                Ok((suffix.clone(), d as usize))
+            })
+            .collect()
+    }
+
+    /// Alias group `i`: at least two names, all with the same captures (one name is
+    /// rendered from another's captures).
+    fn alias_group(&self, i: usize, group: &[String]) -> Result<Vec<Template>> {
+        if group.len() < 2 {
+            return Err(self.error(
+                &format!("aliases[{i}]"),
+                "a group names one parameter at least twice",
+            ));
+        }
+        let group = group
+            .iter()
+            .enumerate()
+            .map(|(j, n)| self.template(n, &format!("aliases[{i}][{j}]")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut first = group[0].capture_names();
+        first.sort_unstable();
+        for (j, g) in group.iter().enumerate().skip(1) {
+            let mut c = g.capture_names();
+            c.sort_unstable();
+            if c != first {
+                return Err(self.error(
+                    &format!("aliases[{i}][{j}]"),
+                    format!(
+                        "captures differ from aliases[{i}][0] ({})",
+                        group[0].as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(group)
+    }
+
+    fn tie_rule(&self, r: RawTie) -> Result<TieRule> {
+        let head_stages = match r.head_stages.as_str() {
+            "last" => HeadStages::Last,
+            "all" => HeadStages::All,
+            other => {
+                return Err(self.error(
+                    "tie.head_stages",
+                    format!("{other:?} is not \"last\" or \"all\""),
+                ))
+            }
+        };
+        Ok(TieRule {
+            embedding: r.embedding,
+            head: r.head,
+            default: r.default,
+            head_stages,
+        })
+    }
+
+    /// The buffer at `key`: a float of bounded size, named from captures of `with`.
+    fn buffer_rule(&self, b: RawBuffer, key: &str) -> Result<BufferRule> {
+        let name = self.template(&b.name, &format!("{key}.name"))?;
+        let with = self.template(&b.with, &format!("{key}.with"))?;
+        let dtype = self.buffer_dtype(&b.dtype, key)?;
+        for c in name.capture_names() {
+            if !with.capture_names().contains(&c) {
+                return Err(self.error(
+                    &format!("{key}.name"),
+                    format!("capture `{{{c}}}` is not in `with`"),
+                ));
+            }
+        }
+        if b.shape.iter().product::<u64>() > 1 << 20 {
+            return Err(self.error(&format!("{key}.shape"), "more than 2^20 elements"));
+        }
+        Ok(BufferRule {
+            name,
+            with,
+            dtype,
+            shape: b.shape,
+            value: b.value,
+        })
+    }
+
+    fn buffer_dtype(&self, text: &str, key: &str) -> Result<Dtype> {
+        let dtype = text.parse::<Dtype>().map_err(|_| {
+            self.error(
+                &format!("{key}.dtype"),
+                format!("{text:?} is not a safetensors dtype (F32, BF16, ...)"),
+            )
+        })?;
+        if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+            return Err(self.error(
+                &format!("{key}.dtype"),
+                format!("{dtype}: buffers are floating point (F64, F32, F16, BF16)"),
+            ));
+        }
+        Ok(dtype)
+    }
+}
+
 /// serde_json's message without its trailing " at line L column C" (the caller puts the
 /// position first, as `file:line:col:`).
 fn strip_position(msg: &str) -> &str {
@@ -617,6 +682,266 @@ mod tests {
             .matches("model.layers.3.mlp.experts.w13_weight.x")
             .is_none());
         assert!(t.matches("model.layers.3.mlp.experts").is_none());
+    }
+
+    /// The key and reason of a map's `Error::Spec`, or a panic naming what came instead.
+    fn spec_error(json: &str) -> (String, String) {
+        match VllmMap::parse(json, "m.vllm.json") {
+            Err(Error::Spec {
+                file,
+                line: None,
+                key: Some(key),
+                reason,
+            }) => {
+                assert_eq!(file, "m.vllm.json");
+                (key, reason)
+            }
+            other => panic!("{json}: not a keyed spec error: {other:?}"),
+        }
+    }
+
+    /// A map with `body` (JSON members, no braces) after a valid `vllm` and `quantization`.
+    fn with(body: &str) -> String {
+        format!(r#"{{"vllm": "0.33.0", "quantization": ["none"], {body}}}"#)
+    }
+
+    #[test]
+    fn every_section_parses_into_its_rules() {
+        let src = with(
+            r#""about": "test map",
+            "prefixes": [{"from": "transformer.", "to": "model."}, {"from": "lm.", "to": ""}],
+            "fuse": [{"into": "m.{L}.qkv.{S}", "parts": ["m.{L}.q.{S}", "m.{L}.k.{S}"],
+                      "dim": {"weight": 0, "qweight": 1}, "if_complete": true}],
+            "experts": [{"into": "m.{L}.w13_{S}", "parts": ["m.{L}.e.{E}.w1.{S}", "m.{L}.e.{E}.w3.{S}"],
+                         "dim": {"*": 0}}],
+            "transpose": ["m.{L}.fc.weight"],
+            "aliases": [["m.{L}.o", "m.{L}.attn.o"]],
+            "tie": {"embedding": "m.embed.weight", "head": "lm_head.weight", "default": true,
+                    "head_stages": "last"},
+            "buffers": [{"name": "m.{L}.scale", "with": "m.{L}.attn.{S}", "dtype": "BF16",
+                         "shape": [1024, 1024], "value": 0.5}]"#,
+        );
+        let m = VllmMap::parse(&src, "m.vllm.json").unwrap();
+        assert_eq!(m.origin, "m.vllm.json");
+        assert_eq!(m.vllm, "0.33.0");
+        assert_eq!(m.quantization, ["none"]);
+        assert_eq!(
+            m.prefixes,
+            [
+                ("transformer.".to_string(), "model.".to_string()),
+                ("lm.".to_string(), String::new())
+            ]
+        );
+        assert_eq!(m.fuse.len(), 1);
+        let f = &m.fuse[0];
+        assert_eq!(f.into.as_str(), "m.{L}.qkv.{S}");
+        let parts: Vec<&str> = f.parts.iter().map(Template::as_str).collect();
+        assert_eq!(parts, ["m.{L}.q.{S}", "m.{L}.k.{S}"]);
+        // preserve_order: the dims keep the file's order.
+        assert_eq!(
+            f.dims,
+            [("weight".to_string(), 0), ("qweight".to_string(), 1)]
+        );
+        assert!(f.if_complete);
+        assert_eq!(m.experts.len(), 1);
+        let e = &m.experts[0];
+        assert_eq!(e.into.as_str(), "m.{L}.w13_{S}");
+        assert_eq!(e.parts[1].as_str(), "m.{L}.e.{E}.w3.{S}");
+        assert_eq!(e.dims, [("*".to_string(), 0)]);
+        assert!(!e.if_complete);
+        let transpose: Vec<&str> = m.transpose.iter().map(Template::as_str).collect();
+        assert_eq!(transpose, ["m.{L}.fc.weight"]);
+        assert_eq!(m.aliases.len(), 1);
+        let group: Vec<&str> = m.aliases[0].iter().map(Template::as_str).collect();
+        assert_eq!(group, ["m.{L}.o", "m.{L}.attn.o"]);
+        let tie = m.tie.as_ref().unwrap();
+        assert_eq!(tie.embedding, "m.embed.weight");
+        assert_eq!(tie.head, "lm_head.weight");
+        assert!(tie.default);
+        assert_eq!(tie.head_stages, HeadStages::Last);
+        assert_eq!(m.buffers.len(), 1);
+        let b = &m.buffers[0];
+        assert_eq!(b.name.as_str(), "m.{L}.scale");
+        assert_eq!(b.with.as_str(), "m.{L}.attn.{S}");
+        assert_eq!(b.dtype, Dtype::BF16);
+        // 2^20 elements is the largest buffer allowed.
+        assert_eq!(b.shape, [1024, 1024]);
+        assert_eq!(b.value, 0.5);
+        // Sections left out are empty.
+        let m = VllmMap::parse(
+            &with(
+                r#""tie": {"embedding": "e", "head": "h", "default": false, "head_stages": "all"}"#,
+            ),
+            "m",
+        )
+        .unwrap();
+        assert!(m.prefixes.is_empty() && m.fuse.is_empty() && m.experts.is_empty());
+        assert!(m.transpose.is_empty() && m.aliases.is_empty() && m.buffers.is_empty());
+        assert_eq!(m.tie.unwrap().head_stages, HeadStages::All);
+    }
+
+    #[test]
+    fn each_bad_map_names_its_key_and_reason() {
+        let fuse = |into: &str, parts: &str, dim: &str| {
+            with(&format!(
+                r#""fuse": [{{"into": "{into}", "parts": {parts}, "dim": {dim}}}]"#
+            ))
+        };
+        let experts = |into: &str, parts: &str| {
+            with(&format!(
+                r#""experts": [{{"into": "{into}", "parts": {parts}, "dim": {{"weight": 0}}}}]"#
+            ))
+        };
+        let buffer = |name: &str, with_: &str, dtype: &str, shape: &str| {
+            with(&format!(
+                r#""buffers": [{{"name": "{name}", "with": "{with_}", "dtype": "{dtype}", "shape": {shape}, "value": 1}}]"#
+            ))
+        };
+        let cases: Vec<(String, &str, &str)> = vec![
+            // The version is checked before the quantization list.
+            (
+                r#"{"vllm": " ", "quantization": []}"#.into(),
+                "vllm",
+                "the vLLM version the map matches is empty",
+            ),
+            (
+                r#"{"vllm": "0.33.0", "quantization": []}"#.into(),
+                "quantization",
+                "lists no quant_method (`none` for unquantized checkpoints)",
+            ),
+            (
+                fuse("a..b", "[]", "{}"),
+                "fuse[0].into",
+                "\"a..b\": empty segment (two dots, or a dot at an end)",
+            ),
+            (fuse("a.{L}", "[]", "{}"), "fuse[0].parts", "lists no parts"),
+            (
+                fuse("a.{L}", r#"["b.{L}", "c.{L"]"#, "{}"),
+                "fuse[0].parts[1]",
+                "\"c.{L\": `{` without `}`",
+            ),
+            (
+                fuse("a.{L}.qkv.{S}", r#"["a.{L}.q.{S}", "a.{X}.k.{S}"]"#, "{}"),
+                "fuse[0].parts[1]",
+                "captures {S}, {X} must be those of `into` ({L}, {S})",
+            ),
+            (
+                fuse("a.{L}", r#"["b.{L}"]"#, "{}"),
+                "fuse[0].dim",
+                "maps no suffix to a dimension (e.g. {\"weight\": 0})",
+            ),
+            (
+                fuse("a.{L}", r#"["b.{L}"]"#, r#"{"weight": 0, "bias": 8}"#),
+                "fuse[0].dim.bias",
+                "8 is not a dimension (0..8)",
+            ),
+            (
+                fuse("a.{L}", r#"["b.{L}"]"#, r#"{"weight": "x"}"#),
+                "fuse[0].dim.weight",
+                "\"x\" is not a dimension (0..8)",
+            ),
+            (
+                experts("a.{E}.w", r#"["a.{E}.e.w"]"#),
+                "experts[0].into",
+                "the stacked name cannot hold the expert capture `{E}`",
+            ),
+            (
+                experts("a.{L}.w13.{S}", r#"["a.{L}.e.{X}.w1.{S}"]"#),
+                "experts[0].parts[0]",
+                "captures {L}, {S}, {X} must be those of `into` plus `{E}` ({E}, {L}, {S})",
+            ),
+            // `fuse` is checked before `experts`.
+            (
+                with(
+                    r#""experts": [{"into": "a", "parts": [], "dim": {}}],
+                       "fuse": [{"into": "b", "parts": [], "dim": {}}]"#,
+                ),
+                "fuse[0].parts",
+                "lists no parts",
+            ),
+            (
+                with(r#""transpose": ["a.b", "a."]"#),
+                "transpose[1]",
+                "\"a.\": empty segment (two dots, or a dot at an end)",
+            ),
+            (
+                with(r#""aliases": [["a.b", "a.c"], ["a.d"]]"#),
+                "aliases[1]",
+                "a group names one parameter at least twice",
+            ),
+            (
+                with(r#""aliases": [["a.{L}.o", "a.{L}.{L}"]]"#),
+                "aliases[0][1]",
+                "\"a.{L}.{L}\": capture `{L}` appears twice",
+            ),
+            (
+                with(r#""aliases": [["a.{L}.o", "a.{L}.m", "a.{L}.m.{X}"]]"#),
+                "aliases[0][2]",
+                "captures differ from aliases[0][0] (a.{L}.o)",
+            ),
+            (
+                with(
+                    r#""tie": {"embedding": "e", "head": "h", "default": false, "head_stages": "first"}"#,
+                ),
+                "tie.head_stages",
+                "\"first\" is not \"last\" or \"all\"",
+            ),
+            (
+                buffer("x", "y..z", "F32", "[]"),
+                "buffers[0].with",
+                "\"y..z\": empty segment (two dots, or a dot at an end)",
+            ),
+            (
+                buffer("x", "y", "X9", "[]"),
+                "buffers[0].dtype",
+                "\"X9\" is not a safetensors dtype (F32, BF16, ...)",
+            ),
+            (
+                buffer("x", "y", "I8", "[]"),
+                "buffers[0].dtype",
+                "I8: buffers are floating point (F64, F32, F16, BF16)",
+            ),
+            (
+                buffer("x.{L}.{S}", "y.{L}", "F16", "[]"),
+                "buffers[0].name",
+                "capture `{S}` is not in `with`",
+            ),
+            (
+                buffer("x", "y", "F64", "[1025, 1024]"),
+                "buffers[0].shape",
+                "more than 2^20 elements",
+            ),
+        ];
+        for (json, key, reason) in cases {
+            assert_eq!(
+                spec_error(&json),
+                (key.to_string(), reason.to_string()),
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_json_error_names_its_position() {
+        // A JSON error carries its position, without serde's own " at line L column C".
+        match VllmMap::parse("{\n  \"vllm\": 1}", "m.vllm.json") {
+            Err(Error::SpecAt {
+                file,
+                line,
+                col,
+                message,
+                ..
+            }) => {
+                assert_eq!((file.as_str(), line), ("m.vllm.json", 2));
+                assert!(col > 0);
+                assert!(
+                    message.starts_with("invalid type: integer `1`"),
+                    "{message}"
+                );
+                assert!(!message.contains(" at line "), "{message}");
+            }
+            other => panic!("not a positioned error: {other:?}"),
+        }
     }
 
     #[test]

@@ -752,3 +752,161 @@ fn a_huge_expert_count_is_bounded() {
     assert!(e.contains("tensor(s) it needs are missing"), "{e}");
     assert!(e.contains(" and at least "), "{e}");
 }
+
+/// The reason of the placement error `src` gives for one BF16 tensor `t` of `shape`.
+fn placement_reason(src: &str, shape: &[u64], tp: usize) -> String {
+    match run(src, &[("t", shape)], json!({}), topo(tp, 1)) {
+        Err(safeshard::Error::Placement {
+            tensor: Some(t),
+            shape: Some(s),
+            reason,
+            ..
+        }) if t == "t" && s == shape => reason,
+        other => panic!("{src}: not a placement error of `t`: {other:?}"),
+    }
+}
+
+#[test]
+fn each_unplaceable_rule_says_why() {
+    let cases: &[(&str, &[u64], usize, &str)] = &[
+        (
+            "t  split(dim=-3)\n",
+            &[2, 10],
+            2,
+            "dim -3 does not exist in a 2-dimensional tensor",
+        ),
+        // 10 rows padded to a multiple of 5 stay 10, which 4 ranks cannot share.
+        (
+            "t  vocab(pad=5)\n",
+            &[10, 8],
+            4,
+            "padded vocab 10 (= 10 rounded up to a multiple of 5) does not divide by tp = 4",
+        ),
+        (
+            "t  fused(dim=0, parts=[4, -1])\n",
+            &[3],
+            1,
+            "part size -1 is negative",
+        ),
+        // 8 + 9 = 17 logical rows are ceil(17 / 4) = 5 stored ones, not 4.
+        (
+            "t  fused(dim=0, unit=4, parts=[8, 9])\n",
+            &[4],
+            1,
+            "fused parts [8, 9] sum to 17 (5 in units of 4) but dim 0 has size 4",
+        ),
+        (
+            "t  heads(dim=0, count=4)\n",
+            &[6, 5],
+            2,
+            "dim 0 (size 6) is not a whole number of 4 heads",
+        ),
+        (
+            "t  heads(dim=0, count=3)\n",
+            &[6, 5],
+            2,
+            "the 3 heads of dim 0 (size 6) do not divide by tp = 2",
+        ),
+        (
+            "t  heads(dim=0, count=2)\n",
+            &[6, 5],
+            3,
+            "tp = 3 is larger than the 2 heads of dim 0 (size 6) but not a multiple of them",
+        ),
+        // With several parts, the message names the part.
+        (
+            "t  fused(dim=0, parts=[4, heads(6, count=4)])\n",
+            &[10],
+            2,
+            "part 1 (size 6) of dim 0 is not a whole number of 4 heads",
+        ),
+        (
+            "t  fused(dim=0, parts=[3, 4])\n",
+            &[7],
+            2,
+            "part 0 (size 3) of dim 0 does not divide by tp = 2 (the rule does not allow uneven splits)",
+        ),
+        // Part 0 is one stored row of 8: its halves (4 each) round up to a row each, and
+        // rank 1's row [1, 2) is past the part.
+        (
+            "t  fused(dim=0, unit=8, parts=[8, 8])\n",
+            &[2],
+            2,
+            "rank 1's range [1, 2) of part 0 (size 8) of dim 0 exceeds its 1 units of 8",
+        ),
+    ];
+    for &(src, shape, tp, want) in cases {
+        assert_eq!(placement_reason(src, shape, tp), want, "{src}");
+    }
+    // Values that must be positive are spec errors on the rule's line.
+    for (src, want) in [
+        (
+            "t  vocab(pad=0)\n",
+            "vocab `pad` must be a positive integer, got 0",
+        ),
+        (
+            "t  split(dim=0, unit=0)\n",
+            "`unit` must be a positive integer, got 0",
+        ),
+        (
+            "t  heads(dim=0, count=-2)\n",
+            "head `count` must be a positive integer, got -2",
+        ),
+    ] {
+        let e = run(src, &[("t", &[8])], json!({}), topo(2, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.shard:1") && e.contains(want), "{src}: {e}");
+    }
+}
+
+#[test]
+fn full_uneven_and_unit_parts() {
+    // `full` parts go whole to every rank; the split part after them is shared.
+    let r = run(
+        "t  fused(dim=0, parts=[full(2), 4])\n",
+        &[("t", &[6, 3])],
+        json!({}),
+        topo(2, 1),
+    )
+    .unwrap();
+    let l = per_tp(&r.tensors[0]);
+    assert_eq!(l[0], rows(&[6, 3], 0, &[(0, 2), (2, 4)]));
+    assert_eq!(l[1], rows(&[6, 3], 0, &[(0, 2), (4, 6)]));
+    // A whole-tensor `full` is every rank's whole dim.
+    let r = run("t  full(dim=1)\n", &[("t", &[4, 6])], json!({}), topo(2, 1)).unwrap();
+    for l in per_tp(&r.tensors[0]) {
+        assert_eq!(*l, rows(&[4, 6], 1, &[(0, 6)]));
+    }
+    // Fewer ranks than heads: each rank takes whole heads (4 heads of 2 rows, tp 2).
+    let r = run(
+        "t  heads(dim=0, count=4)\n",
+        &[("t", &[8, 2])],
+        json!({}),
+        topo(2, 1),
+    )
+    .unwrap();
+    assert_eq!(per_tp(&r.tensors[0])[1], rows(&[8, 2], 0, &[(4, 8)]));
+    // An uneven part in stored units of 8: part 0 is one stored row, rank 0's ceil(8/2) = 4
+    // logical rows round up to it and rank 1's row is past the part, so rank 1 holds
+    // nothing of it; part 1 (rows 1..3) gives each rank one row.
+    let r = run(
+        "t  fused(dim=0, unit=8, parts=[split(8, uneven), 16])\n",
+        &[("t", &[3])],
+        json!({}),
+        topo(2, 1),
+    )
+    .unwrap();
+    let l = per_tp(&r.tensors[0]);
+    assert_eq!(l[0], rows(&[3], 0, &[(0, 1), (1, 2)]));
+    assert_eq!(l[1], rows(&[3], 0, &[(2, 3)]));
+    // A lone split ignores `unit` for its offsets (the part is the whole dim, in stored rows).
+    let r = run(
+        "t  split(dim=0, unit=8)\n",
+        &[("t", &[4])],
+        json!({}),
+        topo(2, 1),
+    )
+    .unwrap();
+    assert_eq!(per_tp(&r.tensors[0])[1], rows(&[4], 0, &[(2, 4)]));
+}
