@@ -21,6 +21,15 @@ fn main() {
     }
 }
 
+/// The expression that includes `shard-specs/FILE`. The path is joined to the manifest
+/// directory when the crate compiles, not written here as an absolute path: Cargo keeps
+/// this script's output for a checkout moved or cloned elsewhere that shares the target
+/// directory, and an absolute path would then name the old checkout.
+fn include(file: &str) -> String {
+    let rel = format!("/{DIR}/{file}");
+    format!("include_str!(concat!(env!(\"CARGO_MANIFEST_DIR\"), {rel:?}))")
+}
+
 fn run() -> Result<(), String> {
     let root = std::env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?;
     let dir = Path::new(&root).join(DIR);
@@ -63,26 +72,20 @@ fn run() -> Result<(), String> {
                 "{DIR}/{name}.shard: a shipped spec name is lowercase letters, digits and `_`"
             ));
         }
-        let side = |ext: &str| -> Result<String, String> {
+        let side = |ext: &str| -> String {
             let file = format!("{name}{ext}");
-            if !files.contains(&file) {
-                return Ok("None".into());
+            if files.contains(&file) {
+                format!("Some({})", include(&file))
+            } else {
+                "None".into()
             }
-            let path = dir.join(&file);
-            let path = path
-                .to_str()
-                .ok_or_else(|| format!("{}: not a UTF-8 path", path.display()))?;
-            Ok(format!("Some(include_str!({path:?}))"))
         };
-        let spec = dir.join(format!("{name}.shard"));
-        let spec = spec
-            .to_str()
-            .ok_or_else(|| format!("{}: not a UTF-8 path", spec.display()))?;
         let _ = writeln!(
             out,
-            "    Shipped {{ name: {name:?}, spec: include_str!({spec:?}), vllm_map: {}, synth: {} }},",
-            side(SIDE[0])?,
-            side(SIDE[1])?
+            "    Shipped {{ name: {name:?}, spec: {}, vllm_map: {}, synth: {} }},",
+            include(&format!("{name}.shard")),
+            side(SIDE[0]),
+            side(SIDE[1])
         );
     }
     out.push_str("];\n\n/// (preset, spec name) of every synthetic preset, in registry then file order.\n#[cfg_attr(not(feature = \"synth\"), allow(dead_code))]\npub(crate) static PRESETS: &[(&str, &str)] = &[\n");
