@@ -660,7 +660,8 @@ def load(
     ``rank=None`` takes the rank from ``torch.distributed`` when it is initialized (in
     ``process_group`` if given), else the launcher's (``RANK``, ``OMPI_COMM_WORLD_RANK``,
     ...). ``share``: ``"none"`` (read your own
-    slices), ``"broadcast"`` (bytes several ranks hold are read by one and broadcast in the
+    slices; with ``torch.distributed`` initialized on the job's ranks, after the ranks agree
+    on the plan, and with the spans the ranks on one machine share read whole), ``"broadcast"`` (bytes several ranks hold are read by one and broadcast in the
     sub-group of exactly its holders) or ``"read-once"`` (every byte read once per job and
     exchanged with all-to-all); the last two need ``torch.distributed`` initialized (gloo
     for CPU, NCCL for CUDA) and ``process_group`` (default: the world group) must have
@@ -675,8 +676,12 @@ def load(
     )
     if share is not None:
         _check_share(share)
-    chosen = share is None and _group_size(process_group) == p.world_size > 1
-    if chosen or share in ("broadcast", "read-once"):
+    # With torch.distributed on the job's ranks, `share="none"` also goes through the job
+    # path: the ranks agree on the plan before reading, and those on one machine read the
+    # spans they share whole (node spans) instead of one small request per row each.
+    on_job = _group_size(process_group) == p.world_size > 1
+    chosen = share is None and on_job
+    if (on_job and share in (None, "none")) or share in ("broadcast", "read-once"):
         loaded = p.load_shared(
             share=share, process_group=process_group, io=io, threads=threads, progress=progress
         )

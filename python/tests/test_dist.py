@@ -70,11 +70,13 @@ def test_torchrun_exchange_delivers_messages_in_order(tmp_path):
         assert (tmp_path / f"exchange-{r}.txt").read_text() == "ok 30 messages", r
 
 
-def test_torchrun_plan_mismatch_fails_every_rank(checkpoints, tmp_path):
+@pytest.mark.parametrize("share", ["broadcast", "none"])
+def test_torchrun_plan_mismatch_fails_every_rank(checkpoints, tmp_path, share):
+    """`share="none"` on the job's ranks agrees on the plan too (and so reads node spans)."""
     ckpt = checkpoints("qwen2-moe-tiny")
     p = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-         str(JOB.with_name("dist_fail_job.py")), str(ckpt), str(tmp_path)],
+         str(JOB.with_name("dist_fail_job.py")), str(ckpt), str(tmp_path), share],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert p.returncode == 0, p.stderr[-3000:]
