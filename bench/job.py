@@ -33,9 +33,10 @@ Floors, measured in the same run (bench/floors.py): cold = the union of the job'
 a tp-only job every tensor is held, so the checkpoint's tensor bytes) read with O_DIRECT at
 the queue depth that maximizes it; warm = the job's held bytes (sum over ranks, from
 `safeshard plan --json`) written into fresh pages by one thread per core. The queue depth is
-chosen once at the start; then every repetition measures both floors again in the same
-interleaved loop as the loads (rows `floor:disk` and `floor:fresh`, after the same cache
-drop or warm-up), so a floor shares the machine's state with the loads it bounds: this VM's
+chosen once at the start; then every repetition measures the floors again in the same
+interleaved loop as the loads (rows `floor:disk`, `floor:fresh` and, warm, `floor:cache`:
+the job's bytes copied out of the page cache into fresh pages on all cores, what a one-copy
+load pays at least; after the same cache drop or warm-up), so a floor shares the machine's state with the loads it bounds: this VM's
 disk rate moves by 2x within a session.
 
 Multi-node simulation (bench/multinode-setup.sh): `--nodes N --node-dirs A,B,...` gives each
@@ -262,7 +263,7 @@ def main() -> None:
     for rep in range(args.reps):
         for mode in args.modes.split(","):
             for w in worlds:
-                for launcher, name in loaders + ([("floor", FLOOR[mode])] if "disk" in fl else []):
+                for launcher, name in loaders + ([("floor", f) for f in FLOOR[mode]] if "disk" in fl else []):
                     if mode == "cold":
                         peers.drop_cache(paths)
                         frac = peers.resident_fraction(paths)
@@ -273,7 +274,7 @@ def main() -> None:
                         peers.warm_cache(paths)
                     time.sleep(args.pause)
                     load = open("/proc/loadavg").read().split()[0]
-                    r = (run_floor(fl, mode, w, ckpt_paths) if launcher == "floor"
+                    r = (run_floor(fl, name, w, ckpt_paths) if launcher == "floor"
                          else run_job(args, launcher, name, w, stat_path))
                     if "sha256" in r:
                         r["digest_ok"] = r.pop("sha256") == refs[w]
@@ -288,19 +289,22 @@ def main() -> None:
     summarize(results, fl)
 
 
-FLOOR = {"cold": "disk", "warm": "fresh"}
+FLOOR = {"cold": ("disk",), "warm": ("fresh", "cache")}
 
 
-def run_floor(fl: dict, mode: str, w: int, ckpt_paths: list[str]) -> dict:
-    """One repetition of a floor, in this process: the union read with O_DIRECT at the best
-    queue depth of the start's sweep (cold), or the job's held bytes written into fresh
-    pages on all cores (warm)."""
-    if mode == "cold":
+def run_floor(fl: dict, name: str, w: int, ckpt_paths: list[str]) -> dict:
+    """One repetition of a floor, in this process: `disk`, the union read with O_DIRECT at
+    the best queue depth of the start's sweep (cold); `fresh`, the job's held bytes written
+    into fresh pages on all cores; `cache`, that many bytes copied out of the page cache
+    into fresh pages on all cores (warm: what a one-copy load pays at least)."""
+    if name == "disk":
         union = fl["union_bytes"]
         got, secs = floors._direct_read(ckpt_paths, union, fl["disk"]["best_qd"])
         return {"seconds": secs * union / got if got else float("nan"), "digest_ok": True}
     jb = fl["job_bytes"].get(str(w), fl["job_bytes"].get(w))
-    return {"seconds": floors.fresh_pages_floor(jb)["seconds"], "digest_ok": True}
+    if name == "fresh":
+        return {"seconds": floors.fresh_pages_floor(jb)["seconds"], "digest_ok": True}
+    return {"seconds": floors.cache_copy_floor(ckpt_paths, jb)["seconds"], "digest_ok": True}
 
 
 def is_safeshard(name: str) -> bool:
@@ -345,8 +349,8 @@ def summarize(results: list[dict], fl: dict | None) -> None:
             cells.append(f"{statistics.median(s):.2f} ({s[0]:.2f}-{s[-1]:.2f}) {rgb}{bad}")
         print(f"| {mode} {w} | " + " | ".join(cells) + " |")
     print("\n| mode W | best safeshard s | best peer s | ratio | floor s | floor / safeshard "
-          "| storage / union |")
-    print("|---|---|---|---|---|---|---|")
+          "| page cache -> fresh s | it / safeshard | storage / union |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode, w in keys:
         best = {}
         for side in (True, False):
@@ -355,7 +359,8 @@ def summarize(results: list[dict], fl: dict | None) -> None:
             cand = [x for x in cand if x[0] is not None]
             best[side] = min(cand) if cand else (None, None)
         me, peer = best[True], best[False]
-        floor = med(runs(mode, w, f"floor:{FLOOR[mode]}"), "seconds")
+        floor = med(runs(mode, w, f"floor:{FLOOR[mode][0]}"), "seconds")
+        cache = med(runs(mode, w, "floor:cache"), "seconds")
         if floor is None and fl and mode == "cold" and fl.get("disk"):
             floor = fl["disk"]["seconds"]
         elif floor is None and fl and mode == "warm" and fl.get("fresh_pages"):
@@ -369,7 +374,9 @@ def summarize(results: list[dict], fl: dict | None) -> None:
                  f"{peer[0]:.2f} ({peer[1]})" if peer[0] else "n/a",
                  f"{me[0] / peer[0]:.2f}" if me[0] and peer[0] else "n/a",
                  f"{floor:.2f}" if floor else "n/a",
-                 f"{floor / me[0]:.2f}" if floor and me[0] else "n/a", storage]
+                 f"{floor / me[0]:.2f}" if floor and me[0] else "n/a",
+                 f"{cache:.2f}" if cache else "n/a",
+                 f"{cache / me[0]:.2f}" if cache and me[0] else "n/a", storage]
         print(f"| {mode} {w} | " + " | ".join(cells) + " |")
 
 

@@ -246,7 +246,8 @@ def vm_hwm():
 # - cold: `floor-seq`, the rank's page-union bytes read sequentially at the disk's best
 #   queue depth; `floor-union`, the page union itself read page-exact (one O_DIRECT request
 #   per page run, 64 in flight).
-# - warm: `floor-fresh`, the rank's bytes written into fresh pages from a touched source;
+# - warm: `floor-fresh`, the rank's bytes written into fresh pages from a small touched
+#   source;
 #   `floor-cache`, that many bytes copied out of the page cache into fresh pages (what a
 #   one-copy load pays at least: it also reads every byte from memory).
 
@@ -298,8 +299,6 @@ def seq_read(paths, nbytes, depth, req):
 
 def floor_child(loader, root, tp, rank):
     """One floor measurement (see FLOORS), printed like a load's line."""
-    import mmap
-
     paths = [os.path.join(root, f) for f in files_of(root)]
     if loader == "floor-seq":
         depth, req = int(os.environ["SS_FLOOR_QD"]), int(os.environ["SS_FLOOR_REQ"])
@@ -313,13 +312,8 @@ def floor_child(loader, root, tp, rank):
         got, secs = r["bytes"], r["seconds"]
     else:
         got = held_bytes(root, tp, rank)
-        src = mmap.mmap(-1, got)
-        src.write(b"\1" * min(got, 64 << 20))  # touched: the copy's source is not the cost
-        for off in range(64 << 20, got, 64 << 20):
-            src[off:off + min(64 << 20, got - off)] = src[:min(64 << 20, got - off)]
-        secs = fresh_fill_seconds(src, int(os.environ["SS_FILL_THREADS"]),
-                                  os.environ["SS_FILL_POPULATE"] == "1")
-        src.close()
+        secs = fresh_fill_from_small(got, int(os.environ["SS_FILL_THREADS"]),
+                                     os.environ["SS_FILL_POPULATE"] == "1")
     print(json.dumps({"seconds": secs, "sha256": None, "bytes": got, "floor": True}))
 
 
@@ -495,6 +489,37 @@ def fresh_fill_seconds(src, threads, populate):
 
     t = _parallel(threads, work)
     dst.close()
+    return t
+
+
+def fresh_fill_from_small(n, threads, populate, piece=64 << 20):
+    """Seconds to write `n` bytes into fresh anonymous pages on `threads` threads, each its
+    own page-aligned share filled from one touched `piece`-byte source (which stays in the
+    CPU's caches): the cost of the fresh pages alone (faults, zeroing, the writes), as
+    `fresh_fill_seconds` measures it at 1 GiB, for any size without a source as large."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    src = mmap.mmap(-1, piece)
+    src.write(b"\1" * piece)
+    dst = mmap.mmap(-1, max(n, 1))
+    s, d = _address(src), _address(dst)
+    share = -(-n // threads) // PAGE * PAGE + PAGE
+
+    def work(i):
+        a, b = i * share, min(n, (i + 1) * share)
+        if b <= a:
+            return
+        if populate:
+            libc.madvise(d + a, b - a, MADV_POPULATE_WRITE)
+        for off in range(a, b, piece):
+            ctypes.memmove(d + off, s, min(piece, b - off))
+
+    t = _parallel(threads, work)
+    dst.close()
+    src.close()
     return t
 
 

@@ -22,7 +22,8 @@ weights in place). Floors, in the same run, after each repetition's loads: every
 once writes its model's bytes into fresh memory with one thread per core it has (cores /
 tp), the slowest rank's time; and, warm, every rank at once copies that many bytes out of
 the page cache into fresh memory (`floors.cache_copy_floor`): the least a one-copy load
-pays, since it must also read every byte from memory.
+pays, since it must also read every byte from memory; and, cold, the checkpoint read with
+O_DIRECT at the disk's best queue depth by rank 0 (`floors.disk_floor`).
 
 A format vLLM refuses on CPU (fastsafetensors: `Invalid device string: 'cuda:cpu'`) is
 reported with its error instead of a time.
@@ -180,10 +181,15 @@ def run_rank(args, vllm_config, tp: int, rank: int, port: int, out_path: str) ->
                     cache = (floors.cache_copy_floor(paths, nbytes, threads)["seconds"]
                              if mode == "warm" else None)
                     every_cache = gather(cache)
+                    # Cold, the disk: the checkpoint (every rank's bytes together) read with
+                    # O_DIRECT at the queue depth that maximizes it, by one rank.
+                    disk = (floors.disk_floor(paths, floors.tensor_bytes(paths))["seconds"]
+                            if mode == "cold" and rank == 0 else None)
+                    every_disk = gather(disk)
                     if rank == 0:
                         r = {"rep": rep, "mode": mode, "tp": tp, "format": "floor",
                              "seconds_all": every, "cache_seconds_all": every_cache,
-                             "bytes": nbytes}
+                             "disk_seconds": every_disk[0], "bytes": nbytes}
                         rows.append(r)
                         print(json.dumps(r), flush=True)
     if rank == 0:
@@ -199,8 +205,8 @@ def summarize(rows: list[dict]) -> None:
             fmts.append(r["format"])
     print("\nload_weights seconds, slowest rank: median (min-max); peak extra RSS of the "
           "largest rank; digest checked against the default loader's")
-    print("\n| mode tp | " + " | ".join(fmts) + " | floor (fresh memory) | floor (page cache -> fresh memory) |")
-    print("|---|" + "---|" * (len(fmts) + 2))
+    print("\n| mode tp | " + " | ".join(fmts) + " | floor (fresh memory) | floor (page cache -> fresh memory) | floor (disk) |")
+    print("|---|" + "---|" * (len(fmts) + 3))
     for mode, tp in keys:
         ref = {r["rank"]: r.get("sha256") for r in rows if r["mode"] == mode and r["tp"] == tp
                and r["format"] == "safetensors" and r.get("sha256")}
@@ -229,6 +235,9 @@ def summarize(rows: list[dict]) -> None:
         fc = [max(r["cache_seconds_all"]) for r in rows if r["mode"] == mode and r["tp"] == tp
               and r["format"] == "floor" and all(r.get("cache_seconds_all") or [None])]
         cells.append(f"{statistics.median(fc):.2f}" if fc else "n/a")
+        fd = [r["disk_seconds"] for r in rows if r["mode"] == mode and r["tp"] == tp
+              and r["format"] == "floor" and r.get("disk_seconds")]
+        cells.append(f"{statistics.median(fd):.2f}" if fd else "n/a")
         print(f"| {mode} tp {tp} | " + " | ".join(cells) + " |")
 
 
