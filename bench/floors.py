@@ -154,17 +154,10 @@ def cache_copy_floor(paths: list[str], nbytes: int, threads: int | None = None,
             dst = mmap.mmap(-1, max(dst_off, 1))
             view = memoryview(dst)
             base = ctypes.addressof((ctypes.c_char * len(dst)).from_buffer(dst))
-            lock = threading.Lock()
-            cursor = [0]
+            todo = iter(jobs)
 
             def worker() -> None:
-                while True:
-                    with lock:
-                        k = cursor[0]
-                        cursor[0] += 1
-                    if k >= len(jobs):
-                        return
-                    i, off, d, m = jobs[k]
+                for i, off, d, m in todo:  # next() on a shared iterator is atomic under the GIL
                     a = (base + d) // PAGE * PAGE
                     libc.madvise(a, base + d + m - a, MADV_POPULATE_WRITE)
                     os.preadv(fds[i], [view[d:d + m]], off)
@@ -175,7 +168,6 @@ def cache_copy_floor(paths: list[str], nbytes: int, threads: int | None = None,
                     f.result()
             best = min(best, time.perf_counter() - t0)
             view.release()
-            del base
             try:
                 dst.close()
             except BufferError:

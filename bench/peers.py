@@ -464,46 +464,19 @@ def _parallel(n, work):
     return time.perf_counter() - t0
 
 
-def fresh_fill_seconds(src, threads, populate):
-    """Seconds to copy the touched buffer `src` into fresh anonymous pages on `threads`
-    threads, each its own page-aligned share: the page faults of first touch (`populate`
-    False) or one MADV_POPULATE_WRITE of the share before its copy (True). This is what a
-    loader that starts in a fresh process pays for a warm load at best."""
+def fresh_fill_seconds(src, threads, populate, n=None):
+    """Seconds to copy the touched buffer `src` into `n` (default: its length) bytes of fresh
+    anonymous pages on `threads` threads, each its own page-aligned share, the source read
+    over and over when shorter: the page faults of first touch (`populate` False) or one
+    MADV_POPULATE_WRITE of the share before its copy (True). This is what a loader that
+    starts in a fresh process pays for a warm load at best."""
     import ctypes
     import mmap
 
-    n = len(src)
+    size = len(src)
+    n = size if n is None else n
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    dst = mmap.mmap(-1, n)
-    s, d = _address(src), _address(dst)
-    share = -(-n // threads) // PAGE * PAGE + PAGE
-
-    def work(i):
-        a, b = i * share, min(n, (i + 1) * share)
-        if b <= a:
-            return
-        if populate:
-            libc.madvise(d + a, b - a, MADV_POPULATE_WRITE)
-        ctypes.memmove(d + a, s + a, b - a)
-
-    t = _parallel(threads, work)
-    dst.close()
-    return t
-
-
-def fresh_fill_from_small(n, threads, populate, piece=64 << 20):
-    """Seconds to write `n` bytes into fresh anonymous pages on `threads` threads, each its
-    own page-aligned share filled from one touched `piece`-byte source (which stays in the
-    CPU's caches): the cost of the fresh pages alone (faults, zeroing, the writes), as
-    `fresh_fill_seconds` measures it at 1 GiB, for any size without a source as large."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    src = mmap.mmap(-1, piece)
-    src.write(b"\1" * piece)
     dst = mmap.mmap(-1, max(n, 1))
     s, d = _address(src), _address(dst)
     share = -(-n // threads) // PAGE * PAGE + PAGE
@@ -514,11 +487,26 @@ def fresh_fill_from_small(n, threads, populate, piece=64 << 20):
             return
         if populate:
             libc.madvise(d + a, b - a, MADV_POPULATE_WRITE)
-        for off in range(a, b, piece):
-            ctypes.memmove(d + off, s, min(piece, b - off))
+        off = a
+        while off < b:
+            k = min(size - off % size, b - off)
+            ctypes.memmove(d + off, s + off % size, k)
+            off += k
 
     t = _parallel(threads, work)
     dst.close()
+    return t
+
+
+def fresh_fill_from_small(n, threads, populate, piece=64 << 20):
+    """`fresh_fill_seconds` of `n` bytes from one touched `piece`-byte source (which stays
+    in the CPU's caches): the cost of the fresh pages alone (faults, zeroing, the writes),
+    for any size without a source as large."""
+    import mmap
+
+    src = mmap.mmap(-1, piece)
+    src.write(b"\1" * piece)
+    t = fresh_fill_seconds(src, threads, populate, n)
     src.close()
     return t
 
